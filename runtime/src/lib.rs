@@ -1,0 +1,2 @@
+//! attnrt
+#![no_std]
