@@ -1,0 +1,278 @@
+//! The one mask descriptor: causal + sliding window + padding lengths + document ids + varlen
+//! segments, in any combination (SPEC.md step 7).
+//!
+//! [`MaskSpec::new`] validates the caller's mask inputs once; [`MaskSpec::row`] gives the
+//! [`RowMask`] of one batch row, which answers "visible?" per element and "all / partly / none
+//! visible" per (query tile, key tile) through [`attnrt_simd::Visibility`]. Every executor asks
+//! the same descriptor, so tile skipping is the same on every backend.
+
+use attnrt_simd::{TileClass, Visibility};
+
+use crate::error::{Error, Result};
+
+/// The caller's optional mask inputs of one forward call (all as in the reference module).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct MaskInputs<'a> {
+    /// `[B]`: row b's valid length L; queries and keys at or past L are masked.
+    pub seq_lens: Option<&'a [i32]>,
+    /// `[B, T]`: query i sees key j only when their ids are equal.
+    pub document_ids: Option<&'a [i32]>,
+    /// `[S + 1]`: varlen segment boundaries (requires B = 1): starts at 0, ends at T,
+    /// non-decreasing; empty segments allowed.
+    pub cu_seqlens: Option<&'a [i32]>,
+    /// The longest segment, when the caller states it; must be at least the true longest.
+    pub max_seqlen: Option<i32>,
+}
+
+/// A validated mask over a `[B, T]` batch.
+#[derive(Clone, Copy, Debug)]
+pub struct MaskSpec<'a> {
+    window: Option<usize>,
+    seq_len: usize,
+    seq_lens: Option<&'a [i32]>,
+    document_ids: Option<&'a [i32]>,
+    docs_sorted: bool,
+    cu_seqlens: Option<&'a [i32]>,
+}
+
+impl<'a> MaskSpec<'a> {
+    /// Validates the mask inputs against the batch shape.
+    ///
+    /// # Errors
+    /// [`Error::InputShape`] for a wrong length, [`Error::InputValue`] for a length outside
+    /// `0..=T`, a `cu_seqlens` that does not start at 0, end at T or is decreasing, a
+    /// `max_seqlen` below the longest segment, or varlen with B != 1; [`Error::Config`] for a
+    /// window of 0.
+    pub fn new(
+        window: Option<usize>,
+        batch: usize,
+        seq_len: usize,
+        inputs: &MaskInputs<'a>,
+    ) -> Result<MaskSpec<'a>> {
+        if window == Some(0) {
+            return Err(Error::Config { field: "sliding_window", value: 0, rule: "must be >= 1" });
+        }
+        if let Some(lens) = inputs.seq_lens {
+            expect_len("seq_lens", lens.len(), batch)?;
+            for (i, &l) in lens.iter().enumerate() {
+                if l < 0 || l as usize > seq_len {
+                    return Err(value("seq_lens", i, l, "must lie in 0..=T"));
+                }
+            }
+        }
+        let mut docs_sorted = false;
+        if let Some(ids) = inputs.document_ids {
+            expect_len("document_ids", ids.len(), batch.saturating_mul(seq_len))?;
+            docs_sorted =
+                seq_len == 0 || ids.chunks(seq_len).all(|r| r.windows(2).all(|w| w[0] <= w[1]));
+        }
+        if let Some(cu) = inputs.cu_seqlens {
+            if batch != 1 {
+                return Err(value("cu_seqlens", 0, batch as i64, "varlen needs batch size 1"));
+            }
+            validate_cu_seqlens(cu, seq_len, inputs.max_seqlen)?;
+        } else if let Some(m) = inputs.max_seqlen {
+            if m < 0 {
+                return Err(value("max_seqlen", 0, m, "must be >= 0"));
+            }
+        }
+        Ok(MaskSpec {
+            window,
+            seq_len,
+            seq_lens: inputs.seq_lens,
+            document_ids: inputs.document_ids,
+            docs_sorted,
+            cu_seqlens: inputs.cu_seqlens,
+        })
+    }
+
+    /// The mask of batch row `b` (`b < B`, checked by the caller's shapes).
+    pub fn row(&self, b: usize) -> RowMask<'a> {
+        let t = self.seq_len;
+        let len = match self.seq_lens {
+            Some(l) => l.get(b).map_or(0, |&l| l as usize),
+            None => t,
+        };
+        RowMask {
+            window: self.window.unwrap_or(usize::MAX),
+            len,
+            docs: self.document_ids.and_then(|d| d.get(b * t..b * t + t)),
+            docs_sorted: self.docs_sorted,
+            cu: self.cu_seqlens,
+        }
+    }
+}
+
+fn validate_cu_seqlens(cu: &[i32], seq_len: usize, max_seqlen: Option<i32>) -> Result<()> {
+    if cu.is_empty() {
+        return Err(Error::InputShape { name: "cu_seqlens", expected: 2, actual: 0 });
+    }
+    if cu[0] != 0 {
+        return Err(value("cu_seqlens", 0, cu[0], "must start at 0"));
+    }
+    let last = cu.len() - 1;
+    if cu[last] as i64 != seq_len as i64 {
+        return Err(value("cu_seqlens", last, cu[last], "must end at T"));
+    }
+    let mut longest = 0i64;
+    for (i, w) in cu.windows(2).enumerate() {
+        if w[1] < w[0] {
+            return Err(value("cu_seqlens", i + 1, w[1], "must be non-decreasing"));
+        }
+        longest = longest.max(w[1] as i64 - w[0] as i64);
+    }
+    if let Some(m) = max_seqlen {
+        if (m as i64) < longest {
+            return Err(value("max_seqlen", 0, m, "is below the longest cu_seqlens segment"));
+        }
+    }
+    Ok(())
+}
+
+fn expect_len(name: &'static str, actual: usize, expected: usize) -> Result<()> {
+    if actual != expected {
+        return Err(Error::InputShape { name, expected, actual });
+    }
+    Ok(())
+}
+
+fn value(name: &'static str, index: usize, v: impl Into<i64>, rule: &'static str) -> Error {
+    Error::InputValue { name, index, value: v.into(), rule }
+}
+
+/// The mask of one batch row: which key each query of the row may see.
+#[derive(Clone, Copy, Debug)]
+pub struct RowMask<'a> {
+    /// `usize::MAX` when there is no window.
+    window: usize,
+    /// Valid length of the row (T without padding).
+    len: usize,
+    docs: Option<&'a [i32]>,
+    /// Each row's ids are non-decreasing: a document is one contiguous run.
+    docs_sorted: bool,
+    cu: Option<&'a [i32]>,
+}
+
+impl RowMask<'_> {
+    /// Valid length of the row; queries at or past it see nothing.
+    pub fn valid_len(&self) -> usize {
+        self.len
+    }
+
+    /// Index of the varlen segment holding token `t`: the number of boundaries after the first
+    /// that are <= t. Empty segments are skipped naturally.
+    fn segment(cu: &[i32], t: usize) -> usize {
+        cu[1..].partition_point(|&b| b as usize <= t)
+    }
+
+    fn window_class(&self, q0: usize, q1: usize, k0: usize, k1: usize) -> TileClass {
+        // The closest pair is (q0, k1 - 1), the farthest (q1 - 1, k0); keys after queries are
+        // handled by the causal rule, so only the distance matters here.
+        if q0 >= k1 && q0 - (k1 - 1) >= self.window {
+            TileClass::None
+        } else if (q1 - 1).saturating_sub(k0) < self.window {
+            TileClass::All
+        } else {
+            TileClass::Partial
+        }
+    }
+
+    fn doc_class(&self, docs: &[i32], q0: usize, q1: usize, k0: usize, k1: usize) -> TileClass {
+        let d = docs[q0];
+        let same = |r: &[i32]| r.iter().all(|&x| x == d);
+        if same(&docs[q0..q1]) && same(&docs[k0..k1]) {
+            return TileClass::All;
+        }
+        if self.docs_sorted {
+            // Sorted ids make each tile's ids an interval; disjoint intervals share no document.
+            let (qa, qb) = (docs[q0], docs[q1 - 1]);
+            let (ka, kb) = (docs[k0], docs[k1 - 1]);
+            if qb < ka || kb < qa {
+                return TileClass::None;
+            }
+        }
+        TileClass::Partial
+    }
+
+    fn segment_class(cu: &[i32], q0: usize, q1: usize, k0: usize, k1: usize) -> TileClass {
+        let (qa, qb) = (Self::segment(cu, q0), Self::segment(cu, q1 - 1));
+        let (ka, kb) = (Self::segment(cu, k0), Self::segment(cu, k1 - 1));
+        if qa == qb && ka == kb && qa == ka {
+            TileClass::All
+        } else if qb < ka || kb < qa {
+            TileClass::None
+        } else {
+            TileClass::Partial
+        }
+    }
+}
+
+/// Combines the answers of independent rules that must all hold.
+fn both(a: TileClass, b: TileClass) -> TileClass {
+    match (a, b) {
+        (TileClass::None, _) | (_, TileClass::None) => TileClass::None,
+        (TileClass::All, TileClass::All) => TileClass::All,
+        _ => TileClass::Partial,
+    }
+}
+
+impl Visibility for RowMask<'_> {
+    fn visible(&self, i: usize, j: usize) -> bool {
+        j <= i
+            && i - j < self.window
+            && i < self.len
+            && self.docs.is_none_or(|d| d.get(i).is_some() && d.get(i) == d.get(j))
+            && self.cu.is_none_or(|cu| Self::segment(cu, i) == Self::segment(cu, j))
+    }
+
+    fn classify(&self, q0: usize, q1: usize, k0: usize, k1: usize) -> TileClass {
+        if q0 >= q1 || k0 >= k1 {
+            return TileClass::None;
+        }
+        // Causal: j <= i. Padding: i < len (and so j < len for every visible j <= i).
+        let causal = if k0 > q1 - 1 {
+            TileClass::None
+        } else if k1 - 1 <= q0 {
+            TileClass::All
+        } else {
+            TileClass::Partial
+        };
+        let padding = if q0 >= self.len {
+            TileClass::None
+        } else if q1 <= self.len {
+            TileClass::All
+        } else {
+            TileClass::Partial
+        };
+        let mut class = both(causal, padding);
+        if self.window != usize::MAX {
+            class = both(class, self.window_class(q0, q1, k0, k1));
+        }
+        if class == TileClass::None {
+            return class;
+        }
+        if let Some(docs) = self.docs {
+            if q1 > docs.len() || k1 > docs.len() {
+                return TileClass::Partial;
+            }
+            class = both(class, self.doc_class(docs, q0, q1, k0, k1));
+        }
+        if let Some(cu) = self.cu {
+            class = both(class, Self::segment_class(cu, q0, q1, k0, k1));
+        }
+        class
+    }
+
+    fn key_range(&self, q0: usize, q1: usize) -> (usize, usize) {
+        let hi = q1.min(self.len);
+        let lo = if self.window == usize::MAX { 0 } else { (q0 + 1).saturating_sub(self.window) };
+        let lo = match self.cu {
+            Some(cu) if q0 < q1 => {
+                let s = Self::segment(cu, q0);
+                lo.max(cu[s] as usize)
+            }
+            _ => lo,
+        };
+        (lo.min(hi), hi)
+    }
+}
