@@ -30,7 +30,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(clippy::undocumented_unsafe_blocks)]
 
-#[cfg(test)]
+#[cfg(any(test, feature = "std"))]
 extern crate std;
 
 mod fmt;
@@ -42,6 +42,7 @@ mod layer;
 mod linear;
 pub mod mask;
 mod norm;
+mod parallel;
 mod reference;
 pub mod rope;
 mod tensor;
@@ -51,6 +52,9 @@ pub use config::{BiasFlags, Config, Positional, QkNorm, Rope, RopeConvention, Ro
 pub use error::{Error, Result};
 pub use layer::{Inputs, Layer};
 pub use mask::MaskInputs;
+#[cfg(feature = "std")]
+pub use parallel::ScopedThreads;
+pub use parallel::{ParallelFor, Sequential};
 pub use reference::reference_workspace_len;
 pub use rope::RopeTable;
 pub use tensor::{DType, LayerWeights, Tensor};
