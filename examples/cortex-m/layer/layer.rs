@@ -29,6 +29,9 @@ pub const ROPE: Rope = Rope {
 
 /// f32 elements of the workspace arena, from the runtime's `const fn`.
 pub const WORKSPACE_LEN: usize = attnrt::workspace_len(&CFG, gen::T);
+// The budget of the embedded proof for this layer's workspace: under 16 KiB.
+const _: () = assert!(WORKSPACE_LEN * 4 < 16 * 1024, "workspace over 16 KiB");
+
 /// f32 elements of the rotary table.
 pub const ROPE_TABLE_LEN: usize = rope::table_len(gen::MAX_POS, gen::HEAD_DIM);
 /// f32 elements of the output `y`.
