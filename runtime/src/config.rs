@@ -152,7 +152,10 @@ impl Config {
             n_embd,
             n_head,
             n_kv_head: n_head,
-            head_dim: if n_head == 0 { 0 } else { n_embd / n_head },
+            head_dim: match n_embd.checked_div(n_head) {
+                Some(d) => d,
+                None => 0,
+            },
             bias: BiasFlags::NONE,
             qk_norm: QkNorm::None,
             rmsnorm_eps: 1e-5,
@@ -215,20 +218,17 @@ impl Config {
 
     /// Query heads per key/value head, `R = n_head / n_kv_head`.
     pub const fn group_size(&self) -> usize {
-        if self.n_kv_head == 0 {
-            0
-        } else {
-            self.n_head / self.n_kv_head
+        match self.n_head.checked_div(self.n_kv_head) {
+            Some(r) => r,
+            None => 0,
         }
     }
 
     /// The key/value head that query head `h` reads (consecutive query heads share one).
     pub const fn kv_head_of(&self, h: usize) -> usize {
-        let r = self.group_size();
-        if r == 0 {
-            0
-        } else {
-            h / r
+        match h.checked_div(self.group_size()) {
+            Some(g) => g,
+            None => 0,
         }
     }
 
@@ -271,7 +271,7 @@ impl Config {
             });
         }
         if let Positional::Rotary(rope) = &self.positional {
-            if self.head_dim % 2 != 0 {
+            if !self.head_dim.is_multiple_of(2) {
                 return Err(Error::Config {
                     field: "head_dim",
                     value: self.head_dim as i64,
@@ -355,7 +355,7 @@ fn finite_positive(field: &'static str, value: f64) -> Result<()> {
 }
 
 fn divisible(field: &'static str, value: usize, other: &'static str, by: usize) -> Result<()> {
-    if value % by != 0 {
+    if !value.is_multiple_of(by) {
         return Err(Error::ConfigPair {
             field,
             value: value as i64,

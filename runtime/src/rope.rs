@@ -22,7 +22,7 @@ impl<'a> RopeTable<'a> {
     /// `head_dim` is odd or 0.
     pub fn new(data: &'a [f32], head_dim: usize) -> Result<RopeTable<'a>> {
         let row = head_dim;
-        if head_dim == 0 || head_dim % 2 != 0 || data.len() % row != 0 {
+        if head_dim == 0 || !head_dim.is_multiple_of(2) || !data.len().is_multiple_of(row) {
             return Err(Error::InputShape {
                 name: "freqs_cis",
                 expected: (data.len() / row.max(1)) * row,
