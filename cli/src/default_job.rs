@@ -105,7 +105,7 @@ pub fn run() -> Result<(), CliError> {
 
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let choice = Choice::Auto;
-    let mut ws = vec![0.0; forward::workspace_len(&layer, t, choice)];
+    let mut ws = vec![0.0; forward::workspace_len(&layer, 1, t, threads, choice)];
     let mut y = vec![0.0; t * c];
     eprintln!(
         "[2/3] forward over {t} tokens in {} packed documents, {threads} thread(s)...",

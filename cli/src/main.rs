@@ -24,6 +24,10 @@ pub enum CliError {
 }
 
 fn main() -> ExitCode {
+    if let Err(e) = attnrt_simd::init_from_env() {
+        eprintln!("attnrt: error: {e}");
+        return ExitCode::from(2);
+    }
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         None => default_job::run(),

@@ -49,6 +49,7 @@ pub struct Layer<'a> {
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Call<'a> {
     pub x: &'a [f32],
+    pub batch: usize,
     pub seq_len: usize,
     pub mask: MaskSpec<'a>,
     pub position_ids: Option<&'a [i32]>,
@@ -165,6 +166,7 @@ impl<'a> Layer<'a> {
         }
         Ok(Call {
             x: inputs.x,
+            batch: b,
             seq_len: t,
             mask,
             position_ids: inputs.position_ids,

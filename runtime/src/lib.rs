@@ -37,6 +37,7 @@ mod fmt;
 
 mod backend;
 mod config;
+mod cpu;
 mod error;
 mod layer;
 mod linear;
@@ -48,6 +49,7 @@ pub mod rope;
 mod tensor;
 
 pub use backend::Backend;
+pub use cpu::{cpu_tier, cpu_workspace_len};
 pub use config::{BiasFlags, Config, Positional, QkNorm, Rope, RopeConvention, RopeScaling};
 pub use error::{Error, Result};
 pub use layer::{Inputs, Layer};
