@@ -8,6 +8,9 @@
 //! Results are deterministic per tier: the same inputs give bitwise the same outputs, however a
 //! caller splits GEMM columns or rows across threads. Different tiers may differ in the last bits
 //! (FMA vs separate multiply and add).
+//!
+//! Tiles: GEMM micro-kernels are scalar 4x4, AVX2 6x16, AVX-512 8x32 and NEON 8x8 (rows x output
+//! columns); attention tiles are 16 query tokens x 64 keys on every tier.
 #![cfg_attr(not(test), no_std)]
 #![deny(missing_docs)]
 #![deny(unsafe_op_in_unsafe_fn)]

@@ -310,6 +310,16 @@ mod tests {
             }
         }
         assert_eq!(Tier::from_name(" AVX2 "), Some(Tier::Avx2));
+        #[cfg(feature = "std")]
+        {
+            std::env::set_var("ATTNRT_SIMD_TIER", "bogus");
+            assert!(matches!(init_from_env(), Err(EnvTierError::UnknownName(_))));
+            std::env::set_var("ATTNRT_SIMD_TIER", "scalar");
+            assert_eq!(init_from_env(), Ok(Tier::Scalar));
+            assert_eq!(active(), Tier::Scalar);
+            std::env::remove_var("ATTNRT_SIMD_TIER");
+            assert_eq!(init_from_env(), Ok(Tier::Scalar));
+        }
         assert_eq!(Tier::from_name("sse"), None);
         force(detected()).unwrap();
         assert_eq!(active(), detected());
