@@ -23,7 +23,13 @@ impl Choice {
 }
 
 /// f32 workspace elements the chosen executor needs for `batch` rows of `seq_len` tokens.
-pub fn workspace_len(layer: &Layer<'_>, batch: usize, seq_len: usize, threads: usize, choice: Choice) -> usize {
+pub fn workspace_len(
+    layer: &Layer<'_>,
+    batch: usize,
+    seq_len: usize,
+    threads: usize,
+    choice: Choice,
+) -> usize {
     match choice {
         Choice::Auto => attnrt::cpu_workspace_len(layer.config(), batch * seq_len, threads),
         Choice::Reference => attnrt::reference_workspace_len(layer.config(), seq_len),

@@ -3,6 +3,7 @@
 //! Exit codes: 0 success, 2 bad input (a one-line message on stderr, no output file written),
 //! 1 any other failure.
 
+mod bench;
 mod default_job;
 mod forward;
 mod run_cmd;
@@ -13,6 +14,8 @@ const USAGE: &str = "usage:
   attnrt                       run the built-in default job (Llama-3-8B-shaped layer, packed batch)
   attnrt run --config layer.json --weights w.safetensors --input in.safetensors --output out.safetensors
              [--threads N] [--backend auto|reference]
+  attnrt bench [--quick] [--json out.json]
+                               CPU benchmark (ratios to a scalar baseline and the FMA peak, same run)
   attnrt help";
 
 /// A failure of the command: user errors exit with 2, others with 1.
@@ -32,6 +35,7 @@ fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         None => default_job::run(),
         Some("run") => run_cmd::run(&args[1..]),
+        Some("bench") => bench::run(&args[1..]),
         Some("help" | "--help" | "-h") => {
             println!("{USAGE}");
             Ok(())

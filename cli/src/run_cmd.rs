@@ -104,7 +104,11 @@ pub fn run(raw: &[String]) -> Result<(), CliError> {
         position_ids,
         rope_table,
     };
-    let mut ws = vec![0.0; forward::workspace_len(&layer, call.batch, call.seq_len, args.threads, args.backend)];
+    let mut ws =
+        vec![
+            0.0;
+            forward::workspace_len(&layer, call.batch, call.seq_len, args.threads, args.backend)
+        ];
     let mut y = vec![0.0; call.x.len()];
     let start = Instant::now();
     let backend = forward::forward(&layer, &inputs, &mut ws, &mut y, args.threads, args.backend)

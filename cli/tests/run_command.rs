@@ -168,3 +168,31 @@ fn bad_inputs_exit_2_without_output() {
         "/nonexistent.safetensors",
     );
 }
+
+#[test]
+fn bench_quick_prints_a_table_and_json() {
+    let dir = scratch("bench");
+    let json = dir.join("bench.json");
+    let o = Command::new(env!("CARGO_BIN_EXE_attnrt"))
+        .args(["bench", "--quick", "--json"])
+        .arg(&json)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let table = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(
+        table
+            .lines()
+            .filter(|l| l.starts_with("| T=4096 window 512"))
+            .count(),
+        4,
+        "{table}"
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let rows = v["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 16);
+    assert!(rows
+        .iter()
+        .all(|r| r["proj_vs_scalar"].as_f64().unwrap() > 0.0));
+}

@@ -49,8 +49,8 @@ pub mod rope;
 mod tensor;
 
 pub use backend::Backend;
-pub use cpu::{cpu_tier, cpu_workspace_len};
 pub use config::{BiasFlags, Config, Positional, QkNorm, Rope, RopeConvention, RopeScaling};
+pub use cpu::{cpu_tier, cpu_workspace_len};
 pub use error::{Error, Result};
 pub use layer::{Inputs, Layer};
 pub use mask::MaskInputs;

@@ -15,11 +15,15 @@ use attnrt_tests::{load_all, max_abs_diff, OwnedWeights, Rng, F32_TOL};
 static TIER: Mutex<()> = Mutex::new(());
 
 fn tiers() -> Vec<Tier> {
-    Tier::ALL.into_iter().filter(|&t| attnrt_simd::supported(t)).collect()
+    Tier::ALL
+        .into_iter()
+        .filter(|&t| attnrt_simd::supported(t))
+        .collect()
 }
 
 fn run_cpu(layer: &Layer<'_>, inputs: &Inputs<'_>, par: &dyn ParallelFor) -> (Vec<f32>, Backend) {
-    let mut ws = vec![0.0; cpu_workspace_len(layer.config(), inputs.batch * inputs.seq_len, par.width())];
+    let mut ws =
+        vec![0.0; cpu_workspace_len(layer.config(), inputs.batch * inputs.seq_len, par.width())];
     let mut y = vec![f32::NAN; inputs.x.len()];
     let b = layer.forward_cpu(inputs, &mut ws, &mut y, par).unwrap();
     (y, b)
@@ -48,7 +52,10 @@ fn golden_fixtures_on_every_tier() {
                 seq_len: f.inputs.seq_len,
                 mask,
                 position_ids,
-                rope_table: f.table.as_deref().map(|t| RopeTable::new(t, f.cfg.head_dim).unwrap()),
+                rope_table: f
+                    .table
+                    .as_deref()
+                    .map(|t| RopeTable::new(t, f.cfg.head_dim).unwrap()),
             };
             let (y, backend) = run_cpu(&layer, &inputs, &ScopedThreads { threads: 2 });
             assert_eq!(backend, Backend::CpuSimd(tier));
@@ -84,8 +91,15 @@ fn cases() -> Vec<Case> {
             let mut cfg = Config::new(h * 8, h).with_kv_heads(kv).with_head_dim(d);
             cfg = cfg.with_qk_norm([QkNorm::None, QkNorm::PerHead, QkNorm::Full][(i * 3 + j) % 3]);
             if (i + j) % 2 == 0 {
-                let conv = if j % 2 == 0 { RopeConvention::Interleaved } else { RopeConvention::HalfSplit };
-                cfg = cfg.with_rope(Rope { convention: conv, ..Rope::DEFAULT });
+                let conv = if j % 2 == 0 {
+                    RopeConvention::Interleaved
+                } else {
+                    RopeConvention::HalfSplit
+                };
+                cfg = cfg.with_rope(Rope {
+                    convention: conv,
+                    ..Rope::DEFAULT
+                });
             }
             if (i + 2 * j) % 3 == 0 {
                 cfg = cfg.with_bias(BiasFlags::ALL);
@@ -96,10 +110,24 @@ fn cases() -> Vec<Case> {
             }
             let batch = if mask_mode == 2 { 2 } else { 1 };
             let seq_lens = (mask_mode == 2).then(|| vec![t as i32, (t / 2) as i32]);
-            let docs = (mask_mode == 3 || mask_mode == 5)
-                .then(|| (0..t).map(|x| (x * 3 / t.max(1)) as i32 * if x % 7 == 0 && mask_mode == 5 { -1 } else { 1 }).collect());
-            let cu = (mask_mode == 4 && t > 0).then(|| vec![0, (t / 3) as i32, (t / 3) as i32, t as i32]);
-            out.push(Case { cfg, batch, t, seq_lens, docs, cu });
+            let docs = (mask_mode == 3 || mask_mode == 5).then(|| {
+                (0..t)
+                    .map(|x| {
+                        (x * 3 / t.max(1)) as i32
+                            * if x % 7 == 0 && mask_mode == 5 { -1 } else { 1 }
+                    })
+                    .collect()
+            });
+            let cu = (mask_mode == 4 && t > 0)
+                .then(|| vec![0, (t / 3) as i32, (t / 3) as i32, t as i32]);
+            out.push(Case {
+                cfg,
+                batch,
+                t,
+                seq_lens,
+                docs,
+                cu,
+            });
         }
     }
     out
@@ -128,21 +156,36 @@ fn edge_shapes_match_the_reference_on_every_tier_and_thread_count() {
                     cu_seqlens: c.cu.as_deref(),
                     max_seqlen: None,
                 },
-                rope_table: c.cfg.rope().map(|_| RopeTable::new(&tab, c.cfg.head_dim).unwrap()),
+                rope_table: c
+                    .cfg
+                    .rope()
+                    .map(|_| RopeTable::new(&tab, c.cfg.head_dim).unwrap()),
                 ..Inputs::new(&x, c.batch, c.t)
             };
             let want = run_ref(&layer, &inputs);
             let (one, _) = run_cpu(&layer, &inputs, &Sequential);
             let err = max_abs_diff(&one, &want);
-            assert!(err <= F32_TOL, "{tier:?} case {n} (T {}, D {}, cfg {:?}): {err}", c.t, c.cfg.head_dim, c.cfg);
+            assert!(
+                err <= F32_TOL,
+                "{tier:?} case {n} (T {}, D {}, cfg {:?}): {err}",
+                c.t,
+                c.cfg.head_dim,
+                c.cfg
+            );
             worst = worst.max(err);
             for threads in [2, 3, 5] {
                 let (many, _) = run_cpu(&layer, &inputs, &ScopedThreads { threads });
-                let same = many.iter().zip(&one).all(|(a, b)| a.to_bits() == b.to_bits());
+                let same = many
+                    .iter()
+                    .zip(&one)
+                    .all(|(a, b)| a.to_bits() == b.to_bits());
                 assert!(same, "{tier:?} case {n}: {threads} threads differ from 1");
             }
         }
-        println!("{tier:?}: {} cases, worst error vs reference {worst:.2e}", cases.len());
+        println!(
+            "{tier:?}: {} cases, worst error vs reference {worst:.2e}",
+            cases.len()
+        );
     }
     attnrt_simd::force(attnrt_simd::detected()).unwrap();
 }
@@ -154,14 +197,24 @@ fn invalid_calls_leave_the_output_untouched() {
     let layer = Layer::new(cfg, w.view(&cfg)).unwrap();
     let x = vec![0.5; 4 * 32];
     let tab = vec![0.0; rope::table_len(3, cfg.head_dim)];
-    let inputs = Inputs { rope_table: Some(RopeTable::new(&tab, cfg.head_dim).unwrap()), ..Inputs::new(&x, 1, 4) };
+    let inputs = Inputs {
+        rope_table: Some(RopeTable::new(&tab, cfg.head_dim).unwrap()),
+        ..Inputs::new(&x, 1, 4)
+    };
     let mut ws = vec![0.0; cpu_workspace_len(&cfg, 4, 1)];
     let mut y = vec![7.0f32; 4 * 32];
-    assert!(layer.forward_cpu(&inputs, &mut ws, &mut y, &Sequential).is_err()); // T past the table
+    assert!(layer
+        .forward_cpu(&inputs, &mut ws, &mut y, &Sequential)
+        .is_err()); // T past the table
     let mut short = vec![0.0; cpu_workspace_len(&cfg, 4, 1) - 1];
     let tab = vec![0.0; rope::table_len(4, cfg.head_dim)];
-    let inputs = Inputs { rope_table: Some(RopeTable::new(&tab, cfg.head_dim).unwrap()), ..inputs };
-    assert!(layer.forward_cpu(&inputs, &mut short, &mut y, &Sequential).is_err());
+    let inputs = Inputs {
+        rope_table: Some(RopeTable::new(&tab, cfg.head_dim).unwrap()),
+        ..inputs
+    };
+    assert!(layer
+        .forward_cpu(&inputs, &mut short, &mut y, &Sequential)
+        .is_err());
     assert!(y.iter().all(|&v| v == 7.0));
 }
 
@@ -190,5 +243,8 @@ fn a_sloppy_host_cannot_break_the_result() {
     let inputs = Inputs::new(&x, 1, 40);
     let (got, _) = run_cpu(&layer, &inputs, &Sloppy);
     let (want, _) = run_cpu(&layer, &inputs, &Sequential);
-    assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()));
+    assert!(got
+        .iter()
+        .zip(&want)
+        .all(|(a, b)| a.to_bits() == b.to_bits()));
 }

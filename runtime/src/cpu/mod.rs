@@ -34,20 +34,36 @@ const OUT_COLS: usize = 64;
 /// f32 elements of workspace [`Layer::forward_cpu`] needs for `tokens = batch * seq_len` tokens
 /// and up to `lanes` concurrent workers (`ParallelFor::width`, capped at 64).
 pub const fn cpu_workspace_len(cfg: &Config, tokens: usize, lanes: usize) -> usize {
-    let lanes = if lanes == 0 { 1 } else if lanes > MAX_LANES { MAX_LANES } else { lanes };
+    let lanes = if lanes == 0 {
+        1
+    } else if lanes > MAX_LANES {
+        MAX_LANES
+    } else {
+        lanes
+    };
     let q = tokens.saturating_mul(cfg.q_dim());
     let kv = tokens.saturating_mul(cfg.kv_dim());
     // q, k, v (head-major), the attention output (token-major), two norm statistics per token.
-    let buffers = q.saturating_mul(2).saturating_add(kv.saturating_mul(2)).saturating_add(tokens.saturating_mul(2));
-    lanes.saturating_mul(lane_len(cfg, tokens)).saturating_add(buffers)
+    let buffers = q
+        .saturating_mul(2)
+        .saturating_add(kv.saturating_mul(2))
+        .saturating_add(tokens.saturating_mul(2));
+    lanes
+        .saturating_mul(lane_len(cfg, tokens))
+        .saturating_add(buffers)
 }
 
 /// Scratch of one lane: the largest need of any phase.
 const fn lane_len(cfg: &Config, tokens: usize) -> usize {
-    let k = if cfg.n_embd > cfg.q_dim() { cfg.n_embd } else { cfg.q_dim() };
+    let k = if cfg.n_embd > cfg.q_dim() {
+        cfg.n_embd
+    } else {
+        cfg.q_dim()
+    };
     let gemm = simd::gemm_scratch_len(k);
     let tile = ATTN_UNIT * cfg.q_dim() / if cfg.n_kv_head == 0 { 1 } else { cfg.n_kv_head };
-    let attn = simd::attend_scratch_len(cfg.head_dim, cfg.group_size()).saturating_add(tile.saturating_mul(2));
+    let attn = simd::attend_scratch_len(cfg.head_dim, cfg.group_size())
+        .saturating_add(tile.saturating_mul(2));
     let out = simd::gemm_scratch_len(cfg.q_dim()).saturating_add(tokens.saturating_mul(OUT_COLS));
     let m = if gemm > attn { gemm } else { attn };
     if m > out {
@@ -107,7 +123,20 @@ fn gemm_cols(
         scratch: &mut [f32],
     ) -> core::result::Result<(), simd::ShapeError> {
         let width = cols.len();
-        simd::gemm_cols(GemmShape { m, n: w.len() / k.max(1), k }, cols, x, w, None, y, width, scratch)
+        simd::gemm_cols(
+            GemmShape {
+                m,
+                n: w.len() / k.max(1),
+                k,
+            },
+            cols,
+            x,
+            w,
+            None,
+            y,
+            width,
+            scratch,
+        )
     }
     match w {
         Tensor::F32(w) => typed(x, m, k, w, cols, y, scratch),
@@ -149,7 +178,10 @@ impl Layer<'_> {
         let lanes = par.width().clamp(1, MAX_LANES);
         let needed = cpu_workspace_len(&cfg, tokens, lanes);
         if workspace.len() < needed {
-            return Err(Error::Workspace { needed, actual: workspace.len() });
+            return Err(Error::Workspace {
+                needed,
+                actual: workspace.len(),
+            });
         }
         let (q, rest) = workspace.split_at_mut(tokens * cfg.q_dim());
         let (k, rest) = rest.split_at_mut(tokens * cfg.kv_dim());
@@ -168,10 +200,14 @@ impl Layer<'_> {
             && self.attention(&ex, &call, q, k, v, o)
             && self.project_out(&ex, tokens, o, out);
         if !ran {
-            return Err(Error::Unsupported { what: "the host's parallel_for ran no task" });
+            return Err(Error::Unsupported {
+                what: "the host's parallel_for ran no task",
+            });
         }
         if ex.failed.load(Ordering::Relaxed) {
-            return Err(Error::Unsupported { what: "internal: a SIMD kernel rejected its arguments" });
+            return Err(Error::Unsupported {
+                what: "internal: a SIMD kernel rejected its arguments",
+            });
         }
         let backend = Backend::CpuSimd(cpu_tier());
         crate::fmt::info!("attnrt: forward by {}, workspace {} f32", backend, needed);
@@ -323,9 +359,19 @@ impl Layer<'_> {
                 }
             }
             let base = (g * tokens + b * t_len) * d;
-            let kv = KvView { k: &k[base..base + t_len * d], v: &v[base..base + t_len * d], stride: d, len: t_len };
+            let kv = KvView {
+                k: &k[base..base + t_len * d],
+                v: &v[base..base + t_len * d],
+                stride: d,
+                len: t_len,
+            };
             let mask = call.mask.row(b);
-            let shape = AttnShape { d, r, nq, q_start: t0 };
+            let shape = AttnShape {
+                d,
+                r,
+                nq,
+                q_start: t0,
+            };
             if !ex.check(simd::attend(shape, qt, kv, &mask, scale, ot, s)) {
                 return;
             }

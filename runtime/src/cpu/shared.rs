@@ -27,7 +27,11 @@ unsafe impl Sync for Shared<'_> {}
 impl<'a> Shared<'a> {
     /// Takes the buffer for the duration of the borrow.
     pub fn new(buf: &'a mut [f32]) -> Shared<'a> {
-        Shared { ptr: buf.as_mut_ptr(), len: buf.len(), _borrow: PhantomData }
+        Shared {
+            ptr: buf.as_mut_ptr(),
+            len: buf.len(),
+            _borrow: PhantomData,
+        }
     }
 
     /// The elements `start..start + len`.
@@ -37,7 +41,10 @@ impl<'a> Shared<'a> {
     /// returned slice lives. Bounds are checked here (a panic, never an out-of-bounds access).
     #[allow(clippy::mut_from_ref)] // the point of the type; disjointness is the caller's contract
     pub unsafe fn range_mut(&self, start: usize, len: usize) -> &mut [f32] {
-        assert!(start.checked_add(len).is_some_and(|e| e <= self.len), "range outside buffer");
+        assert!(
+            start.checked_add(len).is_some_and(|e| e <= self.len),
+            "range outside buffer"
+        );
         // SAFETY: in bounds (checked above) of a buffer mutably borrowed for 'a; exclusivity of
         // the range is the caller's contract.
         unsafe { core::slice::from_raw_parts_mut(self.ptr.add(start), len) }
