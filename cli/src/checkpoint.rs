@@ -101,9 +101,18 @@ impl TensorFile {
                 }
                 other => return Err(format!("tensor {name}: unsupported dtype {other:?}")),
             };
-            tensors.insert(name, Owned { shape: view.shape().to_vec(), data });
+            tensors.insert(
+                name,
+                Owned {
+                    shape: view.shape().to_vec(),
+                    data,
+                },
+            );
         }
-        Ok(TensorFile { tensors, metadata: meta.metadata().clone().unwrap_or_default() })
+        Ok(TensorFile {
+            tensors,
+            metadata: meta.metadata().clone().unwrap_or_default(),
+        })
     }
 
     fn get(&self, name: &str) -> Option<&Owned> {
@@ -112,9 +121,14 @@ impl TensorFile {
 
     /// A float tensor of exactly `shape`, or an error naming it.
     fn float(&self, name: &str, shape: &[usize]) -> Result<Option<Tensor<'_>>, String> {
-        let Some(t) = self.get(name) else { return Ok(None) };
+        let Some(t) = self.get(name) else {
+            return Ok(None);
+        };
         if t.shape != shape {
-            return Err(format!("tensor {name}: shape {:?}, expected {:?}", t.shape, shape));
+            return Err(format!(
+                "tensor {name}: shape {:?}, expected {:?}",
+                t.shape, shape
+            ));
         }
         t.as_tensor()
             .map(Some)
@@ -123,13 +137,20 @@ impl TensorFile {
 
     /// An integer tensor of exactly `shape` (int32 or int64 in the file).
     pub fn ints(&self, name: &str, shape: &[usize]) -> Result<Option<&[i32]>, String> {
-        let Some(t) = self.get(name) else { return Ok(None) };
+        let Some(t) = self.get(name) else {
+            return Ok(None);
+        };
         if t.shape != shape {
-            return Err(format!("tensor {name}: shape {:?}, expected {:?}", t.shape, shape));
+            return Err(format!(
+                "tensor {name}: shape {:?}, expected {:?}",
+                t.shape, shape
+            ));
         }
         match &t.data {
             Data::I32(v) => Ok(Some(v)),
-            _ => Err(format!("tensor {name}: float dtype, expected int32 or int64")),
+            _ => Err(format!(
+                "tensor {name}: float dtype, expected int32 or int64"
+            )),
         }
     }
 
@@ -141,20 +162,25 @@ impl TensorFile {
     pub fn weights(&self, cfg: &Config) -> Result<LayerWeights<'_>, String> {
         let (c, q, kv, d) = (cfg.n_embd, cfg.q_dim(), cfg.kv_dim(), cfg.head_dim);
         let need = |name: &str, shape: &[usize]| -> Result<Tensor<'_>, String> {
-            self.float(name, shape)?.ok_or_else(|| format!("missing tensor {name} {shape:?}"))
+            self.float(name, shape)?
+                .ok_or_else(|| format!("missing tensor {name} {shape:?}"))
         };
         let opt = |name: &str, on: bool, shape: &[usize]| -> Result<Option<Tensor<'_>>, String> {
             match (on, self.float(name, shape)?) {
                 (true, None) => Err(format!("missing tensor {name} {shape:?}")),
                 (true, t) => Ok(t),
-                (false, Some(_)) => {
-                    Err(format!("tensor {name} present but the config does not use it"))
-                }
+                (false, Some(_)) => Err(format!(
+                    "tensor {name} present but the config does not use it"
+                )),
                 (false, None) => Ok(None),
             }
         };
         let norm = cfg.qk_norm != QkNorm::None;
-        let (qn, kn) = if cfg.qk_norm == QkNorm::Full { (q, kv) } else { (d, d) };
+        let (qn, kn) = if cfg.qk_norm == QkNorm::Full {
+            (q, kv)
+        } else {
+            (d, d)
+        };
         Ok(LayerWeights {
             wq: need("wq", &[q, c])?,
             wk: need("wk", &[kv, c])?,
@@ -191,12 +217,20 @@ impl CallInputs {
     pub fn read(file: &TensorFile, cfg: &Config) -> Result<CallInputs, String> {
         let x = file.get("x").ok_or("missing tensor x [B, T, n_embd]")?;
         let &[batch, seq_len, c] = x.shape.as_slice() else {
-            return Err(format!("tensor x: shape {:?}, expected [B, T, {}]", x.shape, cfg.n_embd));
+            return Err(format!(
+                "tensor x: shape {:?}, expected [B, T, {}]",
+                x.shape, cfg.n_embd
+            ));
         };
         if c != cfg.n_embd {
-            return Err(format!("tensor x: shape {:?}, expected [B, T, {}]", x.shape, cfg.n_embd));
+            return Err(format!(
+                "tensor x: shape {:?}, expected [B, T, {}]",
+                x.shape, cfg.n_embd
+            ));
         }
-        let x = x.to_f32().ok_or("tensor x: integer dtype, expected a float type")?;
+        let x = x
+            .to_f32()
+            .ok_or("tensor x: integer dtype, expected a float type")?;
         let freqs_cis = match file.get("freqs_cis") {
             None => None,
             Some(t) => {
@@ -210,7 +244,12 @@ impl CallInputs {
                 Some(t.to_f32().ok_or("tensor freqs_cis: integer dtype")?)
             }
         };
-        Ok(CallInputs { x, batch, seq_len, freqs_cis })
+        Ok(CallInputs {
+            x,
+            batch,
+            seq_len,
+            freqs_cis,
+        })
     }
 
     /// The mask inputs and position ids of `file`, shape-checked against this call.
@@ -222,12 +261,15 @@ impl CallInputs {
         file: &'f TensorFile,
     ) -> Result<(MaskInputs<'f>, Option<&'f [i32]>), String> {
         let (b, t) = (self.batch, self.seq_len);
-        let cu_len = file.get("cu_seqlens").map_or(0, |c| c.shape.first().copied().unwrap_or(0));
+        let cu_len = file
+            .get("cu_seqlens")
+            .map_or(0, |c| c.shape.first().copied().unwrap_or(0));
         let max_seqlen = match file.get("max_seqlen") {
             None => None,
             Some(m) => {
                 let shape = if m.shape.is_empty() { vec![] } else { vec![1] };
-                file.ints("max_seqlen", &shape)?.and_then(|v| v.first().copied())
+                file.ints("max_seqlen", &shape)?
+                    .and_then(|v| v.first().copied())
             }
         };
         let mask = MaskInputs {
@@ -245,8 +287,9 @@ impl CallInputs {
 /// # Errors
 /// A one-line message if the file cannot be written.
 pub fn write_output(path: &Path, y: &[f32], shape: [usize; 3]) -> Result<(), String> {
-    let view = safetensors::tensor::TensorView::new(Dtype::F32, shape.to_vec(), bytemuck::cast_slice(y))
-        .map_err(|e| e.to_string())?;
+    let view =
+        safetensors::tensor::TensorView::new(Dtype::F32, shape.to_vec(), bytemuck::cast_slice(y))
+            .map_err(|e| e.to_string())?;
     safetensors::serialize_to_file([("y", view)], &None, path)
         .map_err(|e| format!("{}: {e}", path.display()))
 }

@@ -103,7 +103,9 @@ pub fn parse_config(text: &str) -> Result<Config, String> {
         Some("per_head") => QkNorm::PerHead,
         Some("full") => QkNorm::Full,
         Some(other) => {
-            return Err(format!("config: qk_norm = {other:?}: expected none, per_head or full"))
+            return Err(format!(
+                "config: qk_norm = {other:?}: expected none, per_head or full"
+            ))
         }
     };
     if let Some(eps) = j.rmsnorm_eps {
@@ -155,7 +157,11 @@ fn parse_rope(r: RopeJson) -> Result<Rope, String> {
             beta_slow,
         },
     };
-    Ok(Rope { convention, theta: r.theta.unwrap_or(10000.0), scaling })
+    Ok(Rope {
+        convention,
+        theta: r.theta.unwrap_or(10000.0),
+        scaling,
+    })
 }
 
 #[cfg(test)]
@@ -179,7 +185,15 @@ mod tests {
                                      "original_max_position_embeddings": 4096}}}"#,
         )
         .unwrap();
-        assert_eq!(c.bias, BiasFlags { q: true, k: true, v: true, o: false });
+        assert_eq!(
+            c.bias,
+            BiasFlags {
+                q: true,
+                k: true,
+                v: true,
+                o: false
+            }
+        );
         assert_eq!(c.sliding_window, Some(4));
         let rope = c.rope().unwrap();
         assert_eq!(rope.convention, RopeConvention::HalfSplit);

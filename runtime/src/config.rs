@@ -21,9 +21,19 @@ pub struct BiasFlags {
 
 impl BiasFlags {
     /// No bias anywhere (the default).
-    pub const NONE: BiasFlags = BiasFlags { q: false, k: false, v: false, o: false };
+    pub const NONE: BiasFlags = BiasFlags {
+        q: false,
+        k: false,
+        v: false,
+        o: false,
+    };
     /// Every projection biased (`bias = true` in the reference).
-    pub const ALL: BiasFlags = BiasFlags { q: true, k: true, v: true, o: true };
+    pub const ALL: BiasFlags = BiasFlags {
+        q: true,
+        k: true,
+        v: true,
+        o: true,
+    };
 }
 
 /// RMSNorm applied to the projected queries and keys before the rotary embedding.
@@ -94,8 +104,11 @@ pub struct Rope {
 
 impl Rope {
     /// Interleaved pairs, theta 10000, no scaling: the reference's defaults.
-    pub const DEFAULT: Rope =
-        Rope { convention: RopeConvention::Interleaved, theta: 10000.0, scaling: RopeScaling::None };
+    pub const DEFAULT: Rope = Rope {
+        convention: RopeConvention::Interleaved,
+        theta: 10000.0,
+        scaling: RopeScaling::None,
+    };
 }
 
 /// Positional encoding of the layer.
@@ -139,7 +152,10 @@ impl Config {
             n_embd,
             n_head,
             n_kv_head: n_head,
-            head_dim: if n_head == 0 { 0 } else { n_embd / n_head },
+            head_dim: match n_embd.checked_div(n_head) {
+                Some(d) => d,
+                None => 0,
+            },
             bias: BiasFlags::NONE,
             qk_norm: QkNorm::None,
             rmsnorm_eps: 1e-5,
@@ -202,20 +218,17 @@ impl Config {
 
     /// Query heads per key/value head, `R = n_head / n_kv_head`.
     pub const fn group_size(&self) -> usize {
-        if self.n_kv_head == 0 {
-            0
-        } else {
-            self.n_head / self.n_kv_head
+        match self.n_head.checked_div(self.n_kv_head) {
+            Some(r) => r,
+            None => 0,
         }
     }
 
     /// The key/value head that query head `h` reads (consecutive query heads share one).
     pub const fn kv_head_of(&self, h: usize) -> usize {
-        let r = self.group_size();
-        if r == 0 {
-            0
-        } else {
-            h / r
+        match h.checked_div(self.group_size()) {
+            Some(g) => g,
+            None => 0,
         }
     }
 
@@ -251,10 +264,14 @@ impl Config {
             });
         }
         if self.sliding_window == Some(0) {
-            return Err(Error::Config { field: "sliding_window", value: 0, rule: "must be >= 1" });
+            return Err(Error::Config {
+                field: "sliding_window",
+                value: 0,
+                rule: "must be >= 1",
+            });
         }
         if let Positional::Rotary(rope) = &self.positional {
-            if self.head_dim % 2 != 0 {
+            if !self.head_dim.is_multiple_of(2) {
                 return Err(Error::Config {
                     field: "head_dim",
                     value: self.head_dim as i64,
@@ -317,20 +334,28 @@ impl Rope {
 
 fn positive(field: &'static str, value: usize) -> Result<()> {
     if value == 0 {
-        return Err(Error::Config { field, value: 0, rule: "must be > 0" });
+        return Err(Error::Config {
+            field,
+            value: 0,
+            rule: "must be > 0",
+        });
     }
     Ok(())
 }
 
 fn finite_positive(field: &'static str, value: f64) -> Result<()> {
     if !(value > 0.0 && value.is_finite()) {
-        return Err(Error::ConfigFloat { field, value, rule: "must be finite and > 0" });
+        return Err(Error::ConfigFloat {
+            field,
+            value,
+            rule: "must be finite and > 0",
+        });
     }
     Ok(())
 }
 
 fn divisible(field: &'static str, value: usize, other: &'static str, by: usize) -> Result<()> {
-    if value % by != 0 {
+    if !value.is_multiple_of(by) {
         return Err(Error::ConfigPair {
             field,
             value: value as i64,
@@ -375,8 +400,19 @@ mod tests {
             (Config::new(64, 4).with_rmsnorm_eps(0.0), "rmsnorm_eps"),
             (Config::new(64, 4).with_rmsnorm_eps(f32::NAN), "rmsnorm_eps"),
             (Config::new(64, 4).with_sliding_window(0), "sliding_window"),
-            (Config::new(64, 4).with_head_dim(15).with_rope(Rope::DEFAULT), "head_dim"),
-            (Config::new(64, 4).with_rope(Rope { theta: -1.0, ..Rope::DEFAULT }), "rope.theta"),
+            (
+                Config::new(64, 4)
+                    .with_head_dim(15)
+                    .with_rope(Rope::DEFAULT),
+                "head_dim",
+            ),
+            (
+                Config::new(64, 4).with_rope(Rope {
+                    theta: -1.0,
+                    ..Rope::DEFAULT
+                }),
+                "rope.theta",
+            ),
         ];
         for (cfg, field) in bad {
             let err = cfg.validate().unwrap_err();
@@ -402,7 +438,13 @@ mod tests {
             ..Rope::DEFAULT
         };
         let err = Config::new(64, 4).with_rope(rope).validate().unwrap_err();
-        assert!(matches!(err, Error::ConfigFloat { field: "rope.llama3.high_freq_factor", .. }));
+        assert!(matches!(
+            err,
+            Error::ConfigFloat {
+                field: "rope.llama3.high_freq_factor",
+                ..
+            }
+        ));
     }
 
     #[test]

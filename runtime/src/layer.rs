@@ -49,6 +49,7 @@ pub struct Layer<'a> {
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Call<'a> {
     pub x: &'a [f32],
+    pub batch: usize,
     pub seq_len: usize,
     pub mask: MaskSpec<'a>,
     pub position_ids: Option<&'a [i32]>,
@@ -107,10 +108,18 @@ impl<'a> Layer<'a> {
             rule: "batch * seq_len * n_embd overflows",
         })?;
         if inputs.x.len() != y_len {
-            return Err(Error::InputShape { name: "x", expected: y_len, actual: inputs.x.len() });
+            return Err(Error::InputShape {
+                name: "x",
+                expected: y_len,
+                actual: inputs.x.len(),
+            });
         }
         if out_len != y_len {
-            return Err(Error::InputShape { name: "out", expected: y_len, actual: out_len });
+            return Err(Error::InputShape {
+                name: "out",
+                expected: y_len,
+                actual: out_len,
+            });
         }
         let mask = MaskSpec::new(self.cfg.sliding_window, b, t, &inputs.mask)?;
         if let Some(p) = inputs.position_ids {
@@ -157,6 +166,7 @@ impl<'a> Layer<'a> {
         }
         Ok(Call {
             x: inputs.x,
+            batch: b,
             seq_len: t,
             mask,
             position_ids: inputs.position_ids,
@@ -165,7 +175,12 @@ impl<'a> Layer<'a> {
     }
 }
 
-fn check_positions(ids: Option<&[i32]>, tokens: usize, seq_len: usize, max_pos: usize) -> Result<()> {
+fn check_positions(
+    ids: Option<&[i32]>,
+    tokens: usize,
+    seq_len: usize,
+    max_pos: usize,
+) -> Result<()> {
     match ids {
         Some(p) => match p.iter().position(|&v| v as usize >= max_pos) {
             Some(i) => Err(Error::PositionOutOfTable {

@@ -37,6 +37,7 @@ mod fmt;
 
 mod backend;
 mod config;
+mod cpu;
 mod error;
 mod layer;
 mod linear;
@@ -49,6 +50,7 @@ mod tensor;
 
 pub use backend::Backend;
 pub use config::{BiasFlags, Config, Positional, QkNorm, Rope, RopeConvention, RopeScaling};
+pub use cpu::{cpu_tier, cpu_workspace_len};
 pub use error::{Error, Result};
 pub use layer::{Inputs, Layer};
 pub use mask::MaskInputs;

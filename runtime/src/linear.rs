@@ -30,7 +30,10 @@ impl Widen for bf16 {
 fn linear_typed<W: Widen>(x: &[f32], w: &[W], out: &mut [f32]) {
     let k = x.len();
     for (o, row) in out.iter_mut().zip(w.chunks_exact(k)) {
-        *o = x.iter().zip(row).fold(0.0f32, |acc, (&a, &b)| acc + a * b.widen());
+        *o = x
+            .iter()
+            .zip(row)
+            .fold(0.0f32, |acc, (&a, &b)| acc + a * b.widen());
     }
 }
 

@@ -50,7 +50,11 @@ impl<'a> MaskSpec<'a> {
         inputs: &MaskInputs<'a>,
     ) -> Result<MaskSpec<'a>> {
         if window == Some(0) {
-            return Err(Error::Config { field: "sliding_window", value: 0, rule: "must be >= 1" });
+            return Err(Error::Config {
+                field: "sliding_window",
+                value: 0,
+                rule: "must be >= 1",
+            });
         }
         if let Some(lens) = inputs.seq_lens {
             expect_len("seq_lens", lens.len(), batch)?;
@@ -63,12 +67,19 @@ impl<'a> MaskSpec<'a> {
         let mut docs_sorted = false;
         if let Some(ids) = inputs.document_ids {
             expect_len("document_ids", ids.len(), batch.saturating_mul(seq_len))?;
-            docs_sorted =
-                seq_len == 0 || ids.chunks(seq_len).all(|r| r.windows(2).all(|w| w[0] <= w[1]));
+            docs_sorted = seq_len == 0
+                || ids
+                    .chunks(seq_len)
+                    .all(|r| r.windows(2).all(|w| w[0] <= w[1]));
         }
         if let Some(cu) = inputs.cu_seqlens {
             if batch != 1 {
-                return Err(value("cu_seqlens", 0, batch as i64, "varlen needs batch size 1"));
+                return Err(value(
+                    "cu_seqlens",
+                    0,
+                    batch as i64,
+                    "varlen needs batch size 1",
+                ));
             }
             validate_cu_seqlens(cu, seq_len, inputs.max_seqlen)?;
         } else if let Some(m) = inputs.max_seqlen {
@@ -105,7 +116,11 @@ impl<'a> MaskSpec<'a> {
 
 fn validate_cu_seqlens(cu: &[i32], seq_len: usize, max_seqlen: Option<i32>) -> Result<()> {
     if cu.is_empty() {
-        return Err(Error::InputShape { name: "cu_seqlens", expected: 2, actual: 0 });
+        return Err(Error::InputShape {
+            name: "cu_seqlens",
+            expected: 2,
+            actual: 0,
+        });
     }
     if cu[0] != 0 {
         return Err(value("cu_seqlens", 0, cu[0], "must start at 0"));
@@ -123,7 +138,12 @@ fn validate_cu_seqlens(cu: &[i32], seq_len: usize, max_seqlen: Option<i32>) -> R
     }
     if let Some(m) = max_seqlen {
         if (m as i64) < longest {
-            return Err(value("max_seqlen", 0, m, "is below the longest cu_seqlens segment"));
+            return Err(value(
+                "max_seqlen",
+                0,
+                m,
+                "is below the longest cu_seqlens segment",
+            ));
         }
     }
     Ok(())
@@ -131,13 +151,22 @@ fn validate_cu_seqlens(cu: &[i32], seq_len: usize, max_seqlen: Option<i32>) -> R
 
 fn expect_len(name: &'static str, actual: usize, expected: usize) -> Result<()> {
     if actual != expected {
-        return Err(Error::InputShape { name, expected, actual });
+        return Err(Error::InputShape {
+            name,
+            expected,
+            actual,
+        });
     }
     Ok(())
 }
 
 fn value(name: &'static str, index: usize, v: impl Into<i64>, rule: &'static str) -> Error {
-    Error::InputValue { name, index, value: v.into(), rule }
+    Error::InputValue {
+        name,
+        index,
+        value: v.into(),
+        rule,
+    }
 }
 
 /// The mask of one batch row: which key each query of the row may see.
@@ -221,8 +250,12 @@ impl Visibility for RowMask<'_> {
         j <= i
             && i - j < self.window
             && i < self.len
-            && self.docs.is_none_or(|d| d.get(i).is_some() && d.get(i) == d.get(j))
-            && self.cu.is_none_or(|cu| Self::segment(cu, i) == Self::segment(cu, j))
+            && self
+                .docs
+                .is_none_or(|d| d.get(i).is_some() && d.get(i) == d.get(j))
+            && self
+                .cu
+                .is_none_or(|cu| Self::segment(cu, i) == Self::segment(cu, j))
     }
 
     fn classify(&self, q0: usize, q1: usize, k0: usize, k1: usize) -> TileClass {
@@ -265,7 +298,11 @@ impl Visibility for RowMask<'_> {
 
     fn key_range(&self, q0: usize, q1: usize) -> (usize, usize) {
         let hi = q1.min(self.len);
-        let lo = if self.window == usize::MAX { 0 } else { (q0 + 1).saturating_sub(self.window) };
+        let lo = if self.window == usize::MAX {
+            0
+        } else {
+            (q0 + 1).saturating_sub(self.window)
+        };
         let lo = match self.cu {
             Some(cu) if q0 < q1 => {
                 let s = Self::segment(cu, q0);
@@ -274,5 +311,208 @@ impl Visibility for RowMask<'_> {
             _ => lo,
         };
         (lo.min(hi), hi)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::vec::Vec;
+
+    /// SPEC.md step 7 written out once more, independently of `RowMask`.
+    fn spec_visible(
+        i: usize,
+        j: usize,
+        w: Option<usize>,
+        len: usize,
+        docs: Option<&[i32]>,
+        cu: Option<&[i32]>,
+    ) -> bool {
+        let seg = |t: usize| {
+            let cu = cu.unwrap();
+            (0..cu.len() - 1)
+                .find(|&s| cu[s] as usize <= t && t < cu[s + 1] as usize)
+                .unwrap()
+        };
+        j <= i
+            && w.is_none_or(|w| i - j < w)
+            && i < len
+            && j < len
+            && docs.is_none_or(|d| d[i] == d[j])
+            && (cu.is_none() || seg(i) == seg(j))
+    }
+
+    fn check_row(
+        m: &RowMask<'_>,
+        t: usize,
+        w: Option<usize>,
+        len: usize,
+        docs: Option<&[i32]>,
+        cu: Option<&[i32]>,
+    ) {
+        for i in 0..t {
+            for j in 0..t {
+                assert_eq!(
+                    m.visible(i, j),
+                    spec_visible(i, j, w, len, docs, cu),
+                    "({i},{j})"
+                );
+            }
+        }
+        for tile in [1, 2, 3, 5, 8] {
+            for q0 in (0..t).step_by(tile) {
+                let q1 = (q0 + tile).min(t);
+                let (lo, hi) = m.key_range(q0, q1);
+                for k0 in (0..t).step_by(tile) {
+                    let k1 = (k0 + tile).min(t);
+                    let vis: Vec<bool> = (q0..q1)
+                        .flat_map(|i| (k0..k1).map(move |j| (i, j)))
+                        .map(|(i, j)| m.visible(i, j))
+                        .collect();
+                    match m.classify(q0, q1, k0, k1) {
+                        TileClass::All => assert!(vis.iter().all(|&v| v), "All wrong at {q0} {k0}"),
+                        TileClass::None => {
+                            assert!(!vis.iter().any(|&v| v), "None wrong at {q0} {k0}")
+                        }
+                        TileClass::Partial => {}
+                    }
+                }
+                for i in q0..q1 {
+                    for j in 0..t {
+                        if m.visible(i, j) {
+                            assert!(lo <= j && j < hi, "key {j} of query {i} outside {lo}..{hi}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn docs_strategy(t: usize) -> impl Strategy<Value = Vec<i32>> {
+        prop::collection::vec(0i32..3, t)
+    }
+
+    fn cu_strategy(t: usize) -> impl Strategy<Value = Vec<i32>> {
+        prop::collection::vec(0..=t as i32, 0..4).prop_map(move |mut v| {
+            v.push(0);
+            v.push(t as i32);
+            v.sort();
+            v
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn classify_agrees_with_visible(
+            t in 1usize..20,
+            w in prop::option::of(1usize..8),
+            len_frac in 0.0f64..=1.0,
+            use_docs in any::<bool>(),
+            sort_docs in any::<bool>(),
+            use_cu in any::<bool>(),
+            seed_docs in docs_strategy(20),
+            seed_cu in cu_strategy(20),
+        ) {
+            let len = ((t as f64) * len_frac).round() as usize;
+            let mut docs: Vec<i32> = seed_docs[..t].to_vec();
+            if sort_docs { docs.sort(); }
+            let cu: Vec<i32> = {
+                let mut c: Vec<i32> = seed_cu.iter().map(|&b| b.min(t as i32)).collect();
+                c.sort();
+                *c.last_mut().unwrap() = t as i32;
+                c
+            };
+            let lens = [len as i32];
+            let inputs = MaskInputs {
+                seq_lens: Some(&lens),
+                document_ids: use_docs.then_some(&docs[..]),
+                cu_seqlens: use_cu.then_some(&cu[..]),
+                max_seqlen: None,
+            };
+            let spec = MaskSpec::new(w, 1, t, &inputs).unwrap();
+            check_row(&spec.row(0), t, w, len, use_docs.then_some(&docs[..]), use_cu.then_some(&cu[..]));
+        }
+    }
+
+    #[test]
+    fn rejects_bad_inputs() {
+        let ok = MaskInputs::default();
+        assert!(MaskSpec::new(Some(0), 1, 4, &ok).is_err());
+        let cases: [(MaskInputs<'_>, usize, &str); 8] = [
+            (
+                MaskInputs {
+                    seq_lens: Some(&[5]),
+                    ..ok
+                },
+                1,
+                "seq_lens",
+            ),
+            (
+                MaskInputs {
+                    seq_lens: Some(&[-1]),
+                    ..ok
+                },
+                1,
+                "seq_lens",
+            ),
+            (
+                MaskInputs {
+                    seq_lens: Some(&[1, 2]),
+                    ..ok
+                },
+                1,
+                "seq_lens",
+            ),
+            (
+                MaskInputs {
+                    document_ids: Some(&[0, 0, 0]),
+                    ..ok
+                },
+                1,
+                "document_ids",
+            ),
+            (
+                MaskInputs {
+                    cu_seqlens: Some(&[1, 4]),
+                    ..ok
+                },
+                1,
+                "cu_seqlens",
+            ),
+            (
+                MaskInputs {
+                    cu_seqlens: Some(&[0, 3, 2, 4]),
+                    ..ok
+                },
+                1,
+                "cu_seqlens",
+            ),
+            (
+                MaskInputs {
+                    cu_seqlens: Some(&[0, 4]),
+                    ..ok
+                },
+                2,
+                "cu_seqlens",
+            ),
+            (
+                MaskInputs {
+                    cu_seqlens: Some(&[0, 1, 4]),
+                    max_seqlen: Some(2),
+                    ..ok
+                },
+                1,
+                "max_seqlen",
+            ),
+        ];
+        for (inputs, batch, name) in cases {
+            let err = MaskSpec::new(None, batch, 4, &inputs).unwrap_err();
+            let named = match err {
+                Error::InputShape { name, .. } | Error::InputValue { name, .. } => name,
+                other => panic!("{other:?}"),
+            };
+            assert_eq!(named, name);
+        }
     }
 }

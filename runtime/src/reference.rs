@@ -14,8 +14,13 @@ use crate::Backend;
 /// f32 elements of workspace the reference needs for rows of up to `max_seq_len` tokens:
 /// q, k, v and the attention output of one row, plus one row of scores.
 pub const fn reference_workspace_len(cfg: &Config, max_seq_len: usize) -> usize {
-    let per_token = cfg.q_dim().saturating_mul(2).saturating_add(cfg.kv_dim().saturating_mul(2));
-    max_seq_len.saturating_mul(per_token).saturating_add(max_seq_len)
+    let per_token = cfg
+        .q_dim()
+        .saturating_mul(2)
+        .saturating_add(cfg.kv_dim().saturating_mul(2));
+    max_seq_len
+        .saturating_mul(per_token)
+        .saturating_add(max_seq_len)
 }
 
 impl Layer<'_> {
@@ -37,7 +42,10 @@ impl Layer<'_> {
         let call = self.check(inputs, out.len())?;
         let needed = reference_workspace_len(self.config(), call.seq_len);
         if workspace.len() < needed {
-            return Err(Error::Workspace { needed, actual: workspace.len() });
+            return Err(Error::Workspace {
+                needed,
+                actual: workspace.len(),
+            });
         }
         let row_len = call.seq_len * self.config().n_embd;
         if row_len > 0 {
@@ -45,7 +53,11 @@ impl Layer<'_> {
                 self.reference_row(&call, b, workspace, y);
             }
         }
-        crate::fmt::info!("attnrt: forward by {}, workspace {} f32", Backend::Reference, needed);
+        crate::fmt::info!(
+            "attnrt: forward by {}, workspace {} f32",
+            Backend::Reference,
+            needed
+        );
         Ok(Backend::Reference)
     }
 
@@ -108,7 +120,12 @@ impl Layer<'_> {
         }
 
         for t in 0..t_len {
-            linear_row(&o[t * qd..(t + 1) * qd], &w.wo, w.bo.as_ref(), &mut y[t * c..(t + 1) * c]);
+            linear_row(
+                &o[t * qd..(t + 1) * qd],
+                &w.wo,
+                w.bo.as_ref(),
+                &mut y[t * c..(t + 1) * c],
+            );
         }
     }
 
@@ -131,16 +148,20 @@ impl Layer<'_> {
                     rms_norm(k, kn, 0, cfg.rmsnorm_eps);
                 }
                 QkNorm::PerHead => {
-                    q.chunks_exact_mut(d).for_each(|z| rms_norm(z, qn, 0, cfg.rmsnorm_eps));
-                    k.chunks_exact_mut(d).for_each(|z| rms_norm(z, kn, 0, cfg.rmsnorm_eps));
+                    q.chunks_exact_mut(d)
+                        .for_each(|z| rms_norm(z, qn, 0, cfg.rmsnorm_eps));
+                    k.chunks_exact_mut(d)
+                        .for_each(|z| rms_norm(z, kn, 0, cfg.rmsnorm_eps));
                 }
                 QkNorm::None => {}
             }
         }
         if let (Some(r), Some(table)) = (cfg.rope(), call.rope_table.as_ref()) {
             if let Some(cs) = table.row(call.position(b, t)) {
-                q.chunks_exact_mut(d).for_each(|z| rope::apply(r.convention, z, cs));
-                k.chunks_exact_mut(d).for_each(|z| rope::apply(r.convention, z, cs));
+                q.chunks_exact_mut(d)
+                    .for_each(|z| rope::apply(r.convention, z, cs));
+                k.chunks_exact_mut(d)
+                    .for_each(|z| rope::apply(r.convention, z, cs));
             }
         }
     }

@@ -22,14 +22,17 @@ impl<'a> RopeTable<'a> {
     /// `head_dim` is odd or 0.
     pub fn new(data: &'a [f32], head_dim: usize) -> Result<RopeTable<'a>> {
         let row = head_dim;
-        if head_dim == 0 || head_dim % 2 != 0 || data.len() % row != 0 {
+        if head_dim == 0 || !head_dim.is_multiple_of(2) || !data.len().is_multiple_of(row) {
             return Err(Error::InputShape {
                 name: "freqs_cis",
                 expected: (data.len() / row.max(1)) * row,
                 actual: data.len(),
             });
         }
-        Ok(RopeTable { data, half_dim: head_dim / 2 })
+        Ok(RopeTable {
+            data,
+            half_dim: head_dim / 2,
+        })
     }
 
     /// Positions the table covers.
@@ -45,7 +48,8 @@ impl<'a> RopeTable<'a> {
     /// The `[head_dim / 2, 2]` row of `pos`, or `None` at or past the end.
     pub fn row(&self, pos: usize) -> Option<&'a [f32]> {
         let w = 2 * self.half_dim;
-        self.data.get(pos.checked_mul(w)?..pos.checked_mul(w)?.checked_add(w)?)
+        self.data
+            .get(pos.checked_mul(w)?..pos.checked_mul(w)?.checked_add(w)?)
     }
 }
 
@@ -81,9 +85,20 @@ pub fn inv_freq(rope: &Rope, head_dim: usize, i: usize) -> f64 {
                 (1.0 - s) * base / factor + s * base
             }
         }
-        RopeScaling::Yarn { factor, original_max_position_embeddings, beta_fast, beta_slow, .. } => {
-            let (lo, hi) =
-                yarn_correction_range(rope.theta, d, original_max_position_embeddings, beta_fast, beta_slow);
+        RopeScaling::Yarn {
+            factor,
+            original_max_position_embeddings,
+            beta_fast,
+            beta_slow,
+            ..
+        } => {
+            let (lo, hi) = yarn_correction_range(
+                rope.theta,
+                d,
+                original_max_position_embeddings,
+                beta_fast,
+                beta_slow,
+            );
             let ramp = {
                 let hi = if lo == hi { hi + 0.001 } else { hi };
                 ((i as f64 - lo) / (hi - lo)).clamp(0.0, 1.0)
@@ -97,7 +112,13 @@ pub fn inv_freq(rope: &Rope, head_dim: usize, i: usize) -> f64 {
 
 /// The yarn correction dims of `beta_fast` and `beta_slow`: floor and ceil, clamped to
 /// `[0, D - 1]`.
-fn yarn_correction_range(theta: f64, d: f64, orig: u32, beta_fast: f64, beta_slow: f64) -> (f64, f64) {
+fn yarn_correction_range(
+    theta: f64,
+    d: f64,
+    orig: u32,
+    beta_fast: f64,
+    beta_slow: f64,
+) -> (f64, f64) {
     let dim = |rot: f64| d * libm::log(orig as f64 / (rot * 2.0 * PI)) / (2.0 * libm::log(theta));
     let lo = libm::floor(dim(beta_fast)).max(0.0);
     let hi = libm::ceil(dim(beta_slow)).min(d - 1.0);
@@ -107,17 +128,19 @@ fn yarn_correction_range(theta: f64, d: f64, orig: u32, beta_fast: f64, beta_slo
 /// The factor multiplying cos and sin (yarn's `attention_factor`, else 1).
 fn amplitude(rope: &Rope) -> f64 {
     match rope.scaling {
-        RopeScaling::Yarn { attention_factor, .. } => attention_factor,
+        RopeScaling::Yarn {
+            attention_factor, ..
+        } => attention_factor,
         _ => 1.0,
     }
 }
 
 /// Fills `out` (`[max_pos, head_dim / 2, 2]`, `max_pos = out.len() / head_dim`) with the cos/sin
-/// table of `rope` and returns it as a [`RopeTable`].
+/// table of `rope`; view it with [`RopeTable::new`].
 ///
 /// # Errors
 /// As [`RopeTable::new`].
-pub fn build_table<'a>(rope: &Rope, head_dim: usize, out: &'a mut [f32]) -> Result<RopeTable<'a>> {
+pub fn build_table(rope: &Rope, head_dim: usize, out: &mut [f32]) -> Result<()> {
     RopeTable::new(out, head_dim)?;
     let half = head_dim / 2;
     let amp = amplitude(rope);
@@ -129,7 +152,7 @@ pub fn build_table<'a>(rope: &Rope, head_dim: usize, out: &'a mut [f32]) -> Resu
             row[2 * i + 1] = (libm::sin(angle) * amp) as f32;
         }
     }
-    RopeTable::new(out, head_dim)
+    Ok(())
 }
 
 /// Rotates one head's values `z` (length `2 * cs.len() / 2`) by the `(cos, sin)` pairs of `cs`.
@@ -170,7 +193,10 @@ mod tests {
             },
             ..Rope::DEFAULT
         };
-        let plain = Rope { scaling: RopeScaling::None, ..rope };
+        let plain = Rope {
+            scaling: RopeScaling::None,
+            ..rope
+        };
         // Highest frequency kept, lowest divided by the factor.
         assert_eq!(inv_freq(&rope, 128, 0), inv_freq(&plain, 128, 0));
         let last = 63;
@@ -188,7 +214,8 @@ mod tests {
     fn table_rejects_odd_head_dim() {
         let mut buf = [0.0f32; 12];
         assert!(build_table(&Rope::DEFAULT, 3, &mut buf).is_err());
-        let t = build_table(&Rope::DEFAULT, 4, &mut buf).unwrap();
+        build_table(&Rope::DEFAULT, 4, &mut buf).unwrap();
+        let t = RopeTable::new(&buf, 4).unwrap();
         assert_eq!(t.max_pos(), 3);
         assert!(t.row(3).is_none());
         assert_eq!(t.row(0).unwrap(), &[1.0, 0.0, 1.0, 0.0]);

@@ -45,7 +45,11 @@ impl<'a> Tensor<'a> {
     /// [`Error::Bytes`] if the length is not a multiple of the element size or the start is not
     /// aligned to it.
     pub fn from_bytes(name: &'static str, dtype: DType, bytes: &'a [u8]) -> Result<Tensor<'a>> {
-        let err = Error::Bytes { name, len: bytes.len(), elem_size: dtype.size() };
+        let err = Error::Bytes {
+            name,
+            len: bytes.len(),
+            elem_size: dtype.size(),
+        };
         Ok(match dtype {
             DType::F32 => Tensor::F32(bytemuck::try_cast_slice(bytes).map_err(|_| err)?),
             DType::F16 => Tensor::F16(bytemuck::try_cast_slice(bytes).map_err(|_| err)?),
@@ -90,15 +94,24 @@ impl<'a> Tensor<'a> {
     /// # Errors
     /// [`Error::InputShape`] if the range runs past the end.
     pub fn read_into(&self, start: usize, out: &mut [f32]) -> Result<()> {
-        let end = start.checked_add(out.len()).filter(|&e| e <= self.len()).ok_or(
-            Error::InputShape { name: "tensor range", expected: start + out.len(), actual: self.len() },
-        )?;
+        let end = start
+            .checked_add(out.len())
+            .filter(|&e| e <= self.len())
+            .ok_or(Error::InputShape {
+                name: "tensor range",
+                expected: start + out.len(),
+                actual: self.len(),
+            })?;
         match self {
             Tensor::F32(s) => out.copy_from_slice(&s[start..end]),
-            Tensor::F16(s) => out.iter_mut().zip(&s[start..end]).for_each(|(o, v)| *o = v.to_f32()),
-            Tensor::Bf16(s) => {
-                out.iter_mut().zip(&s[start..end]).for_each(|(o, v)| *o = v.to_f32())
-            }
+            Tensor::F16(s) => out
+                .iter_mut()
+                .zip(&s[start..end])
+                .for_each(|(o, v)| *o = v.to_f32()),
+            Tensor::Bf16(s) => out
+                .iter_mut()
+                .zip(&s[start..end])
+                .for_each(|(o, v)| *o = v.to_f32()),
         }
         Ok(())
     }
@@ -161,11 +174,19 @@ impl<'a> LayerWeights<'a> {
 
 fn shape(name: &'static str, t: Option<&Tensor<'_>>, required: bool, len: usize) -> Result<()> {
     match (t, required) {
-        (Some(t), true) if t.len() != len => {
-            Err(Error::WeightShape { name, expected: len, actual: t.len() })
-        }
+        (Some(t), true) if t.len() != len => Err(Error::WeightShape {
+            name,
+            expected: len,
+            actual: t.len(),
+        }),
         (Some(_), true) | (None, false) => Ok(()),
-        (None, true) => Err(Error::WeightPresence { name, required: true }),
-        (Some(_), false) => Err(Error::WeightPresence { name, required: false }),
+        (None, true) => Err(Error::WeightPresence {
+            name,
+            required: true,
+        }),
+        (Some(_), false) => Err(Error::WeightPresence {
+            name,
+            required: false,
+        }),
     }
 }

@@ -74,6 +74,98 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
     a.iter()
         .zip(b)
-        .map(|(x, y)| if x.is_nan() || y.is_nan() { f32::INFINITY } else { (x - y).abs() })
+        .map(|(x, y)| {
+            if x.is_nan() || y.is_nan() {
+                f32::INFINITY
+            } else {
+                (x - y).abs()
+            }
+        })
         .fold(0.0, f32::max)
+}
+
+/// A small deterministic generator for test data (xorshift64*), so that failures replay.
+pub struct Rng(pub u64);
+
+impl Rng {
+    /// Next value uniform in [-1, 1).
+    pub fn uniform(&mut self) -> f32 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        let v = self.0.wrapping_mul(0x2545_F491_4F6C_DD1D);
+        ((v >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+
+    /// `n` values uniform in `[-scale, scale)`.
+    pub fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
+        (0..n).map(|_| self.uniform() * scale).collect()
+    }
+}
+
+/// Owned f32 weights of every tensor a configuration can use, all present; pick with
+/// [`OwnedWeights::view`].
+pub struct OwnedWeights {
+    /// `[q_dim, C]`.
+    pub wq: Vec<f32>,
+    /// `[kv_dim, C]`.
+    pub wk: Vec<f32>,
+    /// `[kv_dim, C]`.
+    pub wv: Vec<f32>,
+    /// `[C, q_dim]`.
+    pub wo: Vec<f32>,
+    /// Biases q, k, v, o.
+    pub b: [Vec<f32>; 4],
+    /// QK-norm weights for q and k.
+    pub norm: [Vec<f32>; 2],
+}
+
+impl OwnedWeights {
+    /// Random unit-scale weights for `cfg`.
+    pub fn random(cfg: &Config, rng: &mut Rng) -> OwnedWeights {
+        let (c, q, kv) = (cfg.n_embd, cfg.q_dim(), cfg.kv_dim());
+        let (qn, kn) = match cfg.qk_norm {
+            attnrt::QkNorm::Full => (q, kv),
+            _ => (cfg.head_dim, cfg.head_dim),
+        };
+        let s_in = 1.0 / (c as f32).sqrt();
+        OwnedWeights {
+            wq: rng.vec(q * c, s_in * 1.7),
+            wk: rng.vec(kv * c, s_in * 1.7),
+            wv: rng.vec(kv * c, s_in * 1.7),
+            wo: rng.vec(c * q, 1.7 / (q as f32).sqrt()),
+            b: [
+                rng.vec(q, 0.5),
+                rng.vec(kv, 0.5),
+                rng.vec(kv, 0.5),
+                rng.vec(c, 0.5),
+            ],
+            norm: [
+                rng.vec(qn, 0.2).into_iter().map(|v| v + 1.0).collect(),
+                rng.vec(kn, 0.2).into_iter().map(|v| v + 1.0).collect(),
+            ],
+        }
+    }
+
+    /// The views `cfg` needs.
+    pub fn view(&self, cfg: &Config) -> attnrt::LayerWeights<'_> {
+        use attnrt::Tensor::F32;
+        let norm = cfg.qk_norm != attnrt::QkNorm::None;
+        fn pick(on: bool, v: &[f32]) -> Option<attnrt::Tensor<'_>> {
+            on.then_some(attnrt::Tensor::F32(v))
+        }
+        let b = &self.b;
+        attnrt::LayerWeights {
+            wq: F32(&self.wq),
+            wk: F32(&self.wk),
+            wv: F32(&self.wv),
+            wo: F32(&self.wo),
+            bq: pick(cfg.bias.q, &b[0]),
+            bk: pick(cfg.bias.k, &b[1]),
+            bv: pick(cfg.bias.v, &b[2]),
+            bo: pick(cfg.bias.o, &b[3]),
+            q_norm: pick(norm, &self.norm[0]),
+            k_norm: pick(norm, &self.norm[1]),
+        }
+    }
 }

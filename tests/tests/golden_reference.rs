@@ -18,7 +18,10 @@ fn reference_matches_every_golden_fixture() {
             seq_len: f.inputs.seq_len,
             mask,
             position_ids,
-            rope_table: f.table.as_deref().map(|t| RopeTable::new(t, f.cfg.head_dim).unwrap()),
+            rope_table: f
+                .table
+                .as_deref()
+                .map(|t| RopeTable::new(t, f.cfg.head_dim).unwrap()),
         };
         let mut ws = vec![0.0; reference_workspace_len(&f.cfg, f.inputs.seq_len)];
         let mut y = vec![f32::NAN; f.expected.len()];
@@ -30,5 +33,10 @@ fn reference_matches_every_golden_fixture() {
             worst = (err, f.name.clone());
         }
     }
-    println!("worst: {} at {:.2e} over {} fixtures", worst.1, worst.0, fixtures.len());
+    println!(
+        "worst: {} at {:.2e} over {} fixtures",
+        worst.1,
+        worst.0,
+        fixtures.len()
+    );
 }

@@ -1,0 +1,145 @@
+//! GEMM packing and the register-blocked micro-kernel shared by every tier.
+
+use super::GEMM_NR_MAX;
+use crate::elem::Elem;
+use crate::isa::Isa;
+
+/// One packed panel of W and where its results go.
+pub(crate) struct PanelJob<'a> {
+    /// Rows of x and y.
+    pub m: usize,
+    /// Reduction length.
+    pub k: usize,
+    /// `[m, k]` row-major, length validated `>= m * k`.
+    pub x: &'a [f32],
+    /// `k` groups of `NR` widened weights (column `c` of group `kk` is `w[j0 + c][kk]`), then
+    /// `NR` biases; length `>= NR * (k + 1)`.
+    pub panel: &'a [f32],
+    /// Whether to add the packed biases.
+    pub has_bias: bool,
+    /// Output; row `i` of the panel's columns starts at `i * y_stride + col0`; validated to hold
+    /// `(m - 1) * y_stride + col0 + nc` elements.
+    pub y: &'a mut [f32],
+    /// Distance between output rows.
+    pub y_stride: usize,
+    /// Offset of the panel's first column inside a row of `y`.
+    pub col0: usize,
+    /// Valid columns of the panel (`1..=NR`); the rest are zero padding.
+    pub nc: usize,
+}
+
+/// Packs W rows `j0 .. j0 + nc` (and their biases) into `panel` as `k` groups of `nr` floats, so
+/// the micro-kernel reads one contiguous group per reduction step; columns `nc..nr` are zeros.
+/// Widening happens here, once per panel, not once per output row.
+pub(crate) fn pack_panel<E: Elem>(
+    panel: &mut [f32],
+    nr: usize,
+    k: usize,
+    w: &[E],
+    bias: Option<&[E]>,
+    j0: usize,
+    nc: usize,
+) {
+    let panel = &mut panel[..nr * (k + 1)];
+    for c in 0..nc {
+        let row = &w[(j0 + c) * k..][..k];
+        for (dst, v) in panel.iter_mut().skip(c).step_by(nr).zip(row) {
+            *dst = v.to_f32();
+        }
+    }
+    if nc < nr {
+        for group in panel.chunks_exact_mut(nr) {
+            group[nc..].fill(0.0);
+        }
+    }
+    let b = &mut panel[nr * k..];
+    if let Some(bias) = bias {
+        for (dst, v) in b.iter_mut().zip(&bias[j0..j0 + nc]) {
+            *dst = v.to_f32();
+        }
+    }
+}
+
+/// Runs the `MR x (NRV * LANES)` micro-kernel over all rows of the panel: full `MR`-row blocks,
+/// then the remaining `< MR` rows with a shorter instance of the same kernel (so a row's bits
+/// do not depend on which block it falls in).
+#[inline(always)]
+pub(crate) fn panel<I: Isa, const MR: usize, const NRV: usize>(isa: I, job: &mut PanelJob<'_>) {
+    debug_assert_eq!(I::GEMM_NR, NRV * I::LANES);
+    debug_assert!(MR <= 8 && I::GEMM_NR <= GEMM_NR_MAX);
+    let mut i = 0;
+    while i + MR <= job.m {
+        tile::<I, MR, NRV>(isa, job, i);
+        i += MR;
+    }
+    match job.m - i {
+        1 => tile::<I, 1, NRV>(isa, job, i),
+        2 => tile::<I, 2, NRV>(isa, job, i),
+        3 => tile::<I, 3, NRV>(isa, job, i),
+        4 => tile::<I, 4, NRV>(isa, job, i),
+        5 => tile::<I, 5, NRV>(isa, job, i),
+        6 => tile::<I, 6, NRV>(isa, job, i),
+        7 => tile::<I, 7, NRV>(isa, job, i),
+        _ => {}
+    }
+}
+
+/// Kernel `gemm_f32_R x (NRV*LANES)` micro-tile: `y[i0 + r][c] = sum_kk x[i0 + r][kk] *
+/// panel[kk][c] (+ bias[c])` for `r < R`, `c < nc`.
+///
+/// Tile: R rows x NRV registers of accumulators, held in registers across the whole reduction
+/// (per tier: scalar 4x4, AVX2 6x16, AVX-512 8x32, NEON 8x8). Each step loads NRV panel registers
+/// and broadcasts one x value per row; each accumulator is one FMA chain in increasing `kk`.
+/// Column tail: the panel is zero-padded, results go through a stack buffer and only `nc` columns
+/// are stored. Row tail: handled by the caller with a smaller R. No alignment assumed.
+#[inline(always)]
+fn tile<I: Isa, const R: usize, const NRV: usize>(isa: I, job: &mut PanelJob<'_>, i0: usize) {
+    let k = job.k;
+    let l = I::LANES;
+    let nr = NRV * l;
+    // Slicing checks what the hot loop then relies on: rows i0..i0+R < m each hold k floats of
+    // x (x.len() >= m*k was validated), and the panel holds nr*(k+1) floats.
+    let xr: [&[f32]; R] = core::array::from_fn(|r| &job.x[(i0 + r) * k..][..k]);
+    let xp: [*const f32; R] = core::array::from_fn(|r| xr[r].as_ptr());
+    let panel = &job.panel[..nr * (k + 1)];
+    let bp = panel.as_ptr();
+    let mut acc = [[isa.zero(); NRV]; R];
+    for kk in 0..k {
+        let mut b = [isa.zero(); NRV];
+        for (v, b) in b.iter_mut().enumerate() {
+            // SAFETY: kk < k and v*l + l <= nr, so the read stays inside panel[..nr*k].
+            *b = unsafe { isa.load(bp.add(kk * nr + v * l)) };
+        }
+        for r in 0..R {
+            // SAFETY: kk < k and row r's slice xr[r] holds k floats.
+            let a = isa.splat(unsafe { *xp[r].add(kk) });
+            for v in 0..NRV {
+                acc[r][v] = isa.mul_add(a, b[v], acc[r][v]);
+            }
+        }
+    }
+    if job.has_bias {
+        for v in 0..NRV {
+            let bias = isa.load_s(&panel[nr * k + v * l..]);
+            for row in acc.iter_mut() {
+                row[v] = isa.add(row[v], bias);
+            }
+        }
+    }
+    let nc = job.nc;
+    for (r, row) in acc.iter().enumerate() {
+        let start = (i0 + r) * job.y_stride + job.col0;
+        let out = &mut job.y[start..start + nc];
+        if nc == nr {
+            for (v, &a) in row.iter().enumerate() {
+                isa.store_s(&mut out[v * l..], a);
+            }
+        } else {
+            let mut buf = [0.0f32; GEMM_NR_MAX];
+            for (v, &a) in row.iter().enumerate() {
+                isa.store_s(&mut buf[v * l..], a);
+            }
+            out.copy_from_slice(&buf[..nc]);
+        }
+    }
+}

@@ -1,0 +1,117 @@
+//! x86-64 AVX2 + FMA: 8 f32 lanes in a YMM register.
+
+use super::{Isa, WithIsa};
+use crate::tier::{supported, Tier};
+use core::arch::x86_64::*;
+
+/// Proof that the CPU and OS support AVX2 and FMA; constructible only through [`Avx2::new`].
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Avx2(());
+
+impl Avx2 {
+    /// The token, if detection found AVX2 + FMA with OS support for YMM state.
+    #[inline]
+    pub(crate) fn new() -> Option<Self> {
+        supported(Tier::Avx2).then_some(Avx2(()))
+    }
+}
+
+/// Runs `op` compiled with AVX2 and FMA enabled.
+#[inline]
+pub(crate) fn entry<Op: WithIsa>(t: Avx2, op: Op) -> Op::Output {
+    #[target_feature(enable = "avx2,fma")]
+    fn inner<Op: WithIsa>(t: Avx2, op: Op) -> Op::Output {
+        op.run(t)
+    }
+    // SAFETY: an `Avx2` token exists only after detection found AVX2 + FMA and OS YMM support.
+    unsafe { inner(t, op) }
+}
+
+// SAFETY (for every `unsafe` block in this impl): `self` is an `Avx2` token, which exists only
+// when the CPU supports AVX2 and FMA, the only features these intrinsics need; pointer
+// validity for loads and stores is the caller's contract, stated on the trait.
+impl Isa for Avx2 {
+    type V = __m256;
+    const LANES: usize = 8;
+    const GEMM_NR: usize = 16;
+
+    #[inline(always)]
+    fn splat(self, x: f32) -> __m256 {
+        // SAFETY: see the impl comment.
+        unsafe { _mm256_set1_ps(x) }
+    }
+    #[inline(always)]
+    unsafe fn load(self, p: *const f32) -> __m256 {
+        // SAFETY: see the impl comment; `p` is valid for 8 reads by the caller's contract.
+        unsafe { _mm256_loadu_ps(p) }
+    }
+    #[inline(always)]
+    unsafe fn store(self, p: *mut f32, v: __m256) {
+        // SAFETY: see the impl comment; `p` is valid for 8 writes by the caller's contract.
+        unsafe { _mm256_storeu_ps(p, v) }
+    }
+    #[inline(always)]
+    fn add(self, a: __m256, b: __m256) -> __m256 {
+        // SAFETY: see the impl comment.
+        unsafe { _mm256_add_ps(a, b) }
+    }
+    #[inline(always)]
+    fn sub(self, a: __m256, b: __m256) -> __m256 {
+        // SAFETY: see the impl comment.
+        unsafe { _mm256_sub_ps(a, b) }
+    }
+    #[inline(always)]
+    fn mul(self, a: __m256, b: __m256) -> __m256 {
+        // SAFETY: see the impl comment.
+        unsafe { _mm256_mul_ps(a, b) }
+    }
+    #[inline(always)]
+    fn mul_add(self, a: __m256, b: __m256, c: __m256) -> __m256 {
+        // SAFETY: see the impl comment.
+        unsafe { _mm256_fmadd_ps(a, b, c) }
+    }
+    #[inline(always)]
+    fn min(self, a: __m256, b: __m256) -> __m256 {
+        // SAFETY: see the impl comment.
+        unsafe { _mm256_min_ps(a, b) }
+    }
+    #[inline(always)]
+    fn max(self, a: __m256, b: __m256) -> __m256 {
+        // SAFETY: see the impl comment.
+        unsafe { _mm256_max_ps(a, b) }
+    }
+    #[inline(always)]
+    fn reduce_sum(self, v: __m256) -> f32 {
+        // SAFETY: see the impl comment.
+        unsafe {
+            let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+            let s = _mm_add_ss(s, _mm_shuffle_ps::<0b01>(s, s));
+            _mm_cvtss_f32(s)
+        }
+    }
+    #[inline(always)]
+    fn reduce_max(self, v: __m256) -> f32 {
+        // SAFETY: see the impl comment.
+        unsafe {
+            let s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+            let s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+            let s = _mm_max_ss(s, _mm_shuffle_ps::<0b01>(s, s));
+            _mm_cvtss_f32(s)
+        }
+    }
+    #[inline(always)]
+    fn pow2i(self, n: __m256) -> __m256 {
+        // SAFETY: see the impl comment.
+        unsafe {
+            let e = _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127));
+            _mm256_castsi256_ps(_mm256_slli_epi32::<23>(e))
+        }
+    }
+
+    #[inline(always)]
+    fn gemm_panel(self, job: &mut crate::gemm::kernel::PanelJob<'_>) {
+        // 6x16: 12 accumulators + 2 B vectors + 1 broadcast = 15 of the 16 YMM registers.
+        crate::gemm::kernel::panel::<Self, 6, 2>(self, job)
+    }
+}

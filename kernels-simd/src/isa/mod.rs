@@ -1,0 +1,132 @@
+//! The vector abstraction every kernel is written against, and the one place that turns a
+//! [`Tier`] into a call of `#[target_feature]` code.
+//!
+//! Each ISA module defines a zero-sized token type that can only be constructed after
+//! [`crate::tier`] detection found the ISA, implements [`Isa`] for it with intrinsics, and
+//! provides an `entry` function: a `#[target_feature]` function that runs a [`WithIsa`] job with
+//! the token. Kernels are generic `#[inline(always)]` functions over `I: Isa`, so they are
+//! compiled (and inlined) with the ISA's features enabled inside that entry point.
+
+use crate::tier::Tier;
+
+pub(crate) mod scalar;
+
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod avx2;
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod avx512;
+#[cfg(target_arch = "aarch64")]
+pub(crate) mod neon;
+
+/// A SIMD instruction set seen as "a vector of `LANES` f32", plus its per-ISA kernel tiles.
+///
+/// A value of a type implementing `Isa` proves the CPU supports it, which is what makes the safe
+/// methods sound.
+pub(crate) trait Isa: Copy {
+    /// One register of f32 lanes.
+    type V: Copy;
+    /// Lanes per register.
+    const LANES: usize;
+    /// Output columns of the GEMM micro-kernel tile (a multiple of `LANES`, at most
+    /// [`crate::GEMM_NR_MAX`]).
+    const GEMM_NR: usize;
+
+    /// Every lane set to `x`.
+    fn splat(self, x: f32) -> Self::V;
+    /// Loads `LANES` floats.
+    ///
+    /// # Safety
+    /// `p` must be valid for reading `LANES` f32 (no alignment needed).
+    unsafe fn load(self, p: *const f32) -> Self::V;
+    /// Stores `LANES` floats.
+    ///
+    /// # Safety
+    /// `p` must be valid for writing `LANES` f32 (no alignment needed).
+    unsafe fn store(self, p: *mut f32, v: Self::V);
+    /// Lane-wise `a + b`.
+    fn add(self, a: Self::V, b: Self::V) -> Self::V;
+    /// Lane-wise `a - b`.
+    fn sub(self, a: Self::V, b: Self::V) -> Self::V;
+    /// Lane-wise `a * b`.
+    fn mul(self, a: Self::V, b: Self::V) -> Self::V;
+    /// Lane-wise `a * b + c`, fused where the ISA has FMA.
+    fn mul_add(self, a: Self::V, b: Self::V, c: Self::V) -> Self::V;
+    /// Lane-wise minimum (inputs are never NaN in our kernels).
+    fn min(self, a: Self::V, b: Self::V) -> Self::V;
+    /// Lane-wise maximum (inputs are never NaN in our kernels).
+    fn max(self, a: Self::V, b: Self::V) -> Self::V;
+    /// Sum of the lanes, in a fixed order.
+    fn reduce_sum(self, v: Self::V) -> f32;
+    /// Maximum of the lanes.
+    fn reduce_max(self, v: Self::V) -> f32;
+    /// `2^n` per lane, for integer-valued lanes `n` in `[-126, 127]`.
+    fn pow2i(self, n: Self::V) -> Self::V;
+
+    /// Runs the GEMM panel job with this ISA's register tile (see `gemm::kernel`).
+    fn gemm_panel(self, job: &mut crate::gemm::kernel::PanelJob<'_>);
+
+    /// Zero in every lane.
+    #[inline(always)]
+    fn zero(self) -> Self::V {
+        self.splat(0.0)
+    }
+
+    /// Loads `LANES` floats from the start of `s`.
+    ///
+    /// # Panics
+    /// If `s` is shorter than `LANES` (an internal bug: kernels validate lengths first).
+    #[inline(always)]
+    fn load_s(self, s: &[f32]) -> Self::V {
+        let s = &s[..Self::LANES];
+        // SAFETY: the slice above holds exactly LANES readable floats.
+        unsafe { self.load(s.as_ptr()) }
+    }
+
+    /// Stores `LANES` floats at the start of `s`.
+    ///
+    /// # Panics
+    /// If `s` is shorter than `LANES` (an internal bug: kernels validate lengths first).
+    #[inline(always)]
+    fn store_s(self, s: &mut [f32], v: Self::V) {
+        let s = &mut s[..Self::LANES];
+        // SAFETY: the slice above holds exactly LANES writable floats.
+        unsafe { self.store(s.as_mut_ptr(), v) }
+    }
+}
+
+/// A job that can run on any [`Isa`]; [`dispatch`] picks which.
+pub(crate) trait WithIsa {
+    /// What the job returns.
+    type Output;
+    /// Runs the job; implementations are `#[inline(always)]` so they compile with the
+    /// features of the entry point that calls them.
+    fn run<I: Isa>(self, isa: I) -> Self::Output;
+}
+
+/// Runs `op` on tier `tier`, or on the scalar tier if this CPU cannot run `tier` (callers pass
+/// [`crate::active`] or a tier from [`crate::tier::available`]).
+#[inline]
+pub(crate) fn dispatch<Op: WithIsa>(tier: Tier, op: Op) -> Op::Output {
+    match tier {
+        #[cfg(target_arch = "x86_64")]
+        Tier::Avx512 => {
+            if let Some(t) = avx512::Avx512::new() {
+                return avx512::entry(t, op);
+            }
+        }
+        #[cfg(target_arch = "x86_64")]
+        Tier::Avx2 => {
+            if let Some(t) = avx2::Avx2::new() {
+                return avx2::entry(t, op);
+            }
+        }
+        #[cfg(target_arch = "aarch64")]
+        Tier::Neon => {
+            if let Some(t) = neon::Neon::new() {
+                return neon::entry(t, op);
+            }
+        }
+        _ => {}
+    }
+    op.run(scalar::Scalar)
+}
