@@ -6,7 +6,7 @@
 //! region is handed out exactly once.
 
 use core::marker::PhantomData;
-use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 
 use crate::parallel::ParallelFor;
 
@@ -68,10 +68,12 @@ pub fn run_units(
         return true;
     }
     let lanes = lanes.clamp(1, MAX_LANES).min(units);
-    let claimed = AtomicU64::new(0);
+    // One bit per lane, in 32-bit words: 32-bit targets (Cortex-M) have no 64-bit atomics.
+    let claimed: [AtomicU32; MAX_LANES.div_ceil(32)] = core::array::from_fn(|_| AtomicU32::new(0));
     let next = AtomicUsize::new(0);
     par.run(lanes, &|lane| {
-        if lane >= lanes || claimed.fetch_or(1 << lane, Ordering::AcqRel) & (1 << lane) != 0 {
+        let bit = 1u32 << (lane % 32);
+        if lane >= lanes || claimed[lane / 32].fetch_or(bit, Ordering::AcqRel) & bit != 0 {
             return; // out of range, or the host ran this lane twice: its scratch is taken
         }
         // SAFETY: lane `lane` was claimed exactly once above, and lanes own disjoint ranges.
