@@ -8,7 +8,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use attnrt::{rope, Layer};
+use attnrt::Layer;
 use attnrt_tests::{max_abs_diff, F32_TOL};
 
 #[allow(dead_code)]
@@ -30,7 +30,7 @@ fn host_output() -> Vec<f32> {
     gen::write_blob(bytemuck::cast_slice_mut(&mut words));
     let blob: &[u8] = bytemuck::cast_slice(&words);
     let mut table = vec![0.0; layer::ROPE_TABLE_LEN];
-    let table = rope::build_table(&layer::ROPE, gen::HEAD_DIM, &mut table).unwrap();
+    let table = layer::rope_table(&mut table).unwrap();
     let l = Layer::new(layer::CFG, layer::weights(blob).unwrap()).unwrap();
     let mut ws = vec![0.0; layer::WORKSPACE_LEN];
     let mut y = vec![f32::NAN; layer::OUT_LEN];

@@ -76,6 +76,15 @@ pub fn x(blob: &[u8]) -> Result<&[f32], Error> {
     }
 }
 
+/// Builds the rotary cos/sin table into `buf` (of [`ROPE_TABLE_LEN`]) and views it.
+///
+/// # Errors
+/// As [`rope::build_table`].
+pub fn rope_table(buf: &mut [f32]) -> Result<RopeTable<'_>, Error> {
+    rope::build_table(&ROPE, gen::HEAD_DIM, buf)?;
+    RopeTable::new(buf, gen::HEAD_DIM)
+}
+
 /// The call: one row of T tokens, two packed documents, explicit positions.
 pub fn inputs<'a>(x: &'a [f32], table: RopeTable<'a>) -> Inputs<'a> {
     Inputs {

@@ -214,8 +214,7 @@ fn main() -> ! {
 
     #[cfg(not(feature = "no-runtime"))]
     let (backend, dwt, ticks, depth_at_call) = {
-        let table = attnrt::rope::build_table(&layer::ROPE, gen::HEAD_DIM, table_buf)
-            .unwrap_or_else(|e| fail("rope table", e));
+        let table = layer::rope_table(table_buf).unwrap_or_else(|e| fail("rope table", e));
         let weights = layer::weights(blob).unwrap_or_else(|e| fail("weights", e));
         let l = attnrt::Layer::new(layer::CFG, weights).unwrap_or_else(|e| fail("layer", e));
         let inputs = layer::inputs(x, table);
