@@ -126,3 +126,62 @@ impl Pool {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A host that runs every task on the calling thread.
+    unsafe extern "C" fn all(
+        _: *mut c_void,
+        n: usize,
+        task: attnrt_task_fn,
+        task_ctx: *mut c_void,
+    ) {
+        // SAFETY: the library's task and context, each index once, during this call.
+        (0..n).for_each(|i| unsafe { task(task_ctx, i) });
+    }
+
+    /// A host that forgets the last task.
+    unsafe extern "C" fn skips(_: *mut c_void, n: usize, task: attnrt_task_fn, ctx: *mut c_void) {
+        // SAFETY: as above.
+        (0..n.saturating_sub(1)).for_each(|i| unsafe { task(ctx, i) });
+    }
+
+    /// A host that runs an index out of range.
+    unsafe extern "C" fn strays(_: *mut c_void, n: usize, task: attnrt_task_fn, ctx: *mut c_void) {
+        // SAFETY: as above (the out-of-range index is refused by the trampoline).
+        (0..=n).for_each(|i| unsafe { task(ctx, i) });
+    }
+
+    fn run(host: attnrt_task_host) -> (bool, usize) {
+        let pool = Pool::new(Some(host), core::ptr::null_mut(), 0);
+        let sum = AtomicUsize::new(0);
+        pool.as_dyn().run(10, &|i| {
+            sum.fetch_add(i + 1, Ordering::Relaxed);
+        });
+        let Pool::Callback(p) = &pool else {
+            unreachable!()
+        };
+        (p.kept_contract(), sum.load(Ordering::Relaxed))
+    }
+
+    type attnrt_task_host = unsafe extern "C" fn(*mut c_void, usize, attnrt_task_fn, *mut c_void);
+
+    #[test]
+    fn callback_runs_every_task_and_checks_the_contract() {
+        assert_eq!(run(all), (true, 55));
+        assert_eq!(run(skips), (false, 45));
+        assert_eq!(run(strays), (false, 55));
+    }
+
+    #[test]
+    fn a_panicking_task_does_not_unwind_into_the_host() {
+        let pool = Pool::new(Some(all), core::ptr::null_mut(), 0);
+        pool.as_dyn().run(3, &|i| assert!(i != 1, "task 1 fails"));
+        let Pool::Callback(p) = &pool else {
+            unreachable!()
+        };
+        assert!(!p.kept_contract());
+    }
+}
