@@ -3,6 +3,8 @@
 
 use std::path::{Path, PathBuf};
 
+pub mod ffi_harness;
+
 use attnrt::{rope, Config};
 use attnrt_cli::checkpoint::{CallInputs, TensorFile};
 use attnrt_cli::config_json::parse_config;
