@@ -7,8 +7,8 @@
 //! `attnrt::rope::build_table` computes them (same f64 angle, same `libm` functions, one f32
 //! rounding), so both paths give bitwise the same output.
 
-use attnrt::rope::{build_table, inv_freq};
-use attnrt::{Inputs, Rope, RopeScaling, RopeTable};
+use attnrt::rope::{build_table, fill_row};
+use attnrt::{Inputs, Rope, RopeTable};
 
 use crate::error::FfiResult;
 
@@ -37,8 +37,9 @@ pub(crate) fn build<'w>(
         })?;
     let Some(pos) = inputs.position_ids else {
         let rows = if tokens == 0 { 0 } else { inputs.seq_len };
-        let table = build_table(rope, head_dim, &mut ws[..rows * head_dim])?;
-        return Ok((table, None));
+        build_table(rope, head_dim, &mut ws[..rows * head_dim])?;
+        let ws: &'w [f32] = ws;
+        return Ok((RopeTable::new(&ws[..rows * head_dim], head_dim)?, None));
     };
     // The runtime checks these too, but on the remapped ids, which hide both mistakes.
     if pos.len() != tokens {
@@ -86,20 +87,14 @@ pub(crate) fn build<'w>(
     }
     // Rows from the last: row k overwrites elements from k * head_dim >= k on, so the
     // positions of rows < k, still to be read, survive (head_dim >= 2 for rotary layers).
-    let amp = match rope.scaling {
-        RopeScaling::Yarn {
-            attention_factor, ..
-        } => attention_factor,
-        _ => 1.0,
-    };
     for k in (0..n).rev() {
-        let p = rows[k].to_bits() as i32 as f64;
-        let row = &mut rows[k * head_dim..(k + 1) * head_dim];
-        for i in 0..head_dim / 2 {
-            let angle = p * inv_freq(rope, head_dim, i);
-            row[2 * i] = (libm::cos(angle) * amp) as f32;
-            row[2 * i + 1] = (libm::sin(angle) * amp) as f32;
-        }
+        let p = rows[k].to_bits() as i32 as u64;
+        fill_row(
+            rope,
+            head_dim,
+            p,
+            &mut rows[k * head_dim..(k + 1) * head_dim],
+        );
     }
     let rows: &'w [f32] = rows;
     let ids: &'w [i32] = ids;
