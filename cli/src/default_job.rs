@@ -10,6 +10,8 @@ use attnrt_simd::Visibility;
 use half::bf16;
 
 use crate::forward::{self, Choice};
+use attnrt_cli::synth::uniform;
+
 use crate::CliError;
 
 /// n_embd 4096, 32 heads, 8 KV heads, head_dim 128, rope theta 500000, per-head QK-norm,
@@ -27,22 +29,8 @@ pub const CONFIG: Config = Config::new(4096, 32)
 /// Document lengths of the packed batch (512 tokens, a single-token document among them).
 pub const DOCUMENTS: [usize; 6] = [37, 150, 8, 211, 1, 105];
 
-/// Deterministic values uniform in [-scale, scale) (xorshift64*).
-fn fill(seed: u64, n: usize, scale: f32) -> Vec<f32> {
-    let mut s = seed | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s >> 12;
-            s ^= s << 25;
-            s ^= s >> 27;
-            let v = s.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 40;
-            (v as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
-        })
-        .collect()
-}
-
 fn bf16s(seed: u64, n: usize, scale: f32) -> Vec<bf16> {
-    fill(seed, n, scale)
+    uniform(seed, n, scale)
         .into_iter()
         .map(bf16::from_f32)
         .collect()
@@ -62,7 +50,7 @@ pub fn run() -> Result<(), CliError> {
         bf16s(3, kv * c, a(c)),
         bf16s(4, c * q, a(q)),
     );
-    let norm: Vec<bf16> = fill(5, 2 * d, 0.1)
+    let norm: Vec<bf16> = uniform(5, 2 * d, 0.1)
         .into_iter()
         .map(|v| bf16::from_f32(1.0 + v))
         .collect();
@@ -80,7 +68,7 @@ pub fn run() -> Result<(), CliError> {
     };
     let layer = Layer::new(cfg, weights).map_err(|e| CliError::Other(e.to_string()))?;
 
-    let x = fill(6, t * c, 1.0);
+    let x = uniform(6, t * c, 1.0);
     let mut docs = Vec::with_capacity(t);
     let mut pos = Vec::with_capacity(t);
     for (i, &len) in DOCUMENTS.iter().enumerate() {

@@ -71,6 +71,29 @@ pub fn load(path: &Path) -> Fixture {
     }
 }
 
+impl Fixture {
+    /// The layer of this fixture, over the weights in its file.
+    pub fn layer(&self) -> attnrt::Layer<'_> {
+        attnrt::Layer::new(self.cfg, self.file.weights(&self.cfg).unwrap()).unwrap()
+    }
+
+    /// The forward call's inputs: `x`, mask, positions and the rope table.
+    pub fn call_inputs(&self) -> attnrt::Inputs<'_> {
+        let (mask, position_ids) = self.inputs.mask(&self.file).unwrap();
+        attnrt::Inputs {
+            x: &self.inputs.x,
+            batch: self.inputs.batch,
+            seq_len: self.inputs.seq_len,
+            mask,
+            position_ids,
+            rope_table: self
+                .table
+                .as_deref()
+                .map(|t| attnrt::RopeTable::new(t, self.cfg.head_dim).unwrap()),
+        }
+    }
+}
+
 /// Max absolute difference of two equally long slices (NaN counts as infinite).
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
