@@ -113,6 +113,7 @@ pub fn run() -> Result<(), CliError> {
         .map(|i| (0..=i).filter(|&j| mask.visible(i, j)).count())
         .sum::<usize>();
     let attn = 4.0 * pairs as f64 * (cfg.n_head * d) as f64;
+    let verify_err = verify_one_document(&layer, &x, &y, &table)?;
     let checksum: f64 = y.iter().map(|&v| v as f64).sum();
     let abs_sum: f64 = y.iter().map(|&v| v.abs() as f64).sum();
     eprintln!("[3/3] done");
@@ -135,6 +136,50 @@ pub fn run() -> Result<(), CliError> {
         proj / 1e9,
         attn / 1e9
     );
+    println!(
+        "  verified     document {VERIFY_DOC} ({} tokens) recomputed alone by the scalar reference: max abs diff {verify_err:.2e} (tolerance 1e-4)",
+        DOCUMENTS[VERIFY_DOC]
+    );
     println!("  checksum     sum {checksum:.6e}, sum|y| {abs_sum:.6e}");
     Ok(())
+}
+
+/// The document recomputed by the reference (a short one: the reference is slow).
+const VERIFY_DOC: usize = 2;
+
+/// Documents attend only to themselves and their positions restart, so one document run alone
+/// through the scalar reference must give the same rows as inside the packed batch.
+fn verify_one_document(
+    layer: &Layer<'_>,
+    x: &[f32],
+    y: &[f32],
+    table: &[f32],
+) -> Result<f32, CliError> {
+    let c = layer.config().n_embd;
+    let start: usize = DOCUMENTS[..VERIFY_DOC].iter().sum();
+    let len = DOCUMENTS[VERIFY_DOC];
+    let rows = start * c..(start + len) * c;
+    let inputs = Inputs {
+        rope_table: Some(
+            RopeTable::new(table, layer.config().head_dim)
+                .map_err(|e| CliError::Other(e.to_string()))?,
+        ),
+        ..Inputs::new(&x[rows.clone()], 1, len)
+    };
+    let mut ws = vec![0.0; attnrt::reference_workspace_len(layer.config(), len)];
+    let mut want = vec![0.0; len * c];
+    layer
+        .forward_reference(&inputs, &mut ws, &mut want)
+        .map_err(|e| CliError::Other(e.to_string()))?;
+    let err = y[rows]
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    if err > 1e-4 {
+        return Err(CliError::Other(format!(
+            "verification failed: max abs diff {err:.2e} > 1e-4"
+        )));
+    }
+    Ok(err)
 }
