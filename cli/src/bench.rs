@@ -18,6 +18,8 @@ use attnrt::{
 use attnrt_simd::{Tier, Visibility};
 use half::bf16;
 
+use attnrt_cli::synth::uniform;
+
 use crate::CliError;
 
 /// One benchmark case.
@@ -125,20 +127,6 @@ fn fma_peak(threads: usize) -> f64 {
     flops as f64 / start.elapsed().as_secs_f64() / 1e9
 }
 
-fn fill(seed: u64, n: usize, scale: f32) -> Vec<f32> {
-    let mut s = seed | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s >> 12;
-            s ^= s << 25;
-            s ^= s >> 27;
-            (((s.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 40) as f32 / (1u64 << 24) as f32) * 2.0
-                - 1.0)
-                * scale
-        })
-        .collect()
-}
-
 /// Owned weights in f32 or bf16.
 enum Weights {
     F32([Vec<f32>; 4]),
@@ -150,10 +138,10 @@ impl Weights {
         let (c, q, kv) = (cfg.n_embd, cfg.q_dim(), cfg.kv_dim());
         let a = |n: usize| (3.0 / n as f32).sqrt();
         let w = [
-            fill(1, q * c, a(c)),
-            fill(2, kv * c, a(c)),
-            fill(3, kv * c, a(c)),
-            fill(4, c * q, a(q)),
+            uniform(1, q * c, a(c)),
+            uniform(2, kv * c, a(c)),
+            uniform(3, kv * c, a(c)),
+            uniform(4, c * q, a(q)),
         ];
         if bf {
             Weights::Bf16(w.map(|v| v.into_iter().map(bf16::from_f32).collect()))
@@ -267,7 +255,7 @@ pub fn run(args: &[String]) -> Result<(), CliError> {
             };
             let layer =
                 Layer::new(cfg, weights.view()).map_err(|e| CliError::Other(e.to_string()))?;
-            let x = fill(9, t * cfg.n_embd, 1.0);
+            let x = uniform(9, t * cfg.n_embd, 1.0);
             let docs: Vec<i32> = (0..t).map(|i| (i * case.documents / t) as i32).collect();
             let mut table = vec![0.0; rope::table_len(t, cfg.head_dim)];
             rope::build_table(cfg.rope().expect("rotary"), cfg.head_dim, &mut table)

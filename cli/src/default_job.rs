@@ -10,6 +10,8 @@ use attnrt_simd::Visibility;
 use half::bf16;
 
 use crate::forward::{self, Choice};
+use attnrt_cli::synth::uniform;
+
 use crate::CliError;
 
 /// n_embd 4096, 32 heads, 8 KV heads, head_dim 128, rope theta 500000, per-head QK-norm,
@@ -27,22 +29,8 @@ pub const CONFIG: Config = Config::new(4096, 32)
 /// Document lengths of the packed batch (512 tokens, a single-token document among them).
 pub const DOCUMENTS: [usize; 6] = [37, 150, 8, 211, 1, 105];
 
-/// Deterministic values uniform in [-scale, scale) (xorshift64*).
-fn fill(seed: u64, n: usize, scale: f32) -> Vec<f32> {
-    let mut s = seed | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s >> 12;
-            s ^= s << 25;
-            s ^= s >> 27;
-            let v = s.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 40;
-            (v as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
-        })
-        .collect()
-}
-
 fn bf16s(seed: u64, n: usize, scale: f32) -> Vec<bf16> {
-    fill(seed, n, scale)
+    uniform(seed, n, scale)
         .into_iter()
         .map(bf16::from_f32)
         .collect()
@@ -62,7 +50,7 @@ pub fn run() -> Result<(), CliError> {
         bf16s(3, kv * c, a(c)),
         bf16s(4, c * q, a(q)),
     );
-    let norm: Vec<bf16> = fill(5, 2 * d, 0.1)
+    let norm: Vec<bf16> = uniform(5, 2 * d, 0.1)
         .into_iter()
         .map(|v| bf16::from_f32(1.0 + v))
         .collect();
@@ -80,7 +68,7 @@ pub fn run() -> Result<(), CliError> {
     };
     let layer = Layer::new(cfg, weights).map_err(|e| CliError::Other(e.to_string()))?;
 
-    let x = fill(6, t * c, 1.0);
+    let x = uniform(6, t * c, 1.0);
     let mut docs = Vec::with_capacity(t);
     let mut pos = Vec::with_capacity(t);
     for (i, &len) in DOCUMENTS.iter().enumerate() {
@@ -125,6 +113,7 @@ pub fn run() -> Result<(), CliError> {
         .map(|i| (0..=i).filter(|&j| mask.visible(i, j)).count())
         .sum::<usize>();
     let attn = 4.0 * pairs as f64 * (cfg.n_head * d) as f64;
+    let verify_err = verify_one_document(&layer, &x, &y, &table)?;
     let checksum: f64 = y.iter().map(|&v| v as f64).sum();
     let abs_sum: f64 = y.iter().map(|&v| v.abs() as f64).sum();
     eprintln!("[3/3] done");
@@ -147,6 +136,50 @@ pub fn run() -> Result<(), CliError> {
         proj / 1e9,
         attn / 1e9
     );
+    println!(
+        "  verified     document {VERIFY_DOC} ({} tokens) recomputed alone by the scalar reference: max abs diff {verify_err:.2e} (tolerance 1e-4)",
+        DOCUMENTS[VERIFY_DOC]
+    );
     println!("  checksum     sum {checksum:.6e}, sum|y| {abs_sum:.6e}");
     Ok(())
+}
+
+/// The document recomputed by the reference (a short one: the reference is slow).
+const VERIFY_DOC: usize = 2;
+
+/// Documents attend only to themselves and their positions restart, so one document run alone
+/// through the scalar reference must give the same rows as inside the packed batch.
+fn verify_one_document(
+    layer: &Layer<'_>,
+    x: &[f32],
+    y: &[f32],
+    table: &[f32],
+) -> Result<f32, CliError> {
+    let c = layer.config().n_embd;
+    let start: usize = DOCUMENTS[..VERIFY_DOC].iter().sum();
+    let len = DOCUMENTS[VERIFY_DOC];
+    let rows = start * c..(start + len) * c;
+    let inputs = Inputs {
+        rope_table: Some(
+            RopeTable::new(table, layer.config().head_dim)
+                .map_err(|e| CliError::Other(e.to_string()))?,
+        ),
+        ..Inputs::new(&x[rows.clone()], 1, len)
+    };
+    let mut ws = vec![0.0; attnrt::reference_workspace_len(layer.config(), len)];
+    let mut want = vec![0.0; len * c];
+    layer
+        .forward_reference(&inputs, &mut ws, &mut want)
+        .map_err(|e| CliError::Other(e.to_string()))?;
+    let err = y[rows]
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    if err > 1e-4 {
+        return Err(CliError::Other(format!(
+            "verification failed: max abs diff {err:.2e} > 1e-4"
+        )));
+    }
+    Ok(err)
 }

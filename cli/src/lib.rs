@@ -5,3 +5,4 @@
 
 pub mod checkpoint;
 pub mod config_json;
+pub mod synth;

@@ -142,17 +142,22 @@ fn amplitude(rope: &Rope) -> f64 {
 /// As [`RopeTable::new`].
 pub fn build_table(rope: &Rope, head_dim: usize, out: &mut [f32]) -> Result<()> {
     RopeTable::new(out, head_dim)?;
-    let half = head_dim / 2;
-    let amp = amplitude(rope);
-    for i in 0..half {
-        let f = inv_freq(rope, head_dim, i);
-        for (pos, row) in out.chunks_exact_mut(head_dim).enumerate() {
-            let angle = pos as f64 * f;
-            row[2 * i] = (libm::cos(angle) * amp) as f32;
-            row[2 * i + 1] = (libm::sin(angle) * amp) as f32;
-        }
+    for (pos, row) in out.chunks_exact_mut(head_dim).enumerate() {
+        fill_row(rope, head_dim, pos as u64, row);
     }
     Ok(())
+}
+
+/// Fills one `[head_dim / 2, 2]` row of the table: `(cos, sin)` of `pos * inv_freq(i)`, scaled
+/// by yarn's attention factor, evaluated in f64 and rounded to f32 once. Every table the
+/// runtime builds comes from here, so tables built whole or row by row agree bitwise.
+pub fn fill_row(rope: &Rope, head_dim: usize, pos: u64, row: &mut [f32]) {
+    let amp = amplitude(rope);
+    for (i, pair) in row.chunks_exact_mut(2).take(head_dim / 2).enumerate() {
+        let angle = pos as f64 * inv_freq(rope, head_dim, i);
+        pair[0] = (libm::cos(angle) * amp) as f32;
+        pair[1] = (libm::sin(angle) * amp) as f32;
+    }
 }
 
 /// Rotates one head's values `z` (length `2 * cs.len() / 2`) by the `(cos, sin)` pairs of `cs`.

@@ -88,33 +88,6 @@ impl<'a> Tensor<'a> {
             Tensor::Bf16(s) => s.get(i).map(|v| v.to_f32()),
         }
     }
-
-    /// Elements `start..start + out.len()` widened into `out`.
-    ///
-    /// # Errors
-    /// [`Error::InputShape`] if the range runs past the end.
-    pub fn read_into(&self, start: usize, out: &mut [f32]) -> Result<()> {
-        let end = start
-            .checked_add(out.len())
-            .filter(|&e| e <= self.len())
-            .ok_or(Error::InputShape {
-                name: "tensor range",
-                expected: start + out.len(),
-                actual: self.len(),
-            })?;
-        match self {
-            Tensor::F32(s) => out.copy_from_slice(&s[start..end]),
-            Tensor::F16(s) => out
-                .iter_mut()
-                .zip(&s[start..end])
-                .for_each(|(o, v)| *o = v.to_f32()),
-            Tensor::Bf16(s) => out
-                .iter_mut()
-                .zip(&s[start..end])
-                .for_each(|(o, v)| *o = v.to_f32()),
-        }
-        Ok(())
-    }
 }
 
 /// The weights of one layer, borrowed; they must outlive every forward call that uses them.

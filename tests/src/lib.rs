@@ -3,6 +3,8 @@
 
 use std::path::{Path, PathBuf};
 
+pub mod ffi_harness;
+
 use attnrt::{rope, Config};
 use attnrt_cli::checkpoint::{CallInputs, TensorFile};
 use attnrt_cli::config_json::parse_config;
@@ -66,6 +68,29 @@ pub fn load(path: &Path) -> Fixture {
         inputs,
         table,
         expected,
+    }
+}
+
+impl Fixture {
+    /// The layer of this fixture, over the weights in its file.
+    pub fn layer(&self) -> attnrt::Layer<'_> {
+        attnrt::Layer::new(self.cfg, self.file.weights(&self.cfg).unwrap()).unwrap()
+    }
+
+    /// The forward call's inputs: `x`, mask, positions and the rope table.
+    pub fn call_inputs(&self) -> attnrt::Inputs<'_> {
+        let (mask, position_ids) = self.inputs.mask(&self.file).unwrap();
+        attnrt::Inputs {
+            x: &self.inputs.x,
+            batch: self.inputs.batch,
+            seq_len: self.inputs.seq_len,
+            mask,
+            position_ids,
+            rope_table: self
+                .table
+                .as_deref()
+                .map(|t| attnrt::RopeTable::new(t, self.cfg.head_dim).unwrap()),
+        }
     }
 }
 

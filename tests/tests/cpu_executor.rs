@@ -44,19 +44,8 @@ fn golden_fixtures_on_every_tier() {
         attnrt_simd::force(tier).unwrap();
         let mut worst = 0.0f32;
         for f in &fixtures {
-            let layer = Layer::new(f.cfg, f.file.weights(&f.cfg).unwrap()).unwrap();
-            let (mask, position_ids) = f.inputs.mask(&f.file).unwrap();
-            let inputs = Inputs {
-                x: &f.inputs.x,
-                batch: f.inputs.batch,
-                seq_len: f.inputs.seq_len,
-                mask,
-                position_ids,
-                rope_table: f
-                    .table
-                    .as_deref()
-                    .map(|t| RopeTable::new(t, f.cfg.head_dim).unwrap()),
-            };
+            let layer = f.layer();
+            let inputs = f.call_inputs();
             let (y, backend) = run_cpu(&layer, &inputs, &ScopedThreads { threads: 2 });
             assert_eq!(backend, Backend::CpuSimd(tier));
             let err = max_abs_diff(&y, &f.expected);

@@ -1,6 +1,6 @@
 //! The scalar reference against the PyTorch float64 golden fixtures, at 1e-4 max abs error.
 
-use attnrt::{reference_workspace_len, Inputs, Layer, RopeTable};
+use attnrt::reference_workspace_len;
 use attnrt_tests::{load_all, max_abs_diff, F32_TOL};
 
 #[test]
@@ -9,20 +9,8 @@ fn reference_matches_every_golden_fixture() {
     assert!(fixtures.len() >= 20, "only {} fixtures", fixtures.len());
     let mut worst = (0.0f32, String::new());
     for f in &fixtures {
-        let weights = f.file.weights(&f.cfg).unwrap();
-        let layer = Layer::new(f.cfg, weights).unwrap();
-        let (mask, position_ids) = f.inputs.mask(&f.file).unwrap();
-        let inputs = Inputs {
-            x: &f.inputs.x,
-            batch: f.inputs.batch,
-            seq_len: f.inputs.seq_len,
-            mask,
-            position_ids,
-            rope_table: f
-                .table
-                .as_deref()
-                .map(|t| RopeTable::new(t, f.cfg.head_dim).unwrap()),
-        };
+        let layer = f.layer();
+        let inputs = f.call_inputs();
         let mut ws = vec![0.0; reference_workspace_len(&f.cfg, f.inputs.seq_len)];
         let mut y = vec![f32::NAN; f.expected.len()];
         layer.forward_reference(&inputs, &mut ws, &mut y).unwrap();

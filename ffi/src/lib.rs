@@ -1,0 +1,82 @@
+//! The C ABI of attnrt.
+//!
+//! The header `ffi/include/attnrt.h` is generated from this crate by a pinned cbindgen
+//! (`ffi/regen-header.sh`) and committed. Every exported function:
+//!
+//! - returns an [`attnrt_status`] (or nothing, for `_free`), never panics across the boundary
+//!   (a panic becomes [`attnrt_status::ATTNRT_STATUS_PANIC`]);
+//! - null-checks every pointer and checks every length against the shapes of the call;
+//! - writes its outputs only on success: on any error the caller's output buffers are untouched;
+//! - records a message for a failure in a thread-local slot that
+//!   [`attnrt_error_message`] copies out (a successful call clears it).
+//!
+//! Enumerations that the caller passes in (`dtype`, `backend`, `qk_norm`, ...) are taken as
+//! `uint32_t` and converted here, so an out-of-range value is a status
+//! ([`attnrt_status::ATTNRT_STATUS_BAD_ENUM`]), never undefined behaviour.
+//!
+//! Ownership: a layer handle ([`attnrt_layer`]) owns a copy of the configuration and of every
+//! weight tensor, so the caller's weight buffers may be freed as soon as [`attnrt_layer_new`]
+//! returns. The handle is immutable after creation and may be used by many threads at once for
+//! forward calls; it must be freed exactly once, with [`attnrt_layer_free`], after every call
+//! using it has returned.
+#![deny(missing_docs)]
+#![deny(unsafe_op_in_unsafe_fn)]
+#![warn(clippy::undocumented_unsafe_blocks)]
+#![allow(non_camel_case_types)]
+
+mod backend;
+mod config;
+mod error;
+mod layer;
+mod panic;
+mod pool;
+mod ptr;
+mod status;
+mod table;
+
+pub use backend::{attnrt_backend, attnrt_capability};
+pub use config::{
+    attnrt_config, attnrt_config_default, attnrt_qk_norm, attnrt_rope_convention,
+    attnrt_rope_scaling,
+};
+pub use error::attnrt_error_message;
+pub use layer::{
+    attnrt_dtype, attnrt_forward, attnrt_forward_args, attnrt_forward_args_init, attnrt_layer,
+    attnrt_layer_free, attnrt_layer_new, attnrt_parallel_for_fn, attnrt_task_fn, attnrt_tensor,
+    attnrt_weights, attnrt_workspace_size,
+};
+pub use status::{attnrt_status, attnrt_status_name};
+
+/// Major version of the library; equal to the crate's (checked at compile time).
+pub const ATTNRT_VERSION_MAJOR: u32 = 0;
+/// Minor version of the library; equal to the crate's (checked at compile time).
+pub const ATTNRT_VERSION_MINOR: u32 = 1;
+/// Patch version of the library; equal to the crate's (checked at compile time).
+pub const ATTNRT_VERSION_PATCH: u32 = 0;
+
+/// Parses a decimal version component at compile time.
+const fn parse_u32(s: &str) -> u32 {
+    let b = s.as_bytes();
+    let mut i = 0;
+    let mut v = 0u32;
+    while i < b.len() {
+        assert!(b[i].is_ascii_digit(), "version component is not a number");
+        v = v * 10 + (b[i] - b'0') as u32;
+        i += 1;
+    }
+    v
+}
+
+// The header's macros are these constants; a release that bumps Cargo.toml without them fails
+// to build.
+const _: () = assert!(parse_u32(env!("CARGO_PKG_VERSION_MAJOR")) == ATTNRT_VERSION_MAJOR);
+const _: () = assert!(parse_u32(env!("CARGO_PKG_VERSION_MINOR")) == ATTNRT_VERSION_MINOR);
+const _: () = assert!(parse_u32(env!("CARGO_PKG_VERSION_PATCH")) == ATTNRT_VERSION_PATCH);
+
+/// The library's version as a NUL-terminated string `"MAJOR.MINOR.PATCH"`, from Cargo.toml.
+///
+/// The returned pointer is static: never free it. Thread-safe.
+#[no_mangle]
+pub extern "C" fn attnrt_version() -> *const core::ffi::c_char {
+    concat!(env!("CARGO_PKG_VERSION"), "\0").as_ptr().cast()
+}
