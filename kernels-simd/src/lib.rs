@@ -25,6 +25,7 @@ mod exp;
 mod gemm;
 mod isa;
 mod norm;
+mod partial;
 mod probe;
 mod rope;
 mod tier;
@@ -40,6 +41,9 @@ pub use error::ShapeError;
 pub use exp::{exp_f32, exp_inplace};
 pub use gemm::{gemm, gemm_cols, gemm_scratch_len, GemmShape, GEMM_NR_MAX};
 pub use norm::rmsnorm;
+pub use partial::{
+    attend_partial, merge_partial, partial_scratch_len, KvRun, PartialRows, CHUNK_MAX,
+};
 pub use probe::fma_probe;
 pub use rope::{rope, RopeStyle};
 pub use tier::{active, detected, force, supported, Tier, TierUnavailable};
