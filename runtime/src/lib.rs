@@ -39,6 +39,7 @@ mod backend;
 mod config;
 mod cpu;
 mod error;
+pub mod kv;
 mod layer;
 mod linear;
 pub mod mask;
@@ -52,6 +53,7 @@ pub use backend::Backend;
 pub use config::{BiasFlags, Config, Positional, QkNorm, Rope, RopeConvention, RopeScaling};
 pub use cpu::{cpu_tier, cpu_workspace_len};
 pub use error::{Error, Result};
+pub use kv::{cached_workspace_len, kv_pool_len, KvCache, KvPool, Sequence};
 pub use layer::{Inputs, Layer};
 pub use mask::MaskInputs;
 #[cfg(feature = "std")]

@@ -10,7 +10,7 @@
 //!    head are gathered into one `[token][R][D]` tile so each K/V tile is read once for all;
 //! 4. output projection, one unit per block of output columns.
 
-mod shared;
+pub(crate) mod shared;
 
 use core::sync::atomic::{AtomicBool, Ordering};
 
@@ -23,7 +23,7 @@ use crate::norm::rms_norm;
 use crate::parallel::ParallelFor;
 use crate::tensor::Tensor;
 use crate::Backend;
-use shared::{run_units, Shared, MAX_LANES};
+pub(crate) use shared::{run_units, Shared, MAX_LANES};
 
 /// Query tokens per attention work unit; a multiple of the kernel's query tile, so the
 /// kernel's tiles (and hence its bits) do not depend on how units are cut.
@@ -54,7 +54,7 @@ pub const fn cpu_workspace_len(cfg: &Config, tokens: usize, lanes: usize) -> usi
 }
 
 /// Scratch of one lane: the largest need of any phase.
-const fn lane_len(cfg: &Config, tokens: usize) -> usize {
+pub(crate) const fn lane_len(cfg: &Config, tokens: usize) -> usize {
     let k = if cfg.n_embd > cfg.q_dim() {
         cfg.n_embd
     } else {
@@ -80,22 +80,22 @@ pub fn cpu_tier() -> Tier {
 
 /// What every phase of one call shares: the host's parallel-for, the lanes' scratch, and a flag
 /// raised when a kernel rejects its arguments (a bug here, since the call was validated).
-struct Exec<'s> {
-    par: &'s dyn ParallelFor,
-    lanes: usize,
-    scratch: Shared<'s>,
-    lane: usize,
-    failed: AtomicBool,
+pub(crate) struct Exec<'s> {
+    pub par: &'s dyn ParallelFor,
+    pub lanes: usize,
+    pub scratch: Shared<'s>,
+    pub lane: usize,
+    pub failed: AtomicBool,
 }
 
 impl Exec<'_> {
     /// Runs `units` work units; false if the host ran none of them.
-    fn units(&self, units: usize, work: &(dyn Fn(usize, &mut [f32]) + Sync)) -> bool {
+    pub fn units(&self, units: usize, work: &(dyn Fn(usize, &mut [f32]) + Sync)) -> bool {
         run_units(self.par, self.lanes, units, &self.scratch, self.lane, work)
     }
 
     /// Records a kernel's refusal.
-    fn check(&self, r: core::result::Result<(), simd::ShapeError>) -> bool {
+    pub fn check(&self, r: core::result::Result<(), simd::ShapeError>) -> bool {
         if r.is_err() {
             self.failed.store(true, Ordering::Relaxed);
         }
@@ -215,7 +215,7 @@ impl Layer<'_> {
     }
 
     /// Phases 1 and 2: q, k, v head-major, normalised and rotated.
-    fn project_qkv(
+    pub(crate) fn project_qkv(
         &self,
         ex: &Exec<'_>,
         call: &Call<'_>,
@@ -387,7 +387,13 @@ impl Layer<'_> {
     }
 
     /// Phase 4: `y = o wo^T + bo`, by blocks of output columns.
-    fn project_out(&self, ex: &Exec<'_>, tokens: usize, o: &[f32], y: &mut [f32]) -> bool {
+    pub(crate) fn project_out(
+        &self,
+        ex: &Exec<'_>,
+        tokens: usize,
+        o: &[f32],
+        y: &mut [f32],
+    ) -> bool {
         let cfg = self.config();
         let w = self.weights();
         let (c, qd) = (cfg.n_embd, cfg.q_dim());

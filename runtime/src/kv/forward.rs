@@ -1,0 +1,643 @@
+//! The cached forward pass: project the new tokens, append their keys and values to the cache,
+//! attend over everything each new token may see, project out.
+//!
+//! Attention over the cache runs on chunks of [`CHUNK`] keys cut at fixed logical positions,
+//! merged in a fixed order ([`attnrt_simd::merge_partial`]): the bits do not depend on the
+//! block size, the block ids, rolling or not, the thread count, or which other sequences share
+//! the call. Work units: (KV head, block of up to [`QB`] new tokens of one sequence, split of
+//! [`SPLIT`] chunks) for the partial states, then (KV head, token block) for the merge; a long
+//! decode is thereby split across threads.
+
+use attnrt_simd::{self as simd, Elem, KvRun, PartialRows};
+
+use super::{KvCache, KvPool, Sequence};
+use crate::config::Config;
+use crate::cpu::{cpu_workspace_len, Exec, Shared, MAX_LANES};
+use crate::error::{Error, Result};
+use crate::layer::{Call, Layer};
+use crate::mask::{MaskInputs, MaskSpec};
+use crate::parallel::ParallelFor;
+use crate::rope::RopeTable;
+use crate::Backend;
+
+/// New tokens per attention unit.
+pub const QB: usize = 16;
+/// Keys per chunk: the unit of the softmax partial states.
+pub const CHUNK: usize = simd::CHUNK_MAX;
+/// Chunks per split: how much of a long cache one task reads.
+pub const SPLIT: usize = 8;
+
+/// One block of new tokens of one sequence.
+#[derive(Clone, Copy, Debug)]
+struct Item {
+    seq: usize,
+    /// Index of the block's first token among all new tokens of the call.
+    token0: usize,
+    /// Position of the block's first token.
+    pos0: usize,
+    /// Tokens in the block.
+    n: usize,
+    /// First logical key any token of the block sees, and one past the last.
+    keys: (usize, usize),
+}
+
+impl Item {
+    fn chunks(&self) -> (usize, usize) {
+        (self.keys.0 / CHUNK, self.keys.1.div_ceil(CHUNK))
+    }
+
+    fn splits(&self) -> usize {
+        let (c0, c1) = self.chunks();
+        (c1 - c0).div_ceil(SPLIT).max(1)
+    }
+}
+
+/// Every block of new tokens of the call, in order; `f` returns false to stop early.
+fn for_each_item(seqs: &[Sequence<'_>], window: usize, mut f: impl FnMut(Item) -> bool) {
+    let mut token0 = 0;
+    for (s, seq) in seqs.iter().enumerate() {
+        for b0 in (0..seq.new_tokens).step_by(QB) {
+            let n = QB.min(seq.new_tokens - b0);
+            let pos0 = seq.cached + b0;
+            let first = (pos0 + 1).saturating_sub(window);
+            let item = Item {
+                seq: s,
+                token0: token0 + b0,
+                pos0,
+                n,
+                keys: (first, pos0 + n),
+            };
+            if !f(item) {
+                return;
+            }
+        }
+        token0 += seq.new_tokens;
+    }
+}
+
+/// Counts of the call: new tokens, token blocks, and split units per KV head.
+fn counts(seqs: &[Sequence<'_>], window: usize) -> (usize, usize, usize) {
+    let tokens = seqs.iter().map(|s| s.new_tokens).sum();
+    let (mut items, mut splits) = (0, 0);
+    for_each_item(seqs, window, |it| {
+        items += 1;
+        splits += it.splits();
+        true
+    });
+    (tokens, items, splits)
+}
+
+/// f32 elements of workspace [`Layer::forward_cached`] needs for this call on `lanes` workers
+/// (capped at 64) with a pool of `num_blocks` blocks.
+pub fn cached_workspace_len(
+    cfg: &Config,
+    seqs: &[Sequence<'_>],
+    lanes: usize,
+    num_blocks: usize,
+) -> usize {
+    let lanes = lanes.clamp(1, MAX_LANES);
+    let window = cfg.sliding_window.unwrap_or(usize::MAX);
+    let (tokens, _, splits) = counts(seqs, window);
+    let d = cfg.head_dim;
+    let rows = QB * cfg.group_size();
+    let states = cfg
+        .n_kv_head
+        .saturating_mul(splits)
+        .saturating_mul(rows * (d + 2));
+    let lane = unit_scratch_len(cfg);
+    cpu_workspace_len(cfg, tokens, lanes)
+        .saturating_add(tokens) // positions
+        .saturating_add(num_blocks) // block ownership marks
+        .saturating_add(states)
+        .saturating_add(lanes.saturating_mul(lane))
+}
+
+fn unit_scratch_len(cfg: &Config) -> usize {
+    let rows = QB * cfg.group_size();
+    rows * cfg.head_dim + rows * (cfg.head_dim + 2) + simd::partial_scratch_len(cfg.head_dim)
+}
+
+impl Layer<'_> {
+    /// Runs the layer on new tokens of one or more sequences against a KV cache: prefill into an
+    /// empty cache (`cached = 0`), chunked prefill, or decode (one new token per sequence),
+    /// appending the new keys and values. `x` is `[sum of new_tokens, n_embd]`, the sequences'
+    /// tokens one after another; `out` likewise. Token t of a sequence has position
+    /// `cached + t` and sees the keys at positions `<= cached + t` (and within the window).
+    ///
+    /// The workspace must hold [`cached_workspace_len`] elements. Results are bitwise
+    /// independent of the thread count and the cache layout.
+    ///
+    /// # Errors
+    /// A wrong length of `x`/`out`/workspace, a block id outside the pool or used twice, a
+    /// sequence whose blocks cannot hold its tokens ("cache full"), a position past the rope
+    /// table, a cache whose heads differ from the layer's, or a rolling cache for a layer
+    /// without window. Nothing is written (the output nor the cache) on error.
+    #[allow(clippy::too_many_arguments)] // each argument is one of the call's independent inputs
+    pub fn forward_cached(
+        &self,
+        x: &[f32],
+        seqs: &[Sequence<'_>],
+        rope_table: Option<RopeTable<'_>>,
+        cache: &mut KvCache<'_>,
+        workspace: &mut [f32],
+        out: &mut [f32],
+        par: &dyn ParallelFor,
+    ) -> Result<Backend> {
+        let cfg = *self.config();
+        let window = cfg.sliding_window.unwrap_or(usize::MAX);
+        self.check_cached(seqs, &rope_table, cache, window)?;
+        let (tokens, items, splits) = counts(seqs, window);
+        let lanes = par.width().clamp(1, MAX_LANES);
+        let needed = cached_workspace_len(&cfg, seqs, lanes, cache.num_blocks);
+        if workspace.len() < needed {
+            return Err(Error::Workspace {
+                needed,
+                actual: workspace.len(),
+            });
+        }
+        let y_len = tokens * cfg.n_embd;
+        for (name, len) in [("x", x.len()), ("out", out.len())] {
+            if len != y_len {
+                return Err(Error::InputShape {
+                    name,
+                    expected: y_len,
+                    actual: len,
+                });
+            }
+        }
+        let (exec_ws, rest) = workspace.split_at_mut(cpu_workspace_len(&cfg, tokens, lanes));
+        let (pos_ws, rest) = rest.split_at_mut(tokens);
+        let (marks, rest) = rest.split_at_mut(cache.num_blocks);
+        check_blocks(seqs, bytemuck::cast_slice_mut(marks))?;
+
+        // From here on nothing can fail for a validated call.
+        let positions: &mut [i32] = bytemuck::cast_slice_mut(pos_ws);
+        let mut m = 0;
+        for seq in seqs {
+            for t in 0..seq.new_tokens {
+                positions[m] = (seq.cached + t) as i32;
+                m += 1;
+            }
+        }
+        let positions: &[i32] = positions;
+        let call = Call {
+            x,
+            batch: 1,
+            seq_len: tokens,
+            mask: MaskSpec::new(None, 1, tokens, &MaskInputs::default())?,
+            position_ids: Some(positions),
+            rope_table,
+        };
+        let (q, r0) = exec_ws.split_at_mut(tokens * cfg.q_dim());
+        let (k, r0) = r0.split_at_mut(tokens * cfg.kv_dim());
+        let (v, r0) = r0.split_at_mut(tokens * cfg.kv_dim());
+        let (o, r0) = r0.split_at_mut(tokens * cfg.q_dim());
+        let (stats, r0) = r0.split_at_mut(tokens * 2);
+        let lane = crate::cpu::lane_len(&cfg, tokens);
+        let rows = QB * cfg.group_size();
+        let (states, unit_ws) =
+            rest.split_at_mut(cfg.n_kv_head * splits * rows * (cfg.head_dim + 2));
+        let ex = Exec {
+            par,
+            lanes,
+            scratch: Shared::new(&mut r0[..lanes * lane]),
+            lane,
+            failed: Default::default(),
+        };
+        let ex_attn = Exec {
+            par,
+            lanes,
+            scratch: Shared::new(&mut unit_ws[..lanes * unit_scratch_len(&cfg)]),
+            lane: unit_scratch_len(&cfg),
+            failed: Default::default(),
+        };
+        let ran = self.project_qkv(&ex, &call, q, k, v, stats)
+            && {
+                append(cache, seqs, k, v, tokens);
+                let cache = &*cache;
+                self.cached_partials(&ex_attn, seqs, cache, q, states, window, splits)
+                    && self.cached_merge(&ex_attn, seqs, states, o, window, items, splits)
+            }
+            && self.project_out(&ex, tokens, o, out);
+        if !ran {
+            return Err(Error::Unsupported {
+                what: "the host's parallel_for ran no task",
+            });
+        }
+        if ex.failed.load(core::sync::atomic::Ordering::Relaxed)
+            || ex_attn.failed.load(core::sync::atomic::Ordering::Relaxed)
+        {
+            return Err(Error::Unsupported {
+                what: "internal: a SIMD kernel rejected its arguments",
+            });
+        }
+        Ok(Backend::CpuSimd(simd::active()))
+    }
+
+    fn check_cached(
+        &self,
+        seqs: &[Sequence<'_>],
+        rope_table: &Option<RopeTable<'_>>,
+        cache: &KvCache<'_>,
+        window: usize,
+    ) -> Result<()> {
+        let cfg = self.config();
+        if cache.n_kv_head != cfg.n_kv_head || cache.head_dim != cfg.head_dim {
+            return Err(Error::InputShape {
+                name: "kv cache heads * head_dim",
+                expected: cfg.kv_dim(),
+                actual: cache.n_kv_head * cache.head_dim,
+            });
+        }
+        if cache.rolling && cfg.sliding_window.is_none() {
+            return Err(Error::Unsupported {
+                what: "a rolling KV cache needs a sliding-window layer",
+            });
+        }
+        match (cfg.rope(), rope_table) {
+            (None, Some(_)) => {
+                return Err(Error::Unsupported {
+                    what: "freqs_cis given but the layer has no rotary embedding",
+                })
+            }
+            (Some(_), None) => {
+                return Err(Error::InputShape {
+                    name: "freqs_cis",
+                    expected: cfg.head_dim,
+                    actual: 0,
+                })
+            }
+            (Some(_), Some(t)) if t.half_dim() * 2 != cfg.head_dim => {
+                return Err(Error::InputShape {
+                    name: "freqs_cis row",
+                    expected: cfg.head_dim,
+                    actual: t.half_dim() * 2,
+                })
+            }
+            _ => {}
+        }
+        for (i, seq) in seqs.iter().enumerate() {
+            let end = seq
+                .cached
+                .checked_add(seq.new_tokens)
+                .filter(|&e| e <= i32::MAX as usize)
+                .ok_or(Error::InputValue {
+                    name: "sequence position",
+                    index: i,
+                    value: seq.cached as i64,
+                    rule: "cached + new_tokens overflows the position range",
+                })?;
+            let need = if cache.rolling {
+                window.saturating_add(seq.new_tokens).saturating_sub(1)
+            } else {
+                end
+            };
+            let cap = seq.capacity(cache.block_size);
+            if seq.new_tokens > 0 && cap < need {
+                return Err(Error::InputValue {
+                    name: "kv cache full: sequence",
+                    index: i,
+                    value: need as i64,
+                    rule: "its blocks hold fewer tokens than the call needs",
+                });
+            }
+            if let Some(t) = rope_table {
+                if seq.new_tokens > 0 && end > t.max_pos() {
+                    return Err(Error::PositionOutOfTable {
+                        index: i,
+                        position: end as i64 - 1,
+                        table_len: t.max_pos(),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Partial softmax states of every (KV head, token block, split).
+    #[allow(clippy::too_many_arguments)]
+    fn cached_partials(
+        &self,
+        ex: &Exec<'_>,
+        seqs: &[Sequence<'_>],
+        cache: &KvCache<'_>,
+        q: &[f32],
+        states: &mut [f32],
+        window: usize,
+        splits: usize,
+    ) -> bool {
+        let cfg = self.config();
+        let (d, r) = (cfg.head_dim, cfg.group_size());
+        let tokens: usize = seqs.iter().map(|s| s.new_tokens).sum();
+        let rows = QB * r;
+        let stride = rows * (d + 2);
+        let st = Shared::new(states);
+        let scale = 1.0 / libm::sqrtf(d as f32);
+        let work = |u: usize, s: &mut [f32]| {
+            let (g, local) = (u / splits, u % splits);
+            let Some((item, split)) = find_split(seqs, window, local) else {
+                return;
+            };
+            let seq = &seqs[item.seq];
+            let (qt, s) = s.split_at_mut(rows * d);
+            let (chunk_state, kscratch) = s.split_at_mut(rows * (d + 2));
+            for t in 0..item.n {
+                for h in 0..r {
+                    let src = ((g * r + h) * tokens + item.token0 + t) * d;
+                    qt[(t * r + h) * d..(t * r + h + 1) * d].copy_from_slice(&q[src..src + d]);
+                }
+            }
+            // SAFETY: unit u alone writes the state of (g, item, split) at index u.
+            let state = unsafe { st.range_mut(u * stride, stride) };
+            let nrows = item.n * r;
+            let (m, rest) = state.split_at_mut(rows);
+            let (l, o) = rest.split_at_mut(rows);
+            m.fill(f32::NEG_INFINITY);
+            l.fill(0.0);
+            o.fill(0.0);
+            let (c0, c1) = item.chunks();
+            let first = c0 + split * SPLIT;
+            for c in first..(first + SPLIT).min(c1) {
+                let (k0, k1) = (c * CHUNK, (c + 1) * CHUNK);
+                let mut ranges = [(0u32, 0u32); QB];
+                for (t, rg) in ranges.iter_mut().enumerate().take(item.n) {
+                    let p = item.pos0 + t;
+                    let lo = (p + 1).saturating_sub(window).clamp(k0, k1);
+                    let hi = (p + 1).clamp(k0, k1);
+                    *rg = ((lo - k0) as u32, (hi.max(lo) - k0) as u32);
+                }
+                let span = ranges[..item.n].iter().fold((CHUNK, 0), |a, &(lo, hi)| {
+                    if lo < hi {
+                        (a.0.min(lo as usize), a.1.max(hi as usize))
+                    } else {
+                        a
+                    }
+                });
+                if span.0 >= span.1 {
+                    continue;
+                }
+                let keys = k0..(k0 + span.1);
+                let (pm, rest) = chunk_state.split_at_mut(rows);
+                let (pl, po) = rest.split_at_mut(rows);
+                let ok = chunk_partial(
+                    cache,
+                    seq,
+                    g,
+                    keys,
+                    d,
+                    r,
+                    &qt[..nrows * d],
+                    &ranges[..item.n],
+                    scale,
+                    PartialRows {
+                        m: &mut pm[..nrows],
+                        l: &mut pl[..nrows],
+                        o: &mut po[..nrows * d],
+                    },
+                    kscratch,
+                );
+                if !ex.check(ok) {
+                    return;
+                }
+                for row in 0..nrows {
+                    simd::merge_partial(
+                        &mut m[row],
+                        &mut l[row],
+                        &mut o[row * d..(row + 1) * d],
+                        pm[row],
+                        pl[row],
+                        &po[row * d..(row + 1) * d],
+                    );
+                }
+            }
+        };
+        ex.units(cfg.n_kv_head * splits, &work)
+    }
+
+    /// Merges the splits of each (KV head, token block) in order and writes normalised outputs.
+    #[allow(clippy::too_many_arguments)]
+    fn cached_merge(
+        &self,
+        ex: &Exec<'_>,
+        seqs: &[Sequence<'_>],
+        states: &[f32],
+        o: &mut [f32],
+        window: usize,
+        items: usize,
+        splits: usize,
+    ) -> bool {
+        let cfg = self.config();
+        let (d, r) = (cfg.head_dim, cfg.group_size());
+        let rows = QB * r;
+        let stride = rows * (d + 2);
+        let qd = cfg.q_dim();
+        let os = Shared::new(o);
+        let work = |u: usize, s: &mut [f32]| {
+            let (g, index) = (u / items, u % items);
+            let Some((item, split0)) = find_item(seqs, window, index) else {
+                return;
+            };
+            let acc = &mut s[..stride];
+            acc.copy_from_slice(&states[(g * splits + split0) * stride..][..stride]);
+            let (m, rest) = acc.split_at_mut(rows);
+            let (l, acc_o) = rest.split_at_mut(rows);
+            for sp in 1..item.splits() {
+                let other = &states[(g * splits + split0 + sp) * stride..][..stride];
+                let (om, rest) = other.split_at(rows);
+                let (ol, oo) = rest.split_at(rows);
+                for row in 0..item.n * r {
+                    simd::merge_partial(
+                        &mut m[row],
+                        &mut l[row],
+                        &mut acc_o[row * d..(row + 1) * d],
+                        om[row],
+                        ol[row],
+                        &oo[row * d..(row + 1) * d],
+                    );
+                }
+            }
+            for t in 0..item.n {
+                // SAFETY: unit (g, item) alone writes these tokens' columns of KV head g.
+                let dst = unsafe { os.range_mut((item.token0 + t) * qd + g * r * d, r * d) };
+                for h in 0..r {
+                    let row = t * r + h;
+                    let inv = if l[row] > 0.0 { 1.0 / l[row] } else { 0.0 };
+                    for i in 0..d {
+                        dst[h * d + i] = acc_o[row * d + i] * inv;
+                    }
+                }
+            }
+        };
+        ex.units(cfg.n_kv_head * items, &work)
+    }
+}
+
+/// The item holding split unit `local` (counted over all items of one KV head) and the split
+/// index inside it.
+fn find_split(seqs: &[Sequence<'_>], window: usize, local: usize) -> Option<(Item, usize)> {
+    let (mut at, mut found) = (0, None);
+    for_each_item(seqs, window, |it| {
+        let n = it.splits();
+        if local < at + n {
+            found = Some((it, local - at));
+            return false;
+        }
+        at += n;
+        true
+    });
+    found
+}
+
+/// Item number `index` and the index of its first split unit.
+fn find_item(seqs: &[Sequence<'_>], window: usize, index: usize) -> Option<(Item, usize)> {
+    let (mut i, mut split0, mut found) = (0, 0, None);
+    for_each_item(seqs, window, |it| {
+        if i == index {
+            found = Some((it, split0));
+            return false;
+        }
+        i += 1;
+        split0 += it.splits();
+        true
+    });
+    found
+}
+
+/// Checks block ids: inside the pool, and each used by at most one sequence of the call (the
+/// parallel writers of new keys rely on it). `marks` is scratch of one word per pool block.
+fn check_blocks(seqs: &[Sequence<'_>], marks: &mut [u32]) -> Result<()> {
+    marks.fill(u32::MAX);
+    for (s, seq) in seqs.iter().enumerate() {
+        for (i, &b) in seq.blocks.iter().enumerate() {
+            let Some(mark) = marks.get_mut(b as usize) else {
+                return Err(Error::InputValue {
+                    name: "block table entry",
+                    index: i,
+                    value: b as i64,
+                    rule: "block id outside the pool",
+                });
+            };
+            if *mark != u32::MAX {
+                return Err(Error::InputValue {
+                    name: "block table entry",
+                    index: i,
+                    value: b as i64,
+                    rule: "block used twice in one call",
+                });
+            }
+            *mark = s as u32;
+        }
+    }
+    Ok(())
+}
+
+/// Physical slot of logical token `j` of a sequence.
+fn slot(cache: &KvCache<'_>, seq: &Sequence<'_>, j: usize) -> (usize, usize) {
+    let s = if cache.rolling {
+        j % seq.capacity(cache.block_size)
+    } else {
+        j
+    };
+    (
+        seq.blocks[s / cache.block_size] as usize,
+        s % cache.block_size,
+    )
+}
+
+/// Writes the new keys and values (head-major `[KV][tokens][D]`, RoPE applied) into the cache.
+fn append(cache: &mut KvCache<'_>, seqs: &[Sequence<'_>], k: &[f32], v: &[f32], tokens: usize) {
+    fn store<E: Elem>(dst: &mut [E], src: &[f32]) {
+        for (d, &s) in dst.iter_mut().zip(src) {
+            *d = E::from_f32(s);
+        }
+    }
+    let (kvh, d) = (cache.n_kv_head, cache.head_dim);
+    let mut token0 = 0;
+    for seq in seqs {
+        for t in 0..seq.new_tokens {
+            let (block, sl) = slot(cache, seq, seq.cached + t);
+            for g in 0..kvh {
+                let dst = cache.offset(block, g, sl);
+                let src = (g * tokens + token0 + t) * d;
+                let (ks, vs) = (&k[src..src + d], &v[src..src + d]);
+                match &mut cache.pool {
+                    KvPool::F32 { k: ck, v: cv } => {
+                        store(&mut ck[dst..dst + d], ks);
+                        store(&mut cv[dst..dst + d], vs);
+                    }
+                    KvPool::F16 { k: ck, v: cv } => {
+                        store(&mut ck[dst..dst + d], ks);
+                        store(&mut cv[dst..dst + d], vs);
+                    }
+                    KvPool::Bf16 { k: ck, v: cv } => {
+                        store(&mut ck[dst..dst + d], ks);
+                        store(&mut cv[dst..dst + d], vs);
+                    }
+                }
+            }
+        }
+        token0 += seq.new_tokens;
+    }
+}
+
+/// The partial state over the logical keys `keys` of sequence `seq`, KV head `g`, gathering
+/// the chunk's runs from the sequence's blocks.
+#[allow(clippy::too_many_arguments)]
+fn chunk_partial(
+    cache: &KvCache<'_>,
+    seq: &Sequence<'_>,
+    g: usize,
+    keys: core::ops::Range<usize>,
+    d: usize,
+    r: usize,
+    q: &[f32],
+    ranges: &[(u32, u32)],
+    scale: f32,
+    out: PartialRows<'_>,
+    scratch: &mut [f32],
+) -> core::result::Result<(), simd::ShapeError> {
+    fn typed<E: Elem>(
+        cache: &KvCache<'_>,
+        pk: &[E],
+        pv: &[E],
+        seq: &Sequence<'_>,
+        g: usize,
+        keys: core::ops::Range<usize>,
+        d: usize,
+        r: usize,
+        q: &[f32],
+        ranges: &[(u32, u32)],
+        scale: f32,
+        out: PartialRows<'_>,
+        scratch: &mut [f32],
+    ) -> core::result::Result<(), simd::ShapeError> {
+        let mut runs = heapless::Vec::<KvRun<'_, E>, CHUNK>::new();
+        let mut j = keys.start;
+        while j < keys.end {
+            let (block, sl) = slot(cache, seq, j);
+            let len = (cache.block_size - sl).min(keys.end - j);
+            let at = cache.offset(block, g, sl);
+            let end = at + (len - 1) * d + d;
+            // Capacity CHUNK holds one run per key at worst.
+            let _ = runs.push(KvRun {
+                k: &pk[at..end],
+                v: &pv[at..end],
+                stride: d,
+                len,
+            });
+            j += len;
+        }
+        simd::attend_partial(d, r, q, &runs, ranges, scale, out, scratch)
+    }
+    match &cache.pool {
+        KvPool::F32 { k, v } => typed(
+            cache, k, v, seq, g, keys, d, r, q, ranges, scale, out, scratch,
+        ),
+        KvPool::F16 { k, v } => typed(
+            cache, k, v, seq, g, keys, d, r, q, ranges, scale, out, scratch,
+        ),
+        KvPool::Bf16 { k, v } => typed(
+            cache, k, v, seq, g, keys, d, r, q, ranges, scale, out, scratch,
+        ),
+    }
+}

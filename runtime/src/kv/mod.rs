@@ -1,0 +1,173 @@
+//! The KV cache: keys and values of past tokens in caller memory, for prefill, chunked prefill
+//! and decode through one forward entry ([`crate::Layer::forward_cached`]).
+//!
+//! Memory is a pool of fixed-size blocks (paged attention): block `b` holds, for each KV head
+//! `g`, `block_size` tokens of `head_dim` values; token slot `i` starts at element
+//! `((b * n_kv_head + g) * block_size + i) * head_dim` of the K pool (the same in the V pool). A sequence names its blocks in
+//! logical order in a block table that the caller owns, so a server grows and frees sequences
+//! without copying. A contiguous cache is the special case of one block per sequence.
+//!
+//! A sliding-window layer may use the cache as a rolling buffer ([`KvCache::rolling`]): logical
+//! token `j` lives in slot `j mod S` of its sequence (`S` = blocks x block_size), so memory stays
+//! at about W tokens per sequence however long the generation.
+
+mod forward;
+
+use half::{bf16, f16};
+
+use crate::error::{Error, Result};
+
+pub use forward::cached_workspace_len;
+
+/// f32/f16/bf16 elements of one pool (K or V) of `num_blocks` blocks.
+pub const fn kv_pool_len(
+    n_kv_head: usize,
+    head_dim: usize,
+    block_size: usize,
+    num_blocks: usize,
+) -> usize {
+    n_kv_head
+        .saturating_mul(head_dim)
+        .saturating_mul(block_size)
+        .saturating_mul(num_blocks)
+}
+
+/// The K and V pools, borrowed mutably for the life of the cache.
+#[derive(Debug)]
+pub enum KvPool<'a> {
+    /// f32 storage.
+    F32 {
+        /// Keys.
+        k: &'a mut [f32],
+        /// Values.
+        v: &'a mut [f32],
+    },
+    /// f16 storage.
+    F16 {
+        /// Keys.
+        k: &'a mut [f16],
+        /// Values.
+        v: &'a mut [f16],
+    },
+    /// bf16 storage.
+    Bf16 {
+        /// Keys.
+        k: &'a mut [bf16],
+        /// Values.
+        v: &'a mut [bf16],
+    },
+}
+
+impl KvPool<'_> {
+    fn lens(&self) -> (usize, usize) {
+        match self {
+            KvPool::F32 { k, v } => (k.len(), v.len()),
+            KvPool::F16 { k, v } => (k.len(), v.len()),
+            KvPool::Bf16 { k, v } => (k.len(), v.len()),
+        }
+    }
+}
+
+/// A KV cache over caller memory.
+#[derive(Debug)]
+pub struct KvCache<'a> {
+    pub(crate) pool: KvPool<'a>,
+    pub(crate) n_kv_head: usize,
+    pub(crate) head_dim: usize,
+    pub(crate) block_size: usize,
+    pub(crate) num_blocks: usize,
+    pub(crate) rolling: bool,
+}
+
+impl<'a> KvCache<'a> {
+    /// A cache of `num_blocks` blocks of `block_size` tokens for `n_kv_head` heads of
+    /// `head_dim` values. With `rolling`, sequences keep only the most recent keys a
+    /// sliding-window layer can still see (the layer must have a window).
+    ///
+    /// # Errors
+    /// [`Error::Config`] for a zero size; [`Error::InputShape`] if a pool's length is not
+    /// [`kv_pool_len`].
+    pub fn new(
+        pool: KvPool<'a>,
+        n_kv_head: usize,
+        head_dim: usize,
+        block_size: usize,
+        num_blocks: usize,
+        rolling: bool,
+    ) -> Result<KvCache<'a>> {
+        for (field, v) in [
+            ("n_kv_head", n_kv_head),
+            ("head_dim", head_dim),
+            ("block_size", block_size),
+            ("num_blocks", num_blocks),
+        ] {
+            if v == 0 {
+                return Err(Error::Config {
+                    field,
+                    value: 0,
+                    rule: "a KV cache dimension must be > 0",
+                });
+            }
+        }
+        let want = kv_pool_len(n_kv_head, head_dim, block_size, num_blocks);
+        let (k, v) = pool.lens();
+        for (name, len) in [("kv pool k", k), ("kv pool v", v)] {
+            if len != want || want == usize::MAX {
+                return Err(Error::InputShape {
+                    name,
+                    expected: want,
+                    actual: len,
+                });
+            }
+        }
+        Ok(KvCache {
+            pool,
+            n_kv_head,
+            head_dim,
+            block_size,
+            num_blocks,
+            rolling,
+        })
+    }
+
+    /// Tokens per block.
+    pub fn block_size(&self) -> usize {
+        self.block_size
+    }
+
+    /// Blocks in the pool.
+    pub fn num_blocks(&self) -> usize {
+        self.num_blocks
+    }
+
+    /// Whether sequences are rolling buffers.
+    pub fn rolling(&self) -> bool {
+        self.rolling
+    }
+
+    /// Element offset of token slot `slot` of KV head `g` in block `block`.
+    pub(crate) fn offset(&self, block: usize, g: usize, slot: usize) -> usize {
+        ((block * self.n_kv_head + g) * self.block_size + slot) * self.head_dim
+    }
+}
+
+/// One sequence's part of a cached forward call.
+#[derive(Clone, Copy, Debug)]
+pub struct Sequence<'s> {
+    /// Tokens of this sequence already in the cache: the new tokens take positions
+    /// `cached .. cached + new_tokens` (RoPE and the mask use them).
+    pub cached: usize,
+    /// New tokens of this call (0 is allowed: the sequence is skipped).
+    pub new_tokens: usize,
+    /// The sequence's blocks in logical order (ids into the pool). Must hold
+    /// `cached + new_tokens` tokens (`W + new_tokens - 1` for a rolling cache). No block may
+    /// appear twice in one call, in one sequence or across sequences.
+    pub blocks: &'s [u32],
+}
+
+impl Sequence<'_> {
+    /// Slots the sequence's blocks hold.
+    pub(crate) fn capacity(&self, block_size: usize) -> usize {
+        self.blocks.len().saturating_mul(block_size)
+    }
+}
