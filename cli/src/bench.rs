@@ -61,9 +61,9 @@ const CASES: [Case; 4] = [
 const SCALAR_SAMPLE: usize = 128;
 
 /// A `ParallelFor` that records how long each `run` (one executor phase) takes.
-struct Timed<P> {
-    inner: P,
-    phases: Mutex<Vec<f64>>,
+pub(crate) struct Timed<P> {
+    pub(crate) inner: P,
+    pub(crate) phases: Mutex<Vec<f64>>,
 }
 
 impl<P: ParallelFor> ParallelFor for Timed<P> {
@@ -212,6 +212,18 @@ struct Row {
 
 /// Runs the bench; `quick` shrinks every case to 256 tokens (a smoke test).
 pub fn run(args: &[String]) -> Result<(), CliError> {
+    if args.first().map(String::as_str) == Some("decode") {
+        let quick = match args.get(1).map(String::as_str) {
+            None => false,
+            Some("--quick") => true,
+            Some(other) => {
+                return Err(CliError::Input(format!(
+                    "bench decode: unknown flag {other:?}"
+                )))
+            }
+        };
+        return crate::bench_decode::run(quick);
+    }
     let mut quick = false;
     let mut json_path = None;
     let mut it = args.iter();

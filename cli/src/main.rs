@@ -4,6 +4,7 @@
 //! 1 any other failure.
 
 mod bench;
+mod bench_decode;
 mod default_job;
 mod forward;
 mod run_cmd;
@@ -16,6 +17,8 @@ const USAGE: &str = "usage:
              [--threads N] [--backend auto|reference]
   attnrt bench [--quick] [--json out.json]
                                CPU benchmark (ratios to a scalar baseline and the FMA peak, same run)
+  attnrt bench decode [--quick]
+                               KV-cache decode benchmark (cache read GB/s vs measured stream read)
   attnrt help";
 
 /// A failure of the command: user errors exit with 2, others with 1.

@@ -196,3 +196,18 @@ fn bench_quick_prints_a_table_and_json() {
         .iter()
         .all(|r| r["proj_vs_scalar"].as_f64().unwrap() > 0.0));
 }
+
+#[test]
+fn bench_decode_quick_prints_a_table() {
+    let o = Command::new(env!("CARGO_BIN_EXE_attnrt"))
+        .args(["bench", "decode", "--quick"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let table = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(
+        table.lines().filter(|l| l.contains(" cached | ")).count(),
+        4,
+        "{table}"
+    );
+}

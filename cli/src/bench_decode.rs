@@ -1,0 +1,159 @@
+//! `attnrt bench decode`: one new token per sequence against a long f16 KV cache, as a server
+//! decodes. The figure of merit is the cache read bandwidth of the attention phases, as a
+//! fraction of this machine's read bandwidth measured by a streaming sum in the same run.
+
+use std::sync::Mutex;
+use std::time::Instant;
+
+use attnrt::{
+    cached_workspace_len, kv_pool_len, rope, Config, KvCache, KvPool, Layer, LayerWeights, Rope,
+    RopeTable, ScopedThreads, Sequence, Tensor,
+};
+use attnrt_cli::synth::uniform;
+use half::{bf16, f16};
+
+use crate::bench::Timed;
+use crate::CliError;
+
+/// Block size of the paged cache.
+const BLOCK: usize = 16;
+
+/// GB/s of `threads` threads each summing its part of a buffer far larger than the caches.
+fn stream_read_gbs(threads: usize, bytes: usize) -> f64 {
+    let words = vec![1u64; bytes / 8];
+    let part = words.len().div_ceil(threads);
+    let mut best = f64::MAX;
+    for _ in 0..3 {
+        let start = Instant::now();
+        let total: u64 = std::thread::scope(|s| {
+            let hs: Vec<_> = words
+                .chunks(part)
+                .map(|c| s.spawn(move || c.iter().fold(0u64, |a, &w| a.wrapping_add(w))))
+                .collect();
+            hs.into_iter()
+                .map(|h| h.join().expect("stream thread"))
+                .sum()
+        });
+        std::hint::black_box(total);
+        best = best.min(start.elapsed().as_secs_f64());
+    }
+    bytes as f64 / best / 1e9
+}
+
+/// Runs the decode bench.
+pub fn run(quick: bool) -> Result<(), CliError> {
+    let err = |e: attnrt::Error| CliError::Other(e.to_string());
+    let cfg = Config::new(4096, 32)
+        .with_kv_heads(8)
+        .with_head_dim(128)
+        .with_rope(Rope {
+            theta: 500000.0,
+            ..Rope::DEFAULT
+        });
+    let (c, q, kv, d) = (cfg.n_embd, cfg.q_dim(), cfg.kv_dim(), cfg.head_dim);
+    let a = |n: usize| (3.0 / n as f32).sqrt();
+    let to_bf16 = |v: Vec<f32>| -> Vec<bf16> { v.into_iter().map(bf16::from_f32).collect() };
+    let w = [
+        to_bf16(uniform(1, q * c, a(c))),
+        to_bf16(uniform(2, kv * c, a(c))),
+        to_bf16(uniform(3, kv * c, a(c))),
+        to_bf16(uniform(4, c * q, a(q))),
+    ];
+    let weights = LayerWeights {
+        wq: Tensor::Bf16(&w[0]),
+        wk: Tensor::Bf16(&w[1]),
+        wv: Tensor::Bf16(&w[2]),
+        wo: Tensor::Bf16(&w[3]),
+        bq: None,
+        bk: None,
+        bv: None,
+        bo: None,
+        q_norm: None,
+        k_norm: None,
+    };
+    let layer = Layer::new(cfg, weights).map_err(err)?;
+    let scale = if quick { 8 } else { 1 };
+    let cases: [(&str, usize, usize); 2] = [
+        ("1 x 32768 cached", 1, 32768 / scale),
+        ("16 x 4096 cached", 16, 4096 / scale),
+    ];
+    let stream = [stream_read_gbs(1, 512 << 20), stream_read_gbs(2, 512 << 20)];
+    println!(
+        "attnrt bench decode: f16 paged cache (blocks of {BLOCK}), 8 KV heads, head_dim 128, 32 query heads; stream read {:.1} / {:.1} GB/s (1 / 2 threads){}",
+        stream[0],
+        stream[1],
+        if quick { ", QUICK (cache / 8)" } else { "" }
+    );
+    println!(
+        "| case | threads | attention ms | cache read GB/s | of stream read | whole step ms |"
+    );
+    println!("| --- | --- | --- | --- | --- | --- |");
+    for (name, seqs, cached) in cases {
+        let blocks_per_seq = (cached + 1).div_ceil(BLOCK);
+        let num_blocks = seqs * blocks_per_seq;
+        let n = kv_pool_len(cfg.n_kv_head, d, BLOCK, num_blocks);
+        // The cache is caller memory: fill it directly instead of running a long prefill.
+        let mut k: Vec<f16> = uniform(7, n, 1.0).into_iter().map(f16::from_f32).collect();
+        let mut v: Vec<f16> = uniform(8, n, 1.0).into_iter().map(f16::from_f32).collect();
+        let tables: Vec<Vec<u32>> = (0..seqs)
+            .map(|s| ((s * blocks_per_seq) as u32..((s + 1) * blocks_per_seq) as u32).collect())
+            .collect();
+        let sequences: Vec<Sequence<'_>> = tables
+            .iter()
+            .map(|b| Sequence {
+                cached,
+                new_tokens: 1,
+                blocks: b,
+            })
+            .collect();
+        let mut table = vec![0.0; rope::table_len(cached + 1, d)];
+        rope::build_table(cfg.rope().expect("rotary"), d, &mut table).map_err(err)?;
+        let x = uniform(9, seqs * c, 1.0);
+        let read_bytes = (seqs * cached * kv * 2 * 2) as f64;
+        for threads in [1, 2] {
+            let par = Timed {
+                inner: ScopedThreads { threads },
+                phases: Mutex::new(vec![]),
+            };
+            let mut ws = vec![0.0; cached_workspace_len(&cfg, &sequences, threads, num_blocks)];
+            let mut y = vec![0.0; seqs * c];
+            let mut best = (f64::MAX, f64::MAX);
+            for _ in 0..3 {
+                // The step writes the new token's keys; the next repetition overwrites them.
+                let mut cache = KvCache::new(
+                    KvPool::F16 {
+                        k: &mut k,
+                        v: &mut v,
+                    },
+                    8,
+                    d,
+                    BLOCK,
+                    num_blocks,
+                    false,
+                )
+                .map_err(err)?;
+                let rt = RopeTable::new(&table, d).map_err(err)?;
+                par.phases.lock().expect("unpoisoned").clear();
+                let start = Instant::now();
+                layer
+                    .forward_cached(&x, &sequences, Some(rt), &mut cache, &mut ws, &mut y, &par)
+                    .map_err(err)?;
+                let step = start.elapsed().as_secs_f64();
+                let p = par.phases.lock().expect("unpoisoned").clone();
+                // Phases: q/k/v projections, partial states, merge, output projection.
+                let attn =
+                    p.get(1).copied().unwrap_or(f64::NAN) + p.get(2).copied().unwrap_or(f64::NAN);
+                best = (best.0.min(attn), best.1.min(step));
+            }
+            let gbs = read_bytes / best.0 / 1e9;
+            println!(
+                "| {name} | {threads} | {:.2} | {:.1} | {:.0}% | {:.1} |",
+                best.0 * 1e3,
+                gbs,
+                gbs / stream[threads - 1] * 100.0,
+                best.1 * 1e3
+            );
+        }
+    }
+    Ok(())
+}
