@@ -449,6 +449,38 @@ fn invalid_use_writes_nothing() {
     );
     assert!(y.iter().all(|&v| v == 7.0) && k.iter().all(|&v| v == 0.0));
 
+    // A huge token count with a short x is a length error, found before any work per token.
+    let mut kv = KvCache::new(
+        KvPool::F32 {
+            k: &mut cache.k,
+            v: &mut cache.v,
+        },
+        cfg.n_kv_head,
+        cfg.head_dim,
+        4,
+        8,
+        false,
+    )
+    .unwrap();
+    let huge = [
+        seq(0, usize::MAX / 2, &blocks[..1]),
+        seq(0, usize::MAX / 2, &blocks[1..2]),
+    ];
+    let mut y = vec![7.0f32; c];
+    let err = s
+        .layer()
+        .forward_cached(
+            &x[..c],
+            &huge,
+            s.table(),
+            &mut kv,
+            &mut [],
+            &mut y,
+            &Sequential,
+        )
+        .unwrap_err();
+    assert!(matches!(err, Error::InputShape { name: "x", .. }), "{err}");
+
     // A rolling cache needs a windowed layer.
     let plain = Setup::new(configs()[0], 1);
     let mut k = vec![0.0f32; kv_pool_len(2, 16, 4, 8)];

@@ -145,6 +145,20 @@ impl Layer<'_> {
     ) -> Result<Backend> {
         let cfg = *self.config();
         let window = cfg.sliding_window.unwrap_or(usize::MAX);
+        // Lengths first: everything below iterates over the new tokens.
+        let tokens = seqs
+            .iter()
+            .try_fold(0usize, |a, s| a.checked_add(s.new_tokens));
+        let y_len = tokens.and_then(|t| t.checked_mul(cfg.n_embd));
+        for (name, len) in [("x", x.len()), ("out", out.len())] {
+            if Some(len) != y_len {
+                return Err(Error::InputShape {
+                    name,
+                    expected: y_len.unwrap_or(usize::MAX),
+                    actual: len,
+                });
+            }
+        }
         self.check_cached(seqs, &rope_table, cache, window)?;
         let (tokens, items, splits) = counts(seqs, window);
         let lanes = par.width().clamp(1, MAX_LANES);
@@ -154,16 +168,6 @@ impl Layer<'_> {
                 needed,
                 actual: workspace.len(),
             });
-        }
-        let y_len = tokens * cfg.n_embd;
-        for (name, len) in [("x", x.len()), ("out", out.len())] {
-            if len != y_len {
-                return Err(Error::InputShape {
-                    name,
-                    expected: y_len,
-                    actual: len,
-                });
-            }
         }
         let (exec_ws, rest) = workspace.split_at_mut(cpu_workspace_len(&cfg, tokens, lanes));
         let (pos_ws, rest) = rest.split_at_mut(tokens);
@@ -231,7 +235,13 @@ impl Layer<'_> {
                 what: "internal: a SIMD kernel rejected its arguments",
             });
         }
-        Ok(Backend::CpuSimd(simd::active()))
+        let backend = Backend::CpuSimd(simd::active());
+        crate::fmt::info!(
+            "attnrt: cached forward by {}, workspace {} f32",
+            backend,
+            needed
+        );
+        Ok(backend)
     }
 
     fn check_cached(
