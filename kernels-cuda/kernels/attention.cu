@@ -471,11 +471,12 @@ __device__ __forceinline__ void attn_mma(const AttnParams& p) {
         }
 }
 
-// Entry points: attn_mma_<dtype>_p<DP>[_m<MT>]. BN = 64 up to DP 128, 32 above; 4 warps.
-#define ATTNRT_MMA(TY, NAME, DP, BN, MT)                                                  \
-    extern "C" __global__ void __launch_bounds__(128) attn_mma_##NAME##_p##DP##_m##MT( \
-        AttnParams p) {                                                                   \
-        attn_mma<TY, DP, BN, MT, 4>(p);                                                   \
+// Entry points: attn_mma_<dtype>_p<DP>_m<MT>_n<BN>. BN = 64 up to DP 128, 32 above (and a
+// 32-key variant of DP 128); 4 warps.
+#define ATTNRT_MMA(TY, NAME, DP, BN, MT)                                                         \
+    extern "C" __global__ void __launch_bounds__(128) attn_mma_##NAME##_p##DP##_m##MT##_n##BN( \
+        AttnParams p) {                                                                          \
+        attn_mma<TY, DP, BN, MT, 4>(p);                                                          \
     }
 #define ATTNRT_MMA_ALL(TY, NAME)     \
     ATTNRT_MMA(TY, NAME, 32, 64, 1)  \
@@ -483,6 +484,7 @@ __device__ __forceinline__ void attn_mma(const AttnParams& p) {
     ATTNRT_MMA(TY, NAME, 96, 64, 1)  \
     ATTNRT_MMA(TY, NAME, 128, 64, 1) \
     ATTNRT_MMA(TY, NAME, 128, 64, 2) \
+    ATTNRT_MMA(TY, NAME, 128, 32, 1) \
     ATTNRT_MMA(TY, NAME, 160, 32, 1) \
     ATTNRT_MMA(TY, NAME, 192, 32, 1) \
     ATTNRT_MMA(TY, NAME, 224, 32, 1) \

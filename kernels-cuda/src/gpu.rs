@@ -43,7 +43,7 @@ fn drv(call: &'static str, r: cu::CUresult) -> Result<()> {
 fn cust_err(call: &'static str, e: cust::error::CudaError) -> Error {
     Error::Cuda {
         call,
-        message: e.to_string(),
+        message: format!("{e:?}"),
     }
 }
 
@@ -63,7 +63,7 @@ fn cache() -> &'static Mutex<HashMap<u32, Arc<Kernels>>> {
 
 fn init_driver() -> Result<()> {
     static INIT: OnceLock<std::result::Result<(), String>> = OnceLock::new();
-    INIT.get_or_init(|| cust::init(cust::CudaFlags::empty()).map_err(|e| e.to_string()))
+    INIT.get_or_init(|| cust::init(cust::CudaFlags::empty()).map_err(|e| format!("{e:?}")))
         .clone()
         .map_err(|message| Error::Cuda {
             call: "cuInit",
@@ -119,7 +119,7 @@ pub fn no_device_reason() -> Option<String> {
     match cust::device::Device::num_devices() {
         Ok(0) => Some("the CUDA driver reports no device".into()),
         Ok(_) => None,
-        Err(e) => Some(format!("cannot count CUDA devices: {e}")),
+        Err(e) => Some(format!("cannot count CUDA devices: {e:?}")),
     }
 }
 
@@ -339,6 +339,7 @@ pub struct GpuLayer<'a> {
     h_gmax: Vec<i32>,
     h_scratch: Vec<(i32, i32, u32)>,
     h_rope: Vec<f32>,
+    last_attn: Option<(plan::Launch, AttnParams)>,
 }
 
 impl Drop for GpuLayer<'_> {
@@ -423,7 +424,11 @@ impl<'a> GpuLayer<'a> {
             )?),
         };
         let f_bias = function(&kernels.rope_norm, "add_bias_f32")?;
-        for (f, bytes) in [(f_attn, probe.smem), (f_prep, prep_smem)] {
+        // The limit is a property of the function, shared by every layer of the process: set it
+        // to the device's maximum (the same value from every thread), never to one layer's need,
+        // so that concurrent set-ups cannot lower it under another layer's launch.
+        let bytes = kernels.smem_optin;
+        for f in [f_attn, f_prep] {
             // SAFETY: `f` is a live function of the current context.
             drv("cuFuncSetAttribute", unsafe {
                 cu::cuFuncSetAttribute(
@@ -507,6 +512,7 @@ impl<'a> GpuLayer<'a> {
                 Vec::new()
             },
             kernels,
+            last_attn: None,
         })
     }
 
@@ -871,6 +877,7 @@ impl<'a> GpuLayer<'a> {
         };
         // SAFETY: q/k/v/o and the mask buffers are live and sized for the call.
         unsafe { launch(self.f_attn, l.grid, l.block, l.smem, stream, &mut ap)? };
+        self.last_attn = Some((l, ap));
 
         // Output projection and bias.
         // SAFETY: wo [c, qd], o [n, qd], y [n, c] on the device.
@@ -899,6 +906,70 @@ impl<'a> GpuLayer<'a> {
             unsafe { launch(self.f_bias, (blocks, 1, 1), 256, 0, stream, &mut a)? };
         }
         Ok(())
+    }
+
+    /// Benchmark helper: mean milliseconds of `f` over `iters` runs on the layer's own stream,
+    /// timed with CUDA events after one warm-up run.
+    ///
+    /// # Errors
+    /// Any error of `f` or of the event calls.
+    #[doc(hidden)]
+    pub fn time_ms(
+        &mut self,
+        iters: usize,
+        mut f: impl FnMut(&mut Self) -> Result<()>,
+    ) -> Result<f32> {
+        self.set_current()?;
+        f(self)?;
+        let (mut start, mut stop): (cu::CUevent, cu::CUevent) =
+            (std::ptr::null_mut(), std::ptr::null_mut());
+        // SAFETY: valid out-pointers; the context is current; the events are destroyed below.
+        unsafe {
+            drv("cuEventCreate", cu::cuEventCreate(&mut start, 0))?;
+            drv("cuEventCreate", cu::cuEventCreate(&mut stop, 0))?;
+        }
+        let mut ms = 0.0f32;
+        let result = (|| {
+            // SAFETY: live events and stream.
+            drv("cuEventRecord", unsafe {
+                cu::cuEventRecord(start, self.stream)
+            })?;
+            for _ in 0..iters {
+                f(self)?;
+            }
+            // SAFETY: as above.
+            unsafe {
+                drv("cuEventRecord", cu::cuEventRecord(stop, self.stream))?;
+                drv("cuEventSynchronize", cu::cuEventSynchronize(stop))?;
+                drv(
+                    "cuEventElapsedTime",
+                    cu::cuEventElapsedTime(&mut ms, start, stop),
+                )
+            }
+        })();
+        // SAFETY: the events were created above and are not used after this.
+        unsafe {
+            cu::cuEventDestroy_v2(start);
+            cu::cuEventDestroy_v2(stop);
+        }
+        result.map(|()| ms / iters.max(1) as f32)
+    }
+
+    /// Benchmark helper: launches the attention kernel of the last call again (on the layer's
+    /// own stream, same inputs and mask), without the projections.
+    ///
+    /// # Errors
+    /// No earlier call, or a failed launch.
+    #[doc(hidden)]
+    pub fn relaunch_attention(&mut self) -> Result<()> {
+        let (l, mut ap) = self
+            .last_attn
+            .clone()
+            .ok_or_else(|| Error::Unsupported("no earlier call to relaunch".into()))?;
+        // SAFETY: the buffers of the last call are still this layer's and unchanged in size;
+        // its mask buffers still hold that call's metadata unless a later call replaced it,
+        // in which case `last_attn` was replaced too.
+        unsafe { launch(self.f_attn, l.grid, l.block, l.smem, self.stream, &mut ap) }
     }
 
     /// Waits for the layer's own stream.

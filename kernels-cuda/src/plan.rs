@@ -53,6 +53,8 @@ pub enum AttnPath {
         m_tiles: usize,
         /// Whether head_dim is one of the tuned sizes (64, 128, 256), with no padding.
         tuned: bool,
+        /// Keys per K/V tile.
+        key_tile: usize,
     },
 }
 
@@ -103,11 +105,17 @@ pub fn capability(precision: Precision, head_dim: usize, group: usize) -> crate:
                     "{group} query heads per KV head: the tensor-core path packs at most {rows}"
                 )));
             }
+            let key_tile = if padded == 128 && m_tiles == 1 && env_key_tile() == 32 {
+                32
+            } else {
+                mma_key_tile(padded)
+            };
             Ok(AttnPath::TensorCore {
                 dtype: precision,
                 padded_head_dim: padded,
                 m_tiles,
                 tuned: matches!(head_dim, 64 | 128 | 256),
+                key_tile,
             })
         }
     }
@@ -122,6 +130,15 @@ fn env_m_tiles() -> usize {
     }
 }
 
+/// `ATTNRT_CUDA_KEY_TILE=32` selects 32-key tiles for head_dim 128 (less shared memory, more
+/// CTAs per SM; a tuning switch for the benchmark).
+fn env_key_tile() -> usize {
+    match std::env::var("ATTNRT_CUDA_KEY_TILE").ok().as_deref() {
+        Some("32") => 32,
+        _ => 0,
+    }
+}
+
 impl fmt::Display for AttnPath {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -131,9 +148,10 @@ impl fmt::Display for AttnPath {
                 padded_head_dim,
                 m_tiles,
                 tuned,
+                key_tile,
             } => write!(
                 f,
-                "tensor-core-{}-p{padded_head_dim}-m{m_tiles}{}",
+                "tensor-core-{}-p{padded_head_dim}-m{m_tiles}-n{key_tile}{}",
                 dtype.name(),
                 if *tuned { "" } else { "-generic" }
             ),
@@ -228,14 +246,15 @@ pub fn attention_launch(
             dtype,
             padded_head_dim: dp,
             m_tiles,
+            key_tile,
             ..
         } => {
             let rows = 64 * m_tiles;
             (
-                format!("attn_mma_{}_p{dp}_m{m_tiles}", dtype.name()),
+                format!("attn_mma_{}_p{dp}_m{m_tiles}_n{key_tile}", dtype.name()),
                 MMA_THREADS,
                 rows / r,
-                mma_smem_bytes(dp, m_tiles),
+                mma_smem_bytes(dp, m_tiles, key_tile),
             )
         }
     };
@@ -270,10 +289,10 @@ pub const fn mma_key_tile(dp: usize) -> usize {
 
 /// Dynamic shared memory of `attn_mma_*_p<dp>_m<m_tiles>`: the Q tile and two stages of K and V,
 /// rows padded by 8 elements.
-pub const fn mma_smem_bytes(dp: usize, m_tiles: usize) -> u32 {
+pub const fn mma_smem_bytes(dp: usize, m_tiles: usize, key_tile: usize) -> u32 {
     let ld = dp + 8;
     let rows = 64 * m_tiles;
-    ((rows * ld + 4 * mma_key_tile(dp) * ld) * 2) as u32
+    ((rows * ld + 4 * key_tile * ld) * 2) as u32
 }
 
 /// Dynamic shared memory of the q/k/v preparation kernel.
