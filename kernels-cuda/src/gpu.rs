@@ -32,10 +32,8 @@ fn drv(call: &'static str, r: cu::CUresult) -> Result<()> {
         format!("{r:?}")
     } else {
         // SAFETY: non-null results of cuGetErrorString are static NUL-terminated strings.
-        format!(
-            "{} ({r:?})",
-            unsafe { CStr::from_ptr(msg) }.to_string_lossy()
-        )
+        let text = unsafe { CStr::from_ptr(msg) };
+        format!("{} ({r:?})", text.to_string_lossy())
     };
     Err(Error::Cuda { call, message })
 }
@@ -427,14 +425,24 @@ impl<'a> GpuLayer<'a> {
         // The limit is a property of the function, shared by every layer of the process: set it
         // to the device's maximum (the same value from every thread), never to one layer's need,
         // so that concurrent set-ups cannot lower it under another layer's launch.
-        let bytes = kernels.smem_optin;
+        // (The maximum less the function's static shared memory.)
         for f in [f_attn, f_prep] {
+            let mut static_bytes = 0i32;
+            // SAFETY: `f` is a live function of the current context; valid out-pointer.
+            drv("cuFuncGetAttribute", unsafe {
+                cu::cuFuncGetAttribute(
+                    &mut static_bytes,
+                    cu::CUfunction_attribute::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES,
+                    f,
+                )
+            })?;
+            let bytes = kernels.smem_optin as i32 - static_bytes;
             // SAFETY: `f` is a live function of the current context.
             drv("cuFuncSetAttribute", unsafe {
                 cu::cuFuncSetAttribute(
                     f,
                     cu::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                    bytes as i32,
+                    bytes,
                 )
             })?;
         }

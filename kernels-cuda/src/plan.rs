@@ -87,7 +87,7 @@ pub fn capability(precision: Precision, head_dim: usize, group: usize) -> crate:
     match precision {
         Precision::F32 => Ok(AttnPath::CudaCoresF32),
         Precision::Bf16 | Precision::F16 => {
-            if head_dim % 2 != 0 {
+            if !head_dim.is_multiple_of(2) {
                 return Err(crate::Error::Unsupported(format!(
                     "head_dim {head_dim} is odd: the tensor-core path needs an even head_dim \
                      (use Precision::F32)"

@@ -58,6 +58,16 @@ impl<'a> GpuLayer<'a> {
         match self.never {}
     }
 
+    /// The layer this GPU layer was made from (unreachable in this build).
+    pub fn layer(&self) -> &Layer<'a> {
+        match self.never {}
+    }
+
+    /// Device memory allocated at set-up (unreachable in this build).
+    pub fn device_bytes(&self) -> usize {
+        match self.never {}
+    }
+
     /// What ran (unreachable in this build).
     pub fn backend(&self) -> GpuBackend {
         match self.never {}

@@ -319,12 +319,12 @@ fn every_mask_mode_and_combination() {
         return;
     }
     for (r, d) in [(2usize, 64usize), (4, 128), (8, 96)] {
-        for mode in 0..MASK_NAMES.len() {
+        for (mode, mask) in MASK_NAMES.iter().enumerate() {
             for t in [65usize, 200] {
                 let o = check_case(r, d, t, mode, mode * 3 + t, &[Precision::Bf16]);
                 println!(
-                    "R={r} D={d:3} T={t:3} {:20} f32 {:.2e}  bf16 relL2 {:.2e} max {:.2e}",
-                    MASK_NAMES[mode], o.f32_err, o.bf16_rel, o.bf16_max
+                    "R={r} D={d:3} T={t:3} {mask:20} f32 {:.2e}  bf16 relL2 {:.2e} max {:.2e}",
+                    o.f32_err, o.bf16_rel, o.bf16_max
                 );
             }
         }
