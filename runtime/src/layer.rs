@@ -95,12 +95,7 @@ impl<'a> Layer<'a> {
     /// Checks every input of a call against the layer and the output length.
     pub(crate) fn check<'i>(&self, inputs: &Inputs<'i>, out_len: usize) -> Result<Call<'i>> {
         let (b, t) = (inputs.batch, inputs.seq_len);
-        let tokens = b.checked_mul(t).ok_or(Error::InputValue {
-            name: "seq_len",
-            index: 0,
-            value: t as i64,
-            rule: "batch * seq_len overflows",
-        })?;
+        tokens_of(b, t)?;
         let y_len = self.output_len(b, t).ok_or(Error::InputValue {
             name: "seq_len",
             index: 0,
@@ -121,8 +116,71 @@ impl<'a> Layer<'a> {
                 actual: out_len,
             });
         }
-        let mask = MaskSpec::new(self.cfg.sliding_window, b, t, &inputs.mask)?;
-        if let Some(p) = inputs.position_ids {
+        let mask = self.check_metadata(
+            b,
+            t,
+            &inputs.mask,
+            inputs.position_ids,
+            inputs.rope_table.map(|r| (r.half_dim(), r.max_pos())),
+        )?;
+        Ok(Call {
+            x: inputs.x,
+            batch: b,
+            seq_len: t,
+            mask,
+            position_ids: inputs.position_ids,
+            rope_table: inputs.rope_table,
+        })
+    }
+
+    /// Checks every input of a call against the layer and the output length, exactly as every
+    /// executor of this crate does before it runs: for executors outside the crate (GPU) that
+    /// must reject the same calls.
+    ///
+    /// # Errors
+    /// The first rule broken, with the same error any executor of this crate returns.
+    pub fn validate_inputs(&self, inputs: &Inputs<'_>, out_len: usize) -> Result<()> {
+        self.check(inputs, out_len).map(|_| ())
+    }
+
+    /// Checks a call whose activations `x` and `y` are not host slices (device memory, say):
+    /// everything [`Inputs`] carries except the data of `x`, which the caller guarantees holds
+    /// `batch * seq_len * n_embd` values, as `y` does. `rope_table` is the caller's table as
+    /// `(half_dim, max_pos)`. The rules and the errors are those of [`Layer::validate_inputs`].
+    ///
+    /// # Errors
+    /// The first rule broken.
+    pub fn validate_metadata(
+        &self,
+        batch: usize,
+        seq_len: usize,
+        mask: &MaskInputs<'_>,
+        position_ids: Option<&[i32]>,
+        rope_table: Option<(usize, usize)>,
+    ) -> Result<()> {
+        tokens_of(batch, seq_len)?;
+        self.output_len(batch, seq_len).ok_or(Error::InputValue {
+            name: "seq_len",
+            index: 0,
+            value: seq_len as i64,
+            rule: "batch * seq_len * n_embd overflows",
+        })?;
+        self.check_metadata(batch, seq_len, mask, position_ids, rope_table)
+            .map(|_| ())
+    }
+
+    /// The checks after the activation lengths: mask, positions, rotary table.
+    fn check_metadata<'m>(
+        &self,
+        b: usize,
+        t: usize,
+        mask: &MaskInputs<'m>,
+        position_ids: Option<&[i32]>,
+        rope_table: Option<(usize, usize)>,
+    ) -> Result<MaskSpec<'m>> {
+        let tokens = tokens_of(b, t)?;
+        let mask = MaskSpec::new(self.cfg.sliding_window, b, t, mask)?;
+        if let Some(p) = position_ids {
             if p.len() != tokens {
                 return Err(Error::InputShape {
                     name: "position_ids",
@@ -139,7 +197,7 @@ impl<'a> Layer<'a> {
                 });
             }
         }
-        match (self.cfg.rope(), inputs.rope_table) {
+        match (self.cfg.rope(), rope_table) {
             (None, Some(_)) => {
                 return Err(Error::Unsupported {
                     what: "freqs_cis given but the layer has no rotary embedding",
@@ -152,27 +210,29 @@ impl<'a> Layer<'a> {
                     actual: 0,
                 })
             }
-            (Some(_), Some(table)) => {
-                if table.half_dim() * 2 != self.cfg.head_dim {
+            (Some(_), Some((half_dim, max_pos))) => {
+                if half_dim * 2 != self.cfg.head_dim {
                     return Err(Error::InputShape {
                         name: "freqs_cis row",
                         expected: self.cfg.head_dim,
-                        actual: table.half_dim() * 2,
+                        actual: half_dim * 2,
                     });
                 }
-                check_positions(inputs.position_ids, tokens, t, table.max_pos())?;
+                check_positions(position_ids, tokens, t, max_pos)?;
             }
             (None, None) => {}
         }
-        Ok(Call {
-            x: inputs.x,
-            batch: b,
-            seq_len: t,
-            mask,
-            position_ids: inputs.position_ids,
-            rope_table: inputs.rope_table,
-        })
+        Ok(mask)
     }
+}
+
+fn tokens_of(b: usize, t: usize) -> Result<usize> {
+    b.checked_mul(t).ok_or(Error::InputValue {
+        name: "seq_len",
+        index: 0,
+        value: t as i64,
+        rule: "batch * seq_len overflows",
+    })
 }
 
 fn check_positions(

@@ -1,0 +1,197 @@
+//! `attnrt-cuda-bench [OUT.json]`: attnrt's CUDA executor on the shapes of the issue (bf16,
+//! Hq 32, Hkv 8, head_dim 128): causal prefill T = 2048 and 8192, sliding window 4096 at
+//! T = 16384, 8 packed documents at T = 16384 (document ids and varlen), and the whole layer at
+//! n_embd 4096, T = 4096. Prints TFLOP/s of useful (unmasked) work and writes JSON lines that
+//! `bench/torch_side.py` merges with PyTorch's numbers measured in the same run.
+
+#[cfg(not(feature = "cuda"))]
+fn main() {
+    println!("attnrt-cuda-bench: attnrt built without CUDA (feature `cuda` off); nothing to run");
+}
+
+#[cfg(feature = "cuda")]
+fn main() {
+    if let Err(e) = cuda_main::run() {
+        eprintln!("attnrt-cuda-bench: {e}");
+        std::process::exit(1);
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod cuda_main {
+    use attnrt::{rope, Config, Inputs, Layer, LayerWeights, MaskInputs, Rope, RopeTable, Tensor};
+    use attnrt_cuda::{DeviceCall, Error, GpuLayer, GpuOptions, Precision, RopeSource};
+    use std::fmt::Write as _;
+
+    struct Rng(u64);
+    impl Rng {
+        fn uniform(&mut self) -> f32 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            let v = self.0.wrapping_mul(0x2545_F491_4F6C_DD1D);
+            ((v >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        }
+        fn vec(&mut self, n: usize, s: f32) -> Vec<f32> {
+            (0..n).map(|_| self.uniform() * s).collect()
+        }
+    }
+
+    /// Visible (query, key) pairs of one row.
+    fn pairs(t: usize, window: Option<usize>, docs: usize) -> f64 {
+        let len = t / docs;
+        let mut n = 0f64;
+        for d in 0..docs {
+            let l = if d + 1 == docs { t - len * d } else { len };
+            for i in 0..l {
+                n += window.map_or(i + 1, |w| (i + 1).min(w)) as f64;
+            }
+        }
+        n
+    }
+
+    pub fn run() -> Result<(), Error> {
+        let out = std::env::args().nth(1);
+        let (c, h, kv, d) = (4096usize, 32usize, 8usize, 128usize);
+        let mut rng = Rng(42);
+        let mut json = String::new();
+        let mut lines = Vec::new();
+        let iters = 20;
+
+        // Attention-only cases: the layer computes q/k/v once, then the attention kernel alone
+        // is timed on them.
+        let cases: [(&str, usize, Option<usize>, usize, bool); 5] = [
+            ("causal T=2048", 2048, None, 1, false),
+            ("causal T=8192", 8192, None, 1, false),
+            ("window 4096, T=16384", 16384, Some(4096), 1, false),
+            ("8 documents (ids), T=16384", 16384, None, 8, false),
+            ("8 documents (varlen), T=16384", 16384, None, 8, true),
+        ];
+        let wq = rng.vec(h * d * c, 0.02);
+        let wk = rng.vec(kv * d * c, 0.02);
+        let wv = rng.vec(kv * d * c, 0.02);
+        let wo = rng.vec(c * h * d, 0.02);
+        for (name, t, window, docs, varlen) in cases {
+            let mut cfg = Config::new(c, h).with_kv_heads(kv).with_head_dim(d);
+            if let Some(w) = window {
+                cfg = cfg.with_sliding_window(w);
+            }
+            let weights = LayerWeights {
+                wq: Tensor::F32(&wq),
+                wk: Tensor::F32(&wk),
+                wv: Tensor::F32(&wv),
+                wo: Tensor::F32(&wo),
+                bq: None,
+                bk: None,
+                bv: None,
+                bo: None,
+                q_norm: None,
+                k_norm: None,
+            };
+            let layer = Layer::new(cfg, weights)?;
+            let mut gpu = GpuLayer::new(layer, GpuOptions::new(Precision::Bf16, 1, t))?;
+            let x = rng.vec(t * c, 1.0);
+            let len = t / docs;
+            let ids: Vec<i32> = (0..t).map(|i| (i / len).min(docs - 1) as i32).collect();
+            let cu: Vec<i32> = (0..=docs)
+                .map(|k| if k == docs { t } else { k * len } as i32)
+                .collect();
+            let mut inputs = Inputs::new(&x, 1, t);
+            if docs > 1 {
+                inputs.mask = MaskInputs {
+                    document_ids: (!varlen).then_some(&ids[..]),
+                    cu_seqlens: varlen.then_some(&cu[..]),
+                    ..MaskInputs::default()
+                };
+            }
+            let mut y = vec![0.0f32; t * c];
+            let backend = gpu.forward_host(&inputs, &mut y)?;
+            let ms = gpu.time_ms(iters, |g| g.relaunch_attention())?;
+            let flops = pairs(t, window, docs) * h as f64 * 4.0 * d as f64;
+            let tflops = flops / (ms as f64 * 1e-3) / 1e12;
+            lines.push(format!(
+                "{name:34} {ms:9.3} ms {tflops:8.1} TFLOP/s  [{backend}]"
+            ));
+            writeln!(
+                json,
+                "{{\"case\": \"{name}\", \"ms\": {ms}, \"tflops\": {tflops}, \"backend\": \"{backend}\"}}"
+            )
+            .ok();
+        }
+
+        // Whole layer: rotary (table uploaded once), causal, T = 4096, device buffers.
+        let t = 4096;
+        let cfg = Config::new(c, h)
+            .with_kv_heads(kv)
+            .with_head_dim(d)
+            .with_rope(Rope {
+                theta: 500000.0,
+                ..Rope::DEFAULT
+            });
+        let weights = LayerWeights {
+            wq: Tensor::F32(&wq),
+            wk: Tensor::F32(&wk),
+            wv: Tensor::F32(&wv),
+            wo: Tensor::F32(&wo),
+            bq: None,
+            bk: None,
+            bv: None,
+            bo: None,
+            q_norm: None,
+            k_norm: None,
+        };
+        let layer = Layer::new(cfg, weights)?;
+        let mut gpu = GpuLayer::new(layer, GpuOptions::new(Precision::Bf16, 1, t))?;
+        let mut table = vec![0.0f32; rope::table_len(t, d)];
+        rope::build_table(cfg.rope().expect("rotary"), d, &mut table)?;
+        let table = RopeTable::new(&table, d)?;
+        gpu.upload_rope_table(&table)?;
+        let x = rng.vec(t * c, 1.0);
+        let dx = cust::memory::DeviceBuffer::from_slice(&x).map_err(|e| Error::Cuda {
+            call: "alloc x",
+            message: format!("{e:?}"),
+        })?;
+        let dy = cust::memory::DeviceBuffer::from_slice(&vec![0.0f32; t * c]).map_err(|e| {
+            Error::Cuda {
+                call: "alloc y",
+                message: format!("{e:?}"),
+            }
+        })?;
+        let call = DeviceCall {
+            x: dx.as_device_ptr().as_raw(),
+            y: dy.as_device_ptr().as_raw(),
+            batch: 1,
+            seq_len: t,
+            mask: MaskInputs::default(),
+            position_ids: None,
+            rope: Some(RopeSource::Uploaded),
+            stream: std::ptr::null_mut(),
+        };
+        let mut backend = String::new();
+        let ms = gpu.time_ms(iters, |g| {
+            // SAFETY: dx / dy hold t * c f32 on the device and outlive the timed calls.
+            let b = unsafe { g.forward_device(&call) }?;
+            backend = b.to_string();
+            Ok(())
+        })?;
+        let attn_ms = gpu.time_ms(iters, |g| g.relaunch_attention())?;
+        let name = "whole layer C=4096 T=4096";
+        lines.push(format!(
+            "{name:34} {ms:9.3} ms (attention {attn_ms:.3} ms)  [{backend}]"
+        ));
+        writeln!(
+            json,
+            "{{\"case\": \"{name}\", \"ms\": {ms}, \"attn_ms\": {attn_ms}, \"backend\": \"{backend}\"}}"
+        )
+        .ok();
+
+        println!("attnrt-cuda (bf16, Hq 32, Hkv 8, D 128; mean of {iters} after warm-up):");
+        for l in &lines {
+            println!("  {l}");
+        }
+        if let Some(path) = out {
+            std::fs::write(&path, json).map_err(|e| Error::Unsupported(format!("{path}: {e}")))?;
+        }
+        Ok(())
+    }
+}

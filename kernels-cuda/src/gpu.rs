@@ -1,0 +1,1010 @@
+//! The GPU executor: modules loaded through `cust` and cached per device, device buffers sized
+//! at set-up, one forward call = uploads of the call's metadata, one fused q/k/v GEMM, the
+//! norm/RoPE pass, masked attention, the output GEMM and its bias, all on one stream.
+
+use std::collections::HashMap;
+use std::ffi::{c_void, CStr};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use attnrt::{Config, Inputs, Layer, MaskInputs, QkNorm, RopeConvention, RopeTable, Tensor};
+use cust::memory::DeviceBuffer;
+use cust::sys as cu;
+use half::{bf16, f16};
+
+use crate::cublas::{self, Cublas};
+use crate::error::{Error, Result};
+use crate::plan::{
+    self, attention_launch, capability, AttnPath, GpuBackend, GpuOptions, Precision, Workspace,
+    GROUP_GRANULE, PREP_THREADS,
+};
+
+const PTX_ATTENTION: &str = include_str!(concat!(env!("OUT_DIR"), "/attention.ptx"));
+const PTX_ROPE_NORM: &str = include_str!(concat!(env!("OUT_DIR"), "/rope_norm.ptx"));
+
+fn drv(call: &'static str, r: cu::CUresult) -> Result<()> {
+    if r == cu::CUresult::CUDA_SUCCESS {
+        return Ok(());
+    }
+    let mut msg: *const std::os::raw::c_char = std::ptr::null();
+    // SAFETY: cuGetErrorString writes a pointer to a static string (or leaves it null).
+    unsafe { cu::cuGetErrorString(r, &mut msg) };
+    let message = if msg.is_null() {
+        format!("{r:?}")
+    } else {
+        // SAFETY: non-null results of cuGetErrorString are static NUL-terminated strings.
+        let text = unsafe { CStr::from_ptr(msg) };
+        format!("{} ({r:?})", text.to_string_lossy())
+    };
+    Err(Error::Cuda { call, message })
+}
+
+fn cust_err(call: &'static str, e: cust::error::CudaError) -> Error {
+    Error::Cuda {
+        call,
+        message: format!("{e:?}"),
+    }
+}
+
+/// The modules of one device, loaded once into its primary context.
+struct Kernels {
+    ctx: cust::context::Context,
+    attention: cust::module::Module,
+    rope_norm: cust::module::Module,
+    name: String,
+    smem_optin: usize,
+}
+
+fn cache() -> &'static Mutex<HashMap<u32, Arc<Kernels>>> {
+    static CACHE: OnceLock<Mutex<HashMap<u32, Arc<Kernels>>>> = OnceLock::new();
+    CACHE.get_or_init(|| Mutex::new(HashMap::new()))
+}
+
+fn init_driver() -> Result<()> {
+    static INIT: OnceLock<std::result::Result<(), String>> = OnceLock::new();
+    INIT.get_or_init(|| cust::init(cust::CudaFlags::empty()).map_err(|e| format!("{e:?}")))
+        .clone()
+        .map_err(|message| Error::Cuda {
+            call: "cuInit",
+            message,
+        })
+}
+
+fn kernels(device: u32) -> Result<Arc<Kernels>> {
+    init_driver()?;
+    let mut map = cache().lock().map_err(|_| Error::Cuda {
+        call: "module cache",
+        message: "poisoned lock".into(),
+    })?;
+    if let Some(k) = map.get(&device) {
+        cust::context::CurrentContext::set_current(&k.ctx)
+            .map_err(|e| cust_err("cuCtxSetCurrent", e))?;
+        return Ok(k.clone());
+    }
+    let dev = cust::device::Device::get_device(device).map_err(|e| cust_err("cuDeviceGet", e))?;
+    let ctx =
+        cust::context::Context::new(dev).map_err(|e| cust_err("cuDevicePrimaryCtxRetain", e))?;
+    let attention = cust::module::Module::from_ptx(PTX_ATTENTION, &[])
+        .map_err(|e| cust_err("cuModuleLoadData(attention.ptx)", e))?;
+    let rope_norm = cust::module::Module::from_ptx(PTX_ROPE_NORM, &[])
+        .map_err(|e| cust_err("cuModuleLoadData(rope_norm.ptx)", e))?;
+    let name = dev.name().map_err(|e| cust_err("cuDeviceGetName", e))?;
+    let mut smem_optin = 0i32;
+    // SAFETY: valid out-pointer and device handle.
+    drv("cuDeviceGetAttribute", unsafe {
+        cu::cuDeviceGetAttribute(
+            &mut smem_optin,
+            cu::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
+            dev.as_raw(),
+        )
+    })?;
+    let smem_optin = smem_optin.max(0) as usize;
+    let k = Arc::new(Kernels {
+        ctx,
+        attention,
+        rope_norm,
+        name,
+        smem_optin,
+    });
+    map.insert(device, k.clone());
+    Ok(k)
+}
+
+/// See [`crate::no_device_reason`].
+pub fn no_device_reason() -> Option<String> {
+    if let Err(e) = init_driver() {
+        return Some(format!("no CUDA driver: {e}"));
+    }
+    match cust::device::Device::num_devices() {
+        Ok(0) => Some("the CUDA driver reports no device".into()),
+        Ok(_) => None,
+        Err(e) => Some(format!("cannot count CUDA devices: {e:?}")),
+    }
+}
+
+fn function(module: &cust::module::Module, name: &str) -> Result<cu::CUfunction> {
+    let f = module.get_function(name).map_err(|e| Error::Cuda {
+        call: "cuModuleGetFunction",
+        message: format!("{name}: {e}"),
+    })?;
+    Ok(f.to_raw())
+}
+
+fn alloc(bytes: usize) -> Result<DeviceBuffer<u8>> {
+    DeviceBuffer::zeroed(bytes.max(16)).map_err(|e| cust_err("cuMemAlloc", e))
+}
+
+fn ptr(b: &DeviceBuffer<u8>) -> u64 {
+    b.as_device_ptr().as_raw()
+}
+
+/// Uploads `data` (any plain element type) into a new device buffer.
+fn upload<T: Copy>(data: &[T]) -> Result<DeviceBuffer<u8>> {
+    let bytes = std::mem::size_of_val(data);
+    let buf = alloc(bytes)?;
+    // SAFETY: `buf` holds at least `bytes` bytes; `data` is a live host slice of that size.
+    drv("cuMemcpyHtoD", unsafe {
+        cu::cuMemcpyHtoD_v2(ptr(&buf), data.as_ptr().cast(), bytes)
+    })?;
+    Ok(buf)
+}
+
+/// Asynchronous host-to-device copy of a slice (pageable memory: the driver stages it before
+/// returning, so the host slice may be reused at once).
+///
+/// # Safety
+/// `dst` is a device pointer with room for the slice; `stream` is valid.
+unsafe fn h2d<T: Copy>(dst: u64, src: &[T], stream: cu::CUstream) -> Result<()> {
+    let bytes = std::mem::size_of_val(src);
+    if bytes == 0 {
+        return Ok(());
+    }
+    // SAFETY: per the function's contract.
+    drv("cuMemcpyHtoDAsync", unsafe {
+        cu::cuMemcpyHtoDAsync_v2(dst, src.as_ptr().cast(), bytes, stream)
+    })
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct MaskParams {
+    seq_len: i32,
+    window: i32,
+    seq_lens: u64,
+    groups: u64,
+    gmin: u64,
+    gmax: u64,
+    granules: i32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct AttnParams {
+    q: u64,
+    k: u64,
+    v: u64,
+    o: u64,
+    seq_len: i32,
+    n_head: i32,
+    n_kv_head: i32,
+    head_dim: i32,
+    group: i32,
+    q_per_cta: i32,
+    scale: f32,
+    scale_log2: f32,
+    mask: MaskParams,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct ConvertParams {
+    input: u64,
+    output: u64,
+    n: i64,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct BiasParams {
+    y: u64,
+    bias: u64,
+    rows: i64,
+    cols: i32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct PrepParams {
+    qkv: u64,
+    bias: u64,
+    q_norm: u64,
+    k_norm: u64,
+    cs: u64,
+    cs_rows: u64,
+    q: u64,
+    k: u64,
+    v: u64,
+    cs_period: i32,
+    n_head: i32,
+    n_kv_head: i32,
+    head_dim: i32,
+    full_norm: i32,
+    half_split: i32,
+    eps: f32,
+}
+
+/// Launches `f` with one by-value struct parameter.
+///
+/// # Safety
+/// `f` is a kernel of the current context whose single parameter has `P`'s C layout, and every
+/// device pointer inside `params` is valid for what the kernel does with it.
+unsafe fn launch<P>(
+    f: cu::CUfunction,
+    grid: (u32, u32, u32),
+    block: u32,
+    smem: u32,
+    stream: cu::CUstream,
+    params: &mut P,
+) -> Result<()> {
+    let mut args = [(params as *mut P).cast::<c_void>()];
+    // SAFETY: per the function's contract; `args` outlives the call (the driver copies the
+    // parameter values at launch).
+    drv("cuLaunchKernel", unsafe {
+        cu::cuLaunchKernel(
+            f,
+            grid.0,
+            grid.1,
+            grid.2,
+            block,
+            1,
+            1,
+            smem,
+            stream,
+            args.as_mut_ptr(),
+            std::ptr::null_mut(),
+        )
+    })
+}
+
+/// Where the rotary rows of a device call come from.
+#[derive(Clone, Copy, Debug)]
+pub enum RopeSource<'a> {
+    /// The caller's host table: the rows the call needs are uploaded with the call.
+    Host(RopeTable<'a>),
+    /// The table uploaded before with [`GpuLayer::upload_rope_table`].
+    Uploaded,
+}
+
+/// A forward call whose activations live in device memory (for servers).
+#[derive(Clone, Copy, Debug)]
+pub struct DeviceCall<'a> {
+    /// Device pointer to `x`, f32 `[batch, seq_len, n_embd]`.
+    pub x: u64,
+    /// Device pointer to the output `y`, f32 `[batch, seq_len, n_embd]`.
+    pub y: u64,
+    /// Batch rows.
+    pub batch: usize,
+    /// Tokens per row.
+    pub seq_len: usize,
+    /// Mask inputs (host memory; validated and uploaded with the call).
+    pub mask: MaskInputs<'a>,
+    /// Rotary positions (host memory), as in [`Inputs::position_ids`].
+    pub position_ids: Option<&'a [i32]>,
+    /// The rotary table, required when the layer is rotary.
+    pub rope: Option<RopeSource<'a>>,
+    /// The caller's `CUstream` (as a raw pointer), or null for the layer's own stream.
+    pub stream: *mut c_void,
+}
+
+/// A layer on one GPU: weights uploaded once, every buffer sized at set-up for calls of up to
+/// `max_batch` rows of `max_seq_len` tokens; forward calls allocate nothing.
+pub struct GpuLayer<'a> {
+    layer: Layer<'a>,
+    cfg: Config,
+    opts: GpuOptions,
+    path: AttnPath,
+    kernels: Arc<Kernels>,
+    f_attn: cu::CUfunction,
+    f_prep: cu::CUfunction,
+    f_convert: Option<cu::CUfunction>,
+    f_bias: cu::CUfunction,
+    stream: cu::CUstream,
+    cublas: Cublas,
+    // Device buffers.
+    x: DeviceBuffer<u8>,
+    xs: DeviceBuffer<u8>,
+    qkv: DeviceBuffer<u8>,
+    q: DeviceBuffer<u8>,
+    k: DeviceBuffer<u8>,
+    v: DeviceBuffer<u8>,
+    o: DeviceBuffer<u8>,
+    y: DeviceBuffer<u8>,
+    rope: DeviceBuffer<u8>,
+    rope_table: Option<(DeviceBuffer<u8>, usize)>,
+    seq_lens: DeviceBuffer<u8>,
+    groups: DeviceBuffer<u8>,
+    gmin: DeviceBuffer<u8>,
+    gmax: DeviceBuffer<u8>,
+    positions: DeviceBuffer<u8>,
+    wqkv: DeviceBuffer<u8>,
+    wo: DeviceBuffer<u8>,
+    bqkv: Option<DeviceBuffer<u8>>,
+    bo: Option<DeviceBuffer<u8>>,
+    q_norm: Option<DeviceBuffer<u8>>,
+    k_norm: Option<DeviceBuffer<u8>>,
+    // Host scratch, sized at set-up.
+    h_groups: Vec<i32>,
+    h_gmin: Vec<i32>,
+    h_gmax: Vec<i32>,
+    h_scratch: Vec<(i32, i32, u32)>,
+    h_rope: Vec<f32>,
+    last_attn: Option<(plan::Launch, AttnParams)>,
+}
+
+impl Drop for GpuLayer<'_> {
+    fn drop(&mut self) {
+        // SAFETY: the stream was created by this layer and is destroyed once; pending work on it
+        // is finished first.
+        unsafe {
+            cu::cuStreamSynchronize(self.stream);
+            cu::cuStreamDestroy_v2(self.stream);
+        }
+    }
+}
+
+fn widen(t: &Tensor<'_>) -> Vec<f32> {
+    let mut v = vec![0.0f32; t.len()];
+    // The range is the whole tensor: cannot fail.
+    let _ = t.read_into(0, &mut v);
+    v
+}
+
+/// Host bytes of `parts` concatenated, stored as `precision`.
+fn stored(parts: &[&Tensor<'_>], precision: Precision) -> Vec<u8> {
+    let mut all = Vec::new();
+    for p in parts {
+        all.extend(widen(p));
+    }
+    match precision {
+        Precision::F32 => all.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        Precision::Bf16 => all
+            .iter()
+            .flat_map(|&v| bf16::from_f32(v).to_bits().to_le_bytes())
+            .collect(),
+        Precision::F16 => all
+            .iter()
+            .flat_map(|&v| f16::from_f32(v).to_bits().to_le_bytes())
+            .collect(),
+    }
+}
+
+fn blas_type(p: Precision) -> i32 {
+    match p {
+        Precision::F32 => cublas::R_32F,
+        Precision::Bf16 => cublas::R_16BF,
+        Precision::F16 => cublas::R_16F,
+    }
+}
+
+impl<'a> GpuLayer<'a> {
+    /// Sets the layer up on `opts.device`: loads (or reuses) the device's modules, uploads the
+    /// weights in `opts.precision`, sizes every buffer for `opts.max_batch` x
+    /// `opts.max_seq_len`.
+    ///
+    /// # Errors
+    /// No driver or device, an unsupported head_dim / group for the precision
+    /// ([`capability`]), out of device memory, or maxima whose buffers overflow.
+    pub fn new(layer: Layer<'a>, opts: GpuOptions) -> Result<GpuLayer<'a>> {
+        let cfg = *layer.config();
+        let path = capability(opts.precision, cfg.head_dim, cfg.group_size())?;
+        let ws = Workspace::new(&cfg, opts.precision, opts.max_batch, opts.max_seq_len)
+            .ok_or_else(|| Error::Unsupported("buffer sizes overflow the address space".into()))?;
+        let kernels = kernels(opts.device)?;
+        let probe = attention_launch(path, &cfg, 1, 1)?;
+        let prep_smem = plan::prep_smem_bytes(&cfg);
+        for (what, need) in [("attention", probe.smem), ("q/k/v preparation", prep_smem)] {
+            if need as usize > kernels.smem_optin {
+                return Err(Error::Unsupported(format!(
+                    "{what} needs {need} bytes of shared memory; {} allows {}",
+                    kernels.name, kernels.smem_optin
+                )));
+            }
+        }
+        let f_attn = function(&kernels.attention, &probe.kernel)?;
+        let f_prep = function(
+            &kernels.rope_norm,
+            &format!("qkv_prep_{}", opts.precision.name()),
+        )?;
+        let f_convert = match opts.precision {
+            Precision::F32 => None,
+            p => Some(function(
+                &kernels.rope_norm,
+                &format!("convert_f32_{}", p.name()),
+            )?),
+        };
+        let f_bias = function(&kernels.rope_norm, "add_bias_f32")?;
+        // The limit is a property of the function, shared by every layer of the process: set it
+        // to the device's maximum (the same value from every thread), never to one layer's need,
+        // so that concurrent set-ups cannot lower it under another layer's launch.
+        // (The maximum less the function's static shared memory.)
+        for f in [f_attn, f_prep] {
+            let mut static_bytes = 0i32;
+            // SAFETY: `f` is a live function of the current context; valid out-pointer.
+            drv("cuFuncGetAttribute", unsafe {
+                cu::cuFuncGetAttribute(
+                    &mut static_bytes,
+                    cu::CUfunction_attribute::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES,
+                    f,
+                )
+            })?;
+            let bytes = kernels.smem_optin as i32 - static_bytes;
+            // SAFETY: `f` is a live function of the current context.
+            drv("cuFuncSetAttribute", unsafe {
+                cu::cuFuncSetAttribute(
+                    f,
+                    cu::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    bytes,
+                )
+            })?;
+        }
+        let mut stream: cu::CUstream = std::ptr::null_mut();
+        // SAFETY: `stream` is a valid out-pointer; the device's context is current.
+        drv("cuStreamCreate", unsafe {
+            cu::cuStreamCreate(&mut stream, 1)
+        })?;
+        let cublas = Cublas::new()?;
+
+        let w = layer.weights();
+        let wqkv = upload(&stored(&[&w.wq, &w.wk, &w.wv], opts.precision))?;
+        let wo = upload(&stored(&[&w.wo], opts.precision))?;
+        let bqkv = if w.bq.is_some() || w.bk.is_some() || w.bv.is_some() {
+            let mut b = Vec::with_capacity(cfg.q_dim() + 2 * cfg.kv_dim());
+            for (t, n) in [
+                (&w.bq, cfg.q_dim()),
+                (&w.bk, cfg.kv_dim()),
+                (&w.bv, cfg.kv_dim()),
+            ] {
+                match t {
+                    Some(t) => b.extend(widen(t)),
+                    None => b.extend(std::iter::repeat_n(0.0f32, n)),
+                }
+            }
+            Some(upload(&b)?)
+        } else {
+            None
+        };
+        let bo = w.bo.as_ref().map(|t| upload(&widen(t))).transpose()?;
+        let q_norm = w.q_norm.as_ref().map(|t| upload(&widen(t))).transpose()?;
+        let k_norm = w.k_norm.as_ref().map(|t| upload(&widen(t))).transpose()?;
+
+        let n = opts.max_batch * opts.max_seq_len;
+        let granules = opts.max_batch * opts.max_seq_len.div_ceil(GROUP_GRANULE);
+        Ok(GpuLayer {
+            layer,
+            cfg,
+            opts,
+            path,
+            f_attn,
+            f_prep,
+            f_convert,
+            f_bias,
+            stream,
+            cublas,
+            x: alloc(ws.x)?,
+            xs: alloc(ws.x_store)?,
+            qkv: alloc(ws.qkv)?,
+            q: alloc(ws.q)?,
+            k: alloc(ws.kv)?,
+            v: alloc(ws.kv)?,
+            o: alloc(ws.o)?,
+            y: alloc(ws.y)?,
+            rope: alloc(ws.rope)?,
+            rope_table: None,
+            seq_lens: alloc(opts.max_batch * 4)?,
+            groups: alloc(n * 4)?,
+            gmin: alloc(granules * 4)?,
+            gmax: alloc(granules * 4)?,
+            positions: alloc(n * 4)?,
+            wqkv,
+            wo,
+            bqkv,
+            bo,
+            q_norm,
+            k_norm,
+            h_groups: vec![0; n],
+            h_gmin: vec![0; granules],
+            h_gmax: vec![0; granules],
+            h_scratch: vec![(0, 0, 0); opts.max_seq_len],
+            h_rope: if cfg.rope().is_some() {
+                vec![0.0; n * cfg.head_dim]
+            } else {
+                Vec::new()
+            },
+            kernels,
+            last_attn: None,
+        })
+    }
+
+    /// The attention path every call of this layer runs.
+    pub fn path(&self) -> AttnPath {
+        self.path
+    }
+
+    /// The layer (configuration and host weights) this GPU layer was made from.
+    pub fn layer(&self) -> &Layer<'a> {
+        &self.layer
+    }
+
+    /// What ran: the path and the device's name.
+    pub fn backend(&self) -> GpuBackend {
+        GpuBackend {
+            path: self.path,
+            device: self.kernels.name.clone(),
+        }
+    }
+
+    /// Uploads a whole cos/sin table once, for device calls that name
+    /// [`RopeSource::Uploaded`] (so that no rows travel with each call). Allocates.
+    ///
+    /// # Errors
+    /// A table whose rows do not match head_dim, or a failed upload.
+    pub fn upload_rope_table(&mut self, table: &RopeTable<'_>) -> Result<()> {
+        if table.half_dim() * 2 != self.cfg.head_dim {
+            return Err(attnrt::Error::InputShape {
+                name: "freqs_cis row",
+                expected: self.cfg.head_dim,
+                actual: table.half_dim() * 2,
+            }
+            .into());
+        }
+        let rows = table.max_pos();
+        let mut data = Vec::with_capacity(rows * self.cfg.head_dim);
+        for p in 0..rows {
+            data.extend_from_slice(table.row(p).unwrap_or(&[]));
+        }
+        self.set_current()?;
+        self.rope_table = Some((upload(&data)?, rows));
+        Ok(())
+    }
+
+    fn set_current(&self) -> Result<()> {
+        cust::context::CurrentContext::set_current(&self.kernels.ctx)
+            .map_err(|e| cust_err("cuCtxSetCurrent", e))
+    }
+
+    fn check_capacity(&self, batch: usize, seq_len: usize) -> Result<()> {
+        if batch > self.opts.max_batch {
+            return Err(Error::Capacity {
+                what: "batch",
+                value: batch,
+                max: self.opts.max_batch,
+            });
+        }
+        if seq_len > self.opts.max_seq_len {
+            return Err(Error::Capacity {
+                what: "seq_len",
+                value: seq_len,
+                max: self.opts.max_seq_len,
+            });
+        }
+        Ok(())
+    }
+
+    /// Runs the layer on host buffers: uploads `x` and the call's metadata, runs on the layer's
+    /// stream, downloads `y` into `out` and waits.
+    ///
+    /// # Errors
+    /// Exactly the runtime's validation errors for invalid inputs ([`Error::Runtime`]), a call
+    /// larger than the set-up maxima ([`Error::Capacity`]), or a failed CUDA / cuBLAS call. On
+    /// error `out` is untouched, except after a failure of the device itself mid-copy.
+    pub fn forward_host(&mut self, inputs: &Inputs<'_>, out: &mut [f32]) -> Result<GpuBackend> {
+        self.layer.validate_inputs(inputs, out.len())?;
+        self.check_capacity(inputs.batch, inputs.seq_len)?;
+        if out.is_empty() {
+            return Ok(self.backend());
+        }
+        self.set_current()?;
+        let stream = self.stream;
+        let (x, y) = (ptr(&self.x), ptr(&self.y));
+        // SAFETY: `x` holds max_batch * max_seq_len * n_embd f32 and the call is within it
+        // (checked above); `inputs.x` has exactly batch * seq_len * n_embd values (validated).
+        unsafe { h2d(x, inputs.x, stream)? };
+        let rope = inputs.rope_table.map(RopeSource::Host);
+        // SAFETY: x and y are this layer's buffers, sized for the call.
+        unsafe {
+            self.run(
+                x,
+                y,
+                inputs.batch,
+                inputs.seq_len,
+                &inputs.mask,
+                inputs.position_ids,
+                rope,
+                stream,
+            )?
+        };
+        let bytes = std::mem::size_of_val(out);
+        // SAFETY: `y` holds the call's output of `bytes` bytes; `out` is a live exclusive host
+        // slice of that size; the stream is synchronised before `out` is read again.
+        unsafe {
+            drv(
+                "cuMemcpyDtoHAsync",
+                cu::cuMemcpyDtoHAsync_v2(out.as_mut_ptr().cast(), y, bytes, stream),
+            )?;
+            drv("cuStreamSynchronize", cu::cuStreamSynchronize(stream))?;
+        }
+        Ok(self.backend())
+    }
+
+    /// Runs the layer on device buffers, enqueued on `call.stream` (or the layer's own stream
+    /// when null). Returns once the work is enqueued: synchronise the stream before reading
+    /// `y`. The call's metadata (mask, positions, rotary rows) is copied from host memory
+    /// during this call.
+    ///
+    /// # Errors
+    /// As [`GpuLayer::forward_host`]; [`RopeSource::Uploaded`] without an uploaded table is an
+    /// error naming `freqs_cis`.
+    ///
+    /// # Safety
+    /// `call.x` and `call.y` are device pointers of this layer's context with room for
+    /// `batch * seq_len * n_embd` f32 each, `y` not overlapping anything else in use, and
+    /// `call.stream` is null or a live stream of that context. They stay valid until the
+    /// stream has run the work.
+    pub unsafe fn forward_device(&mut self, call: &DeviceCall<'_>) -> Result<GpuBackend> {
+        let rope_shape = match call.rope {
+            Some(RopeSource::Host(t)) => Some((t.half_dim(), t.max_pos())),
+            Some(RopeSource::Uploaded) => match &self.rope_table {
+                Some((_, rows)) => Some((self.cfg.head_dim / 2, *rows)),
+                None => {
+                    return Err(attnrt::Error::InputShape {
+                        name: "freqs_cis",
+                        expected: self.cfg.head_dim,
+                        actual: 0,
+                    }
+                    .into())
+                }
+            },
+            None => None,
+        };
+        self.layer.validate_metadata(
+            call.batch,
+            call.seq_len,
+            &call.mask,
+            call.position_ids,
+            rope_shape,
+        )?;
+        self.check_capacity(call.batch, call.seq_len)?;
+        if call.batch * call.seq_len == 0 {
+            return Ok(self.backend());
+        }
+        self.set_current()?;
+        let stream = if call.stream.is_null() {
+            self.stream
+        } else {
+            call.stream as cu::CUstream
+        };
+        // SAFETY: per this function's contract.
+        unsafe {
+            self.run(
+                call.x,
+                call.y,
+                call.batch,
+                call.seq_len,
+                &call.mask,
+                call.position_ids,
+                call.rope,
+                stream,
+            )?
+        };
+        Ok(self.backend())
+    }
+
+    /// Enqueues a validated call.
+    ///
+    /// # Safety
+    /// `x` / `y` hold `batch * seq_len * n_embd` f32 on the device; the call fits the buffers.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn run(
+        &mut self,
+        x: u64,
+        y: u64,
+        batch: usize,
+        seq_len: usize,
+        mask: &MaskInputs<'_>,
+        position_ids: Option<&[i32]>,
+        rope: Option<RopeSource<'_>>,
+        stream: cu::CUstream,
+    ) -> Result<()> {
+        let cfg = self.cfg;
+        let n = batch * seq_len;
+        let (c, qd, kvd, d) = (cfg.n_embd, cfg.q_dim(), cfg.kv_dim(), cfg.head_dim);
+        let width = qd + 2 * kvd;
+        let prec = self.opts.precision;
+
+        // Mask metadata.
+        let mut mp = MaskParams {
+            seq_len: seq_len as i32,
+            window: cfg
+                .sliding_window
+                .map_or(i32::MAX, |w| w.min(i32::MAX as usize) as i32),
+            seq_lens: 0,
+            groups: 0,
+            gmin: 0,
+            gmax: 0,
+            granules: seq_len.div_ceil(GROUP_GRANULE) as i32,
+        };
+        if let Some(l) = mask.seq_lens {
+            // SAFETY: `seq_lens` holds max_batch i32 >= batch (validated length).
+            unsafe { h2d(ptr(&self.seq_lens), l, stream)? };
+            mp.seq_lens = ptr(&self.seq_lens);
+        }
+        if plan::merge_groups(
+            mask.document_ids,
+            mask.cu_seqlens,
+            batch,
+            seq_len,
+            &mut self.h_groups,
+            &mut self.h_scratch,
+        ) {
+            let ng = batch * seq_len.div_ceil(GROUP_GRANULE);
+            plan::granule_ranges(
+                &self.h_groups[..n],
+                batch,
+                seq_len,
+                &mut self.h_gmin[..ng],
+                &mut self.h_gmax[..ng],
+            );
+            // SAFETY: the buffers were sized for max_batch x max_seq_len.
+            unsafe {
+                h2d(ptr(&self.groups), &self.h_groups[..n], stream)?;
+                h2d(ptr(&self.gmin), &self.h_gmin[..ng], stream)?;
+                h2d(ptr(&self.gmax), &self.h_gmax[..ng], stream)?;
+            }
+            mp.groups = ptr(&self.groups);
+            mp.gmin = ptr(&self.gmin);
+            mp.gmax = ptr(&self.gmax);
+        }
+
+        // Rotary rows.
+        let (mut cs, mut cs_rows, mut cs_period) = (0u64, 0u64, seq_len as i32);
+        if let (Some(_), Some(src)) = (cfg.rope(), rope) {
+            match src {
+                RopeSource::Uploaded => {
+                    let (table, _) = self
+                        .rope_table
+                        .as_ref()
+                        .ok_or(Error::Unsupported("no uploaded rotary table".into()))?;
+                    cs = ptr(table);
+                    if let Some(p) = position_ids {
+                        // SAFETY: `positions` holds max_batch * max_seq_len i32.
+                        unsafe { h2d(ptr(&self.positions), p, stream)? };
+                        cs_rows = ptr(&self.positions);
+                    }
+                }
+                RopeSource::Host(table) => {
+                    let rows = match position_ids {
+                        Some(_) => n,
+                        None => seq_len,
+                    };
+                    for r in 0..rows {
+                        let pos = match position_ids {
+                            Some(p) => p[r] as usize,
+                            None => r,
+                        };
+                        // Validated: every position is inside the table.
+                        let row = table.row(pos).unwrap_or(&[]);
+                        self.h_rope[r * d..r * d + row.len()].copy_from_slice(row);
+                    }
+                    // SAFETY: `rope` holds max_batch * max_seq_len * head_dim f32.
+                    unsafe { h2d(ptr(&self.rope), &self.h_rope[..rows * d], stream)? };
+                    cs = ptr(&self.rope);
+                    cs_period = rows as i32;
+                }
+            }
+        }
+
+        // Projections: qkv[n, width] = x wqkv^T (f32 out).
+        let x_in = match (prec, self.f_convert) {
+            (Precision::F32, _) | (_, None) => x,
+            (_, Some(f)) => {
+                let mut a = ConvertParams {
+                    input: x,
+                    output: ptr(&self.xs),
+                    n: (n * c) as i64,
+                };
+                let blocks = ((n * c).div_ceil(256)).min(65535 * 8) as u32;
+                // SAFETY: ConvertParams matches the kernel's struct; n*c elements of x and xs.
+                unsafe { launch(f, (blocks, 1, 1), 256, 0, stream, &mut a)? };
+                ptr(&self.xs)
+            }
+        };
+        // SAFETY: wqkv [width, c], x_in [n, c], qkv [n, width] on the device.
+        unsafe {
+            self.cublas.linear(
+                stream.cast(),
+                n,
+                width,
+                c,
+                ptr(&self.wqkv),
+                x_in,
+                blas_type(prec),
+                ptr(&self.qkv),
+                cublas::R_32F,
+            )?
+        };
+
+        // Bias, QK-norm, RoPE, store.
+        let mut pp = PrepParams {
+            qkv: ptr(&self.qkv),
+            bias: self.bqkv.as_ref().map_or(0, ptr),
+            q_norm: self.q_norm.as_ref().map_or(0, ptr),
+            k_norm: self.k_norm.as_ref().map_or(0, ptr),
+            cs,
+            cs_rows,
+            q: ptr(&self.q),
+            k: ptr(&self.k),
+            v: ptr(&self.v),
+            cs_period,
+            n_head: cfg.n_head as i32,
+            n_kv_head: cfg.n_kv_head as i32,
+            head_dim: d as i32,
+            full_norm: (cfg.qk_norm == QkNorm::Full) as i32,
+            half_split: matches!(cfg.rope(), Some(r) if r.convention == RopeConvention::HalfSplit)
+                as i32,
+            eps: cfg.rmsnorm_eps,
+        };
+        let prep_smem = plan::prep_smem_bytes(&cfg);
+        // SAFETY: every pointer of `pp` is a live buffer sized for the call (or null where the
+        // kernel checks for null).
+        unsafe {
+            launch(
+                self.f_prep,
+                (n as u32, 1, 1),
+                PREP_THREADS,
+                prep_smem,
+                stream,
+                &mut pp,
+            )?
+        };
+
+        // Attention.
+        let l = attention_launch(self.path, &cfg, batch, seq_len)?;
+        let mut ap = AttnParams {
+            q: ptr(&self.q),
+            k: ptr(&self.k),
+            v: ptr(&self.v),
+            o: ptr(&self.o),
+            seq_len: seq_len as i32,
+            n_head: cfg.n_head as i32,
+            n_kv_head: cfg.n_kv_head as i32,
+            head_dim: d as i32,
+            group: cfg.group_size() as i32,
+            q_per_cta: l.q_per_cta as i32,
+            scale: 1.0 / (d as f32).sqrt(),
+            scale_log2: std::f32::consts::LOG2_E / (d as f32).sqrt(),
+            mask: mp,
+        };
+        // SAFETY: q/k/v/o and the mask buffers are live and sized for the call.
+        unsafe { launch(self.f_attn, l.grid, l.block, l.smem, stream, &mut ap)? };
+        self.last_attn = Some((l, ap));
+
+        // Output projection and bias.
+        // SAFETY: wo [c, qd], o [n, qd], y [n, c] on the device.
+        unsafe {
+            self.cublas.linear(
+                stream.cast(),
+                n,
+                c,
+                qd,
+                ptr(&self.wo),
+                ptr(&self.o),
+                blas_type(prec),
+                y,
+                cublas::R_32F,
+            )?
+        };
+        if let Some(bo) = &self.bo {
+            let mut a = BiasParams {
+                y,
+                bias: ptr(bo),
+                rows: n as i64,
+                cols: c as i32,
+            };
+            let blocks = ((n * c).div_ceil(256)).min(65535 * 8) as u32;
+            // SAFETY: BiasParams matches the kernel's struct; y is [n, c], bias [c].
+            unsafe { launch(self.f_bias, (blocks, 1, 1), 256, 0, stream, &mut a)? };
+        }
+        Ok(())
+    }
+
+    /// Benchmark helper: mean milliseconds of `f` over `iters` runs on the layer's own stream,
+    /// timed with CUDA events after one warm-up run.
+    ///
+    /// # Errors
+    /// Any error of `f` or of the event calls.
+    #[doc(hidden)]
+    pub fn time_ms(
+        &mut self,
+        iters: usize,
+        mut f: impl FnMut(&mut Self) -> Result<()>,
+    ) -> Result<f32> {
+        self.set_current()?;
+        f(self)?;
+        let (mut start, mut stop): (cu::CUevent, cu::CUevent) =
+            (std::ptr::null_mut(), std::ptr::null_mut());
+        // SAFETY: valid out-pointers; the context is current; the events are destroyed below.
+        unsafe {
+            drv("cuEventCreate", cu::cuEventCreate(&mut start, 0))?;
+            drv("cuEventCreate", cu::cuEventCreate(&mut stop, 0))?;
+        }
+        let mut ms = 0.0f32;
+        let result = (|| {
+            // SAFETY: live events and stream.
+            drv("cuEventRecord", unsafe {
+                cu::cuEventRecord(start, self.stream)
+            })?;
+            for _ in 0..iters {
+                f(self)?;
+            }
+            // SAFETY: as above.
+            unsafe {
+                drv("cuEventRecord", cu::cuEventRecord(stop, self.stream))?;
+                drv("cuEventSynchronize", cu::cuEventSynchronize(stop))?;
+                drv(
+                    "cuEventElapsedTime",
+                    cu::cuEventElapsedTime(&mut ms, start, stop),
+                )
+            }
+        })();
+        // SAFETY: the events were created above and are not used after this.
+        unsafe {
+            cu::cuEventDestroy_v2(start);
+            cu::cuEventDestroy_v2(stop);
+        }
+        result.map(|()| ms / iters.max(1) as f32)
+    }
+
+    /// Benchmark helper: launches the attention kernel of the last call again (on the layer's
+    /// own stream, same inputs and mask), without the projections.
+    ///
+    /// # Errors
+    /// No earlier call, or a failed launch.
+    #[doc(hidden)]
+    pub fn relaunch_attention(&mut self) -> Result<()> {
+        let (l, mut ap) = self
+            .last_attn
+            .clone()
+            .ok_or_else(|| Error::Unsupported("no earlier call to relaunch".into()))?;
+        // SAFETY: the buffers of the last call are still this layer's and unchanged in size;
+        // its mask buffers still hold that call's metadata unless a later call replaced it,
+        // in which case `last_attn` was replaced too.
+        unsafe { launch(self.f_attn, l.grid, l.block, l.smem, self.stream, &mut ap) }
+    }
+
+    /// Waits for the layer's own stream.
+    ///
+    /// # Errors
+    /// An asynchronous failure of earlier work.
+    pub fn synchronize(&self) -> Result<()> {
+        self.set_current()?;
+        // SAFETY: the stream is live.
+        drv("cuStreamSynchronize", unsafe {
+            cu::cuStreamSynchronize(self.stream)
+        })
+    }
+
+    /// The layer's own stream (a `CUstream`), for callers that time or order work on it.
+    pub fn stream(&self) -> *mut c_void {
+        self.stream.cast()
+    }
+
+    /// Device memory the layer allocated at set-up, in bytes.
+    pub fn device_bytes(&self) -> usize {
+        Workspace::new(
+            &self.cfg,
+            self.opts.precision,
+            self.opts.max_batch,
+            self.opts.max_seq_len,
+        )
+        .map_or(0, |w| w.total())
+    }
+}

@@ -1,0 +1,567 @@
+//! Host-side logic of the CUDA executor, free of any driver call so that it is unit-tested on
+//! machines without a GPU: which attention path a call gets, launch geometry and shared-memory
+//! sizes, device buffer sizes, the merged group ids of the mask and their granule tables, and a
+//! mirror of the kernels' tile classifier.
+
+use core::fmt;
+
+use attnrt::Config;
+
+/// Storage and arithmetic precision of a GPU layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Precision {
+    /// f32 weights and activations, attention on CUDA cores: matches the scalar reference to
+    /// 1e-4 (SPEC.md, Precision).
+    F32,
+    /// bf16 weights, q/k/v and attention output; f32 accumulation everywhere; tensor cores.
+    Bf16,
+    /// f16 storage, otherwise as [`Precision::Bf16`].
+    F16,
+}
+
+impl Precision {
+    /// Bytes per stored element.
+    pub const fn size(self) -> usize {
+        match self {
+            Precision::F32 => 4,
+            Precision::Bf16 | Precision::F16 => 2,
+        }
+    }
+
+    /// Short name used in kernel names and reports.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::Bf16 => "bf16",
+            Precision::F16 => "f16",
+        }
+    }
+}
+
+/// The attention kernel a call runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttnPath {
+    /// `attn_f32`: CUDA cores, any head_dim up to [`MAX_HEAD_DIM`].
+    CudaCoresF32,
+    /// `attn_mma_<dtype>_p<padded>_m<m_tiles>`: tensor cores.
+    TensorCore {
+        /// bf16 or f16.
+        dtype: Precision,
+        /// head_dim rounded up to a multiple of 32 (the kernel's template size).
+        padded_head_dim: usize,
+        /// 16-row m-tiles per warp (the CTA has 4 warps, so 64 * m_tiles packed rows).
+        m_tiles: usize,
+        /// Whether head_dim is one of the tuned sizes (64, 128, 256), with no padding.
+        tuned: bool,
+        /// Keys per K/V tile.
+        key_tile: usize,
+    },
+}
+
+/// The largest head_dim any path supports.
+pub const MAX_HEAD_DIM: usize = 256;
+/// Tokens per granule of the merged-group min/max tables (`ATTNRT_GRANULE` in common.cuh).
+pub const GROUP_GRANULE: usize = 32;
+/// Key tile of the f32 kernel (`F32_BK`).
+pub const F32_KEY_TILE: usize = 32;
+/// Threads of a CTA of the f32 kernel.
+pub const F32_THREADS: u32 = 256;
+/// Threads of a CTA of the tensor-core kernels (4 warps).
+pub const MMA_THREADS: u32 = 128;
+/// Threads of a CTA of the q/k/v preparation kernel (one CTA per token).
+pub const PREP_THREADS: u32 = 256;
+/// The largest grid y / z the launches use (KV heads, batch rows).
+pub const MAX_GRID_YZ: usize = 65535;
+
+/// Which attention path `(precision, head_dim, group)` gets, or why none can run it.
+///
+/// # Errors
+/// [`crate::Error::Unsupported`] for head_dim 0 or above 256, an odd head_dim on the
+/// tensor-core path, or more than 128 query heads per KV head there.
+pub fn capability(precision: Precision, head_dim: usize, group: usize) -> crate::Result<AttnPath> {
+    if head_dim == 0 || head_dim > MAX_HEAD_DIM {
+        return Err(crate::Error::Unsupported(format!(
+            "head_dim {head_dim}: the CUDA kernels support 1..={MAX_HEAD_DIM}"
+        )));
+    }
+    match precision {
+        Precision::F32 => Ok(AttnPath::CudaCoresF32),
+        Precision::Bf16 | Precision::F16 => {
+            if !head_dim.is_multiple_of(2) {
+                return Err(crate::Error::Unsupported(format!(
+                    "head_dim {head_dim} is odd: the tensor-core path needs an even head_dim \
+                     (use Precision::F32)"
+                )));
+            }
+            let padded = head_dim.div_ceil(32) * 32;
+            let m_tiles = if padded == 128 && group >= 2 && env_m_tiles() == 2 {
+                2
+            } else {
+                1
+            };
+            let rows = 64 * m_tiles;
+            if group > rows {
+                return Err(crate::Error::Unsupported(format!(
+                    "{group} query heads per KV head: the tensor-core path packs at most {rows}"
+                )));
+            }
+            let key_tile = if padded == 128 && m_tiles == 1 && env_key_tile() == 32 {
+                32
+            } else {
+                mma_key_tile(padded)
+            };
+            Ok(AttnPath::TensorCore {
+                dtype: precision,
+                padded_head_dim: padded,
+                m_tiles,
+                tuned: matches!(head_dim, 64 | 128 | 256),
+                key_tile,
+            })
+        }
+    }
+}
+
+/// `ATTNRT_CUDA_M_TILES=2` selects the 128-row variant for head_dim 128 (a tuning switch for
+/// the benchmark; 1 otherwise).
+fn env_m_tiles() -> usize {
+    match std::env::var("ATTNRT_CUDA_M_TILES").ok().as_deref() {
+        Some("2") => 2,
+        _ => 1,
+    }
+}
+
+/// `ATTNRT_CUDA_KEY_TILE=32` selects 32-key tiles for head_dim 128 (less shared memory, more
+/// CTAs per SM; a tuning switch for the benchmark).
+fn env_key_tile() -> usize {
+    match std::env::var("ATTNRT_CUDA_KEY_TILE").ok().as_deref() {
+        Some("32") => 32,
+        _ => 0,
+    }
+}
+
+impl fmt::Display for AttnPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AttnPath::CudaCoresF32 => f.write_str("cuda-cores-f32"),
+            AttnPath::TensorCore {
+                dtype,
+                padded_head_dim,
+                m_tiles,
+                tuned,
+                key_tile,
+            } => write!(
+                f,
+                "tensor-core-{}-p{padded_head_dim}-m{m_tiles}-n{key_tile}{}",
+                dtype.name(),
+                if *tuned { "" } else { "-generic" }
+            ),
+        }
+    }
+}
+
+/// What ran a forward call on the GPU (the CUDA counterpart of `attnrt::Backend`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GpuBackend {
+    /// The attention kernel.
+    pub path: AttnPath,
+    /// The device's name.
+    pub device: String,
+}
+
+impl fmt::Display for GpuBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "cuda-{} on {}", self.path, self.device)
+    }
+}
+
+/// Set-up options of a GPU layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GpuOptions {
+    /// Storage precision.
+    pub precision: Precision,
+    /// Most batch rows of a call (device buffers are sized for it up front).
+    pub max_batch: usize,
+    /// Most tokens per row of a call.
+    pub max_seq_len: usize,
+    /// CUDA device ordinal.
+    pub device: u32,
+}
+
+impl GpuOptions {
+    /// Options for device 0.
+    pub const fn new(precision: Precision, max_batch: usize, max_seq_len: usize) -> GpuOptions {
+        GpuOptions {
+            precision,
+            max_batch,
+            max_seq_len,
+            device: 0,
+        }
+    }
+}
+
+/// One kernel launch: name, grid, block, dynamic shared memory.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Launch {
+    /// Kernel entry point in the PTX.
+    pub kernel: String,
+    /// Grid (x, y, z).
+    pub grid: (u32, u32, u32),
+    /// Threads per CTA.
+    pub block: u32,
+    /// Dynamic shared memory in bytes.
+    pub smem: u32,
+    /// Queries per CTA (BQ).
+    pub q_per_cta: usize,
+}
+
+/// The attention launch for a call of `batch` rows of `seq_len` tokens.
+///
+/// # Errors
+/// [`crate::Error::Unsupported`] when the grid would exceed the device's limits.
+pub fn attention_launch(
+    path: AttnPath,
+    cfg: &Config,
+    batch: usize,
+    seq_len: usize,
+) -> crate::Result<Launch> {
+    let r = cfg.group_size();
+    let d = cfg.head_dim;
+    if cfg.n_kv_head > MAX_GRID_YZ || batch > MAX_GRID_YZ {
+        return Err(crate::Error::Unsupported(format!(
+            "n_kv_head {} / batch {batch}: grid y and z are limited to {MAX_GRID_YZ}",
+            cfg.n_kv_head
+        )));
+    }
+    let (kernel, block, q_per_cta, smem) = match path {
+        AttnPath::CudaCoresF32 => {
+            let bq = (32 / r).max(1);
+            (
+                "attn_f32".to_string(),
+                F32_THREADS,
+                bq,
+                f32_smem_bytes(bq * r, d),
+            )
+        }
+        AttnPath::TensorCore {
+            dtype,
+            padded_head_dim: dp,
+            m_tiles,
+            key_tile,
+            ..
+        } => {
+            let rows = 64 * m_tiles;
+            (
+                format!("attn_mma_{}_p{dp}_m{m_tiles}_n{key_tile}", dtype.name()),
+                MMA_THREADS,
+                rows / r,
+                mma_smem_bytes(dp, m_tiles, key_tile),
+            )
+        }
+    };
+    let tiles = seq_len.div_ceil(q_per_cta.max(1)).max(1);
+    let grid_x = u32::try_from(tiles).map_err(|_| {
+        crate::Error::Unsupported(format!("{tiles} query tiles exceed the grid's x limit"))
+    })?;
+    Ok(Launch {
+        kernel,
+        grid: (grid_x, cfg.n_kv_head as u32, batch as u32),
+        block,
+        smem,
+        q_per_cta,
+    })
+}
+
+/// Dynamic shared memory of `attn_f32` for `rows` packed rows and head_dim `d`.
+pub const fn f32_smem_bytes(rows: usize, d: usize) -> u32 {
+    let floats =
+        2 * rows * d + F32_KEY_TILE * (d + 1) + F32_KEY_TILE * d + rows * F32_KEY_TILE + 3 * rows;
+    (floats * 4) as u32
+}
+
+/// Key tile of the tensor-core kernel for padded head_dim `dp`.
+pub const fn mma_key_tile(dp: usize) -> usize {
+    if dp <= 128 {
+        64
+    } else {
+        32
+    }
+}
+
+/// Dynamic shared memory of `attn_mma_*_p<dp>_m<m_tiles>`: the Q tile and two stages of K and V,
+/// rows padded by 8 elements.
+pub const fn mma_smem_bytes(dp: usize, m_tiles: usize, key_tile: usize) -> u32 {
+    let ld = dp + 8;
+    let rows = 64 * m_tiles;
+    ((rows * ld + 4 * key_tile * ld) * 2) as u32
+}
+
+/// Dynamic shared memory of the q/k/v preparation kernel.
+pub const fn prep_smem_bytes(cfg: &Config) -> u32 {
+    let n = if cfg.n_head > cfg.n_kv_head {
+        cfg.n_head
+    } else {
+        cfg.n_kv_head
+    };
+    (n * cfg.head_dim * 4) as u32
+}
+
+/// Byte sizes of the device buffers of a GPU layer, all sized once at set-up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Workspace {
+    /// `x` as f32 `[N, C]` (N = max_batch * max_seq_len tokens).
+    pub x: usize,
+    /// `x` in the storage type (only bf16 / f16).
+    pub x_store: usize,
+    /// The fused q/k/v projection, f32 `[N, q_dim + 2 kv_dim]`.
+    pub qkv: usize,
+    /// q, k, v after norm and RoPE, storage type.
+    pub q: usize,
+    /// k (and v, the same size).
+    pub kv: usize,
+    /// Attention output, storage type `[N, q_dim]`.
+    pub o: usize,
+    /// Output `y`, f32 `[N, C]`.
+    pub y: usize,
+    /// Rotary rows, f32 `[N, head_dim]`.
+    pub rope: usize,
+    /// Mask metadata: lengths, merged groups, granule tables, rotary row indices (i32).
+    pub meta: usize,
+    /// Weights: fused q/k/v, output, biases and norm weights.
+    pub weights: usize,
+}
+
+impl Workspace {
+    /// Sizes for `cfg` at `precision` and the given maxima.
+    pub fn new(
+        cfg: &Config,
+        precision: Precision,
+        max_batch: usize,
+        max_seq_len: usize,
+    ) -> Option<Workspace> {
+        let n = max_batch.checked_mul(max_seq_len)?;
+        let s = precision.size();
+        let (c, q, kv) = (cfg.n_embd, cfg.q_dim(), cfg.kv_dim());
+        let width = q.checked_add(kv.checked_mul(2)?)?;
+        let granules = max_seq_len.div_ceil(GROUP_GRANULE);
+        let meta_ints = max_batch + n + 2 * max_batch.checked_mul(granules)? + n;
+        Some(Workspace {
+            x: n.checked_mul(c)?.checked_mul(4)?,
+            x_store: if precision == Precision::F32 {
+                0
+            } else {
+                n.checked_mul(c)?.checked_mul(s)?
+            },
+            qkv: n.checked_mul(width)?.checked_mul(4)?,
+            q: n.checked_mul(q)?.checked_mul(s)?,
+            kv: n.checked_mul(kv)?.checked_mul(s)?,
+            o: n.checked_mul(q)?.checked_mul(s)?,
+            y: n.checked_mul(c)?.checked_mul(4)?,
+            rope: n.checked_mul(cfg.head_dim)?.checked_mul(4)?,
+            meta: meta_ints.checked_mul(4)?,
+            weights: width
+                .checked_mul(c)?
+                .checked_add(c.checked_mul(q)?)?
+                .checked_mul(s)?
+                .checked_add((width + c + 2 * q.max(kv)) * 4)?,
+        })
+    }
+
+    /// All device bytes together.
+    pub fn total(&self) -> usize {
+        self.x
+            + self.x_store
+            + self.qkv
+            + self.q
+            + 2 * self.kv
+            + self.o
+            + self.y
+            + self.rope
+            + self.meta
+            + self.weights
+    }
+}
+
+/// Merges document ids and varlen segments into one id per token, `out[b * T + t]`, such that
+/// two tokens of a row share an id iff they share both the document and the segment, and ids of
+/// an earlier segment are below those of a later one (so sorted documents give sorted ids and
+/// the kernels' interval test skips tiles of other documents). Returns false when neither is
+/// given (then `out` is untouched). `scratch` holds at least T entries.
+pub fn merge_groups(
+    document_ids: Option<&[i32]>,
+    cu_seqlens: Option<&[i32]>,
+    batch: usize,
+    seq_len: usize,
+    out: &mut [i32],
+    scratch: &mut [(i32, i32, u32)],
+) -> bool {
+    let n = batch * seq_len;
+    match (document_ids, cu_seqlens) {
+        (None, None) => false,
+        (Some(d), None) => {
+            out[..n].copy_from_slice(&d[..n]);
+            true
+        }
+        (None, Some(cu)) => {
+            for b in 0..batch {
+                fill_segments(cu, &mut out[b * seq_len..(b + 1) * seq_len]);
+            }
+            true
+        }
+        (Some(d), Some(cu)) => {
+            // Varlen needs B = 1 (validated), but stay general: rank (segment, doc) per row.
+            for b in 0..batch {
+                let row = &mut out[b * seq_len..(b + 1) * seq_len];
+                fill_segments(cu, row);
+                let sc = &mut scratch[..seq_len];
+                for (t, e) in sc.iter_mut().enumerate() {
+                    *e = (row[t], d[b * seq_len + t], t as u32);
+                }
+                sc.sort_unstable();
+                let mut rank = -1i32;
+                let mut prev: Option<(i32, i32)> = None;
+                for &(seg, doc, t) in sc.iter() {
+                    if prev != Some((seg, doc)) {
+                        rank += 1;
+                        prev = Some((seg, doc));
+                    }
+                    row[t as usize] = rank;
+                }
+            }
+            true
+        }
+    }
+}
+
+/// `row[t]` = index of the varlen segment holding t (empty segments skipped naturally).
+fn fill_segments(cu: &[i32], row: &mut [i32]) {
+    let mut s = 0usize;
+    for (t, v) in row.iter_mut().enumerate() {
+        // cu ends at T > t, so the scan stops inside the table.
+        while s + 1 < cu.len() && cu[s + 1] as usize <= t {
+            s += 1;
+        }
+        *v = s as i32;
+    }
+}
+
+/// Per granule of [`GROUP_GRANULE`] tokens of each row: the smallest and largest merged id.
+pub fn granule_ranges(
+    groups: &[i32],
+    batch: usize,
+    seq_len: usize,
+    gmin: &mut [i32],
+    gmax: &mut [i32],
+) {
+    let ng = seq_len.div_ceil(GROUP_GRANULE);
+    for b in 0..batch {
+        let row = &groups[b * seq_len..(b + 1) * seq_len];
+        for (gi, chunk) in row.chunks(GROUP_GRANULE).enumerate() {
+            let (mut lo, mut hi) = (i32::MAX, i32::MIN);
+            for &v in chunk {
+                lo = lo.min(v);
+                hi = hi.max(v);
+            }
+            gmin[b * ng + gi] = lo;
+            gmax[b * ng + gi] = hi;
+        }
+    }
+}
+
+/// Tile classes, as the kernels encode them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Tile {
+    /// No element visible: skipped.
+    None,
+    /// Some visible: per-element mask.
+    Partial,
+    /// All visible: no mask work.
+    All,
+}
+
+fn both(a: Tile, b: Tile) -> Tile {
+    match (a, b) {
+        (Tile::None, _) | (_, Tile::None) => Tile::None,
+        (Tile::All, Tile::All) => Tile::All,
+        _ => Tile::Partial,
+    }
+}
+
+/// The mask of one batch row as the kernels see it (host mirror of `MaskParams`).
+#[derive(Clone, Copy, Debug)]
+pub struct DeviceMaskRow<'a> {
+    /// T.
+    pub seq_len: usize,
+    /// Window, or `usize::MAX`.
+    pub window: usize,
+    /// Valid length of the row.
+    pub len: usize,
+    /// Merged ids of the row, if any.
+    pub groups: Option<&'a [i32]>,
+    /// Granule minima of the row.
+    pub gmin: &'a [i32],
+    /// Granule maxima of the row.
+    pub gmax: &'a [i32],
+}
+
+impl DeviceMaskRow<'_> {
+    /// Element rule of the kernels (`visible` in common.cuh).
+    pub fn visible(&self, i: usize, j: usize) -> bool {
+        j <= i && i - j < self.window && i < self.len && self.groups.is_none_or(|g| g[i] == g[j])
+    }
+
+    /// Tile rule of the kernels (`classify_tile` in common.cuh): queries `[q0, q1)` (q1 <= T)
+    /// against the key tile `[k0, k0 + kn)`.
+    pub fn classify(&self, q0: usize, q1: usize, k0: usize, kn: usize) -> Tile {
+        let k1 = k0 + kn;
+        let causal = if k0 + 1 > q1 {
+            Tile::None
+        } else if k1 - 1 <= q0 {
+            Tile::All
+        } else {
+            Tile::Partial
+        };
+        let padding = if q0 >= self.len {
+            Tile::None
+        } else if q1 <= self.len {
+            Tile::All
+        } else {
+            Tile::Partial
+        };
+        let mut c = both(causal, padding);
+        if self.window != usize::MAX {
+            let w = if q0 >= k1 && q0 - (k1 - 1) >= self.window {
+                Tile::None
+            } else if (q1 - 1).saturating_sub(k0) < self.window {
+                Tile::All
+            } else {
+                Tile::Partial
+            };
+            c = both(c, w);
+        }
+        let Some(g) = self.groups else { return c };
+        if c == Tile::None {
+            return c;
+        }
+        let kt1 = k1.min(self.seq_len);
+        if kt1 <= k0 {
+            return Tile::None;
+        }
+        let (qlo, qhi) = g[q0..q1]
+            .iter()
+            .fold((i32::MAX, i32::MIN), |(a, b), &v| (a.min(v), b.max(v)));
+        let (g0, g1) = (k0 / GROUP_GRANULE, (kt1 - 1) / GROUP_GRANULE);
+        let klo = self.gmin[g0..=g1].iter().copied().min().unwrap_or(i32::MAX);
+        let khi = self.gmax[g0..=g1].iter().copied().max().unwrap_or(i32::MIN);
+        let t = if qlo == qhi && klo == khi && qlo == klo {
+            Tile::All
+        } else if qhi < klo || khi < qlo {
+            Tile::None
+        } else {
+            Tile::Partial
+        };
+        both(c, t)
+    }
+}
+
+#[cfg(test)]
+mod tests;

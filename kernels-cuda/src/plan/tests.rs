@@ -1,0 +1,221 @@
+//! Host-side tests of the plan, no GPU needed.
+
+use attnrt::mask::MaskSpec;
+use attnrt::{Config, MaskInputs};
+use attnrt_simd::{TileClass, Visibility};
+
+use super::*;
+
+fn rng(seed: &mut u64) -> u64 {
+    *seed ^= *seed << 13;
+    *seed ^= *seed >> 7;
+    *seed ^= *seed << 17;
+    *seed
+}
+
+#[test]
+fn capability_says_which_path() {
+    assert_eq!(
+        capability(Precision::F32, 80, 4).unwrap(),
+        AttnPath::CudaCoresF32
+    );
+    assert_eq!(
+        capability(Precision::F32, 3, 1).unwrap(),
+        AttnPath::CudaCoresF32
+    );
+    let tc = capability(Precision::Bf16, 128, 4).unwrap();
+    assert!(matches!(
+        tc,
+        AttnPath::TensorCore {
+            padded_head_dim: 128,
+            tuned: true,
+            ..
+        }
+    ));
+    let generic = capability(Precision::F16, 80, 4).unwrap();
+    assert!(matches!(
+        generic,
+        AttnPath::TensorCore {
+            padded_head_dim: 96,
+            tuned: false,
+            ..
+        }
+    ));
+    assert!(capability(Precision::Bf16, 81, 1).is_err());
+    assert!(capability(Precision::Bf16, 258, 1).is_err());
+    assert!(capability(Precision::F32, 0, 1).is_err());
+    assert!(capability(Precision::Bf16, 64, 65).is_err());
+}
+
+#[test]
+fn launch_geometry() {
+    let cfg = Config::new(4096, 32).with_kv_heads(8).with_head_dim(128);
+    let path = capability(Precision::Bf16, 128, 4).unwrap();
+    let l = attention_launch(path, &cfg, 2, 1000).unwrap();
+    assert_eq!(l.q_per_cta, 16); // 64 rows / 4 heads per KV head
+    assert_eq!(l.grid, (1000usize.div_ceil(16) as u32, 8, 2));
+    assert_eq!(l.block, MMA_THREADS);
+    assert!(l.kernel.starts_with("attn_mma_bf16_p128_m1_n"));
+    assert!(l.smem as usize <= 227 * 1024);
+    let f = attention_launch(AttnPath::CudaCoresF32, &cfg, 1, 7).unwrap();
+    assert_eq!(
+        (f.q_per_cta, f.grid, f.kernel.as_str()),
+        (8, (1, 8, 1), "attn_f32")
+    );
+    assert_eq!(f.smem, f32_smem_bytes(32, 128));
+    // Every supported tensor-core size fits the H100/H200 opt-in shared memory (227 KiB).
+    for dp in (32..=256).step_by(32) {
+        assert!(
+            mma_smem_bytes(dp, 1, mma_key_tile(dp)) as usize <= 227 * 1024,
+            "{dp}"
+        );
+    }
+    assert!(f32_smem_bytes(64, 256) as usize <= 227 * 1024);
+    let too_many = Config::new(70000, 70000);
+    assert!(attention_launch(AttnPath::CudaCoresF32, &too_many, 1, 1).is_err());
+}
+
+#[test]
+fn workspace_sizes() {
+    let cfg = Config::new(4096, 32).with_kv_heads(8);
+    let w = Workspace::new(&cfg, Precision::Bf16, 1, 4096).unwrap();
+    assert_eq!(w.x, 4096 * 4096 * 4);
+    assert_eq!(w.qkv, 4096 * (4096 + 2 * 1024) * 4);
+    assert_eq!(w.q, 4096 * 4096 * 2);
+    assert_eq!(w.kv, 4096 * 1024 * 2);
+    assert!(w.total() > w.qkv);
+    let f = Workspace::new(&cfg, Precision::F32, 1, 4096).unwrap();
+    assert_eq!(f.x_store, 0);
+    assert!(Workspace::new(&cfg, Precision::F32, usize::MAX, 2).is_none());
+}
+
+#[test]
+fn merged_groups_equal_iff_same_document_and_segment() {
+    let mut seed = 0x1234_5678u64;
+    for _ in 0..200 {
+        let t = 1 + (rng(&mut seed) % 90) as usize;
+        let docs: Vec<i32> = (0..t).map(|_| (rng(&mut seed) % 4) as i32 - 1).collect();
+        let mut cu: Vec<i32> = (0..(rng(&mut seed) % 4))
+            .map(|_| (rng(&mut seed) % (t as u64 + 1)) as i32)
+            .collect();
+        cu.push(0);
+        cu.push(t as i32);
+        cu.sort();
+        let seg = |i: usize| cu[1..].partition_point(|&b| b as usize <= i);
+        let mut out = vec![0; t];
+        let mut scratch = vec![(0, 0, 0); t];
+        for (d, c) in [(true, false), (false, true), (true, true)] {
+            assert!(merge_groups(
+                d.then_some(&docs[..]),
+                c.then_some(&cu[..]),
+                1,
+                t,
+                &mut out,
+                &mut scratch
+            ));
+            for i in 0..t {
+                for j in 0..t {
+                    let same = (!d || docs[i] == docs[j]) && (!c || seg(i) == seg(j));
+                    assert_eq!(out[i] == out[j], same, "t={t} i={i} j={j} docs={d} cu={c}");
+                    if c && seg(i) < seg(j) {
+                        assert!(out[i] < out[j], "segment order kept");
+                    }
+                }
+            }
+        }
+        assert!(!merge_groups(None, None, 1, t, &mut out, &mut scratch));
+    }
+}
+
+/// The kernels' classifier (mirrored here) is sound against the runtime's element rule, and
+/// at least as tight as the runtime's own classifier (never partial where it says all/none).
+#[test]
+fn tile_classification_agrees_with_the_runtime_mask() {
+    let mut seed = 0xdead_beefu64;
+    for case in 0..300 {
+        let t = 1 + (rng(&mut seed) % 130) as usize;
+        let window = (case % 3 == 0).then(|| 1 + (rng(&mut seed) % 40) as usize);
+        let len = if case % 2 == 0 {
+            t
+        } else {
+            (rng(&mut seed) % (t as u64 + 1)) as usize
+        };
+        let mut docs: Vec<i32> = (0..t).map(|_| (rng(&mut seed) % 3) as i32).collect();
+        if case % 4 < 2 {
+            docs.sort();
+        }
+        let use_docs = case % 5 != 0;
+        let mut cu: Vec<i32> = vec![0, (t / 3) as i32, (t / 3) as i32, t as i32];
+        cu.sort();
+        let use_cu = case % 7 == 0;
+        let lens = [len as i32];
+        let inputs = MaskInputs {
+            seq_lens: Some(&lens),
+            document_ids: use_docs.then_some(&docs[..]),
+            cu_seqlens: use_cu.then_some(&cu[..]),
+            max_seqlen: None,
+        };
+        let spec = MaskSpec::new(window, 1, t, &inputs).unwrap();
+        let row = spec.row(0);
+        let mut groups = vec![0; t];
+        let mut scratch = vec![(0, 0, 0); t];
+        let has = merge_groups(
+            inputs.document_ids,
+            inputs.cu_seqlens,
+            1,
+            t,
+            &mut groups,
+            &mut scratch,
+        );
+        let ng = t.div_ceil(GROUP_GRANULE);
+        let (mut gmin, mut gmax) = (vec![0; ng], vec![0; ng]);
+        if has {
+            granule_ranges(&groups, 1, t, &mut gmin, &mut gmax);
+        }
+        let dev = DeviceMaskRow {
+            seq_len: t,
+            window: window.unwrap_or(usize::MAX),
+            len,
+            groups: has.then_some(&groups[..]),
+            gmin: &gmin,
+            gmax: &gmax,
+        };
+        for i in 0..t {
+            for j in 0..t {
+                assert_eq!(
+                    dev.visible(i, j),
+                    row.visible(i, j),
+                    "case {case} ({i},{j})"
+                );
+            }
+        }
+        for (bq, bn) in [(16usize, 64usize), (8, 32), (64, 64), (5, 32)] {
+            for q0 in (0..t).step_by(bq) {
+                let q1 = (q0 + bq).min(t);
+                for k0 in (0..t).step_by(bn) {
+                    let c = dev.classify(q0, q1, k0, bn);
+                    let vis: Vec<bool> = (q0..q1)
+                        .flat_map(|i| (k0..(k0 + bn).min(t)).map(move |j| (i, j)))
+                        .map(|(i, j)| row.visible(i, j))
+                        .collect();
+                    match c {
+                        Tile::All => assert!(
+                            vis.iter().all(|&v| v) && k0 + bn <= t,
+                            "case {case}: all wrong at q{q0} k{k0}"
+                        ),
+                        Tile::None => assert!(!vis.iter().any(|&v| v), "case {case}: none wrong"),
+                        Tile::Partial => {}
+                    }
+                    let k1 = (k0 + bn).min(t);
+                    if k0 + bn <= t {
+                        match row.classify(q0, q1, k0, k1) {
+                            TileClass::All => assert_eq!(c, Tile::All, "case {case} q{q0} k{k0}"),
+                            TileClass::None => assert_eq!(c, Tile::None, "case {case} q{q0} k{k0}"),
+                            TileClass::Partial => {}
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,115 @@
+//! The API without the `cuda` feature: every constructor returns [`Error::NoCuda`].
+
+use std::ffi::c_void;
+use std::marker::PhantomData;
+
+use attnrt::{Inputs, Layer, MaskInputs, RopeTable};
+
+use crate::error::{Error, Result};
+use crate::plan::{AttnPath, GpuBackend, GpuOptions};
+
+/// Where the rotary rows of a device call come from.
+#[derive(Clone, Copy, Debug)]
+pub enum RopeSource<'a> {
+    /// The caller's host table: the rows the call needs are uploaded with the call.
+    Host(RopeTable<'a>),
+    /// The table uploaded before with [`GpuLayer::upload_rope_table`].
+    Uploaded,
+}
+
+/// A forward call whose activations live in device memory (for servers).
+#[derive(Clone, Copy, Debug)]
+pub struct DeviceCall<'a> {
+    /// Device pointer to `x`, f32 `[batch, seq_len, n_embd]`.
+    pub x: u64,
+    /// Device pointer to the output `y`, f32 `[batch, seq_len, n_embd]`.
+    pub y: u64,
+    /// Batch rows.
+    pub batch: usize,
+    /// Tokens per row.
+    pub seq_len: usize,
+    /// Mask inputs (host memory).
+    pub mask: MaskInputs<'a>,
+    /// Rotary positions (host memory).
+    pub position_ids: Option<&'a [i32]>,
+    /// The rotary table, required when the layer is rotary.
+    pub rope: Option<RopeSource<'a>>,
+    /// The caller's `CUstream`, or null for the layer's own stream.
+    pub stream: *mut c_void,
+}
+
+/// A layer on one GPU. This build has no CUDA: [`GpuLayer::new`] always fails.
+pub struct GpuLayer<'a> {
+    never: std::convert::Infallible,
+    _layer: PhantomData<Layer<'a>>,
+}
+
+impl<'a> GpuLayer<'a> {
+    /// Always [`Error::NoCuda`] in this build.
+    ///
+    /// # Errors
+    /// Always.
+    pub fn new(_layer: Layer<'a>, _opts: GpuOptions) -> Result<GpuLayer<'a>> {
+        Err(Error::NoCuda)
+    }
+
+    /// The attention path (unreachable: no value of this type exists in this build).
+    pub fn path(&self) -> AttnPath {
+        match self.never {}
+    }
+
+    /// The layer this GPU layer was made from (unreachable in this build).
+    pub fn layer(&self) -> &Layer<'a> {
+        match self.never {}
+    }
+
+    /// Device memory allocated at set-up (unreachable in this build).
+    pub fn device_bytes(&self) -> usize {
+        match self.never {}
+    }
+
+    /// What ran (unreachable in this build).
+    pub fn backend(&self) -> GpuBackend {
+        match self.never {}
+    }
+
+    /// Uploads a rotary table (unreachable in this build).
+    ///
+    /// # Errors
+    /// Never returns.
+    pub fn upload_rope_table(&mut self, _table: &RopeTable<'_>) -> Result<()> {
+        match self.never {}
+    }
+
+    /// Runs on host buffers (unreachable in this build).
+    ///
+    /// # Errors
+    /// Never returns.
+    pub fn forward_host(&mut self, _inputs: &Inputs<'_>, _out: &mut [f32]) -> Result<GpuBackend> {
+        match self.never {}
+    }
+
+    /// Runs on device buffers (unreachable in this build).
+    ///
+    /// # Errors
+    /// Never returns.
+    ///
+    /// # Safety
+    /// As in the CUDA build: device pointers valid for the call.
+    pub unsafe fn forward_device(&mut self, _call: &DeviceCall<'_>) -> Result<GpuBackend> {
+        match self.never {}
+    }
+
+    /// Waits for the layer's stream (unreachable in this build).
+    ///
+    /// # Errors
+    /// Never returns.
+    pub fn synchronize(&self) -> Result<()> {
+        match self.never {}
+    }
+
+    /// The layer's stream (unreachable in this build).
+    pub fn stream(&self) -> *mut c_void {
+        match self.never {}
+    }
+}

@@ -1,0 +1,438 @@
+//! GPU tests: the CUDA executor against the scalar reference (`Layer::forward_reference`) over
+//! every mask mode and combination, GQA ratios 1/2/4/8, head_dim 64/128/256 and 80, lengths 1,
+//! 63, 64, 65, 200; and every golden fixture on the f32 path.
+//!
+//! Without a usable device each test prints "skipped: no CUDA device (reason)" and returns.
+//!
+//! Tolerances:
+//! * f32 path: max abs error 1e-4 (SPEC.md, Precision).
+//! * bf16 / f16 paths: x, weights, q, k, v, the softmax weights P and the attention output are
+//!   rounded to 8 (bf16) or 11 (f16) significant bits, each rounding a relative error of at most
+//!   2^-9 (bf16) or 2^-12 (f16); with f32 accumulation these add up over the ~6 roundings of the
+//!   pipeline to a few 2^-9 ~ 1e-2 relative at worst, typically far less since roundings
+//!   average out. Stated bound: relative L2 error `|y - ref| / |ref|` <= 2e-2 for bf16 and 5e-3
+//!   for f16, and max abs error <= 5e-2 * max|ref| (bf16) / 1.5e-2 * max|ref| (f16).
+
+use attnrt::{
+    reference_workspace_len, rope, BiasFlags, Config, Inputs, Layer, MaskInputs, QkNorm, Rope,
+    RopeConvention, RopeTable,
+};
+use attnrt_cuda::{no_device_reason, GpuLayer, GpuOptions, Precision};
+#[cfg(feature = "cuda")]
+use attnrt_cuda::{DeviceCall, RopeSource};
+use attnrt_tests::{load_all, max_abs_diff, OwnedWeights, Rng, F32_TOL};
+
+fn device_or_skip() -> bool {
+    match no_device_reason() {
+        Some(reason) => {
+            println!("skipped: no CUDA device ({reason})");
+            false
+        }
+        None => true,
+    }
+}
+
+const MASK_NAMES: [&str; 9] = [
+    "causal",
+    "window",
+    "padding",
+    "docs-sorted",
+    "docs-unsorted",
+    "varlen",
+    "docs+varlen",
+    "window+padding+docs",
+    "everything",
+];
+
+/// One call's owned inputs.
+struct CallData {
+    batch: usize,
+    t: usize,
+    x: Vec<f32>,
+    seq_lens: Option<Vec<i32>>,
+    docs: Option<Vec<i32>>,
+    cu: Option<Vec<i32>>,
+    positions: Option<Vec<i32>>,
+    table: Option<Vec<f32>>,
+}
+
+impl CallData {
+    fn inputs(&self, cfg: &Config) -> Inputs<'_> {
+        Inputs {
+            x: &self.x,
+            batch: self.batch,
+            seq_len: self.t,
+            mask: MaskInputs {
+                seq_lens: self.seq_lens.as_deref(),
+                document_ids: self.docs.as_deref(),
+                cu_seqlens: self.cu.as_deref(),
+                max_seqlen: None,
+            },
+            position_ids: self.positions.as_deref(),
+            rope_table: self
+                .table
+                .as_deref()
+                .map(|t| RopeTable::new(t, cfg.head_dim).unwrap()),
+        }
+    }
+}
+
+fn sorted_docs(rng: &mut Rng, t: usize) -> Vec<i32> {
+    let a = ((rng.uniform() * 0.5 + 0.5) * t as f32) as usize;
+    let b = ((rng.uniform() * 0.5 + 0.5) * t as f32) as usize;
+    let (a, b) = (a.min(b), a.max(b));
+    (0..t).map(|i| (i >= a) as i32 + (i >= b) as i32).collect()
+}
+
+fn make_call(cfg: &Config, mode: usize, t: usize, rng: &mut Rng, positions: bool) -> CallData {
+    let single = matches!(mode, 5 | 6 | 8);
+    let batch = if single { 1 } else { 2 };
+    let x = rng.vec(batch * t * cfg.n_embd, 1.0);
+    let lens = |batch: usize| -> Vec<i32> {
+        (0..batch)
+            .map(|b| {
+                if b == 0 {
+                    (t - t / 3) as i32
+                } else {
+                    (t / 2) as i32
+                }
+            })
+            .collect()
+    };
+    let docs_sorted =
+        |rng: &mut Rng| -> Vec<i32> { (0..batch).flat_map(|_| sorted_docs(rng, t)).collect() };
+    // Four segments, one of them empty: [0, a), [a, a), [a, b), [b, T).
+    let cu = || -> Vec<i32> {
+        let (a, b) = ((t / 3) as i32, (t - t / 4) as i32);
+        vec![0, a, a, b, t as i32]
+    };
+    let (mut seq_lens, mut docs, mut cus) = (None, None, None);
+    match mode {
+        0 | 1 => {}
+        2 => seq_lens = Some(lens(batch)),
+        3 => docs = Some(docs_sorted(rng)),
+        4 => {
+            docs = Some(
+                (0..batch * t)
+                    .map(|_| ((rng.uniform() + 1.0) * 1.5) as i32)
+                    .collect(),
+            )
+        }
+        5 => cus = Some(cu()),
+        6 => {
+            cus = Some(cu());
+            docs = Some(docs_sorted(rng));
+        }
+        7 => {
+            seq_lens = Some(lens(batch));
+            docs = Some(docs_sorted(rng));
+        }
+        _ => {
+            seq_lens = Some(lens(batch));
+            docs = Some(
+                (0..batch * t)
+                    .map(|_| ((rng.uniform() + 1.0) * 1.5) as i32)
+                    .collect(),
+            );
+            cus = Some(cu());
+        }
+    }
+    let max_pos = t + 9;
+    let table = cfg.rope().map(|r| {
+        let mut tb = vec![0.0; rope::table_len(max_pos, cfg.head_dim)];
+        rope::build_table(r, cfg.head_dim, &mut tb).unwrap();
+        tb
+    });
+    let positions = (positions && cfg.rope().is_some()).then(|| {
+        (0..batch * t)
+            .map(|_| ((rng.uniform() + 1.0) * 0.5 * (max_pos - 1) as f32) as i32)
+            .collect()
+    });
+    CallData {
+        batch,
+        t,
+        x,
+        seq_lens,
+        docs,
+        cu: cus,
+        positions,
+        table,
+    }
+}
+
+fn config(r: usize, d: usize, mode: usize, variant: usize) -> Config {
+    let h = 8;
+    let mut cfg = Config::new(128, h).with_kv_heads(h / r).with_head_dim(d);
+    if matches!(mode, 1 | 7 | 8) {
+        cfg = cfg.with_sliding_window(17);
+    }
+    cfg = match variant % 3 {
+        0 => cfg,
+        1 => cfg.with_rope(Rope::DEFAULT),
+        _ => cfg.with_rope(Rope {
+            convention: RopeConvention::HalfSplit,
+            theta: 500000.0,
+            ..Rope::DEFAULT
+        }),
+    };
+    cfg = match variant % 4 {
+        1 => cfg.with_qk_norm(QkNorm::PerHead),
+        3 => cfg.with_qk_norm(QkNorm::Full),
+        _ => cfg,
+    };
+    match variant % 5 {
+        1 => cfg.with_bias(BiasFlags::ALL),
+        3 => cfg.with_bias(BiasFlags {
+            q: true,
+            k: true,
+            v: true,
+            o: false,
+        }),
+        _ => cfg,
+    }
+}
+
+fn reference(layer: &Layer<'_>, inputs: &Inputs<'_>) -> Vec<f32> {
+    let cfg = layer.config();
+    let mut ws = vec![0.0; reference_workspace_len(cfg, inputs.seq_len)];
+    let mut y = vec![f32::NAN; inputs.batch * inputs.seq_len * cfg.n_embd];
+    layer.forward_reference(inputs, &mut ws, &mut y).unwrap();
+    y
+}
+
+fn gpu_run(layer: Layer<'_>, p: Precision, inputs: &Inputs<'_>) -> Vec<f32> {
+    let mut gpu = GpuLayer::new(layer, GpuOptions::new(p, inputs.batch, inputs.seq_len))
+        .unwrap_or_else(|e| panic!("GpuLayer::new({p:?}): {e}"));
+    let mut y = vec![f32::NAN; inputs.batch * inputs.seq_len * layer.config().n_embd];
+    gpu.forward_host(inputs, &mut y)
+        .unwrap_or_else(|e| panic!("forward_host({p:?}): {e}"));
+    y
+}
+
+fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
+    let (mut num, mut den) = (0.0f64, 0.0f64);
+    for (x, y) in a.iter().zip(b) {
+        if x.is_nan() {
+            return f64::INFINITY;
+        }
+        num += ((x - y) as f64).powi(2);
+        den += (*y as f64).powi(2);
+    }
+    (num / den.max(1e-30)).sqrt()
+}
+
+struct Outcome {
+    f32_err: f32,
+    bf16_rel: f64,
+    bf16_max: f32,
+}
+
+fn check_case(
+    r: usize,
+    d: usize,
+    t: usize,
+    mode: usize,
+    variant: usize,
+    lowp: &[Precision],
+) -> Outcome {
+    let cfg = config(r, d, mode, variant);
+    let mut rng =
+        Rng(0x9E37_79B9_7F4A_7C15 ^ ((r * 1000 + d * 10 + t) as u64) ^ ((mode as u64) << 40));
+    let w = OwnedWeights::random(&cfg, &mut rng);
+    let layer = Layer::new(cfg, w.view(&cfg)).unwrap();
+    let call = make_call(&cfg, mode, t, &mut rng, variant % 2 == 1);
+    let inputs = call.inputs(&cfg);
+    let want = reference(&layer, &inputs);
+    let name = format!(
+        "R={r} D={d} T={t} mask={} rope={:?} norm={:?} bias={:?}",
+        MASK_NAMES[mode],
+        cfg.rope().map(|r| r.convention),
+        cfg.qk_norm,
+        cfg.bias
+    );
+    let got = gpu_run(layer, Precision::F32, &inputs);
+    let f32_err = max_abs_diff(&got, &want);
+    assert!(f32_err <= F32_TOL, "f32 {name}: max abs err {f32_err:.3e}");
+    let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs())).max(1e-6);
+    let mut out = Outcome {
+        f32_err,
+        bf16_rel: 0.0,
+        bf16_max: 0.0,
+    };
+    for &p in lowp {
+        let got = gpu_run(layer, p, &inputs);
+        let rel = rel_l2(&got, &want);
+        let max = max_abs_diff(&got, &want) / scale;
+        let (rel_tol, max_tol) = match p {
+            Precision::F16 => (5e-3, 1.5e-2),
+            _ => (2e-2, 5e-2),
+        };
+        assert!(
+            rel <= rel_tol && max <= max_tol,
+            "{p:?} {name}: rel L2 {rel:.3e}, max abs / max|ref| {max:.3e}"
+        );
+        if p == Precision::Bf16 {
+            out.bf16_rel = rel;
+            out.bf16_max = max;
+        }
+    }
+    out
+}
+
+#[test]
+fn every_gqa_ratio_head_dim_and_length() {
+    if !device_or_skip() {
+        return;
+    }
+    let mut worst = (0.0f32, 0.0f64);
+    let mut n = 0;
+    for (ri, r) in [1usize, 2, 4, 8].into_iter().enumerate() {
+        for (di, d) in [64usize, 128, 256, 80].into_iter().enumerate() {
+            for (ti, t) in [1usize, 63, 64, 65, 200].into_iter().enumerate() {
+                let mode = (ri + di * 3 + ti) % MASK_NAMES.len();
+                let variant = ri * 7 + di * 5 + ti;
+                let lowp: &[Precision] = if ti % 2 == 0 {
+                    &[Precision::Bf16, Precision::F16]
+                } else {
+                    &[Precision::Bf16]
+                };
+                let o = check_case(r, d, t, mode, variant, lowp);
+                println!(
+                    "R={r} D={d:3} T={t:3} {:20} f32 {:.2e}  bf16 relL2 {:.2e} max {:.2e}",
+                    MASK_NAMES[mode], o.f32_err, o.bf16_rel, o.bf16_max
+                );
+                worst.0 = worst.0.max(o.f32_err);
+                worst.1 = worst.1.max(o.bf16_rel);
+                n += 1;
+            }
+        }
+    }
+    println!(
+        "{n} cases: worst f32 max abs err {:.2e}, worst bf16 rel L2 {:.2e}",
+        worst.0, worst.1
+    );
+}
+
+#[test]
+fn every_mask_mode_and_combination() {
+    if !device_or_skip() {
+        return;
+    }
+    for (r, d) in [(2usize, 64usize), (4, 128), (8, 96)] {
+        for (mode, mask) in MASK_NAMES.iter().enumerate() {
+            for t in [65usize, 200] {
+                let o = check_case(r, d, t, mode, mode * 3 + t, &[Precision::Bf16]);
+                println!(
+                    "R={r} D={d:3} T={t:3} {mask:20} f32 {:.2e}  bf16 relL2 {:.2e} max {:.2e}",
+                    o.f32_err, o.bf16_rel, o.bf16_max
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn golden_fixtures_on_the_f32_path() {
+    if !device_or_skip() {
+        return;
+    }
+    let fixtures = load_all();
+    assert!(fixtures.len() >= 20);
+    let mut worst = 0.0f32;
+    for f in &fixtures {
+        let weights = f.file.weights(&f.cfg).unwrap();
+        let layer = Layer::new(f.cfg, weights).unwrap();
+        let (mask, position_ids) = f.inputs.mask(&f.file).unwrap();
+        let inputs = Inputs {
+            x: &f.inputs.x,
+            batch: f.inputs.batch,
+            seq_len: f.inputs.seq_len,
+            mask,
+            position_ids,
+            rope_table: f
+                .table
+                .as_deref()
+                .map(|t| RopeTable::new(t, f.cfg.head_dim).unwrap()),
+        };
+        let y = gpu_run(layer, Precision::F32, &inputs);
+        let err = max_abs_diff(&y, &f.expected);
+        println!("{:28} max abs err {err:.2e}", f.name);
+        assert!(err <= F32_TOL, "{}: max abs err {err}", f.name);
+        worst = worst.max(err);
+    }
+    println!("golden: worst {worst:.2e} over {} fixtures", fixtures.len());
+}
+
+#[test]
+fn invalid_inputs_get_the_runtime_errors() {
+    if !device_or_skip() {
+        return;
+    }
+    let cfg = Config::new(128, 8).with_kv_heads(2).with_head_dim(64);
+    let mut rng = Rng(7);
+    let w = OwnedWeights::random(&cfg, &mut rng);
+    let layer = Layer::new(cfg, w.view(&cfg)).unwrap();
+    let mut gpu = GpuLayer::new(layer, GpuOptions::new(Precision::Bf16, 2, 32)).unwrap();
+    let x = rng.vec(2 * 32 * 128, 1.0);
+    let bad_lens = [40, 3];
+    let mut inputs = Inputs::new(&x, 2, 32);
+    inputs.mask.seq_lens = Some(&bad_lens);
+    let mut y = vec![7.0f32; x.len()];
+    let err = gpu.forward_host(&inputs, &mut y).unwrap_err();
+    let want = layer.validate_inputs(&inputs, y.len()).unwrap_err();
+    assert_eq!(err, attnrt_cuda::Error::Runtime(want));
+    assert!(y.iter().all(|&v| v == 7.0), "output touched on error");
+    // Larger than the set-up maxima.
+    let x3 = rng.vec(3 * 32 * 128, 1.0);
+    let mut y3 = vec![0.0f32; x3.len()];
+    let err = gpu
+        .forward_host(&Inputs::new(&x3, 3, 32), &mut y3)
+        .unwrap_err();
+    assert!(
+        matches!(err, attnrt_cuda::Error::Capacity { what: "batch", .. }),
+        "{err}"
+    );
+    println!("errors: {err}");
+}
+
+#[cfg(feature = "cuda")]
+#[test]
+fn device_entry_matches_host_entry() {
+    if !device_or_skip() {
+        return;
+    }
+    use cust::memory::{CopyDestination, DeviceBuffer};
+    let cfg = Config::new(256, 8)
+        .with_kv_heads(2)
+        .with_head_dim(64)
+        .with_rope(Rope::DEFAULT);
+    let mut rng = Rng(11);
+    let w = OwnedWeights::random(&cfg, &mut rng);
+    let layer = Layer::new(cfg, w.view(&cfg)).unwrap();
+    let call = make_call(&cfg, 3, 100, &mut rng, true);
+    let inputs = call.inputs(&cfg);
+    let mut gpu = GpuLayer::new(layer, GpuOptions::new(Precision::Bf16, 2, 128)).unwrap();
+    let mut host_y = vec![f32::NAN; call.x.len()];
+    gpu.forward_host(&inputs, &mut host_y).unwrap();
+    gpu.upload_rope_table(&inputs.rope_table.unwrap()).unwrap();
+    let dx = DeviceBuffer::from_slice(&call.x).unwrap();
+    let dy = DeviceBuffer::from_slice(&vec![f32::NAN; call.x.len()]).unwrap();
+    let dc = DeviceCall {
+        x: dx.as_device_ptr().as_raw(),
+        y: dy.as_device_ptr().as_raw(),
+        batch: call.batch,
+        seq_len: call.t,
+        mask: inputs.mask,
+        position_ids: inputs.position_ids,
+        rope: Some(RopeSource::Uploaded),
+        stream: std::ptr::null_mut(),
+    };
+    // SAFETY: dx / dy hold batch * seq_len * n_embd f32 in the device's primary context.
+    unsafe { gpu.forward_device(&dc) }.unwrap();
+    gpu.synchronize().unwrap();
+    let mut dev_y = vec![0.0f32; call.x.len()];
+    dy.copy_to(&mut dev_y[..]).unwrap();
+    let err = max_abs_diff(&dev_y, &host_y);
+    println!("device entry vs host entry: max abs diff {err:.2e}");
+    assert!(err == 0.0, "device and host entries differ by {err}");
+}
