@@ -28,6 +28,35 @@ pub(crate) struct PanelJob<'a> {
     pub nc: usize,
 }
 
+/// Reduction steps packed per pass over the rows of a panel.
+const PACK_CH: usize = 64;
+/// How many chunks ahead of the one being packed each row of W is prefetched.
+const PACK_AHEAD: usize = 4;
+
+/// Hints the cache lines of `row`'s elements `PACK_AHEAD * PACK_CH` further on (within the same
+/// row of W or just past it; a prefetch never faults, so the end of `w` needs no care).
+#[inline(always)]
+fn prefetch_ahead<E>(row: &[E]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let bytes = PACK_CH * core::mem::size_of::<E>();
+        let p = row.as_ptr().cast::<i8>().wrapping_add(PACK_AHEAD * bytes);
+        let mut off = 0;
+        while off < bytes {
+            // SAFETY: PREFETCHT0 is an SSE instruction (baseline on x86-64) and only a hint: it
+            // never faults and has no architectural effect, whatever the address.
+            unsafe {
+                core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(
+                    p.wrapping_add(off),
+                )
+            };
+            off += 64;
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = row;
+}
+
 /// Packs W rows `j0 .. j0 + nc` (and their biases) into `panel` as `k` groups of `nr` floats, so
 /// the micro-kernel reads one contiguous group per reduction step; columns `nc..nr` are zeros.
 /// Widening happens here, once per panel, not once per output row.
@@ -40,19 +69,65 @@ pub(crate) fn pack_panel<E: Elem>(
     j0: usize,
     nc: usize,
 ) {
-    let panel = &mut panel[..nr * (k + 1)];
-    for c in 0..nc {
-        let row = &w[(j0 + c) * k..][..k];
-        for (dst, v) in panel.iter_mut().skip(c).step_by(nr).zip(row) {
-            *dst = v.to_f32();
+    match nr {
+        4 => pack_panel_nr::<E, 4>(panel, k, w, bias, j0, nc),
+        8 => pack_panel_nr::<E, 8>(panel, k, w, bias, j0, nc),
+        16 => pack_panel_nr::<E, 16>(panel, k, w, bias, j0, nc),
+        32 => pack_panel_nr::<E, 32>(panel, k, w, bias, j0, nc),
+        _ => unreachable!("GEMM_NR is 4, 8, 16 or 32"),
+    }
+}
+
+/// Reduction steps widened per row into a small transposing buffer before they are stored.
+const PACK_T: usize = 8;
+
+/// [`pack_panel`] for a panel width known at compile time: blocks of `PACK_T` reduction steps
+/// are widened row by row (contiguous loads) into a zero-initialised `[NR][PACK_T]` buffer, then
+/// stored transposed as `PACK_T` full groups, so padding columns come out zero and every store
+/// is contiguous; the last `k % PACK_T` steps go element by element.
+#[inline(always)]
+fn pack_panel_nr<E: Elem, const NR: usize>(
+    panel: &mut [f32],
+    k: usize,
+    w: &[E],
+    bias: Option<&[E]>,
+    j0: usize,
+    nc: usize,
+) {
+    let panel = &mut panel[..NR * (k + 1)];
+    let rows: [&[E]; NR] =
+        core::array::from_fn(|c| if c < nc { &w[(j0 + c) * k..][..k] } else { &[] });
+    let full = k - k % PACK_T;
+    for (blk, dst) in panel[..NR * full].chunks_exact_mut(NR * PACK_T).enumerate() {
+        let kb = blk * PACK_T;
+        if kb.is_multiple_of(PACK_CH) {
+            for row in &rows[..nc] {
+                prefetch_ahead(&row[kb..]);
+            }
+        }
+        let mut t = [[0.0f32; PACK_T]; NR];
+        for (t, row) in t.iter_mut().zip(&rows[..nc]) {
+            let src: &[E] = &row[kb..kb + PACK_T];
+            for (t, v) in t.iter_mut().zip(src) {
+                *t = v.to_f32();
+            }
+        }
+        for (i, group) in dst.chunks_exact_mut(NR).enumerate() {
+            for (g, t) in group.iter_mut().zip(&t) {
+                *g = t[i];
+            }
         }
     }
-    if nc < nr {
-        for group in panel.chunks_exact_mut(nr) {
-            group[nc..].fill(0.0);
+    for (kk, group) in panel[NR * full..NR * k].chunks_exact_mut(NR).enumerate() {
+        for (c, g) in group.iter_mut().enumerate() {
+            *g = if c < nc {
+                rows[c][full + kk].to_f32()
+            } else {
+                0.0
+            };
         }
     }
-    let b = &mut panel[nr * k..];
+    let b = &mut panel[NR * k..];
     if let Some(bias) = bias {
         for (dst, v) in b.iter_mut().zip(&bias[j0..j0 + nc]) {
             *dst = v.to_f32();

@@ -132,6 +132,35 @@ fn gemm_edge_shapes_all_tiers_and_types() {
     }
 }
 
+/// On tiers with FMA every element is exactly one fused multiply-add chain in increasing k from
+/// zero, then the bias: the bits of `f32::mul_add` done in that order.
+#[test]
+fn gemm_is_one_fma_chain_per_element() {
+    for tier in available().into_iter().filter(|&t| t != Tier::Scalar) {
+        let s = GemmShape {
+            m: 13,
+            n: 37,
+            k: 300,
+        };
+        let x = rand_vec(s.m * s.k, 5);
+        let w = rand_elem::<bf16>(s.n * s.k, 6);
+        let b = rand_elem::<bf16>(s.n, 7);
+        let mut y = vec![0.0f32; s.m * s.n];
+        let mut scratch = vec![0.0f32; gemm_scratch_len(s.k)];
+        gemm_on(tier, s, 0..s.n, &x, &w, Some(&b), &mut y, s.n, &mut scratch).unwrap();
+        for i in 0..s.m {
+            for j in 0..s.n {
+                let mut acc = 0.0f32;
+                for kk in 0..s.k {
+                    acc = x[i * s.k + kk].mul_add(w[j * s.k + kk].to_f32(), acc);
+                }
+                acc += b[j].to_f32();
+                assert_eq!(y[i * s.n + j].to_bits(), acc.to_bits(), "{tier} ({i},{j})");
+            }
+        }
+    }
+}
+
 #[test]
 fn gemm_rejects_bad_shapes_without_writing() {
     let s = GemmShape { m: 2, n: 3, k: 4 };
