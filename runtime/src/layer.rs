@@ -43,6 +43,23 @@ impl<'a> Inputs<'a> {
 pub struct Layer<'a> {
     cfg: Config,
     weights: LayerWeights<'a>,
+    /// Set only on one device's shard of a full-QK-norm layer (see [`crate::shard`]).
+    part: Option<NormPart>,
+}
+
+/// What one device's shard of a full-QK-norm layer needs to normalise its rows: the norm's
+/// statistics span every head of the unsplit layer, so each device computes per-token sums of
+/// squares over its own heads, the sums are added across devices (an all-reduce of `2 * tokens`
+/// floats: q sums then k sums), and the mean divides by the whole row's width.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NormPart {
+    /// Width of the unsplit q row, `n_head * head_dim`: the divisor of the q mean.
+    pub q_width: usize,
+    /// Width of the unsplit k row, `n_kv_head * head_dim`: the divisor of the k mean.
+    pub k_width: usize,
+    /// Whether this device's k heads count in the k sums. A KV head replicated on several
+    /// devices counts once, on the first of them; the others contribute 0 to the k sums.
+    pub count_k: bool,
 }
 
 /// A forward call that passed validation: nothing about it can fail any more.
@@ -74,7 +91,38 @@ impl<'a> Layer<'a> {
     pub fn new(cfg: Config, weights: LayerWeights<'a>) -> Result<Layer<'a>> {
         cfg.validate()?;
         weights.validate(&cfg)?;
-        Ok(Layer { cfg, weights })
+        Ok(Layer {
+            cfg,
+            weights,
+            part: None,
+        })
+    }
+
+    /// One device's shard of a validated layer: the weights are checked against the shard's
+    /// configuration, whose head counts need not divide `n_embd` (the unsplit one was checked).
+    pub(crate) fn shard(
+        cfg: Config,
+        weights: LayerWeights<'a>,
+        part: Option<NormPart>,
+    ) -> Result<Layer<'a>> {
+        weights.validate(&cfg)?;
+        Ok(Layer { cfg, weights, part })
+    }
+
+    /// The full-QK-norm share of a shard's layer, if it is one.
+    pub(crate) fn part(&self) -> Option<NormPart> {
+        self.part
+    }
+
+    /// Refuses a shard of a full-QK-norm layer in the single-device entry points: its norm
+    /// needs the statistics of the other devices.
+    pub(crate) fn whole(&self) -> Result<()> {
+        match self.part {
+            Some(_) => Err(Error::Unsupported {
+                what: "a full-QK-norm shard needs the cross-device norm reduction: run it through ShardLayer",
+            }),
+            None => Ok(()),
+        }
     }
 
     /// The configuration.

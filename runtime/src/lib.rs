@@ -47,6 +47,7 @@ mod norm;
 mod parallel;
 mod reference;
 pub mod rope;
+pub mod shard;
 mod tensor;
 
 pub use backend::Backend;
@@ -54,13 +55,14 @@ pub use config::{BiasFlags, Config, Positional, QkNorm, Rope, RopeConvention, Ro
 pub use cpu::{cpu_tier, cpu_workspace_len};
 pub use error::{Error, Result};
 pub use kv::{cached_workspace_len, kv_pool_len, KvCache, KvPool, Sequence};
-pub use layer::{Inputs, Layer};
+pub use layer::{Inputs, Layer, NormPart};
 pub use mask::MaskInputs;
 #[cfg(feature = "std")]
 pub use parallel::ScopedThreads;
 pub use parallel::{ParallelFor, Sequential};
 pub use reference::reference_workspace_len;
 pub use rope::RopeTable;
+pub use shard::{DeviceShard, ShardLayer, ShardPlan, ShardedLayer};
 pub use tensor::{DType, LayerWeights, Tensor};
 
 /// f32 elements of workspace that any CPU executor of this crate needs for a forward call over

@@ -31,14 +31,16 @@ impl Layer<'_> {
     ///
     /// # Errors
     /// Any invalid input ([`Error::InputShape`], [`Error::InputValue`],
-    /// [`Error::PositionOutOfTable`], ...) or a short workspace ([`Error::Workspace`]). On
-    /// error `out` is untouched.
+    /// [`Error::PositionOutOfTable`], ...) or a short workspace ([`Error::Workspace`]); a
+    /// full-QK-norm shard's layer ([`Error::Unsupported`], it needs the other devices' norm
+    /// statistics). On error `out` is untouched.
     pub fn forward_reference(
         &self,
         inputs: &Inputs<'_>,
         workspace: &mut [f32],
         out: &mut [f32],
     ) -> Result<Backend> {
+        self.whole()?;
         let call = self.check(inputs, out.len())?;
         let needed = reference_workspace_len(self.config(), call.seq_len);
         if workspace.len() < needed {

@@ -1,4 +1,5 @@
-//! The core never allocates: a forward call runs under a global allocator that records any
+//! The core never allocates: a forward call (the scalar reference, and the head-split
+//! CPU-device executor) runs under a global allocator that records any
 //! allocation made while it is armed. (One test in this binary, so no other test thread
 //! allocates while the allocator is armed.)
 
@@ -7,6 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use attnrt::{
     reference_workspace_len, rope, Config, Inputs, Layer, MaskInputs, QkNorm, Rope, RopeTable,
+    Sequential, ShardLayer, ShardPlan, ShardedLayer, Tensor,
 };
 use attnrt_tests::{OwnedWeights, Rng};
 
@@ -67,6 +69,26 @@ fn forward_and_table_building_never_allocate() {
         ..Inputs::new(&x, 1, t)
     };
     let ran = layer.forward_reference(&inputs, &mut ws, &mut y);
+    ARMED.store(false, Ordering::SeqCst);
+    assert!(ran.is_ok());
+
+    // The head-split CPU-device executor (full QK-norm: the in-process norm reduction too).
+    let plan = ShardPlan::new(cfg, 3).unwrap();
+    let blocks: Vec<Vec<f32>> = (0..3)
+        .map(|i| {
+            let mut b = vec![0.0; plan.wo_block_len(i).unwrap()];
+            plan.copy_wo(i, &w.wo, &mut b).unwrap();
+            b
+        })
+        .collect();
+    let full = w.view(&cfg);
+    let shards: Vec<ShardLayer<'_>> = (0..3)
+        .map(|i| ShardLayer::new(&plan, i, &full, Tensor::F32(&blocks[i])).unwrap())
+        .collect();
+    let mut sws = vec![0.0; ShardedLayer::new(&shards).unwrap().workspace_len(t, 1)];
+    ARMED.store(true, Ordering::SeqCst);
+    let ran = ShardedLayer::new(&shards)
+        .and_then(|s| s.forward_cpu(&inputs, &mut sws, &mut y, &Sequential));
     ARMED.store(false, Ordering::SeqCst);
 
     assert!(ran.is_ok());

@@ -53,6 +53,22 @@ pub const fn cpu_workspace_len(cfg: &Config, tokens: usize, lanes: usize) -> usi
         .saturating_add(buffers)
 }
 
+/// Where the per-token norm statistics (`2 * tokens` f32) start in the CPU executor's
+/// workspace: after q, k, v and the attention output.
+pub(crate) const fn stats_offset(cfg: &Config, tokens: usize) -> usize {
+    2 * tokens * (cfg.q_dim() + cfg.kv_dim())
+}
+
+/// Which phases of the CPU executor one call runs.
+pub(crate) enum Phases<'r> {
+    /// The whole layer; full QK-norm statistics pass through the callback.
+    Whole(&'r mut dyn FnMut(&mut [f32])),
+    /// Projections and, with full QK-norm, the local sums of squares (left in the workspace).
+    Project,
+    /// From the (reduced) sums in the workspace to the output.
+    Finish,
+}
+
 /// Scratch of one lane: the largest need of any phase.
 pub(crate) const fn lane_len(cfg: &Config, tokens: usize) -> usize {
     let k = if cfg.n_embd > cfg.q_dim() {
@@ -164,6 +180,8 @@ impl Layer<'_> {
     ///
     /// # Errors
     /// As [`Layer::forward_reference`]; also [`Error::Unsupported`] if `par` ran no task at all.
+    /// A full-QK-norm shard's layer is refused ([`Error::Unsupported`]): run it through
+    /// [`crate::ShardLayer::forward_cpu`].
     /// On error `out` is untouched.
     pub fn forward_cpu(
         &self,
@@ -172,7 +190,22 @@ impl Layer<'_> {
         out: &mut [f32],
         par: &dyn ParallelFor,
     ) -> Result<Backend> {
+        self.whole()?;
         let call = self.check(inputs, out.len())?;
+        self.run_cpu(&call, workspace, out, par, Phases::Whole(&mut |_| {}))
+    }
+
+    /// The phases `phases` of the CPU executor for a validated call. Every phase carves the
+    /// workspace the same way, so [`Phases::Project`] then [`Phases::Finish`] over the same
+    /// workspace (the statistics reduced in between) equal one [`Phases::Whole`].
+    pub(crate) fn run_cpu(
+        &self,
+        call: &Call<'_>,
+        workspace: &mut [f32],
+        out: &mut [f32],
+        par: &dyn ParallelFor,
+        phases: Phases<'_>,
+    ) -> Result<Backend> {
         let cfg = *self.config();
         let tokens = call.batch * call.seq_len;
         let lanes = par.width().clamp(1, MAX_LANES);
@@ -183,11 +216,16 @@ impl Layer<'_> {
                 actual: workspace.len(),
             });
         }
+        let workspace_ptr = workspace.as_ptr();
         let (q, rest) = workspace.split_at_mut(tokens * cfg.q_dim());
         let (k, rest) = rest.split_at_mut(tokens * cfg.kv_dim());
         let (v, rest) = rest.split_at_mut(tokens * cfg.kv_dim());
         let (o, rest) = rest.split_at_mut(tokens * cfg.q_dim());
         let (stats, rest) = rest.split_at_mut(tokens * 2);
+        debug_assert_eq!(
+            stats.as_ptr(),
+            workspace_ptr.wrapping_add(stats_offset(&cfg, tokens))
+        );
         let lane = lane_len(&cfg, tokens);
         let ex = Exec {
             par,
@@ -196,9 +234,25 @@ impl Layer<'_> {
             lane,
             failed: AtomicBool::new(false),
         };
-        let ran = self.project_qkv(&ex, &call, q, k, v, stats)
-            && self.attention(&ex, &call, q, k, v, o)
-            && self.project_out(&ex, tokens, o, out);
+        let ran = match phases {
+            Phases::Whole(reduce) => {
+                self.project_qkv(&ex, call, q, k, v, stats, reduce)
+                    && self.attention(&ex, call, q, k, v, o)
+                    && self.project_out(&ex, tokens, o, out)
+            }
+            Phases::Project => {
+                let ok = self.project_heads(&ex, call, q, k, v);
+                if ok && cfg.qk_norm == QkNorm::Full {
+                    self.full_norm_sums(tokens, q, k, stats);
+                }
+                ok
+            }
+            Phases::Finish => {
+                (cfg.qk_norm != QkNorm::Full || self.full_norm_apply(&ex, call, q, k, stats))
+                    && self.attention(&ex, call, q, k, v, o)
+                    && self.project_out(&ex, tokens, o, out)
+            }
+        };
         if !ran {
             return Err(Error::Unsupported {
                 what: "the host's parallel_for ran no task",
@@ -214,7 +268,10 @@ impl Layer<'_> {
         Ok(backend)
     }
 
-    /// Phases 1 and 2: q, k, v head-major, normalised and rotated.
+    /// Phases 1 and 2: q, k, v head-major, normalised and rotated. With full QK-norm the
+    /// per-token sums of squares pass through `reduce` (a no-op on one device; the sum over
+    /// devices for a shard) before they become 1/rms.
+    #[allow(clippy::too_many_arguments)] // the buffers of the phase, each its own borrow
     pub(crate) fn project_qkv(
         &self,
         ex: &Exec<'_>,
@@ -223,6 +280,29 @@ impl Layer<'_> {
         k: &mut [f32],
         v: &mut [f32],
         stats: &mut [f32],
+        reduce: &mut dyn FnMut(&mut [f32]),
+    ) -> bool {
+        if !self.project_heads(ex, call, q, k, v) {
+            return false;
+        }
+        if self.config().qk_norm != QkNorm::Full {
+            return true;
+        }
+        let tokens = call.batch * call.seq_len;
+        self.full_norm_sums(tokens, q, k, stats);
+        reduce(&mut stats[..2 * tokens]);
+        self.full_norm_apply(ex, call, q, k, stats)
+    }
+
+    /// Phase 1: the projections, head-major, with per-head QK-norm and RoPE (all but full
+    /// QK-norm, which [`Layer::full_norm_apply`] finishes).
+    fn project_heads(
+        &self,
+        ex: &Exec<'_>,
+        call: &Call<'_>,
+        q: &mut [f32],
+        k: &mut [f32],
+        v: &mut [f32],
     ) -> bool {
         let cfg = self.config();
         let w = self.weights();
@@ -252,33 +332,61 @@ impl Layer<'_> {
                 self.norm_rope_head(call, y, norm_w, None, 0);
             }
         };
-        if !ex.units(h + 2 * kvh, &project) {
-            return false;
-        }
-        if !full {
-            return true;
-        }
-        // Full QK-norm: 1/rms over each token's whole q row and k row, then scale + rotate.
-        let (q, k) = (&qs, &ks);
+        ex.units(h + 2 * kvh, &project)
+    }
+
+    /// Full QK-norm, first half: each token's sum of squares over this layer's q heads into
+    /// `stats[t]` and over its k heads into `stats[tokens + t]` (0 for the k heads of a shard
+    /// that does not count them).
+    fn full_norm_sums(&self, tokens: usize, q: &[f32], k: &[f32], stats: &mut [f32]) {
+        let cfg = self.config();
+        let (d, h, kvh) = (cfg.head_dim, cfg.n_head, cfg.n_kv_head);
+        let count_k = self.part().is_none_or(|p| p.count_k);
+        let sum = |buf: &[f32], heads: usize, t: usize| {
+            let mut acc = 0.0f32;
+            for hh in 0..heads {
+                let z = &buf[(hh * tokens + t) * d..(hh * tokens + t + 1) * d];
+                acc += z.iter().map(|v| v * v).sum::<f32>();
+            }
+            acc
+        };
         for t in 0..tokens {
-            let ms = |buf: &Shared<'_>, heads: usize| {
-                let mut acc = 0.0f32;
-                for hh in 0..heads {
-                    // SAFETY: no unit runs now; this is the only live reference into `buf`.
-                    let z = unsafe { buf.range_mut((hh * tokens + t) * d, d) };
-                    acc += z.iter().map(|v| v * v).sum::<f32>();
-                }
-                1.0 / libm::sqrtf(acc / (heads * d) as f32 + cfg.rmsnorm_eps)
-            };
-            stats[t] = ms(q, h);
-            stats[tokens + t] = ms(k, kvh);
+            stats[t] = sum(q, h, t);
+            stats[tokens + t] = if count_k { sum(k, kvh, t) } else { 0.0 };
+        }
+    }
+
+    /// Full QK-norm, second half: the (reduced) sums become 1/rms over the whole row's width,
+    /// then every q and k head is scaled and rotated.
+    fn full_norm_apply(
+        &self,
+        ex: &Exec<'_>,
+        call: &Call<'_>,
+        q: &mut [f32],
+        k: &mut [f32],
+        stats: &mut [f32],
+    ) -> bool {
+        let cfg = self.config();
+        let w = self.weights();
+        let (d, h, kvh) = (cfg.head_dim, cfg.n_head, cfg.n_kv_head);
+        let tokens = call.batch * call.seq_len;
+        let (q_width, k_width) = match self.part() {
+            Some(p) => (p.q_width, p.k_width),
+            None => (h * d, kvh * d),
+        };
+        let (qs, ks) = stats[..2 * tokens].split_at_mut(tokens);
+        for (s, width) in [(qs, q_width), (ks, k_width)] {
+            for v in s.iter_mut() {
+                *v = 1.0 / libm::sqrtf(*v / width as f32 + cfg.rmsnorm_eps);
+            }
         }
         let stats = &*stats;
+        let (q, k) = (Shared::new(q), Shared::new(k));
         let rotate = |u: usize, _: &mut [f32]| {
             let (buf, head, norm_w, inv) = if u < h {
-                (q, u, w.q_norm.as_ref(), &stats[..tokens])
+                (&q, u, w.q_norm.as_ref(), &stats[..tokens])
             } else {
-                (k, u - h, w.k_norm.as_ref(), &stats[tokens..])
+                (&k, u - h, w.k_norm.as_ref(), &stats[tokens..2 * tokens])
             };
             // SAFETY: unit u alone owns head `head` of its matrix.
             let y = unsafe { buf.range_mut(head * tokens * d, tokens * d) };

@@ -131,7 +131,9 @@ impl Layer<'_> {
     /// A wrong length of `x`/`out`/workspace, a block id outside the pool or used twice, a
     /// sequence whose blocks cannot hold its tokens ("cache full"), a position past the rope
     /// table, a cache whose heads differ from the layer's, or a rolling cache for a layer
-    /// without window. Nothing is written (the output nor the cache) on error.
+    /// without window; a full-QK-norm shard's layer (run it through
+    /// [`crate::ShardLayer::forward_cached`]). Nothing is written (the output nor the cache) on
+    /// error.
     #[allow(clippy::too_many_arguments)] // each argument is one of the call's independent inputs
     pub fn forward_cached(
         &self,
@@ -142,6 +144,24 @@ impl Layer<'_> {
         workspace: &mut [f32],
         out: &mut [f32],
         par: &dyn ParallelFor,
+    ) -> Result<Backend> {
+        self.whole()?;
+        self.cached_with(x, seqs, rope_table, cache, workspace, out, par, &mut |_| {})
+    }
+
+    /// [`Layer::forward_cached`] with the full-QK-norm statistics passed through `reduce`
+    /// (a no-op on one device, the sum across devices for a shard).
+    #[allow(clippy::too_many_arguments)] // forward_cached's inputs and the reduction
+    pub(crate) fn cached_with(
+        &self,
+        x: &[f32],
+        seqs: &[Sequence<'_>],
+        rope_table: Option<RopeTable<'_>>,
+        cache: &mut KvCache<'_>,
+        workspace: &mut [f32],
+        out: &mut [f32],
+        par: &dyn ParallelFor,
+        reduce: &mut dyn FnMut(&mut [f32]),
     ) -> Result<Backend> {
         let cfg = *self.config();
         let window = cfg.sliding_window.unwrap_or(usize::MAX);
@@ -215,7 +235,7 @@ impl Layer<'_> {
             lane: unit_scratch_len(&cfg),
             failed: Default::default(),
         };
-        let ran = self.project_qkv(&ex, &call, q, k, v, stats)
+        let ran = self.project_qkv(&ex, &call, q, k, v, stats, reduce)
             && {
                 append(cache, seqs, k, v, tokens);
                 let cache = &*cache;
