@@ -352,10 +352,7 @@ impl Drop for GpuLayer<'_> {
 }
 
 fn widen(t: &Tensor<'_>) -> Vec<f32> {
-    let mut v = vec![0.0f32; t.len()];
-    // The range is the whole tensor: cannot fail.
-    let _ = t.read_into(0, &mut v);
-    v
+    (0..t.len()).map(|i| t.get(i).unwrap_or(0.0)).collect()
 }
 
 /// Host bytes of `parts` concatenated, stored as `precision`.
