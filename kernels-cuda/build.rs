@@ -17,7 +17,7 @@ fn main() {
     println!("cargo:rerun-if-changed=kernels/common.cuh");
     println!("cargo:rerun-if-env-changed=ATTNRT_NVCC");
     println!("cargo:rerun-if-env-changed=ATTNRT_CUBLAS_LIB_DIR");
-    for name in ["attention", "rope_norm"] {
+    for name in ["attention", "rope_norm", "decode"] {
         let src = dir.join(format!("{name}.cu"));
         println!("cargo:rerun-if-changed={}", src.display());
         let ptx = out.join(format!("{name}.ptx"));

@@ -20,6 +20,10 @@ use crate::plan::{
 
 const PTX_ATTENTION: &str = include_str!(concat!(env!("OUT_DIR"), "/attention.ptx"));
 const PTX_ROPE_NORM: &str = include_str!(concat!(env!("OUT_DIR"), "/rope_norm.ptx"));
+const PTX_DECODE: &str = include_str!(concat!(env!("OUT_DIR"), "/decode.ptx"));
+
+mod decode;
+pub use decode::GpuKvCache;
 
 fn drv(call: &'static str, r: cu::CUresult) -> Result<()> {
     if r == cu::CUresult::CUDA_SUCCESS {
@@ -50,8 +54,10 @@ struct Kernels {
     ctx: cust::context::Context,
     attention: cust::module::Module,
     rope_norm: cust::module::Module,
+    decode: cust::module::Module,
     name: String,
     smem_optin: usize,
+    sm_count: usize,
 }
 
 fn cache() -> &'static Mutex<HashMap<u32, Arc<Kernels>>> {
@@ -87,6 +93,8 @@ fn kernels(device: u32) -> Result<Arc<Kernels>> {
         .map_err(|e| cust_err("cuModuleLoadData(attention.ptx)", e))?;
     let rope_norm = cust::module::Module::from_ptx(PTX_ROPE_NORM, &[])
         .map_err(|e| cust_err("cuModuleLoadData(rope_norm.ptx)", e))?;
+    let decode = cust::module::Module::from_ptx(PTX_DECODE, &[])
+        .map_err(|e| cust_err("cuModuleLoadData(decode.ptx)", e))?;
     let name = dev.name().map_err(|e| cust_err("cuDeviceGetName", e))?;
     let mut smem_optin = 0i32;
     // SAFETY: valid out-pointer and device handle.
@@ -98,12 +106,23 @@ fn kernels(device: u32) -> Result<Arc<Kernels>> {
         )
     })?;
     let smem_optin = smem_optin.max(0) as usize;
+    let mut sm_count = 0i32;
+    // SAFETY: valid out-pointer and device handle.
+    drv("cuDeviceGetAttribute", unsafe {
+        cu::cuDeviceGetAttribute(
+            &mut sm_count,
+            cu::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+            dev.as_raw(),
+        )
+    })?;
     let k = Arc::new(Kernels {
         ctx,
         attention,
         rope_norm,
+        decode,
         name,
         smem_optin,
+        sm_count: sm_count.max(1) as usize,
     });
     map.insert(device, k.clone());
     Ok(k)
@@ -338,6 +357,7 @@ pub struct GpuLayer<'a> {
     h_scratch: Vec<(i32, i32, u32)>,
     h_rope: Vec<f32>,
     last_attn: Option<(plan::Launch, AttnParams)>,
+    dec: decode::DecodeState,
 }
 
 impl Drop for GpuLayer<'_> {
@@ -352,10 +372,7 @@ impl Drop for GpuLayer<'_> {
 }
 
 fn widen(t: &Tensor<'_>) -> Vec<f32> {
-    let mut v = vec![0.0f32; t.len()];
-    // The range is the whole tensor: cannot fail.
-    let _ = t.read_into(0, &mut v);
-    v
+    (0..t.len()).map(|i| t.get(i).unwrap_or(0.0)).collect()
 }
 
 /// Host bytes of `parts` concatenated, stored as `precision`.
@@ -521,6 +538,7 @@ impl<'a> GpuLayer<'a> {
             },
             kernels,
             last_attn: None,
+            dec: decode::DecodeState::default(),
         })
     }
 
@@ -716,9 +734,7 @@ impl<'a> GpuLayer<'a> {
     ) -> Result<()> {
         let cfg = self.cfg;
         let n = batch * seq_len;
-        let (c, qd, kvd, d) = (cfg.n_embd, cfg.q_dim(), cfg.kv_dim(), cfg.head_dim);
-        let width = qd + 2 * kvd;
-        let prec = self.opts.precision;
+        let d = cfg.head_dim;
 
         // Mask metadata.
         let mut mp = MaskParams {
@@ -763,6 +779,55 @@ impl<'a> GpuLayer<'a> {
             mp.gmin = ptr(&self.gmin);
             mp.gmax = ptr(&self.gmax);
         }
+
+        // SAFETY: per this function's contract.
+        unsafe { self.project_qkv(x, batch, seq_len, position_ids, rope, stream)? };
+
+        // Attention.
+        let l = attention_launch(self.path, &cfg, batch, seq_len)?;
+        let mut ap = AttnParams {
+            q: ptr(&self.q),
+            k: ptr(&self.k),
+            v: ptr(&self.v),
+            o: ptr(&self.o),
+            seq_len: seq_len as i32,
+            n_head: cfg.n_head as i32,
+            n_kv_head: cfg.n_kv_head as i32,
+            head_dim: d as i32,
+            group: cfg.group_size() as i32,
+            q_per_cta: l.q_per_cta as i32,
+            scale: 1.0 / (d as f32).sqrt(),
+            scale_log2: std::f32::consts::LOG2_E / (d as f32).sqrt(),
+            mask: mp,
+        };
+        // SAFETY: q/k/v/o and the mask buffers are live and sized for the call.
+        unsafe { launch(self.f_attn, l.grid, l.block, l.smem, stream, &mut ap)? };
+        self.last_attn = Some((l, ap));
+
+        // SAFETY: y holds n * n_embd f32 (this function's contract).
+        unsafe { self.project_out(y, n, stream) }
+    }
+
+    /// Projections of `batch * seq_len` tokens of `x` (device, f32) into the q/k/v buffers in
+    /// the storage type: conversion, fused q/k/v GEMM, bias / QK-norm / RoPE pass.
+    ///
+    /// # Safety
+    /// `x` holds `batch * seq_len * n_embd` f32 on the device; the call fits the buffers; the
+    /// positions (if any) and the rotary source were validated against each other.
+    unsafe fn project_qkv(
+        &mut self,
+        x: u64,
+        batch: usize,
+        seq_len: usize,
+        position_ids: Option<&[i32]>,
+        rope: Option<RopeSource<'_>>,
+        stream: cu::CUstream,
+    ) -> Result<()> {
+        let cfg = self.cfg;
+        let n = batch * seq_len;
+        let (c, qd, kvd, d) = (cfg.n_embd, cfg.q_dim(), cfg.kv_dim(), cfg.head_dim);
+        let width = qd + 2 * kvd;
+        let prec = self.opts.precision;
 
         // Rotary rows.
         let (mut cs, mut cs_rows, mut cs_period) = (0u64, 0u64, seq_len as i32);
@@ -866,27 +931,17 @@ impl<'a> GpuLayer<'a> {
             )?
         };
 
-        // Attention.
-        let l = attention_launch(self.path, &cfg, batch, seq_len)?;
-        let mut ap = AttnParams {
-            q: ptr(&self.q),
-            k: ptr(&self.k),
-            v: ptr(&self.v),
-            o: ptr(&self.o),
-            seq_len: seq_len as i32,
-            n_head: cfg.n_head as i32,
-            n_kv_head: cfg.n_kv_head as i32,
-            head_dim: d as i32,
-            group: cfg.group_size() as i32,
-            q_per_cta: l.q_per_cta as i32,
-            scale: 1.0 / (d as f32).sqrt(),
-            scale_log2: std::f32::consts::LOG2_E / (d as f32).sqrt(),
-            mask: mp,
-        };
-        // SAFETY: q/k/v/o and the mask buffers are live and sized for the call.
-        unsafe { launch(self.f_attn, l.grid, l.block, l.smem, stream, &mut ap)? };
-        self.last_attn = Some((l, ap));
+        Ok(())
+    }
 
+    /// Output projection of the attention output (`o`, `n` tokens) into `y`, and its bias.
+    ///
+    /// # Safety
+    /// `y` holds `n * n_embd` f32 on the device; `o` holds the attention output of `n` tokens.
+    unsafe fn project_out(&mut self, y: u64, n: usize, stream: cu::CUstream) -> Result<()> {
+        let cfg = self.cfg;
+        let (c, qd) = (cfg.n_embd, cfg.q_dim());
+        let prec = self.opts.precision;
         // Output projection and bias.
         // SAFETY: wo [c, qd], o [n, qd], y [n, c] on the device.
         unsafe {

@@ -47,10 +47,10 @@ mod stub;
 
 pub use error::{Error, Result};
 #[cfg(feature = "cuda")]
-pub use gpu::{DeviceCall, GpuLayer, RopeSource};
+pub use gpu::{DeviceCall, GpuKvCache, GpuLayer, RopeSource};
 pub use plan::{capability, AttnPath, GpuBackend, GpuOptions, Precision};
 #[cfg(not(feature = "cuda"))]
-pub use stub::{DeviceCall, GpuLayer, RopeSource};
+pub use stub::{DeviceCall, GpuKvCache, GpuLayer, RopeSource};
 
 /// Whether this build has the CUDA executor (the `cuda` feature).
 pub const fn built_with_cuda() -> bool {

@@ -3,10 +3,10 @@
 use std::ffi::c_void;
 use std::marker::PhantomData;
 
-use attnrt::{Inputs, Layer, MaskInputs, RopeTable};
+use attnrt::{Inputs, Layer, MaskInputs, RopeTable, Sequence};
 
 use crate::error::{Error, Result};
-use crate::plan::{AttnPath, GpuBackend, GpuOptions};
+use crate::plan::{AttnPath, GpuBackend, GpuOptions, Precision};
 
 /// Where the rotary rows of a device call come from.
 #[derive(Clone, Copy, Debug)]
@@ -110,6 +110,77 @@ impl<'a> GpuLayer<'a> {
 
     /// The layer's stream (unreachable in this build).
     pub fn stream(&self) -> *mut c_void {
+        match self.never {}
+    }
+}
+
+/// A KV cache in device memory. This build has no CUDA: [`GpuKvCache::new`] always fails.
+pub struct GpuKvCache {
+    never: std::convert::Infallible,
+}
+
+impl GpuKvCache {
+    /// Always [`Error::NoCuda`] in this build.
+    ///
+    /// # Errors
+    /// Always.
+    pub fn new(
+        _precision: Precision,
+        _n_kv_head: usize,
+        _head_dim: usize,
+        _block_size: usize,
+        _num_blocks: usize,
+        _rolling: bool,
+        _device: u32,
+    ) -> Result<GpuKvCache> {
+        Err(Error::NoCuda)
+    }
+
+    /// Storage precision (unreachable in this build).
+    pub fn precision(&self) -> Precision {
+        match self.never {}
+    }
+
+    /// Bytes of one pool (unreachable in this build).
+    pub fn pool_bytes(&self) -> usize {
+        match self.never {}
+    }
+
+    /// Copies the pools to the host (unreachable in this build).
+    ///
+    /// # Errors
+    /// Never returns.
+    pub fn read_f32(&self) -> Result<(Vec<f32>, Vec<f32>)> {
+        match self.never {}
+    }
+
+    /// Overwrites the pools (unreachable in this build).
+    ///
+    /// # Errors
+    /// Never returns.
+    pub fn write_raw(&mut self, _k: &[u8], _v: &[u8]) -> Result<()> {
+        match self.never {}
+    }
+}
+
+impl GpuLayer<'_> {
+    /// The cached forward (unreachable in this build).
+    ///
+    /// # Errors
+    /// Never returns.
+    pub fn forward_cached(
+        &mut self,
+        _x: &[f32],
+        _seqs: &[Sequence<'_>],
+        _rope_table: Option<RopeTable<'_>>,
+        _cache: &mut GpuKvCache,
+        _out: &mut [f32],
+    ) -> Result<GpuBackend> {
+        match self.never {}
+    }
+
+    /// The last cached call's shape (unreachable in this build).
+    pub fn last_cached_shape(&self) -> Option<(usize, usize, usize)> {
         match self.never {}
     }
 }

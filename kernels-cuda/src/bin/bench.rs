@@ -19,8 +19,11 @@ fn main() {
 
 #[cfg(feature = "cuda")]
 mod cuda_main {
-    use attnrt::{rope, Config, Inputs, Layer, LayerWeights, MaskInputs, Rope, RopeTable, Tensor};
-    use attnrt_cuda::{DeviceCall, Error, GpuLayer, GpuOptions, Precision, RopeSource};
+    use attnrt::{
+        rope, Config, Inputs, Layer, LayerWeights, MaskInputs, Rope, RopeTable, Sequence, Tensor,
+    };
+    use attnrt_cuda::{DeviceCall, Error, GpuKvCache, GpuLayer, GpuOptions, Precision, RopeSource};
+    use cust::sys as cu;
     use std::fmt::Write as _;
 
     struct Rng(u64);
@@ -50,8 +53,117 @@ mod cuda_main {
         n
     }
 
+    fn cuerr(call: &'static str) -> impl Fn(cust::error::CudaError) -> Error {
+        move |e| Error::Cuda {
+            call,
+            message: format!("{e:?}"),
+        }
+    }
+
+    /// Device-to-device copy of `bytes` bytes: read + write GB/s (the measured HBM bandwidth).
+    fn copy_bandwidth(gpu: &mut GpuLayer<'_>, bytes: usize) -> Result<f64, Error> {
+        let a = cust::memory::DeviceBuffer::<u8>::zeroed(bytes).map_err(cuerr("alloc"))?;
+        let b = cust::memory::DeviceBuffer::<u8>::zeroed(bytes).map_err(cuerr("alloc"))?;
+        let (pa, pb) = (a.as_device_ptr().as_raw(), b.as_device_ptr().as_raw());
+        let stream = gpu.stream() as cu::CUstream;
+        let ms = gpu.time_ms(10, |_| {
+            // SAFETY: a and b hold `bytes` bytes each and outlive the timed copies.
+            let r = unsafe { cu::cuMemcpyDtoDAsync_v2(pb, pa, bytes, stream) };
+            if r == cu::CUresult::CUDA_SUCCESS {
+                Ok(())
+            } else {
+                Err(Error::Cuda {
+                    call: "cuMemcpyDtoDAsync",
+                    message: format!("{r:?}"),
+                })
+            }
+        })?;
+        Ok(2.0 * bytes as f64 / (ms as f64 * 1e-3) / 1e9)
+    }
+
+    /// Decode of one new token per sequence over `cached` keys each (bf16 cache, 64-token
+    /// blocks in shuffled order): attention + merge timed alone.
+    fn decode_case(
+        json: &mut String,
+        lines: &mut Vec<String>,
+        seqs_n: usize,
+        cached: usize,
+        copy_gbs: f64,
+    ) -> Result<(), Error> {
+        let (c, h, kv, d, bs) = (4096usize, 32usize, 8usize, 128usize, 64usize);
+        let mut rng = Rng(7);
+        let cfg = Config::new(c, h).with_kv_heads(kv).with_head_dim(d);
+        let w = rng.vec(h * d * 64, 0.02);
+        let wq: Vec<f32> = (0..h * d * c).map(|i| w[i % w.len()]).collect();
+        let wk: Vec<f32> = (0..kv * d * c).map(|i| w[i % w.len()]).collect();
+        let wo: Vec<f32> = (0..c * h * d).map(|i| w[i % w.len()]).collect();
+        let weights = LayerWeights {
+            wq: Tensor::F32(&wq),
+            wk: Tensor::F32(&wk),
+            wv: Tensor::F32(&wk),
+            wo: Tensor::F32(&wo),
+            bq: None,
+            bk: None,
+            bv: None,
+            bo: None,
+            q_norm: None,
+            k_norm: None,
+        };
+        let layer = Layer::new(cfg, weights)?;
+        let mut gpu = GpuLayer::new(layer, GpuOptions::new(Precision::Bf16, 1, seqs_n))?;
+        let per_seq = (cached + 1).div_ceil(bs);
+        let num_blocks = per_seq * seqs_n;
+        let mut cache = GpuKvCache::new(Precision::Bf16, kv, d, bs, num_blocks, false, 0)?;
+        let chunk: Vec<u8> = (0..1 << 20)
+            .flat_map(|_| half::bf16::from_f32(rng.uniform()).to_bits().to_le_bytes())
+            .collect();
+        let fill: Vec<u8> = chunk.iter().copied().cycle().take(cache.pool_bytes()).collect();
+        cache.write_raw(&fill, &fill)?;
+        drop(fill);
+        // Shuffled blocks.
+        let mut ids: Vec<u32> = (0..num_blocks as u32).collect();
+        for i in (1..ids.len()).rev() {
+            let j = (((rng.uniform() + 1.0) * 0.5) * (i + 1) as f32) as usize % (i + 1);
+            ids.swap(i, j);
+        }
+        let seqs: Vec<Sequence<'_>> = (0..seqs_n)
+            .map(|s| Sequence {
+                cached,
+                new_tokens: 1,
+                blocks: &ids[s * per_seq..(s + 1) * per_seq],
+            })
+            .collect();
+        let x = rng.vec(seqs_n * c, 1.0);
+        let mut y = vec![0.0f32; x.len()];
+        gpu.forward_cached(&x, &seqs, None, &mut cache, &mut y)?;
+        let shape = gpu.last_cached_shape();
+        // SAFETY: `cache` is alive for the timed relaunches.
+        let ms = gpu.time_ms(20, |g| unsafe { g.relaunch_decode() })?;
+        let bytes = (seqs_n * (cached + 1) * kv * d * 2 * 2) as f64;
+        let gbs = bytes / (ms as f64 * 1e-3) / 1e9;
+        let name = format!("decode {seqs_n} x {cached}");
+        lines.push(format!(
+            "{name:34} {ms:9.4} ms {gbs:8.0} GB/s = {:.0}% of copy {copy_gbs:.0} GB/s (items, tokens, split) {shape:?}",
+            100.0 * gbs / copy_gbs
+        ));
+        writeln!(
+            json,
+            "{{\"case\": \"{name}\", \"ms\": {ms}, \"gbs\": {gbs}, \"copy_gbs\": {copy_gbs}, \"backend\": \"{}\"}}",
+            gpu.backend()
+        )
+        .ok();
+        Ok(())
+    }
+
     pub fn run() -> Result<(), Error> {
-        let out = std::env::args().nth(1);
+        let args: Vec<String> = std::env::args().skip(1).collect();
+        // `--only NAME` runs one attention case (for Nsight Compute), `--decode` only decode.
+        let only = args
+            .iter()
+            .position(|a| a == "--only")
+            .and_then(|i| args.get(i + 1).cloned());
+        let decode_only = args.iter().any(|a| a == "--decode");
+        let out = args.iter().find(|a| !a.starts_with("--") && Some(*a) != only.as_ref()).cloned();
         let (c, h, kv, d) = (4096usize, 32usize, 8usize, 128usize);
         let mut rng = Rng(42);
         let mut json = String::new();
@@ -72,6 +184,9 @@ mod cuda_main {
         let wv = rng.vec(kv * d * c, 0.02);
         let wo = rng.vec(c * h * d, 0.02);
         for (name, t, window, docs, varlen) in cases {
+            if decode_only || only.as_ref().is_some_and(|o| o != name) {
+                continue;
+            }
             let mut cfg = Config::new(c, h).with_kv_heads(kv).with_head_dim(d);
             if let Some(w) = window {
                 cfg = cfg.with_sliding_window(w);
@@ -119,6 +234,59 @@ mod cuda_main {
             .ok();
         }
 
+        if only.is_some() {
+            return Ok(());
+        }
+        if !decode_only {
+            whole_layer(&mut rng, &wq, &wk, &wv, &wo, iters, &mut json, &mut lines)?;
+        }
+
+        // Decode over the paged cache, with the measured copy bandwidth.
+        {
+            let cfg = Config::new(64, 1);
+            let w = vec![0.0f32; 64 * 64];
+            let weights = LayerWeights {
+                wq: Tensor::F32(&w),
+                wk: Tensor::F32(&w),
+                wv: Tensor::F32(&w),
+                wo: Tensor::F32(&w),
+                bq: None,
+                bk: None,
+                bv: None,
+                bo: None,
+                q_norm: None,
+                k_norm: None,
+            };
+            let mut g = GpuLayer::new(Layer::new(cfg, weights)?, GpuOptions::new(Precision::F32, 1, 1))?;
+            let copy = copy_bandwidth(&mut g, 1 << 30)?;
+            lines.push(format!("device-to-device copy 1 GiB: {copy:.0} GB/s (read + write)"));
+            writeln!(json, "{{\"case\": \"copy\", \"gbs\": {copy}}}").ok();
+            decode_case(&mut json, &mut lines, 32, 8191, copy)?;
+            decode_case(&mut json, &mut lines, 1, 32767, copy)?;
+        }
+
+        println!("attnrt-cuda (bf16, Hq 32, Hkv 8, D 128; mean of {iters} after warm-up):");
+        for l in &lines {
+            println!("  {l}");
+        }
+        if let Some(path) = out {
+            std::fs::write(&path, json).map_err(|e| Error::Unsupported(format!("{path}: {e}")))?;
+        }
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn whole_layer(
+        rng: &mut Rng,
+        wq: &[f32],
+        wk: &[f32],
+        wv: &[f32],
+        wo: &[f32],
+        iters: usize,
+        json: &mut String,
+        lines: &mut Vec<String>,
+    ) -> Result<(), Error> {
+        let (c, h, kv, d) = (4096usize, 32usize, 8usize, 128usize);
         // Whole layer: rotary (table uploaded once), causal, T = 4096, device buffers.
         let t = 4096;
         let cfg = Config::new(c, h)
@@ -129,10 +297,10 @@ mod cuda_main {
                 ..Rope::DEFAULT
             });
         let weights = LayerWeights {
-            wq: Tensor::F32(&wq),
-            wk: Tensor::F32(&wk),
-            wv: Tensor::F32(&wv),
-            wo: Tensor::F32(&wo),
+            wq: Tensor::F32(wq),
+            wk: Tensor::F32(wk),
+            wv: Tensor::F32(wv),
+            wo: Tensor::F32(wo),
             bq: None,
             bk: None,
             bv: None,
@@ -185,13 +353,6 @@ mod cuda_main {
         )
         .ok();
 
-        println!("attnrt-cuda (bf16, Hq 32, Hkv 8, D 128; mean of {iters} after warm-up):");
-        for l in &lines {
-            println!("  {l}");
-        }
-        if let Some(path) = out {
-            std::fs::write(&path, json).map_err(|e| Error::Unsupported(format!("{path}: {e}")))?;
-        }
         Ok(())
     }
 }

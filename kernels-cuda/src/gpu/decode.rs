@@ -1,0 +1,712 @@
+//! The KV cache on the GPU and the cached forward (prefill, chunked prefill, decode) over it:
+//! the layout of `attnrt::KvCache` (paged blocks, per-sequence block tables, optional rolling
+//! window) in device memory, and split-K attention (flash-decoding, `kernels/decode.cu`).
+
+use std::sync::Arc;
+
+use attnrt::{Error as RtError, RopeTable, Sequence};
+use cust::memory::DeviceBuffer;
+use cust::sys as cu;
+use half::{bf16, f16};
+
+use super::{alloc, drv, function, h2d, kernels, launch, ptr, GpuLayer, Kernels, RopeSource};
+use crate::error::{Error, Result};
+use crate::plan::{GpuBackend, Precision};
+
+/// A KV cache in device memory, laid out as `attnrt::KvCache`: block `b` holds, for KV head
+/// `g`, `block_size` token slots; slot `i` starts at element
+/// `((b * n_kv_head + g) * block_size + i) * head_dim` of the K pool (likewise V). Sequences
+/// name their blocks with host block tables ([`attnrt::Sequence`]); with `rolling`, logical
+/// token `j` of a sequence lives in slot `j mod capacity` (sliding-window layers).
+pub struct GpuKvCache {
+    kernels: Arc<Kernels>,
+    precision: Precision,
+    n_kv_head: usize,
+    head_dim: usize,
+    block_size: usize,
+    num_blocks: usize,
+    rolling: bool,
+    k: DeviceBuffer<u8>,
+    v: DeviceBuffer<u8>,
+}
+
+impl GpuKvCache {
+    /// Allocates (zeroed) K and V pools of `num_blocks` blocks on `device`.
+    ///
+    /// # Errors
+    /// A zero dimension, sizes that overflow, no device, or out of device memory.
+    pub fn new(
+        precision: Precision,
+        n_kv_head: usize,
+        head_dim: usize,
+        block_size: usize,
+        num_blocks: usize,
+        rolling: bool,
+        device: u32,
+    ) -> Result<GpuKvCache> {
+        for (field, v) in [
+            ("n_kv_head", n_kv_head),
+            ("head_dim", head_dim),
+            ("block_size", block_size),
+            ("num_blocks", num_blocks),
+        ] {
+            if v == 0 {
+                return Err(RtError::Config {
+                    field,
+                    value: 0,
+                    rule: "a KV cache dimension must be > 0",
+                }
+                .into());
+            }
+        }
+        let elems = attnrt::kv_pool_len(n_kv_head, head_dim, block_size, num_blocks);
+        let bytes = elems
+            .checked_mul(precision.size())
+            .filter(|_| elems != usize::MAX)
+            .ok_or(Error::Capacity {
+                what: "kv pool elements",
+                value: elems,
+                max: isize::MAX as usize / 4,
+            })?;
+        let kernels = kernels(device)?;
+        Ok(GpuKvCache {
+            kernels,
+            precision,
+            n_kv_head,
+            head_dim,
+            block_size,
+            num_blocks,
+            rolling,
+            k: alloc(bytes)?,
+            v: alloc(bytes)?,
+        })
+    }
+
+    /// Storage precision of the pools.
+    pub fn precision(&self) -> Precision {
+        self.precision
+    }
+
+    /// Tokens per block.
+    pub fn block_size(&self) -> usize {
+        self.block_size
+    }
+
+    /// Blocks in the pool.
+    pub fn num_blocks(&self) -> usize {
+        self.num_blocks
+    }
+
+    /// Bytes of one pool (K or V).
+    pub fn pool_bytes(&self) -> usize {
+        self.n_kv_head * self.head_dim * self.block_size * self.num_blocks * self.precision.size()
+    }
+
+    /// Device pointers of the K and V pools.
+    pub fn pool_ptrs(&self) -> (u64, u64) {
+        (ptr(&self.k), ptr(&self.v))
+    }
+
+    /// Copies both pools to the host, widened to f32 (tests).
+    ///
+    /// # Errors
+    /// A failed copy.
+    pub fn read_f32(&self) -> Result<(Vec<f32>, Vec<f32>)> {
+        cust::context::CurrentContext::set_current(&self.kernels.ctx)
+            .map_err(|e| super::cust_err("cuCtxSetCurrent", e))?;
+        let n = self.pool_bytes();
+        let mut out = Vec::new();
+        for buf in [&self.k, &self.v] {
+            let mut raw = vec![0u8; n];
+            // SAFETY: `buf` holds `n` bytes; `raw` is a live host buffer of `n` bytes.
+            drv("cuMemcpyDtoH", unsafe {
+                cu::cuMemcpyDtoH_v2(raw.as_mut_ptr().cast(), ptr(buf), n)
+            })?;
+            let v: Vec<f32> = match self.precision {
+                Precision::F32 => raw
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect(),
+                Precision::Bf16 => raw
+                    .chunks_exact(2)
+                    .map(|c| bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())
+                    .collect(),
+                Precision::F16 => raw
+                    .chunks_exact(2)
+                    .map(|c| f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())
+                    .collect(),
+            };
+            out.push(v);
+        }
+        let v = out.pop().unwrap_or_default();
+        let k = out.pop().unwrap_or_default();
+        Ok((k, v))
+    }
+
+    /// Overwrites both pools with raw bytes in the storage type (benchmarks fill a cache
+    /// without running the prefill).
+    ///
+    /// # Errors
+    /// Slices of another length than [`GpuKvCache::pool_bytes`], or a failed copy.
+    pub fn write_raw(&mut self, k: &[u8], v: &[u8]) -> Result<()> {
+        let n = self.pool_bytes();
+        for (name, len) in [("kv pool k", k.len()), ("kv pool v", v.len())] {
+            if len != n {
+                return Err(RtError::InputShape {
+                    name,
+                    expected: n,
+                    actual: len,
+                }
+                .into());
+            }
+        }
+        cust::context::CurrentContext::set_current(&self.kernels.ctx)
+            .map_err(|e| super::cust_err("cuCtxSetCurrent", e))?;
+        for (dst, src) in [(&self.k, k), (&self.v, v)] {
+            // SAFETY: `dst` holds `n` bytes, `src` is a live host slice of `n` bytes.
+            drv("cuMemcpyHtoD", unsafe {
+                cu::cuMemcpyHtoD_v2(ptr(dst), src.as_ptr().cast(), n)
+            })?;
+        }
+        Ok(())
+    }
+}
+
+/// The cached call the executor last ran (for [`GpuLayer::relaunch_decode`]).
+struct CachedCall {
+    items: usize,
+    tokens: usize,
+    split: usize,
+    grid_dec: (u32, u32, u32),
+    p_dec: DecodeParams,
+    p_merge: MergeParams,
+    merge_block: u32,
+}
+
+impl CachedCall {
+    /// Work items (token x split) and new tokens of the call, and the split size in keys.
+    pub fn shape(&self) -> (usize, usize, usize) {
+        (self.items, self.tokens, self.split)
+    }
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct DecodeParams {
+    q: u64,
+    k: u64,
+    v: u64,
+    work: u64,
+    tables: u64,
+    seqs: u64,
+    part: u64,
+    ml: u64,
+    n_head: i32,
+    n_kv_head: i32,
+    head_dim: i32,
+    group: i32,
+    block_size: i32,
+    bs_shift: i32,
+    rolling: i32,
+    scale_log2: f32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct MergeParams {
+    part: u64,
+    ml: u64,
+    tok_items: u64,
+    o: u64,
+    n_head: i32,
+    head_dim: i32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct AppendParams {
+    k: u64,
+    v: u64,
+    kpool: u64,
+    vpool: u64,
+    dst: u64,
+    n_kv_head: i32,
+    head_dim: i32,
+    block_size: i32,
+}
+
+/// Device and host scratch of cached calls, grown (never shrunk) when a call needs more than
+/// any before; a steady decode loop allocates nothing.
+#[derive(Default)]
+pub(super) struct DecodeState {
+    funcs: Option<(cu::CUfunction, cu::CUfunction, cu::CUfunction, u32)>,
+    part: Option<DeviceBuffer<u8>>,
+    ml: Option<DeviceBuffer<u8>>,
+    work: Option<DeviceBuffer<u8>>,
+    tok_items: Option<DeviceBuffer<u8>>,
+    seqs: Option<DeviceBuffer<u8>>,
+    tables: Option<DeviceBuffer<u8>>,
+    dst: Option<DeviceBuffer<u8>>,
+    h_work: Vec<[i32; 4]>,
+    h_tok: Vec<i32>,
+    h_seqs: Vec<[i32; 2]>,
+    h_tables: Vec<u32>,
+    h_dst: Vec<i64>,
+    h_pos: Vec<i32>,
+    h_marks: Vec<u32>,
+    last: Option<CachedCall>,
+}
+
+/// A buffer of at least `bytes` bytes in `slot`, reallocated only when too small.
+fn ensure(slot: &mut Option<DeviceBuffer<u8>>, bytes: usize) -> Result<u64> {
+    if slot.as_ref().is_none_or(|b| b.len() < bytes) {
+        *slot = Some(alloc(bytes.next_power_of_two())?);
+    }
+    Ok(slot.as_ref().map_or(0, ptr))
+}
+
+/// Lanes per key row and query heads per CTA of the decode kernel for (head_dim, group).
+pub fn decode_shape(head_dim: usize, group: usize) -> (usize, usize) {
+    let lanes = if head_dim <= 64 {
+        8
+    } else if head_dim <= 128 {
+        16
+    } else {
+        32
+    };
+    let rp = match group {
+        1 => 1,
+        2 => 2,
+        3 | 4 => 4,
+        _ => 8,
+    };
+    (lanes, rp)
+}
+
+/// Keys per split: about four waves of CTAs (three per SM) over the call's keys, at least 256;
+/// `ATTNRT_CUDA_DECODE_SPLIT` overrides (benchmark tuning).
+fn split_keys(total_keys: usize, ctas_per_key: usize, sm_count: usize) -> usize {
+    if let Some(v) = std::env::var("ATTNRT_CUDA_DECODE_SPLIT")
+        .ok()
+        .and_then(|s| s.parse::<usize>().ok())
+        .filter(|&v| v > 0)
+    {
+        return v;
+    }
+    let target = (sm_count * 12).max(1);
+    (total_keys * ctas_per_key).div_ceil(target).div_ceil(64).max(4) * 64
+}
+
+impl GpuLayer<'_> {
+    fn check_cached(
+        &mut self,
+        x_len: usize,
+        out_len: usize,
+        seqs: &[Sequence<'_>],
+        rope_table: &Option<RopeTable<'_>>,
+        cache: &GpuKvCache,
+    ) -> Result<usize> {
+        let cfg = self.cfg;
+        let window = cfg.sliding_window.unwrap_or(usize::MAX);
+        let tokens = seqs
+            .iter()
+            .try_fold(0usize, |a, s| a.checked_add(s.new_tokens));
+        let y_len = tokens.and_then(|t| t.checked_mul(cfg.n_embd));
+        for (name, len) in [("x", x_len), ("out", out_len)] {
+            if Some(len) != y_len {
+                return Err(RtError::InputShape {
+                    name,
+                    expected: y_len.unwrap_or(usize::MAX),
+                    actual: len,
+                }
+                .into());
+            }
+        }
+        if cache.n_kv_head != cfg.n_kv_head || cache.head_dim != cfg.head_dim {
+            return Err(RtError::InputShape {
+                name: "kv cache heads * head_dim",
+                expected: cfg.kv_dim(),
+                actual: cache.n_kv_head * cache.head_dim,
+            }
+            .into());
+        }
+        if cache.rolling && cfg.sliding_window.is_none() {
+            return Err(RtError::Unsupported {
+                what: "a rolling KV cache needs a sliding-window layer",
+            }
+            .into());
+        }
+        match (cfg.rope(), rope_table) {
+            (None, Some(_)) => {
+                return Err(RtError::Unsupported {
+                    what: "freqs_cis given but the layer has no rotary embedding",
+                }
+                .into())
+            }
+            (Some(_), None) => {
+                return Err(RtError::InputShape {
+                    name: "freqs_cis",
+                    expected: cfg.head_dim,
+                    actual: 0,
+                }
+                .into())
+            }
+            (Some(_), Some(t)) if t.half_dim() * 2 != cfg.head_dim => {
+                return Err(RtError::InputShape {
+                    name: "freqs_cis row",
+                    expected: cfg.head_dim,
+                    actual: t.half_dim() * 2,
+                }
+                .into())
+            }
+            _ => {}
+        }
+        for (i, seq) in seqs.iter().enumerate() {
+            let end = seq
+                .cached
+                .checked_add(seq.new_tokens)
+                .filter(|&e| e <= i32::MAX as usize)
+                .ok_or(RtError::InputValue {
+                    name: "sequence position",
+                    index: i,
+                    value: seq.cached as i64,
+                    rule: "cached + new_tokens overflows the position range",
+                })?;
+            let need = if cache.rolling {
+                window.saturating_add(seq.new_tokens).saturating_sub(1)
+            } else {
+                end
+            };
+            let cap = seq.blocks.len().saturating_mul(cache.block_size);
+            if seq.new_tokens > 0 && cap < need {
+                return Err(RtError::InputValue {
+                    name: "kv cache full: sequence",
+                    index: i,
+                    value: need as i64,
+                    rule: "its blocks hold fewer tokens than the call needs",
+                }
+                .into());
+            }
+            if let Some(t) = rope_table {
+                if seq.new_tokens > 0 && end > t.max_pos() {
+                    return Err(RtError::PositionOutOfTable {
+                        index: i,
+                        position: end as i64 - 1,
+                        table_len: t.max_pos(),
+                    }
+                    .into());
+                }
+            }
+        }
+        // Block ids: inside the pool, each used once in the call.
+        let marks = &mut self.dec.h_marks;
+        marks.clear();
+        marks.resize(cache.num_blocks, 0);
+        for seq in seqs {
+            for (i, &b) in seq.blocks.iter().enumerate() {
+                let Some(mark) = marks.get_mut(b as usize) else {
+                    return Err(RtError::InputValue {
+                        name: "block table entry",
+                        index: i,
+                        value: b as i64,
+                        rule: "block id outside the pool",
+                    }
+                    .into());
+                };
+                if *mark != 0 {
+                    return Err(RtError::InputValue {
+                        name: "block table entry",
+                        index: i,
+                        value: b as i64,
+                        rule: "block used twice in one call",
+                    }
+                    .into());
+                }
+                *mark = 1;
+            }
+        }
+        if !Arc::ptr_eq(&cache.kernels, &self.kernels) {
+            return Err(Error::Unsupported(
+                "the KV cache lives on another device than the layer".into(),
+            ));
+        }
+        if cache.precision != self.opts.precision {
+            return Err(Error::Unsupported(format!(
+                "a {} KV cache with a {} layer: the GPU cache stores the layer's precision",
+                cache.precision.name(),
+                self.opts.precision.name()
+            )));
+        }
+        let tokens = tokens.unwrap_or(0);
+        let max = self.opts.max_batch * self.opts.max_seq_len;
+        if tokens > max {
+            return Err(Error::Capacity {
+                what: "new tokens",
+                value: tokens,
+                max,
+            });
+        }
+        Ok(tokens)
+    }
+
+    /// Runs the layer on new tokens of one or more sequences against a GPU KV cache, appending
+    /// their keys and values: prefill (`cached = 0`), chunked prefill or decode, as
+    /// `attnrt::Layer::forward_cached` (same arguments, same validation and errors; token t of
+    /// a sequence has position `cached + t`). `x` and `out` are `[sum of new_tokens, n_embd]`
+    /// on the host. At most `max_batch * max_seq_len` new tokens per call; the cache must have
+    /// the layer's precision.
+    ///
+    /// Attention: every (new token, KV head) is split into ranges of keys that CTAs read
+    /// once for the R query heads of the KV head; a merge kernel combines each token's splits
+    /// in order. The first calls allocate the decode scratch (grown when a call needs more).
+    ///
+    /// # Errors
+    /// The runtime's errors for invalid calls (nothing written, cache untouched), a cache of
+    /// another precision or device, more new tokens than the set-up maxima, a failed CUDA call.
+    pub fn forward_cached(
+        &mut self,
+        x: &[f32],
+        seqs: &[Sequence<'_>],
+        rope_table: Option<RopeTable<'_>>,
+        cache: &mut GpuKvCache,
+        out: &mut [f32],
+    ) -> Result<GpuBackend> {
+        let n = self.check_cached(x.len(), out.len(), seqs, &rope_table, cache)?;
+        if n == 0 {
+            return Ok(self.backend());
+        }
+        self.set_current()?;
+        let cfg = self.cfg;
+        let (h, kvh, d, r) = (cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.group_size());
+        let window = cfg.sliding_window.unwrap_or(usize::MAX);
+        let stream = self.stream;
+        let prec = self.opts.precision;
+
+        // Host metadata: positions, slots of the new tokens, block tables, work items.
+        let st = &mut self.dec;
+        st.h_pos.clear();
+        st.h_dst.clear();
+        st.h_seqs.clear();
+        st.h_tables.clear();
+        let bs = cache.block_size;
+        let mut total_keys = 0usize;
+        for seq in seqs {
+            if seq.new_tokens == 0 {
+                continue;
+            }
+            let cap = seq.blocks.len() * bs;
+            st.h_seqs.push([st.h_tables.len() as i32, cap as i32]);
+            st.h_tables.extend_from_slice(seq.blocks);
+            for t in 0..seq.new_tokens {
+                let p = seq.cached + t;
+                st.h_pos.push(p as i32);
+                let s = if cache.rolling { p % cap } else { p };
+                let blk = seq.blocks[s / bs] as usize;
+                st.h_dst.push(((blk * kvh) * bs + s % bs) as i64);
+                total_keys += p + 1 - (p + 1).saturating_sub(window);
+            }
+        }
+        let (lanes, rp) = decode_shape(d, r);
+        let hchunks = r.div_ceil(rp);
+        let max_items = (2 * n).max(4096);
+        let mut split = split_keys(total_keys, kvh * hchunks, self.kernels.sm_count);
+        let items_for = |split: usize, seqs: &[Sequence<'_>]| -> usize {
+            let mut items = 0;
+            for seq in seqs {
+                for t in 0..seq.new_tokens {
+                    let p = seq.cached + t;
+                    items += (p + 1 - (p + 1).saturating_sub(window)).div_ceil(split);
+                }
+            }
+            items
+        };
+        while items_for(split, seqs) > max_items {
+            split *= 2;
+        }
+        st.h_work.clear();
+        st.h_tok.clear();
+        let mut si = 0i32;
+        for seq in seqs {
+            if seq.new_tokens == 0 {
+                continue;
+            }
+            for t in 0..seq.new_tokens {
+                let p = seq.cached + t;
+                let (lo, hi) = ((p + 1).saturating_sub(window), p + 1);
+                st.h_tok.push(st.h_work.len() as i32);
+                let tok = st.h_tok.len() as i32 - 1;
+                let mut k0 = lo;
+                while k0 < hi {
+                    let k1 = (k0 + split).min(hi);
+                    st.h_work.push([tok, si, k0 as i32, k1 as i32]);
+                    k0 = k1;
+                }
+            }
+            si += 1;
+        }
+        st.h_tok.push(st.h_work.len() as i32);
+        let items = st.h_work.len();
+
+        // Kernels of this layer's shape.
+        if st.funcs.is_none() {
+            let t = prec.name();
+            let dec = function(
+                &self.kernels.decode,
+                &format!("decode_{t}_l{lanes}_r{rp}"),
+            )?;
+            let merge = function(&self.kernels.decode, &format!("decode_merge_{t}"))?;
+            let app = function(&self.kernels.decode, &format!("kv_append_{t}"))?;
+            let threads = (d.div_ceil(32) * 32).min(256) as u32;
+            st.funcs = Some((dec, merge, app, threads));
+        }
+        let Some((_, _, f_app, threads)) = st.funcs else {
+            return Err(Error::Unsupported("decode kernels missing".into()));
+        };
+
+        // Device scratch (grown on demand) and uploads.
+        let part = ensure(&mut st.part, items * h * d * 4)?;
+        let ml = ensure(&mut st.ml, items * h * 8)?;
+        let work = ensure(&mut st.work, items * 16)?;
+        let tok_items = ensure(&mut st.tok_items, (n + 1) * 4)?;
+        let dseqs = ensure(&mut st.seqs, st.h_seqs.len() * 8)?;
+        let tables = ensure(&mut st.tables, st.h_tables.len() * 4)?;
+        let dst = ensure(&mut st.dst, n * 8)?;
+        // SAFETY: each buffer was just sized for its slice; the stream is the layer's.
+        unsafe {
+            h2d(work, &st.h_work, stream)?;
+            h2d(tok_items, &st.h_tok, stream)?;
+            h2d(dseqs, &st.h_seqs, stream)?;
+            h2d(tables, &st.h_tables, stream)?;
+            h2d(dst, &st.h_dst, stream)?;
+        }
+        let positions = std::mem::take(&mut st.h_pos);
+
+        // Projections, norm and RoPE of the new tokens.
+        let xd = ptr(&self.x);
+        let result = (|| {
+            // SAFETY: `x` holds max_batch * max_seq_len * n_embd f32 >= n * n_embd (checked);
+            // the positions were validated against the table.
+            unsafe {
+                h2d(xd, x, stream)?;
+                self.project_qkv(
+                    xd,
+                    1,
+                    n,
+                    Some(&positions),
+                    rope_table.map(RopeSource::Host),
+                    stream,
+                )
+            }
+        })();
+        self.dec.h_pos = positions;
+        result?;
+
+        // Append the new keys and values.
+        let (kpool, vpool) = cache.pool_ptrs();
+        let mut ap = AppendParams {
+            k: ptr(&self.k),
+            v: ptr(&self.v),
+            kpool,
+            vpool,
+            dst,
+            n_kv_head: kvh as i32,
+            head_dim: d as i32,
+            block_size: bs as i32,
+        };
+        // SAFETY: AppendParams matches the kernel; k/v hold n tokens; every destination slot
+        // is inside the pool (block ids validated, slots < block_size).
+        unsafe { launch(f_app, (n as u32, kvh as u32, 1), threads, 0, stream, &mut ap)? };
+
+        // Split-K attention and the merge.
+        let p_dec = DecodeParams {
+            q: ptr(&self.q),
+            k: kpool,
+            v: vpool,
+            work,
+            tables,
+            seqs: dseqs,
+            part,
+            ml,
+            n_head: h as i32,
+            n_kv_head: kvh as i32,
+            head_dim: d as i32,
+            group: r as i32,
+            block_size: bs as i32,
+            bs_shift: if bs.is_power_of_two() {
+                bs.trailing_zeros() as i32
+            } else {
+                -1
+            },
+            rolling: cache.rolling as i32,
+            scale_log2: std::f32::consts::LOG2_E / (d as f32).sqrt(),
+        };
+        let p_merge = MergeParams {
+            part,
+            ml,
+            tok_items,
+            o: ptr(&self.o),
+            n_head: h as i32,
+            head_dim: d as i32,
+        };
+        let call = CachedCall {
+            items,
+            tokens: n,
+            split,
+            grid_dec: (items as u32, kvh as u32, hchunks as u32),
+            p_dec,
+            p_merge,
+            merge_block: threads,
+        };
+        self.dec.last = Some(call);
+        // SAFETY: the cache is borrowed for this whole call.
+        unsafe { self.relaunch_decode()? };
+
+        // Output projection and download.
+        let y = ptr(&self.y);
+        // SAFETY: y holds at least n * n_embd f32; o holds the attention output of n tokens.
+        unsafe { self.project_out(y, n, stream)? };
+        let bytes = std::mem::size_of_val(out);
+        // SAFETY: `y` holds `bytes` bytes of output; `out` is a live exclusive host slice of
+        // that size; the stream is synchronised before `out` is read.
+        unsafe {
+            drv(
+                "cuMemcpyDtoHAsync",
+                cu::cuMemcpyDtoHAsync_v2(out.as_mut_ptr().cast(), y, bytes, stream),
+            )?;
+            drv("cuStreamSynchronize", cu::cuStreamSynchronize(stream))?;
+        }
+        Ok(self.backend())
+    }
+
+    /// Benchmark helper: launches the split-K attention and merge of the last cached call
+    /// again on the layer's own stream (the cache already holds the call's keys).
+    ///
+    /// # Errors
+    /// No earlier cached call, or a failed launch.
+    ///
+    /// # Safety
+    /// The [`GpuKvCache`] of the last cached call is still alive.
+    #[doc(hidden)]
+    pub unsafe fn relaunch_decode(&mut self) -> Result<()> {
+        let Some(call) = self.dec.last.as_ref() else {
+            return Err(Error::Unsupported("no earlier cached call".into()));
+        };
+        let Some((f_dec, f_merge, _, _)) = self.dec.funcs else {
+            return Err(Error::Unsupported("no earlier cached call".into()));
+        };
+        let (mut pd, mut pm) = (call.p_dec, call.p_merge);
+        let (grid, tokens, block) = (call.grid_dec, call.tokens, call.merge_block);
+        let h = self.cfg.n_head as u32;
+        // SAFETY: the parameters name this layer's buffers, sized for the last call, and that
+        // call's cache, alive per this function's contract.
+        unsafe {
+            launch(f_dec, grid, 128, 0, self.stream, &mut pd)?;
+            launch(f_merge, (tokens as u32, h, 1), block, 0, self.stream, &mut pm)
+        }
+    }
+
+    /// The last cached call's work items, new tokens and split size (keys).
+    pub fn last_cached_shape(&self) -> Option<(usize, usize, usize)> {
+        self.dec.last.as_ref().map(CachedCall::shape)
+    }
+}
