@@ -91,16 +91,6 @@ impl Isa for Avx2 {
         }
     }
     #[inline(always)]
-    fn reduce_max(self, v: __m256) -> f32 {
-        // SAFETY: see the impl comment.
-        unsafe {
-            let s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-            let s = _mm_max_ps(s, _mm_movehl_ps(s, s));
-            let s = _mm_max_ss(s, _mm_shuffle_ps::<0b01>(s, s));
-            _mm_cvtss_f32(s)
-        }
-    }
-    #[inline(always)]
     fn pow2i(self, n: __m256) -> __m256 {
         // SAFETY: see the impl comment.
         unsafe {
@@ -113,5 +103,14 @@ impl Isa for Avx2 {
     fn gemm_panel(self, job: &mut crate::gemm::kernel::PanelJob<'_>) {
         // 6x16: 12 accumulators + 2 B vectors + 1 broadcast = 15 of the 16 YMM registers.
         crate::gemm::kernel::panel::<Self, 6, 2>(self, job)
+    }
+
+    #[inline(always)]
+    fn attend_tiles<E: crate::Elem, M: crate::Visibility + ?Sized>(
+        self,
+        args: crate::attend::kernel::Args<'_, E, M>,
+    ) {
+        // 6 keys or rows x 2 registers: 12 accumulators + 2 loaded + 1 broadcast = 15 of 16 YMM.
+        crate::attend::kernel::attend_tiles::<Self, E, M, 6, 2>(self, args)
     }
 }

@@ -57,13 +57,17 @@ pub(crate) trait Isa: Copy {
     fn max(self, a: Self::V, b: Self::V) -> Self::V;
     /// Sum of the lanes, in a fixed order.
     fn reduce_sum(self, v: Self::V) -> f32;
-    /// Maximum of the lanes.
-    fn reduce_max(self, v: Self::V) -> f32;
     /// `2^n` per lane, for integer-valued lanes `n` in `[-126, 127]`.
     fn pow2i(self, n: Self::V) -> Self::V;
 
     /// Runs the GEMM panel job with this ISA's register tile (see `gemm::kernel`).
     fn gemm_panel(self, job: &mut crate::gemm::kernel::PanelJob<'_>);
+
+    /// Runs the attention tile loop with this ISA's register blocks (see `attend::kernel`).
+    fn attend_tiles<E: crate::Elem, M: crate::Visibility + ?Sized>(
+        self,
+        args: crate::attend::kernel::Args<'_, E, M>,
+    );
 
     /// Zero in every lane.
     #[inline(always)]
