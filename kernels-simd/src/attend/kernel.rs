@@ -42,7 +42,9 @@ pub(crate) struct Args<'a, E, M: ?Sized> {
 /// and a row with no visible key yet keeps `m = -inf`, `l = 0`, `o = 0` (its subtraction uses
 /// the finite `f32::MIN` so nothing becomes NaN). Row and head-dimension tails use smaller
 /// `MR`/`NRV` instances; a head dimension that is not a multiple of `LANES` (or non-f32 V)
-/// goes through a zero-padded widened V copy. A key tile where no row sees any key is skipped.
+/// goes through a zero-padded widened V copy. A key tile where no row sees any key is skipped,
+/// and keys at the ends of a `Partial` tile that no row sees are dropped (they would only add
+/// exact zeros).
 #[inline(always)]
 pub(crate) fn attend_tiles<
     I: Isa,
@@ -108,12 +110,13 @@ pub(crate) fn attend_tiles<
             let k1 = (k0 + bk).min(hi);
             let len = k1 - k0;
             let class = mask.classify(i0, i1, k0, k1);
-            let j0 = k0;
+            let mut j0 = k0;
             k0 = k1;
             if class == TileClass::None {
                 continue;
             }
-            let all_bits = if len == 64 { !0u64 } else { (1u64 << len) - 1 };
+            let mut len = len;
+            let mut all_bits = if len == 64 { !0u64 } else { (1u64 << len) - 1 };
             let mut bits = [all_bits; ATTN_BQ];
             if class == TileClass::Partial {
                 for (t, b) in bits[..nt].iter_mut().enumerate() {
@@ -122,9 +125,18 @@ pub(crate) fn attend_tiles<
                         *b |= (mask.visible(i0 + t, j0 + j) as u64) << j;
                     }
                 }
-            }
-            if bits[..nt].iter().all(|&b| b == 0) {
-                continue;
+                // Keys at either end that no row sees would only add exact zeros: drop them.
+                let any = bits[..nt].iter().fold(0, |a, &b| a | b);
+                if any == 0 {
+                    continue;
+                }
+                let skip = any.trailing_zeros() as usize;
+                len = 64 - any.leading_zeros() as usize - skip;
+                j0 += skip;
+                all_bits = if len == 64 { !0u64 } else { (1u64 << len) - 1 };
+                for b in bits[..nt].iter_mut() {
+                    *b >>= skip;
+                }
             }
 
             let (ks, kstride): (&[f32], usize) = match k_direct {
@@ -153,10 +165,11 @@ pub(crate) fn attend_tiles<
                 if b == all_bits {
                     continue;
                 }
-                for j in 0..len {
-                    if b >> j & 1 == 0 {
-                        st[j * rp + t * r..][..r].fill(f32::NEG_INFINITY);
-                    }
+                let mut hidden = !b & all_bits;
+                while hidden != 0 {
+                    let j = hidden.trailing_zeros() as usize;
+                    hidden &= hidden - 1;
+                    st[j * rp + t * r..][..r].fill(f32::NEG_INFINITY);
                 }
             }
             softmax_tile(isa, st, rp, rv, len, mrow, lrow, alpha);
