@@ -92,12 +92,11 @@ pub(crate) fn attend_tiles<
         let rv = rows.div_ceil(l);
         let (i0, i1) = (q_start + qt0, q_start + qt1);
         let qtile = &q[qt0 * r * d..][..rows * d];
-        for c in 0..d {
-            let dst = &mut qt[c * rp..][..rv * l];
-            for (row, x) in dst[..rows].iter_mut().enumerate() {
-                *x = qtile[row * d + c];
+        isa.transpose(qtile, d, rows, d, qt, rp);
+        if rows < rv * l {
+            for c in 0..d {
+                qt[c * rp + rows..][..rv * l - rows].fill(0.0);
             }
-            dst[rows..].fill(0.0);
         }
         o[..rows * dp].fill(0.0);
         mrow[..rv * l].fill(f32::NEG_INFINITY);

@@ -69,6 +69,29 @@ pub(crate) trait Isa: Copy {
         args: crate::attend::kernel::Args<'_, E, M>,
     );
 
+    /// `dst[c * dst_stride + i] = src[i * src_stride + c]` for `i < rows`, `c < cols` (a plain
+    /// copy, so exact). ISAs with shuffles override the scalar loop.
+    ///
+    /// # Panics
+    /// If `src` or `dst` is too short for the shape (an internal bug).
+    #[inline(always)]
+    fn transpose(
+        self,
+        src: &[f32],
+        src_stride: usize,
+        rows: usize,
+        cols: usize,
+        dst: &mut [f32],
+        dst_stride: usize,
+    ) {
+        for i in 0..rows {
+            let row = &src[i * src_stride..][..cols];
+            for (d, &x) in dst[i..].iter_mut().step_by(dst_stride).zip(row) {
+                *d = x;
+            }
+        }
+    }
+
     /// Zero in every lane.
     #[inline(always)]
     fn zero(self) -> Self::V {
