@@ -2,7 +2,7 @@
 
 use super::{rows_padded, AttnShape, KvView, ATTN_BK, ATTN_BQ};
 use crate::elem::Elem;
-use crate::exp::exp_v;
+use crate::exp::exp_nonpos_v;
 use crate::isa::Isa;
 use crate::visibility::{TileClass, Visibility};
 
@@ -379,11 +379,11 @@ fn softmax_tile<I: Isa>(
         // A row with nothing visible so far keeps m = -inf; subtract a finite value instead so
         // -inf - (-inf) never makes NaN (its exps are then exactly 0).
         let m_sub = isa.max(m_new, isa.splat(f32::MIN));
-        let a = exp_v(isa, isa.sub(m_old, m_sub));
+        let a = exp_nonpos_v(isa, isa.sub(m_old, m_sub));
         let mut sum = isa.zero();
         for j in 0..len {
             let s = &mut st[j * rp + c..];
-            let e = exp_v(isa, isa.sub(isa.load_s(s), m_sub));
+            let e = exp_nonpos_v(isa, isa.sub(isa.load_s(s), m_sub));
             isa.store_s(s, e);
             sum = isa.add(sum, e);
         }
