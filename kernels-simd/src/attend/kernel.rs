@@ -1,6 +1,6 @@
 //! The flash-attention tile loop, written once over [`Isa`].
 
-use super::{rows_padded, AttnShape, KvView, ATTN_BK, ATTN_BQ};
+use super::{rows_padded, AttnShape, KvView, ATTN_BK, ATTN_BQ, DPAD};
 use crate::elem::Elem;
 use crate::exp::exp_nonpos_v;
 use crate::isa::Isa;
@@ -41,8 +41,8 @@ pub(crate) struct Args<'a, E, M: ?Sized> {
 /// last block) and the PV sums over exactly its keys; masked pairs get score -inf (weight 0),
 /// and a row with no visible key yet keeps `m = -inf`, `l = 0`, `o = 0` (its subtraction uses
 /// the finite `f32::MIN` so nothing becomes NaN). Row and head-dimension tails use smaller
-/// `MR`/`NRV` instances; a head dimension that is not a multiple of `LANES` (or non-f32 V)
-/// goes through a zero-padded widened V copy. A key tile where no row sees any key is skipped,
+/// `MR`/`NRV` instances; V is copied per tile (widened if needed) into zero-padded rows of
+/// `dp + 16` floats, which also keeps its rows off a power-of-two stride. A key tile where no row sees any key is skipped,
 /// and keys at the ends of a `Partial` tile that no row sees are dropped (they would only add
 /// exact zeros).
 #[inline(always)]
@@ -77,10 +77,10 @@ pub(crate) fn attend_tiles<
     let (lrow, rest) = rest.split_at_mut(rp);
     let (alpha, rest) = rest.split_at_mut(rp);
     let (kw, rest) = rest.split_at_mut(bk * d);
-    let vw = &mut rest[..bk * dp];
+    let vs_stride = dp + DPAD;
+    let vw = &mut rest[..bk * vs_stride];
 
     let k_direct = E::as_f32(kv.k);
-    let v_direct = E::as_f32(kv.v).filter(|_| d % l == 0);
     // Head-dimension columns of the PV product: whole registers.
     let dv = d.div_ceil(l) * l;
 
@@ -147,17 +147,14 @@ pub(crate) fn attend_tiles<
                     (&kw[..], d)
                 }
             };
-            let (vs, vstride): (&[f32], usize) = match v_direct {
-                Some(v) => (&v[j0 * kv.stride..], kv.stride),
-                None => {
-                    for j in 0..len {
-                        let row = &mut vw[j * dp..][..dp];
-                        E::to_f32_slice(&kv.v[(j0 + j) * kv.stride..][..d], row);
-                        row[d..].fill(0.0);
-                    }
-                    (&vw[..], dp)
-                }
-            };
+            // V is always copied (widened) into rows `dp + DPAD` floats apart: read in place
+            // with a power-of-two stride, the 64 rows of a PV panel fall into a few L1 sets
+            // and evict each other.
+            for j in 0..len {
+                let row = &mut vw[j * vs_stride..][..dp];
+                E::to_f32_slice(&kv.v[(j0 + j) * kv.stride..][..d], row);
+                row[d..].fill(0.0);
+            }
 
             scores::<I, MR, NRV>(isa, qt, rp, rv, d, ks, kstride, len, scale, st);
             for (t, &b) in bits[..nt].iter().enumerate() {
@@ -172,7 +169,7 @@ pub(crate) fn attend_tiles<
                 }
             }
             softmax_tile(isa, st, rp, rv, len, mrow, lrow, alpha);
-            accumulate_pv::<I, MR, NRV>(isa, st, rp, rows, len, vs, vstride, dv, o, dp, alpha);
+            accumulate_pv::<I, MR, NRV>(isa, st, rp, rows, len, vw, vs_stride, dv, o, dp, alpha);
         }
 
         for row in 0..rows {

@@ -16,7 +16,7 @@ pub const ATTN_BQ: usize = 16;
 pub const ATTN_BK: usize = 64;
 /// Head dimension padding inside scratch, the widest tier's lane count, so scratch size does not
 /// depend on the tier.
-const DPAD: usize = 16;
+pub(crate) const DPAD: usize = 16;
 
 /// Where the queries sit.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -45,14 +45,16 @@ pub struct KvView<'a, E> {
     pub len: usize,
 }
 
-/// Rows of a query tile (`ATTN_BQ * r`) rounded up to whole registers of the widest tier.
+/// Row stride of the transposed-query and score buffers: the rows of a query tile
+/// (`ATTN_BQ * r`) rounded up to whole registers of the widest tier, plus one such register so
+/// the stride is not a power of two (which would map a panel's rows to few L1 sets).
 pub(crate) const fn rows_padded(r: usize) -> usize {
-    r.saturating_mul(ATTN_BQ).saturating_add(DPAD - 1) / DPAD * DPAD
+    (r.saturating_mul(ATTN_BQ).saturating_add(DPAD - 1) / DPAD * DPAD).saturating_add(DPAD)
 }
 
 /// Scratch floats for head dimension `d` and group size `r`, `None` on overflow: transposed
 /// queries `d x rp`, scores `64 x rp`, outputs `16 r x dp`, three row vectors (max, sum,
-/// rescale) of `rp`, widened K `64 x d` and V `64 x dp` (used for f16/bf16 storage).
+/// rescale) of `rp`, widened K `64 x d` (f16/bf16 only) and V `64 x (dp + 16)`.
 const fn scratch_len(d: usize, r: usize) -> Option<usize> {
     let Some(dp) = d.checked_add(DPAD - 1) else {
         return None;
@@ -64,14 +66,19 @@ const fn scratch_len(d: usize, r: usize) -> Option<usize> {
     let Some(rp) = rows.checked_add(DPAD - 1) else {
         return None;
     };
-    let rp = rp / DPAD * DPAD;
+    let Some(rp) = (rp / DPAD * DPAD).checked_add(DPAD) else {
+        return None;
+    };
     let Some(qt) = d.checked_mul(rp) else {
         return None;
     };
     let Some(o) = rows.checked_mul(dp) else {
         return None;
     };
-    let Some(kv) = d.checked_add(dp) else {
+    let Some(vs) = dp.checked_add(DPAD) else {
+        return None;
+    };
+    let Some(kv) = d.checked_add(vs) else {
         return None;
     };
     let Some(kv) = kv.checked_mul(ATTN_BK) else {
