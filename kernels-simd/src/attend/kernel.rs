@@ -98,7 +98,8 @@ pub(crate) fn attend_tiles<
                 qt[c * rp + rows..][..rv * l - rows].fill(0.0);
             }
         }
-        o[..rows * dp].fill(0.0);
+        // `o` is not cleared: the first computed key tile overwrites it (see accumulate_pv).
+        let mut first = true;
         mrow[..rv * l].fill(f32::NEG_INFINITY);
         lrow[..rv * l].fill(0.0);
 
@@ -169,7 +170,9 @@ pub(crate) fn attend_tiles<
                 }
             }
             softmax_tile(isa, st, rp, rv, len, mrow, lrow, alpha);
+            let alpha = (!first).then_some(&alpha[..]);
             accumulate_pv::<I, MR, NRV>(isa, st, rp, rows, len, vw, vs_stride, dv, o, dp, alpha);
+            first = false;
         }
 
         for row in 0..rows {
@@ -393,7 +396,9 @@ fn softmax_tile<I: Isa>(
 
 /// `o[row][c] = alpha[row] * o[row][c] + sum_{j < len} st[j][row] * vs[j * vstride + c]` for
 /// `row < rows`, `c < dv`: registers of the head dimension in groups of `NRV` (then single),
-/// rows in blocks of `MR` (then one shorter block).
+/// rows in blocks of `MR` (then one shorter block). `alpha = None` on a query tile's first
+/// computed key tile: `o` is then written from zero without being read (the same bits as
+/// rescaling a zeroed `o` by the 0 or finite `alpha` of that tile).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn accumulate_pv<I: Isa, const MR: usize, const NRV: usize>(
@@ -407,7 +412,7 @@ fn accumulate_pv<I: Isa, const MR: usize, const NRV: usize>(
     dv: usize,
     o: &mut [f32],
     dp: usize,
-    alpha: &[f32],
+    alpha: Option<&[f32]>,
 ) {
     let l = I::LANES;
     let mut c0 = 0;
@@ -434,7 +439,7 @@ fn pv_cols<I: Isa, const MR: usize, const NRV: usize>(
     c0: usize,
     o: &mut [f32],
     dp: usize,
-    alpha: &[f32],
+    alpha: Option<&[f32]>,
 ) {
     let mut row = 0;
     while row + MR <= rows {
@@ -471,14 +476,16 @@ fn pv_block<I: Isa, const MR: usize, const NRV: usize>(
     c0: usize,
     o: &mut [f32],
     dp: usize,
-    alpha: &[f32],
+    alpha: Option<&[f32]>,
 ) {
     let l = I::LANES;
     let mut acc = [[isa.zero(); NRV]; MR];
-    for (i, acc) in acc.iter_mut().enumerate() {
-        let a = isa.splat(alpha[row + i]);
-        for (v, acc) in acc.iter_mut().enumerate() {
-            *acc = isa.mul(isa.load_s(&o[(row + i) * dp + c0 + v * l..]), a);
+    if let Some(alpha) = alpha {
+        for (i, acc) in acc.iter_mut().enumerate() {
+            let a = isa.splat(alpha[row + i]);
+            for (v, acc) in acc.iter_mut().enumerate() {
+                *acc = isa.mul(isa.load_s(&o[(row + i) * dp + c0 + v * l..]), a);
+            }
         }
     }
     block::<I, MR, NRV>(isa, &st[row..], 1, rp, &vs[c0..], vstride, len, &mut acc);
