@@ -30,6 +30,13 @@ pub trait Elem: sealed::Sealed + Copy + Send + Sync + 'static {
         }
         n
     }
+
+    /// `s` itself if this type is f32 (kernels then read it in place instead of widening).
+    #[inline(always)]
+    fn as_f32(s: &[Self]) -> Option<&[f32]> {
+        let _ = s;
+        None
+    }
 }
 
 impl Elem for f32 {
@@ -47,6 +54,10 @@ impl Elem for f32 {
         let n = src.len().min(dst.len());
         dst[..n].copy_from_slice(&src[..n]);
         n
+    }
+    #[inline(always)]
+    fn as_f32(s: &[Self]) -> Option<&[f32]> {
+        Some(s)
     }
 }
 

@@ -51,6 +51,36 @@ pub(crate) fn exp_v<I: Isa>(isa: I, x: I::V) -> I::V {
     isa.mul(isa.mul(p, isa.pow2i(n1)), isa.pow2i(n2))
 }
 
+/// Kernel `exp_f32_vec_nonpos`: `exp(x)` per lane for `x <= 0` (or -inf), as softmax needs.
+///
+/// Formula: that of [`exp_v`] with the scaling done by one `2^n` factor: inputs are clamped
+/// below at -88 (no upper clamp: `x <= 0`), so `n = round(x log2 e) >= -127`, and `2^-127`
+/// built from the exponent bits is exactly 0. Results equal [`exp_v`]'s bit for bit wherever
+/// `n >= -126` (multiplying by normal powers of two is exact until the one final rounding);
+/// below `exp(-87.3)`, about `1.2e-38`, they are 0 instead of subnormal. `exp(-inf) = 0`
+/// exactly. No tails: it works on one register.
+#[inline(always)]
+pub(crate) fn exp_nonpos_v<I: Isa>(isa: I, x: I::V) -> I::V {
+    let x = isa.max(x, isa.splat(-88.0));
+    let magic = isa.splat(ROUND_MAGIC);
+    let n = isa.sub(isa.mul_add(x, isa.splat(LOG2E), magic), magic);
+    let r = isa.mul_add(n, isa.splat(-LN2_HI), x);
+    let r = isa.mul_add(n, isa.splat(-LN2_LO), r);
+    let mut p = isa.splat(1.0 / 5040.0);
+    for c in [
+        1.0 / 720.0,
+        1.0 / 120.0,
+        1.0 / 24.0,
+        1.0 / 6.0,
+        0.5,
+        1.0,
+        1.0,
+    ] {
+        p = isa.mul_add(p, r, isa.splat(c));
+    }
+    isa.mul(p, isa.pow2i(n))
+}
+
 /// `exp(x)` for one value with the scalar tier's arithmetic (the same algorithm as the vector
 /// kernels, without fused multiply-add).
 pub fn exp_f32(x: f32) -> f32 {
@@ -124,6 +154,56 @@ mod tests {
             assert!(max_ulp <= 2, "{tier}: {max_ulp} ulp");
             assert!(max_ulp_libm <= 3, "{tier}: {max_ulp_libm} ulp vs libm");
             assert!(max_rel < 2.5e-7, "{tier}: rel {max_rel}");
+        }
+    }
+
+    #[test]
+    fn exp_nonpos_matches_exp_down_to_the_normal_range() {
+        for tier in available() {
+            struct Job<'a>(&'a mut [f32], bool);
+            impl WithIsa for Job<'_> {
+                type Output = ();
+                #[inline(always)]
+                fn run<I: Isa>(self, isa: I) {
+                    for c in self.0.chunks_exact_mut(I::LANES) {
+                        let x = isa.load_s(c);
+                        let y = if self.1 {
+                            exp_nonpos_v(isa, x)
+                        } else {
+                            exp_v(isa, x)
+                        };
+                        isa.store_s(c, y);
+                    }
+                }
+            }
+            let n = 1 << 16;
+            let xs: std::vec::Vec<f32> = (0..n).map(|i| -87.3 * i as f32 / n as f32).collect();
+            let (mut a, mut b) = (xs.clone(), xs);
+            dispatch(tier, Job(&mut a, true));
+            dispatch(tier, Job(&mut b, false));
+            assert!(
+                a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
+                "{tier}"
+            );
+            let mut edges = [
+                f32::NEG_INFINITY,
+                -1e30,
+                -200.0,
+                -88.0,
+                -0.0,
+                0.0,
+                -1.0,
+                -2.0,
+            ];
+            let want = edges.map(libm::expf);
+            dispatch(tier, Job(&mut edges, true));
+            assert_eq!(&edges[..6], &[0.0, 0.0, 0.0, 0.0, 1.0, 1.0], "{tier}");
+            for (g, w) in edges[6..].iter().zip(&want[6..]) {
+                assert!(
+                    (g - w).abs() <= 2.0 * f32::EPSILON * w,
+                    "{tier}: {g} vs {w}"
+                );
+            }
         }
     }
 

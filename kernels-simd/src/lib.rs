@@ -10,7 +10,9 @@
 //! (FMA vs separate multiply and add).
 //!
 //! Tiles: GEMM micro-kernels are scalar 4x4, AVX2 6x16, AVX-512 8x32 and NEON 8x8 (rows x output
-//! columns); attention tiles are 16 query tokens x 64 keys on every tier.
+//! columns); attention tiles are 16 query tokens x 64 keys on every tier, computed as small GEMMs
+//! in register blocks of 6 (AVX2), 8 (AVX-512, NEON) or 4 (scalar) keys or rows x 2 (scalar 4)
+//! registers.
 #![cfg_attr(not(test), no_std)]
 #![deny(missing_docs)]
 #![deny(unsafe_op_in_unsafe_fn)]

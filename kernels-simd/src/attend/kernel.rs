@@ -1,14 +1,14 @@
 //! The flash-attention tile loop, written once over [`Isa`].
 
-use super::{AttnShape, KvView, ATTN_BK, ATTN_BQ};
+use super::{rows_padded, AttnShape, KvView, ATTN_BK, ATTN_BQ, DPAD};
 use crate::elem::Elem;
-use crate::exp::exp_v;
-use crate::isa::{scalar::Scalar, Isa};
+use crate::exp::exp_nonpos_v;
+use crate::isa::Isa;
 use crate::visibility::{TileClass, Visibility};
 
 /// Validated arguments (see `attend_on`): slices hold what the shape needs, scratch holds
 /// `attend_scratch_len(d, r)`, `dp` is `d` rounded up to the scratch padding.
-pub(super) struct Args<'a, E, M: ?Sized> {
+pub(crate) struct Args<'a, E, M: ?Sized> {
     pub shape: AttnShape,
     pub dp: usize,
     pub q: &'a [f32],
@@ -19,21 +19,43 @@ pub(super) struct Args<'a, E, M: ?Sized> {
     pub scratch: &'a mut [f32],
 }
 
-/// Kernel `attend_f32_16q x 64k`: masked online-softmax attention for `r` heads over one KV head.
+/// Kernel `attend_f32_16q x 64k`: masked online-softmax attention for `r` heads over one KV head,
+/// both products as register-blocked small GEMMs (`MR x NRV` registers, the ISA's choice).
 ///
-/// Formula per query row: `m = max_j s_j`, `l = sum_j exp(s_j - m)`,
-/// `o = sum_j exp(s_j - m) v_j / l`, kept online over key tiles: a tile with new maximum `m'`
-/// rescales `l` and `o` by `exp(m - m')` first.
+/// Formula per query row: `m = max_j s_j` with `s_j = scale * q . k_j` over visible keys,
+/// `l = sum_j exp(s_j - m)`, `o = sum_j exp(s_j - m) v_j / l`, kept online over key tiles: a
+/// tile with new maximum `m'` rescales `l` and `o` by `exp(m - m')` first.
 ///
-/// Tile: 16 query tokens (x r heads = rows) x 64 keys. Per key tile K is widened and transposed
-/// into `kt[d][64]` so scores are 4-register FMA blocks over keys with `q[c]` broadcast (no
-/// horizontal sums); V is widened into `vt[64][dp]` (zero-padded to `dp`) so `o += p_j v_j` runs
-/// over 4-register blocks of the head dimension held across all keys of the tile.
-/// Tails: a short last key tile computes whole 4-register blocks from zero-padded `kt` and sets
-/// scores past its end to -inf (exp gives 0); `dp` padding makes the head dimension a multiple of
-/// every lane count; a short last query tile just has fewer rows.
+/// Tile: 16 query tokens x r heads = up to `16 r` rows, x 64 keys. Per query tile Q is
+/// transposed into `qt[c][row]` (rows padded with zeros to whole registers), so a row register
+/// holds the same head-dimension element of several rows. Scores: `st[j][row] = scale *
+/// sum_c k[j][c] qt[c][row]`, `MR` keys (each `k[j][c]` broadcast straight from the K/V view
+/// for f32, from a widened copy otherwise) x `NRV` row registers per block, one FMA chain per
+/// accumulator in increasing `c`. Softmax runs down the key axis with rows in lanes: max,
+/// `exp(s - m)`, row sums and the rescale factor are plain lane-wise vector code. `o[row][c]
+/// = alpha[row] o[row][c] + sum_j st[j][row] v[j][c]`: `MR` rows (probability broadcast) x
+/// `NRV` registers of the head dimension, one chain per accumulator in increasing `j`. Each
+/// row's arithmetic is the same whichever block, row group or tile class it falls in, so the
+/// bits depend only on the inputs, the query tile and the key tiles' bounds.
+/// Tails: a short key tile runs the score blocks over exactly its keys (a smaller `MR` for the
+/// last block) and the PV sums over exactly its keys; masked pairs get score -inf (weight 0),
+/// and a row with no visible key yet keeps `m = -inf`, `l = 0`, `o = 0` (its subtraction uses
+/// the finite `f32::MIN` so nothing becomes NaN). Row and head-dimension tails use smaller
+/// `MR`/`NRV` instances; V is copied per tile (widened if needed) into zero-padded rows of
+/// `dp + 16` floats, which also keeps its rows off a power-of-two stride. A key tile where no row sees any key is skipped,
+/// and keys at the ends of a `Partial` tile that no row sees are dropped (they would only add
+/// exact zeros).
 #[inline(always)]
-pub(super) fn attend_tiles<I: Isa, E: Elem, M: Visibility + ?Sized>(isa: I, a: Args<'_, E, M>) {
+pub(crate) fn attend_tiles<
+    I: Isa,
+    E: Elem,
+    M: Visibility + ?Sized,
+    const MR: usize,
+    const NRV: usize,
+>(
+    isa: I,
+    a: Args<'_, E, M>,
+) {
     let Args {
         shape,
         dp,
@@ -45,23 +67,41 @@ pub(super) fn attend_tiles<I: Isa, E: Elem, M: Visibility + ?Sized>(isa: I, a: A
         scratch,
     } = a;
     let AttnShape { d, r, nq, q_start } = shape;
+    let l = I::LANES;
     let bk = ATTN_BK;
-    let (kt, rest) = scratch.split_at_mut(d * bk);
-    let (vt, rest) = rest.split_at_mut(bk * dp);
-    let (p, rest) = rest.split_at_mut(bk);
+    let rp = rows_padded(r);
+    let (qt, rest) = scratch.split_at_mut(d * rp);
+    let (st, rest) = rest.split_at_mut(bk * rp);
     let (o, rest) = rest.split_at_mut(ATTN_BQ * r * dp);
-    let (mrow, rest) = rest.split_at_mut(ATTN_BQ * r);
-    let lrow = &mut rest[..ATTN_BQ * r];
+    let (mrow, rest) = rest.split_at_mut(rp);
+    let (lrow, rest) = rest.split_at_mut(rp);
+    let (alpha, rest) = rest.split_at_mut(rp);
+    let (kw, rest) = rest.split_at_mut(bk * d);
+    let vs_stride = dp + DPAD;
+    let vw = &mut rest[..bk * vs_stride];
+
+    let k_direct = E::as_f32(kv.k);
+    // Head-dimension columns of the PV product: whole registers.
+    let dv = d.div_ceil(l) * l;
 
     let mut qt0 = 0;
     while qt0 < nq {
         let qt1 = (qt0 + ATTN_BQ).min(nq);
         let nt = qt1 - qt0;
         let rows = nt * r;
+        let rv = rows.div_ceil(l);
         let (i0, i1) = (q_start + qt0, q_start + qt1);
-        o[..rows * dp].fill(0.0);
-        mrow[..rows].fill(f32::NEG_INFINITY);
-        lrow[..rows].fill(0.0);
+        let qtile = &q[qt0 * r * d..][..rows * d];
+        isa.transpose(qtile, d, rows, d, qt, rp);
+        if rows < rv * l {
+            for c in 0..d {
+                qt[c * rp + rows..][..rv * l - rows].fill(0.0);
+            }
+        }
+        // `o` is not cleared: the first computed key tile overwrites it (see accumulate_pv).
+        let mut first = true;
+        mrow[..rv * l].fill(f32::NEG_INFINITY);
+        lrow[..rv * l].fill(0.0);
 
         let (lo, hi) = mask.key_range(i0, i1);
         let hi = hi.min(kv.len);
@@ -70,48 +110,69 @@ pub(super) fn attend_tiles<I: Isa, E: Elem, M: Visibility + ?Sized>(isa: I, a: A
             let k1 = (k0 + bk).min(hi);
             let len = k1 - k0;
             let class = mask.classify(i0, i1, k0, k1);
+            let mut j0 = k0;
             k0 = k1;
             if class == TileClass::None {
                 continue;
             }
-            widen_kv_tile(kt, vt, &kv, k1 - len, len, d, dp);
-            let all_bits = if len == 64 { !0u64 } else { (1u64 << len) - 1 };
-            for t in 0..nt {
-                let bits = match class {
-                    TileClass::Partial => {
-                        let mut b = 0u64;
-                        for j in 0..len {
-                            b |= (mask.visible(i0 + t, k1 - len + j) as u64) << j;
-                        }
-                        b
+            let mut len = len;
+            let mut all_bits = if len == 64 { !0u64 } else { (1u64 << len) - 1 };
+            let mut bits = [all_bits; ATTN_BQ];
+            if class == TileClass::Partial {
+                for (t, b) in bits[..nt].iter_mut().enumerate() {
+                    *b = 0;
+                    for j in 0..len {
+                        *b |= (mask.visible(i0 + t, j0 + j) as u64) << j;
                     }
-                    _ => all_bits,
-                };
-                if bits == 0 {
+                }
+                // Keys at either end that no row sees would only add exact zeros: drop them.
+                let any = bits[..nt].iter().fold(0, |a, &b| a | b);
+                if any == 0 {
                     continue;
                 }
-                for h in 0..r {
-                    let row = t * r + h;
-                    let qrow = &q[((qt0 + t) * r + h) * d..][..d];
-                    scores(isa, qrow, kt, len, scale, p);
-                    if bits != all_bits {
-                        for (j, s) in p[..len].iter_mut().enumerate() {
-                            if bits >> j & 1 == 0 {
-                                *s = f32::NEG_INFINITY;
-                            }
-                        }
-                    }
-                    let m_old = mrow[row];
-                    let m_new = m_old.max(row_max(isa, p, len));
-                    // Some key is visible and scores are finite, so m_new is finite; exp of
-                    // m_old = -inf minus it is 0, which wipes nothing (o and l are still 0).
-                    let alpha = exp_v(Scalar, m_old - m_new);
-                    let sum = exp_row(isa, p, len, m_new);
-                    lrow[row] = lrow[row] * alpha + sum;
-                    mrow[row] = m_new;
-                    accumulate_pv(isa, &mut o[row * dp..][..dp], vt, p, len, dp, alpha);
+                let skip = any.trailing_zeros() as usize;
+                len = 64 - any.leading_zeros() as usize - skip;
+                j0 += skip;
+                all_bits = if len == 64 { !0u64 } else { (1u64 << len) - 1 };
+                for b in bits[..nt].iter_mut() {
+                    *b >>= skip;
                 }
             }
+
+            let (ks, kstride): (&[f32], usize) = match k_direct {
+                Some(k) => (&k[j0 * kv.stride..], kv.stride),
+                None => {
+                    for j in 0..len {
+                        E::to_f32_slice(&kv.k[(j0 + j) * kv.stride..][..d], &mut kw[j * d..]);
+                    }
+                    (&kw[..], d)
+                }
+            };
+            // V is always copied (widened) into rows `dp + DPAD` floats apart: read in place
+            // with a power-of-two stride, the 64 rows of a PV panel fall into a few L1 sets
+            // and evict each other.
+            for j in 0..len {
+                let row = &mut vw[j * vs_stride..][..dp];
+                E::to_f32_slice(&kv.v[(j0 + j) * kv.stride..][..d], row);
+                row[d..].fill(0.0);
+            }
+
+            scores::<I, MR, NRV>(isa, qt, rp, rv, d, ks, kstride, len, scale, st);
+            for (t, &b) in bits[..nt].iter().enumerate() {
+                if b == all_bits {
+                    continue;
+                }
+                let mut hidden = !b & all_bits;
+                while hidden != 0 {
+                    let j = hidden.trailing_zeros() as usize;
+                    hidden &= hidden - 1;
+                    st[j * rp + t * r..][..r].fill(f32::NEG_INFINITY);
+                }
+            }
+            softmax_tile(isa, st, rp, rv, len, mrow, lrow, alpha);
+            let alpha = (!first).then_some(&alpha[..]);
+            accumulate_pv::<I, MR, NRV>(isa, st, rp, rows, len, vw, vs_stride, dv, o, dp, alpha);
+            first = false;
         }
 
         for row in 0..rows {
@@ -131,141 +192,306 @@ pub(super) fn attend_tiles<I: Isa, E: Elem, M: Visibility + ?Sized>(isa: I, a: A
     }
 }
 
-/// Widens keys `j0..j0+len` transposed into `kt[c * 64 + j]` and values into `vt[j * dp + c]`,
-/// zero-filling key columns `len..64` of `kt` and the `d..dp` padding of `vt`, so padded lanes
-/// contribute exact zeros.
+/// Register block `acc[i][v] += sum_{k < kn} a[i * ais + k * aks] * b[k * bks + v * LANES ..]`:
+/// `MR` broadcast values times `NRV` loaded registers per step, one FMA chain per accumulator in
+/// increasing `k`.
+///
+/// # Panics
+/// If `a` or `b` is too short for the reads (checked once per block).
 #[inline(always)]
-fn widen_kv_tile<E: Elem>(
-    kt: &mut [f32],
-    vt: &mut [f32],
-    kv: &KvView<'_, E>,
-    j0: usize,
-    len: usize,
-    d: usize,
-    dp: usize,
-) {
-    let bk = ATTN_BK;
-    for j in 0..len {
-        let off = (j0 + j) * kv.stride;
-        let krow = &kv.k[off..][..d];
-        for (dst, x) in kt.iter_mut().skip(j).step_by(bk).zip(krow) {
-            *dst = x.to_f32();
-        }
-        let vrow = &mut vt[j * dp..][..dp];
-        E::to_f32_slice(&kv.v[off..][..d], vrow);
-        vrow[d..].fill(0.0);
-    }
-    if len < bk {
-        for c in 0..d {
-            kt[c * bk + len..][..bk - len].fill(0.0);
-        }
-    }
-}
-
-/// `p[j] = scale * (q . k_j)` for `j < len` (rounded up to whole 4-register blocks); entries from
-/// `len` up to the next lane multiple are set to -inf.
-#[inline(always)]
-fn scores<I: Isa>(isa: I, q: &[f32], kt: &[f32], len: usize, scale: f32, p: &mut [f32]) {
-    let l = I::LANES;
-    let bk = ATTN_BK;
-    let d = q.len();
-    let kt = &kt[..d * bk];
-    let kp = kt.as_ptr();
-    let vscale = isa.splat(scale);
-    let mut j0 = 0;
-    while j0 < len {
-        let mut acc = [isa.zero(); 4];
-        for (c, &qc) in q.iter().enumerate() {
-            let qc = isa.splat(qc);
-            for (t, acc) in acc.iter_mut().enumerate() {
-                // SAFETY: c < d and j0 + 4*l <= 64 (64 is a multiple of 4*LANES and j0 a
-                // multiple of 4*l below 64), so the read stays inside kt[..d*64].
-                let kv = unsafe { isa.load(kp.add(c * bk + j0 + t * l)) };
-                *acc = isa.mul_add(qc, kv, *acc);
-            }
-        }
-        for (t, &acc) in acc.iter().enumerate() {
-            isa.store_s(&mut p[j0 + t * l..], isa.mul(acc, vscale));
-        }
-        j0 += 4 * l;
-    }
-    let padded = len.div_ceil(l) * l;
-    p[len..padded].fill(f32::NEG_INFINITY);
-}
-
-/// Maximum of `p[..len]` (lanes up to the next multiple of LANES hold -inf).
-#[inline(always)]
-fn row_max<I: Isa>(isa: I, p: &[f32], len: usize) -> f32 {
-    let l = I::LANES;
-    let mut m = isa.splat(f32::NEG_INFINITY);
-    let mut j = 0;
-    while j < len {
-        m = isa.max(m, isa.load_s(&p[j..]));
-        j += l;
-    }
-    isa.reduce_max(m)
-}
-
-/// `p[j] = exp(p[j] - m)` in place over whole registers; returns `sum_j p[j]` (padding lanes
-/// hold -inf and become 0).
-#[inline(always)]
-fn exp_row<I: Isa>(isa: I, p: &mut [f32], len: usize, m: f32) -> f32 {
-    let l = I::LANES;
-    let vm = isa.splat(m);
-    let mut sum = isa.zero();
-    let mut j = 0;
-    while j < len {
-        let e = exp_v(isa, isa.sub(isa.load_s(&p[j..]), vm));
-        isa.store_s(&mut p[j..], e);
-        sum = isa.add(sum, e);
-        j += l;
-    }
-    isa.reduce_sum(sum)
-}
-
-/// `o = o * alpha + sum_{j < len} p[j] * vt[j]` over a `dp`-float row, four registers of the
-/// row at a time kept in registers across all keys, then single registers.
-#[inline(always)]
-fn accumulate_pv<I: Isa>(
+#[allow(clippy::too_many_arguments)]
+fn block<I: Isa, const MR: usize, const NRV: usize>(
     isa: I,
-    o: &mut [f32],
-    vt: &[f32],
-    p: &[f32],
-    len: usize,
-    dp: usize,
-    alpha: f32,
+    a: &[f32],
+    ais: usize,
+    aks: usize,
+    b: &[f32],
+    bks: usize,
+    kn: usize,
+    acc: &mut [[I::V; NRV]; MR],
 ) {
     let l = I::LANES;
-    let va = isa.splat(alpha);
-    let vt = &vt[..len * dp];
-    let vp = vt.as_ptr();
-    let p = &p[..len];
-    let mut c0 = 0;
-    while c0 + 4 * l <= dp {
-        let mut acc: [I::V; 4] =
-            core::array::from_fn(|t| isa.mul(isa.load_s(&o[c0 + t * l..]), va));
-        for (j, &pj) in p.iter().enumerate() {
-            let pj = isa.splat(pj);
-            for (t, acc) in acc.iter_mut().enumerate() {
-                // SAFETY: j < len and c0 + 4*l <= dp, so the read stays inside vt[..len*dp].
-                let v = unsafe { isa.load(vp.add(j * dp + c0 + t * l)) };
-                *acc = isa.mul_add(pj, v, *acc);
+    if kn == 0 {
+        return;
+    }
+    assert!((MR - 1) * ais + (kn - 1) * aks < a.len());
+    assert!((kn - 1) * bks + NRV * l <= b.len());
+    let mut acc_r = *acc;
+    let ap = a.as_ptr();
+    let bp = b.as_ptr();
+    for k in 0..kn {
+        // No closures around intrinsics here: a closure is not compiled with the entry point's
+        // target features, so its intrinsics would become out-of-line calls.
+        let mut bv = [isa.zero(); NRV];
+        for (v, bv) in bv.iter_mut().enumerate() {
+            // SAFETY: k < kn and v < NRV, so the read ends at (kn-1)*bks + NRV*l <= b.len().
+            *bv = unsafe { isa.load(bp.add(k * bks + v * l)) };
+        }
+        for (i, acc) in acc_r.iter_mut().enumerate() {
+            // SAFETY: i < MR and k < kn, so the index is below (MR-1)*ais + (kn-1)*aks + 1
+            // <= a.len().
+            let x = isa.splat(unsafe { *ap.add(i * ais + k * aks) });
+            for (acc, &bv) in acc.iter_mut().zip(&bv) {
+                *acc = isa.mul_add(x, bv, *acc);
             }
         }
-        for (t, &acc) in acc.iter().enumerate() {
-            isa.store_s(&mut o[c0 + t * l..], acc);
-        }
-        c0 += 4 * l;
     }
-    while c0 < dp {
-        // dp is a multiple of 16, hence of LANES: whole registers only.
-        let mut acc = isa.mul(isa.load_s(&o[c0..]), va);
-        for (j, &pj) in p.iter().enumerate() {
-            // SAFETY: j < len and c0 + l <= dp, so the read stays inside vt[..len*dp].
-            let v = unsafe { isa.load(vp.add(j * dp + c0)) };
-            acc = isa.mul_add(isa.splat(pj), v, acc);
+    *acc = acc_r;
+}
+
+/// Calls `$f::<m>` for the remainder `m` in `1..8` of a blocked loop (`MR <= 8` everywhere).
+macro_rules! tail {
+    ($m:expr, $f:ident, $($arg:expr),*) => {
+        match $m {
+            1 => $f::<I, 1, NRV>($($arg),*),
+            2 => $f::<I, 2, NRV>($($arg),*),
+            3 => $f::<I, 3, NRV>($($arg),*),
+            4 => $f::<I, 4, NRV>($($arg),*),
+            5 => $f::<I, 5, NRV>($($arg),*),
+            6 => $f::<I, 6, NRV>($($arg),*),
+            7 => $f::<I, 7, NRV>($($arg),*),
+            _ => {}
         }
-        isa.store_s(&mut o[c0..], acc);
+    };
+}
+
+/// `st[j][row] = scale * sum_c ks[j * kstride + c] * qt[c][row]` for `j < len` and the `rv`
+/// row registers: row registers in groups of `NRV` (then single ones), keys in blocks of `MR`
+/// (then one shorter block).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn scores<I: Isa, const MR: usize, const NRV: usize>(
+    isa: I,
+    qt: &[f32],
+    rp: usize,
+    rv: usize,
+    d: usize,
+    ks: &[f32],
+    kstride: usize,
+    len: usize,
+    scale: f32,
+    st: &mut [f32],
+) {
+    let mut v0 = 0;
+    while v0 + NRV <= rv {
+        score_rows::<I, MR, NRV>(isa, qt, rp, v0, d, ks, kstride, len, scale, st);
+        v0 += NRV;
+    }
+    while v0 < rv {
+        score_rows::<I, MR, 1>(isa, qt, rp, v0, d, ks, kstride, len, scale, st);
+        v0 += 1;
+    }
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn score_rows<I: Isa, const MR: usize, const NRV: usize>(
+    isa: I,
+    qt: &[f32],
+    rp: usize,
+    v0: usize,
+    d: usize,
+    ks: &[f32],
+    kstride: usize,
+    len: usize,
+    scale: f32,
+    st: &mut [f32],
+) {
+    let mut j = 0;
+    while j + MR <= len {
+        score_block::<I, MR, NRV>(isa, qt, rp, v0, d, ks, kstride, j, scale, st);
+        j += MR;
+    }
+    tail!(
+        len - j,
+        score_block,
+        isa,
+        qt,
+        rp,
+        v0,
+        d,
+        ks,
+        kstride,
+        j,
+        scale,
+        st
+    );
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn score_block<I: Isa, const MR: usize, const NRV: usize>(
+    isa: I,
+    qt: &[f32],
+    rp: usize,
+    v0: usize,
+    d: usize,
+    ks: &[f32],
+    kstride: usize,
+    j: usize,
+    scale: f32,
+    st: &mut [f32],
+) {
+    let l = I::LANES;
+    let mut acc = [[isa.zero(); NRV]; MR];
+    block::<I, MR, NRV>(
+        isa,
+        &ks[j * kstride..],
+        kstride,
+        1,
+        &qt[v0 * l..],
+        rp,
+        d,
+        &mut acc,
+    );
+    let vs = isa.splat(scale);
+    for (i, acc) in acc.iter().enumerate() {
+        for (v, &x) in acc.iter().enumerate() {
+            isa.store_s(&mut st[(j + i) * rp + (v0 + v) * l..], isa.mul(x, vs));
+        }
+    }
+}
+
+/// Online-softmax step over `st[..len][..rv * LANES]`, rows in lanes: new running max, rescale
+/// factor `alpha = exp(m_old - m_new)` (0 while a row has seen nothing), `st <- exp(st - m_new)`,
+/// `l <- l * alpha + sum_j st[j]` (sum in increasing `j`).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn softmax_tile<I: Isa>(
+    isa: I,
+    st: &mut [f32],
+    rp: usize,
+    rv: usize,
+    len: usize,
+    mrow: &mut [f32],
+    lrow: &mut [f32],
+    alpha: &mut [f32],
+) {
+    let l = I::LANES;
+    for v in 0..rv {
+        let c = v * l;
+        let mut mt = isa.splat(f32::NEG_INFINITY);
+        for j in 0..len {
+            mt = isa.max(mt, isa.load_s(&st[j * rp + c..]));
+        }
+        let m_old = isa.load_s(&mrow[c..]);
+        let m_new = isa.max(m_old, mt);
+        // A row with nothing visible so far keeps m = -inf; subtract a finite value instead so
+        // -inf - (-inf) never makes NaN (its exps are then exactly 0).
+        let m_sub = isa.max(m_new, isa.splat(f32::MIN));
+        let a = exp_nonpos_v(isa, isa.sub(m_old, m_sub));
+        let mut sum = isa.zero();
+        for j in 0..len {
+            let s = &mut st[j * rp + c..];
+            let e = exp_nonpos_v(isa, isa.sub(isa.load_s(s), m_sub));
+            isa.store_s(s, e);
+            sum = isa.add(sum, e);
+        }
+        let l_new = isa.mul_add(isa.load_s(&lrow[c..]), a, sum);
+        isa.store_s(&mut lrow[c..], l_new);
+        isa.store_s(&mut mrow[c..], m_new);
+        isa.store_s(&mut alpha[c..], a);
+    }
+}
+
+/// `o[row][c] = alpha[row] * o[row][c] + sum_{j < len} st[j][row] * vs[j * vstride + c]` for
+/// `row < rows`, `c < dv`: registers of the head dimension in groups of `NRV` (then single),
+/// rows in blocks of `MR` (then one shorter block). `alpha = None` on a query tile's first
+/// computed key tile: `o` is then written from zero without being read (the same bits as
+/// rescaling a zeroed `o` by the 0 or finite `alpha` of that tile).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn accumulate_pv<I: Isa, const MR: usize, const NRV: usize>(
+    isa: I,
+    st: &[f32],
+    rp: usize,
+    rows: usize,
+    len: usize,
+    vs: &[f32],
+    vstride: usize,
+    dv: usize,
+    o: &mut [f32],
+    dp: usize,
+    alpha: Option<&[f32]>,
+) {
+    let l = I::LANES;
+    let mut c0 = 0;
+    while c0 + NRV * l <= dv {
+        pv_cols::<I, MR, NRV>(isa, st, rp, rows, len, vs, vstride, c0, o, dp, alpha);
+        c0 += NRV * l;
+    }
+    while c0 < dv {
+        pv_cols::<I, MR, 1>(isa, st, rp, rows, len, vs, vstride, c0, o, dp, alpha);
         c0 += l;
+    }
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn pv_cols<I: Isa, const MR: usize, const NRV: usize>(
+    isa: I,
+    st: &[f32],
+    rp: usize,
+    rows: usize,
+    len: usize,
+    vs: &[f32],
+    vstride: usize,
+    c0: usize,
+    o: &mut [f32],
+    dp: usize,
+    alpha: Option<&[f32]>,
+) {
+    let mut row = 0;
+    while row + MR <= rows {
+        pv_block::<I, MR, NRV>(isa, st, rp, row, len, vs, vstride, c0, o, dp, alpha);
+        row += MR;
+    }
+    tail!(
+        rows - row,
+        pv_block,
+        isa,
+        st,
+        rp,
+        row,
+        len,
+        vs,
+        vstride,
+        c0,
+        o,
+        dp,
+        alpha
+    );
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn pv_block<I: Isa, const MR: usize, const NRV: usize>(
+    isa: I,
+    st: &[f32],
+    rp: usize,
+    row: usize,
+    len: usize,
+    vs: &[f32],
+    vstride: usize,
+    c0: usize,
+    o: &mut [f32],
+    dp: usize,
+    alpha: Option<&[f32]>,
+) {
+    let l = I::LANES;
+    let mut acc = [[isa.zero(); NRV]; MR];
+    if let Some(alpha) = alpha {
+        for (i, acc) in acc.iter_mut().enumerate() {
+            let a = isa.splat(alpha[row + i]);
+            for (v, acc) in acc.iter_mut().enumerate() {
+                *acc = isa.mul(isa.load_s(&o[(row + i) * dp + c0 + v * l..]), a);
+            }
+        }
+    }
+    block::<I, MR, NRV>(isa, &st[row..], 1, rp, &vs[c0..], vstride, len, &mut acc);
+    for (i, acc) in acc.iter().enumerate() {
+        for (v, &x) in acc.iter().enumerate() {
+            isa.store_s(&mut o[(row + i) * dp + c0 + v * l..], x);
+        }
     }
 }

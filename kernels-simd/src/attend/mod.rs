@@ -1,6 +1,6 @@
 //! Masked flash attention over one KV head and the group of query heads sharing it.
 
-mod kernel;
+pub(crate) mod kernel;
 
 use crate::elem::Elem;
 use crate::error::{add, mul, need, ShapeError};
@@ -9,14 +9,14 @@ use crate::tier::{active, Tier};
 use crate::visibility::Visibility;
 
 /// Query tokens per tile: the unit of [`Visibility::classify`] on the query side, and how many
-/// tokens (times `r` heads) reuse one widened K/V tile.
+/// tokens (times `r` heads) share each K/V load of the score and PV register blocks.
 pub const ATTN_BQ: usize = 16;
-/// Keys per tile: the unit of [`Visibility::classify`] on the key side and of K/V widening.
-/// A multiple of `4 * LANES` for every tier (the score loop's register block).
+/// Keys per tile: the unit of [`Visibility::classify`] on the key side and of K/V widening
+/// (the per-row visibility of a `Partial` tile is one `u64`).
 pub const ATTN_BK: usize = 64;
 /// Head dimension padding inside scratch, the widest tier's lane count, so scratch size does not
 /// depend on the tier.
-const DPAD: usize = 16;
+pub(crate) const DPAD: usize = 16;
 
 /// Where the queries sit.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -45,17 +45,67 @@ pub struct KvView<'a, E> {
     pub len: usize,
 }
 
-/// Scratch floats [`attend`] needs for head dimension `d` and group size `r`.
+/// Row stride of the transposed-query and score buffers: the rows of a query tile
+/// (`ATTN_BQ * r`) rounded up to whole registers of the widest tier, plus one such register so
+/// the stride is not a power of two (which would map a panel's rows to few L1 sets).
+pub(crate) const fn rows_padded(r: usize) -> usize {
+    (r.saturating_mul(ATTN_BQ).saturating_add(DPAD - 1) / DPAD * DPAD).saturating_add(DPAD)
+}
+
+/// Scratch floats for head dimension `d` and group size `r`, `None` on overflow: transposed
+/// queries `d x rp`, scores `64 x rp`, outputs `16 r x dp`, three row vectors (max, sum,
+/// rescale) of `rp`, widened K `64 x d` (f16/bf16 only) and V `64 x (dp + 16)`.
+const fn scratch_len(d: usize, r: usize) -> Option<usize> {
+    let Some(dp) = d.checked_add(DPAD - 1) else {
+        return None;
+    };
+    let dp = dp / DPAD * DPAD;
+    let Some(rows) = r.checked_mul(ATTN_BQ) else {
+        return None;
+    };
+    let Some(rp) = rows.checked_add(DPAD - 1) else {
+        return None;
+    };
+    let Some(rp) = (rp / DPAD * DPAD).checked_add(DPAD) else {
+        return None;
+    };
+    let Some(qt) = d.checked_mul(rp) else {
+        return None;
+    };
+    let Some(o) = rows.checked_mul(dp) else {
+        return None;
+    };
+    let Some(vs) = dp.checked_add(DPAD) else {
+        return None;
+    };
+    let Some(kv) = d.checked_add(vs) else {
+        return None;
+    };
+    let Some(kv) = kv.checked_mul(ATTN_BK) else {
+        return None;
+    };
+    let Some(per_row) = ATTN_BK.checked_add(3) else {
+        return None;
+    };
+    let Some(st) = rp.checked_mul(per_row) else {
+        return None;
+    };
+    let Some(n) = qt.checked_add(o) else {
+        return None;
+    };
+    let Some(n) = n.checked_add(kv) else {
+        return None;
+    };
+    n.checked_add(st)
+}
+
+/// Scratch floats [`attend`] needs for head dimension `d` and group size `r` (`usize::MAX` if
+/// the size overflows).
 pub const fn attend_scratch_len(d: usize, r: usize) -> usize {
-    let dp = d.saturating_add(DPAD - 1) / DPAD * DPAD;
-    let kt = d.saturating_mul(ATTN_BK);
-    let vt = dp.saturating_mul(ATTN_BK);
-    let rows = r.saturating_mul(ATTN_BQ);
-    let o = rows.saturating_mul(dp);
-    kt.saturating_add(vt)
-        .saturating_add(ATTN_BK)
-        .saturating_add(o)
-        .saturating_add(rows.saturating_mul(2))
+    match scratch_len(d, r) {
+        Some(n) => n,
+        None => usize::MAX,
+    }
 }
 
 /// `out[t][h] = sum_j softmax_j(scale * q[t][h] . k[j]) v[j]` over the keys `j` that
@@ -67,8 +117,9 @@ pub const fn attend_scratch_len(d: usize, r: usize) -> usize {
 /// Flash style: query tiles of [`ATTN_BQ`] tokens x key tiles of [`ATTN_BK`] keys inside
 /// `mask.key_range`; each tile is classified once: `None` tiles are skipped without reading K/V,
 /// `All` tiles do no per-element mask work, `Partial` tiles ask `mask.visible` once per
-/// (token, key) and share the answer across the `r` heads. K/V tiles are widened to f32 once
-/// per query tile for all `r` heads. Softmax is online in f32 with running-max rescaling. A
+/// (token, key) and share the answer across the `r` heads. f32 K/V are read in place; f16/bf16
+/// K/V tiles are widened to f32 once per query tile for all `r` heads. Both products are
+/// register-blocked small GEMMs over all rows of the tile. Softmax is online in f32 with running-max rescaling. A
 /// query that sees no key gets exactly 0. Deterministic: the same inputs give the same bits.
 ///
 /// # Errors
@@ -125,20 +176,13 @@ pub(crate) fn attend_on<E: Elem, M: Visibility + ?Sized>(
         need("attend: k", kn, kv.k.len())?;
         need("attend: v", kn, kv.v.len())?;
     }
-    // Recompute without saturation so an overflowing size is an error, not a short buffer.
     let dp = add(d, DPAD - 1, "attend: d")? / DPAD * DPAD;
-    let rows = mul(r, ATTN_BQ, "attend: r")?;
-    let mut sn = add(
-        mul(d, ATTN_BK, "attend: scratch")?,
-        mul(dp, ATTN_BK, "attend: scratch")?,
-        "attend: scratch",
-    )?;
-    sn = add(sn, ATTN_BK, "attend: scratch")?;
-    sn = add(
-        sn,
-        mul(rows, add(dp, 2, "attend: scratch")?, "attend: scratch")?,
-        "attend: scratch",
-    )?;
+    let Some(sn) = scratch_len(d, r) else {
+        return Err(ShapeError::Invalid {
+            what: "attend: scratch size overflows usize",
+            value: d,
+        });
+    };
     need("attend: scratch", sn, scratch.len())?;
     if nq == 0 {
         return Ok(());
@@ -165,7 +209,7 @@ impl<E: Elem, M: Visibility + ?Sized> WithIsa for Job<'_, E, M> {
     type Output = ();
     #[inline(always)]
     fn run<I: Isa>(self, isa: I) {
-        kernel::attend_tiles(isa, self.0)
+        isa.attend_tiles(self.0)
     }
 }
 

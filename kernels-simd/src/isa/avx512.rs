@@ -86,11 +86,6 @@ impl Isa for Avx512 {
         unsafe { _mm512_reduce_add_ps(v) }
     }
     #[inline(always)]
-    fn reduce_max(self, v: __m512) -> f32 {
-        // SAFETY: see the impl comment.
-        unsafe { _mm512_reduce_max_ps(v) }
-    }
-    #[inline(always)]
     fn pow2i(self, n: __m512) -> __m512 {
         // SAFETY: see the impl comment.
         unsafe {
@@ -104,5 +99,14 @@ impl Isa for Avx512 {
         // 8x32: 16 accumulators + 2 B vectors + 1 broadcast, half of the 32 ZMM registers; a
         // taller tile would waste more work on the short M of decode steps.
         crate::gemm::kernel::panel::<Self, 8, 2>(self, job)
+    }
+
+    #[inline(always)]
+    fn attend_tiles<E: crate::Elem, M: crate::Visibility + ?Sized>(
+        self,
+        args: crate::attend::kernel::Args<'_, E, M>,
+    ) {
+        // 8 x 2 registers: 16 accumulators + 2 loaded + 1 broadcast of 32 ZMM.
+        crate::attend::kernel::attend_tiles::<Self, E, M, 8, 2>(self, args)
     }
 }

@@ -57,13 +57,40 @@ pub(crate) trait Isa: Copy {
     fn max(self, a: Self::V, b: Self::V) -> Self::V;
     /// Sum of the lanes, in a fixed order.
     fn reduce_sum(self, v: Self::V) -> f32;
-    /// Maximum of the lanes.
-    fn reduce_max(self, v: Self::V) -> f32;
     /// `2^n` per lane, for integer-valued lanes `n` in `[-126, 127]`.
     fn pow2i(self, n: Self::V) -> Self::V;
 
     /// Runs the GEMM panel job with this ISA's register tile (see `gemm::kernel`).
     fn gemm_panel(self, job: &mut crate::gemm::kernel::PanelJob<'_>);
+
+    /// Runs the attention tile loop with this ISA's register blocks (see `attend::kernel`).
+    fn attend_tiles<E: crate::Elem, M: crate::Visibility + ?Sized>(
+        self,
+        args: crate::attend::kernel::Args<'_, E, M>,
+    );
+
+    /// `dst[c * dst_stride + i] = src[i * src_stride + c]` for `i < rows`, `c < cols` (a plain
+    /// copy, so exact). ISAs with shuffles override the scalar loop.
+    ///
+    /// # Panics
+    /// If `src` or `dst` is too short for the shape (an internal bug).
+    #[inline(always)]
+    fn transpose(
+        self,
+        src: &[f32],
+        src_stride: usize,
+        rows: usize,
+        cols: usize,
+        dst: &mut [f32],
+        dst_stride: usize,
+    ) {
+        for i in 0..rows {
+            let row = &src[i * src_stride..][..cols];
+            for (d, &x) in dst[i..].iter_mut().step_by(dst_stride).zip(row) {
+                *d = x;
+            }
+        }
+    }
 
     /// Zero in every lane.
     #[inline(always)]

@@ -86,11 +86,6 @@ impl Isa for Neon {
         unsafe { vaddvq_f32(v) }
     }
     #[inline(always)]
-    fn reduce_max(self, v: float32x4_t) -> f32 {
-        // SAFETY: see the impl comment.
-        unsafe { vmaxvq_f32(v) }
-    }
-    #[inline(always)]
     fn pow2i(self, n: float32x4_t) -> float32x4_t {
         // SAFETY: see the impl comment.
         unsafe {
@@ -103,5 +98,14 @@ impl Isa for Neon {
     fn gemm_panel(self, job: &mut crate::gemm::kernel::PanelJob<'_>) {
         // 8x8: 16 accumulators + 2 B vectors + 1 broadcast of the 32 V registers.
         crate::gemm::kernel::panel::<Self, 8, 2>(self, job)
+    }
+
+    #[inline(always)]
+    fn attend_tiles<E: crate::Elem, M: crate::Visibility + ?Sized>(
+        self,
+        args: crate::attend::kernel::Args<'_, E, M>,
+    ) {
+        // 8 x 2 registers: 16 accumulators + 2 loaded + 1 broadcast of 32 V registers.
+        crate::attend::kernel::attend_tiles::<Self, E, M, 8, 2>(self, args)
     }
 }

@@ -63,10 +63,6 @@ impl Isa for Scalar {
         v
     }
     #[inline(always)]
-    fn reduce_max(self, v: f32) -> f32 {
-        v
-    }
-    #[inline(always)]
     fn pow2i(self, n: f32) -> f32 {
         f32::from_bits(((n as i32 + 127) as u32) << 23)
     }
@@ -75,5 +71,14 @@ impl Isa for Scalar {
     fn gemm_panel(self, job: &mut crate::gemm::kernel::PanelJob<'_>) {
         // 4x4: sixteen scalar accumulators fit the 16 FP registers of Cortex-M / x86 SSE.
         crate::gemm::kernel::panel::<Self, 4, 4>(self, job)
+    }
+
+    #[inline(always)]
+    fn attend_tiles<E: crate::Elem, M: crate::Visibility + ?Sized>(
+        self,
+        args: crate::attend::kernel::Args<'_, E, M>,
+    ) {
+        // 4 x 4: sixteen scalar accumulators.
+        crate::attend::kernel::attend_tiles::<Self, E, M, 4, 4>(self, args)
     }
 }
