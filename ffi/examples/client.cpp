@@ -64,6 +64,7 @@ bool check(attnrt_status st, const char* what) {
 int main() {
     const size_t n_embd = 32, n_head = 4, n_kv_head = 2, head_dim = 8;
     const size_t batch = 1, seq_len = 12;
+    const size_t num_threads = 2;  // tasks run at once; sizes the workspace too
 
     attnrt_config cfg;
     if (!check(attnrt_config_default(n_embd, n_head, &cfg), "attnrt_config_default")) return 1;
@@ -90,7 +91,7 @@ int main() {
     }
 
     size_t ws_len = 0;
-    if (!check(attnrt_workspace_size(layer, batch, seq_len, &ws_len), "attnrt_workspace_size")) {
+    if (!check(attnrt_workspace_size(layer, batch, seq_len, num_threads, &ws_len), "attnrt_workspace_size")) {
         attnrt_layer_free(layer);
         return 1;
     }
@@ -112,6 +113,7 @@ int main() {
     args.out = out.data();
     args.out_len = out.size();
     args.backend = ATTNRT_BACKEND_AUTO;
+    args.num_threads = num_threads;
 
     attnrt_backend ran = ATTNRT_BACKEND_AUTO;
     int rc = 0;

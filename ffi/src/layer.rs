@@ -5,7 +5,9 @@ use core::ffi::c_void;
 use attnrt::{Config, Inputs, Layer, LayerWeights, MaskInputs, RopeTable, Tensor};
 use half::{bf16, f16};
 
-use crate::backend::{attnrt_backend, dispatch, select, workspace_elems};
+use crate::backend::{
+    attnrt_backend, dispatch, lanes, max_workspace_elems, select, table_part, workspace_elems,
+};
 use crate::config::attnrt_config;
 use crate::error::{FfiError, FfiResult};
 use crate::panic::guard;
@@ -270,8 +272,15 @@ pub unsafe extern "C" fn attnrt_layer_free(layer: *mut attnrt_layer) {
 }
 
 /// f32 elements of workspace a forward call on `layer` needs for `batch` rows of `seq_len`
-/// tokens, on any backend of this build and with every option (a call may need less: for a
-/// rotary layer the part for the built cos/sin table is needed only when `freqs_cis` is NULL).
+/// tokens with `num_threads` lanes (the `num_threads` the call will pass in
+/// `attnrt_forward_args`; 0 counts as 1), on any backend the call may select (the most of the
+/// scalar reference and the SIMD executor) and with every option. A call may need less: for a
+/// rotary layer the part for the built cos/sin table is needed only when `freqs_cis` is NULL,
+/// and a forced REFERENCE call needs no per-lane scratch.
+///
+/// The SIMD executor keeps scratch per lane, so the size grows with `num_threads` (up to 64
+/// lanes; more threads need no more). A forward call whose `num_threads` exceeds the one given
+/// here may fail with `ATTNRT_STATUS_WORKSPACE_TOO_SMALL`.
 ///
 /// Writes `*out_elems` on success. Errors: `ATTNRT_STATUS_NULL_POINTER`,
 /// `ATTNRT_STATUS_INPUT_VALUE` when the size overflows a `size_t`.
@@ -285,13 +294,14 @@ pub unsafe extern "C" fn attnrt_workspace_size(
     layer: *const attnrt_layer,
     batch: usize,
     seq_len: usize,
+    num_threads: usize,
     out_elems: *mut usize,
 ) -> attnrt_status {
     guard(|| {
         // SAFETY: the contract of this function.
         let layer = unsafe { as_ref("layer", layer) }?;
         check_out("out_elems", out_elems)?;
-        let n = workspace_elems(&layer.cfg, batch, seq_len, true)?;
+        let n = max_workspace_elems(&layer.cfg, batch, seq_len, lanes(num_threads), true)?;
         // SAFETY: checked by `check_out`; valid by the contract.
         unsafe { write_out(out_elems, n) };
         Ok(())
@@ -302,8 +312,13 @@ pub unsafe extern "C" fn attnrt_workspace_size(
 pub type attnrt_task_fn = unsafe extern "C" fn(task_ctx: *mut c_void, i: usize);
 
 /// The host's parallel-for, or NULL: must call `task(task_ctx, i)` exactly once for every `i`
-/// in `0..n`, on any threads and in any order, and return only when all calls have returned.
-/// `ctx` is the host's own pointer from `attnrt_forward_args::parallel_ctx`.
+/// in `0..n`, on any threads and in any order (up to `num_threads` at once is what the work
+/// is split for), and return only when all calls have returned; `task` must not be called
+/// after that. `ctx` is the host's own pointer from `attnrt_forward_args::parallel_ctx`.
+///
+/// A host that skips a task, repeats one or passes an index `>= n` cannot cause undefined
+/// behaviour (work is handed out through atomics, not by index), but the call then fails with
+/// `ATTNRT_STATUS_PARALLEL_FOR_CONTRACT` and the output's contents are unspecified.
 pub type attnrt_parallel_for_fn = Option<
     unsafe extern "C" fn(ctx: *mut c_void, n: usize, task: attnrt_task_fn, task_ctx: *mut c_void),
 >;
@@ -362,12 +377,17 @@ pub struct attnrt_forward_args {
     /// `ATTNRT_STATUS_UNSUPPORTED` instead of falling back.
     pub backend: u32,
     /// The host's parallel-for, or NULL to use `num_threads`. Called only from the thread
-    /// that called `attnrt_forward`, and only during that call.
+    /// that called `attnrt_forward`, and only during that call (not at all by the REFERENCE
+    /// backend, which runs on the calling thread).
     pub parallel_for: attnrt_parallel_for_fn,
     /// The host's context for `parallel_for`, passed back unchanged.
     pub parallel_ctx: *mut c_void,
-    /// Without `parallel_for`: 0 or 1 runs on the calling thread, more starts that many
-    /// scoped threads for the call (the calling thread is one of them).
+    /// The number of tasks the host can run at once: the lane count of the SIMD executor
+    /// (0 counts as 1; lanes are capped at 64), which sizes its workspace, so pass the same
+    /// value to `attnrt_workspace_size`. With `parallel_for` it is that pool's width (the
+    /// library calls `parallel_for` with at most this many tasks); without it, 0 or 1 runs on
+    /// the calling thread and more starts that many scoped threads for the call (the calling
+    /// thread is one of them).
     pub num_threads: usize,
 }
 
@@ -511,7 +531,8 @@ pub unsafe extern "C" fn attnrt_forward(
         inputs.position_ids = position_ids;
 
         let build_table = cfg.rope().is_some() && freqs_cis.is_none();
-        let needed = workspace_elems(cfg, a.batch, a.seq_len, build_table)?;
+        let lanes = lanes(a.num_threads);
+        let needed = workspace_elems(plan, cfg, a.batch, a.seq_len, lanes, build_table)?;
         if workspace.len() < needed {
             return Err(attnrt::Error::Workspace {
                 needed,
@@ -519,8 +540,8 @@ pub unsafe extern "C" fn attnrt_forward(
             }
             .into());
         }
-        let table_part = needed - workspace_elems(cfg, a.batch, a.seq_len, false)?;
-        let (table_ws, exec_ws) = workspace.split_at_mut(table_part);
+        let table_len = table_part(cfg, a.batch, a.seq_len, build_table)?;
+        let (table_ws, exec_ws) = workspace.split_at_mut(table_len);
         let remapped: Option<&[i32]>;
         match (cfg.rope(), freqs_cis) {
             (Some(_), Some(f)) => {
@@ -552,7 +573,9 @@ pub unsafe extern "C" fn attnrt_forward(
             exec_ws,
             out,
             pool.as_dyn(),
-        )?;
+        );
+        // A broken host contract wins over whatever the executor made of it (a host that ran
+        // no task at all makes the executor fail too).
         if let Pool::Callback(p) = &pool {
             if !p.kept_contract() {
                 return Err(FfiError::new(
@@ -562,6 +585,7 @@ pub unsafe extern "C" fn attnrt_forward(
                 ));
             }
         }
+        let ran = ran?;
         // SAFETY: checked by `check_out`; valid by the contract.
         unsafe { write_out(backend_ran, ran) };
         Ok(())

@@ -138,8 +138,9 @@ fn expected_checksum() -> (f64, f64) {
         max_seqlen: 5,
         position_ids: None,
         freqs_cis: None,
-        workspace: vec![0.0; layer.workspace_size(1, t)],
+        workspace: vec![0.0; layer.workspace_size(1, t, 1)],
         out: vec![0.0; t * c],
+        num_threads: 1,
     };
     let (st, _) = forward(&layer, &call.args());
     assert_eq!(st, attnrt_status::ATTNRT_STATUS_OK, "{}", last_error());
@@ -180,7 +181,7 @@ fn cpp_client_plain_and_sanitized() {
             cxx,
             if sanitize { "ASan+UBSan" } else { "plain" }
         );
-        assert!(stdout.contains("backend 1\n"), "{stdout}");
+        assert!(stdout.contains("backend 2\n"), "{stdout}");
         assert!(
             stdout.contains("forced CUDA: ATTNRT_STATUS_BACKEND_UNAVAILABLE"),
             "{stdout}"
