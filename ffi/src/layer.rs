@@ -598,3 +598,121 @@ fn aliased(a: &str, b: &str) -> FfiError {
         format!("{a} overlaps {b}; writable buffers must not share memory with any other"),
     )
 }
+
+#[cfg(test)]
+mod tests {
+    //! One tiny layer end to end through the exported functions: small enough for Miri, which
+    //! then checks every pointer-to-slice conversion, the workspace split, the executor's shared
+    //! buffers and the host-callback trampoline (with threads) of a real forward call.
+    use super::*;
+    use crate::config::attnrt_config_default;
+
+    /// A host that runs the tasks on two threads.
+    unsafe extern "C" fn two_threads(
+        _: *mut c_void,
+        n: usize,
+        task: crate::layer::attnrt_task_fn,
+        task_ctx: *mut c_void,
+    ) {
+        /// The task context, sent to the second thread with its provenance.
+        #[derive(Clone, Copy)]
+        struct Ctx(*mut c_void);
+        // SAFETY: the library documents `task_ctx` as usable from any thread during the call.
+        unsafe impl Send for Ctx {}
+        let ctx = Ctx(task_ctx);
+        let run = move |i: usize| {
+            let ctx = ctx;
+            // SAFETY: the library's task and context, each index once, during this call.
+            unsafe { task(ctx.0, i) }
+        };
+        std::thread::scope(|s| {
+            let h = s.spawn(move || (0..n).step_by(2).for_each(run));
+            (1..n).step_by(2).for_each(run);
+            h.join().unwrap();
+        });
+    }
+
+    fn run(layer: *const attnrt_layer, backend: u32, threads: usize, host: bool) -> Vec<f32> {
+        let (b, t, c) = (1, 5, 8);
+        let x: Vec<f32> = (0..b * t * c).map(|i| (i % 7) as f32 / 7.0 - 0.5).collect();
+        let pos: Vec<i32> = vec![3, 0, 9, 9, 1];
+        let mut ws_len = 0;
+        // SAFETY: live handle, valid out pointer.
+        let st = unsafe { attnrt_workspace_size(layer, b, t, threads, &mut ws_len) };
+        assert_eq!(st, attnrt_status::ATTNRT_STATUS_OK);
+        let mut ws = vec![0.0f32; ws_len];
+        let mut out = vec![0.0f32; b * t * c];
+        let mut a = attnrt_forward_args::empty();
+        (a.x, a.x_len, a.batch, a.seq_len) = (x.as_ptr(), x.len(), b, t);
+        (a.position_ids, a.position_ids_len) = (pos.as_ptr(), pos.len());
+        (a.workspace, a.workspace_len) = (ws.as_mut_ptr(), ws.len());
+        (a.out, a.out_len) = (out.as_mut_ptr(), out.len());
+        (a.backend, a.num_threads) = (backend, threads);
+        if host {
+            a.parallel_for = Some(two_threads);
+        }
+        let mut ran = attnrt_backend::ATTNRT_BACKEND_AUTO;
+        // SAFETY: live handle; every buffer valid for its length and disjoint.
+        let st = unsafe { attnrt_forward(layer, &a, &mut ran) };
+        assert_eq!(st, attnrt_status::ATTNRT_STATUS_OK);
+        assert_eq!(ran as u32, if backend == 1 { 1 } else { 2 });
+        out
+    }
+
+    #[test]
+    fn a_tiny_layer_through_every_pool() {
+        let mut cfg = core::mem::MaybeUninit::uninit();
+        // SAFETY: valid for one write.
+        let st = unsafe { attnrt_config_default(8, 2, cfg.as_mut_ptr()) };
+        assert_eq!(st, attnrt_status::ATTNRT_STATUS_OK);
+        // SAFETY: written by the successful call.
+        let mut cfg: attnrt_config = unsafe { cfg.assume_init() };
+        (cfg.n_kv_head, cfg.rope, cfg.qk_norm) = (1, 1, 1);
+        let w: Vec<Vec<f32>> = [64, 32, 32, 64, 4, 4]
+            .iter()
+            .enumerate()
+            .map(|(k, &n)| {
+                (0..n)
+                    .map(|i| ((i * 5 + k) % 11) as f32 / 11.0 - 0.4)
+                    .collect()
+            })
+            .collect();
+        let t = |i: usize| attnrt_tensor {
+            data: w[i].as_ptr().cast(),
+            len: w[i].len(),
+            dtype: attnrt_dtype::ATTNRT_DTYPE_F32 as u32,
+        };
+        let none = attnrt_tensor {
+            data: core::ptr::null(),
+            len: 0,
+            dtype: 0,
+        };
+        let weights = attnrt_weights {
+            wq: t(0),
+            wk: t(1),
+            wv: t(2),
+            wo: t(3),
+            bq: none,
+            bk: none,
+            bv: none,
+            bo: none,
+            q_norm: t(4),
+            k_norm: t(5),
+        };
+        let mut layer = core::ptr::null_mut();
+        // SAFETY: valid config, weights and out pointer.
+        let st = unsafe { attnrt_layer_new(&cfg, &weights, &mut layer) };
+        assert_eq!(st, attnrt_status::ATTNRT_STATUS_OK);
+        let reference = run(layer, 1, 1, false);
+        let simd = run(layer, 0, 1, false);
+        let err = reference
+            .iter()
+            .zip(&simd)
+            .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(err <= 1e-4, "{err}");
+        assert_eq!(simd, run(layer, 2, 2, false));
+        assert_eq!(simd, run(layer, 2, 3, true));
+        // SAFETY: a live handle, freed once.
+        unsafe { attnrt_layer_free(layer) };
+    }
+}
