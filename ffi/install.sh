@@ -2,17 +2,26 @@
 # Builds the C ABI in release mode and installs header, libraries, pkg-config file and CMake
 # package config under PREFIX (default /usr/local):
 #   ffi/install.sh [PREFIX]
+# With ATTNRT_LIB_DIR set, installs the libattnrt_ffi.a (and .so, when there) already built in
+# that folder instead of building (the C++ client test installs the libraries it was built with).
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 prefix="${1:-/usr/local}"
 target="${CARGO_TARGET_DIR:-$here/../target}"
-version="$(cd "$here" && cargo pkgid -p attnrt-ffi | sed 's/.*[#@]//')"
+version="$(sed -n 's/^version = "\(.*\)"/\1/p' "$here/../Cargo.toml" | head -n 1)"
 
-(cd "$here/.." && cargo build --release -p attnrt-ffi)
+if [[ -n "${ATTNRT_LIB_DIR:-}" ]]; then
+    libs="$ATTNRT_LIB_DIR"
+else
+    (cd "$here/.." && cargo build --release -p attnrt-ffi)
+    libs="$target/release"
+fi
 install -d "$prefix/include" "$prefix/lib/pkgconfig" "$prefix/lib/cmake/attnrt"
 install -m 644 "$here/include/attnrt.h" "$prefix/include/"
-install -m 644 "$target/release/libattnrt_ffi.a" "$prefix/lib/"
-install -m 755 "$target/release/libattnrt_ffi.so" "$prefix/lib/"
+install -m 644 "$libs/libattnrt_ffi.a" "$prefix/lib/"
+if [[ -f "$libs/libattnrt_ffi.so" ]]; then
+    install -m 755 "$libs/libattnrt_ffi.so" "$prefix/lib/"
+fi
 sed -e "s|@PREFIX@|$prefix|" -e "s|@VERSION@|$version|" "$here/attnrt.pc.in" \
     > "$prefix/lib/pkgconfig/attnrt.pc"
 install -m 644 "$here/cmake/attnrtConfig.cmake" "$prefix/lib/cmake/attnrt/"

@@ -33,16 +33,17 @@ enum attnrt_backend
 #endif // __cplusplus
  {
   /**
-   * The best backend available for the request (today: the scalar reference). Only a
-   * request; never reported as the backend that ran.
+   * The fastest backend available for the request (today: the SIMD CPU executor, which
+   * serves every valid request). Only a request; never reported as the backend that ran.
    */
   ATTNRT_BACKEND_AUTO = 0,
   /**
-   * The scalar reference executor (the oracle; slow).
+   * The scalar reference executor (the oracle; slow; runs on the calling thread).
    */
   ATTNRT_BACKEND_REFERENCE = 1,
   /**
-   * The SIMD CPU executor (not in this build yet).
+   * The SIMD CPU executor, on the best instruction-set tier of this CPU (see
+   * `attnrt_cpu_tier`), threaded by the host's parallel-for or `num_threads`.
    */
   ATTNRT_BACKEND_CPU_SIMD = 2,
   /**
@@ -151,6 +152,37 @@ enum attnrt_rope_scaling
 };
 #ifndef __cplusplus
 typedef uint32_t attnrt_rope_scaling;
+#endif // __cplusplus
+
+/**
+ * An instruction-set tier of the SIMD CPU executor, as reported by [`attnrt_cpu_tier`].
+ * Values are stable; a newer library may report a value this header does not name (use
+ * [`attnrt_simd_tier_name`] to print it).
+ */
+enum attnrt_simd_tier
+#ifdef __cplusplus
+  : uint32_t
+#endif // __cplusplus
+ {
+  /**
+   * Portable Rust, no SIMD intrinsics (every target).
+   */
+  ATTNRT_SIMD_TIER_SCALAR = 0,
+  /**
+   * x86-64 AVX2 + FMA.
+   */
+  ATTNRT_SIMD_TIER_AVX2 = 1,
+  /**
+   * x86-64 AVX-512F.
+   */
+  ATTNRT_SIMD_TIER_AVX512 = 2,
+  /**
+   * aarch64 Advanced SIMD (NEON).
+   */
+  ATTNRT_SIMD_TIER_NEON = 3,
+};
+#ifndef __cplusplus
+typedef uint32_t attnrt_simd_tier;
 #endif // __cplusplus
 
 /**
@@ -454,8 +486,13 @@ typedef void (*attnrt_task_fn)(void *task_ctx, size_t i);
 
 /**
  * The host's parallel-for, or NULL: must call `task(task_ctx, i)` exactly once for every `i`
- * in `0..n`, on any threads and in any order, and return only when all calls have returned.
- * `ctx` is the host's own pointer from `attnrt_forward_args::parallel_ctx`.
+ * in `0..n`, on any threads and in any order (up to `num_threads` at once is what the work
+ * is split for), and return only when all calls have returned; `task` must not be called
+ * after that. `ctx` is the host's own pointer from `attnrt_forward_args::parallel_ctx`.
+ *
+ * A host that skips a task, repeats one or passes an index `>= n` cannot cause undefined
+ * behaviour (work is handed out through atomics, not by index), but the call then fails with
+ * `ATTNRT_STATUS_PARALLEL_FOR_CONTRACT` and the output's contents are unspecified.
  */
 typedef void (*attnrt_parallel_for_fn)(void *ctx, size_t n, attnrt_task_fn task, void *task_ctx);
 
@@ -554,7 +591,8 @@ typedef struct attnrt_forward_args {
   uint32_t backend;
   /**
    * The host's parallel-for, or NULL to use `num_threads`. Called only from the thread
-   * that called `attnrt_forward`, and only during that call.
+   * that called `attnrt_forward`, and only during that call (not at all by the REFERENCE
+   * backend, which runs on the calling thread).
    */
   attnrt_parallel_for_fn parallel_for;
   /**
@@ -562,8 +600,12 @@ typedef struct attnrt_forward_args {
    */
   void *parallel_ctx;
   /**
-   * Without `parallel_for`: 0 or 1 runs on the calling thread, more starts that many
-   * scoped threads for the call (the calling thread is one of them).
+   * The number of tasks the host can run at once: the lane count of the SIMD executor
+   * (0 counts as 1; lanes are capped at 64), which sizes its workspace, so pass the same
+   * value to `attnrt_workspace_size`. With `parallel_for` it is that pool's width (the
+   * library calls `parallel_for` with at most this many tasks); without it, 0 or 1 runs on
+   * the calling thread and more starts that many scoped threads for the call (the calling
+   * thread is one of them).
    */
   size_t num_threads;
 } attnrt_forward_args;
@@ -578,6 +620,28 @@ extern "C" {
  * The returned pointer is static: never free it. Thread-safe.
  */
 const char *attnrt_version(void);
+
+/**
+ * Writes to `*tier` the instruction-set tier the SIMD CPU executor (`ATTNRT_BACKEND_CPU_SIMD`,
+ * and so `ATTNRT_BACKEND_AUTO`) runs on in this process: the best one the CPU supports, unless
+ * the environment variable `ATTNRT_SIMD_TIER` (`scalar`, `avx2`, `avx512`, `neon`) forced a
+ * lower one. Detected once and cached; every forward call of the process uses this tier.
+ *
+ * Errors: `ATTNRT_STATUS_NULL_POINTER` (`tier` NULL; then nothing is written).
+ * Thread-safe.
+ *
+ * # Safety
+ * `tier` must be NULL or valid for one write.
+ */
+attnrt_status attnrt_cpu_tier(attnrt_simd_tier *tier);
+
+/**
+ * The lower-case name of a tier (`"avx2"`, the name `ATTNRT_SIMD_TIER` accepts), or NULL for
+ * a value that is not an `attnrt_simd_tier`.
+ *
+ * The string is static and NUL-terminated: never free it. Thread-safe; never fails.
+ */
+const char *attnrt_simd_tier_name(uint32_t tier);
 
 /**
  * Whether `backend` can run a layer of configuration `config` on `batch` rows of `seq_len`
@@ -677,8 +741,15 @@ void attnrt_layer_free(struct attnrt_layer *layer);
 
 /**
  * f32 elements of workspace a forward call on `layer` needs for `batch` rows of `seq_len`
- * tokens, on any backend of this build and with every option (a call may need less: for a
- * rotary layer the part for the built cos/sin table is needed only when `freqs_cis` is NULL).
+ * tokens with `num_threads` lanes (the `num_threads` the call will pass in
+ * `attnrt_forward_args`; 0 counts as 1), on any backend the call may select (the most of the
+ * scalar reference and the SIMD executor) and with every option. A call may need less: for a
+ * rotary layer the part for the built cos/sin table is needed only when `freqs_cis` is NULL,
+ * and a forced REFERENCE call needs no per-lane scratch.
+ *
+ * The SIMD executor keeps scratch per lane, so the size grows with `num_threads` (up to 64
+ * lanes; more threads need no more). A forward call whose `num_threads` exceeds the one given
+ * here may fail with `ATTNRT_STATUS_WORKSPACE_TOO_SMALL`.
  *
  * Writes `*out_elems` on success. Errors: `ATTNRT_STATUS_NULL_POINTER`,
  * `ATTNRT_STATUS_INPUT_VALUE` when the size overflows a `size_t`.
@@ -691,6 +762,7 @@ void attnrt_layer_free(struct attnrt_layer *layer);
 attnrt_status attnrt_workspace_size(const struct attnrt_layer *layer,
                                     size_t batch,
                                     size_t seq_len,
+                                    size_t num_threads,
                                     size_t *out_elems);
 
 /**

@@ -5,11 +5,12 @@
 use core::ffi::c_char;
 
 use attnrt::{Backend, Config, Inputs, Layer, ParallelFor};
+use attnrt_simd::Tier;
 
 use crate::config::attnrt_config;
 use crate::error::{copy_message, FfiError, FfiResult};
 use crate::panic::guard;
-use crate::ptr::as_ref;
+use crate::ptr::{as_ref, check_out, write_out};
 use crate::status::attnrt_status;
 use crate::table::table_elems;
 
@@ -18,12 +19,13 @@ use crate::table::table_elems;
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum attnrt_backend {
-    /// The best backend available for the request (today: the scalar reference). Only a
-    /// request; never reported as the backend that ran.
+    /// The fastest backend available for the request (today: the SIMD CPU executor, which
+    /// serves every valid request). Only a request; never reported as the backend that ran.
     ATTNRT_BACKEND_AUTO = 0,
-    /// The scalar reference executor (the oracle; slow).
+    /// The scalar reference executor (the oracle; slow; runs on the calling thread).
     ATTNRT_BACKEND_REFERENCE = 1,
-    /// The SIMD CPU executor (not in this build yet).
+    /// The SIMD CPU executor, on the best instruction-set tier of this CPU (see
+    /// `attnrt_cpu_tier`), threaded by the host's parallel-for or `num_threads`.
     ATTNRT_BACKEND_CPU_SIMD = 2,
     /// The CUDA executor (not in this build yet).
     ATTNRT_BACKEND_CUDA = 3,
@@ -41,11 +43,81 @@ impl attnrt_backend {
     }
 }
 
-/// The executor chosen for a request.
-#[derive(Clone, Copy, Debug)]
-pub(crate) enum Plan {
-    Reference,
+/// An instruction-set tier of the SIMD CPU executor, as reported by [`attnrt_cpu_tier`].
+/// Values are stable; a newer library may report a value this header does not name (use
+/// [`attnrt_simd_tier_name`] to print it).
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum attnrt_simd_tier {
+    /// Portable Rust, no SIMD intrinsics (every target).
+    ATTNRT_SIMD_TIER_SCALAR = 0,
+    /// x86-64 AVX2 + FMA.
+    ATTNRT_SIMD_TIER_AVX2 = 1,
+    /// x86-64 AVX-512F.
+    ATTNRT_SIMD_TIER_AVX512 = 2,
+    /// aarch64 Advanced SIMD (NEON).
+    ATTNRT_SIMD_TIER_NEON = 3,
 }
+
+impl attnrt_simd_tier {
+    fn of(t: Tier) -> attnrt_simd_tier {
+        match t {
+            Tier::Scalar => attnrt_simd_tier::ATTNRT_SIMD_TIER_SCALAR,
+            Tier::Avx2 => attnrt_simd_tier::ATTNRT_SIMD_TIER_AVX2,
+            Tier::Avx512 => attnrt_simd_tier::ATTNRT_SIMD_TIER_AVX512,
+            Tier::Neon => attnrt_simd_tier::ATTNRT_SIMD_TIER_NEON,
+        }
+    }
+}
+
+/// Writes to `*tier` the instruction-set tier the SIMD CPU executor (`ATTNRT_BACKEND_CPU_SIMD`,
+/// and so `ATTNRT_BACKEND_AUTO`) runs on in this process: the best one the CPU supports, unless
+/// the environment variable `ATTNRT_SIMD_TIER` (`scalar`, `avx2`, `avx512`, `neon`) forced a
+/// lower one. Detected once and cached; every forward call of the process uses this tier.
+///
+/// Errors: `ATTNRT_STATUS_NULL_POINTER` (`tier` NULL; then nothing is written).
+/// Thread-safe.
+///
+/// # Safety
+/// `tier` must be NULL or valid for one write.
+#[no_mangle]
+pub unsafe extern "C" fn attnrt_cpu_tier(tier: *mut attnrt_simd_tier) -> attnrt_status {
+    guard(|| {
+        check_out("tier", tier)?;
+        let t = attnrt_simd_tier::of(attnrt::cpu_tier());
+        // SAFETY: checked by `check_out`; valid by the contract.
+        unsafe { write_out(tier, t) };
+        Ok(())
+    })
+}
+
+/// The lower-case name of a tier (`"avx2"`, the name `ATTNRT_SIMD_TIER` accepts), or NULL for
+/// a value that is not an `attnrt_simd_tier`.
+///
+/// The string is static and NUL-terminated: never free it. Thread-safe; never fails.
+#[no_mangle]
+pub extern "C" fn attnrt_simd_tier_name(tier: u32) -> *const c_char {
+    let name = match tier {
+        0 => c"scalar",
+        1 => c"avx2",
+        2 => c"avx512",
+        3 => c"neon",
+        _ => return core::ptr::null(),
+    };
+    name.as_ptr()
+}
+
+/// The executor chosen for a request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Plan {
+    /// `Layer::forward_reference`.
+    Reference,
+    /// `Layer::forward_cpu`.
+    CpuSimd,
+}
+
+/// Every plan a request may select; `attnrt_workspace_size` covers them all.
+const PLANS: [Plan; 2] = [Plan::Reference, Plan::CpuSimd];
 
 /// Chooses the executor for a request, or says precisely why the requested one cannot serve
 /// it. `forward` and `capability` both ask this, so they always agree.
@@ -55,14 +127,14 @@ pub(crate) fn select(
     batch: usize,
     seq_len: usize,
 ) -> FfiResult<Plan> {
-    let _ = (cfg, batch, seq_len); // every valid request fits the reference
+    // Every valid request fits both CPU executors (the SIMD one has a portable scalar tier
+    // on every target), so the choice depends on the request alone.
+    let _ = (cfg, batch, seq_len);
     match requested {
-        attnrt_backend::ATTNRT_BACKEND_AUTO | attnrt_backend::ATTNRT_BACKEND_REFERENCE => {
-            Ok(Plan::Reference)
+        attnrt_backend::ATTNRT_BACKEND_AUTO | attnrt_backend::ATTNRT_BACKEND_CPU_SIMD => {
+            Ok(Plan::CpuSimd)
         }
-        attnrt_backend::ATTNRT_BACKEND_CPU_SIMD => Err(unavailable(
-            "the CPU SIMD executor is not available in this build of attnrt",
-        )),
+        attnrt_backend::ATTNRT_BACKEND_REFERENCE => Ok(Plan::Reference),
         attnrt_backend::ATTNRT_BACKEND_CUDA => Err(unavailable(
             "the CUDA executor is not available in this build of attnrt (built without CUDA)",
         )),
@@ -84,13 +156,12 @@ pub(crate) fn dispatch(
 ) -> FfiResult<attnrt_backend> {
     let ran = match plan {
         // The reference is sequential by design; it does not take the pool.
-        Plan::Reference => {
-            let _ = pool;
-            layer.forward_reference(inputs, workspace, out)?
-        }
+        Plan::Reference => layer.forward_reference(inputs, workspace, out)?,
+        Plan::CpuSimd => layer.forward_cpu(inputs, workspace, out, pool)?,
     };
     match ran {
         Backend::Reference => Ok(attnrt_backend::ATTNRT_BACKEND_REFERENCE),
+        Backend::CpuSimd(_) => Ok(attnrt_backend::ATTNRT_BACKEND_CPU_SIMD),
         other => Err(FfiError::new(
             attnrt_status::ATTNRT_STATUS_INTERNAL,
             format!("the runtime ran backend {other}, unknown to this version of the C ABI"),
@@ -98,34 +169,93 @@ pub(crate) fn dispatch(
     }
 }
 
-/// f32 workspace elements of a call: the executors' part plus, when the call builds its own
-/// cos/sin table (`with_table`), the table's part.
+/// Lanes (workers with their own scratch) of a call with `num_threads`: the width of every
+/// pool the ABI builds (`Sequential` 1, `ScopedThreads` and the host's callback
+/// `num_threads`), 0 counting as 1. The executor caps it at 64.
+pub(crate) fn lanes(num_threads: usize) -> usize {
+    num_threads.max(1)
+}
+
+/// f32 workspace elements of a call on `plan` with `lanes` lanes: the executor's part plus,
+/// when the call builds its own cos/sin table (`with_table`), the table's part (first in the
+/// workspace).
 pub(crate) fn workspace_elems(
+    plan: Plan,
+    cfg: &Config,
+    batch: usize,
+    seq_len: usize,
+    lanes: usize,
+    with_table: bool,
+) -> FfiResult<usize> {
+    let exec = exec_elems(plan, cfg, batch, seq_len, lanes)?;
+    let table = table_part(cfg, batch, seq_len, with_table)?;
+    Ok(exec.checked_add(table).ok_or_else(|| overflow(seq_len))?)
+}
+
+/// The most f32 workspace elements any plan needs (what `attnrt_workspace_size` reports).
+pub(crate) fn max_workspace_elems(
+    cfg: &Config,
+    batch: usize,
+    seq_len: usize,
+    lanes: usize,
+    with_table: bool,
+) -> FfiResult<usize> {
+    let mut most = 0;
+    for plan in PLANS {
+        most = most.max(workspace_elems(
+            plan, cfg, batch, seq_len, lanes, with_table,
+        )?);
+    }
+    Ok(most)
+}
+
+/// The cos/sin table's part of the workspace (0 without rotary embedding or `with_table`).
+pub(crate) fn table_part(
     cfg: &Config,
     batch: usize,
     seq_len: usize,
     with_table: bool,
 ) -> FfiResult<usize> {
-    let overflow = || attnrt::Error::InputValue {
+    if !with_table || cfg.rope().is_none() {
+        return Ok(0);
+    }
+    Ok(batch
+        .checked_mul(seq_len)
+        .and_then(|tokens| table_elems(tokens, cfg.head_dim))
+        .ok_or_else(|| overflow(seq_len))?)
+}
+
+/// The executor's part of the workspace.
+fn exec_elems(
+    plan: Plan,
+    cfg: &Config,
+    batch: usize,
+    seq_len: usize,
+    lanes: usize,
+) -> FfiResult<usize> {
+    // The runtime's sizes saturate instead of overflowing: `usize::MAX` means "too big".
+    let n = match plan {
+        Plan::Reference => attnrt::reference_workspace_len(cfg, seq_len),
+        Plan::CpuSimd => {
+            let tokens = batch
+                .checked_mul(seq_len)
+                .ok_or_else(|| overflow(seq_len))?;
+            attnrt::cpu_workspace_len(cfg, tokens, lanes)
+        }
+    };
+    if n == usize::MAX {
+        return Err(overflow(seq_len).into());
+    }
+    Ok(n)
+}
+
+fn overflow(seq_len: usize) -> attnrt::Error {
+    attnrt::Error::InputValue {
         name: "seq_len",
         index: 0,
         value: seq_len as i64,
         rule: "the workspace size overflows a size_t",
-    };
-    // `workspace_len` saturates instead of overflowing.
-    let exec = attnrt::workspace_len(cfg, seq_len);
-    if exec == usize::MAX {
-        return Err(overflow().into());
     }
-    let table = if with_table && cfg.rope().is_some() {
-        batch
-            .checked_mul(seq_len)
-            .and_then(|tokens| table_elems(tokens, cfg.head_dim))
-            .ok_or_else(overflow)?
-    } else {
-        0
-    };
-    Ok(exec.checked_add(table).ok_or_else(overflow)?)
 }
 
 /// Whether `backend` can run a layer of configuration `config` on `batch` rows of `seq_len`
@@ -177,8 +307,9 @@ pub unsafe extern "C" fn attnrt_capability(
                     value: seq_len as i64,
                     rule: "batch * seq_len * n_embd overflows",
                 })?;
-            workspace_elems(&cfg, batch, seq_len, true)?;
-            select(requested, &cfg, batch, seq_len).map(|_| ())
+            let plan = select(requested, &cfg, batch, seq_len)?;
+            // The size at one thread (a call with more lanes needs more).
+            workspace_elems(plan, &cfg, batch, seq_len, 1, true).map(|_| ())
         })();
         let msg = answer.as_ref().err().map_or("", |e| e.message.as_str());
         // SAFETY: `reason_buf` is NULL only with `len == 0`, else valid for `len` bytes.
@@ -189,4 +320,32 @@ pub unsafe extern "C" fn attnrt_capability(
         }
         answer
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tier_values_and_names_follow_the_runtime() {
+        for t in Tier::ALL {
+            let p = attnrt_simd_tier_name(attnrt_simd_tier::of(t) as u32);
+            assert!(!p.is_null());
+            // SAFETY: a static NUL-terminated string.
+            let name = unsafe { core::ffi::CStr::from_ptr(p) };
+            assert_eq!(name.to_str().unwrap(), t.name());
+        }
+        assert!(attnrt_simd_tier_name(4).is_null());
+        assert!(attnrt_simd_tier_name(u32::MAX).is_null());
+    }
+
+    #[test]
+    fn workspace_grows_with_lanes_up_to_64() {
+        let cfg = attnrt::Config::new(64, 4);
+        let at = |lanes| max_workspace_elems(&cfg, 2, 40, lanes, true).unwrap();
+        assert!(at(1) < at(2) && at(2) < at(3));
+        assert_eq!(at(64), at(65));
+        assert_eq!(at(64), at(usize::MAX));
+        assert_eq!(lanes(0), 1);
+    }
 }

@@ -5,7 +5,9 @@ use core::ffi::c_void;
 use attnrt::{Config, Inputs, Layer, LayerWeights, MaskInputs, RopeTable, Tensor};
 use half::{bf16, f16};
 
-use crate::backend::{attnrt_backend, dispatch, select, workspace_elems};
+use crate::backend::{
+    attnrt_backend, dispatch, lanes, max_workspace_elems, select, table_part, workspace_elems,
+};
 use crate::config::attnrt_config;
 use crate::error::{FfiError, FfiResult};
 use crate::panic::guard;
@@ -270,8 +272,15 @@ pub unsafe extern "C" fn attnrt_layer_free(layer: *mut attnrt_layer) {
 }
 
 /// f32 elements of workspace a forward call on `layer` needs for `batch` rows of `seq_len`
-/// tokens, on any backend of this build and with every option (a call may need less: for a
-/// rotary layer the part for the built cos/sin table is needed only when `freqs_cis` is NULL).
+/// tokens with `num_threads` lanes (the `num_threads` the call will pass in
+/// `attnrt_forward_args`; 0 counts as 1), on any backend the call may select (the most of the
+/// scalar reference and the SIMD executor) and with every option. A call may need less: for a
+/// rotary layer the part for the built cos/sin table is needed only when `freqs_cis` is NULL,
+/// and a forced REFERENCE call needs no per-lane scratch.
+///
+/// The SIMD executor keeps scratch per lane, so the size grows with `num_threads` (up to 64
+/// lanes; more threads need no more). A forward call whose `num_threads` exceeds the one given
+/// here may fail with `ATTNRT_STATUS_WORKSPACE_TOO_SMALL`.
 ///
 /// Writes `*out_elems` on success. Errors: `ATTNRT_STATUS_NULL_POINTER`,
 /// `ATTNRT_STATUS_INPUT_VALUE` when the size overflows a `size_t`.
@@ -285,13 +294,14 @@ pub unsafe extern "C" fn attnrt_workspace_size(
     layer: *const attnrt_layer,
     batch: usize,
     seq_len: usize,
+    num_threads: usize,
     out_elems: *mut usize,
 ) -> attnrt_status {
     guard(|| {
         // SAFETY: the contract of this function.
         let layer = unsafe { as_ref("layer", layer) }?;
         check_out("out_elems", out_elems)?;
-        let n = workspace_elems(&layer.cfg, batch, seq_len, true)?;
+        let n = max_workspace_elems(&layer.cfg, batch, seq_len, lanes(num_threads), true)?;
         // SAFETY: checked by `check_out`; valid by the contract.
         unsafe { write_out(out_elems, n) };
         Ok(())
@@ -302,8 +312,13 @@ pub unsafe extern "C" fn attnrt_workspace_size(
 pub type attnrt_task_fn = unsafe extern "C" fn(task_ctx: *mut c_void, i: usize);
 
 /// The host's parallel-for, or NULL: must call `task(task_ctx, i)` exactly once for every `i`
-/// in `0..n`, on any threads and in any order, and return only when all calls have returned.
-/// `ctx` is the host's own pointer from `attnrt_forward_args::parallel_ctx`.
+/// in `0..n`, on any threads and in any order (up to `num_threads` at once is what the work
+/// is split for), and return only when all calls have returned; `task` must not be called
+/// after that. `ctx` is the host's own pointer from `attnrt_forward_args::parallel_ctx`.
+///
+/// A host that skips a task, repeats one or passes an index `>= n` cannot cause undefined
+/// behaviour (work is handed out through atomics, not by index), but the call then fails with
+/// `ATTNRT_STATUS_PARALLEL_FOR_CONTRACT` and the output's contents are unspecified.
 pub type attnrt_parallel_for_fn = Option<
     unsafe extern "C" fn(ctx: *mut c_void, n: usize, task: attnrt_task_fn, task_ctx: *mut c_void),
 >;
@@ -362,12 +377,17 @@ pub struct attnrt_forward_args {
     /// `ATTNRT_STATUS_UNSUPPORTED` instead of falling back.
     pub backend: u32,
     /// The host's parallel-for, or NULL to use `num_threads`. Called only from the thread
-    /// that called `attnrt_forward`, and only during that call.
+    /// that called `attnrt_forward`, and only during that call (not at all by the REFERENCE
+    /// backend, which runs on the calling thread).
     pub parallel_for: attnrt_parallel_for_fn,
     /// The host's context for `parallel_for`, passed back unchanged.
     pub parallel_ctx: *mut c_void,
-    /// Without `parallel_for`: 0 or 1 runs on the calling thread, more starts that many
-    /// scoped threads for the call (the calling thread is one of them).
+    /// The number of tasks the host can run at once: the lane count of the SIMD executor
+    /// (0 counts as 1; lanes are capped at 64), which sizes its workspace, so pass the same
+    /// value to `attnrt_workspace_size`. With `parallel_for` it is that pool's width (the
+    /// library calls `parallel_for` with at most this many tasks); without it, 0 or 1 runs on
+    /// the calling thread and more starts that many scoped threads for the call (the calling
+    /// thread is one of them).
     pub num_threads: usize,
 }
 
@@ -511,7 +531,8 @@ pub unsafe extern "C" fn attnrt_forward(
         inputs.position_ids = position_ids;
 
         let build_table = cfg.rope().is_some() && freqs_cis.is_none();
-        let needed = workspace_elems(cfg, a.batch, a.seq_len, build_table)?;
+        let lanes = lanes(a.num_threads);
+        let needed = workspace_elems(plan, cfg, a.batch, a.seq_len, lanes, build_table)?;
         if workspace.len() < needed {
             return Err(attnrt::Error::Workspace {
                 needed,
@@ -519,8 +540,8 @@ pub unsafe extern "C" fn attnrt_forward(
             }
             .into());
         }
-        let table_part = needed - workspace_elems(cfg, a.batch, a.seq_len, false)?;
-        let (table_ws, exec_ws) = workspace.split_at_mut(table_part);
+        let table_len = table_part(cfg, a.batch, a.seq_len, build_table)?;
+        let (table_ws, exec_ws) = workspace.split_at_mut(table_len);
         let remapped: Option<&[i32]>;
         match (cfg.rope(), freqs_cis) {
             (Some(_), Some(f)) => {
@@ -552,7 +573,9 @@ pub unsafe extern "C" fn attnrt_forward(
             exec_ws,
             out,
             pool.as_dyn(),
-        )?;
+        );
+        // A broken host contract wins over whatever the executor made of it (a host that ran
+        // no task at all makes the executor fail too).
         if let Pool::Callback(p) = &pool {
             if !p.kept_contract() {
                 return Err(FfiError::new(
@@ -562,6 +585,7 @@ pub unsafe extern "C" fn attnrt_forward(
                 ));
             }
         }
+        let ran = ran?;
         // SAFETY: checked by `check_out`; valid by the contract.
         unsafe { write_out(backend_ran, ran) };
         Ok(())
@@ -573,4 +597,122 @@ fn aliased(a: &str, b: &str) -> FfiError {
         attnrt_status::ATTNRT_STATUS_ALIASED_BUFFERS,
         format!("{a} overlaps {b}; writable buffers must not share memory with any other"),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    //! One tiny layer end to end through the exported functions: small enough for Miri, which
+    //! then checks every pointer-to-slice conversion, the workspace split, the executor's shared
+    //! buffers and the host-callback trampoline (with threads) of a real forward call.
+    use super::*;
+    use crate::config::attnrt_config_default;
+
+    /// A host that runs the tasks on two threads.
+    unsafe extern "C" fn two_threads(
+        _: *mut c_void,
+        n: usize,
+        task: crate::layer::attnrt_task_fn,
+        task_ctx: *mut c_void,
+    ) {
+        /// The task context, sent to the second thread with its provenance.
+        #[derive(Clone, Copy)]
+        struct Ctx(*mut c_void);
+        // SAFETY: the library documents `task_ctx` as usable from any thread during the call.
+        unsafe impl Send for Ctx {}
+        let ctx = Ctx(task_ctx);
+        let run = move |i: usize| {
+            let ctx = ctx;
+            // SAFETY: the library's task and context, each index once, during this call.
+            unsafe { task(ctx.0, i) }
+        };
+        std::thread::scope(|s| {
+            let h = s.spawn(move || (0..n).step_by(2).for_each(run));
+            (1..n).step_by(2).for_each(run);
+            h.join().unwrap();
+        });
+    }
+
+    fn run(layer: *const attnrt_layer, backend: u32, threads: usize, host: bool) -> Vec<f32> {
+        let (b, t, c) = (1, 5, 8);
+        let x: Vec<f32> = (0..b * t * c).map(|i| (i % 7) as f32 / 7.0 - 0.5).collect();
+        let pos: Vec<i32> = vec![3, 0, 9, 9, 1];
+        let mut ws_len = 0;
+        // SAFETY: live handle, valid out pointer.
+        let st = unsafe { attnrt_workspace_size(layer, b, t, threads, &mut ws_len) };
+        assert_eq!(st, attnrt_status::ATTNRT_STATUS_OK);
+        let mut ws = vec![0.0f32; ws_len];
+        let mut out = vec![0.0f32; b * t * c];
+        let mut a = attnrt_forward_args::empty();
+        (a.x, a.x_len, a.batch, a.seq_len) = (x.as_ptr(), x.len(), b, t);
+        (a.position_ids, a.position_ids_len) = (pos.as_ptr(), pos.len());
+        (a.workspace, a.workspace_len) = (ws.as_mut_ptr(), ws.len());
+        (a.out, a.out_len) = (out.as_mut_ptr(), out.len());
+        (a.backend, a.num_threads) = (backend, threads);
+        if host {
+            a.parallel_for = Some(two_threads);
+        }
+        let mut ran = attnrt_backend::ATTNRT_BACKEND_AUTO;
+        // SAFETY: live handle; every buffer valid for its length and disjoint.
+        let st = unsafe { attnrt_forward(layer, &a, &mut ran) };
+        assert_eq!(st, attnrt_status::ATTNRT_STATUS_OK);
+        assert_eq!(ran as u32, if backend == 1 { 1 } else { 2 });
+        out
+    }
+
+    #[test]
+    fn a_tiny_layer_through_every_pool() {
+        let mut cfg = core::mem::MaybeUninit::uninit();
+        // SAFETY: valid for one write.
+        let st = unsafe { attnrt_config_default(8, 2, cfg.as_mut_ptr()) };
+        assert_eq!(st, attnrt_status::ATTNRT_STATUS_OK);
+        // SAFETY: written by the successful call.
+        let mut cfg: attnrt_config = unsafe { cfg.assume_init() };
+        (cfg.n_kv_head, cfg.rope, cfg.qk_norm) = (1, 1, 1);
+        let w: Vec<Vec<f32>> = [64, 32, 32, 64, 4, 4]
+            .iter()
+            .enumerate()
+            .map(|(k, &n)| {
+                (0..n)
+                    .map(|i| ((i * 5 + k) % 11) as f32 / 11.0 - 0.4)
+                    .collect()
+            })
+            .collect();
+        let t = |i: usize| attnrt_tensor {
+            data: w[i].as_ptr().cast(),
+            len: w[i].len(),
+            dtype: attnrt_dtype::ATTNRT_DTYPE_F32 as u32,
+        };
+        let none = attnrt_tensor {
+            data: core::ptr::null(),
+            len: 0,
+            dtype: 0,
+        };
+        let weights = attnrt_weights {
+            wq: t(0),
+            wk: t(1),
+            wv: t(2),
+            wo: t(3),
+            bq: none,
+            bk: none,
+            bv: none,
+            bo: none,
+            q_norm: t(4),
+            k_norm: t(5),
+        };
+        let mut layer = core::ptr::null_mut();
+        // SAFETY: valid config, weights and out pointer.
+        let st = unsafe { attnrt_layer_new(&cfg, &weights, &mut layer) };
+        assert_eq!(st, attnrt_status::ATTNRT_STATUS_OK);
+        let reference = run(layer, 1, 1, false);
+        let simd = run(layer, 0, 1, false);
+        let err = reference
+            .iter()
+            .zip(&simd)
+            .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(err <= 1e-4, "{err}");
+        assert_eq!(simd, run(layer, 2, 2, false));
+        assert_eq!(simd, run(layer, 2, 3, true));
+        // SAFETY: a live handle, freed once.
+        unsafe { attnrt_layer_free(layer) };
+    }
 }

@@ -34,7 +34,9 @@ mod ptr;
 mod status;
 mod table;
 
-pub use backend::{attnrt_backend, attnrt_capability};
+pub use backend::{
+    attnrt_backend, attnrt_capability, attnrt_cpu_tier, attnrt_simd_tier, attnrt_simd_tier_name,
+};
 pub use config::{
     attnrt_config, attnrt_config_default, attnrt_qk_norm, attnrt_rope_convention,
     attnrt_rope_scaling,

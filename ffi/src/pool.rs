@@ -21,6 +21,8 @@ pub(crate) struct CallbackPool {
     pub requested: AtomicUsize,
     /// A task panicked or an index out of range was run.
     pub broken: AtomicBool,
+    /// Tasks the host can run at once (`num_threads`, at least 1): the executor's lane count.
+    pub width: usize,
 }
 
 // SAFETY: the pool only forwards `ctx` to the host's callback, which the host documents as
@@ -76,8 +78,9 @@ impl ParallelFor for CallbackPool {
     }
 
     fn width(&self) -> usize {
-        // Unknown: let the executor split finely.
-        usize::MAX
+        // The host's `num_threads`: the executor sizes per-lane scratch by it, so it must be
+        // the value `attnrt_workspace_size` was given, never "unbounded".
+        self.width
     }
 }
 
@@ -100,6 +103,9 @@ pub(crate) enum Pool {
 }
 
 impl Pool {
+    /// The pool of a call: the host's callback when given (of width `threads`), else
+    /// `threads` scoped threads, else the calling thread. Its width is always
+    /// [`crate::backend::lanes`]`(threads)`.
     pub fn new(
         callback: crate::layer::attnrt_parallel_for_fn,
         ctx: *mut c_void,
@@ -112,6 +118,7 @@ impl Pool {
                 ran: AtomicUsize::new(0),
                 requested: AtomicUsize::new(0),
                 broken: AtomicBool::new(false),
+                width: crate::backend::lanes(threads),
             }),
             None if threads > 1 => Pool::Threads(ScopedThreads { threads }),
             None => Pool::Sequential(Sequential),
@@ -173,6 +180,21 @@ mod tests {
         assert_eq!(run(all), (true, 55));
         assert_eq!(run(skips), (false, 45));
         assert_eq!(run(strays), (false, 55));
+    }
+
+    #[test]
+    fn every_pool_is_as_wide_as_num_threads() {
+        for threads in [0, 1, 2, 3, 64, 1000] {
+            let want = crate::backend::lanes(threads);
+            assert_eq!(
+                Pool::new(None, core::ptr::null_mut(), threads)
+                    .as_dyn()
+                    .width(),
+                want
+            );
+            let cb = Pool::new(Some(all), core::ptr::null_mut(), threads);
+            assert_eq!(cb.as_dyn().width(), want);
+        }
     }
 
     #[test]

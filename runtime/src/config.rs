@@ -318,6 +318,15 @@ impl Rope {
                 beta_fast,
                 beta_slow,
             } => {
+                // The correction range divides by ln(theta): theta = 1 makes every frequency
+                // NaN.
+                if self.theta == 1.0 {
+                    return Err(Error::ConfigFloat {
+                        field: "rope.theta",
+                        value: self.theta,
+                        rule: "must not be 1 with yarn scaling (its correction range divides by ln(theta))",
+                    });
+                }
                 finite_positive("rope.yarn.factor", factor)?;
                 finite_positive("rope.yarn.attention_factor", attention_factor)?;
                 finite_positive("rope.yarn.beta_fast", beta_fast)?;
@@ -409,6 +418,20 @@ mod tests {
             (
                 Config::new(64, 4).with_rope(Rope {
                     theta: -1.0,
+                    ..Rope::DEFAULT
+                }),
+                "rope.theta",
+            ),
+            (
+                Config::new(64, 4).with_rope(Rope {
+                    theta: 1.0,
+                    scaling: RopeScaling::Yarn {
+                        factor: 4.0,
+                        original_max_position_embeddings: 4096,
+                        attention_factor: 1.0,
+                        beta_fast: 32.0,
+                        beta_slow: 1.0,
+                    },
                     ..Rope::DEFAULT
                 }),
                 "rope.theta",

@@ -45,14 +45,58 @@ impl ParallelFor for ScopedThreads {
         };
         let extra = self.threads.max(1).min(n.max(1)) - 1;
         std::thread::scope(|s| {
-            for _ in 0..extra {
-                s.spawn(work);
-            }
+            let workers: std::vec::Vec<_> = (0..extra).map(|_| s.spawn(work)).collect();
             work();
+            // Join each worker: the scope's implicit end waits only for the closures, so the
+            // OS threads (still running thread-local destructors) could outlive `run`.
+            for w in workers {
+                if let Err(panic) = w.join() {
+                    std::panic::resume_unwind(panic);
+                }
+            }
         });
     }
 
     fn width(&self) -> usize {
         self.threads.max(1)
+    }
+}
+
+#[cfg(all(test, feature = "std"))]
+mod tests {
+    use super::*;
+    use core::sync::atomic::{AtomicUsize, Ordering};
+
+    static STARTED: AtomicUsize = AtomicUsize::new(0);
+    static EXITED: AtomicUsize = AtomicUsize::new(0);
+
+    struct CountsExit;
+    impl Drop for CountsExit {
+        fn drop(&mut self) {
+            EXITED.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+    std::thread_local!(static MARK: CountsExit = {
+        STARTED.fetch_add(1, Ordering::SeqCst);
+        CountsExit
+    });
+
+    #[test]
+    fn scoped_threads_are_gone_when_run_returns() {
+        let main = std::thread::current().id();
+        for _ in 0..20 {
+            ScopedThreads { threads: 4 }.run(8, &|_| {
+                if std::thread::current().id() != main {
+                    MARK.with(|_| {}); // a thread-local destructor on every worker
+                }
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            });
+            // Every worker has run its thread-local destructors: none outlives `run`.
+            assert_eq!(
+                EXITED.load(Ordering::SeqCst),
+                STARTED.load(Ordering::SeqCst)
+            );
+        }
+        assert!(STARTED.load(Ordering::SeqCst) > 0);
     }
 }

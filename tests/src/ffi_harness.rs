@@ -171,11 +171,11 @@ impl LayerHandle {
         }
     }
 
-    /// `attnrt_workspace_size`.
-    pub fn workspace_size(&self, batch: usize, seq_len: usize) -> usize {
+    /// `attnrt_workspace_size` for calls with `num_threads`.
+    pub fn workspace_size(&self, batch: usize, seq_len: usize, num_threads: usize) -> usize {
         let mut n = 0;
         // SAFETY: live handle, valid out pointer.
-        let st = unsafe { attnrt_workspace_size(self.0, batch, seq_len, &mut n) };
+        let st = unsafe { attnrt_workspace_size(self.0, batch, seq_len, num_threads, &mut n) };
         assert_eq!(st, attnrt_status::ATTNRT_STATUS_OK, "{}", last_error());
         n
     }
@@ -212,15 +212,22 @@ pub struct CallBuffers {
     pub workspace: Vec<f32>,
     /// Output.
     pub out: Vec<f32>,
+    /// `attnrt_forward_args::num_threads` (the workspace is sized for it).
+    pub num_threads: usize,
 }
 
 /// The sentinel the output is filled with before a call that must fail.
 pub const SENTINEL: f32 = -1234.5678;
 
 impl CallBuffers {
-    /// The buffers of a fixture's call, with no caller table (the layer builds it), a workspace
-    /// of `attnrt_workspace_size` and an output filled with [`SENTINEL`].
+    /// The buffers of a fixture's call, with no caller table (the layer builds it), one
+    /// thread, a workspace of `attnrt_workspace_size` and an output filled with [`SENTINEL`].
     pub fn of(f: &Fixture, layer: &LayerHandle) -> CallBuffers {
+        CallBuffers::with_threads(f, layer, 1)
+    }
+
+    /// As [`CallBuffers::of`], for a call with `num_threads` (workspace sized for it).
+    pub fn with_threads(f: &Fixture, layer: &LayerHandle, num_threads: usize) -> CallBuffers {
         let (mask, pos) = f.inputs.mask(&f.file).unwrap();
         let (b, t) = (f.inputs.batch, f.inputs.seq_len);
         CallBuffers {
@@ -233,8 +240,9 @@ impl CallBuffers {
             max_seqlen: mask.max_seqlen.unwrap_or(-1),
             position_ids: pos.map(<[i32]>::to_vec),
             freqs_cis: None,
-            workspace: vec![0.0; layer.workspace_size(b, t)],
+            workspace: vec![0.0; layer.workspace_size(b, t, num_threads)],
             out: vec![SENTINEL; f.expected.len()],
+            num_threads,
         }
     }
 
@@ -266,6 +274,7 @@ impl CallBuffers {
         a.workspace_len = self.workspace.len();
         a.out = self.out.as_mut_ptr();
         a.out_len = self.out.len();
+        a.num_threads = self.num_threads;
         a
     }
 }

@@ -1,13 +1,16 @@
-//! Builds the C++ example client (ffi/examples/client.cpp) against the header and the static
-//! library, plain and under AddressSanitizer + UndefinedBehaviorSanitizer, runs it, and checks
-//! its checksum against the same call made here through the ABI. Skipped, with the reason
-//! printed, when no C++ compiler or no static library is found.
+//! Installs the C ABI into a temporary prefix with `ffi/install.sh` (header, the static and
+//! shared libraries this test was built with, pkg-config file, CMake package config), builds the
+//! C++ example client (`ffi/examples/`) against that INSTALLED copy with CMake
+//! (`find_package(attnrt)`), or with make + pkg-config when cmake is missing, plain and under
+//! AddressSanitizer + UndefinedBehaviorSanitizer, and runs it on the golden fixture
+//! `varlen.safetensors` (a packed varlen batch): the client checks its output against the
+//! fixture's at 1e-4, on the library's threads and on its own std::thread pool (bitwise equal).
+//!
+//! Skipped, with the reason printed, when no C++ compiler or no static library is found; with
+//! `ATTNRT_REQUIRE_CMAKE=1` (CI) a missing cmake is a failure, not a fallback.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-
-use attnrt_ffi::*;
-use attnrt_tests::ffi_harness::{forward, last_error, CallBuffers, LayerHandle};
 
 fn compiler() -> Option<String> {
     let candidates = [
@@ -15,184 +18,178 @@ fn compiler() -> Option<String> {
         Some("g++".into()),
         Some("c++".into()),
     ];
-    candidates.into_iter().flatten().find(|c| {
-        Command::new(c)
-            .arg("--version")
-            .output()
-            .is_ok_and(|o| o.status.success())
-    })
+    candidates.into_iter().flatten().find(|c| works(c))
 }
 
-/// `libattnrt_ffi.a` built with this test (cargo builds every crate type of the dependency
-/// into the `deps` folder next to the test binary).
-fn staticlib() -> Option<PathBuf> {
+fn works(tool: &str) -> bool {
+    Command::new(tool)
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// The folder holding `libattnrt_ffi.a` built with this test (cargo builds every crate type of
+/// the dependency into the `deps` folder next to the test binary).
+fn lib_dir() -> Option<PathBuf> {
     let exe = std::env::current_exe().ok()?;
     let deps = exe.parent()?;
-    [
-        deps.join("libattnrt_ffi.a"),
-        deps.parent()?.join("libattnrt_ffi.a"),
-    ]
-    .into_iter()
-    .find(|p| p.exists())
+    [deps.to_path_buf(), deps.parent()?.to_path_buf()]
+        .into_iter()
+        .find(|d| d.join("libattnrt_ffi.a").exists())
 }
 
-fn build_and_run(cxx: &str, lib: &Path, sanitize: bool) -> String {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let out = std::env::temp_dir().join(format!(
-        "attnrt_client_{}{}",
-        std::process::id(),
-        if sanitize { "_asan" } else { "" }
-    ));
-    let mut cmd = Command::new(cxx);
-    cmd.args(["-std=c++17", "-Wall", "-Wextra", "-Werror", "-g"])
-        .arg("-I")
-        .arg(root.join("ffi/include"))
-        .arg(root.join("ffi/examples/client.cpp"));
-    if sanitize {
-        cmd.args([
-            "-fsanitize=address,undefined",
-            "-fno-omit-frame-pointer",
-            "-fno-sanitize-recover=all",
-        ]);
-    }
-    cmd.arg(lib)
-        .args(["-lpthread", "-ldl", "-lm"])
-        .arg("-o")
-        .arg(&out);
-    let built = cmd.output().expect("run the compiler");
-    assert!(
-        built.status.success(),
-        "compile failed:\n{}",
-        String::from_utf8_lossy(&built.stderr)
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn run_checked(cmd: &mut Command, what: &str) -> String {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("{what}: cannot start: {e}"));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
     );
-    let run = Command::new(&out)
+    assert!(
+        out.status.success(),
+        "{what} failed ({}):\n{text}",
+        out.status
+    );
+    text
+}
+
+/// Installs into `prefix` with ffi/install.sh, from the libraries in `libs`.
+fn install(prefix: &Path, libs: &Path) {
+    run_checked(
+        Command::new("bash")
+            .arg(root().join("ffi/install.sh"))
+            .arg(prefix)
+            .env("ATTNRT_LIB_DIR", libs),
+        "ffi/install.sh",
+    );
+    for f in [
+        "include/attnrt.h",
+        "lib/libattnrt_ffi.a",
+        "lib/pkgconfig/attnrt.pc",
+        "lib/cmake/attnrt/attnrtConfig.cmake",
+        "lib/cmake/attnrt/attnrtConfigVersion.cmake",
+    ] {
+        assert!(prefix.join(f).exists(), "install.sh did not install {f}");
+    }
+}
+
+/// Builds the client against the installed prefix; returns the executable.
+fn build(cxx: &str, prefix: &Path, work: &Path, sanitize: bool, cmake: bool) -> PathBuf {
+    let examples = root().join("ffi/examples");
+    let dir = work.join(if sanitize { "build-san" } else { "build" });
+    if cmake {
+        run_checked(
+            Command::new("cmake")
+                .arg("-S")
+                .arg(&examples)
+                .arg("-B")
+                .arg(&dir)
+                .arg(format!("-DCMAKE_PREFIX_PATH={}", prefix.display()))
+                .arg(format!("-DCMAKE_CXX_COMPILER={cxx}"))
+                .arg(format!(
+                    "-DATTNRT_SANITIZE={}",
+                    if sanitize { "ON" } else { "OFF" }
+                )),
+            "cmake configure",
+        );
+        run_checked(
+            Command::new("cmake").arg("--build").arg(&dir),
+            "cmake --build",
+        );
+        dir.join("client")
+    } else {
+        std::fs::create_dir_all(&dir).unwrap();
+        let exe = dir.join("client");
+        run_checked(
+            Command::new("make")
+                .arg("-C")
+                .arg(&examples)
+                .arg("-B")
+                .arg(format!("PREFIX={}", prefix.display()))
+                .arg(format!("CXX={cxx}"))
+                .arg(format!("SANITIZE={}", sanitize as u8))
+                .arg(format!("OUT={}", exe.display())),
+            "make",
+        );
+        exe
+    }
+}
+
+fn run_client(exe: &Path, threads: usize) -> String {
+    let fixture = root().join("tests/fixtures/varlen.safetensors");
+    let out = Command::new(exe)
+        .arg(&fixture)
+        .arg(threads.to_string())
         .env("ASAN_OPTIONS", "detect_leaks=1:abort_on_error=1")
         .env("UBSAN_OPTIONS", "print_stacktrace=1:halt_on_error=1")
         .output()
         .expect("run the client");
-    let stdout = String::from_utf8_lossy(&run.stdout).into_owned();
-    let stderr = String::from_utf8_lossy(&run.stderr);
-    let _ = std::fs::remove_file(&out);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        run.status.success(),
+        out.status.success(),
         "client failed ({}):\n{stdout}\n{stderr}",
-        run.status
+        out.status
     );
     assert!(!stderr.contains("runtime error"), "UBSan: {stderr}");
     stdout
 }
 
-/// The client's layer and call, made here through the ABI: (sum, sum of |y|).
-fn expected_checksum() -> (f64, f64) {
-    let fill = |n: usize, k: usize| -> Vec<f32> {
-        (0..n)
-            .map(|i| ((i * 37 + k * 11) % 101) as f32 / 101.0 - 0.5)
-            .collect()
-    };
-    let (c, h, kv, d, t) = (32, 4, 2, 8, 12);
-    let mut cfg = std::mem::MaybeUninit::uninit();
-    // SAFETY: valid for one write.
-    assert_eq!(
-        unsafe { attnrt_config_default(c, h, cfg.as_mut_ptr()) },
-        attnrt_status::ATTNRT_STATUS_OK
-    );
-    // SAFETY: written above.
-    let mut cfg: attnrt_config = unsafe { cfg.assume_init() };
-    cfg.n_kv_head = kv;
-    cfg.head_dim = d;
-    cfg.rope = 1;
-    cfg.rope_convention = attnrt_rope_convention::ATTNRT_ROPE_CONVENTION_HALF_SPLIT as u32;
-    cfg.sliding_window = 6;
-    let ws: Vec<Vec<f32>> = vec![
-        fill(h * d * c, 1),
-        fill(kv * d * c, 2),
-        fill(kv * d * c, 3),
-        fill(c * h * d, 4),
-    ];
-    let v = |i: usize| attnrt_tensor {
-        data: ws[i].as_ptr().cast(),
-        len: ws[i].len(),
-        dtype: attnrt_dtype::ATTNRT_DTYPE_F32 as u32,
-    };
-    let none = attnrt_tests::ffi_harness::absent();
-    let w = attnrt_weights {
-        wq: v(0),
-        wk: v(1),
-        wv: v(2),
-        wo: v(3),
-        bq: none,
-        bk: none,
-        bv: none,
-        bo: none,
-        q_norm: none,
-        k_norm: none,
-    };
-    let layer = LayerHandle::new(&cfg, &w);
-    let mut call = CallBuffers {
-        x: fill(t * c, 5),
-        batch: 1,
-        seq_len: t,
-        seq_lens: None,
-        document_ids: None,
-        cu_seqlens: Some(vec![0, 5, 9, 12]),
-        max_seqlen: 5,
-        position_ids: None,
-        freqs_cis: None,
-        workspace: vec![0.0; layer.workspace_size(1, t)],
-        out: vec![0.0; t * c],
-    };
-    let (st, _) = forward(&layer, &call.args());
-    assert_eq!(st, attnrt_status::ATTNRT_STATUS_OK, "{}", last_error());
-    (
-        call.out.iter().map(|&y| y as f64).sum(),
-        call.out.iter().map(|&y| y.abs() as f64).sum(),
-    )
-}
-
-fn checksum(stdout: &str) -> (f64, f64) {
-    let line = stdout
-        .lines()
-        .find(|l| l.starts_with("checksum "))
-        .expect("a checksum line");
-    let v: Vec<f64> = line
-        .split_whitespace()
-        .skip(1)
-        .map(|s| s.parse().unwrap())
-        .collect();
-    (v[0], v[1])
-}
-
 #[test]
-fn cpp_client_plain_and_sanitized() {
+fn cpp_client_against_the_installed_library_plain_and_sanitized() {
     let Some(cxx) = compiler() else {
         println!("SKIPPED: no C++ compiler (g++, c++ or $CXX) found");
         return;
     };
-    let Some(lib) = staticlib() else {
+    let Some(libs) = lib_dir() else {
         println!("SKIPPED: libattnrt_ffi.a not found next to the test binary");
         return;
     };
-    let want = expected_checksum();
-    for sanitize in [false, true] {
-        let stdout = build_and_run(&cxx, &lib, sanitize);
-        print!(
-            "--- {} ({})\n{stdout}",
-            cxx,
-            if sanitize { "ASan+UBSan" } else { "plain" }
-        );
-        assert!(stdout.contains("backend 1\n"), "{stdout}");
+    let cmake = works("cmake");
+    if !cmake {
         assert!(
-            stdout.contains("forced CUDA: ATTNRT_STATUS_BACKEND_UNAVAILABLE"),
-            "{stdout}"
+            std::env::var("ATTNRT_REQUIRE_CMAKE").map_or(true, |v| v != "1"),
+            "ATTNRT_REQUIRE_CMAKE=1 but cmake is not installed"
         );
-        assert!(
-            stdout.contains("bad cu_seqlens: ATTNRT_STATUS_INPUT_VALUE"),
-            "{stdout}"
-        );
-        let got = checksum(&stdout);
-        assert!(
-            (got.0 - want.0).abs() < 1e-5 && (got.1 - want.1).abs() < 1e-5,
-            "{got:?} vs {want:?}"
-        );
+        println!("cmake not found: building with make + pkg-config instead");
     }
+    let work = std::env::temp_dir().join(format!("attnrt_cpp_client_{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&work);
+    let prefix = work.join("prefix");
+    install(&prefix, &libs);
+    for sanitize in [false, true] {
+        let exe = build(&cxx, &prefix, &work, sanitize, cmake);
+        for threads in [1, 3] {
+            let stdout = run_client(&exe, threads);
+            print!(
+                "--- {cxx} via {} ({}, {threads} threads)\n{stdout}",
+                if cmake { "cmake" } else { "make" },
+                if sanitize { "ASan+UBSan" } else { "plain" }
+            );
+            for needle in [
+                "backend 2\n",
+                "bitwise identical",
+                "forced CUDA: ATTNRT_STATUS_BACKEND_UNAVAILABLE",
+                "bad cu_seqlens: ATTNRT_STATUS_INPUT_VALUE",
+                "\nOK\n",
+            ] {
+                assert!(stdout.contains(needle), "no {needle:?} in:\n{stdout}");
+            }
+            let err: f64 = stdout
+                .lines()
+                .find_map(|l| l.strip_prefix("max abs err vs fixture "))
+                .expect("an error line")
+                .trim()
+                .parse()
+                .unwrap();
+            assert!(err <= 1e-4, "client max abs err {err}");
+        }
+    }
+    let _ = std::fs::remove_dir_all(&work);
 }

@@ -116,8 +116,9 @@ fn bufs(layer: &LayerHandle) -> CallBuffers {
         max_seqlen: -1,
         position_ids: None,
         freqs_cis: None,
-        workspace: vec![0.0; layer.workspace_size(B, T)],
+        workspace: vec![0.0; layer.workspace_size(B, T, 1)],
         out: vec![SENTINEL; B * T * C],
+        num_threads: 1,
     }
 }
 
@@ -166,7 +167,7 @@ fn a_valid_call_succeeds_and_clears_the_last_error() {
     let mut b = bufs(&l);
     let (st, ran) = forward(&l, &b.args());
     assert_eq!(st, S::ATTNRT_STATUS_OK, "{}", last_error());
-    assert_eq!(ran, attnrt_backend::ATTNRT_BACKEND_REFERENCE as u32);
+    assert_eq!(ran, attnrt_backend::ATTNRT_BACKEND_CPU_SIMD as u32);
     assert!(!untouched(&b.out) && b.out.iter().all(|v| v.is_finite()));
     assert_eq!(last_error(), "");
 }
@@ -243,8 +244,9 @@ fn null_pointers_each() {
         assert_eq!(attnrt_layer_new(&c, ptr::null(), &mut out), nul);
         assert_eq!(attnrt_layer_new(&c, &cw, ptr::null_mut()), nul);
         assert!(out.is_null());
-        assert_eq!(attnrt_workspace_size(ptr::null(), 1, 1, &mut n), nul);
-        assert_eq!(attnrt_workspace_size(l.0, 1, 1, ptr::null_mut()), nul);
+        assert_eq!(attnrt_workspace_size(ptr::null(), 1, 1, 1, &mut n), nul);
+        assert_eq!(attnrt_workspace_size(l.0, 1, 1, 1, ptr::null_mut()), nul);
+        assert_eq!(attnrt_cpu_tier(ptr::null_mut()), nul);
         assert_eq!(n, 7);
         assert_eq!(attnrt_config_default(8, 2, ptr::null_mut()), nul);
         assert_eq!(attnrt_forward_args_init(ptr::null_mut()), nul);
@@ -500,14 +502,6 @@ fn large_positions_need_only_their_rows() {
 fn backends_and_enums() {
     let l = layer();
     let unavailable = S::ATTNRT_STATUS_BACKEND_UNAVAILABLE;
-    expect(
-        &l,
-        "forced CPU_SIMD",
-        unavailable,
-        "not available in this build",
-        no_bufs,
-        |a| a.backend = attnrt_backend::ATTNRT_BACKEND_CPU_SIMD as u32,
-    );
     expect(&l, "forced CUDA", unavailable, "CUDA", no_bufs, |a| {
         a.backend = attnrt_backend::ATTNRT_BACKEND_CUDA as u32
     });
@@ -813,7 +807,7 @@ fn error_message_truncation() {
     let l = layer();
     let mut b = bufs(&l);
     let mut a = b.args();
-    a.backend = 2;
+    a.backend = attnrt_backend::ATTNRT_BACKEND_CUDA as u32;
     assert_eq!(forward(&l, &a).0, S::ATTNRT_STATUS_BACKEND_UNAVAILABLE);
     let full = last_error();
     assert!(full.len() > 10);
@@ -883,6 +877,7 @@ fn capability_query() {
     for ok in [
         attnrt_backend::ATTNRT_BACKEND_AUTO,
         attnrt_backend::ATTNRT_BACKEND_REFERENCE,
+        attnrt_backend::ATTNRT_BACKEND_CPU_SIMD,
     ] {
         assert_eq!(
             query(&c, ok as u32, &mut buf, &mut written),
@@ -890,11 +885,13 @@ fn capability_query() {
         );
         assert_eq!((written, text(&buf)), (0, String::new()));
     }
-    for no in [
-        attnrt_backend::ATTNRT_BACKEND_CPU_SIMD,
-        attnrt_backend::ATTNRT_BACKEND_CUDA,
-    ] {
-        let st = query(&c, no as u32, &mut buf, &mut written);
+    {
+        let st = query(
+            &c,
+            attnrt_backend::ATTNRT_BACKEND_CUDA as u32,
+            &mut buf,
+            &mut written,
+        );
         assert_eq!(st, S::ATTNRT_STATUS_BACKEND_UNAVAILABLE);
         assert!(
             text(&buf).contains("not available in this build"),

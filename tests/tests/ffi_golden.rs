@@ -1,6 +1,7 @@
-//! Every golden fixture through the C ABI only, at 1e-4 max abs error: rotary fixtures both
-//! with the table the layer builds from theta (freqs_cis NULL) and with a caller table, which
-//! must agree bitwise.
+//! Every golden fixture through the C ABI only, at 1e-4 max abs error: AUTO (which runs the
+//! SIMD CPU executor), and forced REFERENCE and CPU_SIMD, which agree within 1e-4; rotary
+//! fixtures both with the table the layer builds from theta (freqs_cis NULL) and with a caller
+//! table, which must agree bitwise.
 
 use attnrt_ffi::{attnrt_backend, attnrt_status};
 use attnrt_tests::ffi_harness::{
@@ -30,8 +31,8 @@ fn every_golden_fixture_through_the_abi() {
         );
         assert_eq!(
             ran,
-            attnrt_backend::ATTNRT_BACKEND_REFERENCE as u32,
-            "{}",
+            attnrt_backend::ATTNRT_BACKEND_CPU_SIMD as u32,
+            "{}: AUTO runs the SIMD executor",
             f.name
         );
         let err = max_abs_diff(&call.out, &f.expected);
@@ -79,28 +80,67 @@ fn every_golden_fixture_through_the_abi() {
     assert!(built > 0 && caller > 0);
 }
 
+/// Runs `f` through the ABI with `backend` forced; returns the output.
+fn run_forced(f: &attnrt_tests::Fixture, layer: &LayerHandle, backend: attnrt_backend) -> Vec<f32> {
+    let mut call = CallBuffers::of(f, layer);
+    let mut args = call.args();
+    args.backend = backend as u32;
+    let (st, ran) = forward(layer, &args);
+    assert_eq!(
+        st,
+        attnrt_status::ATTNRT_STATUS_OK,
+        "{}: {}",
+        f.name,
+        last_error()
+    );
+    assert_eq!(ran, backend as u32, "{}", f.name);
+    call.out
+}
+
 #[test]
-fn reference_and_auto_agree_bitwise() {
+fn forced_reference_and_cpu_simd_agree_and_auto_is_cpu_simd() {
+    let mut worst = 0.0f32;
     for f in load_all() {
         let layer = LayerHandle::new(&c_config(&f.cfg), &c_weights(&f));
-        let mut a = CallBuffers::of(&f, &layer);
-        let mut b = CallBuffers::of(&f, &layer);
-        let mut args_b = b.args();
-        args_b.backend = attnrt_backend::ATTNRT_BACKEND_REFERENCE as u32;
-        assert_eq!(
-            forward(&layer, &a.args()).0,
-            attnrt_status::ATTNRT_STATUS_OK
-        );
-        let (st, ran) = forward(&layer, &args_b);
-        assert_eq!(st, attnrt_status::ATTNRT_STATUS_OK);
-        assert_eq!(ran, attnrt_backend::ATTNRT_BACKEND_REFERENCE as u32);
+        let reference = run_forced(&f, &layer, attnrt_backend::ATTNRT_BACKEND_REFERENCE);
+        let simd = run_forced(&f, &layer, attnrt_backend::ATTNRT_BACKEND_CPU_SIMD);
         assert!(
-            a.out
-                .iter()
-                .zip(&b.out)
-                .all(|(x, y)| x.to_bits() == y.to_bits()),
+            max_abs_diff(&reference, &f.expected) <= F32_TOL,
             "{}",
             f.name
         );
+        let err = max_abs_diff(&reference, &simd);
+        assert!(err <= F32_TOL, "{}: reference vs cpu simd {err}", f.name);
+        worst = worst.max(err);
+        let mut auto = CallBuffers::of(&f, &layer);
+        assert_eq!(
+            forward(&layer, &auto.args()).0,
+            attnrt_status::ATTNRT_STATUS_OK
+        );
+        assert!(
+            auto.out
+                .iter()
+                .zip(&simd)
+                .all(|(x, y)| x.to_bits() == y.to_bits()),
+            "{}: AUTO differs from forced CPU_SIMD",
+            f.name
+        );
     }
+    println!("reference vs cpu simd: worst max abs diff {worst:.2e}");
+}
+
+#[test]
+fn the_cpu_tier_is_reported() {
+    let mut tier = std::mem::MaybeUninit::<u32>::new(u32::MAX);
+    // SAFETY: valid for one write; `attnrt_simd_tier` is a repr(u32) enum.
+    let st = unsafe { attnrt_ffi::attnrt_cpu_tier(tier.as_mut_ptr().cast()) };
+    assert_eq!(st, attnrt_status::ATTNRT_STATUS_OK);
+    // SAFETY: initialised above.
+    let tier = unsafe { tier.assume_init() };
+    let name = attnrt_ffi::attnrt_simd_tier_name(tier);
+    assert!(!name.is_null(), "tier {tier} has no name");
+    // SAFETY: a static NUL-terminated string.
+    let name = unsafe { std::ffi::CStr::from_ptr(name) }.to_str().unwrap();
+    assert_eq!(name, attnrt::cpu_tier().name());
+    println!("cpu tier {tier} ({name})");
 }

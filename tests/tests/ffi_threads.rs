@@ -1,5 +1,10 @@
 //! One layer handle shared by many threads, and the host thread-pool hooks (a parallel-for
 //! callback, a thread count), all through the C ABI only.
+//!
+//! The SIMD executor (AUTO) splits every phase into work units handed out through atomics, so
+//! its output is bitwise the same for any thread count and for the host's callback. A host
+//! callback that breaks its contract (skips, repeats or invents a task index) gets
+//! `ATTNRT_STATUS_PARALLEL_FOR_CONTRACT`, never undefined behaviour, and the layer stays usable.
 
 use std::ffi::c_void;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -8,21 +13,21 @@ use attnrt_ffi::*;
 use attnrt_tests::ffi_harness::{
     c_config, c_weights, forward, last_error, CallBuffers, LayerHandle,
 };
-use attnrt_tests::{fixtures_dir, load, max_abs_diff, F32_TOL};
+use attnrt_tests::{fixtures_dir, load, load_all, max_abs_diff, F32_TOL};
 
 fn bits(v: &[f32]) -> Vec<u32> {
     v.iter().map(|x| x.to_bits()).collect()
 }
+
+const SIMD: u32 = attnrt_backend::ATTNRT_BACKEND_CPU_SIMD as u32;
 
 #[test]
 fn eight_threads_share_one_layer_handle() {
     let f = load(&fixtures_dir().join("everything.safetensors"));
     let layer = LayerHandle::new(&c_config(&f.cfg), &c_weights(&f));
     let mut base = CallBuffers::of(&f, &layer);
-    assert_eq!(
-        forward(&layer, &base.args()).0,
-        attnrt_status::ATTNRT_STATUS_OK
-    );
+    let (st, ran) = forward(&layer, &base.args());
+    assert_eq!((st, ran), (attnrt_status::ATTNRT_STATUS_OK, SIMD));
     assert!(max_abs_diff(&base.out, &f.expected) <= F32_TOL);
     let expected = bits(&base.out);
     std::thread::scope(|s| {
@@ -30,18 +35,17 @@ fn eight_threads_share_one_layer_handle() {
             let (layer, f, expected) = (&layer, &f, &expected);
             s.spawn(move || {
                 for i in 0..25 {
-                    let mut call = CallBuffers::of(f, layer);
                     // Every other call on its own thread uses the runtime's scoped threads.
-                    let mut args = call.args();
-                    args.num_threads = if i % 2 == 0 { 1 } else { 3 };
-                    let (st, ran) = forward(layer, &args);
+                    let threads = if i % 2 == 0 { 1 } else { 3 };
+                    let mut call = CallBuffers::with_threads(f, layer, threads);
+                    let (st, ran) = forward(layer, &call.args());
                     assert_eq!(
                         st,
                         attnrt_status::ATTNRT_STATUS_OK,
                         "thread {t}: {}",
                         last_error()
                     );
-                    assert_eq!(ran, attnrt_backend::ATTNRT_BACKEND_REFERENCE as u32);
+                    assert_eq!(ran, SIMD);
                     assert_eq!(&bits(&call.out), expected, "thread {t} call {i} differs");
                 }
             });
@@ -49,14 +53,52 @@ fn eight_threads_share_one_layer_handle() {
     });
 }
 
-/// The host's pool state: how many parallel-for calls and tasks it ran.
-#[derive(Default)]
-struct HostPool {
-    calls: AtomicUsize,
-    tasks: AtomicUsize,
+/// How a test host misbehaves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Sloppy {
+    /// Keeps the contract.
+    No,
+    /// Never runs the last task of a call.
+    SkipsLast,
+    /// Runs every task twice.
+    RunsTwice,
+    /// Also runs index `n`.
+    StrayIndex,
+    /// Runs nothing.
+    RunsNone,
 }
 
-/// A host parallel-for in the shape of the C callback: runs the tasks on 4 scoped threads.
+/// The host's pool: its worker count, its manners, and what it was asked and ran.
+struct HostPool {
+    workers: usize,
+    sloppy: Sloppy,
+    calls: AtomicUsize,
+    requested: AtomicUsize,
+    tasks: AtomicUsize,
+    widest: AtomicUsize,
+}
+
+impl HostPool {
+    fn new(workers: usize, sloppy: Sloppy) -> HostPool {
+        HostPool {
+            workers,
+            sloppy,
+            calls: AtomicUsize::new(0),
+            requested: AtomicUsize::new(0),
+            tasks: AtomicUsize::new(0),
+            widest: AtomicUsize::new(0),
+        }
+    }
+
+    /// Sets the callback and its context in `args`; `num_threads` is the host's width.
+    fn attach(&self, args: &mut attnrt_forward_args) {
+        args.parallel_for = Some(host_parallel_for);
+        args.parallel_ctx = self as *const HostPool as *mut c_void;
+    }
+}
+
+/// A host parallel-for in the shape of the C callback: runs the tasks on `workers` scoped
+/// threads taking indices from a counter (with the pool's sloppiness).
 unsafe extern "C" fn host_parallel_for(
     ctx: *mut c_void,
     n: usize,
@@ -66,17 +108,25 @@ unsafe extern "C" fn host_parallel_for(
     // SAFETY: ctx is the `HostPool` the test passed as `parallel_ctx`.
     let pool = unsafe { &*(ctx as *const HostPool) };
     pool.calls.fetch_add(1, Ordering::Relaxed);
+    pool.requested.fetch_add(n, Ordering::Relaxed);
+    pool.widest.fetch_max(n, Ordering::Relaxed);
+    let indices: Vec<usize> = match pool.sloppy {
+        Sloppy::No => (0..n).collect(),
+        Sloppy::SkipsLast => (0..n.saturating_sub(1)).collect(),
+        Sloppy::RunsTwice => (0..n).chain(0..n).collect(),
+        Sloppy::StrayIndex => (0..=n).collect(),
+        Sloppy::RunsNone => Vec::new(),
+    };
     let next = AtomicUsize::new(0);
     let task_ctx = task_ctx as usize; // sent to the workers as an address
     std::thread::scope(|s| {
-        for _ in 0..4 {
+        for _ in 0..pool.workers {
             s.spawn(|| loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= n {
-                    break;
-                }
-                // SAFETY: the library's task with its context, each i exactly once, before
-                // this callback returns.
+                let k = next.fetch_add(1, Ordering::Relaxed);
+                let Some(&i) = indices.get(k) else { break };
+                // SAFETY: the library's task with its context, before this callback returns
+                // (the sloppy variants break only the "exactly once, i < n" part, which the
+                // library documents as detected, not undefined).
                 unsafe { task(task_ctx as *mut c_void, i) };
                 pool.tasks.fetch_add(1, Ordering::Relaxed);
             });
@@ -85,51 +135,184 @@ unsafe extern "C" fn host_parallel_for(
 }
 
 #[test]
-fn parallel_for_callback_and_thread_count_give_the_same_output() {
-    for name in ["everything", "varlen", "padding", "gqa_rope"] {
-        let f = load(&fixtures_dir().join(format!("{name}.safetensors")));
+fn cpu_simd_is_bitwise_identical_for_1_2_3_threads_and_the_host_callback() {
+    let mut callback_tasks = 0;
+    for f in load_all() {
         let layer = LayerHandle::new(&c_config(&f.cfg), &c_weights(&f));
-        let mut base = CallBuffers::of(&f, &layer);
+        let mut base = CallBuffers::with_threads(&f, &layer, 1);
+        let (st, ran) = forward(&layer, &base.args());
         assert_eq!(
-            forward(&layer, &base.args()).0,
-            attnrt_status::ATTNRT_STATUS_OK
+            (st, ran),
+            (attnrt_status::ATTNRT_STATUS_OK, SIMD),
+            "{}",
+            f.name
         );
-
-        let host = HostPool::default();
-        let mut cb = CallBuffers::of(&f, &layer);
-        let mut args = cb.args();
-        args.parallel_for = Some(host_parallel_for);
-        args.parallel_ctx = &host as *const HostPool as *mut c_void;
-        args.num_threads = 16; // ignored when a callback is given
-        let (st, ran) = forward(&layer, &args);
-        assert_eq!(
-            st,
-            attnrt_status::ATTNRT_STATUS_OK,
-            "{name}: {}",
-            last_error()
+        assert!(
+            max_abs_diff(&base.out, &f.expected) <= F32_TOL,
+            "{}",
+            f.name
         );
-        assert_eq!(ran, attnrt_backend::ATTNRT_BACKEND_REFERENCE as u32);
-        assert_eq!(
-            bits(&cb.out),
-            bits(&base.out),
-            "{name}: callback path differs"
-        );
-        // Whatever the executor split, each parallel-for call ran all its tasks (the scalar
-        // reference runs on the calling thread and may not call the hook at all).
-        println!(
-            "{name}: host parallel_for called {} times, {} tasks",
-            host.calls.load(Ordering::Relaxed),
-            host.tasks.load(Ordering::Relaxed)
-        );
-
-        let mut th = CallBuffers::of(&f, &layer);
-        let mut args = th.args();
-        args.num_threads = 4;
-        assert_eq!(forward(&layer, &args).0, attnrt_status::ATTNRT_STATUS_OK);
-        assert_eq!(
-            bits(&th.out),
-            bits(&base.out),
-            "{name}: num_threads path differs"
-        );
+        for threads in [0, 2, 3] {
+            let mut th = CallBuffers::with_threads(&f, &layer, threads);
+            let (st, ran) = forward(&layer, &th.args());
+            assert_eq!(
+                (st, ran),
+                (attnrt_status::ATTNRT_STATUS_OK, SIMD),
+                "{}",
+                f.name
+            );
+            assert_eq!(
+                bits(&th.out),
+                bits(&base.out),
+                "{}: {threads} threads",
+                f.name
+            );
+        }
+        // The host's callback, as wide as it says (num_threads), with more or fewer workers.
+        for (width, workers) in [(1, 1), (4, 4), (3, 2)] {
+            let host = HostPool::new(workers, Sloppy::No);
+            let mut cb = CallBuffers::with_threads(&f, &layer, width);
+            let mut args = cb.args();
+            host.attach(&mut args);
+            let (st, ran) = forward(&layer, &args);
+            assert_eq!(
+                (st, ran),
+                (attnrt_status::ATTNRT_STATUS_OK, SIMD),
+                "{}: {}",
+                f.name,
+                last_error()
+            );
+            assert_eq!(
+                bits(&cb.out),
+                bits(&base.out),
+                "{}: callback {width}",
+                f.name
+            );
+            let (calls, tasks) = (host.calls.into_inner(), host.tasks.into_inner());
+            assert!(
+                calls > 0 && tasks > 0,
+                "{}: the callback was not used",
+                f.name
+            );
+            assert_eq!(tasks, host.requested.into_inner());
+            assert!(
+                host.widest.into_inner() <= width,
+                "{}: wider than num_threads",
+                f.name
+            );
+            callback_tasks += tasks;
+        }
     }
+    println!("host callback ran {callback_tasks} tasks over every fixture");
+}
+
+#[test]
+fn the_reference_backend_never_calls_the_host() {
+    let f = load(&fixtures_dir().join("varlen.safetensors"));
+    let layer = LayerHandle::new(&c_config(&f.cfg), &c_weights(&f));
+    let host = HostPool::new(2, Sloppy::No);
+    let mut cb = CallBuffers::with_threads(&f, &layer, 2);
+    let mut args = cb.args();
+    host.attach(&mut args);
+    args.backend = attnrt_backend::ATTNRT_BACKEND_REFERENCE as u32;
+    let (st, ran) = forward(&layer, &args);
+    assert_eq!(st, attnrt_status::ATTNRT_STATUS_OK, "{}", last_error());
+    assert_eq!(ran, attnrt_backend::ATTNRT_BACKEND_REFERENCE as u32);
+    assert_eq!(host.calls.into_inner(), 0);
+    assert!(max_abs_diff(&cb.out, &f.expected) <= F32_TOL);
+}
+
+/// The contract: a host that skips, repeats or invents a task gets PARALLEL_FOR_CONTRACT
+/// (whatever the executor made of it), `backend_ran` is not written, nothing crashes, and the
+/// next well-behaved call on the same handle is bitwise the expected output.
+#[test]
+fn a_sloppy_host_gets_parallel_for_contract() {
+    let f = load(&fixtures_dir().join("everything.safetensors"));
+    let layer = LayerHandle::new(&c_config(&f.cfg), &c_weights(&f));
+    let mut base = CallBuffers::of(&f, &layer);
+    assert_eq!(
+        forward(&layer, &base.args()).0,
+        attnrt_status::ATTNRT_STATUS_OK
+    );
+    for sloppy in [
+        Sloppy::SkipsLast,
+        Sloppy::RunsTwice,
+        Sloppy::StrayIndex,
+        Sloppy::RunsNone,
+    ] {
+        for width in [1, 3] {
+            let host = HostPool::new(2, sloppy);
+            let mut cb = CallBuffers::with_threads(&f, &layer, width);
+            let mut args = cb.args();
+            host.attach(&mut args);
+            let (st, ran) = forward(&layer, &args);
+            let msg = last_error();
+            println!("{sloppy:?} width {width}: {st:?}: {msg}");
+            assert_eq!(
+                st,
+                attnrt_status::ATTNRT_STATUS_PARALLEL_FOR_CONTRACT,
+                "{sloppy:?} width {width}: {msg}"
+            );
+            assert_eq!(ran, u32::MAX, "backend_ran written on error");
+            assert!(msg.contains("parallel_for"), "{msg}");
+            assert!(host.calls.into_inner() > 0);
+
+            let good = HostPool::new(2, Sloppy::No);
+            let mut again = CallBuffers::with_threads(&f, &layer, width);
+            let mut args = again.args();
+            good.attach(&mut args);
+            assert_eq!(forward(&layer, &args).0, attnrt_status::ATTNRT_STATUS_OK);
+            assert_eq!(bits(&again.out), bits(&base.out));
+        }
+    }
+}
+
+/// `num_threads` sizes the SIMD executor's per-lane scratch: a workspace sized for fewer
+/// threads than the call uses is refused up front (output untouched), one sized for the call
+/// works, and sizes stop growing at 64 lanes.
+#[test]
+fn workspace_size_follows_num_threads() {
+    let f = load(&fixtures_dir().join("gqa_rope.safetensors"));
+    let layer = LayerHandle::new(&c_config(&f.cfg), &c_weights(&f));
+    let (b, t) = (f.inputs.batch, f.inputs.seq_len);
+    let size = |n| layer.workspace_size(b, t, n);
+    assert_eq!(size(0), size(1));
+    assert!(size(1) < size(2) && size(2) < size(4));
+    assert_eq!(size(64), size(65));
+    assert_eq!(size(64), size(usize::MAX));
+
+    let mut short = CallBuffers::with_threads(&f, &layer, 1);
+    short.num_threads = 4;
+    let (st, ran) = forward(&layer, &short.args());
+    assert_eq!(
+        st,
+        attnrt_status::ATTNRT_STATUS_WORKSPACE_TOO_SMALL,
+        "{}",
+        last_error()
+    );
+    assert_eq!(ran, u32::MAX);
+    assert!(short
+        .out
+        .iter()
+        .all(|v| v.to_bits() == attnrt_tests::ffi_harness::SENTINEL.to_bits()));
+    // The same buffers on one thread, or forced onto the reference, are enough.
+    let mut args = short.args();
+    args.backend = attnrt_backend::ATTNRT_BACKEND_REFERENCE as u32;
+    assert_eq!(forward(&layer, &args).0, attnrt_status::ATTNRT_STATUS_OK);
+    short.num_threads = 1;
+    assert_eq!(
+        forward(&layer, &short.args()).0,
+        attnrt_status::ATTNRT_STATUS_OK
+    );
+
+    // A huge thread count works with the workspace it asked for (64 lanes, few threads).
+    let mut many = CallBuffers::with_threads(&f, &layer, 1000);
+    let (st, ran) = forward(&layer, &many.args());
+    assert_eq!(
+        (st, ran),
+        (attnrt_status::ATTNRT_STATUS_OK, SIMD),
+        "{}",
+        last_error()
+    );
+    assert!(max_abs_diff(&many.out, &f.expected) <= F32_TOL);
 }

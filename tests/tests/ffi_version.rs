@@ -68,6 +68,8 @@ fn header_declares_every_export() {
         "attnrt_forward_args_init(",
         "attnrt_forward(",
         "attnrt_capability(",
+        "attnrt_cpu_tier(",
+        "attnrt_simd_tier_name(",
     ] {
         assert!(header.contains(f), "header lacks {f}");
     }

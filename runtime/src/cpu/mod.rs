@@ -77,7 +77,11 @@ pub(crate) const fn lane_len(cfg: &Config, tokens: usize) -> usize {
         cfg.q_dim()
     };
     let gemm = simd::gemm_scratch_len(k);
-    let tile = ATTN_UNIT * cfg.q_dim() / if cfg.n_kv_head == 0 { 1 } else { cfg.n_kv_head };
+    // The gathered query tile of one KV head: ATTN_UNIT tokens x R heads x D (= ATTN_UNIT *
+    // q_dim / n_kv_head for a valid config), saturating like every size here.
+    let tile = ATTN_UNIT
+        .saturating_mul(cfg.group_size())
+        .saturating_mul(cfg.head_dim);
     let attn = simd::attend_scratch_len(cfg.head_dim, cfg.group_size())
         .saturating_add(tile.saturating_mul(2));
     let out = simd::gemm_scratch_len(cfg.q_dim()).saturating_add(tokens.saturating_mul(OUT_COLS));
@@ -521,5 +525,19 @@ impl Layer<'_> {
             }
         };
         ex.units(c.div_ceil(OUT_COLS), &project)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn workspace_len_saturates_instead_of_overflowing() {
+        let huge = Config::new(64, 4).with_head_dim(usize::MAX / 8);
+        assert_eq!(cpu_workspace_len(&huge, 1, 1), usize::MAX);
+        let cfg = Config::new(64, 4).with_kv_heads(2);
+        // The tile term equals ATTN_UNIT * q_dim / n_kv_head for a valid config.
+        assert!(lane_len(&cfg, 8) >= 2 * ATTN_UNIT * cfg.q_dim() / cfg.n_kv_head);
     }
 }

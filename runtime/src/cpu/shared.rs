@@ -88,3 +88,80 @@ pub fn run_units(
     });
     next.load(Ordering::Relaxed) >= units
 }
+
+#[cfg(test)]
+mod tests {
+    //! `run_units` on the runtime's pools and on hosts that break the contract; small enough
+    //! for Miri, which checks the disjointness of the ranges and (with threads) data races.
+    use std::vec;
+    use std::vec::Vec;
+
+    use super::*;
+    use crate::parallel::Sequential;
+
+    /// Each unit copies its lane-scratch (filled with the unit index) into its own output
+    /// pair; every unit must run exactly once whatever the host does.
+    fn check(par: &dyn ParallelFor, lanes: usize) {
+        let (units, lane_len) = (10, 3);
+        let mut scratch = vec![0.0f32; lanes.clamp(1, MAX_LANES) * lane_len];
+        let mut out = vec![-1.0f32; units * 2];
+        let runs = AtomicUsize::new(0);
+        let ran = {
+            let (s, o) = (Shared::new(&mut scratch), Shared::new(&mut out));
+            run_units(par, lanes, units, &s, lane_len, &|u, lane| {
+                runs.fetch_add(1, Ordering::Relaxed);
+                lane.fill(u as f32);
+                // SAFETY: unit u alone writes out[2u..2u + 2].
+                let dst = unsafe { o.range_mut(2 * u, 2) };
+                dst.copy_from_slice(&lane[..2]);
+            })
+        };
+        assert!(ran);
+        assert_eq!(runs.into_inner(), units);
+        let want: Vec<f32> = (0..units).flat_map(|u| [u as f32; 2]).collect();
+        assert_eq!(out, want);
+    }
+
+    /// A host that runs every task twice, skips task 0, or adds an index out of range.
+    struct Sloppy(u8);
+
+    impl ParallelFor for Sloppy {
+        fn run(&self, n: usize, task: &(dyn Fn(usize) + Sync)) {
+            match self.0 {
+                0 => (0..n).chain(0..n).for_each(task),
+                1 => (1..n.max(2)).for_each(task),
+                _ => (0..=n).for_each(task),
+            }
+        }
+    }
+
+    #[test]
+    fn every_unit_once_on_sequential_and_sloppy_hosts() {
+        for lanes in [0, 1, 3, 64, 1000] {
+            check(&Sequential, lanes);
+            for mode in 0..3 {
+                check(&Sloppy(mode), lanes.max(2));
+            }
+        }
+    }
+
+    #[cfg(feature = "std")]
+    #[test]
+    fn every_unit_once_on_scoped_threads() {
+        for threads in [1, 2, 3] {
+            check(&crate::ScopedThreads { threads }, threads);
+        }
+    }
+
+    #[test]
+    fn a_host_that_runs_nothing_is_reported() {
+        struct Idle;
+        impl ParallelFor for Idle {
+            fn run(&self, _: usize, _: &(dyn Fn(usize) + Sync)) {}
+        }
+        let mut scratch = vec![0.0f32; 4];
+        let s = Shared::new(&mut scratch);
+        assert!(!run_units(&Idle, 2, 5, &s, 2, &|_, _| {}));
+        assert!(run_units(&Idle, 2, 0, &s, 2, &|_, _| {}));
+    }
+}
