@@ -191,7 +191,7 @@ fn bench_quick_prints_a_table_and_json() {
     let v: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     let rows = v["rows"].as_array().unwrap();
-    assert_eq!(rows.len(), 16);
+    assert_eq!(rows.len(), 20);
     assert!(rows
         .iter()
         .all(|r| r["proj_vs_scalar"].as_f64().unwrap() > 0.0));

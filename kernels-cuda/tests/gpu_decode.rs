@@ -181,8 +181,7 @@ fn run_case(c: &Case) {
     let kvh = cfg.n_kv_head;
     let pool_len = kv_pool_len(kvh, c.d, c.block, num_blocks);
     let mut cpu_pools = Pools::new(c.p, pool_len);
-    let mut gpu_cache =
-        GpuKvCache::new(c.p, kvh, c.d, c.block, num_blocks, c.rolling, 0).unwrap();
+    let mut gpu_cache = GpuKvCache::new(c.p, kvh, c.d, c.block, num_blocks, c.rolling, 0).unwrap();
     let mut gpu = GpuLayer::new(layer, GpuOptions::new(c.p, 1, 256)).unwrap();
 
     let name = format!(
@@ -217,22 +216,43 @@ fn run_case(c: &Case) {
                 KvCache::new(cpu_pools.pool(), kvh, c.d, c.block, num_blocks, c.rolling).unwrap();
             let mut ws = vec![0.0; cached_workspace_len(&cfg, &seqs, 1, num_blocks)];
             layer
-                .forward_cached(&x, &seqs, Some(table), &mut cache, &mut ws, &mut y_cpu, &Sequential)
+                .forward_cached(
+                    &x,
+                    &seqs,
+                    Some(table),
+                    &mut cache,
+                    &mut ws,
+                    &mut y_cpu,
+                    &Sequential,
+                )
                 .unwrap();
         }
         let want: Vec<f32> = rows
             .iter()
             .flat_map(|&(s, i)| refs[s][i * cfg.n_embd..(i + 1) * cfg.n_embd].to_vec())
             .collect();
-        let a = check(c.p, &format!("{name} step {step} vs reference"), &y_gpu, &want);
-        let b = check(c.p, &format!("{name} step {step} vs CPU forward_cached"), &y_gpu, &y_cpu);
+        let a = check(
+            c.p,
+            &format!("{name} step {step} vs reference"),
+            &y_gpu,
+            &want,
+        );
+        let b = check(
+            c.p,
+            &format!("{name} step {step} vs CPU forward_cached"),
+            &y_gpu,
+            &y_cpu,
+        );
         worst_ref = (worst_ref.0.max(a.0), worst_ref.1.max(a.1));
         worst_cpu = (worst_cpu.0.max(b.0), worst_cpu.1.max(b.1));
     }
     if c.p == Precision::F32 {
         let (k_gpu, _) = gpu_cache.read_f32().unwrap();
         let err = max_abs_diff(&k_gpu, &cpu_pools.k_f32());
-        assert!(err <= F32_TOL, "{name}: K pool differs from the CPU cache by {err:.3e}");
+        assert!(
+            err <= F32_TOL,
+            "{name}: K pool differs from the CPU cache by {err:.3e}"
+        );
     }
     let shape = gpu.last_cached_shape();
     println!(

@@ -60,7 +60,12 @@ fn bf16_cases_for_pytorch() {
     std::fs::create_dir_all(&dir).unwrap();
     // (mask mode, R, D, T)
     let modes = [
-        "causal", "window", "padding", "docs", "varlen", "docs+padding+window",
+        "causal",
+        "window",
+        "padding",
+        "docs",
+        "varlen",
+        "docs+padding+window",
     ];
     let mut n = 0;
     for (mi, mode) in modes.iter().enumerate() {
@@ -108,7 +113,17 @@ fn bf16_cases_for_pytorch() {
                 ("wo", vec![c, qd], f32s(&w.wo), "F32"),
                 ("rope", vec![t, d / 2, 2], f32s(&tb), "F32"),
                 ("y_attnrt", vec![batch, t, c], f32s(&y), "F32"),
-                ("dims", vec![4], i32s(&[h as i32, (h / r) as i32, d as i32, window.map_or(-1, |w| w as i32)]), "I32"),
+                (
+                    "dims",
+                    vec![4],
+                    i32s(&[
+                        h as i32,
+                        (h / r) as i32,
+                        d as i32,
+                        window.map_or(-1, |w| w as i32),
+                    ]),
+                    "I32",
+                ),
             ];
             if let Some(l) = inputs.mask.seq_lens {
                 tensors.push(("seq_lens", vec![batch], i32s(l), "I32"));
@@ -120,7 +135,10 @@ fn bf16_cases_for_pytorch() {
                 tensors.push(("cu_seqlens", vec![cc.len()], i32s(cc), "I32"));
             }
             let name = format!("{mode}_R{r}_D{d}");
-            write_safetensors(&std::path::Path::new(&dir).join(format!("{name}.safetensors")), &tensors);
+            write_safetensors(
+                &std::path::Path::new(&dir).join(format!("{name}.safetensors")),
+                &tensors,
+            );
             n += 1;
         }
     }

@@ -117,7 +117,12 @@ mod cuda_main {
         let chunk: Vec<u8> = (0..1 << 20)
             .flat_map(|_| half::bf16::from_f32(rng.uniform()).to_bits().to_le_bytes())
             .collect();
-        let fill: Vec<u8> = chunk.iter().copied().cycle().take(cache.pool_bytes()).collect();
+        let fill: Vec<u8> = chunk
+            .iter()
+            .copied()
+            .cycle()
+            .take(cache.pool_bytes())
+            .collect();
         cache.write_raw(&fill, &fill)?;
         drop(fill);
         // Shuffled blocks.
@@ -163,7 +168,10 @@ mod cuda_main {
             .position(|a| a == "--only")
             .and_then(|i| args.get(i + 1).cloned());
         let decode_only = args.iter().any(|a| a == "--decode");
-        let out = args.iter().find(|a| !a.starts_with("--") && Some(*a) != only.as_ref()).cloned();
+        let out = args
+            .iter()
+            .find(|a| !a.starts_with("--") && Some(*a) != only.as_ref())
+            .cloned();
         let (c, h, kv, d) = (4096usize, 32usize, 8usize, 128usize);
         let mut rng = Rng(42);
         let mut json = String::new();
@@ -257,9 +265,14 @@ mod cuda_main {
                 q_norm: None,
                 k_norm: None,
             };
-            let mut g = GpuLayer::new(Layer::new(cfg, weights)?, GpuOptions::new(Precision::F32, 1, 1))?;
+            let mut g = GpuLayer::new(
+                Layer::new(cfg, weights)?,
+                GpuOptions::new(Precision::F32, 1, 1),
+            )?;
             let copy = copy_bandwidth(&mut g, 1 << 30)?;
-            lines.push(format!("device-to-device copy 1 GiB: {copy:.0} GB/s (read + write)"));
+            lines.push(format!(
+                "device-to-device copy 1 GiB: {copy:.0} GB/s (read + write)"
+            ));
             writeln!(json, "{{\"case\": \"copy\", \"gbs\": {copy}}}").ok();
             decode_case(&mut json, &mut lines, 32, 8191, copy)?;
             decode_case(&mut json, &mut lines, 1, 32767, copy)?;

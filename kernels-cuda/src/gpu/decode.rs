@@ -294,7 +294,11 @@ fn split_keys(total_keys: usize, ctas_per_key: usize, sm_count: usize) -> usize 
         return v;
     }
     let target = (sm_count * 12).max(1);
-    (total_keys * ctas_per_key).div_ceil(target).div_ceil(64).max(4) * 64
+    (total_keys * ctas_per_key)
+        .div_ceil(target)
+        .div_ceil(64)
+        .max(4)
+        * 64
 }
 
 impl GpuLayer<'_> {
@@ -550,10 +554,7 @@ impl GpuLayer<'_> {
         // Kernels of this layer's shape.
         if st.funcs.is_none() {
             let t = prec.name();
-            let dec = function(
-                &self.kernels.decode,
-                &format!("decode_{t}_l{lanes}_r{rp}"),
-            )?;
+            let dec = function(&self.kernels.decode, &format!("decode_{t}_l{lanes}_r{rp}"))?;
             let merge = function(&self.kernels.decode, &format!("decode_merge_{t}"))?;
             let app = function(&self.kernels.decode, &format!("kv_append_{t}"))?;
             let threads = (d.div_ceil(32) * 32).min(256) as u32;
@@ -615,7 +616,16 @@ impl GpuLayer<'_> {
         };
         // SAFETY: AppendParams matches the kernel; k/v hold n tokens; every destination slot
         // is inside the pool (block ids validated, slots < block_size).
-        unsafe { launch(f_app, (n as u32, kvh as u32, 1), threads, 0, stream, &mut ap)? };
+        unsafe {
+            launch(
+                f_app,
+                (n as u32, kvh as u32, 1),
+                threads,
+                0,
+                stream,
+                &mut ap,
+            )?
+        };
 
         // Split-K attention and the merge.
         let p_dec = DecodeParams {
@@ -701,7 +711,14 @@ impl GpuLayer<'_> {
         // call's cache, alive per this function's contract.
         unsafe {
             launch(f_dec, grid, 128, 0, self.stream, &mut pd)?;
-            launch(f_merge, (tokens as u32, h, 1), block, 0, self.stream, &mut pm)
+            launch(
+                f_merge,
+                (tokens as u32, h, 1),
+                block,
+                0,
+                self.stream,
+                &mut pm,
+            )
         }
     }
 
