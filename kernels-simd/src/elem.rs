@@ -61,11 +61,38 @@ impl Elem for f32 {
     }
 }
 
+/// Widens binary16 bits to binary32 without branches, so that loops over slices vectorise.
+///
+/// The exponent and mantissa move to their f32 places (`<< 13`) and the exponent bias is raised
+/// by 127 - 15. Two cases differ: an all-ones exponent (infinity, NaN) must become all-ones
+/// again (add the bias once more), and a zero exponent (zero, subnormal) is renormalised by
+/// computing `m * 2^-24` in f32 arithmetic: give it exponent 1 (i.e. 2^-14 as a float with the
+/// mantissa bits) and subtract 2^-14. Both are exact.
+#[inline(always)]
+fn f16_bits_to_f32(h: u16) -> f32 {
+    let h = h as u32;
+    let sign = (h & 0x8000) << 16;
+    let body = (h & 0x7fff) << 13;
+    let exp = body & 0x0f80_0000;
+    let normal = body + 0x3800_0000;
+    let inf_nan = normal + 0x3800_0000;
+    // Subnormal: exponent field forced to 2^-14's, then minus 2^-14.
+    let sub = f32::from_bits(body + 0x3880_0000) - f32::from_bits(0x3880_0000);
+    let bits = if exp == 0x0f80_0000 {
+        inf_nan
+    } else if exp == 0 {
+        sub.to_bits()
+    } else {
+        normal
+    };
+    f32::from_bits(bits | sign)
+}
+
 impl Elem for f16 {
     const NAME: &'static str = "f16";
     #[inline(always)]
     fn to_f32(self) -> f32 {
-        f16::to_f32(self)
+        f16_bits_to_f32(self.to_bits())
     }
     #[inline(always)]
     fn from_f32(x: f32) -> Self {
@@ -89,6 +116,20 @@ impl Elem for bf16 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn f16_widening_is_exact_for_every_value() {
+        for bits in 0..=u16::MAX {
+            let h = f16::from_bits(bits);
+            let (got, want) = (<f16 as Elem>::to_f32(h), h.to_f32());
+            if want.is_nan() {
+                assert!(got.is_nan(), "{bits:#06x}");
+                assert_eq!(got.to_bits() & 0x8000_0000, want.to_bits() & 0x8000_0000);
+            } else {
+                assert_eq!(got.to_bits(), want.to_bits(), "{bits:#06x}");
+            }
+        }
+    }
 
     #[test]
     fn widening_is_exact_and_bulk_matches_single() {
