@@ -143,6 +143,13 @@ __device__ __forceinline__ void decode(const DecodeParams& p) {
         l[r] = 0.0f;
     }
 
+    // The L lanes of a key group reduce their dot products with shuffles over the group's own
+    // lanes only: groups of one warp (L < 32) may run different numbers of iterations (the
+    // last keys of a split reach some groups and not others, e.g. a prefill token that sees
+    // fewer keys than NG * KB), and a shuffle naming lanes that already left the loop would
+    // wait for them forever while they wait at the __syncthreads below.
+    const unsigned gmask =
+        L == 32 ? 0xffffffffu : (((1u << (L & 31)) - 1u) << ((tid & 31) & ~(L - 1)));
     for (int kb = lo + grp * KB; kb < hi; kb += NG * KB) {
         float kf[KB][8], vf[KB][8];
 #pragma unroll
@@ -166,7 +173,7 @@ __device__ __forceinline__ void decode(const DecodeParams& p) {
 #pragma unroll
                 for (int e = 0; e < 8; ++e) a = fmaf(q[r][e], kf[i][e], a);
 #pragma unroll
-                for (int x = L / 2; x > 0; x >>= 1) a += __shfl_xor_sync(0xffffffffu, a, x);
+                for (int x = L / 2; x > 0; x >>= 1) a += __shfl_xor_sync(gmask, a, x);
                 s[i] = (kb + i < hi) ? a : ATTNRT_NEG_INF;
             }
             float mx = s[0];  // key kb < hi always exists

@@ -179,6 +179,16 @@ fn run_case(c: &Case) {
     }
 
     let kvh = cfg.n_kv_head;
+    eprintln!(
+        "R={} D={} window={:?} rolling={} block={} {:?}: references done, {} calls",
+        c.r,
+        c.d,
+        c.window,
+        c.rolling,
+        c.block,
+        c.p,
+        calls.len()
+    );
     let pool_len = kv_pool_len(kvh, c.d, c.block, num_blocks);
     let mut cpu_pools = Pools::new(c.p, pool_len);
     let mut gpu_cache = GpuKvCache::new(c.p, kvh, c.d, c.block, num_blocks, c.rolling, 0).unwrap();
@@ -208,8 +218,21 @@ fn run_case(c: &Case) {
             (seqs, x, rows)
         };
         let mut y_gpu = vec![f32::NAN; x.len()];
+        // Progress on stderr before and after each GPU call, so that a hang (a kernel that never
+        // finishes, seen as a spinning cuStreamSynchronize) is located under `timeout`.
+        let calls_desc: Vec<String> = seqs
+            .iter()
+            .map(|s| format!("{}+{}", s.cached, s.new_tokens))
+            .collect();
+        eprintln!("{name} step {step}: gpu call (cached+new {calls_desc:?}) ...");
+        let t0 = std::time::Instant::now();
         gpu.forward_cached(&x, &seqs, Some(table), &mut gpu_cache, &mut y_gpu)
             .unwrap_or_else(|e| panic!("{name} step {step}: {e}"));
+        eprintln!(
+            "{name} step {step}: gpu call done in {:.1} ms, shape (items, tokens, split) {:?}",
+            t0.elapsed().as_secs_f64() * 1e3,
+            gpu.last_cached_shape()
+        );
         let mut y_cpu = vec![f32::NAN; x.len()];
         {
             let mut cache =
@@ -277,7 +300,14 @@ fn prefill_then_decode_matches_reference_and_cpu() {
         (2, 256, None, false, 32, Precision::Bf16),
         (4, 96, None, false, 16, Precision::F16),
     ];
-    for (r, d, window, rolling, block, p) in cases {
+    // ATTNRT_DECODE_CASES=0,3 runs only those cases (debugging, compute-sanitizer).
+    let only: Option<Vec<usize>> = std::env::var("ATTNRT_DECODE_CASES")
+        .ok()
+        .map(|v| v.split(',').filter_map(|i| i.trim().parse().ok()).collect());
+    for (i, (r, d, window, rolling, block, p)) in cases.into_iter().enumerate() {
+        if only.as_ref().is_some_and(|o| !o.contains(&i)) {
+            continue;
+        }
         run_case(&Case {
             r,
             d,
