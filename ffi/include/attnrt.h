@@ -265,6 +265,15 @@ enum attnrt_status
    */
   ATTNRT_STATUS_WEIGHT_PRESENCE = 205,
   /**
+   * KV cache full: a sequence's blocks cannot hold the tokens the call needs (`cached +
+   * new_tokens`, or `window + new_tokens - 1` for a rolling cache). Give it more blocks.
+   */
+  ATTNRT_STATUS_KV_CACHE_FULL = 206,
+  /**
+   * A block table names a block outside the cache's pool, or one block twice in one call.
+   */
+  ATTNRT_STATUS_KV_BLOCK = 207,
+  /**
    * A configuration field breaks its rule (zero heads, `sliding_window` 0, odd `head_dim`
    * with rotary embedding, ...).
    */
@@ -298,13 +307,26 @@ enum attnrt_status
    */
   ATTNRT_STATUS_INTERNAL = 901,
   /**
-   * Memory for the layer's copy of the weights could not be allocated.
+   * Memory for a handle (a layer's copy of the weights, a KV cache's pools, a CUDA or
+   * sharded layer's copies) could not be allocated.
    */
   ATTNRT_STATUS_OUT_OF_MEMORY = 902,
 };
 #ifndef __cplusplus
 typedef uint32_t attnrt_status;
 #endif // __cplusplus
+
+/**
+ * A paged KV cache: a K pool and a V pool of `num_blocks` blocks of `block_size` tokens for
+ * every KV head, owned by the handle (allocated and zeroed by [`attnrt_kv_cache_new`]).
+ *
+ * Opaque. Block tables are the caller's (see [`attnrt_sequence`]). Calls that write the cache
+ * ([`attnrt_forward_cached`], [`attnrt_kv_cache_reset`], [`attnrt_kv_cache_drop_blocks`]) are
+ * serialized by a lock inside the handle, so concurrent use is memory-safe, but the caller
+ * owns the order in which sequences grow: use one cache from one thread at a time, and
+ * distinct caches freely in parallel.
+ */
+typedef struct attnrt_kv_cache attnrt_kv_cache;
 
 /**
  * An attention layer: a validated configuration and a private copy of its weights.
@@ -412,6 +434,119 @@ typedef struct attnrt_config {
 } attnrt_config;
 
 /**
+ * One sequence of a cached forward call. The block table is the caller's: it lists the
+ * sequence's blocks (ids `0..num_blocks` of the cache's pool) in logical order, and must hold
+ * `cached + new_tokens` tokens (`window + new_tokens - 1` for a rolling cache), else the call
+ * fails with `ATTNRT_STATUS_KV_CACHE_FULL`. No block may appear twice in one call, within a
+ * sequence or across sequences (`ATTNRT_STATUS_KV_BLOCK`).
+ */
+typedef struct attnrt_sequence {
+  /**
+   * Tokens of this sequence already in the cache: the new tokens take positions
+   * `cached .. cached + new_tokens` (rotary embedding and the mask use them).
+   */
+  size_t cached;
+  /**
+   * New tokens of this call, consecutive rows of `x` (0: the sequence is skipped).
+   */
+  size_t new_tokens;
+  /**
+   * The block table, `n_blocks` block ids (NULL only with `n_blocks` 0).
+   */
+  const uint32_t *blocks;
+  /**
+   * Entries of `blocks`.
+   */
+  size_t n_blocks;
+} attnrt_sequence;
+
+/**
+ * The task the library hands to the host's parallel-for: `task(task_ctx, i)` runs task `i`.
+ */
+typedef void (*attnrt_task_fn)(void *task_ctx, size_t i);
+
+/**
+ * The host's parallel-for, or NULL: must call `task(task_ctx, i)` exactly once for every `i`
+ * in `0..n`, on any threads and in any order (up to `num_threads` at once is what the work
+ * is split for), and return only when all calls have returned; `task` must not be called
+ * after that. `ctx` is the host's own pointer from `attnrt_forward_args::parallel_ctx`.
+ *
+ * A host that skips a task, repeats one or passes an index `>= n` cannot cause undefined
+ * behaviour (work is handed out through atomics, not by index), but the call then fails with
+ * `ATTNRT_STATUS_PARALLEL_FOR_CONTRACT` and the output's contents are unspecified.
+ */
+typedef void (*attnrt_parallel_for_fn)(void *ctx, size_t n, attnrt_task_fn task, void *task_ctx);
+
+/**
+ * The arguments of a cached forward call. Initialise with [`attnrt_cached_args_init`], then
+ * set what you use. `x` and `out` are `[sum of new_tokens, n_embd]`: the new tokens of
+ * sequence 0, then those of sequence 1, and so on.
+ */
+typedef struct attnrt_cached_args {
+  /**
+   * New tokens' activations. Required (any non-null pointer when there are none).
+   */
+  const float *x;
+  /**
+   * Elements of `x`: `sum(new_tokens) * n_embd`.
+   */
+  size_t x_len;
+  /**
+   * The sequences of the call.
+   */
+  const struct attnrt_sequence *seqs;
+  /**
+   * Entries of `seqs`.
+   */
+  size_t n_seqs;
+  /**
+   * Optional `[max_pos, head_dim / 2, 2]` cos/sin table indexed by position (see
+   * `attnrt_rope_table`). When NULL and the layer is rotary, the call builds the rows of
+   * positions `0..max(cached + new_tokens)` into the workspace: fine for short contexts; a
+   * long generation should pass a table built once.
+   */
+  const float *freqs_cis;
+  /**
+   * Elements of `freqs_cis`.
+   */
+  size_t freqs_cis_len;
+  /**
+   * Scratch, at least `attnrt_cached_workspace_size` elements. Must not overlap any other
+   * buffer of the call.
+   */
+  float *workspace;
+  /**
+   * Elements of `workspace`.
+   */
+  size_t workspace_len;
+  /**
+   * Output, written only on success. Must not overlap any other buffer of the call.
+   */
+  float *out;
+  /**
+   * Elements of `out`: `sum(new_tokens) * n_embd`.
+   */
+  size_t out_len;
+  /**
+   * An `attnrt_backend`: AUTO or CPU_SIMD (the SIMD executor has the cached path);
+   * REFERENCE returns `ATTNRT_STATUS_UNSUPPORTED`, CUDA `ATTNRT_STATUS_BACKEND_UNAVAILABLE`.
+   */
+  uint32_t backend;
+  /**
+   * The host's parallel-for, or NULL: as in `attnrt_forward_args`.
+   */
+  attnrt_parallel_for_fn parallel_for;
+  /**
+   * The host's context for `parallel_for`.
+   */
+  void *parallel_ctx;
+  /**
+   * Lanes, as in `attnrt_forward_args` (pass the same to `attnrt_cached_workspace_size`).
+   */
+  size_t num_threads;
+} attnrt_cached_args;
+
+/**
  * A view of one weight tensor: `len` elements of `dtype` at `data`, flat and row-major.
  * `data == NULL` means the tensor is absent (then `len` and `dtype` are ignored). `data` must
  * be aligned to its element size (4 bytes for f32, 2 for f16/bf16).
@@ -478,23 +613,6 @@ typedef struct attnrt_weights {
    */
   struct attnrt_tensor k_norm;
 } attnrt_weights;
-
-/**
- * The task the library hands to the host's parallel-for: `task(task_ctx, i)` runs task `i`.
- */
-typedef void (*attnrt_task_fn)(void *task_ctx, size_t i);
-
-/**
- * The host's parallel-for, or NULL: must call `task(task_ctx, i)` exactly once for every `i`
- * in `0..n`, on any threads and in any order (up to `num_threads` at once is what the work
- * is split for), and return only when all calls have returned; `task` must not be called
- * after that. `ctx` is the host's own pointer from `attnrt_forward_args::parallel_ctx`.
- *
- * A host that skips a task, repeats one or passes an index `>= n` cannot cause undefined
- * behaviour (work is handed out through atomics, not by index), but the call then fails with
- * `ATTNRT_STATUS_PARALLEL_FOR_CONTRACT` and the output's contents are unspecified.
- */
-typedef void (*attnrt_parallel_for_fn)(void *ctx, size_t n, attnrt_task_fn task, void *task_ctx);
 
 /**
  * The arguments of one forward call. Initialise with [`attnrt_forward_args_init`] (all
@@ -702,6 +820,200 @@ attnrt_status attnrt_config_default(size_t n_embd, size_t n_head, struct attnrt_
  * valid for a write of one `size_t`.
  */
 attnrt_status attnrt_error_message(char *buf, size_t len, size_t *written);
+
+/**
+ * Writes to `*elems_per_pool` the elements of one pool (K or V; the cache has two) of a cache
+ * of `num_blocks` blocks of `block_size` tokens for `n_kv_head` heads of `head_dim` values:
+ * `n_kv_head * head_dim * block_size * num_blocks`. Bytes are that times 4 (f32) or 2
+ * (f16, bf16).
+ *
+ * Errors: `ATTNRT_STATUS_NULL_POINTER`, `ATTNRT_STATUS_BAD_ENUM` (dtype),
+ * `ATTNRT_STATUS_CONFIG` (a dimension 0), `ATTNRT_STATUS_LENGTH_OVERFLOW` (more than
+ * `PTRDIFF_MAX` bytes). Thread-safe.
+ *
+ * # Safety
+ * `elems_per_pool` must be NULL or valid for one write.
+ */
+attnrt_status attnrt_kv_cache_size(size_t n_kv_head,
+                                   size_t head_dim,
+                                   size_t block_size,
+                                   size_t num_blocks,
+                                   uint32_t dtype,
+                                   size_t *elems_per_pool);
+
+/**
+ * Creates a KV cache for `layer`'s KV heads (`n_kv_head` x `head_dim` of its configuration):
+ * `num_blocks` blocks of `block_size` tokens, stored as `dtype` (an `attnrt_dtype`; values are
+ * rounded to it when appended, attention computes in f32). The handle allocates and zeroes
+ * both pools (see [`attnrt_kv_cache_size`]); it does not keep `layer`.
+ *
+ * With `rolling` nonzero the cache is a rolling buffer for a sliding-window layer of window
+ * W: logical token `j` of a sequence lives in slot `j mod S` (`S` = its blocks x
+ * `block_size`), so a sequence needs only `W + new_tokens - 1` slots however long it grows.
+ *
+ * On success `*out` receives the handle (free with [`attnrt_kv_cache_free`]); on error it is
+ * untouched. Errors: `ATTNRT_STATUS_NULL_POINTER`, `ATTNRT_STATUS_BAD_ENUM`,
+ * `ATTNRT_STATUS_CONFIG` (`block_size` or `num_blocks` 0), `ATTNRT_STATUS_UNSUPPORTED`
+ * (`rolling` for a layer without a sliding window), `ATTNRT_STATUS_LENGTH_OVERFLOW`,
+ * `ATTNRT_STATUS_OUT_OF_MEMORY`. Thread-safe (the layer is only read).
+ *
+ * # Safety
+ * `layer` must be NULL or a live layer handle; `out` NULL or valid for one write.
+ */
+attnrt_status attnrt_kv_cache_new(const struct attnrt_layer *layer,
+                                  uint32_t dtype,
+                                  size_t block_size,
+                                  size_t num_blocks,
+                                  uint8_t rolling,
+                                  struct attnrt_kv_cache **out);
+
+/**
+ * Frees a cache made by [`attnrt_kv_cache_new`] and its pools. NULL is a no-op.
+ *
+ * Every call using `cache` must have returned, and none may start after; never twice.
+ *
+ * # Safety
+ * `cache` must be NULL or a handle from [`attnrt_kv_cache_new`] not yet freed.
+ */
+void attnrt_kv_cache_free(struct attnrt_kv_cache *cache);
+
+/**
+ * Zeroes both pools: every sequence is forgotten (the caller resets its block tables and
+ * cached lengths). Errors: `ATTNRT_STATUS_NULL_POINTER`. Serialized with the cache's other
+ * calls by the handle's lock.
+ *
+ * # Safety
+ * `cache` must be NULL or a live handle.
+ */
+attnrt_status attnrt_kv_cache_reset(struct attnrt_kv_cache *cache);
+
+/**
+ * Zeroes blocks `blocks[0..n]` of both pools, for a caller that returns a finished
+ * sequence's blocks to its free list and wants no stale keys left behind. (Dropping a
+ * sequence needs no call: block tables are the caller's, and a block handed to a new sequence
+ * is overwritten before it is read. This call is hygiene, not a requirement.) Repeated ids are
+ * allowed.
+ *
+ * Errors: `ATTNRT_STATUS_NULL_POINTER` (`cache`, or `blocks` with `n > 0`),
+ * `ATTNRT_STATUS_MISALIGNED_POINTER`, `ATTNRT_STATUS_KV_BLOCK` (an id `>= num_blocks`; then
+ * nothing is zeroed). Serialized with the cache's other calls.
+ *
+ * # Safety
+ * `cache` must be NULL or a live handle; `blocks` NULL or valid for `n` reads.
+ */
+attnrt_status attnrt_kv_cache_drop_blocks(struct attnrt_kv_cache *cache,
+                                          const uint32_t *blocks,
+                                          size_t n);
+
+/**
+ * Copies both pools, converted to f32, into `k_out` and `v_out` (each `len` =
+ * `attnrt_kv_cache_size` elements, in the pool layout: block `b`, KV head `g`, slot `i` at
+ * `((b * n_kv_head + g) * block_size + i) * head_dim`). For inspection, tests and saving a
+ * cache; f16/bf16 values convert exactly.
+ *
+ * Errors: `ATTNRT_STATUS_NULL_POINTER`, `ATTNRT_STATUS_MISALIGNED_POINTER`,
+ * `ATTNRT_STATUS_LENGTH_OVERFLOW`, `ATTNRT_STATUS_INPUT_SHAPE` (`len`),
+ * `ATTNRT_STATUS_ALIASED_BUFFERS` (`k_out` overlaps `v_out`); nothing is written on error.
+ * Serialized with the cache's other calls.
+ *
+ * # Safety
+ * `cache` NULL or a live handle; `k_out`, `v_out` NULL or valid for `len` writes.
+ */
+attnrt_status attnrt_kv_cache_read_f32(const struct attnrt_kv_cache *cache,
+                                       float *k_out,
+                                       float *v_out,
+                                       size_t len);
+
+/**
+ * f32 elements of workspace [`attnrt_forward_cached`] needs for these sequences on `layer`
+ * and `cache` with `num_threads` lanes (0 counts as 1), when the call passes no `freqs_cis`
+ * (a rotary layer then builds the cos/sin rows of positions `0..max(cached + new_tokens)`
+ * into the workspace; a call with a caller table needs that much less).
+ *
+ * Writes `*out_elems` on success. Errors: `ATTNRT_STATUS_NULL_POINTER`,
+ * `ATTNRT_STATUS_MISALIGNED_POINTER`, `ATTNRT_STATUS_INPUT_VALUE` (positions or the size
+ * overflow). Thread-safe; reads no pool.
+ *
+ * # Safety
+ * `layer`, `cache` NULL or live handles; `seqs` NULL or valid for `n_seqs` reads, each
+ * `blocks` valid for `n_blocks` reads; `out_elems` NULL or valid for one write.
+ */
+attnrt_status attnrt_cached_workspace_size(const struct attnrt_layer *layer,
+                                           const struct attnrt_kv_cache *cache,
+                                           const struct attnrt_sequence *seqs,
+                                           size_t n_seqs,
+                                           size_t num_threads,
+                                           size_t *out_elems);
+
+/**
+ * Writes the cos/sin table of `layer`'s rotary embedding for positions `0..max_pos` into
+ * `out` (`[max_pos, head_dim / 2, 2]`, `out_len == max_pos * head_dim`), bitwise the rows
+ * the library builds itself. A server builds it once for its longest context and passes it
+ * as `freqs_cis` to every call, so that no call builds rows.
+ *
+ * Errors: `ATTNRT_STATUS_NULL_POINTER`, `ATTNRT_STATUS_MISALIGNED_POINTER`,
+ * `ATTNRT_STATUS_LENGTH_OVERFLOW`, `ATTNRT_STATUS_INPUT_SHAPE` (`out_len`),
+ * `ATTNRT_STATUS_UNSUPPORTED` (a layer without rotary embedding); `out` is untouched on
+ * error. Thread-safe.
+ *
+ * # Safety
+ * `layer` NULL or a live handle; `out` NULL or valid for `out_len` writes.
+ */
+attnrt_status attnrt_rope_table(const struct attnrt_layer *layer,
+                                size_t max_pos,
+                                float *out,
+                                size_t out_len);
+
+/**
+ * Fills `*out` with empty cached arguments: pointers NULL, lengths 0, backend AUTO, no
+ * parallel-for, `num_threads` 0. Returns `ATTNRT_STATUS_NULL_POINTER` if `out` is NULL.
+ * Thread-safe.
+ *
+ * # Safety
+ * `out` must be NULL or valid for one write.
+ */
+attnrt_status attnrt_cached_args_init(struct attnrt_cached_args *out);
+
+/**
+ * Runs `layer` on the new tokens of one or more sequences against `cache`: prefill into an
+ * empty sequence (`cached` 0), chunked prefill, or decode (one new token per sequence, a batch
+ * of sequences of different lengths), appending the new keys and values to the cache. Token
+ * `t` of a sequence has position `cached + t` and sees the keys at positions `<= cached + t`
+ * (within the sliding window, if any). The results equal `attnrt_forward` over each whole
+ * sequence (within 1e-4 for an f32 cache) and do not depend on the thread count, the block
+ * size, the block ids or the other sequences of the call.
+ *
+ * Every check runs before anything is written: on any error `out`, `*backend_ran` and the
+ * cache are untouched (the workspace may have been written), except
+ * `ATTNRT_STATUS_PARALLEL_FOR_CONTRACT` (a host that broke its contract): then `out` and the
+ * new tokens' slots of the cache are unspecified, and those sequences must be recomputed.
+ * After success the caller advances each sequence's `cached` by its `new_tokens`.
+ *
+ * Errors: `ATTNRT_STATUS_NULL_POINTER`, `ATTNRT_STATUS_MISALIGNED_POINTER`,
+ * `ATTNRT_STATUS_LENGTH_OVERFLOW`, `ATTNRT_STATUS_BAD_ENUM` (backend),
+ * `ATTNRT_STATUS_ALIASED_BUFFERS`, `ATTNRT_STATUS_INPUT_SHAPE` (`x`/`out` length; cache heads
+ * that differ from the layer's; a `freqs_cis` row of the wrong width),
+ * `ATTNRT_STATUS_INPUT_VALUE` (`cached + new_tokens` past `INT32_MAX`),
+ * `ATTNRT_STATUS_KV_CACHE_FULL`, `ATTNRT_STATUS_KV_BLOCK` (a block id outside the pool or
+ * used twice), `ATTNRT_STATUS_POSITION_OUT_OF_TABLE` (past the caller's `freqs_cis`),
+ * `ATTNRT_STATUS_WORKSPACE_TOO_SMALL`, `ATTNRT_STATUS_UNSUPPORTED` (REFERENCE backend; a
+ * rolling cache on a layer without window; `freqs_cis` for a layer without rotary
+ * embedding), `ATTNRT_STATUS_BACKEND_UNAVAILABLE` (CUDA: use the `attnrt_cuda_*` handles),
+ * `ATTNRT_STATUS_PARALLEL_FOR_CONTRACT`.
+ *
+ * Thread safety: `layer` may serve any number of calls at once; calls on one `cache` are
+ * serialized by its lock (use distinct caches to run in parallel).
+ *
+ * # Safety
+ * `layer`, `cache` NULL or live handles; `args` NULL or valid; every buffer in `args` valid
+ * for its length (writes for `workspace` and `out`), each sequence's `blocks` valid for
+ * `n_blocks` reads, none written by anyone else during the call; `backend_ran` NULL or valid
+ * for one write; `parallel_for` keeps the contract of `attnrt_parallel_for_fn`.
+ */
+attnrt_status attnrt_forward_cached(const struct attnrt_layer *layer,
+                                    struct attnrt_kv_cache *cache,
+                                    const struct attnrt_cached_args *args,
+                                    attnrt_backend *backend_ran);
 
 /**
  * Creates a layer from a configuration and weights, validating both.

@@ -159,6 +159,11 @@ pub(crate) fn dispatch(
         Plan::Reference => layer.forward_reference(inputs, workspace, out)?,
         Plan::CpuSimd => layer.forward_cpu(inputs, workspace, out, pool)?,
     };
+    report(ran)
+}
+
+/// The ABI's name for the backend the runtime reports.
+pub(crate) fn report(ran: Backend) -> FfiResult<attnrt_backend> {
     match ran {
         Backend::Reference => Ok(attnrt_backend::ATTNRT_BACKEND_REFERENCE),
         Backend::CpuSimd(_) => Ok(attnrt_backend::ATTNRT_BACKEND_CPU_SIMD),

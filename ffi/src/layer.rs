@@ -115,14 +115,14 @@ impl Owned {
 /// creation, so any number of threads may run forward calls on one handle at once.
 #[derive(Debug)]
 pub struct attnrt_layer {
-    cfg: Config,
+    pub(crate) cfg: Config,
     /// wq, wk, wv, wo, bq, bk, bv, bo, q_norm, k_norm.
     tensors: [Option<Owned>; 10],
 }
 
 impl attnrt_layer {
     /// The runtime's view of this layer (validation of a few lengths, no copies).
-    fn runtime(&self) -> FfiResult<Layer<'_>> {
+    pub(crate) fn runtime(&self) -> FfiResult<Layer<'_>> {
         let t = |i: usize| self.tensors[i].as_ref().map(Owned::view);
         let need = |i: usize| {
             t(i).ok_or_else(|| {
@@ -592,7 +592,7 @@ pub unsafe extern "C" fn attnrt_forward(
     })
 }
 
-fn aliased(a: &str, b: &str) -> FfiError {
+pub(crate) fn aliased(a: &str, b: &str) -> FfiError {
     FfiError::new(
         attnrt_status::ATTNRT_STATUS_ALIASED_BUFFERS,
         format!("{a} overlaps {b}; writable buffers must not share memory with any other"),

@@ -27,6 +27,7 @@
 mod backend;
 mod config;
 mod error;
+mod kv;
 mod layer;
 mod panic;
 mod pool;
@@ -42,6 +43,12 @@ pub use config::{
     attnrt_rope_scaling,
 };
 pub use error::attnrt_error_message;
+pub use kv::{
+    attnrt_cached_args, attnrt_cached_args_init, attnrt_cached_workspace_size,
+    attnrt_forward_cached, attnrt_kv_cache, attnrt_kv_cache_drop_blocks, attnrt_kv_cache_free,
+    attnrt_kv_cache_new, attnrt_kv_cache_read_f32, attnrt_kv_cache_reset, attnrt_kv_cache_size,
+    attnrt_rope_table, attnrt_sequence,
+};
 pub use layer::{
     attnrt_dtype, attnrt_forward, attnrt_forward_args, attnrt_forward_args_init, attnrt_layer,
     attnrt_layer_free, attnrt_layer_new, attnrt_parallel_for_fn, attnrt_task_fn, attnrt_tensor,

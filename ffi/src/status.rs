@@ -49,6 +49,11 @@ pub enum attnrt_status {
     ATTNRT_STATUS_WEIGHT_SHAPE = 204,
     /// A weight the configuration needs is missing, or one it has no use for was given.
     ATTNRT_STATUS_WEIGHT_PRESENCE = 205,
+    /// KV cache full: a sequence's blocks cannot hold the tokens the call needs (`cached +
+    /// new_tokens`, or `window + new_tokens - 1` for a rolling cache). Give it more blocks.
+    ATTNRT_STATUS_KV_CACHE_FULL = 206,
+    /// A block table names a block outside the cache's pool, or one block twice in one call.
+    ATTNRT_STATUS_KV_BLOCK = 207,
 
     /// A configuration field breaks its rule (zero heads, `sliding_window` 0, odd `head_dim`
     /// with rotary embedding, ...).
@@ -71,7 +76,8 @@ pub enum attnrt_status {
     ATTNRT_STATUS_PANIC = 900,
     /// An error of the runtime this version of the ABI does not know (a newer runtime).
     ATTNRT_STATUS_INTERNAL = 901,
-    /// Memory for the layer's copy of the weights could not be allocated.
+    /// Memory for a handle (a layer's copy of the weights, a KV cache's pools, a CUDA or
+    /// sharded layer's copies) could not be allocated.
     ATTNRT_STATUS_OUT_OF_MEMORY = 902,
 }
 
@@ -115,6 +121,8 @@ impl attnrt_status {
             S::ATTNRT_STATUS_WORKSPACE_TOO_SMALL => "ATTNRT_STATUS_WORKSPACE_TOO_SMALL\0",
             S::ATTNRT_STATUS_WEIGHT_SHAPE => "ATTNRT_STATUS_WEIGHT_SHAPE\0",
             S::ATTNRT_STATUS_WEIGHT_PRESENCE => "ATTNRT_STATUS_WEIGHT_PRESENCE\0",
+            S::ATTNRT_STATUS_KV_CACHE_FULL => "ATTNRT_STATUS_KV_CACHE_FULL\0",
+            S::ATTNRT_STATUS_KV_BLOCK => "ATTNRT_STATUS_KV_BLOCK\0",
             S::ATTNRT_STATUS_CONFIG => "ATTNRT_STATUS_CONFIG\0",
             S::ATTNRT_STATUS_CONFIG_FLOAT => "ATTNRT_STATUS_CONFIG_FLOAT\0",
             S::ATTNRT_STATUS_CONFIG_PAIR => "ATTNRT_STATUS_CONFIG_PAIR\0",
@@ -127,7 +135,7 @@ impl attnrt_status {
     }
 
     /// Every status, in declaration order.
-    const ALL: [attnrt_status; 23] = {
+    const ALL: [attnrt_status; 25] = {
         use attnrt_status as S;
         [
             S::ATTNRT_STATUS_OK,
@@ -145,6 +153,8 @@ impl attnrt_status {
             S::ATTNRT_STATUS_WORKSPACE_TOO_SMALL,
             S::ATTNRT_STATUS_WEIGHT_SHAPE,
             S::ATTNRT_STATUS_WEIGHT_PRESENCE,
+            S::ATTNRT_STATUS_KV_CACHE_FULL,
+            S::ATTNRT_STATUS_KV_BLOCK,
             S::ATTNRT_STATUS_CONFIG,
             S::ATTNRT_STATUS_CONFIG_FLOAT,
             S::ATTNRT_STATUS_CONFIG_PAIR,
