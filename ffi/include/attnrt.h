@@ -47,12 +47,39 @@ enum attnrt_backend
    */
   ATTNRT_BACKEND_CPU_SIMD = 2,
   /**
-   * The CUDA executor (not in this build yet).
+   * The CUDA executor. Reported by the `attnrt_cuda_*` forward calls; requesting it from
+   * `attnrt_forward` returns `ATTNRT_STATUS_BACKEND_UNAVAILABLE` (a GPU needs a per-device
+   * handle, `attnrt_cuda_layer_new`), and AUTO never selects it.
    */
   ATTNRT_BACKEND_CUDA = 3,
 };
 #ifndef __cplusplus
 typedef uint32_t attnrt_backend;
+#endif // __cplusplus
+
+/**
+ * Storage precision of a CUDA layer (`attnrt_cuda_layer_new`, `attnrt_cuda_capability`).
+ */
+enum attnrt_cuda_precision
+#ifdef __cplusplus
+  : uint32_t
+#endif // __cplusplus
+ {
+  /**
+   * f32 storage, attention on CUDA cores: matches the reference within 1e-4.
+   */
+  ATTNRT_CUDA_PRECISION_F32 = 0,
+  /**
+   * bf16 storage, f32 accumulation, tensor cores.
+   */
+  ATTNRT_CUDA_PRECISION_BF16 = 1,
+  /**
+   * f16 storage, f32 accumulation, tensor cores.
+   */
+  ATTNRT_CUDA_PRECISION_F16 = 2,
+};
+#ifndef __cplusplus
+typedef uint32_t attnrt_cuda_precision;
 #endif // __cplusplus
 
 /**
@@ -191,8 +218,8 @@ typedef uint32_t attnrt_simd_tier;
  *
  * Ranges: 0 success; 1xx a bad argument at the C level (pointer, enum value, buffer
  * overlap); 2xx a shape or value of the call that does not fit the layer; 3xx an invalid
- * configuration; 4xx a backend that cannot serve the request; 5xx reserved for device (CUDA)
- * errors; 9xx internal errors and caught panics.
+ * configuration; 4xx a backend that cannot serve the request; 5xx a device (CUDA) error;
+ * 9xx internal errors and caught panics.
  */
 enum attnrt_status
 #ifdef __cplusplus
@@ -298,6 +325,20 @@ enum attnrt_status
    */
   ATTNRT_STATUS_BACKEND_UNAVAILABLE = 401,
   /**
+   * A CUDA driver call failed (no driver or device, out of device memory, a launch or copy
+   * that failed); the message names the call and the driver's error.
+   */
+  ATTNRT_STATUS_DEVICE = 500,
+  /**
+   * A cuBLAS call failed; the message names the function and its status.
+   */
+  ATTNRT_STATUS_DEVICE_BLAS = 501,
+  /**
+   * A call larger than the device buffers the CUDA layer was set up for (`max_batch`,
+   * `max_seq_len`).
+   */
+  ATTNRT_STATUS_DEVICE_CAPACITY = 502,
+  /**
    * A panic inside the library was caught at the boundary. The library stays usable; the
    * contents of the call's output buffer are unspecified.
    */
@@ -315,6 +356,16 @@ enum attnrt_status
 #ifndef __cplusplus
 typedef uint32_t attnrt_status;
 #endif // __cplusplus
+
+/**
+ * A layer on one GPU: a private copy of the layer's configuration and weights, uploaded in
+ * the chosen precision, and device buffers sized for calls of up to `max_batch` rows of
+ * `max_seq_len` tokens.
+ *
+ * Opaque. Calls on one handle are serialized by a lock inside it (the device buffers are
+ * reused by every call); use one handle per device and per concurrent stream of work.
+ */
+typedef struct attnrt_cuda_layer attnrt_cuda_layer;
 
 /**
  * A paged KV cache: a K pool and a V pool of `num_blocks` blocks of `block_size` tokens for
@@ -434,6 +485,210 @@ typedef struct attnrt_config {
 } attnrt_config;
 
 /**
+ * The task the library hands to the host's parallel-for: `task(task_ctx, i)` runs task `i`.
+ */
+typedef void (*attnrt_task_fn)(void *task_ctx, size_t i);
+
+/**
+ * The host's parallel-for, or NULL: must call `task(task_ctx, i)` exactly once for every `i`
+ * in `0..n`, on any threads and in any order (up to `num_threads` at once is what the work
+ * is split for), and return only when all calls have returned; `task` must not be called
+ * after that. `ctx` is the host's own pointer from `attnrt_forward_args::parallel_ctx`.
+ *
+ * A host that skips a task, repeats one or passes an index `>= n` cannot cause undefined
+ * behaviour (work is handed out through atomics, not by index), but the call then fails with
+ * `ATTNRT_STATUS_PARALLEL_FOR_CONTRACT` and the output's contents are unspecified.
+ */
+typedef void (*attnrt_parallel_for_fn)(void *ctx, size_t n, attnrt_task_fn task, void *task_ctx);
+
+/**
+ * The arguments of one forward call. Initialise with [`attnrt_forward_args_init`] (all
+ * pointers NULL, lengths 0, `max_seqlen` -1, backend AUTO), then set what you use. Every
+ * buffer is a pointer followed by its length in elements; an optional buffer is absent when
+ * its pointer is NULL (its length must then be 0).
+ */
+typedef struct attnrt_forward_args {
+  /**
+   * `[batch, seq_len, n_embd]` activations, row-major. Required.
+   */
+  const float *x;
+  /**
+   * Elements of `x`: `batch * seq_len * n_embd`.
+   */
+  size_t x_len;
+  /**
+   * Batch rows B.
+   */
+  size_t batch;
+  /**
+   * Tokens per row T.
+   */
+  size_t seq_len;
+  /**
+   * Optional `[B]` padding lengths, each in `0..=T`.
+   */
+  const int32_t *seq_lens;
+  /**
+   * Elements of `seq_lens`.
+   */
+  size_t seq_lens_len;
+  /**
+   * Optional `[B, T]` document ids: a query sees only keys of its own document.
+   */
+  const int32_t *document_ids;
+  /**
+   * Elements of `document_ids`.
+   */
+  size_t document_ids_len;
+  /**
+   * Optional `[S + 1]` varlen boundaries (B must be 1): from 0 to T, non-decreasing.
+   */
+  const int32_t *cu_seqlens;
+  /**
+   * Elements of `cu_seqlens`.
+   */
+  size_t cu_seqlens_len;
+  /**
+   * The longest varlen segment, at least the true longest; negative = not given.
+   */
+  int32_t max_seqlen;
+  /**
+   * Optional `[B, T]` rotary positions (>= 0); without them token t has position t.
+   */
+  const int32_t *position_ids;
+  /**
+   * Elements of `position_ids`.
+   */
+  size_t position_ids_len;
+  /**
+   * Optional `[max_pos, head_dim / 2, 2]` cos/sin table (last axis cos, sin). When NULL and
+   * the layer is rotary, the call builds the rows it needs from the configuration's theta
+   * and scaling into the workspace (positions 0..T, or the distinct `position_ids`).
+   */
+  const float *freqs_cis;
+  /**
+   * Elements of `freqs_cis`.
+   */
+  size_t freqs_cis_len;
+  /**
+   * Scratch memory, at least `attnrt_workspace_size` elements; contents on return are
+   * unspecified. Must not overlap any other buffer of the call.
+   */
+  float *workspace;
+  /**
+   * Elements of `workspace`.
+   */
+  size_t workspace_len;
+  /**
+   * `[batch, seq_len, n_embd]` output; written only on success. Must not overlap any other
+   * buffer of the call.
+   */
+  float *out;
+  /**
+   * Elements of `out`: `batch * seq_len * n_embd`.
+   */
+  size_t out_len;
+  /**
+   * The backend to run, an `attnrt_backend` value. AUTO picks the best available one; any
+   * other value forces that backend and fails with `ATTNRT_STATUS_BACKEND_UNAVAILABLE` or
+   * `ATTNRT_STATUS_UNSUPPORTED` instead of falling back.
+   */
+  uint32_t backend;
+  /**
+   * The host's parallel-for, or NULL to use `num_threads`. Called only from the thread
+   * that called `attnrt_forward`, and only during that call (not at all by the REFERENCE
+   * backend, which runs on the calling thread).
+   */
+  attnrt_parallel_for_fn parallel_for;
+  /**
+   * The host's context for `parallel_for`, passed back unchanged.
+   */
+  void *parallel_ctx;
+  /**
+   * The number of tasks the host can run at once: the lane count of the SIMD executor
+   * (0 counts as 1; lanes are capped at 64), which sizes its workspace, so pass the same
+   * value to `attnrt_workspace_size`. With `parallel_for` it is that pool's width (the
+   * library calls `parallel_for` with at most this many tasks); without it, 0 or 1 runs on
+   * the calling thread and more starts that many scoped threads for the call (the calling
+   * thread is one of them).
+   */
+  size_t num_threads;
+} attnrt_forward_args;
+
+/**
+ * The arguments of [`attnrt_cuda_forward_device`]: activations in device memory, mask
+ * inputs and positions in host memory. Initialise with [`attnrt_cuda_device_args_init`].
+ */
+typedef struct attnrt_cuda_device_args {
+  /**
+   * Device pointer (`CUdeviceptr`) to f32 `x [batch, seq_len, n_embd]`. Required.
+   */
+  uint64_t x;
+  /**
+   * Device pointer to the f32 output `[batch, seq_len, n_embd]`. Required; must not overlap
+   * `x`.
+   */
+  uint64_t y;
+  /**
+   * Batch rows.
+   */
+  size_t batch;
+  /**
+   * Tokens per row.
+   */
+  size_t seq_len;
+  /**
+   * Optional host `[B]` padding lengths.
+   */
+  const int32_t *seq_lens;
+  /**
+   * Elements of `seq_lens`.
+   */
+  size_t seq_lens_len;
+  /**
+   * Optional host `[B, T]` document ids.
+   */
+  const int32_t *document_ids;
+  /**
+   * Elements of `document_ids`.
+   */
+  size_t document_ids_len;
+  /**
+   * Optional host `[S + 1]` varlen boundaries.
+   */
+  const int32_t *cu_seqlens;
+  /**
+   * Elements of `cu_seqlens`.
+   */
+  size_t cu_seqlens_len;
+  /**
+   * Longest varlen segment; negative = not given.
+   */
+  int32_t max_seqlen;
+  /**
+   * Optional host `[B, T]` positions.
+   */
+  const int32_t *position_ids;
+  /**
+   * Elements of `position_ids`.
+   */
+  size_t position_ids_len;
+  /**
+   * Optional host cos/sin table; when NULL a rotary layer builds the rows it needs on the
+   * host (allocated for the call).
+   */
+  const float *freqs_cis;
+  /**
+   * Elements of `freqs_cis`.
+   */
+  size_t freqs_cis_len;
+  /**
+   * The caller's `CUstream`, or NULL for the handle's own stream.
+   */
+  void *stream;
+} attnrt_cuda_device_args;
+
+/**
  * One sequence of a cached forward call. The block table is the caller's: it lists the
  * sequence's blocks (ids `0..num_blocks` of the cache's pool) in logical order, and must hold
  * `cached + new_tokens` tokens (`window + new_tokens - 1` for a rolling cache), else the call
@@ -459,23 +714,6 @@ typedef struct attnrt_sequence {
    */
   size_t n_blocks;
 } attnrt_sequence;
-
-/**
- * The task the library hands to the host's parallel-for: `task(task_ctx, i)` runs task `i`.
- */
-typedef void (*attnrt_task_fn)(void *task_ctx, size_t i);
-
-/**
- * The host's parallel-for, or NULL: must call `task(task_ctx, i)` exactly once for every `i`
- * in `0..n`, on any threads and in any order (up to `num_threads` at once is what the work
- * is split for), and return only when all calls have returned; `task` must not be called
- * after that. `ctx` is the host's own pointer from `attnrt_forward_args::parallel_ctx`.
- *
- * A host that skips a task, repeats one or passes an index `>= n` cannot cause undefined
- * behaviour (work is handed out through atomics, not by index), but the call then fails with
- * `ATTNRT_STATUS_PARALLEL_FOR_CONTRACT` and the output's contents are unspecified.
- */
-typedef void (*attnrt_parallel_for_fn)(void *ctx, size_t n, attnrt_task_fn task, void *task_ctx);
 
 /**
  * The arguments of a cached forward call. Initialise with [`attnrt_cached_args_init`], then
@@ -614,120 +852,6 @@ typedef struct attnrt_weights {
   struct attnrt_tensor k_norm;
 } attnrt_weights;
 
-/**
- * The arguments of one forward call. Initialise with [`attnrt_forward_args_init`] (all
- * pointers NULL, lengths 0, `max_seqlen` -1, backend AUTO), then set what you use. Every
- * buffer is a pointer followed by its length in elements; an optional buffer is absent when
- * its pointer is NULL (its length must then be 0).
- */
-typedef struct attnrt_forward_args {
-  /**
-   * `[batch, seq_len, n_embd]` activations, row-major. Required.
-   */
-  const float *x;
-  /**
-   * Elements of `x`: `batch * seq_len * n_embd`.
-   */
-  size_t x_len;
-  /**
-   * Batch rows B.
-   */
-  size_t batch;
-  /**
-   * Tokens per row T.
-   */
-  size_t seq_len;
-  /**
-   * Optional `[B]` padding lengths, each in `0..=T`.
-   */
-  const int32_t *seq_lens;
-  /**
-   * Elements of `seq_lens`.
-   */
-  size_t seq_lens_len;
-  /**
-   * Optional `[B, T]` document ids: a query sees only keys of its own document.
-   */
-  const int32_t *document_ids;
-  /**
-   * Elements of `document_ids`.
-   */
-  size_t document_ids_len;
-  /**
-   * Optional `[S + 1]` varlen boundaries (B must be 1): from 0 to T, non-decreasing.
-   */
-  const int32_t *cu_seqlens;
-  /**
-   * Elements of `cu_seqlens`.
-   */
-  size_t cu_seqlens_len;
-  /**
-   * The longest varlen segment, at least the true longest; negative = not given.
-   */
-  int32_t max_seqlen;
-  /**
-   * Optional `[B, T]` rotary positions (>= 0); without them token t has position t.
-   */
-  const int32_t *position_ids;
-  /**
-   * Elements of `position_ids`.
-   */
-  size_t position_ids_len;
-  /**
-   * Optional `[max_pos, head_dim / 2, 2]` cos/sin table (last axis cos, sin). When NULL and
-   * the layer is rotary, the call builds the rows it needs from the configuration's theta
-   * and scaling into the workspace (positions 0..T, or the distinct `position_ids`).
-   */
-  const float *freqs_cis;
-  /**
-   * Elements of `freqs_cis`.
-   */
-  size_t freqs_cis_len;
-  /**
-   * Scratch memory, at least `attnrt_workspace_size` elements; contents on return are
-   * unspecified. Must not overlap any other buffer of the call.
-   */
-  float *workspace;
-  /**
-   * Elements of `workspace`.
-   */
-  size_t workspace_len;
-  /**
-   * `[batch, seq_len, n_embd]` output; written only on success. Must not overlap any other
-   * buffer of the call.
-   */
-  float *out;
-  /**
-   * Elements of `out`: `batch * seq_len * n_embd`.
-   */
-  size_t out_len;
-  /**
-   * The backend to run, an `attnrt_backend` value. AUTO picks the best available one; any
-   * other value forces that backend and fails with `ATTNRT_STATUS_BACKEND_UNAVAILABLE` or
-   * `ATTNRT_STATUS_UNSUPPORTED` instead of falling back.
-   */
-  uint32_t backend;
-  /**
-   * The host's parallel-for, or NULL to use `num_threads`. Called only from the thread
-   * that called `attnrt_forward`, and only during that call (not at all by the REFERENCE
-   * backend, which runs on the calling thread).
-   */
-  attnrt_parallel_for_fn parallel_for;
-  /**
-   * The host's context for `parallel_for`, passed back unchanged.
-   */
-  void *parallel_ctx;
-  /**
-   * The number of tasks the host can run at once: the lane count of the SIMD executor
-   * (0 counts as 1; lanes are capped at 64), which sizes its workspace, so pass the same
-   * value to `attnrt_workspace_size`. With `parallel_for` it is that pool's width (the
-   * library calls `parallel_for` with at most this many tasks); without it, 0 or 1 runs on
-   * the calling thread and more starts that many scoped threads for the call (the calling
-   * thread is one of them).
-   */
-  size_t num_threads;
-} attnrt_forward_args;
-
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
@@ -801,6 +925,116 @@ attnrt_status attnrt_capability(const struct attnrt_config *config,
  * `out` must be valid for a write of one `attnrt_config`.
  */
 attnrt_status attnrt_config_default(size_t n_embd, size_t n_head, struct attnrt_config *out);
+
+/**
+ * Sets `layer` up on CUDA device `device`: copies its configuration and weights (the
+ * caller's `layer` may be freed afterwards), uploads the weights in `precision` (an
+ * `attnrt_cuda_precision`) and sizes every device buffer for calls of up to `max_batch` rows
+ * of `max_seq_len` tokens; forward calls then allocate nothing on the device.
+ *
+ * On success `*out` receives the handle (free with [`attnrt_cuda_layer_free`]); on error it
+ * is untouched. Errors: `ATTNRT_STATUS_NULL_POINTER`, `ATTNRT_STATUS_BAD_ENUM`,
+ * `ATTNRT_STATUS_BACKEND_UNAVAILABLE` (built without CUDA: "attnrt built without CUDA"),
+ * `ATTNRT_STATUS_UNSUPPORTED` (head_dim / group the kernels cannot run, see
+ * [`attnrt_cuda_capability`]; sizes that overflow), `ATTNRT_STATUS_DEVICE` (no driver, no such
+ * device, out of device memory, any driver failure), `ATTNRT_STATUS_DEVICE_BLAS`,
+ * `ATTNRT_STATUS_OUT_OF_MEMORY`. Thread-safe.
+ *
+ * # Safety
+ * `layer` NULL or a live layer handle; `out` NULL or valid for one write.
+ */
+attnrt_status attnrt_cuda_layer_new(const struct attnrt_layer *layer,
+                                    uint32_t precision,
+                                    size_t max_batch,
+                                    size_t max_seq_len,
+                                    uint32_t device,
+                                    struct attnrt_cuda_layer **out);
+
+/**
+ * Frees a CUDA layer and its device memory. NULL is a no-op. Every call on the handle must
+ * have returned (and every stream the caller passed must be done with its buffers); never
+ * twice.
+ *
+ * # Safety
+ * `layer` NULL or a handle from [`attnrt_cuda_layer_new`] not yet freed.
+ */
+void attnrt_cuda_layer_free(struct attnrt_cuda_layer *layer);
+
+/**
+ * Which CUDA attention path `(precision, head_dim, group)` gets (`group` = query heads per KV
+ * head), or why none can run it. On `ATTNRT_STATUS_OK` `reason_buf` receives the kernel path
+ * (for example `tensor-core-bf16-p128-m1-n64`); otherwise the reason. Truncated to
+ * `len - 1` bytes, NUL-terminated; `*written` receives its length. `reason_buf` and `written`
+ * may be NULL (`len` 0).
+ *
+ * Returns `ATTNRT_STATUS_OK`, `ATTNRT_STATUS_BACKEND_UNAVAILABLE` (built without CUDA),
+ * `ATTNRT_STATUS_UNSUPPORTED` (head_dim 0 or above 256, odd head_dim on tensor cores, too
+ * many heads per group), `ATTNRT_STATUS_BAD_ENUM`. This does not look for a device
+ * (`attnrt_cuda_layer_new` does). Thread-safe.
+ *
+ * # Safety
+ * `reason_buf` NULL or valid for `len` bytes; `written` NULL or valid for one write.
+ */
+attnrt_status attnrt_cuda_capability(uint32_t precision,
+                                     size_t head_dim,
+                                     size_t group,
+                                     char *reason_buf,
+                                     size_t len,
+                                     size_t *written);
+
+/**
+ * Runs the CUDA layer on host buffers: `args` as for `attnrt_forward` (x, mask inputs,
+ * positions, `freqs_cis`, `out`); the copies to and from the device are done inside, and the
+ * call returns when `out` is written. `backend`, `parallel_for` and `num_threads` are
+ * ignored. The workspace is needed only for the cos/sin rows a rotary layer builds when
+ * `freqs_cis` is NULL (`attnrt_workspace_size` covers it); otherwise it may be NULL with
+ * length 0. On success `*backend_ran` receives `ATTNRT_BACKEND_CUDA`.
+ *
+ * Errors: those of `attnrt_forward` for the arguments, `ATTNRT_STATUS_DEVICE_CAPACITY`
+ * (batch or seq_len above the handle's maxima), `ATTNRT_STATUS_DEVICE`,
+ * `ATTNRT_STATUS_DEVICE_BLAS`, `ATTNRT_STATUS_UNSUPPORTED`. On any error `out` and
+ * `*backend_ran` are untouched, except a device failure during the call (5xx), after which
+ * `out` is unspecified.
+ *
+ * Calls on one handle are serialized by its lock; distinct handles run in parallel.
+ *
+ * # Safety
+ * As `attnrt_forward`, with `layer` a live CUDA layer handle.
+ */
+attnrt_status attnrt_cuda_forward_host(const struct attnrt_cuda_layer *layer,
+                                       const struct attnrt_forward_args *args,
+                                       attnrt_backend *backend_ran);
+
+/**
+ * Fills `*out` with empty device arguments (0 pointers, NULL buffers, `max_seqlen` -1, NULL
+ * stream). Returns `ATTNRT_STATUS_NULL_POINTER` if `out` is NULL. Thread-safe.
+ *
+ * # Safety
+ * `out` NULL or valid for one write.
+ */
+attnrt_status attnrt_cuda_device_args_init(struct attnrt_cuda_device_args *out);
+
+/**
+ * Runs the CUDA layer on device buffers (for servers that keep activations on the GPU):
+ * enqueued on `stream` (or the handle's own), asynchronous with respect to the host as the
+ * executor allows; `y` is ready when the stream reaches the end of the call's work. Host mask
+ * inputs are validated and uploaded with the call. On success `*backend_ran` receives
+ * `ATTNRT_BACKEND_CUDA`.
+ *
+ * Errors: `ATTNRT_STATUS_NULL_POINTER` (a handle, `args`, `backend_ran`, `x` or `y` 0),
+ * the argument errors of `attnrt_forward`, `ATTNRT_STATUS_DEVICE_CAPACITY`,
+ * `ATTNRT_STATUS_DEVICE`, `ATTNRT_STATUS_DEVICE_BLAS`, `ATTNRT_STATUS_BACKEND_UNAVAILABLE`.
+ * On an argument error nothing is enqueued. Calls on one handle are serialized by its lock.
+ *
+ * # Safety
+ * `layer` NULL or a live CUDA layer handle; `args` NULL or valid, its host buffers valid for
+ * their lengths; `x` and `y` device allocations of the handle's device of at least
+ * `batch * seq_len * n_embd` f32 each, not used by other work until the call's work is
+ * done; `stream` NULL or a live stream of that device's context; `backend_ran` NULL or valid.
+ */
+attnrt_status attnrt_cuda_forward_device(const struct attnrt_cuda_layer *layer,
+                                         const struct attnrt_cuda_device_args *args,
+                                         attnrt_backend *backend_ran);
 
 /**
  * Copies the message of the calling thread's last failed call into `buf`.

@@ -26,6 +26,7 @@
 
 mod backend;
 mod config;
+mod cuda;
 mod error;
 mod kv;
 mod layer;
@@ -41,6 +42,11 @@ pub use backend::{
 pub use config::{
     attnrt_config, attnrt_config_default, attnrt_qk_norm, attnrt_rope_convention,
     attnrt_rope_scaling,
+};
+pub use cuda::{
+    attnrt_cuda_capability, attnrt_cuda_device_args, attnrt_cuda_device_args_init,
+    attnrt_cuda_forward_device, attnrt_cuda_forward_host, attnrt_cuda_layer,
+    attnrt_cuda_layer_free, attnrt_cuda_layer_new, attnrt_cuda_precision,
 };
 pub use error::attnrt_error_message;
 pub use kv::{

@@ -894,7 +894,7 @@ fn capability_query() {
         );
         assert_eq!(st, S::ATTNRT_STATUS_BACKEND_UNAVAILABLE);
         assert!(
-            text(&buf).contains("not available in this build"),
+            text(&buf).contains("attnrt_cuda_layer_new"),
             "{}",
             text(&buf)
         );
@@ -956,6 +956,9 @@ fn status_values_are_stable() {
         (S::ATTNRT_STATUS_CONFIG_PAIR, 302),
         (S::ATTNRT_STATUS_UNSUPPORTED, 400),
         (S::ATTNRT_STATUS_BACKEND_UNAVAILABLE, 401),
+        (S::ATTNRT_STATUS_DEVICE, 500),
+        (S::ATTNRT_STATUS_DEVICE_BLAS, 501),
+        (S::ATTNRT_STATUS_DEVICE_CAPACITY, 502),
         (S::ATTNRT_STATUS_PANIC, 900),
         (S::ATTNRT_STATUS_INTERNAL, 901),
         (S::ATTNRT_STATUS_OUT_OF_MEMORY, 902),
