@@ -182,6 +182,28 @@ typedef uint32_t attnrt_rope_scaling;
 #endif // __cplusplus
 
 /**
+ * What [`attnrt_sharded_forward`] writes to `out`.
+ */
+enum attnrt_shard_mode
+#ifdef __cplusplus
+  : uint32_t
+#endif // __cplusplus
+ {
+  /**
+   * The layer's output `[B, T, C]`: every device's partial output summed in device order.
+   */
+  ATTNRT_SHARD_MODE_SUMMED = 0,
+  /**
+   * Every device's partial output, `[n_devices, B, T, C]`; their sum is the layer's output
+   * (`bo` is in device 0's part). For servers that run their own all-reduce.
+   */
+  ATTNRT_SHARD_MODE_PARTIALS = 1,
+};
+#ifndef __cplusplus
+typedef uint32_t attnrt_shard_mode;
+#endif // __cplusplus
+
+/**
  * An instruction-set tier of the SIMD CPU executor, as reported by [`attnrt_cpu_tier`].
  * Values are stable; a newer library may report a value this header does not name (use
  * [`attnrt_simd_tier_name`] to print it).
@@ -386,6 +408,16 @@ typedef struct attnrt_kv_cache attnrt_kv_cache;
  * creation, so any number of threads may run forward calls on one handle at once.
  */
 typedef struct attnrt_layer attnrt_layer;
+
+/**
+ * A layer split by heads over `n_devices` CPU devices: a private copy of the configuration
+ * and weights, the plan (which query heads, KV heads and weight rows/columns each device
+ * owns; GQA-aware, uneven head counts allowed), and each device's `wo` column block.
+ *
+ * Opaque. Immutable after creation: any number of threads may run forward calls on one
+ * handle at once.
+ */
+typedef struct attnrt_sharded_layer attnrt_sharded_layer;
 
 /**
  * The configuration of one attention layer (SPEC.md, "Configuration"). A plain struct: fill it
@@ -1351,6 +1383,71 @@ attnrt_status attnrt_forward_args_init(struct attnrt_forward_args *out);
 attnrt_status attnrt_forward(const struct attnrt_layer *layer,
                              const struct attnrt_forward_args *args,
                              attnrt_backend *backend_ran);
+
+/**
+ * Creates a layer split by heads over `n_devices` CPU devices. The configuration and
+ * weights are validated and COPIED as by `attnrt_layer_new` (the caller's buffers may be
+ * freed on return), and each device's `wo` column block is copied out once.
+ *
+ * On success `*out` receives the handle (free with [`attnrt_sharded_layer_free`]); on error
+ * it is untouched. Errors: those of `attnrt_layer_new`, `ATTNRT_STATUS_CONFIG`
+ * (`n_devices` 0), `ATTNRT_STATUS_CONFIG_PAIR` (`n_devices` > `n_head`: a device would own
+ * no query head). Thread-safe.
+ *
+ * # Safety
+ * As `attnrt_layer_new`.
+ */
+attnrt_status attnrt_sharded_layer_new(const struct attnrt_config *config,
+                                       const struct attnrt_weights *weights,
+                                       size_t n_devices,
+                                       struct attnrt_sharded_layer **out);
+
+/**
+ * Frees a sharded layer. NULL is a no-op. Every call on the handle must have returned;
+ * never twice.
+ *
+ * # Safety
+ * `layer` NULL or a handle from [`attnrt_sharded_layer_new`] not yet freed.
+ */
+void attnrt_sharded_layer_free(struct attnrt_sharded_layer *layer);
+
+/**
+ * f32 elements of workspace [`attnrt_sharded_forward`] needs for `batch` rows of `seq_len`
+ * tokens with `num_threads` lanes (every device's scratch, one partial output, and the
+ * cos/sin rows a rotary layer builds when `freqs_cis` is NULL). The same for both modes.
+ *
+ * Errors: `ATTNRT_STATUS_NULL_POINTER`, `ATTNRT_STATUS_INPUT_VALUE` (overflow). Thread-safe.
+ *
+ * # Safety
+ * `layer` NULL or a live handle; `out_elems` NULL or valid for one write.
+ */
+attnrt_status attnrt_sharded_workspace_size(const struct attnrt_sharded_layer *layer,
+                                            size_t batch,
+                                            size_t seq_len,
+                                            size_t num_threads,
+                                            size_t *out_elems);
+
+/**
+ * Runs the sharded layer on one batch on CPU devices: `args` as for `attnrt_forward`, with
+ * `out` of `B * T * C` elements (SUMMED) or `n_devices * B * T * C` (PARTIALS, device `i`'s
+ * part at `i * B * T * C`); `mode` is an `attnrt_shard_mode`. The devices run one after
+ * another, each on the whole of the host's parallel-for / `num_threads`; the result is
+ * deterministic and equals `attnrt_forward` within 1e-4. `backend` must be AUTO or CPU_SIMD
+ * (REFERENCE: `ATTNRT_STATUS_UNSUPPORTED`; CUDA: `ATTNRT_STATUS_BACKEND_UNAVAILABLE`, GPU
+ * devices are not in this ABI yet). On success `*backend_ran` receives CPU_SIMD.
+ *
+ * Errors: those of `attnrt_forward`, and `ATTNRT_STATUS_BAD_ENUM` (`mode`). On any error
+ * `out` and `*backend_ran` are untouched (except `ATTNRT_STATUS_PARALLEL_FOR_CONTRACT`).
+ *
+ * Thread-safe: any number of threads at once on one handle, each with its own buffers.
+ *
+ * # Safety
+ * As `attnrt_forward`, with `layer` a live sharded layer handle.
+ */
+attnrt_status attnrt_sharded_forward(const struct attnrt_sharded_layer *layer,
+                                     const struct attnrt_forward_args *args,
+                                     uint32_t mode,
+                                     attnrt_backend *backend_ran);
 
 /**
  * The name of a status constant (`"ATTNRT_STATUS_WEIGHT_SHAPE"`), or NULL for a value that is

@@ -126,6 +126,57 @@ impl attnrt_layer {
         Ok(Layer::new(self.cfg, self.weights()?)?)
     }
 
+    /// Validates the caller's configuration and weights, then copies them.
+    ///
+    /// # Safety
+    /// Each non-null tensor `data` of `w` must be valid for reads of `len` elements of its dtype.
+    pub(crate) unsafe fn from_c(
+        config: &attnrt_config,
+        w: &attnrt_weights,
+    ) -> FfiResult<attnrt_layer> {
+        let cfg = config.validated()?;
+        let named = [
+            ("wq", &w.wq),
+            ("wk", &w.wk),
+            ("wv", &w.wv),
+            ("wo", &w.wo),
+            ("bq", &w.bq),
+            ("bk", &w.bk),
+            ("bv", &w.bv),
+            ("bo", &w.bo),
+            ("q_norm", &w.q_norm),
+            ("k_norm", &w.k_norm),
+        ];
+        let mut views: [Option<Tensor<'_>>; 10] = [None; 10];
+        for (slot, (name, t)) in views.iter_mut().zip(named) {
+            // SAFETY: the contract of this function.
+            *slot = unsafe { view(name, t) }?;
+        }
+        let missing = |name: &'static str| attnrt::Error::WeightPresence {
+            name,
+            required: true,
+        };
+        let borrowed = LayerWeights {
+            wq: views[0].ok_or(missing("wq"))?,
+            wk: views[1].ok_or(missing("wk"))?,
+            wv: views[2].ok_or(missing("wv"))?,
+            wo: views[3].ok_or(missing("wo"))?,
+            bq: views[4],
+            bk: views[5],
+            bv: views[6],
+            bo: views[7],
+            q_norm: views[8],
+            k_norm: views[9],
+        };
+        // Validate on the caller's buffers first, copy only what passed.
+        Layer::new(cfg, borrowed)?;
+        let mut tensors: [Option<Owned>; 10] = Default::default();
+        for (slot, v) in tensors.iter_mut().zip(&views) {
+            *slot = v.as_ref().map(Owned::of).transpose()?;
+        }
+        Ok(attnrt_layer { cfg, tensors })
+    }
+
     /// A deep copy (configuration and every weight tensor).
     pub(crate) fn try_clone(&self) -> FfiResult<attnrt_layer> {
         let mut tensors: [Option<Owned>; 10] = Default::default();
@@ -222,47 +273,8 @@ pub unsafe extern "C" fn attnrt_layer_new(
         // SAFETY: the contract of this function.
         let w = unsafe { as_ref("weights", weights) }?;
         check_out("out", out)?;
-        let cfg = config.validated()?;
-        let named = [
-            ("wq", &w.wq),
-            ("wk", &w.wk),
-            ("wv", &w.wv),
-            ("wo", &w.wo),
-            ("bq", &w.bq),
-            ("bk", &w.bk),
-            ("bv", &w.bv),
-            ("bo", &w.bo),
-            ("q_norm", &w.q_norm),
-            ("k_norm", &w.k_norm),
-        ];
-        let mut views: [Option<Tensor<'_>>; 10] = [None; 10];
-        for (slot, (name, t)) in views.iter_mut().zip(named) {
-            // SAFETY: the contract of this function.
-            *slot = unsafe { view(name, t) }?;
-        }
-        let missing = |name: &'static str| attnrt::Error::WeightPresence {
-            name,
-            required: true,
-        };
-        let borrowed = LayerWeights {
-            wq: views[0].ok_or(missing("wq"))?,
-            wk: views[1].ok_or(missing("wk"))?,
-            wv: views[2].ok_or(missing("wv"))?,
-            wo: views[3].ok_or(missing("wo"))?,
-            bq: views[4],
-            bk: views[5],
-            bv: views[6],
-            bo: views[7],
-            q_norm: views[8],
-            k_norm: views[9],
-        };
-        // Validate on the caller's buffers first, copy only what passed.
-        Layer::new(cfg, borrowed)?;
-        let mut tensors: [Option<Owned>; 10] = Default::default();
-        for (slot, v) in tensors.iter_mut().zip(&views) {
-            *slot = v.as_ref().map(Owned::of).transpose()?;
-        }
-        let layer = Box::new(attnrt_layer { cfg, tensors });
+        // SAFETY: the contract of this function.
+        let layer = Box::new(unsafe { attnrt_layer::from_c(config, w) }?);
         // SAFETY: `out` passed `check_out`; valid for one write by the contract.
         unsafe { write_out(out, Box::into_raw(layer)) };
         Ok(())

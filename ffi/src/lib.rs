@@ -33,6 +33,7 @@ mod layer;
 mod panic;
 mod pool;
 mod ptr;
+mod shard;
 mod status;
 mod table;
 
@@ -59,6 +60,10 @@ pub use layer::{
     attnrt_dtype, attnrt_forward, attnrt_forward_args, attnrt_forward_args_init, attnrt_layer,
     attnrt_layer_free, attnrt_layer_new, attnrt_parallel_for_fn, attnrt_task_fn, attnrt_tensor,
     attnrt_weights, attnrt_workspace_size,
+};
+pub use shard::{
+    attnrt_shard_mode, attnrt_sharded_forward, attnrt_sharded_layer, attnrt_sharded_layer_free,
+    attnrt_sharded_layer_new, attnrt_sharded_workspace_size,
 };
 pub use status::{attnrt_status, attnrt_status_name};
 
