@@ -47,12 +47,39 @@ enum attnrt_backend
    */
   ATTNRT_BACKEND_CPU_SIMD = 2,
   /**
-   * The CUDA executor (not in this build yet).
+   * The CUDA executor. Reported by the `attnrt_cuda_*` forward calls; requesting it from
+   * `attnrt_forward` returns `ATTNRT_STATUS_BACKEND_UNAVAILABLE` (a GPU needs a per-device
+   * handle, `attnrt_cuda_layer_new`), and AUTO never selects it.
    */
   ATTNRT_BACKEND_CUDA = 3,
 };
 #ifndef __cplusplus
 typedef uint32_t attnrt_backend;
+#endif // __cplusplus
+
+/**
+ * Storage precision of a CUDA layer (`attnrt_cuda_layer_new`, `attnrt_cuda_capability`).
+ */
+enum attnrt_cuda_precision
+#ifdef __cplusplus
+  : uint32_t
+#endif // __cplusplus
+ {
+  /**
+   * f32 storage, attention on CUDA cores: matches the reference within 1e-4.
+   */
+  ATTNRT_CUDA_PRECISION_F32 = 0,
+  /**
+   * bf16 storage, f32 accumulation, tensor cores.
+   */
+  ATTNRT_CUDA_PRECISION_BF16 = 1,
+  /**
+   * f16 storage, f32 accumulation, tensor cores.
+   */
+  ATTNRT_CUDA_PRECISION_F16 = 2,
+};
+#ifndef __cplusplus
+typedef uint32_t attnrt_cuda_precision;
 #endif // __cplusplus
 
 /**
@@ -155,6 +182,28 @@ typedef uint32_t attnrt_rope_scaling;
 #endif // __cplusplus
 
 /**
+ * What [`attnrt_sharded_forward`] writes to `out`.
+ */
+enum attnrt_shard_mode
+#ifdef __cplusplus
+  : uint32_t
+#endif // __cplusplus
+ {
+  /**
+   * The layer's output `[B, T, C]`: every device's partial output summed in device order.
+   */
+  ATTNRT_SHARD_MODE_SUMMED = 0,
+  /**
+   * Every device's partial output, `[n_devices, B, T, C]`; their sum is the layer's output
+   * (`bo` is in device 0's part). For servers that run their own all-reduce.
+   */
+  ATTNRT_SHARD_MODE_PARTIALS = 1,
+};
+#ifndef __cplusplus
+typedef uint32_t attnrt_shard_mode;
+#endif // __cplusplus
+
+/**
  * An instruction-set tier of the SIMD CPU executor, as reported by [`attnrt_cpu_tier`].
  * Values are stable; a newer library may report a value this header does not name (use
  * [`attnrt_simd_tier_name`] to print it).
@@ -191,8 +240,8 @@ typedef uint32_t attnrt_simd_tier;
  *
  * Ranges: 0 success; 1xx a bad argument at the C level (pointer, enum value, buffer
  * overlap); 2xx a shape or value of the call that does not fit the layer; 3xx an invalid
- * configuration; 4xx a backend that cannot serve the request; 5xx reserved for device (CUDA)
- * errors; 9xx internal errors and caught panics.
+ * configuration; 4xx a backend that cannot serve the request; 5xx a device (CUDA) error;
+ * 9xx internal errors and caught panics.
  */
 enum attnrt_status
 #ifdef __cplusplus
@@ -265,6 +314,15 @@ enum attnrt_status
    */
   ATTNRT_STATUS_WEIGHT_PRESENCE = 205,
   /**
+   * KV cache full: a sequence's blocks cannot hold the tokens the call needs (`cached +
+   * new_tokens`, or `window + new_tokens - 1` for a rolling cache). Give it more blocks.
+   */
+  ATTNRT_STATUS_KV_CACHE_FULL = 206,
+  /**
+   * A block table names a block outside the cache's pool, or one block twice in one call.
+   */
+  ATTNRT_STATUS_KV_BLOCK = 207,
+  /**
    * A configuration field breaks its rule (zero heads, `sliding_window` 0, odd `head_dim`
    * with rotary embedding, ...).
    */
@@ -289,6 +347,20 @@ enum attnrt_status
    */
   ATTNRT_STATUS_BACKEND_UNAVAILABLE = 401,
   /**
+   * A CUDA driver call failed (no driver or device, out of device memory, a launch or copy
+   * that failed); the message names the call and the driver's error.
+   */
+  ATTNRT_STATUS_DEVICE = 500,
+  /**
+   * A cuBLAS call failed; the message names the function and its status.
+   */
+  ATTNRT_STATUS_DEVICE_BLAS = 501,
+  /**
+   * A call larger than the device buffers the CUDA layer was set up for (`max_batch`,
+   * `max_seq_len`).
+   */
+  ATTNRT_STATUS_DEVICE_CAPACITY = 502,
+  /**
    * A panic inside the library was caught at the boundary. The library stays usable; the
    * contents of the call's output buffer are unspecified.
    */
@@ -298,7 +370,8 @@ enum attnrt_status
    */
   ATTNRT_STATUS_INTERNAL = 901,
   /**
-   * Memory for the layer's copy of the weights could not be allocated.
+   * Memory for a handle (a layer's copy of the weights, a KV cache's pools, a CUDA or
+   * sharded layer's copies) could not be allocated.
    */
   ATTNRT_STATUS_OUT_OF_MEMORY = 902,
 };
@@ -307,12 +380,44 @@ typedef uint32_t attnrt_status;
 #endif // __cplusplus
 
 /**
+ * A layer on one GPU: a private copy of the layer's configuration and weights, uploaded in
+ * the chosen precision, and device buffers sized for calls of up to `max_batch` rows of
+ * `max_seq_len` tokens.
+ *
+ * Opaque. Calls on one handle are serialized by a lock inside it (the device buffers are
+ * reused by every call); use one handle per device and per concurrent stream of work.
+ */
+typedef struct attnrt_cuda_layer attnrt_cuda_layer;
+
+/**
+ * A paged KV cache: a K pool and a V pool of `num_blocks` blocks of `block_size` tokens for
+ * every KV head, owned by the handle (allocated and zeroed by [`attnrt_kv_cache_new`]).
+ *
+ * Opaque. Block tables are the caller's (see [`attnrt_sequence`]). Calls that write the cache
+ * ([`attnrt_forward_cached`], [`attnrt_kv_cache_reset`], [`attnrt_kv_cache_drop_blocks`]) are
+ * serialized by a lock inside the handle, so concurrent use is memory-safe, but the caller
+ * owns the order in which sequences grow: use one cache from one thread at a time, and
+ * distinct caches freely in parallel.
+ */
+typedef struct attnrt_kv_cache attnrt_kv_cache;
+
+/**
  * An attention layer: a validated configuration and a private copy of its weights.
  *
  * Opaque. Created by [`attnrt_layer_new`], freed by [`attnrt_layer_free`]. Immutable after
  * creation, so any number of threads may run forward calls on one handle at once.
  */
 typedef struct attnrt_layer attnrt_layer;
+
+/**
+ * A layer split by heads over `n_devices` CPU devices: a private copy of the configuration
+ * and weights, the plan (which query heads, KV heads and weight rows/columns each device
+ * owns; GQA-aware, uneven head counts allowed), and each device's `wo` column block.
+ *
+ * Opaque. Immutable after creation: any number of threads may run forward calls on one
+ * handle at once.
+ */
+typedef struct attnrt_sharded_layer attnrt_sharded_layer;
 
 /**
  * The configuration of one attention layer (SPEC.md, "Configuration"). A plain struct: fill it
@@ -410,74 +515,6 @@ typedef struct attnrt_config {
    */
   double rope_beta_slow;
 } attnrt_config;
-
-/**
- * A view of one weight tensor: `len` elements of `dtype` at `data`, flat and row-major.
- * `data == NULL` means the tensor is absent (then `len` and `dtype` are ignored). `data` must
- * be aligned to its element size (4 bytes for f32, 2 for f16/bf16).
- */
-typedef struct attnrt_tensor {
-  /**
-   * First element, or NULL for an absent tensor.
-   */
-  const void *data;
-  /**
-   * Number of elements (not bytes).
-   */
-  size_t len;
-  /**
-   * An `attnrt_dtype` value.
-   */
-  uint32_t dtype;
-} attnrt_tensor;
-
-/**
- * The weights of one layer (SPEC.md, "Weights"), `[out_features, in_features]` row-major.
- * Each tensor is present iff the configuration uses it: `bq`..`bo` per the bias flags,
- * `q_norm`/`k_norm` iff QK-norm is on. Tensors may mix dtypes.
- */
-typedef struct attnrt_weights {
-  /**
-   * `[n_head * head_dim, n_embd]`.
-   */
-  struct attnrt_tensor wq;
-  /**
-   * `[n_kv_head * head_dim, n_embd]`.
-   */
-  struct attnrt_tensor wk;
-  /**
-   * `[n_kv_head * head_dim, n_embd]`.
-   */
-  struct attnrt_tensor wv;
-  /**
-   * `[n_embd, n_head * head_dim]`.
-   */
-  struct attnrt_tensor wo;
-  /**
-   * `[n_head * head_dim]` or absent.
-   */
-  struct attnrt_tensor bq;
-  /**
-   * `[n_kv_head * head_dim]` or absent.
-   */
-  struct attnrt_tensor bk;
-  /**
-   * `[n_kv_head * head_dim]` or absent.
-   */
-  struct attnrt_tensor bv;
-  /**
-   * `[n_embd]` or absent.
-   */
-  struct attnrt_tensor bo;
-  /**
-   * `[head_dim]` (per-head) or `[n_head * head_dim]` (full) or absent.
-   */
-  struct attnrt_tensor q_norm;
-  /**
-   * `[head_dim]` (per-head) or `[n_kv_head * head_dim]` (full) or absent.
-   */
-  struct attnrt_tensor k_norm;
-} attnrt_weights;
 
 /**
  * The task the library hands to the host's parallel-for: `task(task_ctx, i)` runs task `i`.
@@ -610,6 +647,243 @@ typedef struct attnrt_forward_args {
   size_t num_threads;
 } attnrt_forward_args;
 
+/**
+ * The arguments of [`attnrt_cuda_forward_device`]: activations in device memory, mask
+ * inputs and positions in host memory. Initialise with [`attnrt_cuda_device_args_init`].
+ */
+typedef struct attnrt_cuda_device_args {
+  /**
+   * Device pointer (`CUdeviceptr`) to f32 `x [batch, seq_len, n_embd]`. Required.
+   */
+  uint64_t x;
+  /**
+   * Device pointer to the f32 output `[batch, seq_len, n_embd]`. Required; must not overlap
+   * `x`.
+   */
+  uint64_t y;
+  /**
+   * Batch rows.
+   */
+  size_t batch;
+  /**
+   * Tokens per row.
+   */
+  size_t seq_len;
+  /**
+   * Optional host `[B]` padding lengths.
+   */
+  const int32_t *seq_lens;
+  /**
+   * Elements of `seq_lens`.
+   */
+  size_t seq_lens_len;
+  /**
+   * Optional host `[B, T]` document ids.
+   */
+  const int32_t *document_ids;
+  /**
+   * Elements of `document_ids`.
+   */
+  size_t document_ids_len;
+  /**
+   * Optional host `[S + 1]` varlen boundaries.
+   */
+  const int32_t *cu_seqlens;
+  /**
+   * Elements of `cu_seqlens`.
+   */
+  size_t cu_seqlens_len;
+  /**
+   * Longest varlen segment; negative = not given.
+   */
+  int32_t max_seqlen;
+  /**
+   * Optional host `[B, T]` positions.
+   */
+  const int32_t *position_ids;
+  /**
+   * Elements of `position_ids`.
+   */
+  size_t position_ids_len;
+  /**
+   * Optional host cos/sin table; when NULL a rotary layer builds the rows it needs on the
+   * host (allocated for the call).
+   */
+  const float *freqs_cis;
+  /**
+   * Elements of `freqs_cis`.
+   */
+  size_t freqs_cis_len;
+  /**
+   * The caller's `CUstream`, or NULL for the handle's own stream.
+   */
+  void *stream;
+} attnrt_cuda_device_args;
+
+/**
+ * One sequence of a cached forward call. The block table is the caller's: it lists the
+ * sequence's blocks (ids `0..num_blocks` of the cache's pool) in logical order, and must hold
+ * `cached + new_tokens` tokens (`window + new_tokens - 1` for a rolling cache), else the call
+ * fails with `ATTNRT_STATUS_KV_CACHE_FULL`. No block may appear twice in one call, within a
+ * sequence or across sequences (`ATTNRT_STATUS_KV_BLOCK`).
+ */
+typedef struct attnrt_sequence {
+  /**
+   * Tokens of this sequence already in the cache: the new tokens take positions
+   * `cached .. cached + new_tokens` (rotary embedding and the mask use them).
+   */
+  size_t cached;
+  /**
+   * New tokens of this call, consecutive rows of `x` (0: the sequence is skipped).
+   */
+  size_t new_tokens;
+  /**
+   * The block table, `n_blocks` block ids (NULL only with `n_blocks` 0).
+   */
+  const uint32_t *blocks;
+  /**
+   * Entries of `blocks`.
+   */
+  size_t n_blocks;
+} attnrt_sequence;
+
+/**
+ * The arguments of a cached forward call. Initialise with [`attnrt_cached_args_init`], then
+ * set what you use. `x` and `out` are `[sum of new_tokens, n_embd]`: the new tokens of
+ * sequence 0, then those of sequence 1, and so on.
+ */
+typedef struct attnrt_cached_args {
+  /**
+   * New tokens' activations. Required (any non-null pointer when there are none).
+   */
+  const float *x;
+  /**
+   * Elements of `x`: `sum(new_tokens) * n_embd`.
+   */
+  size_t x_len;
+  /**
+   * The sequences of the call.
+   */
+  const struct attnrt_sequence *seqs;
+  /**
+   * Entries of `seqs`.
+   */
+  size_t n_seqs;
+  /**
+   * Optional `[max_pos, head_dim / 2, 2]` cos/sin table indexed by position (see
+   * `attnrt_rope_table`). When NULL and the layer is rotary, the call builds the rows of
+   * positions `0..max(cached + new_tokens)` into the workspace: fine for short contexts; a
+   * long generation should pass a table built once.
+   */
+  const float *freqs_cis;
+  /**
+   * Elements of `freqs_cis`.
+   */
+  size_t freqs_cis_len;
+  /**
+   * Scratch, at least `attnrt_cached_workspace_size` elements. Must not overlap any other
+   * buffer of the call.
+   */
+  float *workspace;
+  /**
+   * Elements of `workspace`.
+   */
+  size_t workspace_len;
+  /**
+   * Output, written only on success. Must not overlap any other buffer of the call.
+   */
+  float *out;
+  /**
+   * Elements of `out`: `sum(new_tokens) * n_embd`.
+   */
+  size_t out_len;
+  /**
+   * An `attnrt_backend`: AUTO or CPU_SIMD (the SIMD executor has the cached path);
+   * REFERENCE returns `ATTNRT_STATUS_UNSUPPORTED`, CUDA `ATTNRT_STATUS_BACKEND_UNAVAILABLE`.
+   */
+  uint32_t backend;
+  /**
+   * The host's parallel-for, or NULL: as in `attnrt_forward_args`.
+   */
+  attnrt_parallel_for_fn parallel_for;
+  /**
+   * The host's context for `parallel_for`.
+   */
+  void *parallel_ctx;
+  /**
+   * Lanes, as in `attnrt_forward_args` (pass the same to `attnrt_cached_workspace_size`).
+   */
+  size_t num_threads;
+} attnrt_cached_args;
+
+/**
+ * A view of one weight tensor: `len` elements of `dtype` at `data`, flat and row-major.
+ * `data == NULL` means the tensor is absent (then `len` and `dtype` are ignored). `data` must
+ * be aligned to its element size (4 bytes for f32, 2 for f16/bf16).
+ */
+typedef struct attnrt_tensor {
+  /**
+   * First element, or NULL for an absent tensor.
+   */
+  const void *data;
+  /**
+   * Number of elements (not bytes).
+   */
+  size_t len;
+  /**
+   * An `attnrt_dtype` value.
+   */
+  uint32_t dtype;
+} attnrt_tensor;
+
+/**
+ * The weights of one layer (SPEC.md, "Weights"), `[out_features, in_features]` row-major.
+ * Each tensor is present iff the configuration uses it: `bq`..`bo` per the bias flags,
+ * `q_norm`/`k_norm` iff QK-norm is on. Tensors may mix dtypes.
+ */
+typedef struct attnrt_weights {
+  /**
+   * `[n_head * head_dim, n_embd]`.
+   */
+  struct attnrt_tensor wq;
+  /**
+   * `[n_kv_head * head_dim, n_embd]`.
+   */
+  struct attnrt_tensor wk;
+  /**
+   * `[n_kv_head * head_dim, n_embd]`.
+   */
+  struct attnrt_tensor wv;
+  /**
+   * `[n_embd, n_head * head_dim]`.
+   */
+  struct attnrt_tensor wo;
+  /**
+   * `[n_head * head_dim]` or absent.
+   */
+  struct attnrt_tensor bq;
+  /**
+   * `[n_kv_head * head_dim]` or absent.
+   */
+  struct attnrt_tensor bk;
+  /**
+   * `[n_kv_head * head_dim]` or absent.
+   */
+  struct attnrt_tensor bv;
+  /**
+   * `[n_embd]` or absent.
+   */
+  struct attnrt_tensor bo;
+  /**
+   * `[head_dim]` (per-head) or `[n_head * head_dim]` (full) or absent.
+   */
+  struct attnrt_tensor q_norm;
+  /**
+   * `[head_dim]` (per-head) or `[n_kv_head * head_dim]` (full) or absent.
+   */
+  struct attnrt_tensor k_norm;
+} attnrt_weights;
+
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
@@ -685,6 +959,116 @@ attnrt_status attnrt_capability(const struct attnrt_config *config,
 attnrt_status attnrt_config_default(size_t n_embd, size_t n_head, struct attnrt_config *out);
 
 /**
+ * Sets `layer` up on CUDA device `device`: copies its configuration and weights (the
+ * caller's `layer` may be freed afterwards), uploads the weights in `precision` (an
+ * `attnrt_cuda_precision`) and sizes every device buffer for calls of up to `max_batch` rows
+ * of `max_seq_len` tokens; forward calls then allocate nothing on the device.
+ *
+ * On success `*out` receives the handle (free with [`attnrt_cuda_layer_free`]); on error it
+ * is untouched. Errors: `ATTNRT_STATUS_NULL_POINTER`, `ATTNRT_STATUS_BAD_ENUM`,
+ * `ATTNRT_STATUS_BACKEND_UNAVAILABLE` (built without CUDA: "attnrt built without CUDA"),
+ * `ATTNRT_STATUS_UNSUPPORTED` (head_dim / group the kernels cannot run, see
+ * [`attnrt_cuda_capability`]; sizes that overflow), `ATTNRT_STATUS_DEVICE` (no driver, no such
+ * device, out of device memory, any driver failure), `ATTNRT_STATUS_DEVICE_BLAS`,
+ * `ATTNRT_STATUS_OUT_OF_MEMORY`. Thread-safe.
+ *
+ * # Safety
+ * `layer` NULL or a live layer handle; `out` NULL or valid for one write.
+ */
+attnrt_status attnrt_cuda_layer_new(const struct attnrt_layer *layer,
+                                    uint32_t precision,
+                                    size_t max_batch,
+                                    size_t max_seq_len,
+                                    uint32_t device,
+                                    struct attnrt_cuda_layer **out);
+
+/**
+ * Frees a CUDA layer and its device memory. NULL is a no-op. Every call on the handle must
+ * have returned (and every stream the caller passed must be done with its buffers); never
+ * twice.
+ *
+ * # Safety
+ * `layer` NULL or a handle from [`attnrt_cuda_layer_new`] not yet freed.
+ */
+void attnrt_cuda_layer_free(struct attnrt_cuda_layer *layer);
+
+/**
+ * Which CUDA attention path `(precision, head_dim, group)` gets (`group` = query heads per KV
+ * head), or why none can run it. On `ATTNRT_STATUS_OK` `reason_buf` receives the kernel path
+ * (for example `tensor-core-bf16-p128-m1-n64`); otherwise the reason. Truncated to
+ * `len - 1` bytes, NUL-terminated; `*written` receives its length. `reason_buf` and `written`
+ * may be NULL (`len` 0).
+ *
+ * Returns `ATTNRT_STATUS_OK`, `ATTNRT_STATUS_BACKEND_UNAVAILABLE` (built without CUDA),
+ * `ATTNRT_STATUS_UNSUPPORTED` (head_dim 0 or above 256, odd head_dim on tensor cores, too
+ * many heads per group), `ATTNRT_STATUS_BAD_ENUM`. This does not look for a device
+ * (`attnrt_cuda_layer_new` does). Thread-safe.
+ *
+ * # Safety
+ * `reason_buf` NULL or valid for `len` bytes; `written` NULL or valid for one write.
+ */
+attnrt_status attnrt_cuda_capability(uint32_t precision,
+                                     size_t head_dim,
+                                     size_t group,
+                                     char *reason_buf,
+                                     size_t len,
+                                     size_t *written);
+
+/**
+ * Runs the CUDA layer on host buffers: `args` as for `attnrt_forward` (x, mask inputs,
+ * positions, `freqs_cis`, `out`); the copies to and from the device are done inside, and the
+ * call returns when `out` is written. `backend`, `parallel_for` and `num_threads` are
+ * ignored. The workspace is needed only for the cos/sin rows a rotary layer builds when
+ * `freqs_cis` is NULL (`attnrt_workspace_size` covers it); otherwise it may be NULL with
+ * length 0. On success `*backend_ran` receives `ATTNRT_BACKEND_CUDA`.
+ *
+ * Errors: those of `attnrt_forward` for the arguments, `ATTNRT_STATUS_DEVICE_CAPACITY`
+ * (batch or seq_len above the handle's maxima), `ATTNRT_STATUS_DEVICE`,
+ * `ATTNRT_STATUS_DEVICE_BLAS`, `ATTNRT_STATUS_UNSUPPORTED`. On any error `out` and
+ * `*backend_ran` are untouched, except a device failure during the call (5xx), after which
+ * `out` is unspecified.
+ *
+ * Calls on one handle are serialized by its lock; distinct handles run in parallel.
+ *
+ * # Safety
+ * As `attnrt_forward`, with `layer` a live CUDA layer handle.
+ */
+attnrt_status attnrt_cuda_forward_host(const struct attnrt_cuda_layer *layer,
+                                       const struct attnrt_forward_args *args,
+                                       attnrt_backend *backend_ran);
+
+/**
+ * Fills `*out` with empty device arguments (0 pointers, NULL buffers, `max_seqlen` -1, NULL
+ * stream). Returns `ATTNRT_STATUS_NULL_POINTER` if `out` is NULL. Thread-safe.
+ *
+ * # Safety
+ * `out` NULL or valid for one write.
+ */
+attnrt_status attnrt_cuda_device_args_init(struct attnrt_cuda_device_args *out);
+
+/**
+ * Runs the CUDA layer on device buffers (for servers that keep activations on the GPU):
+ * enqueued on `stream` (or the handle's own), asynchronous with respect to the host as the
+ * executor allows; `y` is ready when the stream reaches the end of the call's work. Host mask
+ * inputs are validated and uploaded with the call. On success `*backend_ran` receives
+ * `ATTNRT_BACKEND_CUDA`.
+ *
+ * Errors: `ATTNRT_STATUS_NULL_POINTER` (a handle, `args`, `backend_ran`, `x` or `y` 0),
+ * the argument errors of `attnrt_forward`, `ATTNRT_STATUS_DEVICE_CAPACITY`,
+ * `ATTNRT_STATUS_DEVICE`, `ATTNRT_STATUS_DEVICE_BLAS`, `ATTNRT_STATUS_BACKEND_UNAVAILABLE`.
+ * On an argument error nothing is enqueued. Calls on one handle are serialized by its lock.
+ *
+ * # Safety
+ * `layer` NULL or a live CUDA layer handle; `args` NULL or valid, its host buffers valid for
+ * their lengths; `x` and `y` device allocations of the handle's device of at least
+ * `batch * seq_len * n_embd` f32 each, not used by other work until the call's work is
+ * done; `stream` NULL or a live stream of that device's context; `backend_ran` NULL or valid.
+ */
+attnrt_status attnrt_cuda_forward_device(const struct attnrt_cuda_layer *layer,
+                                         const struct attnrt_cuda_device_args *args,
+                                         attnrt_backend *backend_ran);
+
+/**
  * Copies the message of the calling thread's last failed call into `buf`.
  *
  * The message is truncated to `len - 1` bytes (at a UTF-8 character boundary) and always
@@ -702,6 +1086,200 @@ attnrt_status attnrt_config_default(size_t n_embd, size_t n_head, struct attnrt_
  * valid for a write of one `size_t`.
  */
 attnrt_status attnrt_error_message(char *buf, size_t len, size_t *written);
+
+/**
+ * Writes to `*elems_per_pool` the elements of one pool (K or V; the cache has two) of a cache
+ * of `num_blocks` blocks of `block_size` tokens for `n_kv_head` heads of `head_dim` values:
+ * `n_kv_head * head_dim * block_size * num_blocks`. Bytes are that times 4 (f32) or 2
+ * (f16, bf16).
+ *
+ * Errors: `ATTNRT_STATUS_NULL_POINTER`, `ATTNRT_STATUS_BAD_ENUM` (dtype),
+ * `ATTNRT_STATUS_CONFIG` (a dimension 0), `ATTNRT_STATUS_LENGTH_OVERFLOW` (more than
+ * `PTRDIFF_MAX` bytes). Thread-safe.
+ *
+ * # Safety
+ * `elems_per_pool` must be NULL or valid for one write.
+ */
+attnrt_status attnrt_kv_cache_size(size_t n_kv_head,
+                                   size_t head_dim,
+                                   size_t block_size,
+                                   size_t num_blocks,
+                                   uint32_t dtype,
+                                   size_t *elems_per_pool);
+
+/**
+ * Creates a KV cache for `layer`'s KV heads (`n_kv_head` x `head_dim` of its configuration):
+ * `num_blocks` blocks of `block_size` tokens, stored as `dtype` (an `attnrt_dtype`; values are
+ * rounded to it when appended, attention computes in f32). The handle allocates and zeroes
+ * both pools (see [`attnrt_kv_cache_size`]); it does not keep `layer`.
+ *
+ * With `rolling` nonzero the cache is a rolling buffer for a sliding-window layer of window
+ * W: logical token `j` of a sequence lives in slot `j mod S` (`S` = its blocks x
+ * `block_size`), so a sequence needs only `W + new_tokens - 1` slots however long it grows.
+ *
+ * On success `*out` receives the handle (free with [`attnrt_kv_cache_free`]); on error it is
+ * untouched. Errors: `ATTNRT_STATUS_NULL_POINTER`, `ATTNRT_STATUS_BAD_ENUM`,
+ * `ATTNRT_STATUS_CONFIG` (`block_size` or `num_blocks` 0), `ATTNRT_STATUS_UNSUPPORTED`
+ * (`rolling` for a layer without a sliding window), `ATTNRT_STATUS_LENGTH_OVERFLOW`,
+ * `ATTNRT_STATUS_OUT_OF_MEMORY`. Thread-safe (the layer is only read).
+ *
+ * # Safety
+ * `layer` must be NULL or a live layer handle; `out` NULL or valid for one write.
+ */
+attnrt_status attnrt_kv_cache_new(const struct attnrt_layer *layer,
+                                  uint32_t dtype,
+                                  size_t block_size,
+                                  size_t num_blocks,
+                                  uint8_t rolling,
+                                  struct attnrt_kv_cache **out);
+
+/**
+ * Frees a cache made by [`attnrt_kv_cache_new`] and its pools. NULL is a no-op.
+ *
+ * Every call using `cache` must have returned, and none may start after; never twice.
+ *
+ * # Safety
+ * `cache` must be NULL or a handle from [`attnrt_kv_cache_new`] not yet freed.
+ */
+void attnrt_kv_cache_free(struct attnrt_kv_cache *cache);
+
+/**
+ * Zeroes both pools: every sequence is forgotten (the caller resets its block tables and
+ * cached lengths). Errors: `ATTNRT_STATUS_NULL_POINTER`. Serialized with the cache's other
+ * calls by the handle's lock.
+ *
+ * # Safety
+ * `cache` must be NULL or a live handle.
+ */
+attnrt_status attnrt_kv_cache_reset(struct attnrt_kv_cache *cache);
+
+/**
+ * Zeroes blocks `blocks[0..n]` of both pools, for a caller that returns a finished
+ * sequence's blocks to its free list and wants no stale keys left behind. (Dropping a
+ * sequence needs no call: block tables are the caller's, and a block handed to a new sequence
+ * is overwritten before it is read. This call is hygiene, not a requirement.) Repeated ids are
+ * allowed.
+ *
+ * Errors: `ATTNRT_STATUS_NULL_POINTER` (`cache`, or `blocks` with `n > 0`),
+ * `ATTNRT_STATUS_MISALIGNED_POINTER`, `ATTNRT_STATUS_KV_BLOCK` (an id `>= num_blocks`; then
+ * nothing is zeroed). Serialized with the cache's other calls.
+ *
+ * # Safety
+ * `cache` must be NULL or a live handle; `blocks` NULL or valid for `n` reads.
+ */
+attnrt_status attnrt_kv_cache_drop_blocks(struct attnrt_kv_cache *cache,
+                                          const uint32_t *blocks,
+                                          size_t n);
+
+/**
+ * Copies both pools, converted to f32, into `k_out` and `v_out` (each `len` =
+ * `attnrt_kv_cache_size` elements, in the pool layout: block `b`, KV head `g`, slot `i` at
+ * `((b * n_kv_head + g) * block_size + i) * head_dim`). For inspection, tests and saving a
+ * cache; f16/bf16 values convert exactly.
+ *
+ * Errors: `ATTNRT_STATUS_NULL_POINTER`, `ATTNRT_STATUS_MISALIGNED_POINTER`,
+ * `ATTNRT_STATUS_LENGTH_OVERFLOW`, `ATTNRT_STATUS_INPUT_SHAPE` (`len`),
+ * `ATTNRT_STATUS_ALIASED_BUFFERS` (`k_out` overlaps `v_out`); nothing is written on error.
+ * Serialized with the cache's other calls.
+ *
+ * # Safety
+ * `cache` NULL or a live handle; `k_out`, `v_out` NULL or valid for `len` writes.
+ */
+attnrt_status attnrt_kv_cache_read_f32(const struct attnrt_kv_cache *cache,
+                                       float *k_out,
+                                       float *v_out,
+                                       size_t len);
+
+/**
+ * f32 elements of workspace [`attnrt_forward_cached`] needs for these sequences on `layer`
+ * and `cache` with `num_threads` lanes (0 counts as 1), when the call passes no `freqs_cis`
+ * (a rotary layer then builds the cos/sin rows of positions `0..max(cached + new_tokens)`
+ * into the workspace; a call with a caller table needs that much less).
+ *
+ * Writes `*out_elems` on success. Errors: `ATTNRT_STATUS_NULL_POINTER`,
+ * `ATTNRT_STATUS_MISALIGNED_POINTER`, `ATTNRT_STATUS_INPUT_VALUE` (positions or the size
+ * overflow). Thread-safe; reads no pool.
+ *
+ * # Safety
+ * `layer`, `cache` NULL or live handles; `seqs` NULL or valid for `n_seqs` reads, each
+ * `blocks` valid for `n_blocks` reads; `out_elems` NULL or valid for one write.
+ */
+attnrt_status attnrt_cached_workspace_size(const struct attnrt_layer *layer,
+                                           const struct attnrt_kv_cache *cache,
+                                           const struct attnrt_sequence *seqs,
+                                           size_t n_seqs,
+                                           size_t num_threads,
+                                           size_t *out_elems);
+
+/**
+ * Writes the cos/sin table of `layer`'s rotary embedding for positions `0..max_pos` into
+ * `out` (`[max_pos, head_dim / 2, 2]`, `out_len == max_pos * head_dim`), bitwise the rows
+ * the library builds itself. A server builds it once for its longest context and passes it
+ * as `freqs_cis` to every call, so that no call builds rows.
+ *
+ * Errors: `ATTNRT_STATUS_NULL_POINTER`, `ATTNRT_STATUS_MISALIGNED_POINTER`,
+ * `ATTNRT_STATUS_LENGTH_OVERFLOW`, `ATTNRT_STATUS_INPUT_SHAPE` (`out_len`),
+ * `ATTNRT_STATUS_UNSUPPORTED` (a layer without rotary embedding); `out` is untouched on
+ * error. Thread-safe.
+ *
+ * # Safety
+ * `layer` NULL or a live handle; `out` NULL or valid for `out_len` writes.
+ */
+attnrt_status attnrt_rope_table(const struct attnrt_layer *layer,
+                                size_t max_pos,
+                                float *out,
+                                size_t out_len);
+
+/**
+ * Fills `*out` with empty cached arguments: pointers NULL, lengths 0, backend AUTO, no
+ * parallel-for, `num_threads` 0. Returns `ATTNRT_STATUS_NULL_POINTER` if `out` is NULL.
+ * Thread-safe.
+ *
+ * # Safety
+ * `out` must be NULL or valid for one write.
+ */
+attnrt_status attnrt_cached_args_init(struct attnrt_cached_args *out);
+
+/**
+ * Runs `layer` on the new tokens of one or more sequences against `cache`: prefill into an
+ * empty sequence (`cached` 0), chunked prefill, or decode (one new token per sequence, a batch
+ * of sequences of different lengths), appending the new keys and values to the cache. Token
+ * `t` of a sequence has position `cached + t` and sees the keys at positions `<= cached + t`
+ * (within the sliding window, if any). The results equal `attnrt_forward` over each whole
+ * sequence (within 1e-4 for an f32 cache) and do not depend on the thread count, the block
+ * size, the block ids or the other sequences of the call.
+ *
+ * Every check runs before anything is written: on any error `out`, `*backend_ran` and the
+ * cache are untouched (the workspace may have been written), except
+ * `ATTNRT_STATUS_PARALLEL_FOR_CONTRACT` (a host that broke its contract): then `out` and the
+ * new tokens' slots of the cache are unspecified, and those sequences must be recomputed.
+ * After success the caller advances each sequence's `cached` by its `new_tokens`.
+ *
+ * Errors: `ATTNRT_STATUS_NULL_POINTER`, `ATTNRT_STATUS_MISALIGNED_POINTER`,
+ * `ATTNRT_STATUS_LENGTH_OVERFLOW`, `ATTNRT_STATUS_BAD_ENUM` (backend),
+ * `ATTNRT_STATUS_ALIASED_BUFFERS`, `ATTNRT_STATUS_INPUT_SHAPE` (`x`/`out` length; cache heads
+ * that differ from the layer's; a `freqs_cis` row of the wrong width),
+ * `ATTNRT_STATUS_INPUT_VALUE` (`cached + new_tokens` past `INT32_MAX`),
+ * `ATTNRT_STATUS_KV_CACHE_FULL`, `ATTNRT_STATUS_KV_BLOCK` (a block id outside the pool or
+ * used twice), `ATTNRT_STATUS_POSITION_OUT_OF_TABLE` (past the caller's `freqs_cis`),
+ * `ATTNRT_STATUS_WORKSPACE_TOO_SMALL`, `ATTNRT_STATUS_UNSUPPORTED` (REFERENCE backend; a
+ * rolling cache on a layer without window; `freqs_cis` for a layer without rotary
+ * embedding), `ATTNRT_STATUS_BACKEND_UNAVAILABLE` (CUDA: use the `attnrt_cuda_*` handles),
+ * `ATTNRT_STATUS_PARALLEL_FOR_CONTRACT`.
+ *
+ * Thread safety: `layer` may serve any number of calls at once; calls on one `cache` are
+ * serialized by its lock (use distinct caches to run in parallel).
+ *
+ * # Safety
+ * `layer`, `cache` NULL or live handles; `args` NULL or valid; every buffer in `args` valid
+ * for its length (writes for `workspace` and `out`), each sequence's `blocks` valid for
+ * `n_blocks` reads, none written by anyone else during the call; `backend_ran` NULL or valid
+ * for one write; `parallel_for` keeps the contract of `attnrt_parallel_for_fn`.
+ */
+attnrt_status attnrt_forward_cached(const struct attnrt_layer *layer,
+                                    struct attnrt_kv_cache *cache,
+                                    const struct attnrt_cached_args *args,
+                                    attnrt_backend *backend_ran);
 
 /**
  * Creates a layer from a configuration and weights, validating both.
@@ -805,6 +1383,71 @@ attnrt_status attnrt_forward_args_init(struct attnrt_forward_args *out);
 attnrt_status attnrt_forward(const struct attnrt_layer *layer,
                              const struct attnrt_forward_args *args,
                              attnrt_backend *backend_ran);
+
+/**
+ * Creates a layer split by heads over `n_devices` CPU devices. The configuration and
+ * weights are validated and COPIED as by `attnrt_layer_new` (the caller's buffers may be
+ * freed on return), and each device's `wo` column block is copied out once.
+ *
+ * On success `*out` receives the handle (free with [`attnrt_sharded_layer_free`]); on error
+ * it is untouched. Errors: those of `attnrt_layer_new`, `ATTNRT_STATUS_CONFIG`
+ * (`n_devices` 0), `ATTNRT_STATUS_CONFIG_PAIR` (`n_devices` > `n_head`: a device would own
+ * no query head). Thread-safe.
+ *
+ * # Safety
+ * As `attnrt_layer_new`.
+ */
+attnrt_status attnrt_sharded_layer_new(const struct attnrt_config *config,
+                                       const struct attnrt_weights *weights,
+                                       size_t n_devices,
+                                       struct attnrt_sharded_layer **out);
+
+/**
+ * Frees a sharded layer. NULL is a no-op. Every call on the handle must have returned;
+ * never twice.
+ *
+ * # Safety
+ * `layer` NULL or a handle from [`attnrt_sharded_layer_new`] not yet freed.
+ */
+void attnrt_sharded_layer_free(struct attnrt_sharded_layer *layer);
+
+/**
+ * f32 elements of workspace [`attnrt_sharded_forward`] needs for `batch` rows of `seq_len`
+ * tokens with `num_threads` lanes (every device's scratch, one partial output, and the
+ * cos/sin rows a rotary layer builds when `freqs_cis` is NULL). The same for both modes.
+ *
+ * Errors: `ATTNRT_STATUS_NULL_POINTER`, `ATTNRT_STATUS_INPUT_VALUE` (overflow). Thread-safe.
+ *
+ * # Safety
+ * `layer` NULL or a live handle; `out_elems` NULL or valid for one write.
+ */
+attnrt_status attnrt_sharded_workspace_size(const struct attnrt_sharded_layer *layer,
+                                            size_t batch,
+                                            size_t seq_len,
+                                            size_t num_threads,
+                                            size_t *out_elems);
+
+/**
+ * Runs the sharded layer on one batch on CPU devices: `args` as for `attnrt_forward`, with
+ * `out` of `B * T * C` elements (SUMMED) or `n_devices * B * T * C` (PARTIALS, device `i`'s
+ * part at `i * B * T * C`); `mode` is an `attnrt_shard_mode`. The devices run one after
+ * another, each on the whole of the host's parallel-for / `num_threads`; the result is
+ * deterministic and equals `attnrt_forward` within 1e-4. `backend` must be AUTO or CPU_SIMD
+ * (REFERENCE: `ATTNRT_STATUS_UNSUPPORTED`; CUDA: `ATTNRT_STATUS_BACKEND_UNAVAILABLE`, GPU
+ * devices are not in this ABI yet). On success `*backend_ran` receives CPU_SIMD.
+ *
+ * Errors: those of `attnrt_forward`, and `ATTNRT_STATUS_BAD_ENUM` (`mode`). On any error
+ * `out` and `*backend_ran` are untouched (except `ATTNRT_STATUS_PARALLEL_FOR_CONTRACT`).
+ *
+ * Thread-safe: any number of threads at once on one handle, each with its own buffers.
+ *
+ * # Safety
+ * As `attnrt_forward`, with `layer` a live sharded layer handle.
+ */
+attnrt_status attnrt_sharded_forward(const struct attnrt_sharded_layer *layer,
+                                     const struct attnrt_forward_args *args,
+                                     uint32_t mode,
+                                     attnrt_backend *backend_ran);
 
 /**
  * The name of a status constant (`"ATTNRT_STATUS_WEIGHT_SHAPE"`), or NULL for a value that is

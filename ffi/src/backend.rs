@@ -27,7 +27,9 @@ pub enum attnrt_backend {
     /// The SIMD CPU executor, on the best instruction-set tier of this CPU (see
     /// `attnrt_cpu_tier`), threaded by the host's parallel-for or `num_threads`.
     ATTNRT_BACKEND_CPU_SIMD = 2,
-    /// The CUDA executor (not in this build yet).
+    /// The CUDA executor. Reported by the `attnrt_cuda_*` forward calls; requesting it from
+    /// `attnrt_forward` returns `ATTNRT_STATUS_BACKEND_UNAVAILABLE` (a GPU needs a per-device
+    /// handle, `attnrt_cuda_layer_new`), and AUTO never selects it.
     ATTNRT_BACKEND_CUDA = 3,
 }
 
@@ -135,8 +137,13 @@ pub(crate) fn select(
             Ok(Plan::CpuSimd)
         }
         attnrt_backend::ATTNRT_BACKEND_REFERENCE => Ok(Plan::Reference),
+        // A GPU layer owns per-device state (weights uploaded in a precision, buffers sized
+        // for a maximum shape, a stream) that this immutable, device-agnostic handle cannot
+        // hold: the GPU is reached through an `attnrt_cuda_layer` handle instead.
         attnrt_backend::ATTNRT_BACKEND_CUDA => Err(unavailable(
-            "the CUDA executor is not available in this build of attnrt (built without CUDA)",
+            "attnrt_forward does not run on CUDA: a GPU needs a per-device handle; create one \
+             with attnrt_cuda_layer_new and call attnrt_cuda_forward_host or \
+             attnrt_cuda_forward_device",
         )),
     }
 }
@@ -159,6 +166,11 @@ pub(crate) fn dispatch(
         Plan::Reference => layer.forward_reference(inputs, workspace, out)?,
         Plan::CpuSimd => layer.forward_cpu(inputs, workspace, out, pool)?,
     };
+    report(ran)
+}
+
+/// The ABI's name for the backend the runtime reports.
+pub(crate) fn report(ran: Backend) -> FfiResult<attnrt_backend> {
     match ran {
         Backend::Reference => Ok(attnrt_backend::ATTNRT_BACKEND_REFERENCE),
         Backend::CpuSimd(_) => Ok(attnrt_backend::ATTNRT_BACKEND_CPU_SIMD),

@@ -73,7 +73,7 @@ pub struct attnrt_weights {
 
 /// One tensor owned by a layer handle.
 #[derive(Debug)]
-enum Owned {
+pub(crate) enum Owned {
     F32(Vec<f32>),
     F16(Vec<f16>),
     Bf16(Vec<bf16>),
@@ -92,7 +92,7 @@ fn copy<T: Copy>(s: &[T]) -> FfiResult<Vec<T>> {
 }
 
 impl Owned {
-    fn of(t: &Tensor<'_>) -> FfiResult<Owned> {
+    pub(crate) fn of(t: &Tensor<'_>) -> FfiResult<Owned> {
         Ok(match t {
             Tensor::F32(s) => Owned::F32(copy(s)?),
             Tensor::F16(s) => Owned::F16(copy(s)?),
@@ -100,7 +100,7 @@ impl Owned {
         })
     }
 
-    fn view(&self) -> Tensor<'_> {
+    pub(crate) fn view(&self) -> Tensor<'_> {
         match self {
             Owned::F32(v) => Tensor::F32(v),
             Owned::F16(v) => Tensor::F16(v),
@@ -115,14 +115,82 @@ impl Owned {
 /// creation, so any number of threads may run forward calls on one handle at once.
 #[derive(Debug)]
 pub struct attnrt_layer {
-    cfg: Config,
+    pub(crate) cfg: Config,
     /// wq, wk, wv, wo, bq, bk, bv, bo, q_norm, k_norm.
     tensors: [Option<Owned>; 10],
 }
 
 impl attnrt_layer {
     /// The runtime's view of this layer (validation of a few lengths, no copies).
-    fn runtime(&self) -> FfiResult<Layer<'_>> {
+    pub(crate) fn runtime(&self) -> FfiResult<Layer<'_>> {
+        Ok(Layer::new(self.cfg, self.weights()?)?)
+    }
+
+    /// Validates the caller's configuration and weights, then copies them.
+    ///
+    /// # Safety
+    /// Each non-null tensor `data` of `w` must be valid for reads of `len` elements of its dtype.
+    pub(crate) unsafe fn from_c(
+        config: &attnrt_config,
+        w: &attnrt_weights,
+    ) -> FfiResult<attnrt_layer> {
+        let cfg = config.validated()?;
+        let named = [
+            ("wq", &w.wq),
+            ("wk", &w.wk),
+            ("wv", &w.wv),
+            ("wo", &w.wo),
+            ("bq", &w.bq),
+            ("bk", &w.bk),
+            ("bv", &w.bv),
+            ("bo", &w.bo),
+            ("q_norm", &w.q_norm),
+            ("k_norm", &w.k_norm),
+        ];
+        let mut views: [Option<Tensor<'_>>; 10] = [None; 10];
+        for (slot, (name, t)) in views.iter_mut().zip(named) {
+            // SAFETY: the contract of this function.
+            *slot = unsafe { view(name, t) }?;
+        }
+        let missing = |name: &'static str| attnrt::Error::WeightPresence {
+            name,
+            required: true,
+        };
+        let borrowed = LayerWeights {
+            wq: views[0].ok_or(missing("wq"))?,
+            wk: views[1].ok_or(missing("wk"))?,
+            wv: views[2].ok_or(missing("wv"))?,
+            wo: views[3].ok_or(missing("wo"))?,
+            bq: views[4],
+            bk: views[5],
+            bv: views[6],
+            bo: views[7],
+            q_norm: views[8],
+            k_norm: views[9],
+        };
+        // Validate on the caller's buffers first, copy only what passed.
+        Layer::new(cfg, borrowed)?;
+        let mut tensors: [Option<Owned>; 10] = Default::default();
+        for (slot, v) in tensors.iter_mut().zip(&views) {
+            *slot = v.as_ref().map(Owned::of).transpose()?;
+        }
+        Ok(attnrt_layer { cfg, tensors })
+    }
+
+    /// A deep copy (configuration and every weight tensor).
+    pub(crate) fn try_clone(&self) -> FfiResult<attnrt_layer> {
+        let mut tensors: [Option<Owned>; 10] = Default::default();
+        for (slot, t) in tensors.iter_mut().zip(&self.tensors) {
+            *slot = t.as_ref().map(|o| Owned::of(&o.view())).transpose()?;
+        }
+        Ok(attnrt_layer {
+            cfg: self.cfg,
+            tensors,
+        })
+    }
+
+    /// Views of the handle's weights.
+    pub(crate) fn weights(&self) -> FfiResult<LayerWeights<'_>> {
         let t = |i: usize| self.tensors[i].as_ref().map(Owned::view);
         let need = |i: usize| {
             t(i).ok_or_else(|| {
@@ -144,7 +212,7 @@ impl attnrt_layer {
             q_norm: t(8),
             k_norm: t(9),
         };
-        Ok(Layer::new(self.cfg, weights)?)
+        Ok(weights)
     }
 }
 
@@ -205,47 +273,8 @@ pub unsafe extern "C" fn attnrt_layer_new(
         // SAFETY: the contract of this function.
         let w = unsafe { as_ref("weights", weights) }?;
         check_out("out", out)?;
-        let cfg = config.validated()?;
-        let named = [
-            ("wq", &w.wq),
-            ("wk", &w.wk),
-            ("wv", &w.wv),
-            ("wo", &w.wo),
-            ("bq", &w.bq),
-            ("bk", &w.bk),
-            ("bv", &w.bv),
-            ("bo", &w.bo),
-            ("q_norm", &w.q_norm),
-            ("k_norm", &w.k_norm),
-        ];
-        let mut views: [Option<Tensor<'_>>; 10] = [None; 10];
-        for (slot, (name, t)) in views.iter_mut().zip(named) {
-            // SAFETY: the contract of this function.
-            *slot = unsafe { view(name, t) }?;
-        }
-        let missing = |name: &'static str| attnrt::Error::WeightPresence {
-            name,
-            required: true,
-        };
-        let borrowed = LayerWeights {
-            wq: views[0].ok_or(missing("wq"))?,
-            wk: views[1].ok_or(missing("wk"))?,
-            wv: views[2].ok_or(missing("wv"))?,
-            wo: views[3].ok_or(missing("wo"))?,
-            bq: views[4],
-            bk: views[5],
-            bv: views[6],
-            bo: views[7],
-            q_norm: views[8],
-            k_norm: views[9],
-        };
-        // Validate on the caller's buffers first, copy only what passed.
-        Layer::new(cfg, borrowed)?;
-        let mut tensors: [Option<Owned>; 10] = Default::default();
-        for (slot, v) in tensors.iter_mut().zip(&views) {
-            *slot = v.as_ref().map(Owned::of).transpose()?;
-        }
-        let layer = Box::new(attnrt_layer { cfg, tensors });
+        // SAFETY: the contract of this function.
+        let layer = Box::new(unsafe { attnrt_layer::from_c(config, w) }?);
         // SAFETY: `out` passed `check_out`; valid for one write by the contract.
         unsafe { write_out(out, Box::into_raw(layer)) };
         Ok(())
@@ -477,122 +506,166 @@ pub unsafe extern "C" fn attnrt_forward(
         let requested = attnrt_backend::from_u32(a.backend)?;
         let cfg = &layer.cfg;
         let plan = select(requested, cfg, a.batch, a.seq_len)?;
-
-        // Read-only inputs first; their byte ranges are checked against the writable buffers
-        // below, before any `&mut` is made.
-        // SAFETY: the contract of this function (each input valid for its length).
-        let x = unsafe { slice("x", a.x, a.x_len) }?;
-        // SAFETY: as above.
-        let seq_lens = unsafe { opt_slice("seq_lens", a.seq_lens, a.seq_lens_len) }?;
-        // SAFETY: as above.
-        let document_ids =
-            unsafe { opt_slice("document_ids", a.document_ids, a.document_ids_len) }?;
-        // SAFETY: as above.
-        let cu_seqlens = unsafe { opt_slice("cu_seqlens", a.cu_seqlens, a.cu_seqlens_len) }?;
-        // SAFETY: as above.
-        let position_ids =
-            unsafe { opt_slice("position_ids", a.position_ids, a.position_ids_len) }?;
-        // SAFETY: as above.
-        let freqs_cis = unsafe { opt_slice("freqs_cis", a.freqs_cis, a.freqs_cis_len) }?;
-
-        check("workspace", a.workspace.cast_const(), a.workspace_len)?;
-        check("out", a.out.cast_const(), a.out_len)?;
-        let ws_span = span(a.workspace.cast_const(), a.workspace_len);
-        let out_span = span(a.out.cast_const(), a.out_len);
-        let inputs_spans = [
-            ("x", span(a.x, a.x_len)),
-            ("seq_lens", span(a.seq_lens, a.seq_lens_len)),
-            ("document_ids", span(a.document_ids, a.document_ids_len)),
-            ("cu_seqlens", span(a.cu_seqlens, a.cu_seqlens_len)),
-            ("position_ids", span(a.position_ids, a.position_ids_len)),
-            ("freqs_cis", span(a.freqs_cis, a.freqs_cis_len)),
-            ("workspace", ws_span),
-        ];
-        for (name, s) in inputs_spans {
-            if overlaps(out_span, s) {
-                return Err(aliased("out", name));
-            }
-            if name != "workspace" && overlaps(ws_span, s) {
-                return Err(aliased("workspace", name));
-            }
-        }
-        // SAFETY: the contract of this function; no other buffer of the call overlaps it.
-        let workspace = unsafe { slice_mut("workspace", a.workspace, a.workspace_len) }?;
-        // SAFETY: as above. Written only by the backend, after every check.
-        let out = unsafe { slice_mut("out", a.out, a.out_len) }?;
-
-        let mut inputs = Inputs::new(x, a.batch, a.seq_len);
-        inputs.mask = MaskInputs {
-            seq_lens,
-            document_ids,
-            cu_seqlens,
-            max_seqlen: (a.max_seqlen >= 0).then_some(a.max_seqlen),
-        };
-        inputs.position_ids = position_ids;
-
-        let build_table = cfg.rope().is_some() && freqs_cis.is_none();
         let lanes = lanes(a.num_threads);
-        let needed = workspace_elems(plan, cfg, a.batch, a.seq_len, lanes, build_table)?;
-        if workspace.len() < needed {
-            return Err(attnrt::Error::Workspace {
-                needed,
-                actual: workspace.len(),
-            }
-            .into());
-        }
-        let table_len = table_part(cfg, a.batch, a.seq_len, build_table)?;
-        let (table_ws, exec_ws) = workspace.split_at_mut(table_len);
-        let remapped: Option<&[i32]>;
-        match (cfg.rope(), freqs_cis) {
-            (Some(_), Some(f)) => {
-                remapped = None;
-                inputs.rope_table = Some(RopeTable::new(f, cfg.head_dim)?);
-            }
-            (None, Some(_)) => {
-                return Err(attnrt::Error::Unsupported {
-                    what: "freqs_cis given but the layer has no rotary embedding",
-                }
-                .into())
-            }
-            (Some(rope), None) => {
-                let (table, ids) = crate::table::build(rope, cfg.head_dim, &inputs, table_ws)?;
-                remapped = ids;
-                inputs.rope_table = Some(table);
-            }
-            (None, None) => remapped = None,
-        }
-        if remapped.is_some() {
-            inputs.position_ids = remapped;
-        }
-
+        // SAFETY: the contract of this function.
+        let call = unsafe {
+            prepare(cfg, a, false, |with_table| {
+                workspace_elems(plan, cfg, a.batch, a.seq_len, lanes, with_table)
+            })
+        }?;
         let pool = Pool::new(a.parallel_for, a.parallel_ctx, a.num_threads);
         let ran = dispatch(
             plan,
             &layer.runtime()?,
-            &inputs,
-            exec_ws,
-            out,
+            &call.inputs,
+            call.exec_ws,
+            call.out,
             pool.as_dyn(),
         );
-        // A broken host contract wins over whatever the executor made of it (a host that ran
-        // no task at all makes the executor fail too).
-        if let Pool::Callback(p) = &pool {
-            if !p.kept_contract() {
-                return Err(FfiError::new(
-                    attnrt_status::ATTNRT_STATUS_PARALLEL_FOR_CONTRACT,
-                    "the host's parallel_for did not run every task exactly once (or a task \
-                     panicked); the output is unspecified",
-                ));
-            }
-        }
-        let ran = ran?;
+        let ran = kept_contract(&pool).and(ran)?;
         // SAFETY: checked by `check_out`; valid by the contract.
         unsafe { write_out(backend_ran, ran) };
         Ok(())
     })
 }
 
-fn aliased(a: &str, b: &str) -> FfiError {
+/// `ATTNRT_STATUS_PARALLEL_FOR_CONTRACT` when the host's callback broke its contract: this wins
+/// over whatever the executor made of it (a host that ran no task makes the executor fail too).
+pub(crate) fn kept_contract(pool: &Pool) -> FfiResult<()> {
+    if let Pool::Callback(p) = pool {
+        if !p.kept_contract() {
+            return Err(FfiError::new(
+                attnrt_status::ATTNRT_STATUS_PARALLEL_FOR_CONTRACT,
+                "the host's parallel_for did not run every task exactly once (or a task \
+                 panicked); the output is unspecified",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A forward call's checked buffers: the runtime inputs (with the rotary table, built in the
+/// workspace when the caller gave none), the executor's part of the workspace, and the output.
+pub(crate) struct Prepared<'a> {
+    pub inputs: Inputs<'a>,
+    pub exec_ws: &'a mut [f32],
+    pub out: &'a mut [f32],
+}
+
+/// Checks every buffer of `a` (NULL, alignment, length overflow, overlap of `out` and
+/// `workspace` with everything else), checks the workspace against `exec_elems(with_table)`
+/// (the executor's part plus, when the call builds its table, the table's), builds the table
+/// when the layer is rotary and `freqs_cis` is NULL, and returns the runtime's view. Nothing
+/// but the workspace is written. With `workspace_optional`, a NULL workspace of length 0 is
+/// accepted (for executors that need none).
+///
+/// # Safety
+/// Every non-null buffer of `a` valid for its length (writes for `workspace`, `out`) and not
+/// written by anyone else during `'a`.
+pub(crate) unsafe fn prepare<'a>(
+    cfg: &Config,
+    a: &'a attnrt_forward_args,
+    workspace_optional: bool,
+    exec_elems: impl FnOnce(bool) -> FfiResult<usize>,
+) -> FfiResult<Prepared<'a>> {
+    // Read-only inputs first; their byte ranges are checked against the writable buffers
+    // below, before any `&mut` is made.
+    // SAFETY: the contract of this function (each input valid for its length).
+    let x = unsafe { slice("x", a.x, a.x_len) }?;
+    // SAFETY: as above.
+    let seq_lens = unsafe { opt_slice("seq_lens", a.seq_lens, a.seq_lens_len) }?;
+    // SAFETY: as above.
+    let document_ids = unsafe { opt_slice("document_ids", a.document_ids, a.document_ids_len) }?;
+    // SAFETY: as above.
+    let cu_seqlens = unsafe { opt_slice("cu_seqlens", a.cu_seqlens, a.cu_seqlens_len) }?;
+    // SAFETY: as above.
+    let position_ids = unsafe { opt_slice("position_ids", a.position_ids, a.position_ids_len) }?;
+    // SAFETY: as above.
+    let freqs_cis = unsafe { opt_slice("freqs_cis", a.freqs_cis, a.freqs_cis_len) }?;
+
+    let no_workspace = workspace_optional && a.workspace.is_null() && a.workspace_len == 0;
+    if !no_workspace {
+        check("workspace", a.workspace.cast_const(), a.workspace_len)?;
+    }
+    check("out", a.out.cast_const(), a.out_len)?;
+    let ws_span = span(a.workspace.cast_const(), a.workspace_len);
+    let out_span = span(a.out.cast_const(), a.out_len);
+    let inputs_spans = [
+        ("x", span(a.x, a.x_len)),
+        ("seq_lens", span(a.seq_lens, a.seq_lens_len)),
+        ("document_ids", span(a.document_ids, a.document_ids_len)),
+        ("cu_seqlens", span(a.cu_seqlens, a.cu_seqlens_len)),
+        ("position_ids", span(a.position_ids, a.position_ids_len)),
+        ("freqs_cis", span(a.freqs_cis, a.freqs_cis_len)),
+        ("workspace", ws_span),
+    ];
+    for (name, s) in inputs_spans {
+        if overlaps(out_span, s) {
+            return Err(aliased("out", name));
+        }
+        if name != "workspace" && overlaps(ws_span, s) {
+            return Err(aliased("workspace", name));
+        }
+    }
+    let workspace: &'a mut [f32] = if no_workspace {
+        &mut []
+    } else {
+        // SAFETY: the contract of this function; no other buffer of the call overlaps it.
+        unsafe { slice_mut("workspace", a.workspace, a.workspace_len) }?
+    };
+    // SAFETY: as above. Written only by the executor, after every check.
+    let out = unsafe { slice_mut("out", a.out, a.out_len) }?;
+
+    let mut inputs = Inputs::new(x, a.batch, a.seq_len);
+    inputs.mask = MaskInputs {
+        seq_lens,
+        document_ids,
+        cu_seqlens,
+        max_seqlen: (a.max_seqlen >= 0).then_some(a.max_seqlen),
+    };
+    inputs.position_ids = position_ids;
+
+    let build_table = cfg.rope().is_some() && freqs_cis.is_none();
+    let needed = exec_elems(build_table)?;
+    if workspace.len() < needed {
+        return Err(attnrt::Error::Workspace {
+            needed,
+            actual: workspace.len(),
+        }
+        .into());
+    }
+    let table_len = table_part(cfg, a.batch, a.seq_len, build_table)?;
+    let (table_ws, exec_ws) = workspace.split_at_mut(table_len);
+    let remapped: Option<&[i32]>;
+    match (cfg.rope(), freqs_cis) {
+        (Some(_), Some(f)) => {
+            remapped = None;
+            inputs.rope_table = Some(RopeTable::new(f, cfg.head_dim)?);
+        }
+        (None, Some(_)) => {
+            return Err(attnrt::Error::Unsupported {
+                what: "freqs_cis given but the layer has no rotary embedding",
+            }
+            .into())
+        }
+        (Some(rope), None) => {
+            let (table, ids) = crate::table::build(rope, cfg.head_dim, &inputs, table_ws)?;
+            remapped = ids;
+            inputs.rope_table = Some(table);
+        }
+        (None, None) => remapped = None,
+    }
+    if remapped.is_some() {
+        inputs.position_ids = remapped;
+    }
+    Ok(Prepared {
+        inputs,
+        exec_ws,
+        out,
+    })
+}
+
+pub(crate) fn aliased(a: &str, b: &str) -> FfiError {
     FfiError::new(
         attnrt_status::ATTNRT_STATUS_ALIASED_BUFFERS,
         format!("{a} overlaps {b}; writable buffers must not share memory with any other"),

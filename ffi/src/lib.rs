@@ -26,11 +26,14 @@
 
 mod backend;
 mod config;
+mod cuda;
 mod error;
+mod kv;
 mod layer;
 mod panic;
 mod pool;
 mod ptr;
+mod shard;
 mod status;
 mod table;
 
@@ -41,11 +44,26 @@ pub use config::{
     attnrt_config, attnrt_config_default, attnrt_qk_norm, attnrt_rope_convention,
     attnrt_rope_scaling,
 };
+pub use cuda::{
+    attnrt_cuda_capability, attnrt_cuda_device_args, attnrt_cuda_device_args_init,
+    attnrt_cuda_forward_device, attnrt_cuda_forward_host, attnrt_cuda_layer,
+    attnrt_cuda_layer_free, attnrt_cuda_layer_new, attnrt_cuda_precision,
+};
 pub use error::attnrt_error_message;
+pub use kv::{
+    attnrt_cached_args, attnrt_cached_args_init, attnrt_cached_workspace_size,
+    attnrt_forward_cached, attnrt_kv_cache, attnrt_kv_cache_drop_blocks, attnrt_kv_cache_free,
+    attnrt_kv_cache_new, attnrt_kv_cache_read_f32, attnrt_kv_cache_reset, attnrt_kv_cache_size,
+    attnrt_rope_table, attnrt_sequence,
+};
 pub use layer::{
     attnrt_dtype, attnrt_forward, attnrt_forward_args, attnrt_forward_args_init, attnrt_layer,
     attnrt_layer_free, attnrt_layer_new, attnrt_parallel_for_fn, attnrt_task_fn, attnrt_tensor,
     attnrt_weights, attnrt_workspace_size,
+};
+pub use shard::{
+    attnrt_shard_mode, attnrt_sharded_forward, attnrt_sharded_layer, attnrt_sharded_layer_free,
+    attnrt_sharded_layer_new, attnrt_sharded_workspace_size,
 };
 pub use status::{attnrt_status, attnrt_status_name};
 

@@ -7,8 +7,8 @@ use core::ffi::c_char;
 ///
 /// Ranges: 0 success; 1xx a bad argument at the C level (pointer, enum value, buffer
 /// overlap); 2xx a shape or value of the call that does not fit the layer; 3xx an invalid
-/// configuration; 4xx a backend that cannot serve the request; 5xx reserved for device (CUDA)
-/// errors; 9xx internal errors and caught panics.
+/// configuration; 4xx a backend that cannot serve the request; 5xx a device (CUDA) error;
+/// 9xx internal errors and caught panics.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum attnrt_status {
@@ -49,6 +49,11 @@ pub enum attnrt_status {
     ATTNRT_STATUS_WEIGHT_SHAPE = 204,
     /// A weight the configuration needs is missing, or one it has no use for was given.
     ATTNRT_STATUS_WEIGHT_PRESENCE = 205,
+    /// KV cache full: a sequence's blocks cannot hold the tokens the call needs (`cached +
+    /// new_tokens`, or `window + new_tokens - 1` for a rolling cache). Give it more blocks.
+    ATTNRT_STATUS_KV_CACHE_FULL = 206,
+    /// A block table names a block outside the cache's pool, or one block twice in one call.
+    ATTNRT_STATUS_KV_BLOCK = 207,
 
     /// A configuration field breaks its rule (zero heads, `sliding_window` 0, odd `head_dim`
     /// with rotary embedding, ...).
@@ -66,12 +71,22 @@ pub enum attnrt_status {
     /// backend never falls back to another one.
     ATTNRT_STATUS_BACKEND_UNAVAILABLE = 401,
 
+    /// A CUDA driver call failed (no driver or device, out of device memory, a launch or copy
+    /// that failed); the message names the call and the driver's error.
+    ATTNRT_STATUS_DEVICE = 500,
+    /// A cuBLAS call failed; the message names the function and its status.
+    ATTNRT_STATUS_DEVICE_BLAS = 501,
+    /// A call larger than the device buffers the CUDA layer was set up for (`max_batch`,
+    /// `max_seq_len`).
+    ATTNRT_STATUS_DEVICE_CAPACITY = 502,
+
     /// A panic inside the library was caught at the boundary. The library stays usable; the
     /// contents of the call's output buffer are unspecified.
     ATTNRT_STATUS_PANIC = 900,
     /// An error of the runtime this version of the ABI does not know (a newer runtime).
     ATTNRT_STATUS_INTERNAL = 901,
-    /// Memory for the layer's copy of the weights could not be allocated.
+    /// Memory for a handle (a layer's copy of the weights, a KV cache's pools, a CUDA or
+    /// sharded layer's copies) could not be allocated.
     ATTNRT_STATUS_OUT_OF_MEMORY = 902,
 }
 
@@ -115,11 +130,16 @@ impl attnrt_status {
             S::ATTNRT_STATUS_WORKSPACE_TOO_SMALL => "ATTNRT_STATUS_WORKSPACE_TOO_SMALL\0",
             S::ATTNRT_STATUS_WEIGHT_SHAPE => "ATTNRT_STATUS_WEIGHT_SHAPE\0",
             S::ATTNRT_STATUS_WEIGHT_PRESENCE => "ATTNRT_STATUS_WEIGHT_PRESENCE\0",
+            S::ATTNRT_STATUS_KV_CACHE_FULL => "ATTNRT_STATUS_KV_CACHE_FULL\0",
+            S::ATTNRT_STATUS_KV_BLOCK => "ATTNRT_STATUS_KV_BLOCK\0",
             S::ATTNRT_STATUS_CONFIG => "ATTNRT_STATUS_CONFIG\0",
             S::ATTNRT_STATUS_CONFIG_FLOAT => "ATTNRT_STATUS_CONFIG_FLOAT\0",
             S::ATTNRT_STATUS_CONFIG_PAIR => "ATTNRT_STATUS_CONFIG_PAIR\0",
             S::ATTNRT_STATUS_UNSUPPORTED => "ATTNRT_STATUS_UNSUPPORTED\0",
             S::ATTNRT_STATUS_BACKEND_UNAVAILABLE => "ATTNRT_STATUS_BACKEND_UNAVAILABLE\0",
+            S::ATTNRT_STATUS_DEVICE => "ATTNRT_STATUS_DEVICE\0",
+            S::ATTNRT_STATUS_DEVICE_BLAS => "ATTNRT_STATUS_DEVICE_BLAS\0",
+            S::ATTNRT_STATUS_DEVICE_CAPACITY => "ATTNRT_STATUS_DEVICE_CAPACITY\0",
             S::ATTNRT_STATUS_PANIC => "ATTNRT_STATUS_PANIC\0",
             S::ATTNRT_STATUS_INTERNAL => "ATTNRT_STATUS_INTERNAL\0",
             S::ATTNRT_STATUS_OUT_OF_MEMORY => "ATTNRT_STATUS_OUT_OF_MEMORY\0",
@@ -127,7 +147,7 @@ impl attnrt_status {
     }
 
     /// Every status, in declaration order.
-    const ALL: [attnrt_status; 23] = {
+    const ALL: [attnrt_status; 28] = {
         use attnrt_status as S;
         [
             S::ATTNRT_STATUS_OK,
@@ -145,11 +165,16 @@ impl attnrt_status {
             S::ATTNRT_STATUS_WORKSPACE_TOO_SMALL,
             S::ATTNRT_STATUS_WEIGHT_SHAPE,
             S::ATTNRT_STATUS_WEIGHT_PRESENCE,
+            S::ATTNRT_STATUS_KV_CACHE_FULL,
+            S::ATTNRT_STATUS_KV_BLOCK,
             S::ATTNRT_STATUS_CONFIG,
             S::ATTNRT_STATUS_CONFIG_FLOAT,
             S::ATTNRT_STATUS_CONFIG_PAIR,
             S::ATTNRT_STATUS_UNSUPPORTED,
             S::ATTNRT_STATUS_BACKEND_UNAVAILABLE,
+            S::ATTNRT_STATUS_DEVICE,
+            S::ATTNRT_STATUS_DEVICE_BLAS,
+            S::ATTNRT_STATUS_DEVICE_CAPACITY,
             S::ATTNRT_STATUS_PANIC,
             S::ATTNRT_STATUS_INTERNAL,
             S::ATTNRT_STATUS_OUT_OF_MEMORY,

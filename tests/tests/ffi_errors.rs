@@ -894,7 +894,7 @@ fn capability_query() {
         );
         assert_eq!(st, S::ATTNRT_STATUS_BACKEND_UNAVAILABLE);
         assert!(
-            text(&buf).contains("not available in this build"),
+            text(&buf).contains("attnrt_cuda_layer_new"),
             "{}",
             text(&buf)
         );
@@ -949,11 +949,16 @@ fn status_values_are_stable() {
         (S::ATTNRT_STATUS_WORKSPACE_TOO_SMALL, 203),
         (S::ATTNRT_STATUS_WEIGHT_SHAPE, 204),
         (S::ATTNRT_STATUS_WEIGHT_PRESENCE, 205),
+        (S::ATTNRT_STATUS_KV_CACHE_FULL, 206),
+        (S::ATTNRT_STATUS_KV_BLOCK, 207),
         (S::ATTNRT_STATUS_CONFIG, 300),
         (S::ATTNRT_STATUS_CONFIG_FLOAT, 301),
         (S::ATTNRT_STATUS_CONFIG_PAIR, 302),
         (S::ATTNRT_STATUS_UNSUPPORTED, 400),
         (S::ATTNRT_STATUS_BACKEND_UNAVAILABLE, 401),
+        (S::ATTNRT_STATUS_DEVICE, 500),
+        (S::ATTNRT_STATUS_DEVICE_BLAS, 501),
+        (S::ATTNRT_STATUS_DEVICE_CAPACITY, 502),
         (S::ATTNRT_STATUS_PANIC, 900),
         (S::ATTNRT_STATUS_INTERNAL, 901),
         (S::ATTNRT_STATUS_OUT_OF_MEMORY, 902),
