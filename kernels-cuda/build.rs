@@ -1,5 +1,5 @@
 //! Compiles `kernels/*.cu` to PTX with a pinned nvcc 13.0 when the `cuda` feature is on, and
-//! tells the linker where cuBLAS is. Without the feature it does nothing.
+//! tells the linker where cuBLAS and NCCL are. Without the feature it does nothing.
 
 use std::env;
 use std::path::{Path, PathBuf};
@@ -47,6 +47,9 @@ fn main() {
         }
     }
     println!("cargo:rustc-link-lib=dylib=cublas");
+    // NCCL for the multi-GPU head split (libnccl.so next to libcublas.so in the link stub
+    // directory; on the GPU machine libnccl.so.2 is in the loader's default path).
+    println!("cargo:rustc-link-lib=dylib=nccl");
 }
 
 /// `$ATTNRT_NVCC`, else `nvcc` under `$CUDA_PATH/bin` or on `PATH`.

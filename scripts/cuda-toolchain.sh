@@ -2,10 +2,12 @@
 # Sets up, on a fresh machine without a GPU, everything `cargo build -p attnrt-cuda --features cuda`
 # needs, in one command (run from anywhere; state goes under the repository root):
 #   * .cuda-venv: nvcc 13.0.2 and the CUDA headers from PyPI, plus cuBLAS 13.1.0.3 (the version
-#     the GPU machine's loader finds) for linking;
+#     the GPU machine's loader finds) and NCCL 2.28.3 (nvidia-nccl-cu13; the GPU machine has
+#     libnccl.so.2 2.28.3) for linking;
 #   * .cuda-stub/lib64: a link-time stand-in for the driver library (soname libcuda.so.1) that
-#     defines every cu* function cust_raw declares, and a libcublas.so link to the wheel's
-#     libcublas.so.13. At run time the real driver and cuBLAS are loaded instead.
+#     defines every cu* function cust_raw declares, a libcublas.so link to the wheel's
+#     libcublas.so.13 and a libnccl.so link to its libnccl.so.2. At run time the real driver,
+#     cuBLAS and NCCL are loaded instead.
 # Then it prints the environment to export (eval "$(scripts/cuda-toolchain.sh --env)" prints only that).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -26,6 +28,12 @@ if [ ! -x "$cu/bin/nvcc" ] || [ ! -e "$cu/lib/libcublas.so.13" ]; then
   say "installing nvcc 13.0.2 and cuBLAS 13.1.0.3 from PyPI"
   "$venv/bin/pip" install -q "cuda-toolkit[nvcc,cudart,crt,nvvm,cccl]==13.0.2" "nvidia-cublas==13.1.0.3"
 fi
+nccl="$site/nvidia/nccl"
+if [ ! -e "$nccl/lib/libnccl.so.2" ]; then
+  say "installing NCCL 2.28.3 from PyPI"
+  "$venv/bin/pip" install -q "nvidia-nccl-cu13==2.28.3"
+fi
+[ -e "$nccl/lib/libnccl.so.2" ] || { echo "libnccl.so.2 missing under $nccl/lib after install" >&2; exit 1; }
 [ -x "$cu/bin/nvcc" ] || { echo "nvcc missing under $cu/bin after install" >&2; exit 1; }
 
 # The cu* names cust_raw binds: read from its bindings in cargo's registry (fetched if needed).
@@ -50,6 +58,8 @@ fi
 ln -sf "$cu/lib/libcublas.so.13" "$stub/lib64/libcublas.so"
 ln -sf "$cu/lib/libcublas.so.13" "$stub/lib64/libcublas.so.13"
 ln -sf "$cu/lib/libcublasLt.so.13" "$stub/lib64/libcublasLt.so.13"
+ln -sf "$nccl/lib/libnccl.so.2" "$stub/lib64/libnccl.so"
+ln -sf "$nccl/lib/libnccl.so.2" "$stub/lib64/libnccl.so.2"
 
 cat <<ENV
 export ATTNRT_NVCC="$cu/bin/nvcc"

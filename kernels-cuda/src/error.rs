@@ -25,6 +25,13 @@ pub enum Error {
         /// Its `cublasStatus_t`.
         status: i32,
     },
+    /// An NCCL call failed (multi-GPU head split).
+    Nccl {
+        /// The function.
+        call: &'static str,
+        /// NCCL's message and `ncclResult_t`.
+        message: String,
+    },
     /// This executor cannot serve the request; the message says why.
     Unsupported(String),
     /// A call larger than the buffers sized at set-up.
@@ -50,6 +57,7 @@ impl fmt::Display for Error {
             Error::Cublas { call, status } => {
                 write!(f, "cuBLAS {call} failed with status {status}")
             }
+            Error::Nccl { call, message } => write!(f, "NCCL {call} failed: {message}"),
             Error::Unsupported(why) => write!(f, "unsupported on the CUDA executor: {why}"),
             Error::Capacity { what, value, max } => {
                 write!(

@@ -23,7 +23,9 @@ const PTX_ROPE_NORM: &str = include_str!(concat!(env!("OUT_DIR"), "/rope_norm.pt
 const PTX_DECODE: &str = include_str!(concat!(env!("OUT_DIR"), "/decode.ptx"));
 
 mod decode;
+mod multi;
 pub use decode::GpuKvCache;
+pub use multi::MultiGpuLayer;
 
 fn drv(call: &'static str, r: cu::CUresult) -> Result<()> {
     if r == cu::CUresult::CUDA_SUCCESS {
@@ -126,6 +128,14 @@ fn kernels(device: u32) -> Result<Arc<Kernels>> {
     });
     map.insert(device, k.clone());
     Ok(k)
+}
+
+/// See [`crate::device_count`].
+pub fn device_count() -> usize {
+    if init_driver().is_err() {
+        return 0;
+    }
+    cust::device::Device::num_devices().map_or(0, |n| n as usize)
 }
 
 /// See [`crate::no_device_reason`].

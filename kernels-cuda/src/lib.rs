@@ -8,6 +8,8 @@
 //!   padding, document ids, varlen segments) with per-tile skipping. bf16 / f16 storage runs on
 //!   tensor cores (`mma.sync` m16n8k16, f32 accumulation); f32 storage runs on CUDA cores for
 //!   exactness. [`capability`] says which path a (precision, head_dim, group) gets.
+//! * [`MultiGpuLayer`]: the layer split by heads over several GPUs of one host (the runtime's
+//!   `ShardPlan`), partial outputs summed with an NCCL all-reduce (or returned per device).
 //!
 //! Built without the `cuda` feature, the same API compiles and every constructor returns
 //! [`Error::NoCuda`] ("attnrt built without CUDA"), so the workspace builds and tests on machines
@@ -42,19 +44,33 @@ pub mod plan;
 mod cublas;
 #[cfg(feature = "cuda")]
 mod gpu;
+#[cfg(feature = "cuda")]
+mod nccl;
 #[cfg(not(feature = "cuda"))]
 mod stub;
 
 pub use error::{Error, Result};
 #[cfg(feature = "cuda")]
-pub use gpu::{DeviceCall, GpuKvCache, GpuLayer, RopeSource};
+pub use gpu::{DeviceCall, GpuKvCache, GpuLayer, MultiGpuLayer, RopeSource};
 pub use plan::{capability, AttnPath, GpuBackend, GpuOptions, Precision};
 #[cfg(not(feature = "cuda"))]
-pub use stub::{DeviceCall, GpuKvCache, GpuLayer, RopeSource};
+pub use stub::{DeviceCall, GpuKvCache, GpuLayer, MultiGpuLayer, RopeSource};
 
 /// Whether this build has the CUDA executor (the `cuda` feature).
 pub const fn built_with_cuda() -> bool {
     cfg!(feature = "cuda")
+}
+
+/// How many CUDA devices the driver reports (0 without CUDA, driver or device).
+pub fn device_count() -> usize {
+    #[cfg(feature = "cuda")]
+    {
+        gpu::device_count()
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        0
+    }
 }
 
 /// Why no CUDA device can be used right now, or `None` when one can: the crate was built

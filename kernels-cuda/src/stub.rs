@@ -184,3 +184,87 @@ impl GpuLayer<'_> {
         match self.never {}
     }
 }
+
+/// A layer split by heads over several GPUs. This build has no CUDA: [`MultiGpuLayer::new`]
+/// always fails.
+pub struct MultiGpuLayer<'a> {
+    never: std::convert::Infallible,
+    _layer: PhantomData<Layer<'a>>,
+}
+
+impl<'a> MultiGpuLayer<'a> {
+    /// Always [`Error::NoCuda`] in this build.
+    ///
+    /// # Errors
+    /// Always.
+    pub fn new(
+        _layer: Layer<'a>,
+        _devices: &[u32],
+        _opts: GpuOptions,
+    ) -> Result<MultiGpuLayer<'a>> {
+        Err(Error::NoCuda)
+    }
+
+    /// The head split (unreachable: no value of this type exists in this build).
+    pub fn plan(&self) -> &attnrt::ShardPlan {
+        match self.never {}
+    }
+
+    /// The devices (unreachable).
+    pub fn devices(&self) -> &[u32] {
+        match self.never {}
+    }
+
+    /// The NCCL version (unreachable).
+    pub fn nccl_version(&self) -> Option<i32> {
+        match self.never {}
+    }
+
+    /// What ran (unreachable).
+    pub fn backend(&self) -> GpuBackend {
+        match self.never {}
+    }
+
+    /// Milliseconds in NCCL of the last call (unreachable).
+    pub fn last_nccl_ms(&self) -> f32 {
+        match self.never {}
+    }
+
+    /// Unreachable in this build.
+    ///
+    /// # Errors
+    /// Never returns.
+    pub fn forward_host(&mut self, _inputs: &Inputs<'_>, _out: &mut [f32]) -> Result<GpuBackend> {
+        match self.never {}
+    }
+
+    /// Unreachable in this build.
+    ///
+    /// # Errors
+    /// Never returns.
+    pub fn forward_host_partials(
+        &mut self,
+        _inputs: &Inputs<'_>,
+        _out: &mut [f32],
+    ) -> Result<GpuBackend> {
+        match self.never {}
+    }
+
+    /// Unreachable in this build.
+    ///
+    /// # Errors
+    /// Never returns.
+    #[doc(hidden)]
+    pub fn stage_inputs(&mut self, _inputs: &Inputs<'_>) -> Result<()> {
+        match self.never {}
+    }
+
+    /// Unreachable in this build.
+    ///
+    /// # Errors
+    /// Never returns.
+    #[doc(hidden)]
+    pub fn forward_staged(&mut self, _inputs: &Inputs<'_>) -> Result<()> {
+        match self.never {}
+    }
+}

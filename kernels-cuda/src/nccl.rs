@@ -1,0 +1,145 @@
+//! The handful of NCCL functions the multi-GPU head split needs, bound by hand (libnccl.so.2,
+//! 2.28): communicators for the devices of one process, grouped in-place f32 sum all-reduce.
+
+use std::ffi::{c_char, c_int, c_void, CStr};
+
+use crate::error::{Error, Result};
+
+/// `ncclComm_t`.
+pub type Comm = *mut c_void;
+
+/// `ncclFloat32`.
+const FLOAT32: c_int = 7;
+/// `ncclSum`.
+const SUM: c_int = 0;
+
+#[link(name = "nccl")]
+extern "C" {
+    fn ncclGetVersion(version: *mut c_int) -> c_int;
+    fn ncclCommInitAll(comms: *mut Comm, ndev: c_int, devlist: *const c_int) -> c_int;
+    fn ncclCommDestroy(comm: Comm) -> c_int;
+    fn ncclGroupStart() -> c_int;
+    fn ncclGroupEnd() -> c_int;
+    fn ncclAllReduce(
+        sendbuff: *const c_void,
+        recvbuff: *mut c_void,
+        count: usize,
+        datatype: c_int,
+        op: c_int,
+        comm: Comm,
+        stream: *mut c_void,
+    ) -> c_int;
+    fn ncclGetErrorString(result: c_int) -> *const c_char;
+}
+
+fn check(call: &'static str, status: c_int) -> Result<()> {
+    if status == 0 {
+        return Ok(());
+    }
+    // SAFETY: ncclGetErrorString returns a pointer to a static NUL-terminated string (any
+    // code, unknown ones included).
+    let text = unsafe { ncclGetErrorString(status) };
+    let message = if text.is_null() {
+        format!("ncclResult_t {status}")
+    } else {
+        // SAFETY: non-null, static and NUL-terminated (above).
+        let s = unsafe { CStr::from_ptr(text) };
+        format!("{} (ncclResult_t {status})", s.to_string_lossy())
+    };
+    Err(Error::Nccl { call, message })
+}
+
+/// The loaded library's version code (e.g. 22803 for 2.28.3).
+pub fn version() -> Result<i32> {
+    let mut v: c_int = 0;
+    // SAFETY: valid out-pointer.
+    check("ncclGetVersion", unsafe { ncclGetVersion(&mut v) })?;
+    Ok(v)
+}
+
+/// One communicator per device of `devices` (rank `i` on `devices[i]`), all in this process.
+pub struct Comms {
+    comms: Vec<Comm>,
+}
+
+// SAFETY: NCCL communicators may be used from any thread; `MultiGpuLayer` uses them only
+// through `&mut self`, never concurrently.
+unsafe impl Send for Comms {}
+
+impl Comms {
+    /// `ncclCommInitAll` over `devices` (CUDA ordinals). Changes the calling thread's current
+    /// device (NCCL calls `cudaSetDevice`): callers set their context again afterwards.
+    pub fn new(devices: &[u32]) -> Result<Comms> {
+        let list: Vec<c_int> = devices
+            .iter()
+            .map(|&d| c_int::try_from(d))
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|_| Error::Unsupported("device ordinal exceeds i32".into()))?;
+        let n = c_int::try_from(list.len())
+            .map_err(|_| Error::Unsupported("too many devices".into()))?;
+        let mut comms: Vec<Comm> = vec![std::ptr::null_mut(); list.len()];
+        // SAFETY: `comms` has room for `n` handles and `list` holds `n` ordinals.
+        check("ncclCommInitAll", unsafe {
+            ncclCommInitAll(comms.as_mut_ptr(), n, list.as_ptr())
+        })?;
+        Ok(Comms { comms })
+    }
+
+    /// Enqueues an in-place f32 sum all-reduce of `count` elements at `bufs[i]` on
+    /// `streams[i]`, rank by rank, as one NCCL group.
+    ///
+    /// # Safety
+    /// `bufs[i]` is a device pointer of device `i` of this communicator set with room for
+    /// `count` f32, and `streams[i]` a live stream of that device's (primary) context; both
+    /// stay valid until the streams have run the work.
+    pub unsafe fn all_reduce_sum(
+        &mut self,
+        bufs: &[u64],
+        streams: &[*mut c_void],
+        count: usize,
+    ) -> Result<()> {
+        if bufs.len() != self.comms.len() || streams.len() != self.comms.len() {
+            return Err(Error::Unsupported(
+                "all-reduce needs one buffer and one stream per device".into(),
+            ));
+        }
+        // SAFETY: no arguments.
+        check("ncclGroupStart", unsafe { ncclGroupStart() })?;
+        let mut first_err = Ok(());
+        for ((&comm, &buf), &stream) in self.comms.iter().zip(bufs).zip(streams) {
+            // SAFETY: live communicator; buffer and stream per the caller's contract.
+            let r = check("ncclAllReduce", unsafe {
+                ncclAllReduce(
+                    buf as *const c_void,
+                    buf as *mut c_void,
+                    count,
+                    FLOAT32,
+                    SUM,
+                    comm,
+                    stream,
+                )
+            });
+            if first_err.is_ok() {
+                first_err = r;
+            }
+        }
+        // The group is closed even after a failed enqueue, so NCCL's state stays consistent.
+        // SAFETY: matches the ncclGroupStart above.
+        let end = check("ncclGroupEnd", unsafe { ncclGroupEnd() });
+        first_err.and(end)
+    }
+}
+
+impl Drop for Comms {
+    fn drop(&mut self) {
+        for &c in &self.comms {
+            if !c.is_null() {
+                // SAFETY: each communicator was created by ncclCommInitAll and is destroyed
+                // once.
+                unsafe {
+                    ncclCommDestroy(c);
+                }
+            }
+        }
+    }
+}
