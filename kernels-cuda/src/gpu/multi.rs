@@ -308,7 +308,7 @@ impl<'a> MultiGpuLayer<'a> {
         out: &mut [f32],
     ) -> Result<GpuBackend> {
         let n = self.gpus.len();
-        if out.len() % n != 0 {
+        if !out.len().is_multiple_of(n) {
             return Err(attnrt::Error::InputShape {
                 name: "partial outputs",
                 expected: (out.len() / n + 1) * n,
