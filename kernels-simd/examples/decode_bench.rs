@@ -3,10 +3,11 @@
 //! keys, `[block][head][slot][d]`) of `N` keys, chunks of 256 keys merged in order. Prints the
 //! best of `reps` runs of thread CPU time and the cache read rate.
 //!
-//! `cargo run --release -p attnrt-simd --example decode_bench [N] [reps] [f16|bf16|f32]`
+//! `cargo run --release -p attnrt-simd --example decode_bench [N] [reps] [f16|bf16|f32]
+//! [ahead|noahead]` (whether the next chunk is passed to `attend_partial_ahead` for prefetching)
 
 use attnrt_simd::{
-    attend_partial, merge_partial, partial_scratch_len, Elem, KvRun, PartialRows, CHUNK_MAX,
+    attend_partial_ahead, merge_partial, partial_scratch_len, Elem, KvRun, PartialRows, CHUNK_MAX,
 };
 use std::time::Instant;
 
@@ -46,7 +47,7 @@ fn fill(seed: u64, n: usize) -> Vec<f32> {
         .collect()
 }
 
-fn run<E: Elem>(n: usize, reps: usize) {
+fn run<E: Elem>(n: usize, reps: usize, ahead: bool) {
     let (d, r, heads, block) = (128usize, 4usize, 8usize, 16usize);
     let blocks = n.div_ceil(block);
     let len = blocks * heads * block * d;
@@ -66,9 +67,9 @@ fn run<E: Elem>(n: usize, reps: usize) {
             m.fill(f32::NEG_INFINITY);
             l.fill(0.0);
             o.fill(0.0);
-            for c0 in (0..n).step_by(CHUNK_MAX) {
+            let runs_of = |c0: usize| -> Vec<KvRun<'_, E>> {
                 let c1 = (c0 + CHUNK_MAX).min(n);
-                let runs: Vec<KvRun<'_, E>> = (c0..c1)
+                (c0..c1)
                     .step_by(block)
                     .map(|j| {
                         let at = ((j / block * heads + g) * block) * d;
@@ -80,18 +81,24 @@ fn run<E: Elem>(n: usize, reps: usize) {
                             len,
                         }
                     })
-                    .collect();
+                    .collect()
+            };
+            for c0 in (0..n).step_by(CHUNK_MAX) {
+                let c1 = (c0 + CHUNK_MAX).min(n);
+                let runs = runs_of(c0);
+                let next = if ahead { runs_of(c1) } else { vec![] };
                 let out = PartialRows {
                     m: &mut pm,
                     l: &mut pl,
                     o: &mut po,
                 };
                 let ranges = [(0u32, (c1 - c0) as u32)];
-                attend_partial(
+                attend_partial_ahead(
                     d,
                     r,
                     &q[g * r * d..][..r * d],
                     &runs,
+                    &next,
                     &ranges,
                     scale,
                     out,
@@ -99,12 +106,10 @@ fn run<E: Elem>(n: usize, reps: usize) {
                 )
                 .expect("attend_partial");
                 for row in 0..r {
-                    let (a, b) = o.split_at_mut(row * d);
-                    let _ = a;
                     merge_partial(
                         &mut m[row],
                         &mut l[row],
-                        &mut b[..d],
+                        &mut o[row * d..(row + 1) * d],
                         pm[row],
                         pl[row],
                         &po[row * d..(row + 1) * d],
@@ -117,8 +122,9 @@ fn run<E: Elem>(n: usize, reps: usize) {
     }
     let bytes = (2 * heads * n * d * core::mem::size_of::<E>()) as f64;
     println!(
-        "{} N={n}: {:.2} ms, {:.2} GB/s (check {check:.6})",
+        "{}{} N={n}: {:.2} ms, {:.2} GB/s (check {check:.6})",
         E::NAME,
+        if ahead { " ahead" } else { "" },
         best * 1e3,
         bytes / best / 1e9
     );
@@ -128,9 +134,10 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     let n: usize = args.get(1).map_or(32768, |s| s.parse().expect("N"));
     let reps: usize = args.get(2).map_or(5, |s| s.parse().expect("reps"));
+    let ahead = args.get(4).is_none_or(|s| s != "noahead");
     match args.get(3).map_or("f16", |s| s.as_str()) {
-        "f32" => run::<f32>(n, reps),
-        "bf16" => run::<half::bf16>(n, reps),
-        _ => run::<half::f16>(n, reps),
+        "f32" => run::<f32>(n, reps, ahead),
+        "bf16" => run::<half::bf16>(n, reps, ahead),
+        _ => run::<half::f16>(n, reps, ahead),
     }
 }
