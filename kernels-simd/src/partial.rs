@@ -46,13 +46,17 @@ pub struct PartialRows<'a> {
 
 /// Rows of one register block of [`attend_partial`] (one token's heads, four at a time).
 const MR: usize = 4;
-/// Floats per row of the score scratch: a chunk padded to whole registers (at most 16 lanes).
-const SROW: usize = CHUNK_MAX + 16;
-/// Keys ahead of the one being scored whose K and V lines are prefetched.
-const PREFETCH_KEYS: usize = 8;
+/// Floats per row of the score scratch: a sub-block padded to whole registers (<= 16 lanes).
+const SROW: usize = SUB + 16;
+/// Keys per online-softmax step: K and V of a sub-block are read together, so the cache is
+/// streamed in small pieces (a paged block) rather than as a chunk of K, then of V.
+const SUB: usize = 16;
+/// Keys ahead of the one being scored whose K and V lines are prefetched (a sub-block); also
+/// how many keys of the next chunk [`attend_partial_ahead`] uses.
+pub const PREFETCH_KEYS: usize = 16;
 
-/// Scratch floats [`attend_partial`] needs: the scores of one block of rows. The same for
-/// every head dimension `d` (K and V are read in place).
+/// Scratch floats [`attend_partial`] needs: the scores of one sub-block of keys for one block
+/// of rows. The same for every head dimension `d` (K and V are read in place).
 pub const fn partial_scratch_len(d: usize) -> usize {
     let _ = d;
     MR * SROW
@@ -65,20 +69,25 @@ pub const fn partial_scratch_len(d: usize) -> usize {
 /// `o = sum p_j v_j`.
 ///
 /// K and V are read in place from the runs (f16 and bf16 widened in registers, exactly), through
-/// a table of one pointer per chunk key, so nothing below depends on where runs start. Tile: up
-/// to 4 rows of one token at a time (the r heads sharing a KV head), so every K and V load
-/// serves all of them. Scores: 2 keys x 4 rows in 8 register accumulators, one FMA chain per
-/// (key, row) over the head dimension in registers of increasing `c`, then the 4 rows of a key
-/// reduced together (`reduce_sum4`, one fixed lane order). Softmax per row over the scores in
-/// key order: max, `exp(s - m)` (exact 0 for padding), and `l` as lane-wise sums over
-/// registers of keys `lo + LANES i ..` then one lane reduction. PV: 4 rows x 2 registers of
-/// the head dimension in 8 accumulators, one FMA chain per accumulator in increasing `j`
-/// (probability broadcast, V loaded once per key and register). The bits of a row depend only
-/// on its inputs, `lo..hi`, and the tier. Tails: an odd last key is scored alone with the same
-/// chains; 1-3 leftover rows use a smaller block (the same per-row arithmetic); head-dimension
-/// elements past the last whole register are added per key in scalar code after the register
-/// part (scores) or as their own scalar chains (PV); `lo == hi` gives `m = -inf`, `l = 0`,
-/// `o = 0` without reading anything.
+/// a table of one pointer per chunk key, so nothing below depends on where runs start. Keys are
+/// taken in sub-blocks of 16 (`lo + 16 b ..`) with an online softmax, so the K and V of a
+/// sub-block are read together and the next sub-block (or the next chunk's first, given by
+/// [`attend_partial_ahead`]) is prefetched meanwhile: per sub-block, `m' = max(m, max s_j)`,
+/// `a = exp(m - m')`, `p_j = exp(s_j - m')`, `l = a l + sum p_j`, `o = a o + sum p_j v_j`.
+/// Tile: up to 4 rows of one token at a time (the r heads sharing a KV head), so every K and V
+/// load serves all of them. Scores: 2 keys x 4 rows in 8 register accumulators, one FMA chain
+/// per (key, row) over the head dimension in registers of increasing `c`, then the 4 rows of a
+/// key reduced together (`reduce_sum4`, one fixed lane order). Softmax per row: max and exps
+/// over the sub-block's scores in registers (`exp(-inf) = 0` for padding), the sub-block sum as
+/// one lane-wise register sum then one reduction. PV: 4 rows x 2 registers of the head
+/// dimension in 8 accumulators, started from `a o` (from nothing on the first sub-block), one
+/// FMA chain per accumulator in increasing `j`, V loaded once per key and register. The bits
+/// of a row depend only on its inputs, `lo..hi`, and the tier. Tails: a short last sub-block
+/// runs over exactly its keys; an odd last key is scored alone with the same chains; 1-3
+/// leftover rows use a smaller block (the same per-row arithmetic); head-dimension elements
+/// past the last whole register are added per key in scalar code after the register part
+/// (scores) or as their own scalar chains (PV); `lo == hi` gives `m = -inf`, `l = 0`, `o = 0`
+/// without reading anything.
 ///
 /// # Errors
 /// A chunk longer than [`CHUNK_MAX`], a range outside the chunk, short slices or scratch;
@@ -97,9 +106,9 @@ pub fn attend_partial<E: Elem>(
     attend_partial_on(active(), d, r, q, runs, &[], ranges, scale, out, scratch)
 }
 
-/// [`attend_partial`], also prefetching the keys of `next` (the chunk the caller attends to
-/// next; at most [`CHUNK_MAX`] keys of it are used) while it computes, so that reading the
-/// cache from memory overlaps the arithmetic. `next` is only a hint: it is never read and
+/// [`attend_partial`], also prefetching the keys of `next` (the start of the chunk the caller
+/// attends to next; its first [`PREFETCH_KEYS`] keys are used) while it computes, so that
+/// reading the cache from memory overlaps the arithmetic across chunks too. `next` is only a hint: it is never read and
 /// does not change the result.
 ///
 /// # Errors
@@ -200,11 +209,13 @@ pub(crate) fn attend_partial_on<E: Elem>(
         at += run.len;
     }
     // The next chunk's keys, for prefetching only: any address is fine, none is read.
-    let mut np = [core::ptr::null::<E>(); CHUNK_MAX];
+    let mut nk = [core::ptr::null::<E>(); PREFETCH_KEYS];
+    let mut nv = [core::ptr::null::<E>(); PREFETCH_KEYS];
     let mut nn = 0;
     for run in next {
-        for i in 0..run.len.min(CHUNK_MAX - nn) {
-            np[nn] = run.k.as_ptr().wrapping_add(i * run.stride);
+        for i in 0..run.len.min(PREFETCH_KEYS - nn) {
+            nk[nn] = run.k.as_ptr().wrapping_add(i * run.stride);
+            nv[nn] = run.v.as_ptr().wrapping_add(i * run.stride);
             nn += 1;
         }
     }
@@ -216,11 +227,8 @@ pub(crate) fn attend_partial_on<E: Elem>(
             q,
             kp: &kp[..n],
             vp: &vp[..n],
-            next: Ahead {
-                p: &np[..nn],
-                key: 0,
-                off: 0,
-            },
+            nk: &nk[..nn],
+            nv: &nv[..nn],
             ranges,
             scale,
             out,
@@ -237,7 +245,8 @@ struct Job<'a, E> {
     q: &'a [f32],
     kp: &'a [*const E],
     vp: &'a [*const E],
-    next: Ahead<'a, E>,
+    nk: &'a [*const E],
+    nv: &'a [*const E],
     ranges: &'a [(u32, u32)],
     scale: f32,
     out: PartialRows<'a>,
@@ -255,7 +264,8 @@ impl<E: Elem> WithIsa for Job<'_, E> {
             q,
             kp,
             vp,
-            mut next,
+            nk,
+            nv,
             ranges,
             scale,
             out,
@@ -271,6 +281,8 @@ impl<E: Elem> WithIsa for Job<'_, E> {
                     q: &q[row * d..],
                     kp,
                     vp,
+                    nk,
+                    nv,
                     lo,
                     hi,
                     scale,
@@ -278,36 +290,13 @@ impl<E: Elem> WithIsa for Job<'_, E> {
                 let m = (r - h).min(MR);
                 let (om, ol) = (&mut out.m[row..row + m], &mut out.l[row..row + m]);
                 let oo = &mut out.o[row * d..(row + m) * d];
-                let nx = &mut next;
                 match m {
-                    1 => b.run::<I, 1>(isa, s, om, ol, oo, nx),
-                    2 => b.run::<I, 2>(isa, s, om, ol, oo, nx),
-                    3 => b.run::<I, 3>(isa, s, om, ol, oo, nx),
-                    _ => b.run::<I, MR>(isa, s, om, ol, oo, nx),
+                    1 => b.run::<I, 1>(isa, s, om, ol, oo),
+                    2 => b.run::<I, 2>(isa, s, om, ol, oo),
+                    3 => b.run::<I, 3>(isa, s, om, ol, oo),
+                    _ => b.run::<I, MR>(isa, s, om, ol, oo),
                 }
                 h += m;
-            }
-        }
-    }
-}
-
-/// A cursor over the cache lines of the next chunk's keys, prefetched one per step.
-struct Ahead<'a, E> {
-    p: &'a [*const E],
-    key: usize,
-    off: usize,
-}
-
-impl<E> Ahead<'_, E> {
-    /// Prefetches the next line, if any is left (rows of `bytes` bytes).
-    #[inline(always)]
-    fn step<I: Isa>(&mut self, isa: I, bytes: usize) {
-        if let Some(&p) = self.p.get(self.key) {
-            isa.prefetch(p.cast::<u8>().wrapping_add(self.off));
-            self.off += 64;
-            if self.off >= bytes {
-                self.off = 0;
-                self.key += 1;
             }
         }
     }
@@ -347,6 +336,8 @@ struct RowBlock<'a, E> {
     q: &'a [f32],
     kp: &'a [*const E],
     vp: &'a [*const E],
+    nk: &'a [*const E],
+    nv: &'a [*const E],
     lo: usize,
     hi: usize,
     scale: f32,
@@ -362,7 +353,6 @@ impl<E: Elem> RowBlock<'_, E> {
         m: &mut [f32],
         l: &mut [f32],
         o: &mut [f32],
-        next: &mut Ahead<'_, E>,
     ) {
         let (d, lo, hi) = (self.d, self.lo, self.hi);
         let n = hi - lo;
@@ -375,58 +365,104 @@ impl<E: Elem> RowBlock<'_, E> {
         let lanes = I::LANES;
         let q = &self.q[..M * d];
         let s = &mut s[..M * SROW];
-
-        let mut j = 0;
-        while j + 2 <= n {
-            self.score_keys::<I, M, 2>(isa, q, lo + j, s, j);
-            j += 2;
-        }
-        if j < n {
-            self.score_keys::<I, M, 1>(isa, q, lo + j, s, j);
-        }
-
-        let padded = n.div_ceil(lanes) * lanes;
-        for i in 0..M {
-            let row = &mut s[i * SROW..][..padded];
-            row[n..].fill(f32::NEG_INFINITY);
-            let mut mv = isa.splat(f32::NEG_INFINITY);
-            for c in row.chunks_exact(lanes) {
-                mv = isa.max(mv, isa.load_s(c));
-            }
-            let mut t = [f32::NEG_INFINITY; 16];
-            isa.store_s(&mut t, mv);
-            let mx = t[..lanes].iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-            let ms = isa.splat(mx);
-            let mut sum = isa.zero();
-            for c in row.chunks_exact_mut(lanes) {
-                let e = exp_nonpos_v(isa, isa.sub(isa.load_s(c), ms));
-                isa.store_s(c, e);
-                sum = isa.add(sum, e);
-            }
-            m[i] = mx;
-            l[i] = isa.reduce_sum(sum);
-        }
-
         let dv = d / lanes * lanes;
-        let mut c0 = 0;
-        while c0 + 2 * lanes <= dv {
-            self.pv_cols::<I, M, 2>(isa, s, c0, o, next);
-            c0 += 2 * lanes;
-        }
-        while c0 < dv {
-            self.pv_cols::<I, M, 1>(isa, s, c0, o, next);
-            c0 += lanes;
-        }
-        for c in dv..d {
-            for i in 0..M {
-                let p = &s[i * SROW..][..n];
-                let mut acc = 0.0f32;
-                for (jj, &p) in p.iter().enumerate() {
-                    // SAFETY: c < d and every key pointer is valid for d elements.
-                    acc += p * unsafe { self.vp[lo + jj].add(c).read_unaligned() }.to_f32();
-                }
-                o[i * d + c] = acc;
+        // Running max and sum per row (lanes past M unused), and the rescale factors.
+        let mut mrow = [f32::NEG_INFINITY; 16];
+        let mut lrow = [0.0f32; M];
+        let mut alpha = [0.0f32; 16];
+
+        let mut b0 = 0;
+        while b0 < n {
+            let b1 = (b0 + SUB).min(n);
+            let len = b1 - b0;
+            let mut j = 0;
+            while j + 2 <= len {
+                self.score_keys::<I, M, 2>(isa, q, lo + b0 + j, s, j);
+                j += 2;
             }
+            if j < len {
+                self.score_keys::<I, M, 1>(isa, q, lo + b0 + j, s, j);
+            }
+
+            // New maxima first (all rows at once below), then exps and sums per row.
+            let padded = len.div_ceil(lanes) * lanes;
+            let mut mnew = mrow;
+            for (i, mn) in mnew[..M].iter_mut().enumerate() {
+                let row = &mut s[i * SROW..][..padded];
+                row[len..].fill(f32::NEG_INFINITY);
+                let mut mv = isa.splat(f32::NEG_INFINITY);
+                for c in row.chunks_exact(lanes) {
+                    mv = isa.max(mv, isa.load_s(c));
+                }
+                let mut t = [f32::NEG_INFINITY; 16];
+                isa.store_s(&mut t, mv);
+                *mn = t[..lanes].iter().fold(*mn, |a, &b| a.max(b));
+            }
+            // alpha = exp(m_old - m_new): 0 on the first sub-block (m_old = -inf).
+            let mut i = 0;
+            while i < M {
+                let e = exp_nonpos_v(isa, isa.sub(isa.load_s(&mrow[i..]), isa.load_s(&mnew[i..])));
+                isa.store_s(&mut alpha[i..], e);
+                i += lanes;
+            }
+            for i in 0..M {
+                let row = &mut s[i * SROW..][..padded];
+                let ms = isa.splat(mnew[i]);
+                let mut sum = isa.zero();
+                for c in row.chunks_exact_mut(lanes) {
+                    let e = exp_nonpos_v(isa, isa.sub(isa.load_s(c), ms));
+                    isa.store_s(c, e);
+                    sum = isa.add(sum, e);
+                }
+                lrow[i] = lrow[i] * alpha[i] + isa.reduce_sum(sum);
+            }
+            mrow = mnew;
+
+            let a: Option<&[f32]> = if b0 == 0 { None } else { Some(&alpha[..M]) };
+            let mut c0 = 0;
+            while c0 + 2 * lanes <= dv {
+                self.pv_cols::<I, M, 2>(isa, s, b0, len, c0, o, a);
+                c0 += 2 * lanes;
+            }
+            while c0 < dv {
+                self.pv_cols::<I, M, 1>(isa, s, b0, len, c0, o, a);
+                c0 += lanes;
+            }
+            for c in dv..d {
+                for i in 0..M {
+                    let mut acc = match a {
+                        Some(a) => o[i * d + c] * a[i],
+                        None => 0.0,
+                    };
+                    for jj in 0..len {
+                        // SAFETY: c < d and every key pointer is valid for d elements.
+                        let v = unsafe { self.vp[lo + b0 + jj].add(c).read_unaligned() };
+                        acc += s[i * SROW + jj] * v.to_f32();
+                    }
+                    o[i * d + c] = acc;
+                }
+            }
+            b0 = b1;
+        }
+        m.copy_from_slice(&mrow[..M]);
+        l.copy_from_slice(&lrow);
+    }
+
+    /// Prefetches the K and V lines of chunk key `t`, or of key `t - chunk` of the next chunk.
+    #[inline(always)]
+    fn prefetch_key<I: Isa>(&self, isa: I, t: usize) {
+        let n = self.kp.len();
+        let (pk, pv) = if t < n {
+            (self.kp[t], self.vp[t])
+        } else if let (Some(&k), Some(&v)) = (self.nk.get(t - n), self.nv.get(t - n)) {
+            (k, v)
+        } else {
+            return;
+        };
+        let bytes = self.d * core::mem::size_of::<E>();
+        for off in (0..bytes).step_by(64) {
+            isa.prefetch(pk.cast::<u8>().wrapping_add(off));
+            isa.prefetch(pv.cast::<u8>().wrapping_add(off));
         }
     }
 
@@ -446,16 +482,7 @@ impl<E: Elem> RowBlock<'_, E> {
         let dv = d / lanes * lanes;
         let kp: [*const E; KB] = core::array::from_fn(|k| self.kp[key + k]);
         for k in 0..KB {
-            if let (Some(&pk), Some(&pv)) = (
-                self.kp.get(key + k + PREFETCH_KEYS),
-                self.vp.get(key + k + PREFETCH_KEYS),
-            ) {
-                let bytes = d * core::mem::size_of::<E>();
-                for off in (0..bytes).step_by(64) {
-                    isa.prefetch(pk.cast::<u8>().wrapping_add(off));
-                    isa.prefetch(pv.cast::<u8>().wrapping_add(off));
-                }
-            }
+            self.prefetch_key(isa, key + k + PREFETCH_KEYS);
         }
         let mut acc = [[isa.zero(); M]; KB];
         let qp = q.as_ptr();
@@ -490,31 +517,41 @@ impl<E: Elem> RowBlock<'_, E> {
         }
     }
 
-    /// `o[i][c0 + ..NC * LANES] = sum_j p[i][j] v_j[..]` for the `M` rows, `p` in `s`.
+    /// `o[i][c] = alpha[i] o[i][c] + sum_{jj < len} p[i][jj] v[lo + b0 + jj][c]` for the `M`
+    /// rows and the `NC` registers of `c` from `c0`, `p` in `s`; `alpha = None` writes `o`
+    /// without reading it (the first sub-block).
     #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
     fn pv_cols<I: Isa, const M: usize, const NC: usize>(
         &self,
         isa: I,
         s: &[f32],
+        b0: usize,
+        len: usize,
         c0: usize,
         o: &mut [f32],
-        next: &mut Ahead<'_, E>,
+        alpha: Option<&[f32]>,
     ) {
         let (d, lanes) = (self.d, I::LANES);
-        let bytes = d * core::mem::size_of::<E>();
-        let n = self.hi - self.lo;
-        let vp = &self.vp[self.lo..self.hi];
-        let sp = s[..(M - 1) * SROW + n].as_ptr();
+        let vp = &self.vp[self.lo + b0..][..len];
+        let sp = s[..(M - 1) * SROW + len].as_ptr();
         let mut acc = [[isa.zero(); NC]; M];
+        if let Some(alpha) = alpha {
+            for (i, acc) in acc.iter_mut().enumerate() {
+                let a = isa.splat(alpha[i]);
+                for (v, acc) in acc.iter_mut().enumerate() {
+                    *acc = isa.mul(isa.load_s(&o[i * d + c0 + v * lanes..]), a);
+                }
+            }
+        }
         for (j, &p) in vp.iter().enumerate() {
-            next.step(isa, bytes);
             let mut vv = [isa.zero(); NC];
             for (v, vv) in vv.iter_mut().enumerate() {
                 // SAFETY: c0 + NC * LANES <= d, and every key pointer is valid for d elements.
                 *vv = unsafe { load_e(isa, p.add(c0 + v * lanes)) };
             }
             for (i, acc) in acc.iter_mut().enumerate() {
-                // SAFETY: i < M and j < n: inside the slice `sp` was taken from.
+                // SAFETY: i < M and j < len: inside the slice `sp` was taken from.
                 let pj = isa.splat(unsafe { *sp.add(i * SROW + j) });
                 for (acc, &vv) in acc.iter_mut().zip(&vv) {
                     *acc = isa.mul_add(pj, vv, *acc);
