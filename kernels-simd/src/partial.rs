@@ -49,11 +49,11 @@ const MR: usize = 4;
 /// Floats per row of the score scratch: a sub-block padded to whole registers (<= 16 lanes).
 const SROW: usize = SUB + 16;
 /// Keys per online-softmax step: K and V of a sub-block are read together, so the cache is
-/// streamed in small pieces (a paged block) rather than as a chunk of K, then of V.
-const SUB: usize = 16;
+/// streamed in small pieces (a few paged blocks) rather than as a chunk of K, then of V.
+const SUB: usize = 32;
 /// Keys ahead of the one being scored whose K and V lines are prefetched (a sub-block); also
 /// how many keys of the next chunk [`attend_partial_ahead`] uses.
-pub const PREFETCH_KEYS: usize = 16;
+pub const PREFETCH_KEYS: usize = 32;
 
 /// Scratch floats [`attend_partial`] needs: the scores of one sub-block of keys for one block
 /// of rows. The same for every head dimension `d` (K and V are read in place).
@@ -70,7 +70,7 @@ pub const fn partial_scratch_len(d: usize) -> usize {
 ///
 /// K and V are read in place from the runs (f16 and bf16 widened in registers, exactly), through
 /// a table of one pointer per chunk key, so nothing below depends on where runs start. Keys are
-/// taken in sub-blocks of 16 (`lo + 16 b ..`) with an online softmax, so the K and V of a
+/// taken in sub-blocks of 32 (`lo + 32 b ..`) with an online softmax, so the K and V of a
 /// sub-block are read together and the next sub-block (or the next chunk's first, given by
 /// [`attend_partial_ahead`]) is prefetched meanwhile: per sub-block, `m' = max(m, max s_j)`,
 /// `a = exp(m - m')`, `p_j = exp(s_j - m')`, `l = a l + sum p_j`, `o = a o + sum p_j v_j`.
