@@ -69,7 +69,7 @@ impl Elem for f32 {
 /// computing `m * 2^-24` in f32 arithmetic: give it exponent 1 (i.e. 2^-14 as a float with the
 /// mantissa bits) and subtract 2^-14. Both are exact.
 #[inline(always)]
-fn f16_bits_to_f32(h: u16) -> f32 {
+pub(crate) fn f16_bits_to_f32(h: u16) -> f32 {
     let h = h as u32;
     let sign = (h & 0x8000) << 16;
     let body = (h & 0x7fff) << 13;

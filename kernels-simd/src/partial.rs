@@ -8,10 +8,11 @@
 
 use crate::elem::Elem;
 use crate::error::{add, mul, need, ShapeError};
-use crate::exp::exp_v;
+use crate::exp::exp_nonpos_v;
 use crate::isa::{dispatch, Isa, WithIsa};
 use crate::tier::{active, Tier};
-use crate::vecops::dot_v;
+use core::any::TypeId;
+use half::{bf16, f16};
 
 /// Most keys in one chunk.
 pub const CHUNK_MAX: usize = 256;
@@ -43,23 +44,50 @@ pub struct PartialRows<'a> {
     pub o: &'a mut [f32],
 }
 
-/// Scratch floats [`attend_partial`] needs for head dimension `d`: the widened K and V of a
-/// chunk and one row of scores.
+/// Rows of one register block of [`attend_partial`] (one token's heads, four at a time).
+const MR: usize = 4;
+/// Floats per row of the score scratch: a sub-block padded to whole registers (<= 16 lanes).
+const SROW: usize = SUB + 16;
+/// Keys per online-softmax step: K and V of a sub-block are read together, so the cache is
+/// streamed in small pieces (a few paged blocks) rather than as a chunk of K, then of V.
+const SUB: usize = 32;
+/// Keys ahead of the one being scored whose K and V lines are prefetched (a sub-block); also
+/// how many keys of the next chunk [`attend_partial_ahead`] uses.
+pub const PREFETCH_KEYS: usize = 32;
+
+/// Scratch floats [`attend_partial`] needs: the scores of one sub-block of keys for one block
+/// of rows. The same for every head dimension `d` (K and V are read in place).
 pub const fn partial_scratch_len(d: usize) -> usize {
-    CHUNK_MAX
-        .saturating_mul(d)
-        .saturating_mul(2)
-        .saturating_add(CHUNK_MAX + 16)
+    let _ = d;
+    MR * SROW
 }
 
 /// Kernel `partial_f32`: for each query token `t < ranges.len()` and head `h < r` (row
 /// `t * r + h`), over the chunk keys `j` in `ranges[t] = lo..hi` (indices into the chunk, the
 /// concatenation of `runs`):
 /// `s_j = scale * q[row] . k_j`, `m = max s_j`, `p_j = exp(s_j - m)`, `l = sum p_j`,
-/// `o = sum p_j v_j`, sums in increasing `j`.
+/// `o = sum p_j v_j`.
 ///
-/// The chunk's K and V are widened to f32 once for all rows (the r heads of a KV head share
-/// every load). `q` is `[tokens][r][d]`.
+/// K and V are read in place from the runs (f16 and bf16 widened in registers, exactly), through
+/// a table of one pointer per chunk key, so nothing below depends on where runs start. Keys are
+/// taken in sub-blocks of 32 (`lo + 32 b ..`) with an online softmax, so the K and V of a
+/// sub-block are read together and the next sub-block (or the next chunk's first, given by
+/// [`attend_partial_ahead`]) is prefetched meanwhile: per sub-block, `m' = max(m, max s_j)`,
+/// `a = exp(m - m')`, `p_j = exp(s_j - m')`, `l = a l + sum p_j`, `o = a o + sum p_j v_j`.
+/// Tile: up to 4 rows of one token at a time (the r heads sharing a KV head), so every K and V
+/// load serves all of them. Scores: 2 keys x 4 rows in 8 register accumulators, one FMA chain
+/// per (key, row) over the head dimension in registers of increasing `c`, then the 4 rows of a
+/// key reduced together (`reduce_sum4`, one fixed lane order). Softmax per row: max and exps
+/// over the sub-block's scores in registers (`exp(-inf) = 0` for padding), the sub-block sum as
+/// one lane-wise register sum then one reduction. PV: 4 rows x 2 registers of the head
+/// dimension in 8 accumulators, started from `a o` (from nothing on the first sub-block), one
+/// FMA chain per accumulator in increasing `j`, V loaded once per key and register. The bits
+/// of a row depend only on its inputs, `lo..hi`, and the tier. Tails: a short last sub-block
+/// runs over exactly its keys; an odd last key is scored alone with the same chains; 1-3
+/// leftover rows use a smaller block (the same per-row arithmetic); head-dimension elements
+/// past the last whole register are added per key in scalar code after the register part
+/// (scores) or as their own scalar chains (PV); `lo == hi` gives `m = -inf`, `l = 0`, `o = 0`
+/// without reading anything.
 ///
 /// # Errors
 /// A chunk longer than [`CHUNK_MAX`], a range outside the chunk, short slices or scratch;
@@ -75,7 +103,29 @@ pub fn attend_partial<E: Elem>(
     out: PartialRows<'_>,
     scratch: &mut [f32],
 ) -> Result<(), ShapeError> {
-    attend_partial_on(active(), d, r, q, runs, ranges, scale, out, scratch)
+    attend_partial_on(active(), d, r, q, runs, &[], ranges, scale, out, scratch)
+}
+
+/// [`attend_partial`], also prefetching the keys of `next` (the start of the chunk the caller
+/// attends to next; its first [`PREFETCH_KEYS`] keys are used) while it computes, so that
+/// reading the cache from memory overlaps the arithmetic across chunks too. `next` is only a hint: it is never read and
+/// does not change the result.
+///
+/// # Errors
+/// Those of [`attend_partial`]; `next` is not checked.
+#[allow(clippy::too_many_arguments)] // attend_partial's arguments and the hint
+pub fn attend_partial_ahead<E: Elem>(
+    d: usize,
+    r: usize,
+    q: &[f32],
+    runs: &[KvRun<'_, E>],
+    next: &[KvRun<'_, E>],
+    ranges: &[(u32, u32)],
+    scale: f32,
+    out: PartialRows<'_>,
+    scratch: &mut [f32],
+) -> Result<(), ShapeError> {
+    attend_partial_on(active(), d, r, q, runs, next, ranges, scale, out, scratch)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -85,6 +135,7 @@ pub(crate) fn attend_partial_on<E: Elem>(
     r: usize,
     q: &[f32],
     runs: &[KvRun<'_, E>],
+    next: &[KvRun<'_, E>],
     ranges: &[(u32, u32)],
     scale: f32,
     out: PartialRows<'_>,
@@ -146,21 +197,27 @@ pub(crate) fn attend_partial_on<E: Elem>(
         scratch.len(),
     )?;
 
-    let (kt, rest) = scratch.split_at_mut(CHUNK_MAX * d);
-    let (vt, s) = rest.split_at_mut(CHUNK_MAX * d);
+    // One pointer per chunk key: key `at + i` is `d` elements from `kp[at + i]` (`vp` likewise).
+    let mut kp = [core::ptr::null::<E>(); CHUNK_MAX];
+    let mut vp = [core::ptr::null::<E>(); CHUNK_MAX];
     let mut at = 0;
     for run in runs {
         for i in 0..run.len {
-            E::to_f32_slice(
-                &run.k[i * run.stride..i * run.stride + d],
-                &mut kt[(at + i) * d..(at + i + 1) * d],
-            );
-            E::to_f32_slice(
-                &run.v[i * run.stride..i * run.stride + d],
-                &mut vt[(at + i) * d..(at + i + 1) * d],
-            );
+            kp[at + i] = run.k[i * run.stride..][..d].as_ptr();
+            vp[at + i] = run.v[i * run.stride..][..d].as_ptr();
         }
         at += run.len;
+    }
+    // The next chunk's keys, for prefetching only: any address is fine, none is read.
+    let mut nk = [core::ptr::null::<E>(); PREFETCH_KEYS];
+    let mut nv = [core::ptr::null::<E>(); PREFETCH_KEYS];
+    let mut nn = 0;
+    for run in next {
+        for i in 0..run.len.min(PREFETCH_KEYS - nn) {
+            nk[nn] = run.k.as_ptr().wrapping_add(i * run.stride);
+            nv[nn] = run.v.as_ptr().wrapping_add(i * run.stride);
+            nn += 1;
+        }
     }
     dispatch(
         tier,
@@ -168,30 +225,35 @@ pub(crate) fn attend_partial_on<E: Elem>(
             d,
             r,
             q,
-            kt: &kt[..n * d],
-            vt: &vt[..n * d],
+            kp: &kp[..n],
+            vp: &vp[..n],
+            nk: &nk[..nn],
+            nv: &nv[..nn],
             ranges,
             scale,
             out,
-            s,
+            s: &mut scratch[..MR * SROW],
         },
     );
     Ok(())
 }
 
-struct Job<'a> {
+/// Validated arguments: every pointer of `kp` and `vp` is valid for reading `d` elements.
+struct Job<'a, E> {
     d: usize,
     r: usize,
     q: &'a [f32],
-    kt: &'a [f32],
-    vt: &'a [f32],
+    kp: &'a [*const E],
+    vp: &'a [*const E],
+    nk: &'a [*const E],
+    nv: &'a [*const E],
     ranges: &'a [(u32, u32)],
     scale: f32,
     out: PartialRows<'a>,
     s: &'a mut [f32],
 }
 
-impl WithIsa for Job<'_> {
+impl<E: Elem> WithIsa for Job<'_, E> {
     type Output = ();
 
     #[inline(always)]
@@ -200,58 +262,305 @@ impl WithIsa for Job<'_> {
             d,
             r,
             q,
-            kt,
-            vt,
+            kp,
+            vp,
+            nk,
+            nv,
             ranges,
             scale,
             out,
             s,
         } = self;
-        let l = I::LANES;
         for (t, &(lo, hi)) in ranges.iter().enumerate() {
             let (lo, hi) = (lo as usize, hi as usize);
-            for h in 0..r {
+            let mut h = 0;
+            while h < r {
                 let row = t * r + h;
-                let o = &mut out.o[row * d..(row + 1) * d];
-                o.fill(0.0);
-                if lo == hi {
-                    out.m[row] = f32::NEG_INFINITY;
-                    out.l[row] = 0.0;
-                    continue;
+                let b = RowBlock {
+                    d,
+                    q: &q[row * d..],
+                    kp,
+                    vp,
+                    nk,
+                    nv,
+                    lo,
+                    hi,
+                    scale,
+                };
+                let m = (r - h).min(MR);
+                let (om, ol) = (&mut out.m[row..row + m], &mut out.l[row..row + m]);
+                let oo = &mut out.o[row * d..(row + m) * d];
+                match m {
+                    1 => b.run::<I, 1>(isa, s, om, ol, oo),
+                    2 => b.run::<I, 2>(isa, s, om, ol, oo),
+                    3 => b.run::<I, 3>(isa, s, om, ol, oo),
+                    _ => b.run::<I, MR>(isa, s, om, ol, oo),
                 }
-                let qr = &q[row * d..(row + 1) * d];
-                let mut m = f32::NEG_INFINITY;
-                for j in lo..hi {
-                    let v = dot_v(isa, qr, &kt[j * d..(j + 1) * d]) * scale;
-                    s[j - lo] = v;
-                    m = m.max(v);
+                h += m;
+            }
+        }
+    }
+}
+
+/// Loads `LANES` elements at `p` widened to f32 (exact).
+///
+/// # Safety
+/// `p` must be valid for reading `LANES` elements.
+#[inline(always)]
+unsafe fn load_e<I: Isa, E: Elem>(isa: I, p: *const E) -> I::V {
+    let id = TypeId::of::<E>();
+    // SAFETY (all branches): the type test makes the pointer cast an identity (f32) or a
+    // reinterpretation of 16-bit floats as their bits (f16 and bf16 are `repr(transparent)`
+    // over u16); `p` is valid for LANES elements by the caller's contract.
+    unsafe {
+        if id == TypeId::of::<f16>() {
+            isa.load_f16(p.cast())
+        } else if id == TypeId::of::<bf16>() {
+            isa.load_bf16(p.cast())
+        } else if id == TypeId::of::<f32>() {
+            isa.load(p.cast())
+        } else {
+            let mut t = [0.0f32; 16];
+            for (i, t) in t[..I::LANES].iter_mut().enumerate() {
+                *t = p.add(i).read_unaligned().to_f32();
+            }
+            isa.load_s(&t)
+        }
+    }
+}
+
+/// Up to [`MR`] consecutive rows of one token (queries at `q`, `d` apart) over the keys
+/// `lo..hi` of the chunk.
+struct RowBlock<'a, E> {
+    d: usize,
+    q: &'a [f32],
+    kp: &'a [*const E],
+    vp: &'a [*const E],
+    nk: &'a [*const E],
+    nv: &'a [*const E],
+    lo: usize,
+    hi: usize,
+    scale: f32,
+}
+
+impl<E: Elem> RowBlock<'_, E> {
+    /// The state of `M` rows into `m`, `l` and `o` (`[M][d]`), scores in `s` (`[M][SROW]`).
+    #[inline(always)]
+    fn run<I: Isa, const M: usize>(
+        &self,
+        isa: I,
+        s: &mut [f32],
+        m: &mut [f32],
+        l: &mut [f32],
+        o: &mut [f32],
+    ) {
+        let (d, lo, hi) = (self.d, self.lo, self.hi);
+        let n = hi - lo;
+        if n == 0 {
+            m.fill(f32::NEG_INFINITY);
+            l.fill(0.0);
+            o.fill(0.0);
+            return;
+        }
+        let lanes = I::LANES;
+        let q = &self.q[..M * d];
+        let s = &mut s[..M * SROW];
+        let dv = d / lanes * lanes;
+        // Running max and sum per row (lanes past M unused), and the rescale factors.
+        let mut mrow = [f32::NEG_INFINITY; 16];
+        let mut lrow = [0.0f32; M];
+        let mut alpha = [0.0f32; 16];
+
+        let mut b0 = 0;
+        while b0 < n {
+            let b1 = (b0 + SUB).min(n);
+            let len = b1 - b0;
+            let mut j = 0;
+            while j + 2 <= len {
+                self.score_keys::<I, M, 2>(isa, q, lo + b0 + j, s, j);
+                j += 2;
+            }
+            if j < len {
+                self.score_keys::<I, M, 1>(isa, q, lo + b0 + j, s, j);
+            }
+
+            // New maxima first (all rows at once below), then exps and sums per row.
+            let padded = len.div_ceil(lanes) * lanes;
+            let mut mnew = mrow;
+            for (i, mn) in mnew[..M].iter_mut().enumerate() {
+                let row = &mut s[i * SROW..][..padded];
+                row[len..].fill(f32::NEG_INFINITY);
+                let mut mv = isa.splat(f32::NEG_INFINITY);
+                for c in row.chunks_exact(lanes) {
+                    mv = isa.max(mv, isa.load_s(c));
                 }
-                // exp(s - m) through padded registers, so no value depends on its position.
-                let n = hi - lo;
-                let padded = n.div_ceil(l) * l;
-                s[n..padded].fill(f32::NEG_INFINITY);
-                let mv = isa.splat(m);
-                for c in s[..padded].chunks_exact_mut(l) {
-                    let e = exp_v(isa, isa.sub(isa.load_s(c), mv));
+                let mut t = [f32::NEG_INFINITY; 16];
+                isa.store_s(&mut t, mv);
+                *mn = t[..lanes].iter().fold(*mn, |a, &b| a.max(b));
+            }
+            // alpha = exp(m_old - m_new): 0 on the first sub-block (m_old = -inf).
+            let mut i = 0;
+            while i < M {
+                let e = exp_nonpos_v(isa, isa.sub(isa.load_s(&mrow[i..]), isa.load_s(&mnew[i..])));
+                isa.store_s(&mut alpha[i..], e);
+                i += lanes;
+            }
+            for i in 0..M {
+                let row = &mut s[i * SROW..][..padded];
+                let ms = isa.splat(mnew[i]);
+                let mut sum = isa.zero();
+                for c in row.chunks_exact_mut(lanes) {
+                    let e = exp_nonpos_v(isa, isa.sub(isa.load_s(c), ms));
                     isa.store_s(c, e);
+                    sum = isa.add(sum, e);
                 }
-                let mut sum = 0.0f32;
-                for (jj, &p) in s[..n].iter().enumerate() {
-                    sum += p;
-                    let vj = &vt[(lo + jj) * d..(lo + jj + 1) * d];
-                    let pv = isa.splat(p);
-                    let mut i = 0;
-                    while i + l <= d {
-                        let acc = isa.mul_add(pv, isa.load_s(&vj[i..]), isa.load_s(&o[i..]));
-                        isa.store_s(&mut o[i..], acc);
-                        i += l;
+                lrow[i] = lrow[i] * alpha[i] + isa.reduce_sum(sum);
+            }
+            mrow = mnew;
+
+            let a: Option<&[f32]> = if b0 == 0 { None } else { Some(&alpha[..M]) };
+            let mut c0 = 0;
+            while c0 + 2 * lanes <= dv {
+                self.pv_cols::<I, M, 2>(isa, s, b0, len, c0, o, a);
+                c0 += 2 * lanes;
+            }
+            while c0 < dv {
+                self.pv_cols::<I, M, 1>(isa, s, b0, len, c0, o, a);
+                c0 += lanes;
+            }
+            for c in dv..d {
+                for i in 0..M {
+                    let mut acc = match a {
+                        Some(a) => o[i * d + c] * a[i],
+                        None => 0.0,
+                    };
+                    for jj in 0..len {
+                        // SAFETY: c < d and every key pointer is valid for d elements.
+                        let v = unsafe { self.vp[lo + b0 + jj].add(c).read_unaligned() };
+                        acc += s[i * SROW + jj] * v.to_f32();
                     }
-                    for k in i..d {
-                        o[k] += p * vj[k];
-                    }
+                    o[i * d + c] = acc;
                 }
-                out.m[row] = m;
-                out.l[row] = sum;
+            }
+            b0 = b1;
+        }
+        m.copy_from_slice(&mrow[..M]);
+        l.copy_from_slice(&lrow);
+    }
+
+    /// Prefetches the K and V lines of chunk key `t`, or of key `t - chunk` of the next chunk.
+    #[inline(always)]
+    fn prefetch_key<I: Isa>(&self, isa: I, t: usize) {
+        let n = self.kp.len();
+        let (pk, pv) = if t < n {
+            (self.kp[t], self.vp[t])
+        } else if let (Some(&k), Some(&v)) = (self.nk.get(t - n), self.nv.get(t - n)) {
+            (k, v)
+        } else {
+            return;
+        };
+        let bytes = self.d * core::mem::size_of::<E>();
+        for off in (0..bytes).step_by(64) {
+            isa.prefetch(pk.cast::<u8>().wrapping_add(off));
+            isa.prefetch(pv.cast::<u8>().wrapping_add(off));
+        }
+    }
+
+    /// Scores of the `KB` keys `key..key + KB` (chunk indices) for the `M` rows, times `scale`,
+    /// into `s[i * SROW + at + k]`; prefetches the K and V lines of a key [`PREFETCH_KEYS`]
+    /// ahead.
+    #[inline(always)]
+    fn score_keys<I: Isa, const M: usize, const KB: usize>(
+        &self,
+        isa: I,
+        q: &[f32],
+        key: usize,
+        s: &mut [f32],
+        at: usize,
+    ) {
+        let (d, lanes) = (self.d, I::LANES);
+        let dv = d / lanes * lanes;
+        let kp: [*const E; KB] = core::array::from_fn(|k| self.kp[key + k]);
+        for k in 0..KB {
+            self.prefetch_key(isa, key + k + PREFETCH_KEYS);
+        }
+        let mut acc = [[isa.zero(); M]; KB];
+        let qp = q.as_ptr();
+        let mut c = 0;
+        while c < dv {
+            let mut kv = [isa.zero(); KB];
+            for (kv, &p) in kv.iter_mut().zip(&kp) {
+                // SAFETY: c + LANES <= dv <= d, and every key pointer is valid for d elements.
+                *kv = unsafe { load_e(isa, p.add(c)) };
+            }
+            for i in 0..M {
+                // SAFETY: i < M and c + LANES <= d, inside `q` (`M * d` floats).
+                let qv = unsafe { isa.load(qp.add(i * d + c)) };
+                for (acc, &kv) in acc.iter_mut().zip(&kv) {
+                    acc[i] = isa.mul_add(qv, kv, acc[i]);
+                }
+            }
+            c += lanes;
+        }
+        for (k, acc) in acc.iter().enumerate() {
+            let mut a4 = [isa.zero(); 4];
+            a4[..M].copy_from_slice(acc);
+            let sums = isa.reduce_sum4(a4);
+            for i in 0..M {
+                let mut x = sums[i];
+                for c in dv..d {
+                    // SAFETY: c < d and every key pointer is valid for d elements.
+                    x += q[i * d + c] * unsafe { kp[k].add(c).read_unaligned() }.to_f32();
+                }
+                s[i * SROW + at + k] = x * self.scale;
+            }
+        }
+    }
+
+    /// `o[i][c] = alpha[i] o[i][c] + sum_{jj < len} p[i][jj] v[lo + b0 + jj][c]` for the `M`
+    /// rows and the `NC` registers of `c` from `c0`, `p` in `s`; `alpha = None` writes `o`
+    /// without reading it (the first sub-block).
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    fn pv_cols<I: Isa, const M: usize, const NC: usize>(
+        &self,
+        isa: I,
+        s: &[f32],
+        b0: usize,
+        len: usize,
+        c0: usize,
+        o: &mut [f32],
+        alpha: Option<&[f32]>,
+    ) {
+        let (d, lanes) = (self.d, I::LANES);
+        let vp = &self.vp[self.lo + b0..][..len];
+        let sp = s[..(M - 1) * SROW + len].as_ptr();
+        let mut acc = [[isa.zero(); NC]; M];
+        if let Some(alpha) = alpha {
+            for (i, acc) in acc.iter_mut().enumerate() {
+                let a = isa.splat(alpha[i]);
+                for (v, acc) in acc.iter_mut().enumerate() {
+                    *acc = isa.mul(isa.load_s(&o[i * d + c0 + v * lanes..]), a);
+                }
+            }
+        }
+        for (j, &p) in vp.iter().enumerate() {
+            let mut vv = [isa.zero(); NC];
+            for (v, vv) in vv.iter_mut().enumerate() {
+                // SAFETY: c0 + NC * LANES <= d, and every key pointer is valid for d elements.
+                *vv = unsafe { load_e(isa, p.add(c0 + v * lanes)) };
+            }
+            for (i, acc) in acc.iter_mut().enumerate() {
+                // SAFETY: i < M and j < len: inside the slice `sp` was taken from.
+                let pj = isa.splat(unsafe { *sp.add(i * SROW + j) });
+                for (acc, &vv) in acc.iter_mut().zip(&vv) {
+                    *acc = isa.mul_add(pj, vv, *acc);
+                }
+            }
+        }
+        for (i, acc) in acc.iter().enumerate() {
+            for (v, &x) in acc.iter().enumerate() {
+                isa.store_s(&mut o[i * d + c0 + v * lanes..], x);
             }
         }
     }
@@ -324,16 +633,24 @@ mod tests {
 
     #[test]
     fn chunks_and_runs_match_the_reference_and_each_other() {
+        chunks_and_runs::<half::f16>();
+        chunks_and_runs::<half::bf16>();
+        chunks_and_runs::<f32>();
+    }
+
+    fn chunks_and_runs<E: Elem>() {
         for tier in Tier::ALL.into_iter().filter(|&t| supported(t)) {
             for &(d, r, n) in &[
                 (128usize, 4usize, 600usize),
                 (18, 1, 257),
                 (64, 8, 64),
                 (32, 2, 1),
+                (40, 3, 300),
+                (8, 5, 33),
             ] {
                 let q = rand_vec(3 * r * d, 1);
-                let kh: Vec<half::f16> = rand_elem(n * d, 2);
-                let vh: Vec<half::f16> = rand_elem(n * d, 3);
+                let kh: Vec<E> = rand_elem(n * d, 2);
+                let vh: Vec<E> = rand_elem(n * d, 3);
                 let k: Vec<f32> = kh.iter().map(|x| x.to_f32()).collect();
                 let v: Vec<f32> = vh.iter().map(|x| x.to_f32()).collect();
                 let ranges = [
@@ -343,10 +660,11 @@ mod tests {
                 ];
                 let scale = 1.0 / (d as f32).sqrt();
                 let want = reference(d, r, &q, &k, &v, &ranges, scale);
-                // Two layouts: chunks of CHUNK_MAX keys as one run, and the same chunks split
-                // into runs of 16 keys (paged blocks). Both must give the same bits.
+                // Three layouts: chunks of CHUNK_MAX keys as one run, the same chunks split
+                // into runs of 16 keys (paged blocks), and runs of 7 keys with the next chunk
+                // passed as a prefetch hint. All must give the same bits.
                 let mut results = vec![];
-                for block in [CHUNK_MAX, 16] {
+                for block in [CHUNK_MAX, 16, 7] {
                     let rows = ranges.len() * r;
                     let (mut m, mut l, mut o) = (
                         vec![f32::NEG_INFINITY; rows],
@@ -356,18 +674,26 @@ mod tests {
                     let mut scratch = vec![0.0; partial_scratch_len(d)];
                     for c0 in (0..n).step_by(CHUNK_MAX) {
                         let c1 = (c0 + CHUNK_MAX).min(n);
-                        let runs: Vec<KvRun<'_, half::f16>> = (c0..c1)
-                            .step_by(block)
-                            .map(|b0| {
-                                let b1 = (b0 + block).min(c1);
-                                KvRun {
-                                    k: &kh[b0 * d..b1 * d],
-                                    v: &vh[b0 * d..b1 * d],
-                                    stride: d,
-                                    len: b1 - b0,
-                                }
-                            })
-                            .collect();
+                        let runs_of = |c0: usize, c1: usize| -> Vec<KvRun<'_, E>> {
+                            (c0..c1)
+                                .step_by(block)
+                                .map(|b0| {
+                                    let b1 = (b0 + block).min(c1);
+                                    KvRun {
+                                        k: &kh[b0 * d..b1 * d],
+                                        v: &vh[b0 * d..b1 * d],
+                                        stride: d,
+                                        len: b1 - b0,
+                                    }
+                                })
+                                .collect()
+                        };
+                        let runs = runs_of(c0, c1);
+                        let next = if block == 7 {
+                            runs_of(c1, (c1 + CHUNK_MAX).min(n))
+                        } else {
+                            vec![]
+                        };
                         let cr: Vec<(u32, u32)> = ranges
                             .iter()
                             .map(|&(lo, hi)| {
@@ -384,6 +710,7 @@ mod tests {
                             r,
                             &q,
                             &runs,
+                            &next,
                             &cr,
                             scale,
                             PartialRows {
@@ -417,18 +744,22 @@ mod tests {
                     for (i, (&g, &w)) in got.iter().zip(&want).enumerate() {
                         assert!(
                             (g as f64 - w).abs() <= 1e-5 * (1.0 + w.abs()),
-                            "{tier:?} d {d} r {r} n {n} elem {i}: {g} vs {w}"
+                            "{tier:?} {} d {d} r {r} n {n} elem {i}: {g} vs {w}",
+                            E::NAME
                         );
                     }
                     results.push(got);
                 }
-                assert!(
-                    results[0]
-                        .iter()
-                        .zip(&results[1])
-                        .all(|(a, b)| a.to_bits() == b.to_bits()),
-                    "{tier:?}: layout changed the bits"
-                );
+                for other in &results[1..] {
+                    assert!(
+                        results[0]
+                            .iter()
+                            .zip(other)
+                            .all(|(a, b)| a.to_bits() == b.to_bits()),
+                        "{tier:?} {} d {d} r {r} n {n}: layout changed the bits",
+                        E::NAME
+                    );
+                }
             }
         }
     }

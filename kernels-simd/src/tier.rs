@@ -8,9 +8,10 @@ use core::sync::atomic::{AtomicU8, Ordering};
 pub enum Tier {
     /// Portable Rust, no SIMD intrinsics; available everywhere (the only tier on bare metal).
     Scalar,
-    /// x86-64 with AVX2 and FMA, with the OS saving YMM state.
+    /// x86-64 with AVX2, FMA and F16C, with the OS saving YMM state.
     Avx2,
-    /// x86-64 with AVX-512F, with the OS saving ZMM and opmask state.
+    /// x86-64 with AVX-512F (and what [`Tier::Avx2`] needs), with the OS saving ZMM and opmask
+    /// state.
     Avx512,
     /// aarch64 Advanced SIMD (always present on aarch64).
     Neon,
@@ -201,6 +202,7 @@ fn detect_bits() -> u8 {
     let l1 = cpuid(1);
     let l7 = cpuid(7);
     let fma = l1.ecx & (1 << 12) != 0;
+    let f16c = l1.ecx & (1 << 29) != 0;
     let osxsave = l1.ecx & (1 << 27) != 0;
     let avx = l1.ecx & (1 << 28) != 0;
     let avx2 = l7.ebx & (1 << 5) != 0;
@@ -214,7 +216,8 @@ fn detect_bits() -> u8 {
     // context switches; AVX-512 additionally needs opmask, ZMM_Hi256 and Hi16_ZMM state.
     let ymm_ok = xcr0 & 0x6 == 0x6;
     let zmm_ok = xcr0 & 0xe6 == 0xe6;
-    if ymm_ok && avx2 && fma {
+    // F16C (half-precision loads) comes with every AVX2 CPU, but is checked, not assumed.
+    if ymm_ok && avx2 && fma && f16c {
         bits |= Tier::Avx2.bit();
         if zmm_ok && avx512f {
             bits |= Tier::Avx512.bit();
@@ -265,9 +268,10 @@ mod tests {
             .expect("flags line")
             .split_whitespace()
             .collect();
-        if flags.contains("avx512f") {
+        let avx2 = flags.contains("avx2") && flags.contains("fma") && flags.contains("f16c");
+        if avx2 && flags.contains("avx512f") {
             Tier::Avx512
-        } else if flags.contains("avx2") && flags.contains("fma") {
+        } else if avx2 {
             Tier::Avx2
         } else {
             Tier::Scalar
@@ -287,11 +291,13 @@ mod tests {
         {
             assert_eq!(
                 supported(Tier::Avx2),
-                std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+                std::is_x86_feature_detected!("avx2")
+                    && std::is_x86_feature_detected!("fma")
+                    && std::is_x86_feature_detected!("f16c")
             );
             assert_eq!(
                 supported(Tier::Avx512),
-                std::is_x86_feature_detected!("avx512f")
+                supported(Tier::Avx2) && std::is_x86_feature_detected!("avx512f")
             );
         }
         assert!(supported(Tier::Scalar));

@@ -1,34 +1,36 @@
-//! x86-64 AVX2 + FMA: 8 f32 lanes in a YMM register.
+//! x86-64 AVX2 + FMA + F16C: 8 f32 lanes in a YMM register.
 
 use super::{Isa, WithIsa};
 use crate::tier::{supported, Tier};
 use core::arch::x86_64::*;
 
-/// Proof that the CPU and OS support AVX2 and FMA; constructible only through [`Avx2::new`].
+/// Proof that the CPU and OS support AVX2, FMA and F16C; constructible only through
+/// [`Avx2::new`].
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Avx2(());
 
 impl Avx2 {
-    /// The token, if detection found AVX2 + FMA with OS support for YMM state.
+    /// The token, if detection found AVX2 + FMA + F16C with OS support for YMM state.
     #[inline]
     pub(crate) fn new() -> Option<Self> {
         supported(Tier::Avx2).then_some(Avx2(()))
     }
 }
 
-/// Runs `op` compiled with AVX2 and FMA enabled.
+/// Runs `op` compiled with AVX2, FMA and F16C enabled.
 #[inline]
 pub(crate) fn entry<Op: WithIsa>(t: Avx2, op: Op) -> Op::Output {
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     fn inner<Op: WithIsa>(t: Avx2, op: Op) -> Op::Output {
         op.run(t)
     }
-    // SAFETY: an `Avx2` token exists only after detection found AVX2 + FMA and OS YMM support.
+    // SAFETY: an `Avx2` token exists only after detection found AVX2 + FMA + F16C and OS YMM
+    // support.
     unsafe { inner(t, op) }
 }
 
 // SAFETY (for every `unsafe` block in this impl): `self` is an `Avx2` token, which exists only
-// when the CPU supports AVX2 and FMA, the only features these intrinsics need; pointer
+// when the CPU supports AVX2, FMA and F16C, the only features these intrinsics need; pointer
 // validity for loads and stores is the caller's contract, stated on the trait.
 impl Isa for Avx2 {
     type V = __m256;
@@ -88,6 +90,40 @@ impl Isa for Avx2 {
             let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
             let s = _mm_add_ss(s, _mm_shuffle_ps::<0b01>(s, s));
             _mm_cvtss_f32(s)
+        }
+    }
+    #[inline(always)]
+    unsafe fn load_f16(self, p: *const u16) -> __m256 {
+        // SAFETY: see the impl comment (F16C); `p` is valid for 8 u16 reads by the caller's
+        // contract. The conversion is exact.
+        unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p.cast())) }
+    }
+    #[inline(always)]
+    unsafe fn load_bf16(self, p: *const u16) -> __m256 {
+        // SAFETY: see the impl comment; `p` is valid for 8 u16 reads by the caller's contract.
+        unsafe {
+            let w = _mm256_cvtepu16_epi32(_mm_loadu_si128(p.cast()));
+            _mm256_castsi256_ps(_mm256_slli_epi32::<16>(w))
+        }
+    }
+    #[inline(always)]
+    fn prefetch(self, p: *const u8) {
+        // SAFETY: see the impl comment; a prefetch is a hint that never faults, whatever the
+        // address.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(p.cast()) }
+    }
+    #[inline(always)]
+    fn reduce_sum4(self, v: [__m256; 4]) -> [f32; 4] {
+        // Lane i of the result: ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7)) of v[i].
+        // SAFETY: see the impl comment.
+        unsafe {
+            let a = _mm256_hadd_ps(v[0], v[1]);
+            let b = _mm256_hadd_ps(v[2], v[3]);
+            let c = _mm256_hadd_ps(a, b);
+            let s = _mm_add_ps(_mm256_castps256_ps128(c), _mm256_extractf128_ps::<1>(c));
+            let mut out = [0.0f32; 4];
+            _mm_storeu_ps(out.as_mut_ptr(), s);
+            out
         }
     }
     #[inline(always)]

@@ -16,14 +16,15 @@ impl Avx512 {
     }
 }
 
-/// Runs `op` compiled with AVX-512F enabled.
+/// Runs `op` compiled with AVX-512F (and F16C, which detection also requires) enabled.
 #[inline]
 pub(crate) fn entry<Op: WithIsa>(t: Avx512, op: Op) -> Op::Output {
-    #[target_feature(enable = "avx512f")]
+    #[target_feature(enable = "avx512f,f16c")]
     fn inner<Op: WithIsa>(t: Avx512, op: Op) -> Op::Output {
         op.run(t)
     }
-    // SAFETY: an `Avx512` token exists only after detection found AVX-512F and OS ZMM support.
+    // SAFETY: an `Avx512` token exists only after detection found AVX-512F (with AVX2, FMA and
+    // F16C) and OS ZMM support.
     unsafe { inner(t, op) }
 }
 
@@ -84,6 +85,26 @@ impl Isa for Avx512 {
     fn reduce_sum(self, v: __m512) -> f32 {
         // SAFETY: see the impl comment.
         unsafe { _mm512_reduce_add_ps(v) }
+    }
+    #[inline(always)]
+    unsafe fn load_f16(self, p: *const u16) -> __m512 {
+        // SAFETY: see the impl comment (VCVTPH2PS on ZMM is AVX-512F); `p` is valid for 16 u16
+        // reads by the caller's contract. The conversion is exact.
+        unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(p.cast())) }
+    }
+    #[inline(always)]
+    unsafe fn load_bf16(self, p: *const u16) -> __m512 {
+        // SAFETY: see the impl comment; `p` is valid for 16 u16 reads by the caller's contract.
+        unsafe {
+            let w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(p.cast()));
+            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(w))
+        }
+    }
+    #[inline(always)]
+    fn prefetch(self, p: *const u8) {
+        // SAFETY: see the impl comment; a prefetch is a hint that never faults, whatever the
+        // address.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(p.cast()) }
     }
     #[inline(always)]
     fn pow2i(self, n: __m512) -> __m512 {

@@ -92,6 +92,50 @@ pub(crate) trait Isa: Copy {
         }
     }
 
+    /// Loads `LANES` IEEE binary16 values (given as bits) widened to f32 (exact). The default
+    /// converts lane by lane with the branch-free bit code of [`crate::elem`].
+    ///
+    /// # Safety
+    /// `p` must be valid for reading `LANES` u16 (no alignment needed).
+    #[inline(always)]
+    unsafe fn load_f16(self, p: *const u16) -> Self::V {
+        let mut t = [0.0f32; 16];
+        for (i, t) in t[..Self::LANES].iter_mut().enumerate() {
+            // SAFETY: i < LANES, and `p` is valid for LANES reads by the caller's contract.
+            *t = crate::elem::f16_bits_to_f32(unsafe { p.add(i).read_unaligned() });
+        }
+        self.load_s(&t)
+    }
+
+    /// Loads `LANES` bfloat16 values (given as bits) widened to f32 (exact: a shift).
+    ///
+    /// # Safety
+    /// `p` must be valid for reading `LANES` u16 (no alignment needed).
+    #[inline(always)]
+    unsafe fn load_bf16(self, p: *const u16) -> Self::V {
+        let mut t = [0.0f32; 16];
+        for (i, t) in t[..Self::LANES].iter_mut().enumerate() {
+            // SAFETY: i < LANES, and `p` is valid for LANES reads by the caller's contract.
+            *t = f32::from_bits((unsafe { p.add(i).read_unaligned() } as u32) << 16);
+        }
+        self.load_s(&t)
+    }
+
+    /// Hints that the cache line holding `p` will be read soon. Never faults, whatever `p`
+    /// points to (so it is safe); the default does nothing.
+    #[inline(always)]
+    fn prefetch(self, p: *const u8) {
+        let _ = p;
+    }
+
+    /// The lane sums of four registers, `[reduce(v[0]), .., reduce(v[3])]`, each in one fixed
+    /// order per ISA (which may differ from [`Isa::reduce_sum`]'s); a lane's result depends only
+    /// on its own register. ISAs with horizontal adds override the per-register default.
+    #[inline(always)]
+    fn reduce_sum4(self, v: [Self::V; 4]) -> [f32; 4] {
+        v.map(|x| self.reduce_sum(x))
+    }
+
     /// Zero in every lane.
     #[inline(always)]
     fn zero(self) -> Self::V {
@@ -156,4 +200,108 @@ pub(crate) fn dispatch<Op: WithIsa>(tier: Tier, op: Op) -> Op::Output {
         _ => {}
     }
     op.run(scalar::Scalar)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::rand_vec;
+    use crate::tier::available;
+    use std::vec::Vec;
+
+    /// Widens every f16 and (a sample of) bf16 bit pattern through the tier's loads.
+    struct Widen<'a> {
+        bits: &'a [u16],
+        f16: bool,
+    }
+
+    impl WithIsa for Widen<'_> {
+        type Output = Vec<f32>;
+        #[inline(always)]
+        fn run<I: Isa>(self, isa: I) -> Vec<f32> {
+            let l = I::LANES;
+            let mut out = std::vec![0.0f32; self.bits.len()];
+            for (src, dst) in self.bits.chunks_exact(l).zip(out.chunks_exact_mut(l)) {
+                // SAFETY: `src` holds exactly LANES u16.
+                let v = unsafe {
+                    if self.f16 {
+                        isa.load_f16(src.as_ptr())
+                    } else {
+                        isa.load_bf16(src.as_ptr())
+                    }
+                };
+                isa.store_s(dst, v);
+            }
+            out
+        }
+    }
+
+    #[test]
+    fn half_loads_are_exact_for_every_value() {
+        let bits: Vec<u16> = (0..=u16::MAX).collect();
+        for tier in available() {
+            let got = dispatch(
+                tier,
+                Widen {
+                    bits: &bits,
+                    f16: true,
+                },
+            );
+            for (&b, &g) in bits.iter().zip(&got) {
+                let want = half::f16::from_bits(b).to_f32();
+                if want.is_nan() {
+                    assert!(g.is_nan(), "{tier:?} f16 {b:#06x}");
+                    assert_eq!(g.to_bits() >> 31, want.to_bits() >> 31);
+                } else {
+                    assert_eq!(g.to_bits(), want.to_bits(), "{tier:?} f16 {b:#06x}");
+                }
+            }
+            let got = dispatch(
+                tier,
+                Widen {
+                    bits: &bits,
+                    f16: false,
+                },
+            );
+            for (&b, &g) in bits.iter().zip(&got) {
+                assert_eq!(g.to_bits(), (b as u32) << 16, "{tier:?} bf16 {b:#06x}");
+            }
+        }
+    }
+
+    /// `reduce_sum4` of four registers loaded from `x`, and of the first alone (others zero).
+    struct Reduce4<'a>(&'a [f32]);
+
+    impl WithIsa for Reduce4<'_> {
+        type Output = ([f32; 4], f32);
+        #[inline(always)]
+        fn run<I: Isa>(self, isa: I) -> ([f32; 4], f32) {
+            let l = I::LANES;
+            let v = [0, 1, 2, 3].map(|i| isa.load_s(&self.0[i * l..]));
+            let z = isa.zero();
+            (isa.reduce_sum4(v), isa.reduce_sum4([v[0], z, z, z])[0])
+        }
+    }
+
+    #[test]
+    fn reduce_sum4_sums_each_register_alone() {
+        let x = rand_vec(64, 7);
+        for tier in available() {
+            let l = match tier {
+                Tier::Avx512 => 16,
+                Tier::Avx2 => 8,
+                Tier::Neon => 4,
+                Tier::Scalar => 1,
+            };
+            let (sums, first) = dispatch(tier, Reduce4(&x));
+            for (i, &s) in sums.iter().enumerate() {
+                let want: f64 = x[i * l..(i + 1) * l].iter().map(|&v| v as f64).sum();
+                assert!(
+                    (s as f64 - want).abs() < 1e-5,
+                    "{tier:?} {i}: {s} vs {want}"
+                );
+            }
+            assert_eq!(sums[0].to_bits(), first.to_bits(), "{tier:?}");
+        }
+    }
 }

@@ -387,7 +387,8 @@ impl Layer<'_> {
             o.fill(0.0);
             let (c0, c1) = item.chunks();
             let first = c0 + split * SPLIT;
-            for c in first..(first + SPLIT).min(c1) {
+            let last = (first + SPLIT).min(c1);
+            for c in first..last {
                 let (k0, k1) = (c * CHUNK, (c + 1) * CHUNK);
                 let mut ranges = [(0u32, 0u32); QB];
                 for (t, rg) in ranges.iter_mut().enumerate().take(item.n) {
@@ -407,6 +408,12 @@ impl Layer<'_> {
                     continue;
                 }
                 let keys = k0..(k0 + span.1);
+                // The start of this unit's next chunk, prefetched while this one computes.
+                let next = if c + 1 < last {
+                    k1..(k1 + simd::PREFETCH_KEYS).min(item.keys.1)
+                } else {
+                    k1..k1
+                };
                 let (pm, rest) = chunk_state.split_at_mut(rows);
                 let (pl, po) = rest.split_at_mut(rows);
                 let ok = chunk_partial(
@@ -414,6 +421,7 @@ impl Layer<'_> {
                     seq,
                     g,
                     keys,
+                    next,
                     d,
                     r,
                     &qt[..nrows * d],
@@ -611,13 +619,14 @@ fn append(cache: &mut KvCache<'_>, seqs: &[Sequence<'_>], k: &[f32], v: &[f32], 
 }
 
 /// The partial state over the logical keys `keys` of sequence `seq`, KV head `g`, gathering
-/// the chunk's runs from the sequence's blocks.
+/// the chunk's runs from the sequence's blocks; the keys `next` are prefetched meanwhile.
 #[allow(clippy::too_many_arguments)]
 fn chunk_partial(
     cache: &KvCache<'_>,
     seq: &Sequence<'_>,
     g: usize,
     keys: core::ops::Range<usize>,
+    next: core::ops::Range<usize>,
     d: usize,
     r: usize,
     q: &[f32],
@@ -633,6 +642,7 @@ fn chunk_partial(
         seq: &Sequence<'_>,
         g: usize,
         keys: core::ops::Range<usize>,
+        next: core::ops::Range<usize>,
         d: usize,
         r: usize,
         q: &[f32],
@@ -641,33 +651,48 @@ fn chunk_partial(
         out: PartialRows<'_>,
         scratch: &mut [f32],
     ) -> core::result::Result<(), simd::ShapeError> {
-        let mut runs = heapless::Vec::<KvRun<'_, E>, CHUNK>::new();
-        let mut j = keys.start;
-        while j < keys.end {
-            let (block, sl) = slot(cache, seq, j);
-            let len = (cache.block_size - sl).min(keys.end - j);
-            let at = cache.offset(block, g, sl);
-            let end = at + (len - 1) * d + d;
-            // Capacity CHUNK holds one run per key at worst.
-            let _ = runs.push(KvRun {
-                k: &pk[at..end],
-                v: &pv[at..end],
-                stride: d,
-                len,
-            });
-            j += len;
+        /// Appends the runs of the logical keys `keys`; `N` bounds the run count (one run per
+        /// key at worst).
+        fn gather<'c, E, const N: usize>(
+            cache: &KvCache<'_>,
+            pk: &'c [E],
+            pv: &'c [E],
+            seq: &Sequence<'_>,
+            g: usize,
+            keys: core::ops::Range<usize>,
+            d: usize,
+            runs: &mut heapless::Vec<KvRun<'c, E>, N>,
+        ) {
+            let mut j = keys.start;
+            while j < keys.end {
+                let (block, sl) = slot(cache, seq, j);
+                let len = (cache.block_size - sl).min(keys.end - j);
+                let at = cache.offset(block, g, sl);
+                let end = at + (len - 1) * d + d;
+                let _ = runs.push(KvRun {
+                    k: &pk[at..end],
+                    v: &pv[at..end],
+                    stride: d,
+                    len,
+                });
+                j += len;
+            }
         }
-        simd::attend_partial(d, r, q, &runs, ranges, scale, out, scratch)
+        let mut runs = heapless::Vec::<KvRun<'_, E>, CHUNK>::new();
+        gather(cache, pk, pv, seq, g, keys, d, &mut runs);
+        let mut ahead = heapless::Vec::<KvRun<'_, E>, { simd::PREFETCH_KEYS }>::new();
+        gather(cache, pk, pv, seq, g, next, d, &mut ahead);
+        simd::attend_partial_ahead(d, r, q, &runs, &ahead, ranges, scale, out, scratch)
     }
     match &cache.pool {
         KvPool::F32 { k, v } => typed(
-            cache, k, v, seq, g, keys, d, r, q, ranges, scale, out, scratch,
+            cache, k, v, seq, g, keys, next, d, r, q, ranges, scale, out, scratch,
         ),
         KvPool::F16 { k, v } => typed(
-            cache, k, v, seq, g, keys, d, r, q, ranges, scale, out, scratch,
+            cache, k, v, seq, g, keys, next, d, r, q, ranges, scale, out, scratch,
         ),
         KvPool::Bf16 { k, v } => typed(
-            cache, k, v, seq, g, keys, d, r, q, ranges, scale, out, scratch,
+            cache, k, v, seq, g, keys, next, d, r, q, ranges, scale, out, scratch,
         ),
     }
 }

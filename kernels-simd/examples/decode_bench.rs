@@ -1,0 +1,143 @@
+//! Single-thread micro-benchmark of `attend_partial` the way a decode step calls it: one new
+//! token, r = 4 query heads per KV head, head_dim 128, 8 KV heads, a paged cache (blocks of 16
+//! keys, `[block][head][slot][d]`) of `N` keys, chunks of 256 keys merged in order. Prints the
+//! best of `reps` runs of thread CPU time and the cache read rate.
+//!
+//! `cargo run --release -p attnrt-simd --example decode_bench [N] [reps] [f16|bf16|f32]
+//! [ahead|noahead]` (whether the next chunk is passed to `attend_partial_ahead` for prefetching)
+
+use attnrt_simd::{
+    attend_partial_ahead, merge_partial, partial_scratch_len, Elem, KvRun, PartialRows, CHUNK_MAX,
+};
+use std::time::Instant;
+
+/// Nanoseconds of CPU time of this thread (Linux `CLOCK_THREAD_CPUTIME_ID`); wall time
+/// elsewhere.
+fn cpu_ns(wall: Instant) -> u64 {
+    #[cfg(target_os = "linux")]
+    {
+        #[repr(C)]
+        struct Timespec {
+            sec: i64,
+            nsec: i64,
+        }
+        extern "C" {
+            fn clock_gettime(clock: i32, ts: *mut Timespec) -> i32;
+        }
+        const CLOCK_THREAD_CPUTIME_ID: i32 = 3;
+        let mut ts = Timespec { sec: 0, nsec: 0 };
+        // SAFETY: `ts` is a valid, writable timespec (two 64-bit fields on 64-bit Linux) and the
+        // clock id is a constant the C library accepts.
+        if unsafe { clock_gettime(CLOCK_THREAD_CPUTIME_ID, &mut ts) } == 0 {
+            return ts.sec as u64 * 1_000_000_000 + ts.nsec as u64;
+        }
+    }
+    wall.elapsed().as_nanos() as u64
+}
+
+fn fill(seed: u64, n: usize) -> Vec<f32> {
+    let mut s = seed | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s >> 12;
+            s ^= s << 25;
+            s ^= s >> 27;
+            ((s.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+fn run<E: Elem>(n: usize, reps: usize, ahead: bool) {
+    let (d, r, heads, block) = (128usize, 4usize, 8usize, 16usize);
+    let blocks = n.div_ceil(block);
+    let len = blocks * heads * block * d;
+    let k: Vec<E> = fill(2, len).into_iter().map(E::from_f32).collect();
+    let v: Vec<E> = fill(3, len).into_iter().map(E::from_f32).collect();
+    let q = fill(1, heads * r * d);
+    let scale = 1.0 / (d as f32).sqrt();
+    let mut scratch = vec![0.0f32; partial_scratch_len(d)];
+    let (mut pm, mut pl, mut po) = (vec![0.0; r], vec![0.0; r], vec![0.0; r * d]);
+    let (mut m, mut l, mut o) = (vec![0.0; r], vec![0.0; r], vec![0.0; r * d]);
+    let mut best = f64::INFINITY;
+    let mut check = 0.0f64;
+    for _ in 0..reps {
+        let wall = Instant::now();
+        let start = cpu_ns(wall);
+        for g in 0..heads {
+            m.fill(f32::NEG_INFINITY);
+            l.fill(0.0);
+            o.fill(0.0);
+            let runs_of = |c0: usize| -> Vec<KvRun<'_, E>> {
+                let c1 = (c0 + CHUNK_MAX).min(n);
+                (c0..c1)
+                    .step_by(block)
+                    .map(|j| {
+                        let at = ((j / block * heads + g) * block) * d;
+                        let len = block.min(c1 - j);
+                        KvRun {
+                            k: &k[at..at + len * d],
+                            v: &v[at..at + len * d],
+                            stride: d,
+                            len,
+                        }
+                    })
+                    .collect()
+            };
+            for c0 in (0..n).step_by(CHUNK_MAX) {
+                let c1 = (c0 + CHUNK_MAX).min(n);
+                let runs = runs_of(c0);
+                let next = if ahead { runs_of(c1) } else { vec![] };
+                let out = PartialRows {
+                    m: &mut pm,
+                    l: &mut pl,
+                    o: &mut po,
+                };
+                let ranges = [(0u32, (c1 - c0) as u32)];
+                attend_partial_ahead(
+                    d,
+                    r,
+                    &q[g * r * d..][..r * d],
+                    &runs,
+                    &next,
+                    &ranges,
+                    scale,
+                    out,
+                    &mut scratch,
+                )
+                .expect("attend_partial");
+                for row in 0..r {
+                    merge_partial(
+                        &mut m[row],
+                        &mut l[row],
+                        &mut o[row * d..(row + 1) * d],
+                        pm[row],
+                        pl[row],
+                        &po[row * d..(row + 1) * d],
+                    );
+                }
+            }
+            check += (o[0] / l[0]) as f64;
+        }
+        best = best.min((cpu_ns(wall) - start) as f64 * 1e-9);
+    }
+    let bytes = (2 * heads * n * d * core::mem::size_of::<E>()) as f64;
+    println!(
+        "{}{} N={n}: {:.2} ms, {:.2} GB/s (check {check:.6})",
+        E::NAME,
+        if ahead { " ahead" } else { "" },
+        best * 1e3,
+        bytes / best / 1e9
+    );
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let n: usize = args.get(1).map_or(32768, |s| s.parse().expect("N"));
+    let reps: usize = args.get(2).map_or(5, |s| s.parse().expect("reps"));
+    let ahead = args.get(4).is_none_or(|s| s != "noahead");
+    match args.get(3).map_or("f16", |s| s.as_str()) {
+        "f32" => run::<f32>(n, reps, ahead),
+        "bf16" => run::<half::bf16>(n, reps, ahead),
+        _ => run::<half::f16>(n, reps, ahead),
+    }
+}
