@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use attnrt::{Error as RtError, RopeTable, Sequence};
+use attnrt::{Error as RtError, KvGeometry, RopeTable, Sequence};
 use cust::memory::DeviceBuffer;
 use cust::sys as cu;
 use half::{bf16, f16};
@@ -310,125 +310,25 @@ impl GpuLayer<'_> {
         rope_table: &Option<RopeTable<'_>>,
         cache: &GpuKvCache,
     ) -> Result<usize> {
-        let cfg = self.cfg;
-        let window = cfg.sliding_window.unwrap_or(usize::MAX);
-        let tokens = seqs
-            .iter()
-            .try_fold(0usize, |a, s| a.checked_add(s.new_tokens));
-        let y_len = tokens.and_then(|t| t.checked_mul(cfg.n_embd));
-        for (name, len) in [("x", x_len), ("out", out_len)] {
-            if Some(len) != y_len {
-                return Err(RtError::InputShape {
-                    name,
-                    expected: y_len.unwrap_or(usize::MAX),
-                    actual: len,
-                }
-                .into());
-            }
-        }
-        if cache.n_kv_head != cfg.n_kv_head || cache.head_dim != cfg.head_dim {
-            return Err(RtError::InputShape {
-                name: "kv cache heads * head_dim",
-                expected: cfg.kv_dim(),
-                actual: cache.n_kv_head * cache.head_dim,
-            }
-            .into());
-        }
-        if cache.rolling && cfg.sliding_window.is_none() {
-            return Err(RtError::Unsupported {
-                what: "a rolling KV cache needs a sliding-window layer",
-            }
-            .into());
-        }
-        match (cfg.rope(), rope_table) {
-            (None, Some(_)) => {
-                return Err(RtError::Unsupported {
-                    what: "freqs_cis given but the layer has no rotary embedding",
-                }
-                .into())
-            }
-            (Some(_), None) => {
-                return Err(RtError::InputShape {
-                    name: "freqs_cis",
-                    expected: cfg.head_dim,
-                    actual: 0,
-                }
-                .into())
-            }
-            (Some(_), Some(t)) if t.half_dim() * 2 != cfg.head_dim => {
-                return Err(RtError::InputShape {
-                    name: "freqs_cis row",
-                    expected: cfg.head_dim,
-                    actual: t.half_dim() * 2,
-                }
-                .into())
-            }
-            _ => {}
-        }
-        for (i, seq) in seqs.iter().enumerate() {
-            let end = seq
-                .cached
-                .checked_add(seq.new_tokens)
-                .filter(|&e| e <= i32::MAX as usize)
-                .ok_or(RtError::InputValue {
-                    name: "sequence position",
-                    index: i,
-                    value: seq.cached as i64,
-                    rule: "cached + new_tokens overflows the position range",
-                })?;
-            let need = if cache.rolling {
-                window.saturating_add(seq.new_tokens).saturating_sub(1)
-            } else {
-                end
-            };
-            let cap = seq.blocks.len().saturating_mul(cache.block_size);
-            if seq.new_tokens > 0 && cap < need {
-                return Err(RtError::InputValue {
-                    name: "kv cache full: sequence",
-                    index: i,
-                    value: need as i64,
-                    rule: "its blocks hold fewer tokens than the call needs",
-                }
-                .into());
-            }
-            if let Some(t) = rope_table {
-                if seq.new_tokens > 0 && end > t.max_pos() {
-                    return Err(RtError::PositionOutOfTable {
-                        index: i,
-                        position: end as i64 - 1,
-                        table_len: t.max_pos(),
-                    }
-                    .into());
-                }
-            }
-        }
-        // Block ids: inside the pool, each used once in the call.
+        // The runtime's own validation, so the GPU rejects exactly the calls the CPU rejects.
+        let geometry = KvGeometry {
+            n_kv_head: cache.n_kv_head,
+            head_dim: cache.head_dim,
+            block_size: cache.block_size,
+            num_blocks: cache.num_blocks,
+            rolling: cache.rolling,
+        };
         let marks = &mut self.dec.h_marks;
         marks.clear();
         marks.resize(cache.num_blocks, 0);
-        for seq in seqs {
-            for (i, &b) in seq.blocks.iter().enumerate() {
-                let Some(mark) = marks.get_mut(b as usize) else {
-                    return Err(RtError::InputValue {
-                        name: "block table entry",
-                        index: i,
-                        value: b as i64,
-                        rule: "block id outside the pool",
-                    }
-                    .into());
-                };
-                if *mark != 0 {
-                    return Err(RtError::InputValue {
-                        name: "block table entry",
-                        index: i,
-                        value: b as i64,
-                        rule: "block used twice in one call",
-                    }
-                    .into());
-                }
-                *mark = 1;
-            }
-        }
+        let tokens = self.layer.validate_cached(
+            x_len,
+            out_len,
+            seqs,
+            rope_table.as_ref(),
+            &geometry,
+            marks,
+        )?;
         if !Arc::ptr_eq(&cache.kernels, &self.kernels) {
             return Err(Error::Unsupported(
                 "the KV cache lives on another device than the layer".into(),
@@ -441,7 +341,6 @@ impl GpuLayer<'_> {
                 self.opts.precision.name()
             )));
         }
-        let tokens = tokens.unwrap_or(0);
         let max = self.opts.max_batch * self.opts.max_seq_len;
         if tokens > max {
             return Err(Error::Capacity {

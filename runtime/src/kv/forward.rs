@@ -10,7 +10,7 @@
 
 use attnrt_simd::{self as simd, Elem, KvRun, PartialRows};
 
-use super::{KvCache, KvPool, Sequence};
+use super::{KvCache, KvGeometry, KvPool, Sequence};
 use crate::config::Config;
 use crate::cpu::{cpu_workspace_len, Exec, Shared, MAX_LANES};
 use crate::error::{Error, Result};
@@ -165,21 +165,14 @@ impl Layer<'_> {
     ) -> Result<Backend> {
         let cfg = *self.config();
         let window = cfg.sliding_window.unwrap_or(usize::MAX);
-        // Lengths first: everything below iterates over the new tokens.
-        let tokens = seqs
-            .iter()
-            .try_fold(0usize, |a, s| a.checked_add(s.new_tokens));
-        let y_len = tokens.and_then(|t| t.checked_mul(cfg.n_embd));
-        for (name, len) in [("x", x.len()), ("out", out.len())] {
-            if Some(len) != y_len {
-                return Err(Error::InputShape {
-                    name,
-                    expected: y_len.unwrap_or(usize::MAX),
-                    actual: len,
-                });
-            }
-        }
-        self.check_cached(seqs, &rope_table, cache, window)?;
+        // Lengths and the cache first: everything below iterates over the new tokens.
+        self.validate_cached_shape(
+            x.len(),
+            out.len(),
+            seqs,
+            rope_table.as_ref(),
+            &cache.geometry(),
+        )?;
         let (tokens, items, splits) = counts(seqs, window);
         let lanes = par.width().clamp(1, MAX_LANES);
         let needed = cached_workspace_len(&cfg, seqs, lanes, cache.num_blocks);
@@ -192,7 +185,7 @@ impl Layer<'_> {
         let (exec_ws, rest) = workspace.split_at_mut(cpu_workspace_len(&cfg, tokens, lanes));
         let (pos_ws, rest) = rest.split_at_mut(tokens);
         let (marks, rest) = rest.split_at_mut(cache.num_blocks);
-        check_blocks(seqs, bytemuck::cast_slice_mut(marks))?;
+        check_blocks(seqs, cache.num_blocks, bytemuck::cast_slice_mut(marks))?;
 
         // From here on nothing can fail for a validated call.
         let positions: &mut [i32] = bytemuck::cast_slice_mut(pos_ws);
@@ -264,14 +257,55 @@ impl Layer<'_> {
         Ok(backend)
     }
 
-    fn check_cached(
+    /// Checks a cached forward call without running it, exactly as [`Layer::forward_cached`]
+    /// does: the lengths of `x` and `out`, the cache's heads against the layer, rolling only
+    /// for a windowed layer, each sequence's capacity ("cache full") and positions (overflow,
+    /// past the rope table), and the block ids (inside the pool, none used twice). `marks` is
+    /// scratch of at least `cache.num_blocks` words. Returns the number of new tokens.
+    ///
+    /// Executors outside this crate (the GPU's) call it so that every executor rejects exactly
+    /// the same calls.
+    ///
+    /// # Errors
+    /// The first rule broken, as [`Layer::forward_cached`] reports it.
+    pub fn validate_cached(
         &self,
+        x_len: usize,
+        out_len: usize,
         seqs: &[Sequence<'_>],
-        rope_table: &Option<RopeTable<'_>>,
-        cache: &KvCache<'_>,
-        window: usize,
-    ) -> Result<()> {
+        rope_table: Option<&RopeTable<'_>>,
+        cache: &KvGeometry,
+        marks: &mut [u32],
+    ) -> Result<usize> {
+        let tokens = self.validate_cached_shape(x_len, out_len, seqs, rope_table, cache)?;
+        check_blocks(seqs, cache.num_blocks, marks)?;
+        Ok(tokens)
+    }
+
+    /// Everything [`Layer::validate_cached`] checks but the block ids.
+    fn validate_cached_shape(
+        &self,
+        x_len: usize,
+        out_len: usize,
+        seqs: &[Sequence<'_>],
+        rope_table: Option<&RopeTable<'_>>,
+        cache: &KvGeometry,
+    ) -> Result<usize> {
         let cfg = self.config();
+        let window = cfg.sliding_window.unwrap_or(usize::MAX);
+        let tokens = seqs
+            .iter()
+            .try_fold(0usize, |a, s| a.checked_add(s.new_tokens));
+        let y_len = tokens.and_then(|t| t.checked_mul(cfg.n_embd));
+        for (name, len) in [("x", x_len), ("out", out_len)] {
+            if Some(len) != y_len {
+                return Err(Error::InputShape {
+                    name,
+                    expected: y_len.unwrap_or(usize::MAX),
+                    actual: len,
+                });
+            }
+        }
         if cache.n_kv_head != cfg.n_kv_head || cache.head_dim != cfg.head_dim {
             return Err(Error::InputShape {
                 name: "kv cache heads * head_dim",
@@ -341,7 +375,7 @@ impl Layer<'_> {
                 }
             }
         }
-        Ok(())
+        Ok(tokens.unwrap_or(0))
     }
 
     /// Partial softmax states of every (KV head, token block, split).
@@ -543,7 +577,13 @@ fn find_item(seqs: &[Sequence<'_>], window: usize, index: usize) -> Option<(Item
 
 /// Checks block ids: inside the pool, and each used by at most one sequence of the call (the
 /// parallel writers of new keys rely on it). `marks` is scratch of one word per pool block.
-fn check_blocks(seqs: &[Sequence<'_>], marks: &mut [u32]) -> Result<()> {
+fn check_blocks(seqs: &[Sequence<'_>], num_blocks: usize, marks: &mut [u32]) -> Result<()> {
+    let have = marks.len();
+    let marks = marks.get_mut(..num_blocks).ok_or(Error::InputShape {
+        name: "block marks",
+        expected: num_blocks,
+        actual: have,
+    })?;
     marks.fill(u32::MAX);
     for (s, seq) in seqs.iter().enumerate() {
         for (i, &b) in seq.blocks.iter().enumerate() {

@@ -68,6 +68,22 @@ impl KvPool<'_> {
     }
 }
 
+/// The shape of a KV cache, all that validating a call against it needs (a GPU cache has the
+/// same shape as a [`KvCache`] without living in host memory).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KvGeometry {
+    /// Key/value heads stored.
+    pub n_kv_head: usize,
+    /// Values per head.
+    pub head_dim: usize,
+    /// Tokens per block.
+    pub block_size: usize,
+    /// Blocks in the pool.
+    pub num_blocks: usize,
+    /// Whether sequences are rolling buffers.
+    pub rolling: bool,
+}
+
 /// A KV cache over caller memory.
 #[derive(Debug)]
 pub struct KvCache<'a> {
@@ -128,6 +144,17 @@ impl<'a> KvCache<'a> {
             num_blocks,
             rolling,
         })
+    }
+
+    /// The cache's shape.
+    pub fn geometry(&self) -> KvGeometry {
+        KvGeometry {
+            n_kv_head: self.n_kv_head,
+            head_dim: self.head_dim,
+            block_size: self.block_size,
+            num_blocks: self.num_blocks,
+            rolling: self.rolling,
+        }
     }
 
     /// Tokens per block.
