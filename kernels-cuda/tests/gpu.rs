@@ -13,152 +13,14 @@
 //!   average out. Stated bound: relative L2 error `|y - ref| / |ref|` <= 2e-2 for bf16 and 5e-3
 //!   for f16, and max abs error <= 5e-2 * max|ref| (bf16) / 1.5e-2 * max|ref| (f16).
 
-use attnrt::{
-    reference_workspace_len, rope, BiasFlags, Config, Inputs, Layer, MaskInputs, QkNorm, Rope,
-    RopeConvention, RopeTable,
-};
-use attnrt_cuda::{no_device_reason, GpuLayer, GpuOptions, Precision};
+use attnrt::{BiasFlags, Config, Inputs, Layer, QkNorm, Rope, RopeConvention, RopeTable};
 #[cfg(feature = "cuda")]
 use attnrt_cuda::{DeviceCall, RopeSource};
+use attnrt_cuda::{GpuLayer, GpuOptions, Precision};
 use attnrt_tests::{load_all, max_abs_diff, OwnedWeights, Rng, F32_TOL};
 
-fn device_or_skip() -> bool {
-    match no_device_reason() {
-        Some(reason) => {
-            println!("skipped: no CUDA device ({reason})");
-            false
-        }
-        None => true,
-    }
-}
-
-const MASK_NAMES: [&str; 9] = [
-    "causal",
-    "window",
-    "padding",
-    "docs-sorted",
-    "docs-unsorted",
-    "varlen",
-    "docs+varlen",
-    "window+padding+docs",
-    "everything",
-];
-
-/// One call's owned inputs.
-struct CallData {
-    batch: usize,
-    t: usize,
-    x: Vec<f32>,
-    seq_lens: Option<Vec<i32>>,
-    docs: Option<Vec<i32>>,
-    cu: Option<Vec<i32>>,
-    positions: Option<Vec<i32>>,
-    table: Option<Vec<f32>>,
-}
-
-impl CallData {
-    fn inputs(&self, cfg: &Config) -> Inputs<'_> {
-        Inputs {
-            x: &self.x,
-            batch: self.batch,
-            seq_len: self.t,
-            mask: MaskInputs {
-                seq_lens: self.seq_lens.as_deref(),
-                document_ids: self.docs.as_deref(),
-                cu_seqlens: self.cu.as_deref(),
-                max_seqlen: None,
-            },
-            position_ids: self.positions.as_deref(),
-            rope_table: self
-                .table
-                .as_deref()
-                .map(|t| RopeTable::new(t, cfg.head_dim).unwrap()),
-        }
-    }
-}
-
-fn sorted_docs(rng: &mut Rng, t: usize) -> Vec<i32> {
-    let a = ((rng.uniform() * 0.5 + 0.5) * t as f32) as usize;
-    let b = ((rng.uniform() * 0.5 + 0.5) * t as f32) as usize;
-    let (a, b) = (a.min(b), a.max(b));
-    (0..t).map(|i| (i >= a) as i32 + (i >= b) as i32).collect()
-}
-
-fn make_call(cfg: &Config, mode: usize, t: usize, rng: &mut Rng, positions: bool) -> CallData {
-    let single = matches!(mode, 5 | 6 | 8);
-    let batch = if single { 1 } else { 2 };
-    let x = rng.vec(batch * t * cfg.n_embd, 1.0);
-    let lens = |batch: usize| -> Vec<i32> {
-        (0..batch)
-            .map(|b| {
-                if b == 0 {
-                    (t - t / 3) as i32
-                } else {
-                    (t / 2) as i32
-                }
-            })
-            .collect()
-    };
-    let docs_sorted =
-        |rng: &mut Rng| -> Vec<i32> { (0..batch).flat_map(|_| sorted_docs(rng, t)).collect() };
-    // Four segments, one of them empty: [0, a), [a, a), [a, b), [b, T).
-    let cu = || -> Vec<i32> {
-        let (a, b) = ((t / 3) as i32, (t - t / 4) as i32);
-        vec![0, a, a, b, t as i32]
-    };
-    let (mut seq_lens, mut docs, mut cus) = (None, None, None);
-    match mode {
-        0 | 1 => {}
-        2 => seq_lens = Some(lens(batch)),
-        3 => docs = Some(docs_sorted(rng)),
-        4 => {
-            docs = Some(
-                (0..batch * t)
-                    .map(|_| ((rng.uniform() + 1.0) * 1.5) as i32)
-                    .collect(),
-            )
-        }
-        5 => cus = Some(cu()),
-        6 => {
-            cus = Some(cu());
-            docs = Some(docs_sorted(rng));
-        }
-        7 => {
-            seq_lens = Some(lens(batch));
-            docs = Some(docs_sorted(rng));
-        }
-        _ => {
-            seq_lens = Some(lens(batch));
-            docs = Some(
-                (0..batch * t)
-                    .map(|_| ((rng.uniform() + 1.0) * 1.5) as i32)
-                    .collect(),
-            );
-            cus = Some(cu());
-        }
-    }
-    let max_pos = t + 9;
-    let table = cfg.rope().map(|r| {
-        let mut tb = vec![0.0; rope::table_len(max_pos, cfg.head_dim)];
-        rope::build_table(r, cfg.head_dim, &mut tb).unwrap();
-        tb
-    });
-    let positions = (positions && cfg.rope().is_some()).then(|| {
-        (0..batch * t)
-            .map(|_| ((rng.uniform() + 1.0) * 0.5 * (max_pos - 1) as f32) as i32)
-            .collect()
-    });
-    CallData {
-        batch,
-        t,
-        x,
-        seq_lens,
-        docs,
-        cu: cus,
-        positions,
-        table,
-    }
-}
+mod common;
+use common::{device_or_skip, make_call, reference, rel_l2, MASK_NAMES};
 
 fn config(r: usize, d: usize, mode: usize, variant: usize) -> Config {
     let h = 8;
@@ -192,14 +54,6 @@ fn config(r: usize, d: usize, mode: usize, variant: usize) -> Config {
     }
 }
 
-fn reference(layer: &Layer<'_>, inputs: &Inputs<'_>) -> Vec<f32> {
-    let cfg = layer.config();
-    let mut ws = vec![0.0; reference_workspace_len(cfg, inputs.seq_len)];
-    let mut y = vec![f32::NAN; inputs.batch * inputs.seq_len * cfg.n_embd];
-    layer.forward_reference(inputs, &mut ws, &mut y).unwrap();
-    y
-}
-
 fn gpu_run(layer: Layer<'_>, p: Precision, inputs: &Inputs<'_>) -> Vec<f32> {
     let mut gpu = GpuLayer::new(layer, GpuOptions::new(p, inputs.batch, inputs.seq_len))
         .unwrap_or_else(|e| panic!("GpuLayer::new({p:?}): {e}"));
@@ -207,18 +61,6 @@ fn gpu_run(layer: Layer<'_>, p: Precision, inputs: &Inputs<'_>) -> Vec<f32> {
     gpu.forward_host(inputs, &mut y)
         .unwrap_or_else(|e| panic!("forward_host({p:?}): {e}"));
     y
-}
-
-fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
-    let (mut num, mut den) = (0.0f64, 0.0f64);
-    for (x, y) in a.iter().zip(b) {
-        if x.is_nan() {
-            return f64::INFINITY;
-        }
-        num += ((x - y) as f64).powi(2);
-        den += (*y as f64).powi(2);
-    }
-    (num / den.max(1e-30)).sqrt()
 }
 
 struct Outcome {

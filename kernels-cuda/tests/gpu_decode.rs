@@ -14,31 +14,12 @@ use attnrt::{
     cached_workspace_len, kv_pool_len, reference_workspace_len, rope, Config, Inputs, KvCache,
     KvPool, Layer, Rope, RopeTable, Sequence, Sequential,
 };
-use attnrt_cuda::{no_device_reason, GpuKvCache, GpuLayer, GpuOptions, Precision};
+use attnrt_cuda::{GpuKvCache, GpuLayer, GpuOptions, Precision};
 use attnrt_tests::{max_abs_diff, OwnedWeights, Rng, F32_TOL};
 use half::{bf16, f16};
 
-fn device_or_skip() -> bool {
-    match no_device_reason() {
-        Some(reason) => {
-            println!("skipped: no CUDA device ({reason})");
-            false
-        }
-        None => true,
-    }
-}
-
-fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
-    let (mut num, mut den) = (0.0f64, 0.0f64);
-    for (x, y) in a.iter().zip(b) {
-        if x.is_nan() {
-            return f64::INFINITY;
-        }
-        num += ((x - y) as f64).powi(2);
-        den += (*y as f64).powi(2);
-    }
-    (num / den.max(1e-30)).sqrt()
-}
+mod common;
+use common::{device_or_skip, rel_l2};
 
 /// Checks `got` against `want` at the precision's tolerance; returns (max abs, rel L2).
 fn check(p: Precision, what: &str, got: &[f32], want: &[f32]) -> (f32, f64) {

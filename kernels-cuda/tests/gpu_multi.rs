@@ -11,14 +11,14 @@
 
 use std::time::Instant;
 
-use attnrt::{
-    reference_workspace_len, rope, BiasFlags, Config, Inputs, Layer, MaskInputs, QkNorm, Rope,
-    RopeConvention, RopeTable,
-};
+use attnrt::{BiasFlags, Config, Inputs, Layer, QkNorm, Rope, RopeConvention};
 use attnrt_cuda::{
     device_count, no_device_reason, Error, GpuLayer, GpuOptions, MultiGpuLayer, Precision,
 };
 use attnrt_tests::{max_abs_diff, OwnedWeights, Rng, F32_TOL};
+
+mod common;
+use common::{make_call, reference, rel_l2, MASK_NAMES};
 
 /// The device counts to test (2, and 4 when present), or `None` after printing why not.
 fn device_counts() -> Option<Vec<usize>> {
@@ -32,127 +32,6 @@ fn device_counts() -> Option<Vec<usize>> {
         return None;
     }
     Some([2usize, 4].into_iter().filter(|&k| k <= n).collect())
-}
-
-const MASK_NAMES: [&str; 9] = [
-    "causal",
-    "window",
-    "padding",
-    "docs-sorted",
-    "docs-unsorted",
-    "varlen",
-    "docs+varlen",
-    "window+padding+docs",
-    "everything",
-];
-
-struct CallData {
-    batch: usize,
-    t: usize,
-    x: Vec<f32>,
-    seq_lens: Option<Vec<i32>>,
-    docs: Option<Vec<i32>>,
-    cu: Option<Vec<i32>>,
-    positions: Option<Vec<i32>>,
-    table: Option<Vec<f32>>,
-}
-
-impl CallData {
-    fn inputs(&self, cfg: &Config) -> Inputs<'_> {
-        Inputs {
-            x: &self.x,
-            batch: self.batch,
-            seq_len: self.t,
-            mask: MaskInputs {
-                seq_lens: self.seq_lens.as_deref(),
-                document_ids: self.docs.as_deref(),
-                cu_seqlens: self.cu.as_deref(),
-                max_seqlen: None,
-            },
-            position_ids: self.positions.as_deref(),
-            rope_table: self
-                .table
-                .as_deref()
-                .map(|t| RopeTable::new(t, cfg.head_dim).unwrap()),
-        }
-    }
-}
-
-fn sorted_docs(rng: &mut Rng, t: usize) -> Vec<i32> {
-    let a = ((rng.uniform() * 0.5 + 0.5) * t as f32) as usize;
-    let b = ((rng.uniform() * 0.5 + 0.5) * t as f32) as usize;
-    let (a, b) = (a.min(b), a.max(b));
-    (0..t).map(|i| (i >= a) as i32 + (i >= b) as i32).collect()
-}
-
-fn unsorted_docs(rng: &mut Rng, n: usize) -> Vec<i32> {
-    (0..n)
-        .map(|_| ((rng.uniform() + 1.0) * 1.5) as i32)
-        .collect()
-}
-
-/// The inputs of mask mode `mode` (as in tests/gpu.rs).
-fn make_call(cfg: &Config, mode: usize, t: usize, rng: &mut Rng) -> CallData {
-    let batch = if matches!(mode, 5 | 6 | 8) { 1 } else { 2 };
-    let x = rng.vec(batch * t * cfg.n_embd, 1.0);
-    let lens: Vec<i32> = (0..batch)
-        .map(|b| {
-            if b == 0 {
-                (t - t / 3) as i32
-            } else {
-                (t / 2) as i32
-            }
-        })
-        .collect();
-    let cu = vec![
-        0,
-        (t / 3) as i32,
-        (t / 3) as i32,
-        (t - t / 4) as i32,
-        t as i32,
-    ];
-    let (mut seq_lens, mut docs, mut cus) = (None, None, None);
-    match mode {
-        0 | 1 => {}
-        2 => seq_lens = Some(lens),
-        3 => docs = Some((0..batch).flat_map(|_| sorted_docs(rng, t)).collect()),
-        4 => docs = Some(unsorted_docs(rng, batch * t)),
-        5 => cus = Some(cu),
-        6 => {
-            cus = Some(cu);
-            docs = Some(sorted_docs(rng, t));
-        }
-        7 => {
-            seq_lens = Some(lens);
-            docs = Some((0..batch).flat_map(|_| sorted_docs(rng, t)).collect());
-        }
-        _ => {
-            seq_lens = Some(lens);
-            docs = Some(unsorted_docs(rng, batch * t));
-            cus = Some(cu);
-        }
-    }
-    let max_pos = t + 9;
-    let table = cfg.rope().map(|r| {
-        let mut tb = vec![0.0; rope::table_len(max_pos, cfg.head_dim)];
-        rope::build_table(r, cfg.head_dim, &mut tb).unwrap();
-        tb
-    });
-    let positions = cfg.rope().is_some().then(|| {
-        (0..batch * t)
-            .map(|_| ((rng.uniform() + 1.0) * 0.5 * (max_pos - 1) as f32) as i32)
-            .collect()
-    });
-    CallData {
-        batch,
-        t,
-        x,
-        seq_lens,
-        docs,
-        cu: cus,
-        positions,
-        table,
-    }
 }
 
 /// 8 query heads, `kv` KV heads, head_dim 64; `variant` picks rotary / per-head QK-norm / bias.
@@ -179,26 +58,6 @@ fn config(kv: usize, mode: usize, variant: usize) -> Config {
     cfg
 }
 
-fn reference(layer: &Layer<'_>, inputs: &Inputs<'_>) -> Vec<f32> {
-    let cfg = layer.config();
-    let mut ws = vec![0.0; reference_workspace_len(cfg, inputs.seq_len)];
-    let mut y = vec![f32::NAN; inputs.batch * inputs.seq_len * cfg.n_embd];
-    layer.forward_reference(inputs, &mut ws, &mut y).unwrap();
-    y
-}
-
-fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
-    let (mut num, mut den) = (0.0f64, 0.0f64);
-    for (x, y) in a.iter().zip(b) {
-        if x.is_nan() {
-            return f64::INFINITY;
-        }
-        num += ((x - y) as f64).powi(2);
-        den += (*y as f64).powi(2);
-    }
-    (num / den.max(1e-30)).sqrt()
-}
-
 fn devices(n: usize) -> Vec<u32> {
     (0..n as u32).collect()
 }
@@ -213,7 +72,7 @@ fn check_case(n: usize, kv: usize, mode: usize, variant: usize, t: usize) -> (f3
     let mut rng = Rng(0x5EED_0000 ^ ((n * 100 + kv * 10 + mode) as u64) ^ ((t as u64) << 32));
     let w = OwnedWeights::random(&cfg, &mut rng);
     let layer = Layer::new(cfg, w.view(&cfg)).unwrap();
-    let call = make_call(&cfg, mode, t, &mut rng);
+    let call = make_call(&cfg, mode, t, &mut rng, true);
     let inputs = call.inputs(&cfg);
     let len = inputs.batch * t * cfg.n_embd;
     let name = format!(
