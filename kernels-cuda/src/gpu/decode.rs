@@ -31,6 +31,17 @@ pub struct GpuKvCache {
 }
 
 impl GpuKvCache {
+    /// The cache's shape, as the runtime's validation takes it.
+    pub(crate) fn geometry(&self) -> KvGeometry {
+        KvGeometry {
+            n_kv_head: self.n_kv_head,
+            head_dim: self.head_dim,
+            block_size: self.block_size,
+            num_blocks: self.num_blocks,
+            rolling: self.rolling,
+        }
+    }
+
     /// Allocates (zeroed) K and V pools of `num_blocks` blocks on `device`.
     ///
     /// # Errors
@@ -44,21 +55,14 @@ impl GpuKvCache {
         rolling: bool,
         device: u32,
     ) -> Result<GpuKvCache> {
-        for (field, v) in [
-            ("n_kv_head", n_kv_head),
-            ("head_dim", head_dim),
-            ("block_size", block_size),
-            ("num_blocks", num_blocks),
-        ] {
-            if v == 0 {
-                return Err(RtError::Config {
-                    field,
-                    value: 0,
-                    rule: "a KV cache dimension must be > 0",
-                }
-                .into());
-            }
+        KvGeometry {
+            n_kv_head,
+            head_dim,
+            block_size,
+            num_blocks,
+            rolling,
         }
+        .validate()?;
         let elems = attnrt::kv_pool_len(n_kv_head, head_dim, block_size, num_blocks);
         let bytes = elems
             .checked_mul(precision.size())
@@ -311,13 +315,7 @@ impl GpuLayer<'_> {
         cache: &GpuKvCache,
     ) -> Result<usize> {
         // The runtime's own validation, so the GPU rejects exactly the calls the CPU rejects.
-        let geometry = KvGeometry {
-            n_kv_head: cache.n_kv_head,
-            head_dim: cache.head_dim,
-            block_size: cache.block_size,
-            num_blocks: cache.num_blocks,
-            rolling: cache.rolling,
-        };
+        let geometry = cache.geometry();
         let marks = &mut self.dec.h_marks;
         marks.clear();
         marks.resize(cache.num_blocks, 0);

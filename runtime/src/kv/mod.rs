@@ -84,6 +84,30 @@ pub struct KvGeometry {
     pub rolling: bool,
 }
 
+impl KvGeometry {
+    /// Checks that no dimension is zero.
+    ///
+    /// # Errors
+    /// [`Error::Config`] naming the first zero dimension.
+    pub fn validate(&self) -> Result<()> {
+        for (field, v) in [
+            ("n_kv_head", self.n_kv_head),
+            ("head_dim", self.head_dim),
+            ("block_size", self.block_size),
+            ("num_blocks", self.num_blocks),
+        ] {
+            if v == 0 {
+                return Err(Error::Config {
+                    field,
+                    value: 0,
+                    rule: "a KV cache dimension must be > 0",
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
 /// A KV cache over caller memory.
 #[derive(Debug)]
 pub struct KvCache<'a> {
@@ -111,20 +135,14 @@ impl<'a> KvCache<'a> {
         num_blocks: usize,
         rolling: bool,
     ) -> Result<KvCache<'a>> {
-        for (field, v) in [
-            ("n_kv_head", n_kv_head),
-            ("head_dim", head_dim),
-            ("block_size", block_size),
-            ("num_blocks", num_blocks),
-        ] {
-            if v == 0 {
-                return Err(Error::Config {
-                    field,
-                    value: 0,
-                    rule: "a KV cache dimension must be > 0",
-                });
-            }
+        KvGeometry {
+            n_kv_head,
+            head_dim,
+            block_size,
+            num_blocks,
+            rolling,
         }
+        .validate()?;
         let want = kv_pool_len(n_kv_head, head_dim, block_size, num_blocks);
         let (k, v) = pool.lens();
         for (name, len) in [("kv pool k", k), ("kv pool v", v)] {
