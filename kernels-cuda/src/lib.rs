@@ -51,10 +51,10 @@ mod stub;
 
 pub use error::{Error, Result};
 #[cfg(feature = "cuda")]
-pub use gpu::{DeviceCall, GpuKvCache, GpuLayer, MultiGpuLayer, RopeSource};
-pub use plan::{capability, AttnPath, GpuBackend, GpuOptions, Precision};
+pub use gpu::{DeviceCall, GpuKvCache, GpuLayer, MultiGpuKvCache, MultiGpuLayer, RopeSource};
+pub use plan::{capability, AttnPath, GpuBackend, GpuOptions, Precision, ReduceOptions};
 #[cfg(not(feature = "cuda"))]
-pub use stub::{DeviceCall, GpuKvCache, GpuLayer, MultiGpuLayer, RopeSource};
+pub use stub::{DeviceCall, GpuKvCache, GpuLayer, MultiGpuKvCache, MultiGpuLayer, RopeSource};
 
 /// Whether this build has the CUDA executor (the `cuda` feature).
 pub const fn built_with_cuda() -> bool {

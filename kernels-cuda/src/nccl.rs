@@ -1,5 +1,6 @@
 //! The handful of NCCL functions the multi-GPU head split needs, bound by hand (libnccl.so.2,
-//! 2.28): communicators for the devices of one process, grouped in-place f32 sum all-reduce.
+//! 2.28): communicators for the devices of one process, grouped in-place sum all-reduces (f32,
+//! bf16, f16).
 
 use std::ffi::{c_char, c_int, c_void, CStr};
 
@@ -8,8 +9,16 @@ use crate::error::{Error, Result};
 /// `ncclComm_t`.
 pub type Comm = *mut c_void;
 
-/// `ncclFloat32`.
-const FLOAT32: c_int = 7;
+/// Element types of [`Comms::all_reduce_sum`] (`ncclDataType_t` values).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dtype {
+    /// `ncclFloat32`.
+    F32 = 7,
+    /// `ncclFloat16`.
+    F16 = 6,
+    /// `ncclBfloat16`.
+    Bf16 = 9,
+}
 /// `ncclSum`.
 const SUM: c_int = 0;
 
@@ -85,18 +94,19 @@ impl Comms {
         Ok(Comms { comms })
     }
 
-    /// Enqueues an in-place f32 sum all-reduce of `count` elements at `bufs[i]` on
+    /// Enqueues an in-place sum all-reduce of `count` elements of type `dtype` at `bufs[i]` on
     /// `streams[i]`, rank by rank, as one NCCL group.
     ///
     /// # Safety
     /// `bufs[i]` is a device pointer of device `i` of this communicator set with room for
-    /// `count` f32, and `streams[i]` a live stream of that device's (primary) context; both
-    /// stay valid until the streams have run the work.
+    /// `count` elements of `dtype`, and `streams[i]` a live stream of that device's (primary)
+    /// context; both stay valid until the streams have run the work.
     pub unsafe fn all_reduce_sum(
         &mut self,
         bufs: &[u64],
         streams: &[*mut c_void],
         count: usize,
+        dtype: Dtype,
     ) -> Result<()> {
         if bufs.len() != self.comms.len() || streams.len() != self.comms.len() {
             return Err(Error::Unsupported(
@@ -113,7 +123,7 @@ impl Comms {
                     buf as *const c_void,
                     buf as *mut c_void,
                     count,
-                    FLOAT32,
+                    dtype as c_int,
                     SUM,
                     comm,
                     stream,
