@@ -49,6 +49,42 @@ fn record(e: cu::CUevent, s: cu::CUstream) -> Result<()> {
     drv("cuEventRecord", unsafe { cu::cuEventRecord(e, s) })
 }
 
+/// Page-locked host memory (portable to every context): the staging buffer of `x` for cached
+/// calls, so that its upload to each device is an asynchronous DMA rather than a staged copy
+/// of pageable memory per device.
+struct Pinned {
+    ptr: *mut f32,
+    len: usize,
+}
+
+impl Pinned {
+    /// `len` f32 of page-locked memory (a context must be current).
+    fn new(len: usize) -> Result<Pinned> {
+        let mut p: *mut c_void = std::ptr::null_mut();
+        // SAFETY: valid out-pointer; CU_MEMHOSTALLOC_PORTABLE (1); freed once in Drop.
+        drv("cuMemHostAlloc", unsafe {
+            cu::cuMemHostAlloc(&mut p, len.max(1) * 4, 1)
+        })?;
+        Ok(Pinned { ptr: p.cast(), len })
+    }
+
+    fn slice_mut(&mut self, n: usize) -> &mut [f32] {
+        let n = n.min(self.len);
+        // SAFETY: `ptr` holds `len` f32 owned by this value, borrowed mutably here.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, n) }
+    }
+}
+
+impl Drop for Pinned {
+    fn drop(&mut self) {
+        // SAFETY: allocated by cuMemHostAlloc, freed once; every call that copied from it
+        // synchronised its streams before returning.
+        unsafe {
+            cu::cuMemFreeHost(self.ptr.cast());
+        }
+    }
+}
+
 /// What a device needs for the reduction besides its shard's layer.
 struct Lane {
     /// Second stream: the chunked all-reduce runs there while the next chunk's projection runs
@@ -120,6 +156,7 @@ pub struct MultiGpuLayer<'a> {
     timed: usize,
     nccl_ms: f32,
     marks: Vec<u32>,
+    pinned: Option<Pinned>,
     _wo: Vec<WoBlock>,
 }
 
@@ -270,6 +307,7 @@ impl<'a> MultiGpuLayer<'a> {
             timed: 0,
             nccl_ms: 0.0,
             marks: Vec::new(),
+            pinned: None,
             _wo: wo,
         })
     }
@@ -695,12 +733,35 @@ impl<'a> MultiGpuLayer<'a> {
             return Ok(self.backend());
         }
         self.timed = 0;
+        if self.pinned.as_ref().is_none_or(|p| p.len < x.len()) {
+            self.gpus[0].set_current()?;
+            self.pinned = None;
+            self.pinned = Some(Pinned::new(x.len().next_power_of_two())?);
+        }
+        let staged = match self.pinned.as_mut() {
+            Some(p) => p.slice_mut(x.len()),
+            None => return Err(Error::Unsupported("no staging buffer".into())),
+        };
+        staged.copy_from_slice(x);
+        let staged: &[f32] = staged;
         // Every front before any cache write: a device that refuses the call (a cache of
         // another split) leaves every cache and `out` untouched.
         let mut fronts: Vec<CachedFront> = Vec::with_capacity(self.gpus.len());
+        let mut failed = None;
         for (g, c) in self.gpus.iter_mut().zip(&cache.caches) {
-            let f = g.cached_front(x, out.len(), seqs, rope_table, c)?;
-            fronts.push(f.ok_or_else(|| Error::Unsupported("a device saw no new tokens".into()))?);
+            match g.cached_front(staged, out.len(), seqs, rope_table, c) {
+                Ok(Some(f)) => fronts.push(f),
+                Ok(None) => failed = Some(Error::Unsupported("a device saw no new tokens".into())),
+                Err(e) => failed = Some(e),
+            }
+            if failed.is_some() {
+                break;
+            }
+        }
+        if let Some(e) = failed {
+            // The devices before the failing one may still read the staging buffer.
+            let _ = self.finish(false);
+            return Err(e);
         }
         self.reduce_norm(tokens)?;
         for ((g, c), f) in self.gpus.iter_mut().zip(&cache.caches).zip(&fronts) {
