@@ -4,8 +4,8 @@
 //! n_embd 4096, T = 4096. Prints TFLOP/s of useful (unmasked) work and writes JSON lines that
 //! `bench/torch_side.py` merges with PyTorch's numbers measured in the same run.
 //!
-//! `attnrt-cuda-bench --multi [OUT.json]`: the head split over GPUs ([`MultiGpuLayer`]) on 1
-//! and 2 GPUs (4 too when present): prefill T = 16384 (causal) with each [`ReduceOptions`]
+//! `attnrt-cuda-bench --multi [OUT.json]`: the head split over GPUs (`MultiGpuLayer`) on 1
+//! and 2 GPUs (4 too when present): prefill T = 16384 (causal) with each `ReduceOptions`
 //! variant, and decode of 32 sequences x 8192 cached tokens (ms per step host to host, the
 //! 2-GPU / 1-GPU latency ratio, ms in NCCL, attention-only time per device). n_embd 4096, 32/8
 //! heads, head_dim 128, bf16.

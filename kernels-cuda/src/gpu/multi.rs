@@ -101,6 +101,9 @@ struct Lane {
     yb: Option<DeviceBuffer<u8>>,
     /// The output bias (f32) on this device, for widening a storage-type sum here.
     bo: Option<DeviceBuffer<u8>>,
+    /// The widening kernel of this device's module (a function handle belongs to the context
+    /// that loaded it), for bf16 / f16 layers.
+    f_widen: Option<cu::CUfunction>,
     /// Around a cached call's work on this device (benchmark diagnostics).
     step: (cu::CUevent, cu::CUevent),
 }
@@ -169,7 +172,6 @@ pub struct MultiGpuLayer<'a> {
     lanes: Vec<Lane>,
     comms: Option<Comms>,
     reduce: ReduceOptions,
-    f_widen: Option<cu::CUfunction>,
     /// All-reduces timed in the current call (pairs of `Lane::timing` in use).
     timed: usize,
     nccl_ms: f32,
@@ -180,7 +182,7 @@ pub struct MultiGpuLayer<'a> {
     _wo: Vec<WoBlock>,
 }
 
-// SAFETY: the raw streams, events and function handle are only used through `&mut self` (or
+// SAFETY: the raw streams, events and function handles are only used through `&mut self` (or
 // `&self` for reads of finished events); every other field is Send.
 unsafe impl Send for MultiGpuLayer<'_> {}
 
@@ -302,6 +304,13 @@ impl<'a> MultiGpuLayer<'a> {
                 (Some(b), true) => Some(upload(&super::widen(b))?),
                 _ => None,
             };
+            let f_widen = match opts.precision {
+                Precision::F32 => None,
+                p => Some(function(
+                    &g.kernels.rope_norm,
+                    &format!("widen_bias_{}", p.name()),
+                )?),
+            };
             lanes.push(Lane {
                 comm,
                 chunk_ev: event(false)?,
@@ -309,19 +318,10 @@ impl<'a> MultiGpuLayer<'a> {
                 timing: Vec::new(),
                 yb: None,
                 bo,
+                f_widen,
                 step: (event(true)?, event(true)?),
             });
         }
-        let f_widen = match opts.precision {
-            Precision::F32 => None,
-            p => {
-                gpus[0].set_current()?;
-                Some(function(
-                    &gpus[0].kernels.rope_norm,
-                    &format!("widen_bias_{}", p.name()),
-                )?)
-            }
-        };
         Ok(MultiGpuLayer {
             layer,
             plan,
@@ -331,7 +331,6 @@ impl<'a> MultiGpuLayer<'a> {
             lanes,
             comms,
             reduce: ReduceOptions::EXACT,
-            f_widen,
             timed: 0,
             nccl_ms: 0.0,
             marks: Vec::new(),
@@ -570,9 +569,6 @@ impl<'a> MultiGpuLayer<'a> {
             }
         }
         if storage {
-            let f = self
-                .f_widen
-                .ok_or_else(|| Error::Unsupported("widening kernel missing".into()))?;
             // (device, first element, elements) to widen: device 0's whole sum, or every
             // device's parts.
             let mut parts = Vec::with_capacity(n * done.len());
@@ -589,6 +585,9 @@ impl<'a> MultiGpuLayer<'a> {
             }
             for (i, at, m) in parts {
                 let (g, lane) = (&self.gpus[i], &self.lanes[i]);
+                let f = lane
+                    .f_widen
+                    .ok_or_else(|| Error::Unsupported("widening kernel missing".into()))?;
                 g.set_current()?;
                 let mut a = WidenParams {
                     input: lane.yb.as_ref().map_or(0, ptr) + (at * es) as u64,
