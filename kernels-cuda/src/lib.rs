@@ -6,8 +6,10 @@
 //! * Masked flash attention: one CTA per (batch row, KV head, query tile) with the R query heads
 //!   of the KV head packed together, online softmax in f32, every mask rule (causal, window,
 //!   padding, document ids, varlen segments) with per-tile skipping. bf16 / f16 storage runs on
-//!   tensor cores (`mma.sync` m16n8k16, f32 accumulation); f32 storage runs on CUDA cores for
-//!   exactness. [`capability`] says which path a (precision, head_dim, group) gets.
+//!   tensor cores (`mma.sync` m16n8k16, f32 accumulation; on sm_90 with head_dim 128, Hopper's
+//!   warpgroup MMA with a pipelined copy of K/V); f32 storage runs on CUDA cores for exactness.
+//!   [`capability`] says which path a (precision, head_dim, group) gets, [`capability_on`] which
+//!   one a given architecture gets.
 //! * [`MultiGpuLayer`]: the layer split by heads over several GPUs of one host (the runtime's
 //!   `ShardPlan`), partial outputs summed with an NCCL all-reduce (or returned per device).
 //!
@@ -52,7 +54,7 @@ mod stub;
 pub use error::{Error, Result};
 #[cfg(feature = "cuda")]
 pub use gpu::{DeviceCall, GpuKvCache, GpuLayer, MultiGpuLayer, RopeSource};
-pub use plan::{capability, AttnPath, GpuBackend, GpuOptions, Precision};
+pub use plan::{capability, capability_on, AttnPath, GpuBackend, GpuOptions, Precision};
 #[cfg(not(feature = "cuda"))]
 pub use stub::{DeviceCall, GpuKvCache, GpuLayer, MultiGpuLayer, RopeSource};
 
