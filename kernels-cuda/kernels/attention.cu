@@ -217,7 +217,7 @@ __device__ __forceinline__ void attn_mma(const AttnParams& p) {
     T* O = reinterpret_cast<T*>(p.o);
 
     // This thread's rows: (mt, half) -> query index and head, or invalid.
-    int row_q[MT][2], row_h[MT][2];
+    int row_q[MT][2], row_h[MT][2], row_g[MT][2];
     bool row_ok[MT][2];
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
@@ -227,6 +227,7 @@ __device__ __forceinline__ void attn_mma(const AttnParams& p) {
             row_q[mt][hf] = q0 + r / R;
             row_h[mt][hf] = g * R + r % R;
             row_ok[mt][hf] = r < rows_used && row_q[mt][hf] < q1;
+            row_g[mt][hf] = row_ok[mt][hf] ? group_of(p.mask, b, row_q[mt][hf]) : 0;
         }
 
     float o[MT][DT][4];
@@ -360,8 +361,10 @@ __device__ __forceinline__ void attn_mma(const AttnParams& p) {
                         for (int e = 0; e < 2; ++e) {
                             float v = s[mt][nt][hf * 2 + e] * p.scale_log2;
                             if (cls != TILE_ALL || !ok) {
-                                int j = cur + nt * 8 + tq * 2 + e;
-                                if (!(ok && visible(p.mask, b, len, i, j))) v = ATTNRT_NEG_INF;
+                                const int j = cur + nt * 8 + tq * 2 + e;
+                                const int gj = group_of(p.mask, b, min(j, T_ - 1));
+                                if (!(ok && visible_ids(p.mask, len, i, j, row_g[mt][hf], gj)))
+                                    v = ATTNRT_NEG_INF;
                             }
                             s[mt][nt][hf * 2 + e] = v;
                             mx = fmaxf(mx, v);

@@ -100,29 +100,35 @@ template <> __device__ __forceinline__ void pv<__half>(float* d, const uint32_t*
 }  // namespace
 
 // The online-softmax update of one S tile held in wgmma accumulator layout (FlashAttention-2's,
-// in the log2 domain): masks it when the tile is partial or the row invalid, turns it into P in
-// place, and returns each row's rescale factor for the output accumulated so far.
+// in the log2 domain): masks it when the tile is partial or a row invalid (row_g: the rows'
+// group ids), turns it into P in place, and returns each row's rescale factor for the output
+// accumulated so far.
 template <int BN>
 __device__ __forceinline__ void softmax_tile(float* s, const AttnParams& p, int b, int len, int cls,
                                              int k0, int tq, const int* row_q, const bool* row_ok,
-                                             float* m_row, float* l_row, float* alpha) {
-#pragma unroll
-    for (int hf = 0; hf < 2; ++hf) {
-        const int i = row_q[hf];
-        const bool ok = row_ok[hf];
-        float mx = ATTNRT_NEG_INF;
+                                             const int* row_g, float* m_row, float* l_row,
+                                             float* alpha) {
+    if (cls != TILE_ALL || !row_ok[0] || !row_ok[1]) {
 #pragma unroll
         for (int nb = 0; nb < BN / 8; ++nb)
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
-                float v = s[nb * 4 + hf * 2 + e];
-                if (cls != TILE_ALL || !ok) {
-                    const int j = k0 + nb * 8 + tq * 2 + e;
-                    if (!(ok && visible(p.mask, b, len, i, j))) v = ATTNRT_NEG_INF;
-                }
-                s[nb * 4 + hf * 2 + e] = v;
-                mx = fmaxf(mx, v);
+                const int j = k0 + nb * 8 + tq * 2 + e;
+                // Keys past T are never visible (j > i); their id is not read.
+                const int gj = group_of(p.mask, b, min(j, p.seq_len - 1));
+#pragma unroll
+                for (int hf = 0; hf < 2; ++hf)
+                    if (!(row_ok[hf] && visible_ids(p.mask, len, row_q[hf], j, row_g[hf], gj)))
+                        s[nb * 4 + hf * 2 + e] = ATTNRT_NEG_INF;
             }
+    }
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+        float mx = ATTNRT_NEG_INF;
+#pragma unroll
+        for (int nb = 0; nb < BN / 8; ++nb)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) mx = fmaxf(mx, s[nb * 4 + hf * 2 + e]);
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
         // Scores stay unscaled until here: scale * (s - max) in one FMA per element.
@@ -184,7 +190,7 @@ __device__ __forceinline__ void attn_wg(const AttnParams& p) {
     T* O = reinterpret_cast<T*>(p.o);
 
     // The two rows this thread's accumulator fragments hold (hf = 0: wrow, 1: wrow + 8).
-    int row_q[2], row_h[2];
+    int row_q[2], row_h[2], row_g[2];
     bool row_ok[2];
 #pragma unroll
     for (int hf = 0; hf < 2; ++hf) {
@@ -192,6 +198,7 @@ __device__ __forceinline__ void attn_wg(const AttnParams& p) {
         row_q[hf] = q0 + r / R;
         row_h[hf] = g * R + r % R;
         row_ok[hf] = r < rows_used && row_q[hf] < q1;
+        row_g[hf] = row_ok[hf] ? group_of(p.mask, b, row_q[hf]) : 0;
     }
 
     float o[64];
@@ -305,7 +312,7 @@ __device__ __forceinline__ void attn_wg(const AttnParams& p) {
             advance(stage);
             issue_qk(s, stage);
             wg_wait0();
-            softmax_tile<BN>(s, p, b, len, cls, cur, tq, row_q, row_ok, m_row, l_row, alpha);
+            softmax_tile<BN>(s, p, b, len, cls, cur, tq, row_q, row_ok, row_g, m_row, l_row, alpha);
             pack_p(pa, s);
             int prev_stage = stage;
             stage = (stage + 1) % STAGES;
@@ -317,7 +324,7 @@ __device__ __forceinline__ void attn_wg(const AttnParams& p) {
                 wg_fence();
                 issue_pv(pa, prev_stage);
                 asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");
-                softmax_tile<BN>(s, p, b, len, cls, cur, tq, row_q, row_ok, m_row, l_row, alpha);
+                softmax_tile<BN>(s, p, b, len, cls, cur, tq, row_q, row_ok, row_g, m_row, l_row, alpha);
                 wg_wait0();
 #pragma unroll
                 for (int nb = 0; nb < 16; ++nb) {
