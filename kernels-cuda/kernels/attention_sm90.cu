@@ -1,20 +1,23 @@
 // Masked flash-attention forward on Hopper warpgroup MMA (wgmma, sm_90a), head_dim 128, bf16 /
 // f16 storage, f32 accumulation. Same contract, row packing and mask handling as attention.cu's
-// tensor-core kernel (read its header first); what differs is how the two matrix products run:
+// tensor-core kernel (read its header first); what differs is how the work is laid out:
 //
-//   * each warpgroup (4 warps) owns 64 rows of the CTA's tile; S = Q K^T is one chain of eight
-//     m64nBNk16 wgmma reading Q and K straight from shared memory, and O += P V is a chain of
-//     m64n128k16 wgmma with P from registers (the S accumulator converted in place, as in
-//     FlashAttention-2) and V from shared memory read transposed by the hardware;
+//   * each consumer warpgroup (4 warps) owns 64 rows of the CTA's tile; S = Q K^T is one chain
+//     of eight m64nBNk16 wgmma reading Q and K straight from shared memory, and O += P V is a
+//     chain of m64n128k16 wgmma with P from registers (the S accumulator converted in place, as
+//     in FlashAttention-2) and V from shared memory read transposed by the hardware; the
+//     softmax of tile j runs while the tensor cores finish tile j - 1's P V (FlashAttention-3's
+//     intra-warpgroup overlap);
 //   * Q, K and V live in shared memory in the 128-byte-swizzled layout wgmma's descriptors
 //     describe: a row of 128 elements is two 64-element "planes" of 128 bytes; in plane p,
 //     row r's 16-byte chunk c sits at p * rows * 128 + r * 128 + ((c ^ (r % 8)) * 16), so the
 //     eight rows of an 8-row atom spread each column over all banks;
-//   * K/V tiles are double-buffered with cp.async (zero-filled past the sequence end), issued a
-//     tile ahead; the fence.proxy.async after the wait makes the generic-proxy writes visible
-//     to the wgmma (async proxy) reads.
+//   * a producer warpgroup copies K/V tiles with cp.async (zero-filled past the sequence end)
+//     into a ring of stages guarded by mbarriers; consumers fence.proxy.async after each wait,
+//     so the generic-proxy writes are visible to the wgmma (async proxy) reads.
 //
-// Entry points attn_wg_<dtype>_w<NWG>_n<BN>: NWG warpgroups (rows = 64 * NWG), BN keys a tile.
+// Entry points attn_ws_<dtype>_c<NC>_n<BN>_s<STAGES>: NC consumer warpgroups (rows = 64 * NC),
+// BN keys a tile, STAGES K/V stages.
 #include "attn_common.cuh"
 #include "wgmma.cuh"
 
@@ -149,31 +152,61 @@ __device__ __forceinline__ void softmax_tile(float* s, const AttnParams& p, int 
     }
 }
 
-// Dynamic shared memory: 1024 bytes of alignment slack, Q [64 * NWG rows], STAGES stages of K
-// and of V [BN rows]; 128 * 2 bytes a row.
+// Warp specialisation: warpgroup 0 only copies (cp.async completing on mbarriers), NC consumer
+// warpgroups only compute, so no CTA-wide barrier remains in the key loop and the consumers
+// drift apart (one's softmax overlaps another's wgmma). Registers move from the producer to
+// the consumers with setmaxnreg.
+__device__ __forceinline__ void mbar_init(uint32_t a, int count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(a), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint32_t a) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(a) : "memory");
+}
+// Arrives on the barrier when all of this thread's earlier cp.async have landed.
+__device__ __forceinline__ void mbar_arrive_cp_async(uint32_t a) {
+    asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(a) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint32_t a, int parity) {
+    asm volatile(
+        "{\n.reg .pred P1;\nLAB_WAIT:\n"
+        "mbarrier.try_wait.parity.shared::cta.b64 P1, [%0], %1;\n"
+        "@P1 bra DONE;\nbra LAB_WAIT;\nDONE:\n}\n" ::"r"(a),
+        "r"(parity)
+        : "memory");
+}
+template <int N> __device__ __forceinline__ void regs_dec() {
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N));
+}
+template <int N> __device__ __forceinline__ void regs_inc() {
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N));
+}
+
+// Dynamic shared memory: 1024 bytes of alignment slack, Q [64 * NC rows], STAGES stages of K and
+// of V [BN rows], then the mbarriers (full K, full V, empty per stage; Q).
 //
-// Pipeline of key tile j (FlashAttention-3's intra-warpgroup overlap, without its producer
-// warp): the CTA waits for tile j's copy, starts copying tile j + AHEAD + 1, then issues
-// S_j = Q K_j and O += P_{j-1} V_{j-1} back to back; the softmax of S_j runs while the tensor
-// cores finish P_{j-1} V_{j-1}. During iteration j the stages of tiles j - 1 (its V), j (its K)
-// and j + 1 .. j + AHEAD (in flight) are taken, so the new copy needs STAGES = AHEAD + 3; it
-// goes to the stage of tile j - 2, free once every thread has passed the iteration's barrier.
-template <typename T, int NWG, int BN, int STAGES>
-__device__ __forceinline__ void attn_wg(const AttnParams& p) {
-    static_assert(STAGES >= 3, "tile j - 1's V and tile j's K stay resident while copying");
-    constexpr int BM = 64 * NWG;
-    constexpr int NTHREADS = 128 * NWG;
-    constexpr int SN = BN / 2;           // S accumulator registers per thread (m64nBN)
-    constexpr int KSTEPS = WG_D / 16;    // k16 steps of Q K^T
-    constexpr int PSTEPS = BN / 16;      // k16 steps of P V
-    constexpr int AHEAD = STAGES - 3;    // copies in flight beyond the current tile
+// Stage s of tile n (s = n % STAGES, round n / STAGES): the producer waits for the stage's
+// "empty" barrier of the previous round, copies K then V, each arriving on its "full" barrier
+// when the copy lands. A consumer at tile n waits for K_n, issues S_n = Q K_n and
+// O += P_{n-1} V_{n-1} (after V_{n-1}'s barrier), runs the softmax of S_n while the second
+// chain finishes, then releases tile n - 1's stage.
+template <typename T, int NC, int BN, int STAGES, int PRODUCER_REGS, int CONSUMER_REGS>
+__device__ __forceinline__ void attn_ws(const AttnParams& p) {
+    constexpr int BM = 64 * NC;
+    constexpr int SN = BN / 2;
+    constexpr int KSTEPS = WG_D / 16;
+    constexpr int PSTEPS = BN / 16;
     constexpr uint32_t Q_BYTES = BM * WG_D * 2, KV_BYTES = BN * WG_D * 2;
 
     extern __shared__ unsigned char smem_raw[];
     const uint32_t raw = smem_addr(smem_raw);
     const uint32_t sQ = (raw + 1023u) & ~1023u;
-    const uint32_t sK0 = sQ + Q_BYTES;                 // stage s: K at sK0 + s * KV_BYTES
-    const uint32_t sV0 = sK0 + STAGES * KV_BYTES;      //          V at sV0 + s * KV_BYTES
+    const uint32_t sK0 = sQ + Q_BYTES;
+    const uint32_t sV0 = sK0 + STAGES * KV_BYTES;
+    const uint32_t bars = sV0 + STAGES * KV_BYTES;  // 8 bytes each
+    auto full_k = [&](int st) { return bars + 8u * st; };
+    auto full_v = [&](int st) { return bars + 8u * (STAGES + st); };
+    auto empty = [&](int st) { return bars + 8u * (2 * STAGES + st); };
+    const uint32_t full_q = bars + 8u * (3 * STAGES);
 
     const int tid = threadIdx.x, wg = tid >> 7, wtid = tid & 127;
     const int lane = tid & 31, wrow = (wtid >> 5) * 16 + (lane >> 2), tq = lane & 3;
@@ -184,96 +217,89 @@ __device__ __forceinline__ void attn_wg(const AttnParams& p) {
     const int q1 = min(q0 + BQ, T_);
     const int len = row_len(p.mask, b);
     const size_t qs = (size_t)p.n_head * D, ks = (size_t)p.n_kv_head * D;
-    const T* Q = reinterpret_cast<const T*>(p.q);
-    const T* K = reinterpret_cast<const T*>(p.k);
-    const T* V = reinterpret_cast<const T*>(p.v);
-    T* O = reinterpret_cast<T*>(p.o);
 
-    // The two rows this thread's accumulator fragments hold (hf = 0: wrow, 1: wrow + 8).
-    int row_q[2], row_h[2], row_g[2];
-    bool row_ok[2];
-#pragma unroll
-    for (int hf = 0; hf < 2; ++hf) {
-        const int r = wg * 64 + wrow + hf * 8;
-        row_q[hf] = q0 + r / R;
-        row_h[hf] = g * R + r % R;
-        row_ok[hf] = r < rows_used && row_q[hf] < q1;
-        row_g[hf] = row_ok[hf] ? group_of(p.mask, b, row_q[hf]) : 0;
+    if (tid == 0) {
+        for (int st = 0; st < STAGES; ++st) {
+            mbar_init(full_k(st), 128);
+            mbar_init(full_v(st), 128);
+            mbar_init(empty(st), NC * 128);
+        }
+        mbar_init(full_q, 128);
     }
+    __syncthreads();
 
-    float o[64];
-    float m_row[2] = {ATTNRT_NEG_INF, ATTNRT_NEG_INF}, l_row[2] = {0.0f, 0.0f};
-#pragma unroll
-    for (int i = 0; i < 64; ++i) o[i] = 0.0f;
+    int qg_lo = 0, qg_hi = 0;
+    if (q0 < len && p.mask.groups) query_group_range(p.mask, b, q0, q1, qg_lo, qg_hi);
+    const int kend = q0 < len ? min(q1, len) : 0;
+    // Producer and consumers walk the same tile sequence: the next visited tile at or after k.
+    auto next_tile = [&](int k, int& cls) {
+        for (; k < kend; k += BN) {
+            cls = classify_tile(p.mask, b, len, q0, q1, qg_lo, qg_hi, k, BN);
+            if (cls != TILE_NONE) return k;
+        }
+        cls = TILE_NONE;
+        return kend;
+    };
+    int cls0;
+    const int first = next_tile(key_lo(p.mask, q0) / BN * BN, cls0);
 
-    if (q0 < len) {
-        for (int idx = tid; idx < BM * CHUNKS; idx += NTHREADS) {
+    if (wg == 0) {
+        regs_dec<PRODUCER_REGS>();
+        if (first >= kend) return;
+        const T* Q = reinterpret_cast<const T*>(p.q);
+        const T* K = reinterpret_cast<const T*>(p.k);
+        const T* V = reinterpret_cast<const T*>(p.v);
+        for (int idx = wtid; idx < BM * CHUNKS; idx += 128) {
             const int r = idx / CHUNKS, cc = idx % CHUNKS;
             const int qi = q0 + r / R, h = g * R + r % R;
             const bool valid = r < rows_used && qi < T_;
             const T* src = Q + ((size_t)b * T_ + (valid ? qi : 0)) * qs + (size_t)h * D + cc * 8;
             cp_async16_zfill(sQ + swz(BM, r, cc), src, valid);
         }
-
-        int qg_lo = 0, qg_hi = 0;
-        if (p.mask.groups) query_group_range(p.mask, b, q0, q1, qg_lo, qg_hi);
-        const int kend = min(q1, len);
-        // The visited tiles in order: the next one at or after key k (kend when none).
-        auto next_tile = [&](int k, int& cls) {
-            for (; k < kend; k += BN) {
-                cls = classify_tile(p.mask, b, len, q0, q1, qg_lo, qg_hi, k, BN);
-                if (cls != TILE_NONE) return k;
-            }
-            cls = TILE_NONE;
-            return kend;
-        };
-        // Copies tile k0 into `stage` (nothing when k0 == kend) and closes a copy group, so
-        // that "all but the newest AHEAD groups" is always "up to the current tile".
-        auto load_kv = [&](int k0, int stage) {
-            if (k0 < kend) {
-                const uint32_t dk = sK0 + stage * KV_BYTES, dv = sV0 + stage * KV_BYTES;
-                for (int idx = tid; idx < BN * CHUNKS; idx += NTHREADS) {
+        mbar_arrive_cp_async(full_q);
+        int cls = cls0;
+        for (int k0 = first, n = 0; k0 < kend; k0 = next_tile(k0 + BN, cls), ++n) {
+            const int st = n % STAGES, round = n / STAGES;
+            if (round > 0) mbar_wait(empty(st), (round - 1) & 1);
+            for (int half = 0; half < 2; ++half) {
+                const T* src = half ? V : K;
+                const uint32_t dst = (half ? sV0 : sK0) + st * KV_BYTES;
+                for (int idx = wtid; idx < BN * CHUNKS; idx += 128) {
                     const int c = idx / CHUNKS, cc = idx % CHUNKS;
                     const int j = k0 + c;
                     const bool valid = j < T_;
                     const size_t off =
                         ((size_t)b * T_ + (valid ? j : 0)) * ks + (size_t)g * D + cc * 8;
-                    const uint32_t at = swz(BN, c, cc);
-                    cp_async16_zfill(dk + at, K + off, valid);
-                    cp_async16_zfill(dv + at, V + off, valid);
+                    cp_async16_zfill(dst + swz(BN, c, cc), src + off, valid);
                 }
+                mbar_arrive_cp_async(half ? full_v(st) : full_k(st));
             }
-            cp_async_commit();
-        };
+        }
+        cp_async_wait<0>();
+        return;
+    }
 
-        // Ring of the current tile and the AHEAD tiles after it.
-        int tk[AHEAD + 1], tc[AHEAD + 1];
-        tk[0] = next_tile(key_lo(p.mask, q0) / BN * BN, tc[0]);
+    regs_inc<CONSUMER_REGS>();
+    const int cw = wg - 1;
+    int row_q[2], row_h[2], row_g[2];
+    bool row_ok[2];
 #pragma unroll
-        for (int a = 1; a <= AHEAD; ++a) tk[a] = next_tile(tk[a - 1] + BN, tc[a]);
+    for (int hf = 0; hf < 2; ++hf) {
+        const int r = cw * 64 + wrow + hf * 8;
+        row_q[hf] = q0 + r / R;
+        row_h[hf] = g * R + r % R;
+        row_ok[hf] = r < rows_used && row_q[hf] < q1;
+        row_g[hf] = row_ok[hf] ? group_of(p.mask, b, row_q[hf]) : 0;
+    }
+    float o[64];
+    float m_row[2] = {ATTNRT_NEG_INF, ATTNRT_NEG_INF}, l_row[2] = {0.0f, 0.0f};
 #pragma unroll
-        for (int a = 0; a <= AHEAD; ++a) load_kv(tk[a], a);  // Q rides in the first group
+    for (int i = 0; i < 64; ++i) o[i] = 0.0f;
 
-        const uint32_t q_wg = sQ + wg * 64 * ROW_BYTES;
-        // Waits for the current tile's copy, then starts the copy of tile j + AHEAD + 1 into
-        // the stage that held tile j - 2 (every thread is past its last read: barrier).
-        auto advance = [&](int stage) {
-            cp_async_wait<AHEAD>();
-            fence_proxy_async();
-            __syncthreads();
-            int ncls;
-            const int nk = next_tile(tk[AHEAD] + BN, ncls);
-            load_kv(nk, (stage + AHEAD + 1) % STAGES);
-#pragma unroll
-            for (int a = 0; a < AHEAD; ++a) {
-                tk[a] = tk[a + 1];
-                tc[a] = tc[a + 1];
-            }
-            tk[AHEAD] = nk;
-            tc[AHEAD] = ncls;
-        };
-        auto issue_qk = [&](float* s, int stage) {
-            const uint32_t kt = sK0 + stage * KV_BYTES;
+    if (first < kend) {
+        const uint32_t q_wg = sQ + cw * 64 * ROW_BYTES;
+        auto issue_qk = [&](float* s, int st) {
+            const uint32_t kt = sK0 + st * KV_BYTES;
             wg_fence();
 #pragma unroll
             for (int kk = 0; kk < KSTEPS; ++kk) {
@@ -284,16 +310,14 @@ __device__ __forceinline__ void attn_wg(const AttnParams& p) {
             }
             wg_commit();
         };
-        // V read transposed (MN-major): 16 keys a k16 step = two 8-row atoms (SBO apart); the
-        // head's two 64-column planes are LBO apart.
-        auto issue_pv = [&](const uint32_t (*pa)[4], int stage) {
-            const uint32_t vt = sV0 + stage * KV_BYTES;
+        auto issue_pv = [&](const uint32_t (*pa)[4], int st) {
+            const uint32_t vt = sV0 + st * KV_BYTES;
+            wg_fence();
 #pragma unroll
             for (int t = 0; t < PSTEPS; ++t)
                 pv<T>(o, pa[t], smem_desc(vt + t * 16 * ROW_BYTES, V_LBO, V_SBO));
             wg_commit();
         };
-        // P's k16 step t is S's column blocks 2t and 2t + 1, packed to pairs.
         auto pack_p = [&](uint32_t (*pa)[4], const float* s) {
 #pragma unroll
             for (int t = 0; t < PSTEPS; ++t) {
@@ -303,48 +327,45 @@ __device__ __forceinline__ void attn_wg(const AttnParams& p) {
                 pa[t][3] = pack2<T>(s[8 * t + 6], s[8 * t + 7]);
             }
         };
-
-        if (tk[0] < kend) {
-            uint32_t pa[PSTEPS][4];
-            float s[SN], alpha[2];
-            // Tile 0: nothing to overlap with yet.
-            int stage = 0, cur = tk[0], cls = tc[0];
-            advance(stage);
-            issue_qk(s, stage);
-            wg_wait0();
+        uint32_t pa[PSTEPS][4];
+        float s[SN], alpha[2];
+        mbar_wait(full_q, 0);
+        int cls = cls0, cur = first, n = 0;
+        mbar_wait(full_k(0), 0);
+        fence_proxy_async();
+        issue_qk(s, 0);
+        wg_wait0();
+        softmax_tile<BN>(s, p, b, len, cls, cur, tq, row_q, row_ok, row_g, m_row, l_row, alpha);
+        pack_p(pa, s);
+        for (cur = next_tile(cur + BN, cls), n = 1; cur < kend; cur = next_tile(cur + BN, cls), ++n) {
+            const int st = n % STAGES, prev = (n - 1) % STAGES;
+            mbar_wait(full_k(st), (n / STAGES) & 1);
+            fence_proxy_async();
+            issue_qk(s, st);
+            mbar_wait(full_v(prev), ((n - 1) / STAGES) & 1);
+            fence_proxy_async();
+            issue_pv(pa, prev);
+            asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");
             softmax_tile<BN>(s, p, b, len, cls, cur, tq, row_q, row_ok, row_g, m_row, l_row, alpha);
-            pack_p(pa, s);
-            int prev_stage = stage;
-            stage = (stage + 1) % STAGES;
-            while (tk[0] < kend) {
-                cur = tk[0];
-                cls = tc[0];
-                advance(stage);
-                issue_qk(s, stage);
-                wg_fence();
-                issue_pv(pa, prev_stage);
-                asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");
-                softmax_tile<BN>(s, p, b, len, cls, cur, tq, row_q, row_ok, row_g, m_row, l_row, alpha);
-                wg_wait0();
-#pragma unroll
-                for (int nb = 0; nb < 16; ++nb) {
-                    o[nb * 4 + 0] *= alpha[0];
-                    o[nb * 4 + 1] *= alpha[0];
-                    o[nb * 4 + 2] *= alpha[1];
-                    o[nb * 4 + 3] *= alpha[1];
-                }
-                pack_p(pa, s);
-                prev_stage = stage;
-                stage = (stage + 1) % STAGES;
-            }
-            wg_fence();
-            issue_pv(pa, prev_stage);
             wg_wait0();
+            mbar_arrive(empty(prev));
+#pragma unroll
+            for (int nb = 0; nb < 16; ++nb) {
+                o[nb * 4 + 0] *= alpha[0];
+                o[nb * 4 + 1] *= alpha[0];
+                o[nb * 4 + 2] *= alpha[1];
+                o[nb * 4 + 3] *= alpha[1];
+            }
+            pack_p(pa, s);
         }
-        cp_async_wait<0>();
+        const int last = (n - 1) % STAGES;
+        mbar_wait(full_v(last), ((n - 1) / STAGES) & 1);
+        fence_proxy_async();
+        issue_pv(pa, last);
+        wg_wait0();
     }
 
-    // Epilogue: finish the row sums across the quad, normalise, store pairs.
+    T* O = reinterpret_cast<T*>(p.o);
 #pragma unroll
     for (int hf = 0; hf < 2; ++hf) {
         float l = l_row[hf];
@@ -361,16 +382,13 @@ __device__ __forceinline__ void attn_wg(const AttnParams& p) {
     }
 }
 
-#define ATTNRT_WG(TY, NAME, NWG, BN, ST)                                                     \
-    extern "C" __global__ void __launch_bounds__(128 * NWG, 1)                                \
-        attn_wg_##NAME##_w##NWG##_n##BN##_s##ST(AttnParams p) {                              \
-        attn_wg<TY, NWG, BN, ST>(p);                                                          \
+#define ATTNRT_WS(TY, NAME, NC, BN, ST, PR, CR)                                               \
+    extern "C" __global__ void __launch_bounds__(128 * (NC + 1), 1)                          \
+        attn_ws_##NAME##_c##NC##_n##BN##_s##ST(AttnParams p) {                               \
+        attn_ws<TY, NC, BN, ST, PR, CR>(p);                                                   \
     }
-#define ATTNRT_WG_ALL(TY, NAME)    \
-    ATTNRT_WG(TY, NAME, 3, 64, 5)  \
-    ATTNRT_WG(TY, NAME, 3, 64, 4)  \
-    ATTNRT_WG(TY, NAME, 2, 64, 5)  \
-    ATTNRT_WG(TY, NAME, 2, 128, 3)
-
-ATTNRT_WG_ALL(__nv_bfloat16, bf16)
-ATTNRT_WG_ALL(__half, f16)
+// Three consumer warpgroups (192 rows), 64-key tiles, five stages: measured fastest on an H200
+// against 2 consumers with 64-key x 6 or 128-key x 3 stages, and against the same tiling
+// without a producer (BENCHMARKS.md). Registers: 56 x 128 + 152 x 384 = the 64 Ki file.
+ATTNRT_WS(__nv_bfloat16, bf16, 3, 64, 5, 56, 152)
+ATTNRT_WS(__half, f16, 3, 64, 5, 56, 152)

@@ -56,8 +56,9 @@ pub enum AttnPath {
         /// Keys per K/V tile.
         key_tile: usize,
     },
-    /// `attn_wg_<dtype>_w3_n64_s5`: Hopper warpgroup MMA (sm_90a), head_dim 128, 192 packed rows
-    /// per CTA (three warpgroups), 64-key tiles in a five-stage copy pipeline.
+    /// `attn_ws_<dtype>_c3_n64_s5`: Hopper warpgroup MMA (sm_90a), head_dim 128, 192 packed rows
+    /// per CTA (three consumer warpgroups and a copying producer warpgroup), 64-key tiles in a
+    /// five-stage pipeline.
     Wgmma {
         /// bf16 or f16.
         dtype: Precision,
@@ -129,8 +130,8 @@ pub fn capability(precision: Precision, head_dim: usize, group: usize) -> crate:
 
 /// Rows (queries x packed heads) of a CTA of the wgmma kernel.
 pub const WGMMA_ROWS: usize = 192;
-/// Threads of a CTA of the wgmma kernel (three warpgroups).
-pub const WGMMA_THREADS: u32 = 384;
+/// Threads of a CTA of the wgmma kernel (a producer and three consumer warpgroups).
+pub const WGMMA_THREADS: u32 = 512;
 /// Keys per K/V tile of the wgmma kernel.
 pub const WGMMA_KEY_TILE: usize = 64;
 /// Copy-pipeline stages of the wgmma kernel.
@@ -197,7 +198,7 @@ impl fmt::Display for AttnPath {
             ),
             AttnPath::Wgmma { dtype } => write!(
                 f,
-                "wgmma-{}-d128-w3-n{WGMMA_KEY_TILE}-s{WGMMA_STAGES}",
+                "wgmma-{}-d128-c3-n{WGMMA_KEY_TILE}-s{WGMMA_STAGES}",
                 dtype.name()
             ),
         }
@@ -304,7 +305,7 @@ pub fn attention_launch(
         }
         AttnPath::Wgmma { dtype } => (
             format!(
-                "attn_wg_{}_w3_n{WGMMA_KEY_TILE}_s{WGMMA_STAGES}",
+                "attn_ws_{}_c3_n{WGMMA_KEY_TILE}_s{WGMMA_STAGES}",
                 dtype.name()
             ),
             WGMMA_THREADS,
@@ -350,9 +351,13 @@ pub const fn mma_smem_bytes(dp: usize, m_tiles: usize, key_tile: usize) -> u32 {
 }
 
 /// Dynamic shared memory of the wgmma kernel: 1024 bytes of alignment slack (the swizzle repeats
-/// every 1024 bytes), the Q tile and [`WGMMA_STAGES`] stages of K and V, 256 bytes a row.
+/// every 1024 bytes), the Q tile and [`WGMMA_STAGES`] stages of K and V, 256 bytes a row, and
+/// the pipeline's mbarriers (three per stage and one for Q, 8 bytes each).
 pub const fn wgmma_smem_bytes() -> u32 {
-    (1024 + WGMMA_ROWS * 256 + 2 * WGMMA_STAGES * WGMMA_KEY_TILE * 256) as u32
+    (1024
+        + WGMMA_ROWS * 256
+        + 2 * WGMMA_STAGES * WGMMA_KEY_TILE * 256
+        + (3 * WGMMA_STAGES + 1) * 8) as u32
 }
 
 /// Dynamic shared memory of the q/k/v preparation kernel.

@@ -253,10 +253,11 @@ fn wgmma_launch_packs_192_rows() {
         dtype: Precision::F16,
     };
     let l = attention_launch(path, &cfg, 2, 1000).unwrap();
-    assert_eq!(l.kernel, "attn_wg_f16_w3_n64_s5");
-    assert_eq!((l.block, l.q_per_cta), (384, 48));
+    assert_eq!(l.kernel, "attn_ws_f16_c3_n64_s5");
+    assert_eq!((l.block, l.q_per_cta), (512, 48));
     assert_eq!(l.grid, (1000usize.div_ceil(48) as u32, 8, 2));
-    // Q (192 rows) + 5 stages x (K + V) x 64 keys, 256 bytes a row, + 1024 alignment slack.
-    assert_eq!(l.smem, 1024 + 192 * 256 + 10 * 64 * 256);
+    // Q (192 rows) + 5 stages x (K + V) x 64 keys, 256 bytes a row, + 1024 alignment slack
+    // + 16 mbarriers.
+    assert_eq!(l.smem, 1024 + 192 * 256 + 10 * 64 * 256 + 16 * 8);
     assert!(l.smem <= 227 * 1024, "fits an H100/H200 CTA");
 }
