@@ -361,6 +361,11 @@ enum attnrt_status
    */
   ATTNRT_STATUS_DEVICE_CAPACITY = 502,
   /**
+   * An NCCL call of a multi-GPU layer failed (communicator set-up, a collective); the
+   * message names the function and NCCL's error.
+   */
+  ATTNRT_STATUS_DEVICE_COLLECTIVE = 503,
+  /**
    * A panic inside the library was caught at the boundary. The library stays usable; the
    * contents of the call's output buffer are unspecified.
    */
@@ -388,6 +393,17 @@ typedef uint32_t attnrt_status;
  * reused by every call); use one handle per device and per concurrent stream of work.
  */
 typedef struct attnrt_cuda_layer attnrt_cuda_layer;
+
+/**
+ * A layer split by heads over the GPUs of a device list: a private copy of the layer, the
+ * plan (which heads each device owns), and on each device its shard's weights uploaded in the
+ * chosen precision and buffers sized for calls of up to `max_batch` rows of `max_seq_len`
+ * tokens; NCCL communicators link the devices.
+ *
+ * Opaque. Calls on one handle are serialized by a lock inside it (the device buffers are
+ * reused by every call); the queries that only read the plan take no lock.
+ */
+typedef struct attnrt_cuda_multi_layer attnrt_cuda_multi_layer;
 
 /**
  * A paged KV cache: a K pool and a V pool of `num_blocks` blocks of `block_size` tokens for
@@ -719,6 +735,35 @@ typedef struct attnrt_cuda_device_args {
    */
   void *stream;
 } attnrt_cuda_device_args;
+
+/**
+ * One device's part of the head split (`attnrt_cuda_multi_layer_shard`): the query heads
+ * `q_head_start..q_head_end` and the KV heads `kv_head_start..kv_head_end` of the unsplit
+ * layer (half-open ranges). A KV head held by several devices (fewer KV heads than devices)
+ * appears in each of their ranges.
+ */
+typedef struct attnrt_device_shard {
+  /**
+   * The CUDA device ordinal (the `devices[index]` given at creation).
+   */
+  uint32_t device;
+  /**
+   * First query head owned.
+   */
+  size_t q_head_start;
+  /**
+   * One past the last query head owned.
+   */
+  size_t q_head_end;
+  /**
+   * First KV head held.
+   */
+  size_t kv_head_start;
+  /**
+   * One past the last KV head held.
+   */
+  size_t kv_head_end;
+} attnrt_device_shard;
 
 /**
  * One sequence of a cached forward call. The block table is the caller's: it lists the
@@ -1067,6 +1112,143 @@ attnrt_status attnrt_cuda_device_args_init(struct attnrt_cuda_device_args *out);
 attnrt_status attnrt_cuda_forward_device(const struct attnrt_cuda_layer *layer,
                                          const struct attnrt_cuda_device_args *args,
                                          attnrt_backend *backend_ran);
+
+/**
+ * The number of CUDA devices the driver reports, into `*out` (at least 1 on success), for
+ * building a device list. Errors: `ATTNRT_STATUS_NULL_POINTER`,
+ * `ATTNRT_STATUS_BACKEND_UNAVAILABLE` (built without CUDA), `ATTNRT_STATUS_DEVICE` (no
+ * driver, a driver that fails to initialise, or no device; the message says which); `*out`
+ * untouched on error. Thread-safe.
+ *
+ * # Safety
+ * `out` NULL or valid for one write.
+ */
+attnrt_status attnrt_cuda_device_count(size_t *out);
+
+/**
+ * Splits `layer` by heads over the CUDA devices `devices[0..n_devices]` (ordinals; rank `i`
+ * on `devices[i]`): copies the layer's configuration and weights (the caller's `layer` may be
+ * freed afterwards), plans the head split as `attnrt_sharded_layer_new` does (GQA-aware, KV
+ * heads replicated when fewer than devices, uneven head counts allowed), uploads each
+ * device's shard in `precision` (an `attnrt_cuda_precision`) with buffers for calls of up to
+ * `max_batch` rows of `max_seq_len` tokens, and sets up the NCCL communicators (none for one
+ * device).
+ *
+ * On success `*out` receives the handle (free with [`attnrt_cuda_multi_layer_free`]); on error
+ * it is untouched and nothing stays allocated. Errors, in the order checked:
+ * `ATTNRT_STATUS_NULL_POINTER` (`layer`, `out`, or `devices` with `n_devices` > 0),
+ * `ATTNRT_STATUS_MISALIGNED_POINTER`, `ATTNRT_STATUS_BAD_ENUM` (precision),
+ * `ATTNRT_STATUS_CONFIG` (an ordinal repeated in the list; `n_devices` 0),
+ * `ATTNRT_STATUS_CONFIG_PAIR` (`n_devices` > `n_head`: a device would own no query head),
+ * `ATTNRT_STATUS_BACKEND_UNAVAILABLE` (built without CUDA), `ATTNRT_STATUS_DEVICE` (an ordinal
+ * the driver does not report, no driver, out of device memory, any driver failure),
+ * `ATTNRT_STATUS_UNSUPPORTED` (a head_dim / group the kernels cannot run, sizes that
+ * overflow, full QK-norm over several GPUs in this version), `ATTNRT_STATUS_DEVICE_BLAS`,
+ * `ATTNRT_STATUS_DEVICE_COLLECTIVE` (NCCL set-up), `ATTNRT_STATUS_OUT_OF_MEMORY`.
+ * Thread-safe.
+ *
+ * # Safety
+ * `layer` NULL or a live layer handle; `devices` NULL or valid for `n_devices` reads; `out`
+ * NULL or valid for one write.
+ */
+attnrt_status attnrt_cuda_multi_layer_new(const struct attnrt_layer *layer,
+                                          uint32_t precision,
+                                          size_t max_batch,
+                                          size_t max_seq_len,
+                                          const uint32_t *devices,
+                                          size_t n_devices,
+                                          struct attnrt_cuda_multi_layer **out);
+
+/**
+ * Frees a multi-GPU layer, its device memory on every device and its NCCL communicators.
+ * NULL is a no-op. Every call on the handle must have returned; never twice.
+ *
+ * # Safety
+ * `layer` NULL or a handle from [`attnrt_cuda_multi_layer_new`] not yet freed.
+ */
+void attnrt_cuda_multi_layer_free(struct attnrt_cuda_multi_layer *layer);
+
+/**
+ * The number of devices of the handle, into `*out`. Errors: `ATTNRT_STATUS_NULL_POINTER`.
+ * Thread-safe (no lock).
+ *
+ * # Safety
+ * `layer` NULL or a live handle; `out` NULL or valid for one write.
+ */
+attnrt_status attnrt_cuda_multi_layer_n_devices(const struct attnrt_cuda_multi_layer *layer,
+                                                size_t *out);
+
+/**
+ * The heads device `index` (its rank, `0..n_devices`; not its CUDA ordinal) owns, into
+ * `*out`. Errors: `ATTNRT_STATUS_NULL_POINTER`, `ATTNRT_STATUS_INPUT_VALUE` (`index` >=
+ * `n_devices`); `*out` untouched on error. Thread-safe (no lock).
+ *
+ * # Safety
+ * `layer` NULL or a live handle; `out` NULL or valid for one write.
+ */
+attnrt_status attnrt_cuda_multi_layer_shard(const struct attnrt_cuda_multi_layer *layer,
+                                            size_t index,
+                                            struct attnrt_device_shard *out);
+
+/**
+ * What runs on the handle, as text: the attention kernel path and device 0's name, the
+ * device list and the NCCL version (for example `cuda-tensor-core-bf16-p128-m1-n64 on NVIDIA
+ * H200; 2 devices [0, 1]; NCCL 22803`). Copied into `buf` truncated to `len - 1` bytes and
+ * NUL-terminated; `*written` receives the bytes copied. `buf` and `written` may be NULL
+ * (`len` 0). Errors: `ATTNRT_STATUS_NULL_POINTER` (`layer`; `buf` NULL with `len` > 0).
+ * Takes the handle's lock.
+ *
+ * # Safety
+ * `layer` NULL or a live handle; `buf` NULL or valid for `len` bytes; `written` NULL or valid
+ * for one write.
+ */
+attnrt_status attnrt_cuda_multi_layer_backend(const struct attnrt_cuda_multi_layer *layer,
+                                              char *buf,
+                                              size_t len,
+                                              size_t *written);
+
+/**
+ * Milliseconds the last summed call (`ATTNRT_SHARD_MODE_SUMMED`) spent in the NCCL
+ * all-reduce (CUDA events around it on each device's stream; the largest over the devices;
+ * 0 with one device or before any summed call), into `*out_ms`. Errors:
+ * `ATTNRT_STATUS_NULL_POINTER`. Takes the handle's lock.
+ *
+ * # Safety
+ * `layer` NULL or a live handle; `out_ms` NULL or valid for one write.
+ */
+attnrt_status attnrt_cuda_multi_last_nccl_ms(const struct attnrt_cuda_multi_layer *layer,
+                                             float *out_ms);
+
+/**
+ * Runs the split layer on host buffers: `args` as for `attnrt_forward` (x, mask inputs,
+ * positions, `freqs_cis`, `out`); `x` goes to every device, each device runs its heads, and
+ * with `mode` (an `attnrt_shard_mode`):
+ * - `ATTNRT_SHARD_MODE_SUMMED`: the partial outputs are summed with an NCCL all-reduce and
+ *   `out` (`B * T * C` elements) receives the layer's output;
+ * - `ATTNRT_SHARD_MODE_PARTIALS`: no reduction; `out` (`n_devices * B * T * C`) receives
+ *   device `i`'s partial output at `i * B * T * C` (rank order). Their sum is the layer's
+ *   output; `bo` is in device 0's part.
+ *
+ * The call returns when `out` is written. `backend`, `parallel_for` and `num_threads` are
+ * ignored. The workspace is needed only for the cos/sin rows a rotary layer builds when
+ * `freqs_cis` is NULL (`attnrt_workspace_size` covers it); otherwise it may be NULL with
+ * length 0. On success `*backend_ran` receives `ATTNRT_BACKEND_CUDA`.
+ *
+ * Errors: those of `attnrt_forward` for the arguments, `ATTNRT_STATUS_BAD_ENUM` (`mode`),
+ * `ATTNRT_STATUS_DEVICE_CAPACITY` (batch or seq_len above the handle's maxima),
+ * `ATTNRT_STATUS_DEVICE`, `ATTNRT_STATUS_DEVICE_BLAS`, `ATTNRT_STATUS_DEVICE_COLLECTIVE`,
+ * `ATTNRT_STATUS_UNSUPPORTED`. On any error `out` and `*backend_ran` are untouched, except a
+ * device failure during the call (5xx), after which `out` is unspecified.
+ *
+ * Calls on one handle are serialized by its lock.
+ *
+ * # Safety
+ * As `attnrt_forward`, with `layer` a live multi-GPU layer handle.
+ */
+attnrt_status attnrt_cuda_multi_forward_host(const struct attnrt_cuda_multi_layer *layer,
+                                             const struct attnrt_forward_args *args,
+                                             uint32_t mode,
+                                             attnrt_backend *backend_ran);
 
 /**
  * Copies the message of the calling thread's last failed call into `buf`.

@@ -35,7 +35,7 @@ pub enum attnrt_cuda_precision {
     ATTNRT_CUDA_PRECISION_F16 = 2,
 }
 
-fn precision(v: u32) -> FfiResult<Precision> {
+pub(crate) fn precision(v: u32) -> FfiResult<Precision> {
     match v {
         0 => Ok(Precision::F32),
         1 => Ok(Precision::Bf16),
@@ -59,6 +59,7 @@ impl From<attnrt_cuda::Error> for FfiError {
             E::Cublas { .. } => S::ATTNRT_STATUS_DEVICE_BLAS,
             E::Unsupported(_) => S::ATTNRT_STATUS_UNSUPPORTED,
             E::Capacity { .. } => S::ATTNRT_STATUS_DEVICE_CAPACITY,
+            E::Nccl { .. } => S::ATTNRT_STATUS_DEVICE_COLLECTIVE,
             _ => S::ATTNRT_STATUS_INTERNAL,
         };
         FfiError::new(status, e.to_string())

@@ -27,6 +27,7 @@
 mod backend;
 mod config;
 mod cuda;
+mod cuda_multi;
 mod error;
 mod kv;
 mod layer;
@@ -48,6 +49,12 @@ pub use cuda::{
     attnrt_cuda_capability, attnrt_cuda_device_args, attnrt_cuda_device_args_init,
     attnrt_cuda_forward_device, attnrt_cuda_forward_host, attnrt_cuda_layer,
     attnrt_cuda_layer_free, attnrt_cuda_layer_new, attnrt_cuda_precision,
+};
+pub use cuda_multi::{
+    attnrt_cuda_device_count, attnrt_cuda_multi_forward_host, attnrt_cuda_multi_last_nccl_ms,
+    attnrt_cuda_multi_layer, attnrt_cuda_multi_layer_backend, attnrt_cuda_multi_layer_free,
+    attnrt_cuda_multi_layer_n_devices, attnrt_cuda_multi_layer_new, attnrt_cuda_multi_layer_shard,
+    attnrt_device_shard,
 };
 pub use error::attnrt_error_message;
 pub use kv::{
