@@ -766,6 +766,82 @@ typedef struct attnrt_device_shard {
 } attnrt_device_shard;
 
 /**
+ * The arguments of [`attnrt_cuda_multi_forward_seq_device`]: each rank's rows of the
+ * activations in device memory of its device, the mask inputs and positions of the whole call
+ * in host memory. Initialise with [`attnrt_cuda_multi_seq_args_init`].
+ */
+typedef struct attnrt_cuda_multi_seq_args {
+  /**
+   * Host array of `n_parts` device pointers (`CUdeviceptr`): rank `i`'s rows of f32 `x`,
+   * `[rows_i, n_embd]` on `devices[i]` (`rows_i` from `attnrt_cuda_multi_token_range`).
+   * Required.
+   */
+  const uint64_t *x_parts;
+  /**
+   * Host array of `n_parts` device pointers: room for rank `i`'s rows of the output, f32
+   * `[rows_i, n_embd]` on `devices[i]`. Required; no part may overlap another part.
+   */
+  const uint64_t *y_parts;
+  /**
+   * Elements of `x_parts` and of `y_parts`: the handle's number of devices.
+   */
+  size_t n_parts;
+  /**
+   * Batch rows of the whole call.
+   */
+  size_t batch;
+  /**
+   * Tokens per row of the whole call.
+   */
+  size_t seq_len;
+  /**
+   * Optional host `[B]` padding lengths.
+   */
+  const int32_t *seq_lens;
+  /**
+   * Elements of `seq_lens`.
+   */
+  size_t seq_lens_len;
+  /**
+   * Optional host `[B, T]` document ids.
+   */
+  const int32_t *document_ids;
+  /**
+   * Elements of `document_ids`.
+   */
+  size_t document_ids_len;
+  /**
+   * Optional host `[S + 1]` varlen boundaries.
+   */
+  const int32_t *cu_seqlens;
+  /**
+   * Elements of `cu_seqlens`.
+   */
+  size_t cu_seqlens_len;
+  /**
+   * Longest varlen segment; negative = not given.
+   */
+  int32_t max_seqlen;
+  /**
+   * Optional host `[B, T]` positions.
+   */
+  const int32_t *position_ids;
+  /**
+   * Elements of `position_ids`.
+   */
+  size_t position_ids_len;
+  /**
+   * Optional host cos/sin table; when NULL a rotary layer builds the rows it needs on the
+   * host (allocated for the call).
+   */
+  const float *freqs_cis;
+  /**
+   * Elements of `freqs_cis`.
+   */
+  size_t freqs_cis_len;
+} attnrt_cuda_multi_seq_args;
+
+/**
  * One sequence of a cached forward call. The block table is the caller's: it lists the
  * sequence's blocks (ids `0..num_blocks` of the cache's pool) in logical order, and must hold
  * `cached + new_tokens` tokens (`window + new_tokens - 1` for a rolling cache), else the call
@@ -1249,6 +1325,76 @@ attnrt_status attnrt_cuda_multi_forward_host(const struct attnrt_cuda_multi_laye
                                              const struct attnrt_forward_args *args,
                                              uint32_t mode,
                                              attnrt_backend *backend_ran);
+
+/**
+ * Rank `index`'s rows in sequence-parallel calls of `batch` rows of `seq_len` tokens: the
+ * flattened tokens `*out_start..*out_end` (row-major `[batch, seq_len]`), contiguous ranges in
+ * rank order, the first `batch * seq_len mod n_devices` ranks taking one more. Errors:
+ * `ATTNRT_STATUS_NULL_POINTER`, `ATTNRT_STATUS_INPUT_VALUE` (`index` >= `n_devices`, or
+ * `batch * seq_len` overflows); nothing written on error. Thread-safe (no lock).
+ *
+ * # Safety
+ * `layer` NULL or a live handle; `out_start` and `out_end` NULL or valid for one write each.
+ */
+attnrt_status attnrt_cuda_multi_token_range(const struct attnrt_cuda_multi_layer *layer,
+                                            size_t index,
+                                            size_t batch,
+                                            size_t seq_len,
+                                            size_t *out_start,
+                                            size_t *out_end);
+
+/**
+ * Sequence-parallel forward on host buffers: `args` as for `attnrt_forward` with `x` and
+ * `out` the whole call (`B * T * C` each); rank `i` receives only its rows of `x`
+ * (`attnrt_cuda_multi_token_range`), the rows are gathered across the devices with NCCL
+ * (all-gather; grouped broadcasts when the shares are unequal), every device runs its heads,
+ * the partial outputs are reduce-scattered, and rank `i`'s rows of the layer's output are
+ * copied into the same rows of `out`. The result is the layer's output (as
+ * `attnrt_cuda_multi_forward_host` with SUMMED gives; the sums may round differently).
+ * Everything else as `attnrt_cuda_multi_forward_host`: errors, workspace, `*backend_ran`,
+ * nothing written on an argument error, calls serialized by the handle's lock.
+ *
+ * # Safety
+ * As `attnrt_forward`, with `layer` a live multi-GPU layer handle.
+ */
+attnrt_status attnrt_cuda_multi_forward_seq_host(const struct attnrt_cuda_multi_layer *layer,
+                                                 const struct attnrt_forward_args *args,
+                                                 attnrt_backend *backend_ran);
+
+/**
+ * Fills `*out` with empty sequence-parallel arguments (NULL arrays and buffers, lengths 0,
+ * `max_seqlen` -1). Returns `ATTNRT_STATUS_NULL_POINTER` if `out` is NULL. Thread-safe.
+ *
+ * # Safety
+ * `out` NULL or valid for one write.
+ */
+attnrt_status attnrt_cuda_multi_seq_args_init(struct attnrt_cuda_multi_seq_args *out);
+
+/**
+ * Sequence-parallel forward on device buffers, for servers that keep each rank's rows of the
+ * activations on its GPU between layers: the rows are gathered across the devices (NCCL),
+ * every device runs its heads over the whole call, and the partial outputs are
+ * reduce-scattered so that `y_parts[i]` receives rank `i`'s rows of the layer's output. Runs
+ * on the handle's own streams and returns when every device has finished (the `y` parts are
+ * then written). On success `*backend_ran` receives `ATTNRT_BACKEND_CUDA`.
+ *
+ * Errors: `ATTNRT_STATUS_NULL_POINTER` (the handle, `args`, `backend_ran`, `x_parts`,
+ * `y_parts`, or one of their device pointers 0, named by index), `ATTNRT_STATUS_INPUT_SHAPE`
+ * (`n_parts` not the number of devices), the argument errors of `attnrt_forward` for the mask
+ * inputs and positions, `ATTNRT_STATUS_DEVICE_CAPACITY`, `ATTNRT_STATUS_DEVICE`,
+ * `ATTNRT_STATUS_DEVICE_BLAS`, `ATTNRT_STATUS_DEVICE_COLLECTIVE`. On an argument error
+ * nothing is enqueued and nothing written. Calls on one handle are serialized by its lock.
+ *
+ * # Safety
+ * `layer` NULL or a live handle; `args` NULL or valid, its host arrays and buffers valid for
+ * their lengths; each `x_parts[i]` / `y_parts[i]` a device allocation valid on `devices[i]`
+ * with room for rank `i`'s rows (`rows_i * n_embd` f32), the `x` parts fully written by work
+ * that has finished before the call, and none of them used by other work until it returns;
+ * `backend_ran` NULL or valid.
+ */
+attnrt_status attnrt_cuda_multi_forward_seq_device(const struct attnrt_cuda_multi_layer *layer,
+                                                   const struct attnrt_cuda_multi_seq_args *args,
+                                                   attnrt_backend *backend_ran);
 
 /**
  * Copies the message of the calling thread's last failed call into `buf`.

@@ -7,20 +7,25 @@
 //! constructor fails with `ATTNRT_STATUS_BACKEND_UNAVAILABLE` ("attnrt built without CUDA")
 //! once its arguments have passed the checks that need no GPU (NULL pointers, precision, an
 //! empty or repeated device list, more devices than query heads).
+//!
+//! Besides the head split on whole activations (every device sees every token), the handle
+//! runs sequence-parallel calls: the tokens are cut among the devices, gathered before the
+//! projections and reduce-scattered after, so that each device holds only its rows of `x` and
+//! of `y` (`attnrt_cuda_multi_forward_seq_host` / `_device`).
 
 use core::ffi::c_char;
 use core::mem::ManuallyDrop;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
-use attnrt::ShardPlan;
-use attnrt_cuda::{GpuOptions, MultiGpuLayer};
+use attnrt::{MaskInputs, ShardPlan};
+use attnrt_cuda::{GpuOptions, MultiGpuLayer, SeqParallelCall};
 
 use crate::backend::{attnrt_backend, table_part};
-use crate::cuda::precision;
+use crate::cuda::{host_rope, precision};
 use crate::error::{copy_message, FfiError, FfiResult};
 use crate::layer::{attnrt_forward_args, attnrt_layer, prepare};
 use crate::panic::guard;
-use crate::ptr::{as_ref, check, check_out, slice, write_out};
+use crate::ptr::{as_ref, check, check_out, opt_slice, slice, write_out};
 use crate::shard::attnrt_shard_mode;
 use crate::status::attnrt_status;
 
@@ -427,6 +432,252 @@ pub unsafe extern "C" fn attnrt_cuda_multi_forward_host(
                 m.forward_host_partials(&call.inputs, call.out)?;
             }
         }
+        // SAFETY: checked by `check_out`; valid by the contract.
+        unsafe { write_out(backend_ran, attnrt_backend::ATTNRT_BACKEND_CUDA) };
+        Ok(())
+    })
+}
+
+/// Rank `index`'s rows in sequence-parallel calls of `batch` rows of `seq_len` tokens: the
+/// flattened tokens `*out_start..*out_end` (row-major `[batch, seq_len]`), contiguous ranges in
+/// rank order, the first `batch * seq_len mod n_devices` ranks taking one more. Errors:
+/// `ATTNRT_STATUS_NULL_POINTER`, `ATTNRT_STATUS_INPUT_VALUE` (`index` >= `n_devices`, or
+/// `batch * seq_len` overflows); nothing written on error. Thread-safe (no lock).
+///
+/// # Safety
+/// `layer` NULL or a live handle; `out_start` and `out_end` NULL or valid for one write each.
+#[no_mangle]
+pub unsafe extern "C" fn attnrt_cuda_multi_token_range(
+    layer: *const attnrt_cuda_multi_layer,
+    index: usize,
+    batch: usize,
+    seq_len: usize,
+    out_start: *mut usize,
+    out_end: *mut usize,
+) -> attnrt_status {
+    guard(|| {
+        // SAFETY: the contract of this function.
+        let layer = unsafe { as_ref("layer", layer) }?;
+        check_out("out_start", out_start)?;
+        check_out("out_end", out_end)?;
+        let tokens = batch
+            .checked_mul(seq_len)
+            .ok_or(attnrt::Error::InputValue {
+                name: "seq_len",
+                index: 0,
+                value: seq_len as i64,
+                rule: "batch * seq_len overflows",
+            })?;
+        let r = layer.plan.token_range(index, tokens)?;
+        // SAFETY: checked by `check_out`; valid by the contract.
+        unsafe {
+            write_out(out_start, r.start);
+            write_out(out_end, r.end);
+        }
+        Ok(())
+    })
+}
+
+/// Sequence-parallel forward on host buffers: `args` as for `attnrt_forward` with `x` and
+/// `out` the whole call (`B * T * C` each); rank `i` receives only its rows of `x`
+/// (`attnrt_cuda_multi_token_range`), the rows are gathered across the devices with NCCL
+/// (all-gather; grouped broadcasts when the shares are unequal), every device runs its heads,
+/// the partial outputs are reduce-scattered, and rank `i`'s rows of the layer's output are
+/// copied into the same rows of `out`. The result is the layer's output (as
+/// `attnrt_cuda_multi_forward_host` with SUMMED gives; the sums may round differently).
+/// Everything else as `attnrt_cuda_multi_forward_host`: errors, workspace, `*backend_ran`,
+/// nothing written on an argument error, calls serialized by the handle's lock.
+///
+/// # Safety
+/// As `attnrt_forward`, with `layer` a live multi-GPU layer handle.
+#[no_mangle]
+pub unsafe extern "C" fn attnrt_cuda_multi_forward_seq_host(
+    layer: *const attnrt_cuda_multi_layer,
+    args: *const attnrt_forward_args,
+    backend_ran: *mut attnrt_backend,
+) -> attnrt_status {
+    guard(|| {
+        // SAFETY: the contract of this function.
+        let layer = unsafe { as_ref("layer", layer) }?;
+        // SAFETY: the contract of this function.
+        let a = unsafe { as_ref("args", args) }?;
+        check_out("backend_ran", backend_ran)?;
+        // SAFETY: `host` lives as long as the handle.
+        let cfg = unsafe { &(*layer.host).cfg };
+        // SAFETY: the contract of this function.
+        let call = unsafe {
+            prepare(cfg, a, true, |with_table| {
+                table_part(cfg, a.batch, a.seq_len, with_table)
+            })
+        }?;
+        layer.lock().forward_seq_host(&call.inputs, call.out)?;
+        // SAFETY: checked by `check_out`; valid by the contract.
+        unsafe { write_out(backend_ran, attnrt_backend::ATTNRT_BACKEND_CUDA) };
+        Ok(())
+    })
+}
+
+/// The arguments of [`attnrt_cuda_multi_forward_seq_device`]: each rank's rows of the
+/// activations in device memory of its device, the mask inputs and positions of the whole call
+/// in host memory. Initialise with [`attnrt_cuda_multi_seq_args_init`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct attnrt_cuda_multi_seq_args {
+    /// Host array of `n_parts` device pointers (`CUdeviceptr`): rank `i`'s rows of f32 `x`,
+    /// `[rows_i, n_embd]` on `devices[i]` (`rows_i` from `attnrt_cuda_multi_token_range`).
+    /// Required.
+    pub x_parts: *const u64,
+    /// Host array of `n_parts` device pointers: room for rank `i`'s rows of the output, f32
+    /// `[rows_i, n_embd]` on `devices[i]`. Required; no part may overlap another part.
+    pub y_parts: *const u64,
+    /// Elements of `x_parts` and of `y_parts`: the handle's number of devices.
+    pub n_parts: usize,
+    /// Batch rows of the whole call.
+    pub batch: usize,
+    /// Tokens per row of the whole call.
+    pub seq_len: usize,
+    /// Optional host `[B]` padding lengths.
+    pub seq_lens: *const i32,
+    /// Elements of `seq_lens`.
+    pub seq_lens_len: usize,
+    /// Optional host `[B, T]` document ids.
+    pub document_ids: *const i32,
+    /// Elements of `document_ids`.
+    pub document_ids_len: usize,
+    /// Optional host `[S + 1]` varlen boundaries.
+    pub cu_seqlens: *const i32,
+    /// Elements of `cu_seqlens`.
+    pub cu_seqlens_len: usize,
+    /// Longest varlen segment; negative = not given.
+    pub max_seqlen: i32,
+    /// Optional host `[B, T]` positions.
+    pub position_ids: *const i32,
+    /// Elements of `position_ids`.
+    pub position_ids_len: usize,
+    /// Optional host cos/sin table; when NULL a rotary layer builds the rows it needs on the
+    /// host (allocated for the call).
+    pub freqs_cis: *const f32,
+    /// Elements of `freqs_cis`.
+    pub freqs_cis_len: usize,
+}
+
+/// Fills `*out` with empty sequence-parallel arguments (NULL arrays and buffers, lengths 0,
+/// `max_seqlen` -1). Returns `ATTNRT_STATUS_NULL_POINTER` if `out` is NULL. Thread-safe.
+///
+/// # Safety
+/// `out` NULL or valid for one write.
+#[no_mangle]
+pub unsafe extern "C" fn attnrt_cuda_multi_seq_args_init(
+    out: *mut attnrt_cuda_multi_seq_args,
+) -> attnrt_status {
+    guard(|| {
+        check_out("out", out)?;
+        let empty = attnrt_cuda_multi_seq_args {
+            x_parts: core::ptr::null(),
+            y_parts: core::ptr::null(),
+            n_parts: 0,
+            batch: 0,
+            seq_len: 0,
+            seq_lens: core::ptr::null(),
+            seq_lens_len: 0,
+            document_ids: core::ptr::null(),
+            document_ids_len: 0,
+            cu_seqlens: core::ptr::null(),
+            cu_seqlens_len: 0,
+            max_seqlen: -1,
+            position_ids: core::ptr::null(),
+            position_ids_len: 0,
+            freqs_cis: core::ptr::null(),
+            freqs_cis_len: 0,
+        };
+        // SAFETY: checked by `check_out`; valid by the contract.
+        unsafe { write_out(out, empty) };
+        Ok(())
+    })
+}
+
+/// Sequence-parallel forward on device buffers, for servers that keep each rank's rows of the
+/// activations on its GPU between layers: the rows are gathered across the devices (NCCL),
+/// every device runs its heads over the whole call, and the partial outputs are
+/// reduce-scattered so that `y_parts[i]` receives rank `i`'s rows of the layer's output. Runs
+/// on the handle's own streams and returns when every device has finished (the `y` parts are
+/// then written). On success `*backend_ran` receives `ATTNRT_BACKEND_CUDA`.
+///
+/// Errors: `ATTNRT_STATUS_NULL_POINTER` (the handle, `args`, `backend_ran`, `x_parts`,
+/// `y_parts`, or one of their device pointers 0, named by index), `ATTNRT_STATUS_INPUT_SHAPE`
+/// (`n_parts` not the number of devices), the argument errors of `attnrt_forward` for the mask
+/// inputs and positions, `ATTNRT_STATUS_DEVICE_CAPACITY`, `ATTNRT_STATUS_DEVICE`,
+/// `ATTNRT_STATUS_DEVICE_BLAS`, `ATTNRT_STATUS_DEVICE_COLLECTIVE`. On an argument error
+/// nothing is enqueued and nothing written. Calls on one handle are serialized by its lock.
+///
+/// # Safety
+/// `layer` NULL or a live handle; `args` NULL or valid, its host arrays and buffers valid for
+/// their lengths; each `x_parts[i]` / `y_parts[i]` a device allocation valid on `devices[i]`
+/// with room for rank `i`'s rows (`rows_i * n_embd` f32), the `x` parts fully written by work
+/// that has finished before the call, and none of them used by other work until it returns;
+/// `backend_ran` NULL or valid.
+#[no_mangle]
+pub unsafe extern "C" fn attnrt_cuda_multi_forward_seq_device(
+    layer: *const attnrt_cuda_multi_layer,
+    args: *const attnrt_cuda_multi_seq_args,
+    backend_ran: *mut attnrt_backend,
+) -> attnrt_status {
+    guard(|| {
+        // SAFETY: the contract of this function.
+        let layer = unsafe { as_ref("layer", layer) }?;
+        // SAFETY: the contract of this function.
+        let a = unsafe { as_ref("args", args) }?;
+        check_out("backend_ran", backend_ran)?;
+        // SAFETY: the contract of this function (host arrays valid for their lengths).
+        let x_parts = unsafe { slice("x_parts", a.x_parts, a.n_parts) }?;
+        // SAFETY: as above.
+        let y_parts = unsafe { slice("y_parts", a.y_parts, a.n_parts) }?;
+        if a.n_parts != layer.devices.len() {
+            return Err(attnrt::Error::InputShape {
+                name: "n_parts",
+                expected: layer.devices.len(),
+                actual: a.n_parts,
+            }
+            .into());
+        }
+        for (name, parts) in [("x_parts", x_parts), ("y_parts", y_parts)] {
+            if let Some(i) = parts.iter().position(|&p| p == 0) {
+                return Err(FfiError::null(&format!("{name}[{i}] (device pointer)")));
+            }
+        }
+        // SAFETY: `host` lives as long as the handle.
+        let cfg = unsafe { &(*layer.host).cfg };
+        // SAFETY: as above.
+        let seq_lens = unsafe { opt_slice("seq_lens", a.seq_lens, a.seq_lens_len) }?;
+        // SAFETY: as above.
+        let document_ids =
+            unsafe { opt_slice("document_ids", a.document_ids, a.document_ids_len) }?;
+        // SAFETY: as above.
+        let cu_seqlens = unsafe { opt_slice("cu_seqlens", a.cu_seqlens, a.cu_seqlens_len) }?;
+        // SAFETY: as above.
+        let position_ids =
+            unsafe { opt_slice("position_ids", a.position_ids, a.position_ids_len) }?;
+        // SAFETY: as above.
+        let freqs_cis = unsafe { opt_slice("freqs_cis", a.freqs_cis, a.freqs_cis_len) }?;
+        let mut built = Vec::new();
+        let (rope_table, position_ids) =
+            host_rope(cfg, a.batch, a.seq_len, position_ids, freqs_cis, &mut built)?;
+        let call = SeqParallelCall {
+            x_parts,
+            y_parts,
+            batch: a.batch,
+            seq_len: a.seq_len,
+            mask: MaskInputs {
+                seq_lens,
+                document_ids,
+                cu_seqlens,
+                max_seqlen: (a.max_seqlen >= 0).then_some(a.max_seqlen),
+            },
+            position_ids,
+            rope_table,
+        };
+        // SAFETY: device pointers valid by this function's contract.
+        unsafe { layer.lock().forward_seq_device(&call) }?;
         // SAFETY: checked by `check_out`; valid by the contract.
         unsafe { write_out(backend_ran, attnrt_backend::ATTNRT_BACKEND_CUDA) };
         Ok(())

@@ -51,9 +51,11 @@ pub use cuda::{
     attnrt_cuda_layer_free, attnrt_cuda_layer_new, attnrt_cuda_precision,
 };
 pub use cuda_multi::{
-    attnrt_cuda_device_count, attnrt_cuda_multi_forward_host, attnrt_cuda_multi_last_nccl_ms,
-    attnrt_cuda_multi_layer, attnrt_cuda_multi_layer_backend, attnrt_cuda_multi_layer_free,
+    attnrt_cuda_device_count, attnrt_cuda_multi_forward_host, attnrt_cuda_multi_forward_seq_device,
+    attnrt_cuda_multi_forward_seq_host, attnrt_cuda_multi_last_nccl_ms, attnrt_cuda_multi_layer,
+    attnrt_cuda_multi_layer_backend, attnrt_cuda_multi_layer_free,
     attnrt_cuda_multi_layer_n_devices, attnrt_cuda_multi_layer_new, attnrt_cuda_multi_layer_shard,
+    attnrt_cuda_multi_seq_args, attnrt_cuda_multi_seq_args_init, attnrt_cuda_multi_token_range,
     attnrt_device_shard,
 };
 pub use error::attnrt_error_message;

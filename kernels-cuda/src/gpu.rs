@@ -25,7 +25,7 @@ const PTX_DECODE: &str = include_str!(concat!(env!("OUT_DIR"), "/decode.ptx"));
 mod decode;
 mod multi;
 pub use decode::GpuKvCache;
-pub use multi::MultiGpuLayer;
+pub use multi::{MultiGpuLayer, SeqParallelCall};
 
 fn drv(call: &'static str, r: cu::CUresult) -> Result<()> {
     if r == cu::CUresult::CUDA_SUCCESS {

@@ -9,7 +9,9 @@
 //!   tensor cores (`mma.sync` m16n8k16, f32 accumulation); f32 storage runs on CUDA cores for
 //!   exactness. [`capability`] says which path a (precision, head_dim, group) gets.
 //! * [`MultiGpuLayer`]: the layer split by heads over several GPUs of one host (the runtime's
-//!   `ShardPlan`), partial outputs summed with an NCCL all-reduce (or returned per device).
+//!   `ShardPlan`), partial outputs summed with an NCCL all-reduce (or returned per device);
+//!   sequence-parallel inputs and outputs (tokens sharded across the devices, NCCL all-gather
+//!   before the projections and reduce-scatter after).
 //!
 //! Built without the `cuda` feature, the same API compiles and every constructor returns
 //! [`Error::NoCuda`] ("attnrt built without CUDA"), so the workspace builds and tests on machines
@@ -51,10 +53,10 @@ mod stub;
 
 pub use error::{Error, Result};
 #[cfg(feature = "cuda")]
-pub use gpu::{DeviceCall, GpuKvCache, GpuLayer, MultiGpuLayer, RopeSource};
+pub use gpu::{DeviceCall, GpuKvCache, GpuLayer, MultiGpuLayer, RopeSource, SeqParallelCall};
 pub use plan::{capability, AttnPath, GpuBackend, GpuOptions, Precision};
 #[cfg(not(feature = "cuda"))]
-pub use stub::{DeviceCall, GpuKvCache, GpuLayer, MultiGpuLayer, RopeSource};
+pub use stub::{DeviceCall, GpuKvCache, GpuLayer, MultiGpuLayer, RopeSource, SeqParallelCall};
 
 /// Whether this build has the CUDA executor (the `cuda` feature).
 pub const fn built_with_cuda() -> bool {

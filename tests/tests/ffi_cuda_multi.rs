@@ -9,6 +9,10 @@
 //!   `attnrt_forward` (backend REFERENCE) within 1e-4, summed by NCCL or as partials the test
 //!   sums; a bf16 split equals the single-GPU bf16 handle within the bf16 tolerance; the plan
 //!   and backend queries describe the split; call errors write nothing.
+//! * Sequence parallelism on the same fixtures: `attnrt_cuda_multi_forward_seq_host` within
+//!   1e-4 of the reference (equal and unequal token shares, a rank with no token), and with the
+//!   `cuda` feature of this crate (which brings `cust` for device allocations)
+//!   `attnrt_cuda_multi_forward_seq_device` on per-device parts equals the host call.
 
 use std::ffi::{c_char, CStr};
 use std::ptr;
@@ -121,6 +125,126 @@ fn forward(m: &Multi, bufs: &mut CallBuffers, mode: u32, n: usize) -> (attnrt_st
     // SAFETY: live handle; buffers valid for their lengths; a u32 slot holds the enum.
     let st = unsafe {
         attnrt_cuda_multi_forward_host(m.0, &args, mode, ran.as_mut_ptr().cast::<attnrt_backend>())
+    };
+    // SAFETY: initialised above.
+    (st, unsafe { ran.assume_init() })
+}
+
+fn seq_args_init() -> attnrt_cuda_multi_seq_args {
+    let mut a = std::mem::MaybeUninit::uninit();
+    // SAFETY: valid for one write.
+    assert_eq!(
+        unsafe { attnrt_cuda_multi_seq_args_init(a.as_mut_ptr()) },
+        S::ATTNRT_STATUS_OK
+    );
+    // SAFETY: written by the successful call.
+    unsafe { a.assume_init() }
+}
+
+/// Rank `i`'s token range through the ABI.
+fn token_range(m: &Multi, i: usize, batch: usize, seq_len: usize) -> std::ops::Range<usize> {
+    let (mut start, mut end) = (0, 0);
+    // SAFETY: live handle, valid out pointers.
+    let st = unsafe { attnrt_cuda_multi_token_range(m.0, i, batch, seq_len, &mut start, &mut end) };
+    assert_eq!(st, S::ATTNRT_STATUS_OK, "{}", last_error());
+    start..end
+}
+
+/// A sequence-parallel forward on host buffers.
+fn forward_seq(m: &Multi, bufs: &mut CallBuffers) -> (attnrt_status, u32) {
+    bufs.out = vec![SENTINEL; bufs.x.len()];
+    let args = bufs.args();
+    let mut ran = std::mem::MaybeUninit::<u32>::new(u32::MAX);
+    // SAFETY: live handle; buffers valid for their lengths; a u32 slot holds the enum.
+    let st = unsafe {
+        attnrt_cuda_multi_forward_seq_host(m.0, &args, ran.as_mut_ptr().cast::<attnrt_backend>())
+    };
+    // SAFETY: initialised above.
+    (st, unsafe { ran.assume_init() })
+}
+
+/// Each rank's rows of `x` in device memory of its device and room for its output rows
+/// (at least one row each, so that no pointer is null), through `cust`.
+#[cfg(feature = "cuda")]
+struct DeviceParts {
+    // Dropped before the contexts (field order).
+    x: Vec<cust::memory::DeviceBuffer<f32>>,
+    y: Vec<cust::memory::DeviceBuffer<f32>>,
+    rows: Vec<std::ops::Range<usize>>,
+    ctxs: Vec<cust::context::Context>,
+}
+
+#[cfg(feature = "cuda")]
+impl DeviceParts {
+    fn new(m: &Multi, devices: &[u32], x: &[f32], batch: usize, t: usize, c: usize) -> Self {
+        use cust::memory::DeviceBuffer;
+        let mut p = DeviceParts {
+            x: Vec::new(),
+            y: Vec::new(),
+            rows: Vec::new(),
+            ctxs: Vec::new(),
+        };
+        for (i, &d) in devices.iter().enumerate() {
+            let dev = cust::device::Device::get_device(d).unwrap();
+            let ctx = cust::context::Context::new(dev).unwrap();
+            let r = token_range(m, i, batch, t);
+            let mut rows = x[r.start * c..r.end * c].to_vec();
+            rows.resize(rows.len().max(c), 0.0);
+            p.x.push(DeviceBuffer::from_slice(&rows).unwrap());
+            p.y.push(DeviceBuffer::from_slice(&vec![f32::NAN; r.len().max(1) * c]).unwrap());
+            p.rows.push(r);
+            p.ctxs.push(ctx);
+        }
+        p
+    }
+
+    fn ptrs(b: &[cust::memory::DeviceBuffer<f32>]) -> Vec<u64> {
+        b.iter().map(|b| b.as_device_ptr().as_raw()).collect()
+    }
+
+    /// Every rank's output rows, concatenated.
+    fn read_y(&self, c: usize) -> Vec<f32> {
+        use cust::memory::CopyDestination;
+        let mut all = Vec::new();
+        for ((b, ctx), r) in self.y.iter().zip(&self.ctxs).zip(&self.rows) {
+            cust::context::CurrentContext::set_current(ctx).unwrap();
+            let mut h = vec![0.0f32; b.len()];
+            b.copy_to(&mut h[..]).unwrap();
+            all.extend_from_slice(&h[..r.len() * c]);
+        }
+        all
+    }
+}
+
+/// `attnrt_cuda_multi_seq_args` of a fixture's call over device parts.
+#[cfg(feature = "cuda")]
+fn seq_args(bufs: &CallBuffers, x: &[u64], y: &[u64]) -> attnrt_cuda_multi_seq_args {
+    fn opt<T>(v: &Option<Vec<T>>) -> (*const T, usize) {
+        v.as_ref()
+            .map_or((ptr::null(), 0), |v| (v.as_ptr(), v.len()))
+    }
+    let mut a = seq_args_init();
+    a.x_parts = x.as_ptr();
+    a.y_parts = y.as_ptr();
+    a.n_parts = x.len().min(y.len());
+    a.batch = bufs.batch;
+    a.seq_len = bufs.seq_len;
+    (a.seq_lens, a.seq_lens_len) = opt(&bufs.seq_lens);
+    (a.document_ids, a.document_ids_len) = opt(&bufs.document_ids);
+    (a.cu_seqlens, a.cu_seqlens_len) = opt(&bufs.cu_seqlens);
+    a.max_seqlen = bufs.max_seqlen;
+    (a.position_ids, a.position_ids_len) = opt(&bufs.position_ids);
+    (a.freqs_cis, a.freqs_cis_len) = opt(&bufs.freqs_cis);
+    a
+}
+
+#[cfg(feature = "cuda")]
+fn forward_seq_device(m: &Multi, a: &attnrt_cuda_multi_seq_args) -> (attnrt_status, u32) {
+    let mut ran = std::mem::MaybeUninit::<u32>::new(u32::MAX);
+    // SAFETY: live handle; the parts are device allocations of the ranks' devices with room for
+    // their rows; host arrays valid for their lengths.
+    let st = unsafe {
+        attnrt_cuda_multi_forward_seq_device(m.0, a, ran.as_mut_ptr().cast::<attnrt_backend>())
     };
     // SAFETY: initialised above.
     (st, unsafe { ran.assume_init() })
@@ -286,6 +410,35 @@ fn invalid_uses_write_nothing_in_every_build() {
             attnrt_cuda_device_count(ptr::null_mut()),
             S::ATTNRT_STATUS_NULL_POINTER
         );
+        assert_eq!(
+            attnrt_cuda_multi_forward_seq_host(
+                ptr::null(),
+                &args,
+                ran.as_mut_ptr().cast::<attnrt_backend>()
+            ),
+            S::ATTNRT_STATUS_NULL_POINTER
+        );
+        let seq = seq_args_init();
+        assert!(seq.x_parts.is_null() && seq.y_parts.is_null() && seq.freqs_cis.is_null());
+        assert_eq!((seq.n_parts, seq.batch, seq.max_seqlen), (0, 0, -1));
+        assert_eq!(
+            attnrt_cuda_multi_forward_seq_device(
+                ptr::null(),
+                &seq,
+                ran.as_mut_ptr().cast::<attnrt_backend>()
+            ),
+            S::ATTNRT_STATUS_NULL_POINTER
+        );
+        assert_eq!(
+            attnrt_cuda_multi_seq_args_init(ptr::null_mut()),
+            S::ATTNRT_STATUS_NULL_POINTER
+        );
+        let (mut start, mut end) = (usize::MAX, usize::MAX);
+        assert_eq!(
+            attnrt_cuda_multi_token_range(ptr::null(), 0, 1, 4, &mut start, &mut end),
+            S::ATTNRT_STATUS_NULL_POINTER
+        );
+        assert_eq!((start, end), (usize::MAX, usize::MAX));
         attnrt_cuda_multi_layer_free(ptr::null_mut());
     }
     // SAFETY: initialised above, never written by the failing calls.
@@ -431,8 +584,54 @@ fn every_fixture_on_two_gpus_equals_the_reference() {
                 "{} partials: max abs err {perr:.3e}",
                 f.name
             );
+
+            // Sequence parallel: the ranks' rows tile the tokens; the result is the layer's.
+            let tokens = b * t;
+            let ranges: Vec<_> = (0..2).map(|i| token_range(&m, i, b, t)).collect();
+            assert_eq!((ranges[0].start, ranges[0].end), (0, ranges[1].start));
+            assert_eq!(ranges[1].end, tokens);
+            assert_eq!(ranges[0].len(), tokens.div_ceil(2));
+            let got = forward_seq(&m, &mut bufs);
+            assert_eq!(
+                got,
+                (S::ATTNRT_STATUS_OK, CUDA),
+                "{}: {}",
+                f.name,
+                last_error()
+            );
+            let serr = max_abs_diff(&bufs.out, &want);
+            assert!(
+                serr <= F32_TOL,
+                "{} seq-parallel: max abs err {serr:.3e}",
+                f.name
+            );
+            #[cfg(feature = "cuda")]
+            let derr = {
+                let c = f.cfg.n_embd;
+                let parts = DeviceParts::new(&m, &devices, &bufs.x, b, t, c);
+                let (xp, yp) = (DeviceParts::ptrs(&parts.x), DeviceParts::ptrs(&parts.y));
+                let a = seq_args(&bufs, &xp, &yp);
+                let got = forward_seq_device(&m, &a);
+                assert_eq!(
+                    got,
+                    (S::ATTNRT_STATUS_OK, CUDA),
+                    "{}: {}",
+                    f.name,
+                    last_error()
+                );
+                let derr = max_abs_diff(&parts.read_y(c), &bufs.out);
+                assert!(
+                    derr <= 1e-6,
+                    "{} device parts vs host call: {derr:.3e}",
+                    f.name
+                );
+                derr
+            };
+            #[cfg(not(feature = "cuda"))]
+            let derr = f32::NAN;
             println!(
-                "{} on {devices:?}: summed {err:.2e}, partials {perr:.2e}, NCCL {ms:.3} ms",
+                "{} on {devices:?}: summed {err:.2e}, partials {perr:.2e}, NCCL {ms:.3} ms; \
+                 seq-parallel {tokens} tokens {serr:.2e}, device parts {derr:.1e}",
                 f.name
             );
         }
@@ -554,4 +753,48 @@ fn call_errors_on_a_live_handle_write_nothing() {
         (S::ATTNRT_STATUS_INPUT_VALUE, u32::MAX)
     );
     assert!(untouched(&bad.out));
+    assert_eq!(
+        forward_seq(&m, &mut bad),
+        (S::ATTNRT_STATUS_INPUT_VALUE, u32::MAX)
+    );
+    assert!(untouched(&bad.out));
+    let (mut start, mut end) = (usize::MAX, usize::MAX);
+    // SAFETY: live handle, valid out pointers.
+    let st = unsafe { attnrt_cuda_multi_token_range(m.0, 2, b, t, &mut start, &mut end) };
+    assert_eq!(st, S::ATTNRT_STATUS_INPUT_VALUE);
+    assert_eq!((start, end), (usize::MAX, usize::MAX));
+    #[cfg(feature = "cuda")]
+    {
+        let c = f.cfg.n_embd;
+        let parts = DeviceParts::new(&m, &[0, 1], &bufs.x, b, t, c);
+        let (xp, yp) = (DeviceParts::ptrs(&parts.x), DeviceParts::ptrs(&parts.y));
+        let good = seq_args(&bufs, &xp, &yp);
+        let mut one_part = good;
+        one_part.n_parts = 1;
+        let null_y = [yp[0], 0];
+        let mut null_part = good;
+        null_part.y_parts = null_y.as_ptr();
+        let mut long = good;
+        long.seq_len = t + 1;
+        long.seq_lens = ptr::null();
+        long.seq_lens_len = 0;
+        let mut bad_lens = good;
+        let lens = vec![t as i32 + 1; b];
+        bad_lens.seq_lens = lens.as_ptr();
+        for (a, want) in [
+            (one_part, S::ATTNRT_STATUS_INPUT_SHAPE),
+            (null_part, S::ATTNRT_STATUS_NULL_POINTER),
+            (long, S::ATTNRT_STATUS_DEVICE_CAPACITY),
+            (bad_lens, S::ATTNRT_STATUS_INPUT_VALUE),
+        ] {
+            assert_eq!(
+                forward_seq_device(&m, &a),
+                (want, u32::MAX),
+                "{}",
+                last_error()
+            );
+        }
+        assert!(last_error().contains("seq_lens"), "{}", last_error());
+        assert!(parts.read_y(c).iter().all(|v| v.is_nan()));
+    }
 }

@@ -12,6 +12,9 @@ use crate::error::{Error, Result};
 use crate::nccl::{self, Comms};
 use crate::plan::{GpuBackend, GpuOptions};
 
+mod seq;
+pub use seq::SeqParallelCall;
+
 /// A device's `wo` column block, owned on the host (the shard layers borrow it).
 enum WoBlock {
     F32(Box<[f32]>),
