@@ -168,7 +168,8 @@ pub unsafe extern "C" fn attnrt_cuda_device_count(out: *mut usize) -> attnrt_sta
 /// heads replicated when fewer than devices, uneven head counts allowed), uploads each
 /// device's shard in `precision` (an `attnrt_cuda_precision`) with buffers for calls of up to
 /// `max_batch` rows of `max_seq_len` tokens, and sets up the NCCL communicators (none for one
-/// device).
+/// device). Full QK-norm runs across the devices: its per-token statistics are summed with an
+/// all-reduce of two floats per token.
 ///
 /// On success `*out` receives the handle (free with [`attnrt_cuda_multi_layer_free`]); on error
 /// it is untouched and nothing stays allocated. Errors, in the order checked:
@@ -179,7 +180,7 @@ pub unsafe extern "C" fn attnrt_cuda_device_count(out: *mut usize) -> attnrt_sta
 /// `ATTNRT_STATUS_BACKEND_UNAVAILABLE` (built without CUDA), `ATTNRT_STATUS_DEVICE` (an ordinal
 /// the driver does not report, no driver, out of device memory, any driver failure),
 /// `ATTNRT_STATUS_UNSUPPORTED` (a head_dim / group the kernels cannot run, sizes that
-/// overflow, full QK-norm over several GPUs in this version), `ATTNRT_STATUS_DEVICE_BLAS`,
+/// overflow), `ATTNRT_STATUS_DEVICE_BLAS`,
 /// `ATTNRT_STATUS_DEVICE_COLLECTIVE` (NCCL set-up), `ATTNRT_STATUS_OUT_OF_MEMORY`.
 /// Thread-safe.
 ///

@@ -53,10 +53,14 @@ mod stub;
 
 pub use error::{Error, Result};
 #[cfg(feature = "cuda")]
-pub use gpu::{DeviceCall, GpuKvCache, GpuLayer, MultiGpuLayer, RopeSource, SeqParallelCall};
-pub use plan::{capability, AttnPath, GpuBackend, GpuOptions, Precision};
+pub use gpu::{
+    DeviceCall, GpuKvCache, GpuLayer, MultiGpuKvCache, MultiGpuLayer, RopeSource, SeqParallelCall,
+};
+pub use plan::{capability, AttnPath, GpuBackend, GpuOptions, Precision, ReduceOptions};
 #[cfg(not(feature = "cuda"))]
-pub use stub::{DeviceCall, GpuKvCache, GpuLayer, MultiGpuLayer, RopeSource, SeqParallelCall};
+pub use stub::{
+    DeviceCall, GpuKvCache, GpuLayer, MultiGpuKvCache, MultiGpuLayer, RopeSource, SeqParallelCall,
+};
 
 /// Whether this build has the CUDA executor (the `cuda` feature).
 pub const fn built_with_cuda() -> bool {

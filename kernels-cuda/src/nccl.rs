@@ -1,7 +1,7 @@
 //! The handful of NCCL functions the multi-GPU head split needs, bound by hand (libnccl.so.2,
-//! 2.28): communicators for the devices of one process, grouped in-place f32 sum all-reduce,
-//! and for sequence parallelism all-gather / reduce-scatter (equal shares) with grouped
-//! broadcasts / reduces for unequal shares.
+//! 2.28): communicators for the devices of one process, grouped in-place sum all-reduces (f32,
+//! bf16, f16), and for sequence parallelism f32 all-gather / reduce-scatter (equal shares) with
+//! grouped broadcasts / reduces for unequal shares.
 
 use std::ffi::{c_char, c_int, c_void, CStr};
 
@@ -10,8 +10,16 @@ use crate::error::{Error, Result};
 /// `ncclComm_t`.
 pub type Comm = *mut c_void;
 
-/// `ncclFloat32`.
-const FLOAT32: c_int = 7;
+/// Element types of [`Comms::all_reduce_sum`] (`ncclDataType_t` values).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dtype {
+    /// `ncclFloat32`.
+    F32 = 7,
+    /// `ncclFloat16`.
+    F16 = 6,
+    /// `ncclBfloat16`.
+    Bf16 = 9,
+}
 /// `ncclSum`.
 const SUM: c_int = 0;
 
@@ -145,18 +153,19 @@ impl Comms {
         Ok(Comms { comms })
     }
 
-    /// Enqueues an in-place f32 sum all-reduce of `count` elements at `bufs[i]` on
+    /// Enqueues an in-place sum all-reduce of `count` elements of type `dtype` at `bufs[i]` on
     /// `streams[i]`, rank by rank, as one NCCL group.
     ///
     /// # Safety
     /// `bufs[i]` is a device pointer of device `i` of this communicator set with room for
-    /// `count` f32, and `streams[i]` a live stream of that device's (primary) context; both
-    /// stay valid until the streams have run the work.
+    /// `count` elements of `dtype`, and `streams[i]` a live stream of that device's (primary)
+    /// context; both stay valid until the streams have run the work.
     pub unsafe fn all_reduce_sum(
         &mut self,
         bufs: &[u64],
         streams: &[*mut c_void],
         count: usize,
+        dtype: Dtype,
     ) -> Result<()> {
         if bufs.len() != self.comms.len() || streams.len() != self.comms.len() {
             return Err(Error::Unsupported(
@@ -173,7 +182,7 @@ impl Comms {
                     buf as *const c_void,
                     buf as *mut c_void,
                     count,
-                    FLOAT32,
+                    dtype as c_int,
                     SUM,
                     comm,
                     stream,
@@ -249,7 +258,7 @@ impl Comms {
                             send[i] as *const c_void,
                             recv[i] as *mut c_void,
                             count,
-                            FLOAT32,
+                            Dtype::F32 as c_int,
                             self.comms[i],
                             streams[i],
                         )
@@ -273,7 +282,7 @@ impl Comms {
                             src as *const c_void,
                             at(recv[i], offset) as *mut c_void,
                             count,
-                            FLOAT32,
+                            Dtype::F32 as c_int,
                             root,
                             self.comms[i],
                             streams[i],
@@ -316,7 +325,7 @@ impl Comms {
                             send[i] as *const c_void,
                             recv[i] as *mut c_void,
                             count,
-                            FLOAT32,
+                            Dtype::F32 as c_int,
                             SUM,
                             self.comms[i],
                             streams[i],
@@ -338,7 +347,7 @@ impl Comms {
                             src as *const c_void,
                             dst as *mut c_void,
                             count,
-                            FLOAT32,
+                            Dtype::F32 as c_int,
                             SUM,
                             root,
                             self.comms[i],

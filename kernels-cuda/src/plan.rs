@@ -199,6 +199,36 @@ impl GpuOptions {
     }
 }
 
+/// How a head split over several GPUs ([`crate::MultiGpuLayer`]) sums its partial outputs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReduceOptions {
+    /// Sum in the layer's storage type (bf16 / f16) instead of f32: half the bytes through
+    /// NCCL, as tensor-parallel PyTorch reduces its bf16 activations. Each device's partial
+    /// output is rounded to the storage type before the sum and the sum is widened to f32
+    /// with the output bias added once, so the result differs from one GPU's by the storage
+    /// type's rounding (within the bf16 / f16 tolerances). No effect on f32 layers.
+    pub storage_dtype: bool,
+    /// Token chunks of the output projection (at least 1): chunk `i`'s all-reduce runs on a
+    /// second stream while chunk `i + 1`'s projection runs. 1 reduces the whole output after
+    /// one projection. Summing is element-wise, so the result does not depend on it.
+    pub chunks: usize,
+}
+
+impl ReduceOptions {
+    /// f32 sums after one output projection: the split then equals one GPU up to the
+    /// summation order of the output projection.
+    pub const EXACT: ReduceOptions = ReduceOptions {
+        storage_dtype: false,
+        chunks: 1,
+    };
+}
+
+impl Default for ReduceOptions {
+    fn default() -> ReduceOptions {
+        ReduceOptions::EXACT
+    }
+}
+
 /// One kernel launch: name, grid, block, dynamic shared memory.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Launch {

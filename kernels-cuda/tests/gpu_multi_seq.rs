@@ -2,7 +2,8 @@
 //! ([`MultiGpuLayer::forward_seq_host`], [`MultiGpuLayer::forward_seq_device`]): tokens cut
 //! among 2 GPUs (and 4 when present), gathered with NCCL before the projections and
 //! reduce-scattered after. For every mask mode, GQA with KV heads fewer than / equal to / more
-//! than the devices, rotary, per-head QK-norm and bias, with equal and unequal token shares:
+//! than the devices, rotary, no / per-head / full QK-norm (statistics summed across the
+//! devices) and bias, with equal and unequal token shares:
 //! * f32: within 1e-4 (max abs) of the single-GPU `GpuLayer` result and of
 //!   `Layer::forward_reference`;
 //! * the device-buffer call (parts in `cust` allocations, one per device) equals the host call;
@@ -43,9 +44,12 @@ fn device_counts() -> Option<Vec<usize>> {
     Some([2usize, 4].into_iter().filter(|&k| k <= n).collect())
 }
 
-/// 8 query heads, `kv` KV heads, head_dim 64; `variant` picks rotary / per-head QK-norm / bias.
-fn config(kv: usize, mode: usize, variant: usize) -> Config {
-    let mut cfg = Config::new(128, 8).with_kv_heads(kv).with_head_dim(64);
+/// 8 query heads, `kv` KV heads, head_dim 64, QK-norm `norm`; `variant` picks rotary and bias.
+fn config(kv: usize, mode: usize, variant: usize, norm: QkNorm) -> Config {
+    let mut cfg = Config::new(128, 8)
+        .with_kv_heads(kv)
+        .with_head_dim(64)
+        .with_qk_norm(norm);
     if matches!(mode, 1 | 7 | 8) {
         cfg = cfg.with_sliding_window(17);
     }
@@ -58,9 +62,6 @@ fn config(kv: usize, mode: usize, variant: usize) -> Config {
             ..Rope::DEFAULT
         }),
     };
-    if variant % 2 == 1 {
-        cfg = cfg.with_qk_norm(QkNorm::PerHead);
-    }
     if variant % 4 < 2 {
         cfg = cfg.with_bias(BiasFlags::ALL);
     }
@@ -138,8 +139,15 @@ fn bf16_close(got: &[f32], want: &[f32]) -> (f64, f32) {
 // feature the stub types have no `Drop`, hence the allow.
 #[allow(clippy::drop_non_drop)]
 /// One case on `n` devices; returns (f32 max abs err vs one GPU, bf16 rel L2 vs one GPU).
-fn check_case(n: usize, kv: usize, mode: usize, variant: usize, t: usize) -> (f32, f64) {
-    let cfg = config(kv, mode, variant);
+fn check_case(
+    n: usize,
+    kv: usize,
+    mode: usize,
+    variant: usize,
+    norm: QkNorm,
+    t: usize,
+) -> (f32, f64) {
+    let cfg = config(kv, mode, variant, norm);
     let mut rng = Rng(0x5E9_0000 ^ ((n * 100 + kv * 10 + mode) as u64) ^ ((t as u64) << 32));
     let w = OwnedWeights::random(&cfg, &mut rng);
     let layer = Layer::new(cfg, w.view(&cfg)).unwrap();
@@ -236,7 +244,9 @@ fn seq_parallel_equals_one_gpu_every_mask_mode() {
                 if !(if single_row { t } else { 2 * t }).is_multiple_of(n) {
                     unequal += 1;
                 }
-                let o = check_case(n, kv, mode, mode + i * 3, t);
+                // Every (KV heads, QK-norm) pair over three mask modes each.
+                let norm = [QkNorm::None, QkNorm::PerHead, QkNorm::Full][(mode + i) % 3];
+                let o = check_case(n, kv, mode, mode + i * 3, norm, t);
                 worst = (worst.0.max(o.0), worst.1.max(o.1));
                 cases += 1;
             }
@@ -255,7 +265,7 @@ fn seq_parallel_on_one_device_equals_forward_host() {
     if !device_or_skip() {
         return;
     }
-    let cfg = config(2, 0, 1);
+    let cfg = config(2, 0, 1, QkNorm::Full);
     let mut rng = Rng(11);
     let w = OwnedWeights::random(&cfg, &mut rng);
     let layer = Layer::new(cfg, w.view(&cfg)).unwrap();
@@ -288,7 +298,7 @@ fn invalid_seq_parallel_calls_write_nothing() {
     let Some(_) = device_counts() else {
         return;
     };
-    let cfg = config(2, 2, 0);
+    let cfg = config(2, 2, 0, QkNorm::None);
     let mut rng = Rng(12);
     let w = OwnedWeights::random(&cfg, &mut rng);
     let layer = Layer::new(cfg, w.view(&cfg)).unwrap();

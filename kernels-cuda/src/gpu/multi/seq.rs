@@ -7,7 +7,9 @@
 //!
 //! 1. gather: every device receives every rank's rows into its `x` buffer (NCCL all-gather;
 //!    grouped broadcasts when the shares are unequal);
-//! 2. each device runs its heads over the whole call, as in [`MultiGpuLayer::forward_host`];
+//! 2. each device runs its heads over the whole call, as in [`MultiGpuLayer::forward_host`]
+//!    (with full QK-norm, the per-token statistics are all-reduced between the projections
+//!    and the norm pass, as there);
 //! 3. reduce-scatter: the partial outputs are summed and each device keeps the sum of its own
 //!    rows (NCCL reduce-scatter; grouped reduces when the shares are unequal).
 //!
@@ -22,7 +24,7 @@ use std::ops::Range;
 use attnrt::{Inputs, MaskInputs, RopeTable};
 use cust::sys as cu;
 
-use super::super::{drv, h2d, ptr, RopeSource};
+use super::super::{drv, h2d, ptr, Front, RopeSource};
 use super::MultiGpuLayer;
 use crate::error::Result;
 use crate::plan::GpuBackend;
@@ -225,13 +227,30 @@ impl MultiGpuLayer<'_> {
             }
         }
 
+        // Every shard over the whole call, as `launch` + the output projection do for the
+        // head split: projections, the full-QK-norm statistics' sum (if any), attention, and
+        // each device's partial output in its `y`.
+        self.timed = 0;
         let rope = rope_table.map(RopeSource::Host);
+        let mut fronts: Vec<Front> = Vec::with_capacity(self.gpus.len());
         for g in &mut self.gpus {
             g.set_current()?;
-            let (x, y, stream) = (ptr(&g.x), ptr(&g.y), g.stream);
-            // SAFETY: x and y are this layer's buffers, sized for the validated call, and `x`
-            // holds the gathered rows once the stream reaches this work.
-            unsafe { g.run(x, y, batch, seq_len, mask, position_ids, rope, stream)? };
+            let (x, stream) = (ptr(&g.x), g.stream);
+            // SAFETY: `x` is this layer's buffer, sized for the validated call, holding the
+            // gathered rows once the stream reaches this work.
+            fronts
+                .push(unsafe { g.run_front(x, batch, seq_len, mask, position_ids, rope, stream)? });
+        }
+        self.reduce_norm(tokens)?;
+        for (g, f) in self.gpus.iter_mut().zip(&fronts) {
+            g.set_current()?;
+            let (y, s) = (ptr(&g.y), g.stream);
+            // SAFETY: `f` is this layer's front, enqueued above on the same stream; `y` holds
+            // max tokens * n_embd f32.
+            unsafe {
+                g.run_attention(f, s)?;
+                g.project_out(y, tokens, s)?;
+            }
         }
 
         match self.comms.as_mut() {
