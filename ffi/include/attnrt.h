@@ -395,6 +395,16 @@ typedef uint32_t attnrt_status;
 typedef struct attnrt_cuda_layer attnrt_cuda_layer;
 
 /**
+ * The KV cache of a multi-GPU layer: on each device of the layer, K and V pools of
+ * `num_blocks` blocks of `block_size` tokens for that device's KV heads
+ * (`attnrt_cuda_multi_layer_shard`), stored in the layer's precision.
+ *
+ * Opaque. Calls that write the cache ([`attnrt_cuda_multi_forward_cached`]) are serialized by
+ * a lock inside it; the caller owns the order in which sequences grow.
+ */
+typedef struct attnrt_cuda_multi_kv_cache attnrt_cuda_multi_kv_cache;
+
+/**
  * A layer split by heads over the GPUs of a device list: a private copy of the layer, the
  * plan (which heads each device owns), and on each device its shard's weights uploaded in the
  * chosen precision and buffers sized for calls of up to `max_batch` rows of `max_seq_len`
@@ -1396,6 +1406,116 @@ attnrt_status attnrt_cuda_multi_seq_args_init(struct attnrt_cuda_multi_seq_args 
 attnrt_status attnrt_cuda_multi_forward_seq_device(const struct attnrt_cuda_multi_layer *layer,
                                                    const struct attnrt_cuda_multi_seq_args *args,
                                                    attnrt_backend *backend_ran);
+
+/**
+ * Creates the KV cache of `layer`'s split: on each of its devices, pools of `num_blocks`
+ * blocks of `block_size` tokens for that device's KV heads (a KV head held by several
+ * devices is stored on each), in the layer's precision, allocated and zeroed in device
+ * memory. With `rolling` nonzero the cache is a rolling buffer for a sliding-window layer
+ * (as `attnrt_kv_cache_new`).
+ *
+ * On success `*out` receives the handle (free with [`attnrt_cuda_multi_kv_cache_free`]); on
+ * error it is untouched and nothing stays allocated. Errors: `ATTNRT_STATUS_NULL_POINTER`,
+ * `ATTNRT_STATUS_CONFIG` (`block_size` or `num_blocks` 0), `ATTNRT_STATUS_UNSUPPORTED`
+ * (`rolling` for a layer without a sliding window), `ATTNRT_STATUS_LENGTH_OVERFLOW` (pools
+ * larger than `PTRDIFF_MAX` bytes), `ATTNRT_STATUS_DEVICE` (out of device memory, a driver
+ * failure). Takes the layer's lock (the handle does not keep the layer).
+ *
+ * # Safety
+ * `layer` NULL or a live multi-GPU layer handle; `out` NULL or valid for one write.
+ */
+attnrt_status attnrt_cuda_multi_kv_cache_new(const struct attnrt_cuda_multi_layer *layer,
+                                             size_t block_size,
+                                             size_t num_blocks,
+                                             uint8_t rolling,
+                                             struct attnrt_cuda_multi_kv_cache **out);
+
+/**
+ * Frees a multi-GPU KV cache and its device memory. NULL is a no-op. Every call using the
+ * cache must have returned; never twice.
+ *
+ * # Safety
+ * `cache` NULL or a handle from [`attnrt_cuda_multi_kv_cache_new`] not yet freed.
+ */
+void attnrt_cuda_multi_kv_cache_free(struct attnrt_cuda_multi_kv_cache *cache);
+
+/**
+ * Elements of one pool (K or V) of device `index`'s cache (`index` is the rank, as in
+ * `attnrt_cuda_multi_layer_shard`): its KV heads x `head_dim` x `block_size` x `num_blocks`,
+ * into `*elems`. Errors: `ATTNRT_STATUS_NULL_POINTER`, `ATTNRT_STATUS_INPUT_VALUE` (`index`
+ * >= the number of devices). Thread-safe (no lock).
+ *
+ * # Safety
+ * `cache` NULL or a live handle; `elems` NULL or valid for one write.
+ */
+attnrt_status attnrt_cuda_multi_kv_cache_size(const struct attnrt_cuda_multi_kv_cache *cache,
+                                              size_t index,
+                                              size_t *elems);
+
+/**
+ * Copies device `index`'s pools, widened to f32, into `k_out` and `v_out` (each `len` =
+ * `attnrt_cuda_multi_kv_cache_size` elements) in the pool layout of `attnrt_kv_cache_read_f32`
+ * over that device's KV heads: block `b`, local KV head `g` (global head `kv_head_start + g`),
+ * slot `i` at `((b * n_kv_head_i + g) * block_size + i) * head_dim`. For inspection, tests and
+ * saving a cache.
+ *
+ * Errors: `ATTNRT_STATUS_NULL_POINTER`, `ATTNRT_STATUS_MISALIGNED_POINTER`,
+ * `ATTNRT_STATUS_LENGTH_OVERFLOW`, `ATTNRT_STATUS_INPUT_VALUE` (`index`),
+ * `ATTNRT_STATUS_INPUT_SHAPE` (`len`), `ATTNRT_STATUS_ALIASED_BUFFERS` (`k_out` overlaps
+ * `v_out`), `ATTNRT_STATUS_DEVICE` (a failed copy); nothing is written on error. Serialized
+ * with the cache's other calls.
+ *
+ * # Safety
+ * `cache` NULL or a live handle; `k_out`, `v_out` NULL or valid for `len` writes.
+ */
+attnrt_status attnrt_cuda_multi_kv_cache_read_f32(const struct attnrt_cuda_multi_kv_cache *cache,
+                                                  size_t index,
+                                                  float *k_out,
+                                                  float *v_out,
+                                                  size_t len);
+
+/**
+ * Runs the multi-GPU `layer` on the new tokens of one or more sequences against `cache`, as
+ * `attnrt_forward_cached` does on the CPU: prefill into an empty sequence (`cached` 0),
+ * chunked prefill, or decode (one new token per sequence, a batch of sequences of different
+ * lengths). Each device appends the new keys and values of its KV heads to its cache and
+ * attends with its query heads; the partial outputs are summed with NCCL and `out` receives
+ * the layer's output. `args` as for `attnrt_forward_cached`: `x` and `out` are `[sum of
+ * new_tokens, n_embd]`; `seqs` the sequences with their block tables; `freqs_cis` the caller's
+ * cos/sin table (when NULL, a rotary layer builds the rows of positions
+ * `0..max(cached + new_tokens)` on the host for the call: pass a table built once with
+ * `attnrt_rope_table` for long generations). `workspace`, `backend`, `parallel_for` and
+ * `num_threads` are ignored (the workspace may be NULL). At most `max_batch * max_seq_len`
+ * new tokens per call. On success `*backend_ran` receives `ATTNRT_BACKEND_CUDA`.
+ *
+ * Every check runs before anything is written: on any error `out`, `*backend_ran` and the
+ * cache are untouched, except a device failure during the call (5xx), after which `out` and
+ * the new tokens' slots are unspecified.
+ *
+ * Errors: `ATTNRT_STATUS_NULL_POINTER`, `ATTNRT_STATUS_MISALIGNED_POINTER`,
+ * `ATTNRT_STATUS_LENGTH_OVERFLOW`, `ATTNRT_STATUS_ALIASED_BUFFERS`,
+ * `ATTNRT_STATUS_INPUT_SHAPE` (`x`/`out` length; a cache made for a layer of other heads),
+ * `ATTNRT_STATUS_INPUT_VALUE` (`cached + new_tokens` past `INT32_MAX`),
+ * `ATTNRT_STATUS_KV_CACHE_FULL` (a sequence's blocks cannot hold the tokens of the call),
+ * `ATTNRT_STATUS_KV_BLOCK` (a block id outside the pool, or used twice in the call),
+ * `ATTNRT_STATUS_POSITION_OUT_OF_TABLE`, `ATTNRT_STATUS_UNSUPPORTED` (a rolling cache on a
+ * layer without window; `freqs_cis` for a layer without rotary embedding; a cache made for
+ * another split: other devices or precision), `ATTNRT_STATUS_DEVICE_CAPACITY` (more new
+ * tokens than the layer's maxima), `ATTNRT_STATUS_DEVICE`, `ATTNRT_STATUS_DEVICE_BLAS`,
+ * `ATTNRT_STATUS_DEVICE_COLLECTIVE`, `ATTNRT_STATUS_OUT_OF_MEMORY`.
+ *
+ * Thread safety: serialized per layer and per cache by their locks (the layer's device
+ * buffers are reused by every call).
+ *
+ * # Safety
+ * `layer`, `cache` NULL or live handles; `args` NULL or valid; every buffer in `args` valid
+ * for its length (writes for `out`), each sequence's `blocks` valid for `n_blocks` reads,
+ * none written by anyone else during the call; `backend_ran` NULL or valid for one write.
+ */
+attnrt_status attnrt_cuda_multi_forward_cached(const struct attnrt_cuda_multi_layer *layer,
+                                               struct attnrt_cuda_multi_kv_cache *cache,
+                                               const struct attnrt_cached_args *args,
+                                               attnrt_backend *backend_ran);
 
 /**
  * Copies the message of the calling thread's last failed call into `buf`.

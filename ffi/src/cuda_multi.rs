@@ -18,7 +18,7 @@ use core::mem::ManuallyDrop;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use attnrt::{MaskInputs, ShardPlan};
-use attnrt_cuda::{GpuOptions, MultiGpuLayer, SeqParallelCall};
+use attnrt_cuda::{GpuOptions, MultiGpuLayer, Precision, SeqParallelCall};
 
 use crate::backend::{attnrt_backend, table_part};
 use crate::cuda::{host_rope, precision};
@@ -42,14 +42,23 @@ pub struct attnrt_cuda_multi_layer {
     /// The copy of the layer that `multi` borrows; owned (from `Box::into_raw`), freed last.
     host: *mut attnrt_layer,
     /// The head split, for lock-free queries.
-    plan: ShardPlan,
+    pub(crate) plan: ShardPlan,
     /// The CUDA ordinals, rank by rank.
-    devices: Vec<u32>,
+    pub(crate) devices: Vec<u32>,
+    /// The storage precision of the shards (and of their KV caches).
+    pub(crate) precision: Precision,
 }
 
 impl attnrt_cuda_multi_layer {
-    fn lock(&self) -> MutexGuard<'_, MultiGpuLayer<'static>> {
+    /// The layer; a panic during an earlier call does not make the handle unusable.
+    pub(crate) fn lock(&self) -> MutexGuard<'_, MultiGpuLayer<'static>> {
         self.multi.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The unsplit layer's configuration.
+    pub(crate) fn config(&self) -> &attnrt::Config {
+        // SAFETY: `host` lives as long as the handle and is never written.
+        unsafe { &(*self.host).cfg }
     }
 }
 
@@ -230,6 +239,7 @@ pub unsafe extern "C" fn attnrt_cuda_multi_layer_new(
             host,
             plan,
             devices: list.to_vec(),
+            precision: opts.precision,
         });
         // SAFETY: checked by `check_out`; valid by the contract.
         unsafe { write_out(out, Box::into_raw(handle)) };

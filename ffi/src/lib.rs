@@ -28,6 +28,7 @@ mod backend;
 mod config;
 mod cuda;
 mod cuda_multi;
+mod cuda_multi_kv;
 mod error;
 mod kv;
 mod layer;
@@ -57,6 +58,11 @@ pub use cuda_multi::{
     attnrt_cuda_multi_layer_n_devices, attnrt_cuda_multi_layer_new, attnrt_cuda_multi_layer_shard,
     attnrt_cuda_multi_seq_args, attnrt_cuda_multi_seq_args_init, attnrt_cuda_multi_token_range,
     attnrt_device_shard,
+};
+pub use cuda_multi_kv::{
+    attnrt_cuda_multi_forward_cached, attnrt_cuda_multi_kv_cache, attnrt_cuda_multi_kv_cache_free,
+    attnrt_cuda_multi_kv_cache_new, attnrt_cuda_multi_kv_cache_read_f32,
+    attnrt_cuda_multi_kv_cache_size,
 };
 pub use error::attnrt_error_message;
 pub use kv::{
