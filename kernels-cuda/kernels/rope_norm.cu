@@ -191,22 +191,23 @@ __device__ void convert(const ConvertParams& p) {
 extern "C" __global__ void convert_f32_bf16(ConvertParams p) { convert<__nv_bfloat16>(p); }
 extern "C" __global__ void convert_f32_f16(ConvertParams p) { convert<__half>(p); }
 
-// out[r, c] = in[r, c] (storage type, widened) + bias[c] (or 0 without a bias): the output of
-// a head split reduced in the storage type, back to f32 with the output bias added once.
+// out[i] = in[i] (storage type, widened) + bias[(col0 + i) mod cols] (or 0 without a bias) for
+// n elements of [*, cols] rows starting at column col0: the output of a head split reduced in
+// the storage type (all of it, or one device's part), back to f32 with the bias added once.
 struct WidenParams {
     const void* in;
     float* out;
     const float* bias;
-    long long rows;
+    long long n;
     int cols;
+    int col0;
 };
 template <typename T>
 __device__ void widen_bias(const WidenParams& p) {
     const T* in = (const T*)p.in;
-    long long n = p.rows * (long long)p.cols;
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < p.n;
          i += (long long)gridDim.x * blockDim.x)
-        p.out[i] = to_f32(in[i]) + (p.bias ? p.bias[i % p.cols] : 0.0f);
+        p.out[i] = to_f32(in[i]) + (p.bias ? p.bias[(p.col0 + i) % p.cols] : 0.0f);
 }
 extern "C" __global__ void widen_bias_bf16(WidenParams p) { widen_bias<__nv_bfloat16>(p); }
 extern "C" __global__ void widen_bias_f16(WidenParams p) { widen_bias<__half>(p); }

@@ -285,8 +285,9 @@ struct WidenParams {
     input: u64,
     output: u64,
     bias: u64,
-    rows: i64,
+    n: i64,
     cols: i32,
+    col0: i32,
 }
 
 /// The norm/RoPE pass of a call whose full-QK-norm statistics are being summed across the

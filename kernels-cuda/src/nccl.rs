@@ -1,7 +1,7 @@
 //! The handful of NCCL functions the multi-GPU head split needs, bound by hand (libnccl.so.2,
-//! 2.28): communicators for the devices of one process, grouped in-place sum all-reduces (f32,
-//! bf16, f16), and for sequence parallelism f32 all-gather / reduce-scatter (equal shares) with
-//! grouped broadcasts / reduces for unequal shares.
+//! 2.28): communicators for the devices of one process, grouped in-place sum all-reduces and
+//! reduce-scatters (f32, bf16, f16), and for sequence parallelism f32 all-gather /
+//! reduce-scatter of unequal shares (grouped broadcasts / reduces).
 
 use std::ffi::{c_char, c_int, c_void, CStr};
 
@@ -10,7 +10,7 @@ use crate::error::{Error, Result};
 /// `ncclComm_t`.
 pub type Comm = *mut c_void;
 
-/// Element types of [`Comms::all_reduce_sum`] (`ncclDataType_t` values).
+/// Element types of the collectives (`ncclDataType_t` values).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Dtype {
     /// `ncclFloat32`.
@@ -19,6 +19,26 @@ pub enum Dtype {
     F16 = 6,
     /// `ncclBfloat16`.
     Bf16 = 9,
+}
+
+impl Dtype {
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            Dtype::F32 => 4,
+            Dtype::F16 | Dtype::Bf16 => 2,
+        }
+    }
+}
+
+/// A sum over the devices of a [`Comms`] set.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Collective {
+    /// Every device receives the whole sum (`ncclAllReduce`, `count` elements).
+    AllReduce,
+    /// Device `i` receives part `i` of `n` equal parts of the sum (`ncclReduceScatter`,
+    /// `count` elements in all, `count / n` per device, in place at the part's offset).
+    ReduceScatter,
 }
 /// `ncclSum`.
 const SUM: c_int = 0;
@@ -153,41 +173,67 @@ impl Comms {
         Ok(Comms { comms })
     }
 
-    /// Enqueues an in-place sum all-reduce of `count` elements of type `dtype` at `bufs[i]` on
-    /// `streams[i]`, rank by rank, as one NCCL group.
+    /// Enqueues an in-place sum of `count` elements of type `dtype` at `bufs[i]` on
+    /// `streams[i]`, rank by rank, as one NCCL group: an all-reduce, or a reduce-scatter (rank
+    /// `i` receives elements `i * count / n..(i + 1) * count / n` at that offset of `bufs[i]`;
+    /// `count` must be a multiple of the number of devices).
     ///
     /// # Safety
     /// `bufs[i]` is a device pointer of device `i` of this communicator set with room for
     /// `count` elements of `dtype`, and `streams[i]` a live stream of that device's (primary)
     /// context; both stay valid until the streams have run the work.
-    pub unsafe fn all_reduce_sum(
+    pub unsafe fn sum(
         &mut self,
+        kind: Collective,
         bufs: &[u64],
         streams: &[*mut c_void],
         count: usize,
         dtype: Dtype,
     ) -> Result<()> {
-        if bufs.len() != self.comms.len() || streams.len() != self.comms.len() {
+        let n = self.comms.len();
+        if bufs.len() != n || streams.len() != n {
             return Err(Error::Unsupported(
-                "all-reduce needs one buffer and one stream per device".into(),
+                "a collective needs one buffer and one stream per device".into(),
             ));
         }
+        if kind == Collective::ReduceScatter && !count.is_multiple_of(n) {
+            return Err(Error::Unsupported(format!(
+                "reduce-scatter of {count} elements over {n} devices: not a multiple"
+            )));
+        }
+        let part = count / n;
         // SAFETY: no arguments.
         check("ncclGroupStart", unsafe { ncclGroupStart() })?;
         let mut first_err = Ok(());
-        for ((&comm, &buf), &stream) in self.comms.iter().zip(bufs).zip(streams) {
-            // SAFETY: live communicator; buffer and stream per the caller's contract.
-            let r = check("ncclAllReduce", unsafe {
-                ncclAllReduce(
-                    buf as *const c_void,
-                    buf as *mut c_void,
-                    count,
-                    dtype as c_int,
-                    SUM,
-                    comm,
-                    stream,
-                )
-            });
+        for (rank, ((&comm, &buf), &stream)) in self.comms.iter().zip(bufs).zip(streams).enumerate()
+        {
+            let r = match kind {
+                // SAFETY: live communicator; buffer and stream per the caller's contract.
+                Collective::AllReduce => check("ncclAllReduce", unsafe {
+                    ncclAllReduce(
+                        buf as *const c_void,
+                        buf as *mut c_void,
+                        count,
+                        dtype as c_int,
+                        SUM,
+                        comm,
+                        stream,
+                    )
+                }),
+                // SAFETY: as above; the receive part lies inside the buffer (rank < n), which
+                // makes the call in place as NCCL defines it.
+                Collective::ReduceScatter => check("ncclReduceScatter", unsafe {
+                    ncclReduceScatter(
+                        buf as *const c_void,
+                        (buf + (rank * part * dtype.size()) as u64) as *mut c_void,
+                        part,
+                        dtype as c_int,
+                        SUM,
+                        comm,
+                        stream,
+                    )
+                }),
+            };
             if first_err.is_ok() {
                 first_err = r;
             }

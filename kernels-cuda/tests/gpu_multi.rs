@@ -2,16 +2,17 @@
 //!
 //! Forward (`forward_host`), every mask mode, KV heads fewer than / equal to / more than the
 //! devices, rotary (both conventions), no / per-head / full QK-norm, bias:
-//! * f32 path: the split result within 1e-4 (max abs) of `Layer::forward_reference`, with the
-//!   exact reduction and with the chunked (overlapped) one;
+//! * f32 path: the split result within 1e-4 (max abs) of `Layer::forward_reference`, with each
+//!   reduction of `REDUCTIONS` (all-reduce / reduce-scatter, one chunk / chunks overlapped);
 //! * bf16 path: the split result equals the single-GPU `GpuLayer` bf16 result within the bf16
-//!   tolerance of `tests/gpu.rs` (relative L2 <= 2e-2, max abs <= 5e-2 * max|ref|), with the
-//!   f32 sum and with the bf16 chunked sum ([`ReduceOptions`]);
+//!   tolerance of `tests/gpu.rs` (relative L2 <= 2e-2, max abs <= 5e-2 * max|ref|), with each
+//!   reduction (f32 or bf16 sums, all-reduce or reduce-scatter, chunked or not);
 //! * the partials mode sums to the reduced result.
 //!
 //! Cached calls (`forward_cached` on a `MultiGpuKvCache`): three sequences, prefill (whole or
 //! in chunks of 16, a rolling window cache included) then 4 decode steps of all sequences,
-//! KV heads fewer than / equal to / more than the devices, no / per-head / full QK-norm:
+//! KV heads fewer than / equal to / more than the devices, no / per-head / full QK-norm, the
+//! reductions in turn:
 //! * f32: every call within 1e-4 of the scalar reference over each sequence's tokens and of the
 //!   CPU `Layer::forward_cached`; every device's K and V pools equal the CPU cache's heads of
 //!   that device (1e-4);
@@ -48,11 +49,26 @@ fn device_counts() -> Option<Vec<usize>> {
     Some([2usize, 4].into_iter().filter(|&k| k <= n).collect())
 }
 
-/// The chunked, storage-type reduction the tests run besides the exact one.
-const OVERLAPPED: ReduceOptions = ReduceOptions {
-    storage_dtype: true,
-    chunks: 3,
-};
+/// The reductions the tests run: the exact all-reduce, and the storage-type / chunked /
+/// reduce-scatter variants (storage type has no effect on f32 layers).
+const REDUCTIONS: [ReduceOptions; 4] = [
+    ReduceOptions::EXACT,
+    ReduceOptions {
+        storage_dtype: true,
+        chunks: 3,
+        scatter: false,
+    },
+    ReduceOptions {
+        storage_dtype: false,
+        chunks: 1,
+        scatter: true,
+    },
+    ReduceOptions {
+        storage_dtype: true,
+        chunks: 2,
+        scatter: true,
+    },
+];
 
 /// bf16 tolerance of tests/gpu.rs: (relative L2, max abs / max|want|) of `got` vs `want`,
 /// asserted within (2e-2, 5e-2).
@@ -124,27 +140,28 @@ fn check_case(
     );
     let want = reference(&layer, &inputs);
 
-    // f32: split vs reference (exact and chunked reduction), partials summing to the output.
+    // f32: split vs reference (every reduction), partials summing to the output.
     let opts = GpuOptions::new(Precision::F32, inputs.batch, t);
     let mut multi = MultiGpuLayer::new(layer, &devices(n), opts)
         .unwrap_or_else(|e| panic!("MultiGpuLayer::new f32 {name}: {e}"));
-    let mut got = vec![f32::NAN; len];
-    multi
-        .forward_host(&inputs, &mut got)
-        .unwrap_or_else(|e| panic!("forward_host f32 {name}: {e}"));
-    let mut f32_err = max_abs_diff(&got, &want);
-    assert!(f32_err <= F32_TOL, "f32 {name}: max abs err {f32_err:.3e}");
-    multi.set_reduce(OVERLAPPED).unwrap();
-    let mut chunked = vec![f32::NAN; len];
-    multi
-        .forward_host(&inputs, &mut chunked)
-        .unwrap_or_else(|e| panic!("forward_host f32 chunked {name}: {e}"));
-    let cerr = max_abs_diff(&chunked, &want);
-    assert!(
-        cerr <= F32_TOL,
-        "f32 chunked {name}: max abs err {cerr:.3e}"
-    );
-    f32_err = f32_err.max(cerr);
+    let mut f32_err = 0.0f32;
+    let mut got = Vec::new();
+    for reduce in REDUCTIONS {
+        multi.set_reduce(reduce).unwrap();
+        let mut y = vec![f32::NAN; len];
+        multi
+            .forward_host(&inputs, &mut y)
+            .unwrap_or_else(|e| panic!("forward_host f32 {reduce:?} {name}: {e}"));
+        let err = max_abs_diff(&y, &want);
+        assert!(
+            err <= F32_TOL,
+            "f32 {reduce:?} {name}: max abs err {err:.3e}"
+        );
+        f32_err = f32_err.max(err);
+        if reduce == ReduceOptions::EXACT {
+            got = y;
+        }
+    }
     let mut parts = vec![f32::NAN; n * len];
     multi
         .forward_host_partials(&inputs, &mut parts)
@@ -167,7 +184,7 @@ fn check_case(
     drop(one);
     let mut multi = MultiGpuLayer::new(layer, &devices(n), opts).unwrap();
     let mut worst = 0.0f64;
-    for reduce in [ReduceOptions::EXACT, OVERLAPPED] {
+    for reduce in REDUCTIONS {
         multi.set_reduce(reduce).unwrap();
         let mut split = vec![f32::NAN; len];
         multi
@@ -228,8 +245,8 @@ fn full_qk_norm_runs_and_bad_set_ups_are_refused() {
         MultiGpuLayer::new(layer, &[0, 1], GpuOptions::new(Precision::F32, 1, 8)).unwrap();
     // Zero chunks is refused, naming the field.
     let r = multi.set_reduce(ReduceOptions {
-        storage_dtype: false,
         chunks: 0,
+        ..ReduceOptions::EXACT
     });
     assert!(
         matches!(&r, Err(Error::Unsupported(m)) if m.contains("chunks = 0")),
@@ -247,6 +264,7 @@ fn full_qk_norm_runs_and_bad_set_ups_are_refused() {
 #[allow(clippy::too_many_arguments)]
 fn cached_case(
     n: usize,
+    reduce: ReduceOptions,
     kv: usize,
     norm: QkNorm,
     window: Option<usize>,
@@ -269,7 +287,7 @@ fn cached_case(
         cfg = cfg.with_sliding_window(w);
     }
     let name = format!(
-        "N={n} KV={kv} norm={norm:?} window={window:?} rolling={rolling} chunk={chunk} block={block} {p:?}"
+        "N={n} KV={kv} norm={norm:?} window={window:?} rolling={rolling} chunk={chunk} block={block} {p:?} {reduce:?}"
     );
     let mut rng = Rng(0xCAC4E ^ (n * 1000 + kv * 100 + block) as u64 ^ (chunk as u64) << 20);
     let w = OwnedWeights::random(&cfg, &mut rng);
@@ -339,9 +357,7 @@ fn cached_case(
     let opts = GpuOptions::new(p, 1, max_new);
     let mut multi = MultiGpuLayer::new(layer, &devices(n), opts)
         .unwrap_or_else(|e| panic!("MultiGpuLayer::new {name}: {e}"));
-    if p != Precision::F32 && rolling {
-        multi.set_reduce(OVERLAPPED).unwrap();
-    }
+    multi.set_reduce(reduce).unwrap();
     let mut cache: MultiGpuKvCache = multi.new_kv_cache(block, num_blocks, rolling).unwrap();
     assert_eq!(cache.n_devices(), n);
     // One GPU (bf16 comparison) and the CPU (f32 comparison) on the same calls.
@@ -480,8 +496,9 @@ fn split_prefill_and_decode_equal_one_gpu_and_reference() {
             (few, NoNorm, Some(37), true, 16, 16, Bf16),
             (many, Full, None, false, whole, 32, Bf16),
         ];
-        for (kv, norm, window, rolling, chunk, block, p) in cases {
-            cached_case(n, kv, norm, window, rolling, chunk, block, p);
+        for (i, (kv, norm, window, rolling, chunk, block, p)) in cases.into_iter().enumerate() {
+            let reduce = REDUCTIONS[i % REDUCTIONS.len()];
+            cached_case(n, reduce, kv, norm, window, rolling, chunk, block, p);
         }
     }
 }

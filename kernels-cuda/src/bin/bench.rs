@@ -409,10 +409,23 @@ mod cuda_main {
 
         fn name(r: &ReduceOptions) -> String {
             format!(
-                "{} x{}",
+                "{} {} x{}",
                 if r.storage_dtype { "bf16" } else { "f32" },
+                if r.scatter {
+                    "reduce-scatter"
+                } else {
+                    "all-reduce"
+                },
                 r.chunks
             )
+        }
+
+        const fn opt(storage_dtype: bool, scatter: bool, chunks: usize) -> ReduceOptions {
+            ReduceOptions {
+                storage_dtype,
+                chunks,
+                scatter,
+            }
         }
 
         pub fn run(json: &mut String) -> Result<(), Error> {
@@ -449,29 +462,20 @@ mod cuda_main {
             let iters = 10;
             let variants = [
                 ReduceOptions::EXACT,
-                ReduceOptions {
-                    storage_dtype: false,
-                    chunks: 4,
-                },
-                ReduceOptions {
-                    storage_dtype: true,
-                    chunks: 1,
-                },
-                ReduceOptions {
-                    storage_dtype: true,
-                    chunks: 4,
-                },
-                ReduceOptions {
-                    storage_dtype: true,
-                    chunks: 8,
-                },
+                opt(false, false, 4),
+                opt(false, true, 1),
+                opt(false, true, 4),
+                opt(true, false, 1),
+                opt(true, false, 4),
+                opt(true, true, 1),
+                opt(true, true, 4),
             ];
             println!(
                 "prefill T={t}, n_embd {C}, {H}/{KV} heads, head_dim {D}, bf16, causal, batch 1 \
                  (host wall clock per call, mean of {iters} after 3 warm-ups)"
             );
             println!(
-                "| GPUs | reduce (type x chunks) | ms | tokens/s | scaling vs 1 GPU | ms in NCCL |"
+                "| GPUs | reduce (type, collective, chunks) | ms | tokens/s | scaling vs 1 GPU | ms in NCCL |"
             );
             println!("| --- | --- | ---: | ---: | ---: | ---: |");
             let mut base = 0.0f64;
@@ -584,8 +588,8 @@ mod cuda_main {
                 .ok();
             }
 
-            println!("| GPUs | reduce | ms per step | ratio vs 1 GPU | ms in NCCL | attention + merge alone, per device (ms) |");
-            println!("| --- | --- | ---: | ---: | ---: | --- |");
+            println!("| GPUs | reduce | ms per step | ratio vs 1 GPU | ms in NCCL | device span per device (ms) | attention + merge alone, per device (ms) |");
+            println!("| --- | --- | ---: | ---: | ---: | --- | --- |");
             let mut base = 0.0f64;
             for n in counts() {
                 let mut m = MultiGpuLayer::new(*layer, &devices(n), opts)?;
@@ -602,10 +606,8 @@ mod cuda_main {
                 } else {
                     &[
                         ReduceOptions::EXACT,
-                        ReduceOptions {
-                            storage_dtype: true,
-                            chunks: 1,
-                        },
+                        opt(false, true, 1),
+                        opt(true, true, 1),
                     ]
                 };
                 for r in vs {
@@ -614,11 +616,19 @@ mod cuda_main {
                         m.forward_cached(&x, &seqs, None, &mut cache, &mut y)?;
                     }
                     let mut nccl = 0.0f64;
+                    let mut span = vec![0.0f64; n];
                     let start = Instant::now();
                     for _ in 0..iters {
                         m.forward_cached(&x, &seqs, None, &mut cache, &mut y)?;
                         nccl += m.last_nccl_ms() as f64;
+                        for (s, v) in span.iter_mut().zip(m.last_step_device_ms()) {
+                            *s += *v as f64;
+                        }
                     }
+                    let span: Vec<String> = span
+                        .iter()
+                        .map(|v| format!("{:.4}", v / iters as f64))
+                        .collect();
                     let ms = start.elapsed().as_secs_f64() * 1e3 / iters as f64;
                     let nccl = nccl / iters as f64;
                     if n == 1 {
@@ -630,9 +640,10 @@ mod cuda_main {
                         attn.push(format!("{:.4}", unsafe { m.time_decode_ms(i, 20)? }));
                     }
                     println!(
-                        "| {n} | {} | {ms:.4} | {:.3} | {nccl:.4} | {} |",
+                        "| {n} | {} | {ms:.4} | {:.3} | {nccl:.4} | {} | {} |",
                         name(r),
                         ms / base,
+                        span.join(" / "),
                         attn.join(" / ")
                     );
                     writeln!(

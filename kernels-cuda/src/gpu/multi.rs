@@ -12,9 +12,11 @@ use half::{bf16, f16};
 
 use super::decode::CachedFront;
 use super::WidenParams;
-use super::{alloc, drv, function, h2d, launch, ptr, Front, GpuKvCache, GpuLayer, RopeSource};
+use super::{
+    alloc, drv, function, h2d, launch, ptr, upload, Front, GpuKvCache, GpuLayer, RopeSource,
+};
 use crate::error::{Error, Result};
-use crate::nccl::{self, Comms, Dtype};
+use crate::nccl::{self, Collective, Comms, Dtype};
 use crate::plan::{GpuBackend, GpuOptions, Precision, ReduceOptions};
 
 mod seq;
@@ -100,6 +102,20 @@ struct Lane {
     timing: Vec<(cu::CUevent, cu::CUevent)>,
     /// Partial outputs in the storage type (with [`ReduceOptions::storage_dtype`]).
     yb: Option<DeviceBuffer<u8>>,
+    /// The output bias (f32) on this device, for widening a storage-type sum here.
+    bo: Option<DeviceBuffer<u8>>,
+    /// Around a cached call's work on this device (benchmark diagnostics).
+    step: (cu::CUevent, cu::CUevent),
+}
+
+/// Where the summed output of a call lives.
+enum Placement {
+    /// Device 0's `y` holds every row (f32).
+    Device0,
+    /// Reduce-scattered: for each chunk `(r0, rows)`, the chunk's `rows * n_embd` output
+    /// elements are cut into N equal parts and device `i`'s `y` holds part `i` (f32) at its
+    /// offset.
+    Scattered(Vec<(usize, usize)>),
 }
 
 /// A KV cache split like its layer ([`MultiGpuLayer::new_kv_cache`]): one [`GpuKvCache`] per
@@ -137,7 +153,9 @@ impl MultiGpuKvCache {
 /// A layer split by heads over several GPUs of this process ([`ShardPlan`]): device `i` runs
 /// shard `i` on its own context and stream, and the partial outputs (each device's heads
 /// through its `wo` columns; the output bias on device 0 only) are summed with an in-place
-/// NCCL all-reduce, so device 0 then holds the layer's output.
+/// NCCL all-reduce, so device 0 then holds the layer's output (or, with
+/// [`ReduceOptions::scatter`], a reduce-scatter leaves each device its part of it, and the
+/// host output is gathered from all of them).
 ///
 /// Full QK-norm, whose statistics span every device's heads, runs in two passes: each device
 /// sums the squares of its q and k rows per token (a replicated KV head counts on its first
@@ -160,6 +178,8 @@ pub struct MultiGpuLayer<'a> {
     nccl_ms: f32,
     marks: Vec<u32>,
     pinned: Option<Pinned>,
+    pinned_out: Option<Pinned>,
+    step_ms: Vec<f32>,
     _wo: Vec<WoBlock>,
 }
 
@@ -182,6 +202,8 @@ impl Drop for MultiGpuLayer<'_> {
                 }
                 cu::cuEventDestroy_v2(lane.chunk_ev);
                 cu::cuEventDestroy_v2(lane.done_ev);
+                cu::cuEventDestroy_v2(lane.step.0);
+                cu::cuEventDestroy_v2(lane.step.1);
                 for &(a, b) in &lane.timing {
                     cu::cuEventDestroy_v2(a);
                     cu::cuEventDestroy_v2(b);
@@ -279,12 +301,18 @@ impl<'a> MultiGpuLayer<'a> {
                     cu::cuStreamCreate(&mut comm, 1)
                 })?;
             }
+            let bo = match (&full.bo, comms.is_some()) {
+                (Some(b), true) => Some(upload(&super::widen(b))?),
+                _ => None,
+            };
             lanes.push(Lane {
                 comm,
                 chunk_ev: event(false)?,
                 done_ev: event(false)?,
                 timing: Vec::new(),
                 yb: None,
+                bo,
+                step: (event(true)?, event(true)?),
             });
         }
         let f_widen = match opts.precision {
@@ -311,6 +339,8 @@ impl<'a> MultiGpuLayer<'a> {
             nccl_ms: 0.0,
             marks: Vec::new(),
             pinned: None,
+            pinned_out: None,
+            step_ms: Vec::new(),
             _wo: wo,
         })
     }
@@ -409,13 +439,14 @@ impl<'a> MultiGpuLayer<'a> {
         Ok(MultiGpuKvCache { caches, geometry })
     }
 
-    /// Enqueues an in-place all-reduce of `count` elements at `bufs[i]` (device `i`) on each
+    /// Enqueues an in-place sum of `count` elements at `bufs[i]` (device `i`) on each
     /// device's layer stream, or on its second stream with `on_comm`, between timing events.
     ///
     /// # Safety
-    /// As [`Comms::all_reduce_sum`] for the chosen streams.
-    unsafe fn all_reduce(
+    /// As [`Comms::sum`] for the chosen streams.
+    unsafe fn collective(
         &mut self,
+        kind: Collective,
         bufs: &[u64],
         count: usize,
         dtype: Dtype,
@@ -436,7 +467,7 @@ impl<'a> MultiGpuLayer<'a> {
             streams.push(s.cast::<c_void>());
         }
         // SAFETY: per this function's contract.
-        unsafe { comms.all_reduce_sum(bufs, &streams, count, dtype)? };
+        unsafe { comms.sum(kind, bufs, &streams, count, dtype)? };
         for ((g, lane), &s) in self.gpus.iter().zip(&self.lanes).zip(&streams) {
             g.set_current()?;
             record(lane.timing[k].1, s.cast())?;
@@ -463,33 +494,42 @@ impl<'a> MultiGpuLayer<'a> {
         }
         // SAFETY: each buffer is its device's statistics buffer of 2 * max tokens f32 >= 2 *
         // tokens (the call fits the layer), each stream that device's layer stream.
-        unsafe { self.all_reduce(&bufs, 2 * tokens, Dtype::F32, false) }
+        unsafe { self.collective(Collective::AllReduce, &bufs, 2 * tokens, Dtype::F32, false) }
     }
 
     /// The output projection of every device's `tokens` attention rows and the sum of the
-    /// partial outputs per [`ReduceOptions`], into device 0's `y` (f32).
-    fn project_and_reduce(&mut self, tokens: usize) -> Result<()> {
+    /// partial outputs per [`ReduceOptions`], in f32: in device 0's `y`, or reduce-scattered.
+    fn project_and_reduce(&mut self, tokens: usize) -> Result<Placement> {
         if self.comms.is_none() {
             let g = &mut self.gpus[0];
             g.set_current()?;
             let (y, s) = (ptr(&g.y), g.stream);
             // SAFETY: y holds max tokens * n_embd f32; o holds this call's attention output.
-            return unsafe { g.project_out(y, tokens, s) };
+            unsafe { g.project_out(y, tokens, s)? };
+            return Ok(Placement::Device0);
         }
+        let n = self.gpus.len();
+        let c = self.layer.config().n_embd;
         let storage = self.reduce.storage_dtype && self.precision != Precision::F32;
-        let (dtype, es) = match (storage, self.precision) {
-            (true, Precision::Bf16) => (Dtype::Bf16, 2),
-            (true, Precision::F16) => (Dtype::F16, 2),
-            _ => (Dtype::F32, 4),
+        let dtype = match (storage, self.precision) {
+            (true, Precision::Bf16) => Dtype::Bf16,
+            (true, Precision::F16) => Dtype::F16,
+            _ => Dtype::F32,
+        };
+        let es = dtype.size();
+        let kind = if self.reduce.scatter && c.is_multiple_of(n) {
+            Collective::ReduceScatter
+        } else {
+            Collective::AllReduce
         };
         let chunks = self.reduce.chunks.clamp(1, tokens.max(1));
         let per = tokens.div_ceil(chunks);
-        let c = self.layer.config().n_embd;
         let overlap = chunks > 1;
+        let mut done = Vec::with_capacity(chunks);
         let mut r0 = 0;
         while r0 < tokens {
             let rows = per.min(tokens - r0);
-            let mut bufs = Vec::with_capacity(self.gpus.len());
+            let mut bufs = Vec::with_capacity(n);
             for (g, lane) in self.gpus.iter_mut().zip(&self.lanes) {
                 g.set_current()?;
                 let base = match (&lane.yb, storage) {
@@ -515,9 +555,11 @@ impl<'a> MultiGpuLayer<'a> {
                 }
                 bufs.push(y);
             }
-            // SAFETY: each buffer holds `rows * c` elements of `dtype` on its device; the
-            // streams are the devices' (ordered after the chunk's projection).
-            unsafe { self.all_reduce(&bufs, rows * c, dtype, overlap)? };
+            // SAFETY: each buffer holds `rows * c` elements of `dtype` on its device (a
+            // multiple of n for a reduce-scatter); the streams are the devices' (ordered after
+            // the chunk's projection).
+            unsafe { self.collective(kind, &bufs, rows * c, dtype, overlap)? };
+            done.push((r0, rows));
             r0 += rows;
         }
         if overlap {
@@ -531,24 +573,44 @@ impl<'a> MultiGpuLayer<'a> {
             }
         }
         if storage {
-            let (g, lane) = (&self.gpus[0], &self.lanes[0]);
             let f = self
                 .f_widen
                 .ok_or_else(|| Error::Unsupported("widening kernel missing".into()))?;
-            g.set_current()?;
-            let mut a = WidenParams {
-                input: lane.yb.as_ref().map_or(0, ptr),
-                output: ptr(&g.y),
-                bias: g.bo.as_ref().map_or(0, ptr),
-                rows: tokens as i64,
-                cols: c as i32,
-            };
-            let blocks = ((tokens * c).div_ceil(256)).min(65535 * 8) as u32;
-            // SAFETY: WidenParams matches the kernel's struct; yb holds the summed [tokens, c]
-            // storage-type output, y room for [tokens, c] f32, bo (if any) c f32.
-            unsafe { launch(f, (blocks, 1, 1), 256, 0, g.stream, &mut a)? };
+            // (device, first element, elements) to widen: device 0's whole sum, or every
+            // device's parts.
+            let mut parts = Vec::with_capacity(n * done.len());
+            match kind {
+                Collective::AllReduce => parts.push((0, 0, tokens * c)),
+                Collective::ReduceScatter => {
+                    for i in 0..n {
+                        for &(r0, rows) in &done {
+                            let m = rows * c / n;
+                            parts.push((i, r0 * c + i * m, m));
+                        }
+                    }
+                }
+            }
+            for (i, at, m) in parts {
+                let (g, lane) = (&self.gpus[i], &self.lanes[i]);
+                g.set_current()?;
+                let mut a = WidenParams {
+                    input: lane.yb.as_ref().map_or(0, ptr) + (at * es) as u64,
+                    output: ptr(&g.y) + (at * 4) as u64,
+                    bias: lane.bo.as_ref().map_or(0, ptr),
+                    n: m as i64,
+                    cols: c as i32,
+                    col0: (at % c) as i32,
+                };
+                let blocks = m.div_ceil(256).clamp(1, 65535 * 8) as u32;
+                // SAFETY: WidenParams matches the kernel's struct; yb holds the summed
+                // storage-type elements at..at + m, y room for them in f32, bo (if any) c f32.
+                unsafe { launch(f, (blocks, 1, 1), 256, 0, g.stream, &mut a)? };
+            }
         }
-        Ok(())
+        Ok(match kind {
+            Collective::AllReduce => Placement::Device0,
+            Collective::ReduceScatter => Placement::Scattered(done),
+        })
     }
 
     /// Validates the call against the unsplit layer, uploads `x` to every device, enqueues
@@ -593,23 +655,60 @@ impl<'a> MultiGpuLayer<'a> {
         Ok(())
     }
 
-    /// Copies device 0's `y` (the summed output) into `out` on its stream.
-    fn download(&self, out: &mut [f32]) -> Result<()> {
-        let g = &self.gpus[0];
-        g.set_current()?;
-        let bytes = std::mem::size_of_val(out);
-        // SAFETY: device 0's `y` holds the call's `bytes` bytes; `out` is a live exclusive host
-        // slice of that size; the stream is synchronised (in `finish`) before `out` is read.
-        drv("cuMemcpyDtoHAsync", unsafe {
-            cu::cuMemcpyDtoHAsync_v2(out.as_mut_ptr().cast(), ptr(&g.y), bytes, g.stream)
-        })
+    /// Enqueues the copies of the summed output of `tokens` tokens (`placement`) into host
+    /// memory at `dst`, on the streams of the devices holding it.
+    ///
+    /// # Safety
+    /// `dst` points at `tokens * n_embd` writable f32 that stay valid and unread until
+    /// `finish` has synchronised the streams.
+    unsafe fn download(&self, dst: *mut f32, tokens: usize, placement: &Placement) -> Result<()> {
+        let c = self.layer.config().n_embd;
+        let n = self.gpus.len();
+        let copy = |g: &GpuLayer<'_>, at: usize, m: usize| -> Result<()> {
+            // SAFETY: `g.y` holds the summed elements at..at + m (f32); `dst` has room for
+            // them at the same offset (this function's contract).
+            drv("cuMemcpyDtoHAsync", unsafe {
+                cu::cuMemcpyDtoHAsync_v2(
+                    dst.add(at).cast(),
+                    ptr(&g.y) + (at * 4) as u64,
+                    m * 4,
+                    g.stream,
+                )
+            })
+        };
+        match placement {
+            Placement::Device0 => {
+                self.gpus[0].set_current()?;
+                copy(&self.gpus[0], 0, tokens * c)?;
+            }
+            Placement::Scattered(chunks) => {
+                for (i, g) in self.gpus.iter().enumerate() {
+                    g.set_current()?;
+                    for &(r0, rows) in chunks {
+                        let m = rows * c / n;
+                        copy(g, r0 * c + i * m, m)?;
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
-    /// Waits for every device and reads the NCCL times of the call's all-reduces.
-    fn finish(&mut self, reduced: bool) -> Result<()> {
+    /// Waits for every device and reads the NCCL times of the call's all-reduces (and with
+    /// `stepped`, the span of each device's work of a cached call).
+    fn finish(&mut self, reduced: bool, stepped: bool) -> Result<()> {
         let mut worst = 0.0f32;
+        self.step_ms.clear();
         for (g, lane) in self.gpus.iter().zip(&self.lanes) {
             g.synchronize()?;
+            if stepped {
+                let mut ms = 0.0f32;
+                // SAFETY: both events were recorded in this call on this finished stream.
+                drv("cuEventElapsedTime", unsafe {
+                    cu::cuEventElapsedTime(&mut ms, lane.step.0, lane.step.1)
+                })?;
+                self.step_ms.push(ms);
+            }
             if reduced && self.comms.is_some() {
                 let mut sum = 0.0f32;
                 for &(a, b) in &lane.timing[..self.timed] {
@@ -631,7 +730,7 @@ impl<'a> MultiGpuLayer<'a> {
     }
 
     /// Runs the layer on host buffers: `x` to every device, each shard on its device, the
-    /// partial outputs summed with NCCL, device 0's sum into `out`.
+    /// partial outputs summed with NCCL ([`ReduceOptions`]), the sum copied into `out`.
     ///
     /// # Errors
     /// The runtime's validation errors ([`Error::Runtime`]), [`Error::Capacity`], or a failed
@@ -641,10 +740,12 @@ impl<'a> MultiGpuLayer<'a> {
             self.layer.validate_inputs(inputs, 0)?;
             return Ok(self.backend());
         }
+        let tokens = inputs.batch * inputs.seq_len;
         self.launch(inputs, out.len(), true)?;
-        self.project_and_reduce(inputs.batch * inputs.seq_len)?;
-        self.download(out)?;
-        self.finish(true)?;
+        let placement = self.project_and_reduce(tokens)?;
+        // SAFETY: `out` holds tokens * n_embd f32 (validated), borrowed until `finish`.
+        unsafe { self.download(out.as_mut_ptr(), tokens, &placement)? };
+        self.finish(true, false)?;
         Ok(self.backend())
     }
 
@@ -690,7 +791,7 @@ impl<'a> MultiGpuLayer<'a> {
                 cu::cuMemcpyDtoHAsync_v2(part.as_mut_ptr().cast(), y, bytes, s)
             })?;
         }
-        self.finish(false)?;
+        self.finish(false, false)?;
         Ok(self.backend())
     }
 
@@ -698,8 +799,8 @@ impl<'a> MultiGpuLayer<'a> {
     /// keys and values on every device: prefill (`cached = 0`), chunked prefill or decode, as
     /// [`GpuLayer::forward_cached`] on one GPU (same arguments, validated against the unsplit
     /// layer and the unsplit cache shape, same errors). Each device runs its shard on its
-    /// cache; the partial outputs are summed as in [`MultiGpuLayer::forward_host`], and device
-    /// 0's sum is copied into `out`.
+    /// cache; the partial outputs are summed as in [`MultiGpuLayer::forward_host`] and copied
+    /// into `out` (through a page-locked staging buffer, as is `x`).
     ///
     /// # Errors
     /// The runtime's errors for invalid calls, a cache made for another split (device count,
@@ -736,10 +837,19 @@ impl<'a> MultiGpuLayer<'a> {
             return Ok(self.backend());
         }
         self.timed = 0;
-        if self.pinned.as_ref().is_none_or(|p| p.len < x.len()) {
-            self.gpus[0].set_current()?;
-            self.pinned = None;
-            self.pinned = Some(Pinned::new(x.len().next_power_of_two())?);
+        for (slot, len) in [
+            (&mut self.pinned, x.len()),
+            (&mut self.pinned_out, out.len()),
+        ] {
+            if slot.as_ref().is_none_or(|p| p.len < len) {
+                self.gpus[0].set_current()?;
+                *slot = None;
+                *slot = Some(Pinned::new(len.next_power_of_two())?);
+            }
+        }
+        for (g, lane) in self.gpus.iter().zip(&self.lanes) {
+            g.set_current()?;
+            record(lane.step.0, g.stream)?;
         }
         let staged = match self.pinned.as_mut() {
             Some(p) => p.slice_mut(x.len()),
@@ -763,7 +873,7 @@ impl<'a> MultiGpuLayer<'a> {
         }
         if let Some(e) = failed {
             // The devices before the failing one may still read the staging buffer.
-            let _ = self.finish(false);
+            let _ = self.finish(false, false);
             return Err(e);
         }
         self.reduce_norm(tokens)?;
@@ -773,10 +883,31 @@ impl<'a> MultiGpuLayer<'a> {
             // (borrowed for this call, and synchronised before it returns).
             unsafe { g.cached_back(f, c)? };
         }
-        self.project_and_reduce(tokens)?;
-        self.download(out)?;
-        self.finish(true)?;
+        let placement = self.project_and_reduce(tokens)?;
+        for (g, lane) in self.gpus.iter().zip(&self.lanes) {
+            g.set_current()?;
+            record(lane.step.1, g.stream)?;
+        }
+        let staged = match self.pinned_out.as_mut() {
+            Some(p) => p.slice_mut(out.len()).as_mut_ptr(),
+            None => return Err(Error::Unsupported("no staging buffer".into())),
+        };
+        // SAFETY: the staging buffer holds out.len() = tokens * n_embd f32, read only after
+        // `finish` below and rewritten only by a later call.
+        unsafe { self.download(staged, tokens, &placement)? };
+        self.finish(true, true)?;
+        if let Some(p) = self.pinned_out.as_mut() {
+            out.copy_from_slice(p.slice_mut(out.len()));
+        }
         Ok(self.backend())
+    }
+
+    /// Benchmark diagnostics: milliseconds from the start to the end of each device's work
+    /// of the last cached call (its own stream, CUDA events: first upload to the summed
+    /// output, before the download), device by device.
+    #[doc(hidden)]
+    pub fn last_step_device_ms(&self) -> &[f32] {
+        &self.step_ms
     }
 
     /// Benchmark helper: uploads `x` once to every device.
@@ -793,12 +924,13 @@ impl<'a> MultiGpuLayer<'a> {
             // SAFETY: as in `launch`.
             unsafe { h2d(ptr(&g.x), inputs.x, g.stream)? };
         }
-        self.finish(false)
+        self.finish(false, false)
     }
 
     /// Benchmark helper: one reduced forward on the inputs already on the devices
     /// ([`MultiGpuLayer::stage_inputs`]; mask and positions from `inputs`), waiting for every
-    /// device; the result stays on device 0.
+    /// device; the result stays on the devices (device 0, or each its part when
+    /// reduce-scattered).
     ///
     /// # Errors
     /// As [`MultiGpuLayer::forward_host`].
@@ -807,7 +939,7 @@ impl<'a> MultiGpuLayer<'a> {
         let len = inputs.x.len();
         self.launch(inputs, len, false)?;
         self.project_and_reduce(inputs.batch * inputs.seq_len)?;
-        self.finish(true)
+        self.finish(true, false)
     }
 
     /// Benchmark helper: mean milliseconds (CUDA events) of device `device`'s split-K

@@ -294,7 +294,7 @@ impl MultiGpuLayer<'_> {
                 })?;
             }
         }
-        self.finish(false)?;
+        self.finish(false, false)?;
         Ok(self.backend())
     }
 }
