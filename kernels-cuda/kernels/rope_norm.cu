@@ -2,7 +2,13 @@
 // into one pass per token: bias, QK RMSNorm (full or per head), rotary embedding (interleaved
 // or half-split, from a cos/sin table), and the store of q, k, v in the attention's storage
 // type. Plus the small element-wise kernels of the executor (bias on the output, f32 ->
-// storage conversion).
+// storage conversion, storage -> f32 widening of a reduced output).
+//
+// Full QK-norm in a head split across devices takes two passes: `qkv_sumsq` writes each
+// token's sums of squares over this device's q (and k) heads, the caller sums them across the
+// devices (an all-reduce of 2 floats per token), and `qkv_prep` then normalises with those
+// global sums (`stats`) instead of computing them over its own heads. On one device `stats` is
+// null and `qkv_prep` is the single fused pass.
 #include "common.cuh"
 
 struct PrepParams {
@@ -15,6 +21,8 @@ struct PrepParams {
     void* q;                // [B*T, H*D] storage type
     void* k;                // [B*T, KV*D]
     void* v;                // [B*T, KV*D]
+    const float* stats;     // full QK-norm across devices: [2 * tokens] global sums of squares
+                            // (q sums, then k sums), or null (sums over this row's heads)
     int cs_period;          // T when the rows are the positions 0..T, B*T when gathered per token
     int n_head;
     int n_kv_head;
@@ -22,6 +30,9 @@ struct PrepParams {
     int full_norm;          // 1: RMSNorm over the whole projected row; 0: per head
     int half_split;         // rotary convention: 1 half-split, 0 interleaved
     float eps;
+    int tokens;             // with `stats`: tokens of the call (offset of the k sums)
+    int q_width;            // with `stats`: the unsplit q row's width (divisor of the q mean)
+    int k_width;            // with `stats`: the unsplit k row's width
 };
 
 __device__ __forceinline__ float block_sum(float v, float* red) {
@@ -34,10 +45,12 @@ __device__ __forceinline__ float block_sum(float v, float* red) {
     return warp_sum(t);
 }
 
-// One part (q or k) of one token: n heads of D values at `src`, into `dst`.
+// One part (q or k) of one token: n heads of D values at `src`, into `dst`. With `gsum` (full
+// QK-norm across devices), the token's global sum of squares and `gwidth` its divisor.
 template <typename T>
 __device__ void prep_part(const PrepParams& p, float* buf, float* red, const float* src,
-                          const float* bias, const float* norm, const float* cs, T* dst, int n) {
+                          const float* bias, const float* norm, const float* cs, T* dst, int n,
+                          const float* gsum, int gwidth) {
     const int D = p.head_dim, len = n * D;
     const int tid = threadIdx.x, nt = blockDim.x;
     const int lane = tid & 31, warp = tid >> 5, nw = nt >> 5;
@@ -45,10 +58,17 @@ __device__ void prep_part(const PrepParams& p, float* buf, float* red, const flo
     __syncthreads();
     if (norm) {
         if (p.full_norm) {
-            float ss = 0.0f;
-            for (int i = tid; i < len; i += nt) ss += buf[i] * buf[i];
-            ss = block_sum(ss, red);
-            const float inv = 1.0f / sqrtf(ss / (float)len + p.eps);
+            float ss, width;
+            if (gsum) {  // uniform across the block: no divergence around block_sum
+                ss = *gsum;
+                width = (float)gwidth;
+            } else {
+                ss = 0.0f;
+                for (int i = tid; i < len; i += nt) ss += buf[i] * buf[i];
+                ss = block_sum(ss, red);
+                width = (float)len;
+            }
+            const float inv = 1.0f / sqrtf(ss / width + p.eps);
             for (int i = tid; i < len; i += nt) buf[i] = buf[i] * inv * norm[i];
         } else {
             for (int h = warp; h < n; h += nw) {
@@ -94,9 +114,12 @@ __device__ void qkv_prep(const PrepParams& p) {
         cs = p.cs + (size_t)r * D;
     }
     const float* bias = p.bias;
-    prep_part<T>(p, prep_smem, red, row, bias, p.q_norm, cs, (T*)p.q + (size_t)token * qd, p.n_head);
+    const float* qs = p.stats ? p.stats + token : nullptr;
+    const float* ks = p.stats ? p.stats + p.tokens + token : nullptr;
+    prep_part<T>(p, prep_smem, red, row, bias, p.q_norm, cs, (T*)p.q + (size_t)token * qd, p.n_head,
+                 qs, p.q_width);
     prep_part<T>(p, prep_smem, red, row + qd, bias ? bias + qd : nullptr, p.k_norm, cs,
-                 (T*)p.k + (size_t)token * kvd, p.n_kv_head);
+                 (T*)p.k + (size_t)token * kvd, p.n_kv_head, ks, p.k_width);
     T* v = (T*)p.v + (size_t)token * kvd;
     for (int i = threadIdx.x; i < kvd; i += blockDim.x)
         v[i] = from_f32<T>(row[qd + kvd + i] + (bias ? bias[qd + kvd + i] : 0.0f));
@@ -105,6 +128,38 @@ __device__ void qkv_prep(const PrepParams& p) {
 extern "C" __global__ void __launch_bounds__(256) qkv_prep_f32(PrepParams p) { qkv_prep<float>(p); }
 extern "C" __global__ void __launch_bounds__(256) qkv_prep_bf16(PrepParams p) { qkv_prep<__nv_bfloat16>(p); }
 extern "C" __global__ void __launch_bounds__(256) qkv_prep_f16(PrepParams p) { qkv_prep<__half>(p); }
+
+// Full QK-norm across devices, first pass: token t's sum of squares of (projection + bias)
+// over this device's q heads into stats[t] and over its k heads into stats[tokens + t] (0 when
+// the device does not count its k heads: a KV head replicated on several devices counts on
+// the first of them only). Grid: one CTA per token.
+struct SumsqParams {
+    const float* qkv;  // [tokens, q_dim + 2 kv_dim], f32
+    const float* bias; // [q_dim + 2 kv_dim] or null
+    float* stats;      // [2 * tokens]
+    int tokens;
+    int q_dim;
+    int kv_dim;
+    int count_k;
+};
+extern "C" __global__ void __launch_bounds__(256) qkv_sumsq(SumsqParams p) {
+    __shared__ float red[32];
+    const int token = blockIdx.x;
+    const float* row = p.qkv + (size_t)token * (p.q_dim + 2 * p.kv_dim);
+    const int width = p.q_dim + (p.count_k ? p.kv_dim : 0);
+    float sq = 0.0f, sk = 0.0f;
+    for (int i = threadIdx.x; i < width; i += blockDim.x) {
+        const float v = row[i] + (p.bias ? p.bias[i] : 0.0f);
+        if (i < p.q_dim) sq += v * v;
+        else sk += v * v;
+    }
+    sq = block_sum(sq, red);
+    sk = block_sum(sk, red);
+    if (threadIdx.x == 0) {
+        p.stats[token] = sq;
+        p.stats[p.tokens + token] = sk;
+    }
+}
 
 // y[r, c] += bias[c] over rows x cols.
 struct BiasParams {
@@ -135,3 +190,24 @@ __device__ void convert(const ConvertParams& p) {
 }
 extern "C" __global__ void convert_f32_bf16(ConvertParams p) { convert<__nv_bfloat16>(p); }
 extern "C" __global__ void convert_f32_f16(ConvertParams p) { convert<__half>(p); }
+
+// out[i] = in[i] (storage type, widened) + bias[(col0 + i) mod cols] (or 0 without a bias) for
+// n elements of [*, cols] rows starting at column col0: the output of a head split reduced in
+// the storage type (all of it, or one device's part), back to f32 with the bias added once.
+struct WidenParams {
+    const void* in;
+    float* out;
+    const float* bias;
+    long long n;
+    int cols;
+    int col0;
+};
+template <typename T>
+__device__ void widen_bias(const WidenParams& p) {
+    const T* in = (const T*)p.in;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < p.n;
+         i += (long long)gridDim.x * blockDim.x)
+        p.out[i] = to_f32(in[i]) + (p.bias ? p.bias[(p.col0 + i) % p.cols] : 0.0f);
+}
+extern "C" __global__ void widen_bias_bf16(WidenParams p) { widen_bias<__nv_bfloat16>(p); }
+extern "C" __global__ void widen_bias_f16(WidenParams p) { widen_bias<__half>(p); }

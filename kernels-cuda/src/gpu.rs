@@ -6,7 +6,9 @@ use std::collections::HashMap;
 use std::ffi::{c_void, CStr};
 use std::sync::{Arc, Mutex, OnceLock};
 
-use attnrt::{Config, Inputs, Layer, MaskInputs, QkNorm, RopeConvention, RopeTable, Tensor};
+use attnrt::{
+    Config, Inputs, Layer, MaskInputs, NormPart, QkNorm, RopeConvention, RopeTable, Tensor,
+};
 use cust::memory::DeviceBuffer;
 use cust::sys as cu;
 use half::{bf16, f16};
@@ -26,7 +28,7 @@ const PTX_DECODE: &str = include_str!(concat!(env!("OUT_DIR"), "/decode.ptx"));
 mod decode;
 mod multi;
 pub use decode::GpuKvCache;
-pub use multi::MultiGpuLayer;
+pub use multi::{MultiGpuKvCache, MultiGpuLayer, SeqParallelCall};
 
 fn drv(call: &'static str, r: cu::CUresult) -> Result<()> {
     if r == cu::CUresult::CUDA_SUCCESS {
@@ -286,6 +288,7 @@ struct PrepParams {
     q: u64,
     k: u64,
     v: u64,
+    stats: u64,
     cs_period: i32,
     n_head: i32,
     n_kv_head: i32,
@@ -293,6 +296,56 @@ struct PrepParams {
     full_norm: i32,
     half_split: i32,
     eps: f32,
+    tokens: i32,
+    q_width: i32,
+    k_width: i32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct SumsqParams {
+    qkv: u64,
+    bias: u64,
+    stats: u64,
+    tokens: i32,
+    q_dim: i32,
+    kv_dim: i32,
+    count_k: i32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct WidenParams {
+    input: u64,
+    output: u64,
+    bias: u64,
+    n: i64,
+    cols: i32,
+    col0: i32,
+}
+
+/// The norm/RoPE pass of a call whose full-QK-norm statistics are being summed across the
+/// devices of a head split: enqueued by [`GpuLayer::finish_prep`] once they are.
+#[derive(Clone, Copy)]
+pub(super) struct PendingPrep {
+    pp: PrepParams,
+    n: usize,
+}
+
+/// A forward call enqueued up to the norm statistics ([`GpuLayer::run_front`]).
+#[derive(Clone, Copy)]
+pub(super) struct Front {
+    mask: MaskParams,
+    batch: usize,
+    seq_len: usize,
+    prep: Option<PendingPrep>,
+}
+
+impl Front {
+    /// Tokens of the call.
+    pub(super) fn tokens(&self) -> usize {
+        self.batch * self.seq_len
+    }
 }
 
 /// Launches `f` with one by-value struct parameter.
@@ -370,6 +423,7 @@ pub struct GpuLayer<'a> {
     f_prep: cu::CUfunction,
     f_convert: Option<cu::CUfunction>,
     f_bias: cu::CUfunction,
+    f_sumsq: cu::CUfunction,
     stream: cu::CUstream,
     cublas: Cublas,
     // Device buffers.
@@ -394,6 +448,10 @@ pub struct GpuLayer<'a> {
     bo: Option<DeviceBuffer<u8>>,
     q_norm: Option<DeviceBuffer<u8>>,
     k_norm: Option<DeviceBuffer<u8>>,
+    // A device's share of a full QK-norm split across devices, and its per-token sums of
+    // squares ([2, max tokens] f32), set by `MultiGpuLayer` only.
+    norm_share: Option<NormPart>,
+    stats: Option<DeviceBuffer<u8>>,
     // Host scratch, sized at set-up.
     h_groups: Vec<i32>,
     h_gmin: Vec<i32>,
@@ -489,6 +547,7 @@ impl<'a> GpuLayer<'a> {
             )?),
         };
         let f_bias = function(&kernels.rope_norm, "add_bias_f32")?;
+        let f_sumsq = function(&kernels.rope_norm, "qkv_sumsq")?;
         // The limit is a property of the function, shared by every layer of the process: set it
         // to the device's maximum (the same value from every thread), never to one layer's need,
         // so that concurrent set-ups cannot lower it under another layer's launch.
@@ -554,6 +613,7 @@ impl<'a> GpuLayer<'a> {
             f_prep,
             f_convert,
             f_bias,
+            f_sumsq,
             stream,
             cublas,
             x: alloc(ws.x)?,
@@ -577,6 +637,8 @@ impl<'a> GpuLayer<'a> {
             bo,
             q_norm,
             k_norm,
+            norm_share: None,
+            stats: None,
             h_groups: vec![0; n],
             h_gmin: vec![0; granules],
             h_gmax: vec![0; granules],
@@ -631,6 +693,17 @@ impl<'a> GpuLayer<'a> {
         }
         self.set_current()?;
         self.rope_table = Some((upload(&data)?, rows));
+        Ok(())
+    }
+
+    /// Makes this layer one device's shard of a full QK-norm split across devices: its
+    /// projections then stop before the norm ([`PendingPrep`]) until the caller has summed the
+    /// per-token statistics across the devices. Allocates the statistics buffer.
+    fn set_norm_share(&mut self, part: NormPart) -> Result<()> {
+        self.set_current()?;
+        let tokens = self.opts.max_batch * self.opts.max_seq_len;
+        self.stats = Some(alloc(2 * tokens * 4)?);
+        self.norm_share = Some(part);
         Ok(())
     }
 
@@ -782,9 +855,33 @@ impl<'a> GpuLayer<'a> {
         rope: Option<RopeSource<'_>>,
         stream: cu::CUstream,
     ) -> Result<()> {
+        // SAFETY: per this function's contract (a single layer has no norm share, so nothing
+        // is pending between the two halves).
+        unsafe {
+            let front = self.run_front(x, batch, seq_len, mask, position_ids, rope, stream)?;
+            self.run_attention(&front, stream)?;
+            self.project_out(y, front.tokens(), stream)
+        }
+    }
+
+    /// First half of a call: mask metadata, projections, and the norm/RoPE pass, or with a
+    /// norm share only the sums of squares (the pass is then pending in the result).
+    ///
+    /// # Safety
+    /// As [`GpuLayer::run`].
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn run_front(
+        &mut self,
+        x: u64,
+        batch: usize,
+        seq_len: usize,
+        mask: &MaskInputs<'_>,
+        position_ids: Option<&[i32]>,
+        rope: Option<RopeSource<'_>>,
+        stream: cu::CUstream,
+    ) -> Result<Front> {
         let cfg = self.cfg;
         let n = batch * seq_len;
-        let d = cfg.head_dim;
 
         // Mask metadata.
         let mut mp = MaskParams {
@@ -831,16 +928,34 @@ impl<'a> GpuLayer<'a> {
         }
 
         // SAFETY: per this function's contract.
-        unsafe { self.project_qkv(x, batch, seq_len, position_ids, rope, stream)? };
+        let prep = unsafe { self.project_qkv(x, batch, seq_len, position_ids, rope, stream)? };
+        Ok(Front {
+            mask: mp,
+            batch,
+            seq_len,
+            prep,
+        })
+    }
 
-        // Attention.
-        let l = attention_launch(self.path, &cfg, batch, seq_len)?;
+    /// Second half of a call up to the attention output `o`: the pending norm/RoPE pass (its
+    /// statistics now summed across the devices), then attention.
+    ///
+    /// # Safety
+    /// `front` is this layer's last [`GpuLayer::run_front`], on the same stream.
+    unsafe fn run_attention(&mut self, front: &Front, stream: cu::CUstream) -> Result<()> {
+        let cfg = self.cfg;
+        let d = cfg.head_dim;
+        if let Some(p) = front.prep {
+            // SAFETY: per this function's contract.
+            unsafe { self.finish_prep(p, stream)? };
+        }
+        let l = attention_launch(self.path, &cfg, front.batch, front.seq_len)?;
         let mut ap = AttnParams {
             q: ptr(&self.q),
             k: ptr(&self.k),
             v: ptr(&self.v),
             o: ptr(&self.o),
-            seq_len: seq_len as i32,
+            seq_len: front.seq_len as i32,
             n_head: cfg.n_head as i32,
             n_kv_head: cfg.n_kv_head as i32,
             head_dim: d as i32,
@@ -848,18 +963,19 @@ impl<'a> GpuLayer<'a> {
             q_per_cta: l.q_per_cta as i32,
             scale: 1.0 / (d as f32).sqrt(),
             scale_log2: std::f32::consts::LOG2_E / (d as f32).sqrt(),
-            mask: mp,
+            mask: front.mask,
         };
         // SAFETY: q/k/v/o and the mask buffers are live and sized for the call.
         unsafe { launch(self.f_attn, l.grid, l.block, l.smem, stream, &mut ap)? };
         self.last_attn = Some((l, ap));
-
-        // SAFETY: y holds n * n_embd f32 (this function's contract).
-        unsafe { self.project_out(y, n, stream) }
+        Ok(())
     }
 
     /// Projections of `batch * seq_len` tokens of `x` (device, f32) into the q/k/v buffers in
-    /// the storage type: conversion, fused q/k/v GEMM, bias / QK-norm / RoPE pass.
+    /// the storage type: conversion, fused q/k/v GEMM, bias / QK-norm / RoPE pass. With a norm
+    /// share the pass is not launched: the sums of squares of this device's heads go to the
+    /// statistics buffer and the pass is returned, for [`GpuLayer::finish_prep`] once the
+    /// caller has summed the statistics across the devices.
     ///
     /// # Safety
     /// `x` holds `batch * seq_len * n_embd` f32 on the device; the call fits the buffers; the
@@ -872,7 +988,7 @@ impl<'a> GpuLayer<'a> {
         position_ids: Option<&[i32]>,
         rope: Option<RopeSource<'_>>,
         stream: cu::CUstream,
-    ) -> Result<()> {
+    ) -> Result<Option<PendingPrep>> {
         let cfg = self.cfg;
         let n = batch * seq_len;
         let (c, qd, kvd, d) = (cfg.n_embd, cfg.q_dim(), cfg.kv_dim(), cfg.head_dim);
@@ -948,7 +1064,7 @@ impl<'a> GpuLayer<'a> {
         };
 
         // Bias, QK-norm, RoPE, store.
-        let mut pp = PrepParams {
+        let pp = PrepParams {
             qkv: ptr(&self.qkv),
             bias: self.bqkv.as_ref().map_or(0, ptr),
             q_norm: self.q_norm.as_ref().map_or(0, ptr),
@@ -958,6 +1074,7 @@ impl<'a> GpuLayer<'a> {
             q: ptr(&self.q),
             k: ptr(&self.k),
             v: ptr(&self.v),
+            stats: 0,
             cs_period,
             n_head: cfg.n_head as i32,
             n_kv_head: cfg.n_kv_head as i32,
@@ -966,56 +1083,114 @@ impl<'a> GpuLayer<'a> {
             half_split: matches!(cfg.rope(), Some(r) if r.convention == RopeConvention::HalfSplit)
                 as i32,
             eps: cfg.rmsnorm_eps,
+            tokens: n as i32,
+            q_width: 0,
+            k_width: 0,
         };
-        let prep_smem = plan::prep_smem_bytes(&cfg);
+        let pending = PendingPrep { pp, n };
+        let (Some(part), Some(stats)) = (self.norm_share, &self.stats) else {
+            // SAFETY: per this function's contract.
+            unsafe { self.finish_prep(pending, stream)? };
+            return Ok(None);
+        };
+        let mut sp = SumsqParams {
+            qkv: pp.qkv,
+            bias: pp.bias,
+            stats: ptr(stats),
+            tokens: n as i32,
+            q_dim: qd as i32,
+            kv_dim: kvd as i32,
+            count_k: part.count_k as i32,
+        };
+        // SAFETY: SumsqParams matches the kernel's struct; qkv holds n rows of q_dim + 2 kv_dim
+        // f32, the bias (if any) one row, stats 2 * max tokens f32 >= 2 * n.
+        unsafe { launch(self.f_sumsq, (n as u32, 1, 1), 256, 0, stream, &mut sp)? };
+        let mut pending = pending;
+        pending.pp.stats = sp.stats;
+        pending.pp.q_width = part.q_width as i32;
+        pending.pp.k_width = part.k_width as i32;
+        Ok(Some(pending))
+    }
+
+    /// The bias / QK-norm / RoPE pass of [`GpuLayer::project_qkv`].
+    ///
+    /// # Safety
+    /// `p` comes from this layer's last `project_qkv` on the same stream; with statistics, they
+    /// hold the sums over every device by the time the stream runs the pass.
+    unsafe fn finish_prep(&mut self, p: PendingPrep, stream: cu::CUstream) -> Result<()> {
+        let mut pp = p.pp;
+        let prep_smem = plan::prep_smem_bytes(&self.cfg);
         // SAFETY: every pointer of `pp` is a live buffer sized for the call (or null where the
         // kernel checks for null).
         unsafe {
             launch(
                 self.f_prep,
-                (n as u32, 1, 1),
+                (p.n as u32, 1, 1),
                 PREP_THREADS,
                 prep_smem,
                 stream,
                 &mut pp,
-            )?
-        };
-
-        Ok(())
+            )
+        }
     }
 
-    /// Output projection of the attention output (`o`, `n` tokens) into `y`, and its bias.
+    /// Output projection of the attention output (`o`, `n` tokens) into `y` (f32), and its
+    /// bias.
     ///
     /// # Safety
     /// `y` holds `n * n_embd` f32 on the device; `o` holds the attention output of `n` tokens.
     unsafe fn project_out(&mut self, y: u64, n: usize, stream: cu::CUstream) -> Result<()> {
+        // SAFETY: per this function's contract.
+        unsafe { self.project_out_rows(y, 0, n, false, stream) }
+    }
+
+    /// Output projection of rows `row0..row0 + rows` of the attention output into `y` (the
+    /// first of those rows' outputs): f32 with the output bias, or with `storage` the storage
+    /// type without the bias (a head split reduced in the storage type adds it once, after).
+    ///
+    /// # Safety
+    /// `y` holds `rows * n_embd` elements of the output type on the device; `o` holds the
+    /// attention output of at least `row0 + rows` tokens.
+    unsafe fn project_out_rows(
+        &mut self,
+        y: u64,
+        row0: usize,
+        rows: usize,
+        storage: bool,
+        stream: cu::CUstream,
+    ) -> Result<()> {
         let cfg = self.cfg;
         let (c, qd) = (cfg.n_embd, cfg.q_dim());
         let prec = self.opts.precision;
-        // Output projection and bias.
-        // SAFETY: wo [c, qd], o [n, qd], y [n, c] on the device.
+        let o = ptr(&self.o) + (row0 * qd * prec.size()) as u64;
+        let out_type = if storage {
+            blas_type(prec)
+        } else {
+            cublas::R_32F
+        };
+        // SAFETY: wo [c, qd], o rows [rows, qd], y [rows, c] on the device.
         unsafe {
             self.cublas.linear(
                 stream.cast(),
-                n,
+                rows,
                 c,
                 qd,
                 ptr(&self.wo),
-                ptr(&self.o),
+                o,
                 blas_type(prec),
                 y,
-                cublas::R_32F,
+                out_type,
             )?
         };
-        if let Some(bo) = &self.bo {
+        if let (Some(bo), false) = (&self.bo, storage) {
             let mut a = BiasParams {
                 y,
                 bias: ptr(bo),
-                rows: n as i64,
+                rows: rows as i64,
                 cols: c as i32,
             };
-            let blocks = ((n * c).div_ceil(256)).min(65535 * 8) as u32;
-            // SAFETY: BiasParams matches the kernel's struct; y is [n, c], bias [c].
+            let blocks = ((rows * c).div_ceil(256)).min(65535 * 8) as u32;
+            // SAFETY: BiasParams matches the kernel's struct; y is [rows, c], bias [c].
             unsafe { launch(self.f_bias, (blocks, 1, 1), 256, 0, stream, &mut a)? };
         }
         Ok(())

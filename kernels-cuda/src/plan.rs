@@ -245,6 +245,43 @@ impl GpuOptions {
     }
 }
 
+/// How a head split over several GPUs ([`crate::MultiGpuLayer`]) sums its partial outputs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReduceOptions {
+    /// Sum in the layer's storage type (bf16 / f16) instead of f32: half the bytes through
+    /// NCCL, as tensor-parallel PyTorch reduces its bf16 activations. Each device's partial
+    /// output is rounded to the storage type before the sum and the sum is widened to f32
+    /// with the output bias added once, so the result differs from one GPU's by the storage
+    /// type's rounding (within the bf16 / f16 tolerances). No effect on f32 layers.
+    pub storage_dtype: bool,
+    /// Token chunks of the output projection (at least 1): chunk `i`'s all-reduce runs on a
+    /// second stream while chunk `i + 1`'s projection runs. 1 reduces the whole output after
+    /// one projection. Summing is element-wise, so the result does not depend on it.
+    pub chunks: usize,
+    /// Reduce-scatter instead of all-reduce: device `i` receives the sum of the `i`-th of N
+    /// equal parts of each chunk's output elements, half the NCCL traffic of an all-reduce on
+    /// 2 devices, and the host output is gathered from every device's part (the same values
+    /// as with the all-reduce). Without it device 0 receives the whole sum. Ignored (all-reduce)
+    /// when N does not divide `n_embd`.
+    pub scatter: bool,
+}
+
+impl ReduceOptions {
+    /// f32 all-reduce after one output projection: the split then equals one GPU up to the
+    /// summation order of the output projection, and device 0 holds the whole output.
+    pub const EXACT: ReduceOptions = ReduceOptions {
+        storage_dtype: false,
+        chunks: 1,
+        scatter: false,
+    };
+}
+
+impl Default for ReduceOptions {
+    fn default() -> ReduceOptions {
+        ReduceOptions::EXACT
+    }
+}
+
 /// One kernel launch: name, grid, block, dynamic shared memory.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Launch {
@@ -354,10 +391,8 @@ pub const fn mma_smem_bytes(dp: usize, m_tiles: usize, key_tile: usize) -> u32 {
 /// every 1024 bytes), the Q tile and [`WGMMA_STAGES`] stages of K and V, 256 bytes a row, and
 /// the pipeline's mbarriers (three per stage and one for Q, 8 bytes each).
 pub const fn wgmma_smem_bytes() -> u32 {
-    (1024
-        + WGMMA_ROWS * 256
-        + 2 * WGMMA_STAGES * WGMMA_KEY_TILE * 256
-        + (3 * WGMMA_STAGES + 1) * 8) as u32
+    (1024 + WGMMA_ROWS * 256 + 2 * WGMMA_STAGES * WGMMA_KEY_TILE * 256 + (3 * WGMMA_STAGES + 1) * 8)
+        as u32
 }
 
 /// Dynamic shared memory of the q/k/v preparation kernel.

@@ -3,10 +3,10 @@
 use std::ffi::c_void;
 use std::marker::PhantomData;
 
-use attnrt::{Inputs, Layer, MaskInputs, RopeTable, Sequence};
+use attnrt::{Inputs, KvGeometry, Layer, MaskInputs, RopeTable, Sequence};
 
 use crate::error::{Error, Result};
-use crate::plan::{AttnPath, GpuBackend, GpuOptions, Precision};
+use crate::plan::{AttnPath, GpuBackend, GpuOptions, Precision, ReduceOptions};
 
 /// Where the rotary rows of a device call come from.
 #[derive(Clone, Copy, Debug)]
@@ -185,6 +185,33 @@ impl GpuLayer<'_> {
     }
 }
 
+/// A KV cache split over several GPUs. This build has no CUDA: no value of it exists.
+pub struct MultiGpuKvCache {
+    never: std::convert::Infallible,
+}
+
+impl MultiGpuKvCache {
+    /// Number of devices (unreachable).
+    pub fn n_devices(&self) -> usize {
+        match self.never {}
+    }
+
+    /// The unsplit cache's shape (unreachable).
+    pub fn geometry(&self) -> KvGeometry {
+        match self.never {}
+    }
+
+    /// Device `i`'s cache (unreachable).
+    pub fn device(&self, _i: usize) -> Option<&GpuKvCache> {
+        match self.never {}
+    }
+
+    /// Device `i`'s cache, mutable (unreachable).
+    pub fn device_mut(&mut self, _i: usize) -> Option<&mut GpuKvCache> {
+        match self.never {}
+    }
+}
+
 /// A layer split by heads over several GPUs. This build has no CUDA: [`MultiGpuLayer::new`]
 /// always fails.
 pub struct MultiGpuLayer<'a> {
@@ -265,6 +292,116 @@ impl<'a> MultiGpuLayer<'a> {
     /// Never returns.
     #[doc(hidden)]
     pub fn forward_staged(&mut self, _inputs: &Inputs<'_>) -> Result<()> {
+        match self.never {}
+    }
+
+    /// How the partial outputs are summed (unreachable).
+    pub fn reduce_options(&self) -> ReduceOptions {
+        match self.never {}
+    }
+
+    /// Unreachable in this build.
+    ///
+    /// # Errors
+    /// Never returns.
+    pub fn set_reduce(&mut self, _options: ReduceOptions) -> Result<()> {
+        match self.never {}
+    }
+
+    /// Unreachable in this build.
+    ///
+    /// # Errors
+    /// Never returns.
+    pub fn new_kv_cache(
+        &self,
+        _block_size: usize,
+        _num_blocks: usize,
+        _rolling: bool,
+    ) -> Result<MultiGpuKvCache> {
+        match self.never {}
+    }
+
+    /// Unreachable in this build.
+    ///
+    /// # Errors
+    /// Never returns.
+    pub fn forward_cached(
+        &mut self,
+        _x: &[f32],
+        _seqs: &[Sequence<'_>],
+        _rope_table: Option<RopeTable<'_>>,
+        _cache: &mut MultiGpuKvCache,
+        _out: &mut [f32],
+    ) -> Result<GpuBackend> {
+        match self.never {}
+    }
+
+    /// Unreachable in this build.
+    ///
+    /// # Errors
+    /// Never returns.
+    ///
+    /// # Safety
+    /// Never returns.
+    #[doc(hidden)]
+    pub unsafe fn time_decode_ms(&mut self, _device: usize, _iters: usize) -> Result<f32> {
+        match self.never {}
+    }
+}
+
+/// A sequence-parallel call on device buffers (see the CUDA build).
+#[derive(Clone, Copy, Debug)]
+pub struct SeqParallelCall<'a> {
+    /// Per rank, a device pointer to its rows of `x`.
+    pub x_parts: &'a [u64],
+    /// Per rank, a device pointer to room for its rows of the output.
+    pub y_parts: &'a [u64],
+    /// Batch rows of the whole call.
+    pub batch: usize,
+    /// Tokens per row of the whole call.
+    pub seq_len: usize,
+    /// Mask inputs of the whole call (host memory).
+    pub mask: MaskInputs<'a>,
+    /// Rotary positions of the whole call (host memory).
+    pub position_ids: Option<&'a [i32]>,
+    /// The caller's cos/sin table.
+    pub rope_table: Option<RopeTable<'a>>,
+}
+
+impl MultiGpuLayer<'_> {
+    /// A rank's rows of a sequence-parallel call (unreachable in this build).
+    ///
+    /// # Errors
+    /// Never returns.
+    pub fn token_range(
+        &self,
+        _rank: usize,
+        _batch: usize,
+        _seq_len: usize,
+    ) -> Result<std::ops::Range<usize>> {
+        match self.never {}
+    }
+
+    /// Unreachable in this build.
+    ///
+    /// # Errors
+    /// Never returns.
+    pub fn forward_seq_host(
+        &mut self,
+        _inputs: &Inputs<'_>,
+        _out: &mut [f32],
+    ) -> Result<GpuBackend> {
+        match self.never {}
+    }
+
+    /// Unreachable in this build.
+    ///
+    /// # Errors
+    /// Never returns.
+    ///
+    /// # Safety
+    /// As in the CUDA build: device pointers valid for the call.
+    pub unsafe fn forward_seq_device(&mut self, _call: &SeqParallelCall<'_>) -> Result<GpuBackend> {
         match self.never {}
     }
 }

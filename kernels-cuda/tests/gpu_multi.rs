@@ -1,19 +1,34 @@
-//! Multi-GPU head split ([`MultiGpuLayer`], NCCL): on 2 GPUs (and 4 when present), for every
-//! mask mode, GQA with fewer KV heads than devices, per-head QK-norm, bias and rotary:
-//! * f32 path: the split result within 1e-4 (max abs) of `Layer::forward_reference`;
+//! Multi-GPU head split ([`MultiGpuLayer`], NCCL): on 2 GPUs (and 4 when present).
+//!
+//! Forward (`forward_host`), every mask mode, KV heads fewer than / equal to / more than the
+//! devices, rotary (both conventions), no / per-head / full QK-norm, bias:
+//! * f32 path: the split result within 1e-4 (max abs) of `Layer::forward_reference`, with each
+//!   reduction of `REDUCTIONS` (all-reduce / reduce-scatter, one chunk / chunks overlapped);
 //! * bf16 path: the split result equals the single-GPU `GpuLayer` bf16 result within the bf16
-//!   tolerance of `tests/gpu.rs` (relative L2 <= 2e-2, max abs <= 5e-2 * max|ref|);
+//!   tolerance of `tests/gpu.rs` (relative L2 <= 2e-2, max abs <= 5e-2 * max|ref|), with each
+//!   reduction (f32 or bf16 sums, all-reduce or reduce-scatter, chunked or not);
 //! * the partials mode sums to the reduced result.
 //!
-//! With fewer than 2 devices each test prints "skipped: ..." and returns.
-//! `ATTNRT_MULTI_BENCH=1` also runs the prefill bench (T = 16384, n_embd 4096, 32/8 heads,
-//! head_dim 128, bf16, causal) on 1, 2 and 4 GPUs (those present).
+//! Cached calls (`forward_cached` on a `MultiGpuKvCache`): three sequences, prefill (whole or
+//! in chunks of 16, a rolling window cache included) then 4 decode steps of all sequences,
+//! KV heads fewer than / equal to / more than the devices, no / per-head / full QK-norm, the
+//! reductions in turn:
+//! * f32: every call within 1e-4 of the scalar reference over each sequence's tokens and of the
+//!   CPU `Layer::forward_cached`; every device's K and V pools equal the CPU cache's heads of
+//!   that device (1e-4);
+//! * bf16: every call equals the single-GPU `GpuLayer::forward_cached` within the bf16
+//!   tolerance (and the reference within it too).
+//!
+//! With fewer than 2 devices each test prints "skipped: ..." and returns. The benches (prefill
+//! T = 16384 and decode 32 x 8192 on 1 and 2 GPUs) are `attnrt-cuda-bench --multi`.
 
-use std::time::Instant;
-
-use attnrt::{BiasFlags, Config, Inputs, Layer, QkNorm, Rope, RopeConvention};
+use attnrt::{
+    cached_workspace_len, kv_pool_len, reference_workspace_len, rope, BiasFlags, Config, Inputs,
+    KvCache, KvPool, Layer, QkNorm, Rope, RopeConvention, RopeTable, Sequence, Sequential,
+};
 use attnrt_cuda::{
-    device_count, no_device_reason, Error, GpuLayer, GpuOptions, MultiGpuLayer, Precision,
+    device_count, no_device_reason, Error, GpuKvCache, GpuLayer, GpuOptions, MultiGpuKvCache,
+    MultiGpuLayer, Precision, ReduceOptions,
 };
 use attnrt_tests::{max_abs_diff, OwnedWeights, Rng, F32_TOL};
 
@@ -34,9 +49,46 @@ fn device_counts() -> Option<Vec<usize>> {
     Some([2usize, 4].into_iter().filter(|&k| k <= n).collect())
 }
 
-/// 8 query heads, `kv` KV heads, head_dim 64; `variant` picks rotary / per-head QK-norm / bias.
-fn config(kv: usize, mode: usize, variant: usize) -> Config {
-    let mut cfg = Config::new(128, 8).with_kv_heads(kv).with_head_dim(64);
+/// The reductions the tests run: the exact all-reduce, and the storage-type / chunked /
+/// reduce-scatter variants (storage type has no effect on f32 layers).
+const REDUCTIONS: [ReduceOptions; 4] = [
+    ReduceOptions::EXACT,
+    ReduceOptions {
+        storage_dtype: true,
+        chunks: 3,
+        scatter: false,
+    },
+    ReduceOptions {
+        storage_dtype: false,
+        chunks: 1,
+        scatter: true,
+    },
+    ReduceOptions {
+        storage_dtype: true,
+        chunks: 2,
+        scatter: true,
+    },
+];
+
+/// bf16 tolerance of tests/gpu.rs: (relative L2, max abs / max|want|) of `got` vs `want`,
+/// asserted within (2e-2, 5e-2).
+fn bf16_close(what: &str, got: &[f32], want: &[f32]) -> (f64, f32) {
+    let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs())).max(1e-6);
+    let rel = rel_l2(got, want);
+    let max = max_abs_diff(got, want) / scale;
+    assert!(
+        rel <= 2e-2 && max <= 5e-2,
+        "{what}: rel L2 {rel:.3e}, max abs / max|ref| {max:.3e}"
+    );
+    (rel, max)
+}
+
+/// 8 query heads, `kv` KV heads, head_dim 64; `variant` picks rotary and bias.
+fn config(kv: usize, mode: usize, variant: usize, norm: QkNorm) -> Config {
+    let mut cfg = Config::new(128, 8)
+        .with_kv_heads(kv)
+        .with_head_dim(64)
+        .with_qk_norm(norm);
     if matches!(mode, 1 | 7 | 8) {
         cfg = cfg.with_sliding_window(17);
     }
@@ -49,9 +101,6 @@ fn config(kv: usize, mode: usize, variant: usize) -> Config {
             ..Rope::DEFAULT
         }),
     };
-    if variant % 2 == 1 {
-        cfg = cfg.with_qk_norm(QkNorm::PerHead);
-    }
     if variant % 4 < 2 {
         cfg = cfg.with_bias(BiasFlags::ALL);
     }
@@ -65,10 +114,17 @@ fn devices(n: usize) -> Vec<u32> {
 // The explicit drops free each device's buffers before the next set-up; without the `cuda`
 // feature the stub types have no `Drop`, hence the allow.
 #[allow(clippy::drop_non_drop)]
-/// One case on `n` devices; returns (f32 max abs err vs reference, bf16 rel L2 vs one GPU,
-/// bf16 max abs / max|ref| vs one GPU).
-fn check_case(n: usize, kv: usize, mode: usize, variant: usize, t: usize) -> (f32, f64, f32) {
-    let cfg = config(kv, mode, variant);
+/// One case on `n` devices; returns (f32 max abs err vs reference, worst bf16 rel L2 vs one
+/// GPU).
+fn check_case(
+    n: usize,
+    kv: usize,
+    mode: usize,
+    variant: usize,
+    norm: QkNorm,
+    t: usize,
+) -> (f32, f64) {
+    let cfg = config(kv, mode, variant, norm);
     let mut rng = Rng(0x5EED_0000 ^ ((n * 100 + kv * 10 + mode) as u64) ^ ((t as u64) << 32));
     let w = OwnedWeights::random(&cfg, &mut rng);
     let layer = Layer::new(cfg, w.view(&cfg)).unwrap();
@@ -84,16 +140,28 @@ fn check_case(n: usize, kv: usize, mode: usize, variant: usize, t: usize) -> (f3
     );
     let want = reference(&layer, &inputs);
 
-    // f32: split vs reference, and partials summing to the reduced output.
+    // f32: split vs reference (every reduction), partials summing to the output.
     let opts = GpuOptions::new(Precision::F32, inputs.batch, t);
     let mut multi = MultiGpuLayer::new(layer, &devices(n), opts)
         .unwrap_or_else(|e| panic!("MultiGpuLayer::new f32 {name}: {e}"));
-    let mut got = vec![f32::NAN; len];
-    multi
-        .forward_host(&inputs, &mut got)
-        .unwrap_or_else(|e| panic!("forward_host f32 {name}: {e}"));
-    let f32_err = max_abs_diff(&got, &want);
-    assert!(f32_err <= F32_TOL, "f32 {name}: max abs err {f32_err:.3e}");
+    let mut f32_err = 0.0f32;
+    let mut got = Vec::new();
+    for reduce in REDUCTIONS {
+        multi.set_reduce(reduce).unwrap();
+        let mut y = vec![f32::NAN; len];
+        multi
+            .forward_host(&inputs, &mut y)
+            .unwrap_or_else(|e| panic!("forward_host f32 {reduce:?} {name}: {e}"));
+        let err = max_abs_diff(&y, &want);
+        assert!(
+            err <= F32_TOL,
+            "f32 {reduce:?} {name}: max abs err {err:.3e}"
+        );
+        f32_err = f32_err.max(err);
+        if reduce == ReduceOptions::EXACT {
+            got = y;
+        }
+    }
     let mut parts = vec![f32::NAN; n * len];
     multi
         .forward_host_partials(&inputs, &mut parts)
@@ -108,26 +176,29 @@ fn check_case(n: usize, kv: usize, mode: usize, variant: usize, t: usize) -> (f3
     assert!(perr <= 1e-5, "partials {name}: sum differs by {perr:.3e}");
     drop(multi);
 
-    // bf16: split vs one GPU.
+    // bf16: split vs one GPU, f32 sum and bf16 chunked sum.
     let opts = GpuOptions::new(Precision::Bf16, inputs.batch, t);
     let mut one = GpuLayer::new(layer, opts).unwrap();
     let mut single = vec![f32::NAN; len];
     one.forward_host(&inputs, &mut single).unwrap();
     drop(one);
     let mut multi = MultiGpuLayer::new(layer, &devices(n), opts).unwrap();
-    let mut split = vec![f32::NAN; len];
-    multi
-        .forward_host(&inputs, &mut split)
-        .unwrap_or_else(|e| panic!("forward_host bf16 {name}: {e}"));
-    let scale = single.iter().fold(0.0f32, |m, v| m.max(v.abs())).max(1e-6);
-    let rel = rel_l2(&split, &single);
-    let max = max_abs_diff(&split, &single) / scale;
-    assert!(
-        rel <= 2e-2 && max <= 5e-2,
-        "bf16 {name}: split vs one GPU rel L2 {rel:.3e}, max abs / max|ref| {max:.3e}"
-    );
-    println!("{name}: f32 vs ref {f32_err:.2e}, bf16 vs 1 GPU relL2 {rel:.2e} max {max:.2e}");
-    (f32_err, rel, max)
+    let mut worst = 0.0f64;
+    for reduce in REDUCTIONS {
+        multi.set_reduce(reduce).unwrap();
+        let mut split = vec![f32::NAN; len];
+        multi
+            .forward_host(&inputs, &mut split)
+            .unwrap_or_else(|e| panic!("forward_host bf16 {reduce:?} {name}: {e}"));
+        let (rel, _) = bf16_close(
+            &format!("bf16 {name} {reduce:?}: split vs one GPU"),
+            &split,
+            &single,
+        );
+        worst = worst.max(rel);
+    }
+    println!("{name}: f32 vs ref {f32_err:.2e}, bf16 vs 1 GPU relL2 {worst:.2e}");
+    (f32_err, worst)
 }
 
 #[test]
@@ -135,6 +206,7 @@ fn split_equals_one_gpu_every_mask_mode() {
     let Some(counts) = device_counts() else {
         return;
     };
+    let norms = [QkNorm::None, QkNorm::PerHead, QkNorm::Full];
     for n in counts {
         // KV heads: fewer than the devices (replicated), equal, more.
         let kvs: &[usize] = if n == 2 { &[1, 2, 4] } else { &[2, 4, 8] };
@@ -143,7 +215,9 @@ fn split_equals_one_gpu_every_mask_mode() {
         for (mode, _) in MASK_NAMES.iter().enumerate() {
             for (i, &kv) in kvs.iter().enumerate() {
                 let t = if (mode + i) % 2 == 0 { 65 } else { 200 };
-                let o = check_case(n, kv, mode, mode + i * 3, t);
+                // Every (KV heads, norm) pair over three mask modes each.
+                let norm = norms[(mode + i) % 3];
+                let o = check_case(n, kv, mode, mode + i * 3, norm, t);
                 worst.0 = worst.0.max(o.0);
                 worst.1 = worst.1.max(o.1);
                 cases += 1;
@@ -157,7 +231,7 @@ fn split_equals_one_gpu_every_mask_mode() {
 }
 
 #[test]
-fn full_qk_norm_across_gpus_is_unsupported() {
+fn full_qk_norm_runs_and_bad_set_ups_are_refused() {
     let Some(_) = device_counts() else {
         return;
     };
@@ -167,62 +241,331 @@ fn full_qk_norm_across_gpus_is_unsupported() {
         .with_qk_norm(QkNorm::Full);
     let w = OwnedWeights::random(&cfg, &mut Rng(7));
     let layer = Layer::new(cfg, w.view(&cfg)).unwrap();
-    let r = MultiGpuLayer::new(layer, &[0, 1], GpuOptions::new(Precision::F32, 1, 8));
-    assert!(matches!(r, Err(Error::Unsupported(_))), "{:?}", r.err());
-    // One device needs no reduction and works.
-    assert!(MultiGpuLayer::new(layer, &[0], GpuOptions::new(Precision::F32, 1, 8)).is_ok());
+    let mut multi =
+        MultiGpuLayer::new(layer, &[0, 1], GpuOptions::new(Precision::F32, 1, 8)).unwrap();
+    // Zero chunks is refused, naming the field.
+    let r = multi.set_reduce(ReduceOptions {
+        chunks: 0,
+        ..ReduceOptions::EXACT
+    });
+    assert!(
+        matches!(&r, Err(Error::Unsupported(m)) if m.contains("chunks = 0")),
+        "{r:?}"
+    );
+    assert_eq!(multi.reduce_options(), ReduceOptions::EXACT);
     // A repeated device is refused.
-    let cfg = Config::new(128, 8).with_kv_heads(2).with_head_dim(64);
-    let w = OwnedWeights::random(&cfg, &mut Rng(8));
-    let layer = Layer::new(cfg, w.view(&cfg)).unwrap();
     let r = MultiGpuLayer::new(layer, &[1, 1], GpuOptions::new(Precision::F32, 1, 8));
     assert!(matches!(r, Err(Error::Unsupported(_))));
 }
 
-#[test]
-fn bench_prefill_16384() {
-    if std::env::var_os("ATTNRT_MULTI_BENCH").is_none() {
-        println!("skipped: set ATTNRT_MULTI_BENCH=1 to run the multi-GPU prefill bench");
-        return;
+/// One cached case on `n` devices: prefill of three sequences (whole, or in chunks of
+/// `chunk`), then 4 decode steps; see the module documentation for the checks. Returns (worst
+/// max abs vs reference, worst max abs vs CPU) for f32, (worst rel L2 vs one GPU, 0) for bf16.
+#[allow(clippy::too_many_arguments)]
+fn cached_case(
+    n: usize,
+    reduce: ReduceOptions,
+    kv: usize,
+    norm: QkNorm,
+    window: Option<usize>,
+    rolling: bool,
+    chunk: usize,
+    block: usize,
+    p: Precision,
+) -> (f64, f64) {
+    let (d, steps) = (64usize, 4usize);
+    let prefill = [37usize, 1, 70];
+    let mut cfg = Config::new(128, 8)
+        .with_kv_heads(kv)
+        .with_head_dim(d)
+        .with_qk_norm(norm)
+        .with_rope(Rope::DEFAULT);
+    if norm != QkNorm::PerHead {
+        cfg = cfg.with_bias(BiasFlags::ALL);
     }
+    if let Some(w) = window {
+        cfg = cfg.with_sliding_window(w);
+    }
+    let name = format!(
+        "N={n} KV={kv} norm={norm:?} window={window:?} rolling={rolling} chunk={chunk} block={block} {p:?} {reduce:?}"
+    );
+    let mut rng = Rng(0xCAC4E ^ (n * 1000 + kv * 100 + block) as u64 ^ (chunk as u64) << 20);
+    let w = OwnedWeights::random(&cfg, &mut rng);
+    let layer = Layer::new(cfg, w.view(&cfg)).unwrap();
+    let max_pos = 70 + steps + 1;
+    let mut tb = vec![0.0; rope::table_len(max_pos, d)];
+    rope::build_table(cfg.rope().unwrap(), d, &mut tb).unwrap();
+    let table = RopeTable::new(&tb, d).unwrap();
+
+    let xs: Vec<Vec<f32>> = prefill
+        .iter()
+        .map(|&t| rng.vec((t + steps) * cfg.n_embd, 1.0))
+        .collect();
+    let refs: Vec<Vec<f32>> = xs
+        .iter()
+        .zip(prefill)
+        .map(|(x, t)| {
+            let m = t + steps;
+            let mut inputs = Inputs::new(x, 1, m);
+            inputs.rope_table = Some(table);
+            let mut ws = vec![0.0; reference_workspace_len(&cfg, m)];
+            let mut y = vec![f32::NAN; m * cfg.n_embd];
+            layer.forward_reference(&inputs, &mut ws, &mut y).unwrap();
+            y
+        })
+        .collect();
+
+    // Calls: the prefill in chunks (all of it at once with chunk = usize::MAX), then the
+    // decode steps of every sequence.
+    let mut calls: Vec<Vec<(usize, usize)>> = Vec::new();
+    let longest = *prefill.iter().max().unwrap();
+    let mut c0 = 0;
+    while c0 < longest {
+        calls.push(
+            prefill
+                .iter()
+                .map(|&t| (c0.min(t), t.saturating_sub(c0).min(chunk)))
+                .collect(),
+        );
+        c0 = c0.saturating_add(chunk);
+    }
+    for step in 0..steps {
+        calls.push(prefill.iter().map(|&t| (t + step, 1)).collect());
+    }
+    // Shuffled block tables.
+    let counts: Vec<usize> = prefill
+        .iter()
+        .map(|&t| match (rolling, window) {
+            (true, Some(w)) => (w + t.min(chunk) - 1).div_ceil(block),
+            _ => (t + steps).div_ceil(block),
+        })
+        .collect();
+    let num_blocks: usize = counts.iter().sum::<usize>() + 3;
+    let mut ids: Vec<u32> = (0..num_blocks as u32).collect();
+    for i in (1..ids.len()).rev() {
+        let j = ((rng.uniform() * 0.5 + 0.5) * (i + 1) as f32) as usize % (i + 1);
+        ids.swap(i, j);
+    }
+    let mut tables = Vec::new();
+    let mut at = 0;
+    for &c in &counts {
+        tables.push(ids[at..at + c].to_vec());
+        at += c;
+    }
+
+    let max_new = 128;
+    let opts = GpuOptions::new(p, 1, max_new);
+    let mut multi = MultiGpuLayer::new(layer, &devices(n), opts)
+        .unwrap_or_else(|e| panic!("MultiGpuLayer::new {name}: {e}"));
+    multi.set_reduce(reduce).unwrap();
+    let mut cache: MultiGpuKvCache = multi.new_kv_cache(block, num_blocks, rolling).unwrap();
+    assert_eq!(cache.n_devices(), n);
+    // One GPU (bf16 comparison) and the CPU (f32 comparison) on the same calls.
+    let mut one = (p != Precision::F32).then(|| {
+        (
+            GpuLayer::new(layer, opts).unwrap(),
+            GpuKvCache::new(p, kv, d, block, num_blocks, rolling, 0).unwrap(),
+        )
+    });
+    let pool_len = kv_pool_len(kv, d, block, num_blocks);
+    let (mut cpu_k, mut cpu_v) = (vec![0.0f32; pool_len], vec![0.0f32; pool_len]);
+
+    let mut worst = (0.0f64, 0.0f64);
+    for (step, call) in calls.iter().enumerate() {
+        let mut seqs = Vec::new();
+        let mut x = Vec::new();
+        let mut rows = Vec::new();
+        for (s, &(cached, new)) in call.iter().enumerate() {
+            seqs.push(Sequence {
+                cached,
+                new_tokens: new,
+                blocks: &tables[s],
+            });
+            x.extend_from_slice(&xs[s][cached * cfg.n_embd..(cached + new) * cfg.n_embd]);
+            rows.extend((cached..cached + new).map(|i| (s, i)));
+        }
+        let what = format!("{name} call {step}");
+        let mut y = vec![f32::NAN; x.len()];
+        multi
+            .forward_cached(&x, &seqs, Some(table), &mut cache, &mut y)
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+        let want: Vec<f32> = rows
+            .iter()
+            .flat_map(|&(s, i)| refs[s][i * cfg.n_embd..(i + 1) * cfg.n_embd].to_vec())
+            .collect();
+        match &mut one {
+            None => {
+                let mut y_cpu = vec![f32::NAN; x.len()];
+                let mut kc = KvCache::new(
+                    KvPool::F32 {
+                        k: &mut cpu_k,
+                        v: &mut cpu_v,
+                    },
+                    kv,
+                    d,
+                    block,
+                    num_blocks,
+                    rolling,
+                )
+                .unwrap();
+                let mut ws = vec![0.0; cached_workspace_len(&cfg, &seqs, 1, num_blocks)];
+                layer
+                    .forward_cached(
+                        &x,
+                        &seqs,
+                        Some(table),
+                        &mut kc,
+                        &mut ws,
+                        &mut y_cpu,
+                        &Sequential,
+                    )
+                    .unwrap();
+                let (a, b) = (max_abs_diff(&y, &want), max_abs_diff(&y, &y_cpu));
+                assert!(a <= F32_TOL, "{what}: vs reference max abs err {a:.3e}");
+                assert!(
+                    b <= F32_TOL,
+                    "{what}: vs CPU forward_cached max abs err {b:.3e}"
+                );
+                worst = (worst.0.max(a as f64), worst.1.max(b as f64));
+            }
+            Some((gpu, gcache)) => {
+                let mut y1 = vec![f32::NAN; x.len()];
+                gpu.forward_cached(&x, &seqs, Some(table), gcache, &mut y1)
+                    .unwrap();
+                let (rel, _) = bf16_close(&format!("{what}: split vs one GPU"), &y, &y1);
+                bf16_close(&format!("{what}: split vs reference"), &y, &want);
+                worst.0 = worst.0.max(rel);
+            }
+        }
+    }
+    if p == Precision::F32 {
+        // Device i's pools hold the CPU cache's KV heads of shard i, block by block.
+        let bs_elems = block * d;
+        for i in 0..n {
+            let s = multi.plan().shard(i).unwrap();
+            let (k, v) = cache.device(i).unwrap().read_f32().unwrap();
+            for (got, all, what) in [(&k, &cpu_k, "K"), (&v, &cpu_v, "V")] {
+                let want: Vec<f32> = (0..num_blocks)
+                    .flat_map(|b| {
+                        let at = (b * kv + s.kv_start) * bs_elems;
+                        all[at..at + s.n_kv_head() * bs_elems].to_vec()
+                    })
+                    .collect();
+                let err = max_abs_diff(got, &want);
+                assert!(
+                    err <= F32_TOL,
+                    "{name}: device {i} {what} pool differs from the CPU cache by {err:.3e}"
+                );
+            }
+        }
+    }
+    println!(
+        "{name}: {} calls; {}",
+        calls.len(),
+        if p == Precision::F32 {
+            format!(
+                "f32 vs reference max {:.2e}, vs CPU forward_cached max {:.2e}, pools equal",
+                worst.0, worst.1
+            )
+        } else {
+            format!("bf16 vs one GPU worst relL2 {:.2e}", worst.0)
+        }
+    );
+    worst
+}
+
+#[test]
+fn split_prefill_and_decode_equal_one_gpu_and_reference() {
+    let Some(counts) = device_counts() else {
+        return;
+    };
+    use Precision::{Bf16, F32};
+    use QkNorm::{Full, None as NoNorm, PerHead};
+    for n in counts {
+        // KV heads fewer than, equal to and more than the devices.
+        let (few, eq, many) = if n == 2 { (1, 2, 4) } else { (2, 4, 8) };
+        let whole = usize::MAX;
+        let cases = [
+            (few, Full, None, false, whole, 16, F32),
+            (few, PerHead, Some(37), true, 16, 16, F32),
+            (eq, Full, Some(37), false, 16, 8, F32),
+            (many, NoNorm, None, false, 16, 24, F32),
+            (many, Full, None, false, whole, 16, F32),
+            (few, Full, None, false, 16, 16, Bf16),
+            (eq, PerHead, None, false, whole, 16, Bf16),
+            (few, NoNorm, Some(37), true, 16, 16, Bf16),
+            (many, Full, None, false, whole, 32, Bf16),
+        ];
+        for (i, (kv, norm, window, rolling, chunk, block, p)) in cases.into_iter().enumerate() {
+            let reduce = REDUCTIONS[i % REDUCTIONS.len()];
+            cached_case(n, reduce, kv, norm, window, rolling, chunk, block, p);
+        }
+    }
+}
+
+#[test]
+fn invalid_cached_calls_through_the_split_write_nothing() {
     let Some(_) = device_counts() else {
         return;
     };
-    let avail = device_count();
-    let t = 16384usize;
-    let cfg = Config::new(4096, 32).with_kv_heads(8).with_head_dim(128);
-    let mut rng = Rng(42);
+    let cfg = Config::new(128, 8)
+        .with_kv_heads(1)
+        .with_head_dim(64)
+        .with_qk_norm(QkNorm::Full);
+    let mut rng = Rng(11);
     let w = OwnedWeights::random(&cfg, &mut rng);
     let layer = Layer::new(cfg, w.view(&cfg)).unwrap();
-    let x = rng.vec(t * cfg.n_embd, 1.0);
-    let inputs = Inputs::new(&x, 1, t);
-    let iters = 10;
-    let mut base = 0.0f64;
-    println!("prefill T={t} n_embd 4096, 32/8 heads, head_dim 128, bf16, causal, batch 1");
-    println!("| GPUs | ms | tokens/s | scaling | ms in NCCL |");
-    for n in [1usize, 2, 4].into_iter().filter(|&k| k <= avail) {
-        let mut m =
-            MultiGpuLayer::new(layer, &devices(n), GpuOptions::new(Precision::Bf16, 1, t)).unwrap();
-        m.stage_inputs(&inputs).unwrap();
-        for _ in 0..3 {
-            m.forward_staged(&inputs).unwrap();
-        }
-        let mut nccl = 0.0f64;
-        let start = Instant::now();
-        for _ in 0..iters {
-            m.forward_staged(&inputs).unwrap();
-            nccl += m.last_nccl_ms() as f64;
-        }
-        let ms = start.elapsed().as_secs_f64() * 1e3 / iters as f64;
-        if n == 1 {
-            base = ms;
-        }
-        println!(
-            "| {n} | {ms:.3} | {:.0} | {:.2}x | {:.3} |  ({})",
-            t as f64 / (ms / 1e3),
-            base / ms,
-            nccl / iters as f64,
-            m.backend().device
-        );
-    }
+    let opts = GpuOptions::new(Precision::F32, 1, 64);
+    let mut multi = MultiGpuLayer::new(layer, &[0, 1], opts).unwrap();
+    let mut cache = multi.new_kv_cache(16, 4, false).unwrap();
+    let x = rng.vec(20 * 128, 1.0);
+    let mut y = vec![7.0f32; x.len()];
+    let untouched = |cache: &MultiGpuKvCache| {
+        (0..cache.n_devices()).all(|i| {
+            let (k, v) = cache.device(i).unwrap().read_f32().unwrap();
+            k.iter().chain(&v).all(|&e| e == 0.0)
+        })
+    };
+    // Block outside the pool: the runtime's error, nothing written.
+    let blocks = [0u32, 9];
+    let seqs = [Sequence {
+        cached: 0,
+        new_tokens: 20,
+        blocks: &blocks,
+    }];
+    let err = multi
+        .forward_cached(&x, &seqs, None, &mut cache, &mut y)
+        .unwrap_err();
+    println!("outside the pool: {err}");
+    assert!(err.to_string().contains("outside the pool"), "{err}");
+    assert!(y.iter().all(|&v| v == 7.0));
+    assert!(untouched(&cache), "cache written on error");
+    // A cache of another split (one device): refused, nothing written.
+    let one = MultiGpuLayer::new(layer, &[0], opts).unwrap();
+    let mut other = one.new_kv_cache(16, 4, false).unwrap();
+    let blocks = [0u32, 1];
+    let seqs = [Sequence {
+        cached: 0,
+        new_tokens: 20,
+        blocks: &blocks,
+    }];
+    let err = multi
+        .forward_cached(&x, &seqs, None, &mut other, &mut y)
+        .unwrap_err();
+    println!("cache of another split: {err}");
+    assert!(err.to_string().contains("kv cache devices"), "{err}");
+    assert!(y.iter().all(|&v| v == 7.0));
+    assert!(untouched(&other), "cache written on error");
+    // A rolling cache on a layer without a window: the runtime's error.
+    let mut rolling = multi.new_kv_cache(16, 4, true).unwrap();
+    let err = multi
+        .forward_cached(&x, &seqs, None, &mut rolling, &mut y)
+        .unwrap_err();
+    println!("rolling without a window: {err}");
+    assert!(y.iter().all(|&v| v == 7.0));
+    // A valid call then works on the same cache.
+    multi
+        .forward_cached(&x, &seqs, None, &mut cache, &mut y)
+        .unwrap();
+    assert!(y.iter().all(|v| v.is_finite()) && y.iter().any(|&v| v != 7.0));
 }

@@ -3,6 +3,12 @@
 //! T = 16384, 8 packed documents at T = 16384 (document ids and varlen), and the whole layer at
 //! n_embd 4096, T = 4096. Prints TFLOP/s of useful (unmasked) work and writes JSON lines that
 //! `bench/torch_side.py` merges with PyTorch's numbers measured in the same run.
+//!
+//! `attnrt-cuda-bench --multi [OUT.json]`: the head split over GPUs ([`MultiGpuLayer`]) on 1
+//! and 2 GPUs (4 too when present): prefill T = 16384 (causal) with each [`ReduceOptions`]
+//! variant, and decode of 32 sequences x 8192 cached tokens (ms per step host to host, the
+//! 2-GPU / 1-GPU latency ratio, ms in NCCL, attention-only time per device). n_embd 4096, 32/8
+//! heads, head_dim 128, bf16.
 
 #[cfg(not(feature = "cuda"))]
 fn main() {
@@ -22,7 +28,10 @@ mod cuda_main {
     use attnrt::{
         rope, Config, Inputs, Layer, LayerWeights, MaskInputs, Rope, RopeTable, Sequence, Tensor,
     };
-    use attnrt_cuda::{DeviceCall, Error, GpuKvCache, GpuLayer, GpuOptions, Precision, RopeSource};
+    use attnrt_cuda::{
+        device_count, DeviceCall, Error, GpuKvCache, GpuLayer, GpuOptions, MultiGpuLayer,
+        Precision, ReduceOptions, RopeSource,
+    };
     use cust::sys as cu;
     use std::fmt::Write as _;
 
@@ -168,6 +177,7 @@ mod cuda_main {
             .position(|a| a == "--only")
             .and_then(|i| args.get(i + 1).cloned());
         let decode_only = args.iter().any(|a| a == "--decode");
+        let multi_only = args.iter().any(|a| a == "--multi");
         let out = args
             .iter()
             .find(|a| !a.starts_with("--") && Some(*a) != only.as_ref())
@@ -177,6 +187,14 @@ mod cuda_main {
         let mut json = String::new();
         let mut lines = Vec::new();
         let iters = 20;
+        if multi_only {
+            multi::run(&mut json)?;
+            if let Some(path) = out {
+                std::fs::write(&path, json)
+                    .map_err(|e| Error::Unsupported(format!("{path}: {e}")))?;
+            }
+            return Ok(());
+        }
 
         // Attention-only cases: the layer computes q/k/v once, then the attention kernel alone
         // is timed on them.
@@ -367,5 +385,278 @@ mod cuda_main {
         .ok();
 
         Ok(())
+    }
+
+    /// The multi-GPU benches (`--multi`).
+    mod multi {
+        use super::*;
+        use std::time::Instant;
+
+        const C: usize = 4096;
+        const H: usize = 32;
+        const KV: usize = 8;
+        const D: usize = 128;
+
+        /// Device counts to run: 1, 2 (and 4) of those present.
+        fn counts() -> Vec<usize> {
+            let n = device_count();
+            [1usize, 2, 4].into_iter().filter(|&k| k <= n).collect()
+        }
+
+        fn devices(n: usize) -> Vec<u32> {
+            (0..n as u32).collect()
+        }
+
+        fn name(r: &ReduceOptions) -> String {
+            format!(
+                "{} {} x{}",
+                if r.storage_dtype { "bf16" } else { "f32" },
+                if r.scatter {
+                    "reduce-scatter"
+                } else {
+                    "all-reduce"
+                },
+                r.chunks
+            )
+        }
+
+        const fn opt(storage_dtype: bool, scatter: bool, chunks: usize) -> ReduceOptions {
+            ReduceOptions {
+                storage_dtype,
+                chunks,
+                scatter,
+            }
+        }
+
+        pub fn run(json: &mut String) -> Result<(), Error> {
+            let mut rng = Rng(42);
+            let wq = rng.vec(H * D * C, 0.02);
+            let wk = rng.vec(KV * D * C, 0.02);
+            let wv = rng.vec(KV * D * C, 0.02);
+            let wo = rng.vec(C * H * D, 0.02);
+            let weights = LayerWeights {
+                wq: Tensor::F32(&wq),
+                wk: Tensor::F32(&wk),
+                wv: Tensor::F32(&wv),
+                wo: Tensor::F32(&wo),
+                bq: None,
+                bk: None,
+                bv: None,
+                bo: None,
+                q_norm: None,
+                k_norm: None,
+            };
+            let cfg = Config::new(C, H).with_kv_heads(KV).with_head_dim(D);
+            let layer = Layer::new(cfg, weights)?;
+            prefill(&layer, &mut rng, json)?;
+            decode(&layer, &mut rng, json)
+        }
+
+        /// Prefill T = 16384, causal, batch 1: x staged on every device once; per call every
+        /// shard, the reduction, and a wait for every device (host wall clock, mean of 10 after
+        /// 3 warm-ups).
+        fn prefill(layer: &Layer<'_>, rng: &mut Rng, json: &mut String) -> Result<(), Error> {
+            let t = 16384usize;
+            let x = rng.vec(t * C, 1.0);
+            let inputs = Inputs::new(&x, 1, t);
+            let iters = 10;
+            let variants = [
+                ReduceOptions::EXACT,
+                opt(false, false, 4),
+                opt(false, true, 1),
+                opt(false, true, 4),
+                opt(true, false, 1),
+                opt(true, false, 4),
+                opt(true, true, 1),
+                opt(true, true, 4),
+            ];
+            println!(
+                "prefill T={t}, n_embd {C}, {H}/{KV} heads, head_dim {D}, bf16, causal, batch 1 \
+                 (host wall clock per call, mean of {iters} after 3 warm-ups)"
+            );
+            println!(
+                "| GPUs | reduce (type, collective, chunks) | ms | tokens/s | scaling vs 1 GPU | ms in NCCL |"
+            );
+            println!("| --- | --- | ---: | ---: | ---: | ---: |");
+            let mut base = 0.0f64;
+            let mut device = String::new();
+            for n in counts() {
+                let mut m = MultiGpuLayer::new(
+                    *layer,
+                    &devices(n),
+                    GpuOptions::new(Precision::Bf16, 1, t),
+                )?;
+                device = m.backend().device;
+                m.stage_inputs(&inputs)?;
+                let vs: &[ReduceOptions] = if n == 1 { &variants[..1] } else { &variants };
+                for r in vs {
+                    m.set_reduce(*r)?;
+                    for _ in 0..3 {
+                        m.forward_staged(&inputs)?;
+                    }
+                    let mut nccl = 0.0f64;
+                    let start = Instant::now();
+                    for _ in 0..iters {
+                        m.forward_staged(&inputs)?;
+                        nccl += m.last_nccl_ms() as f64;
+                    }
+                    let ms = start.elapsed().as_secs_f64() * 1e3 / iters as f64;
+                    if n == 1 {
+                        base = ms;
+                    }
+                    let nccl = nccl / iters as f64;
+                    println!(
+                        "| {n} | {} | {ms:.3} | {:.0} | {:.3}x | {nccl:.3} |",
+                        name(r),
+                        t as f64 / (ms / 1e3),
+                        base / ms
+                    );
+                    writeln!(
+                        json,
+                        "{{\"case\": \"multi prefill T={t}\", \"gpus\": {n}, \"reduce\": \"{}\", \"ms\": {ms}, \"scaling\": {}, \"nccl_ms\": {nccl}}}",
+                        name(r),
+                        base / ms
+                    )
+                    .ok();
+                }
+            }
+            println!("({device})");
+            Ok(())
+        }
+
+        /// Decode: 32 sequences with 8191 cached tokens each, one new token per sequence per
+        /// step (the step attends to 8192 keys), bf16 cache of 64-token blocks in shuffled
+        /// order filled with random values. ms per step = host wall clock of
+        /// `forward_cached` (x up, every shard, reduction, output down), mean of 50 after 5
+        /// warm-ups.
+        fn decode(layer: &Layer<'_>, rng: &mut Rng, json: &mut String) -> Result<(), Error> {
+            let (seqs_n, cached, bs) = (32usize, 8191usize, 64usize);
+            let iters = 50;
+            let per_seq = (cached + 1).div_ceil(bs);
+            let num_blocks = per_seq * seqs_n;
+            let mut ids: Vec<u32> = (0..num_blocks as u32).collect();
+            for i in (1..ids.len()).rev() {
+                let j = (((rng.uniform() + 1.0) * 0.5) * (i + 1) as f32) as usize % (i + 1);
+                ids.swap(i, j);
+            }
+            let seqs: Vec<Sequence<'_>> = (0..seqs_n)
+                .map(|s| Sequence {
+                    cached,
+                    new_tokens: 1,
+                    blocks: &ids[s * per_seq..(s + 1) * per_seq],
+                })
+                .collect();
+            let x = rng.vec(seqs_n * C, 1.0);
+            let mut y = vec![0.0f32; x.len()];
+            let chunk: Vec<u8> = (0..1 << 20)
+                .flat_map(|_| half::bf16::from_f32(rng.uniform()).to_bits().to_le_bytes())
+                .collect();
+            let fill =
+                |bytes: usize| -> Vec<u8> { chunk.iter().copied().cycle().take(bytes).collect() };
+            let opts = GpuOptions::new(Precision::Bf16, 1, seqs_n);
+            println!(
+                "decode {seqs_n} x {} keys (cached {cached} + 1 new), n_embd {C}, {H}/{KV} heads, \
+                 head_dim {D}, bf16 cache, blocks of {bs}; ms per step = host wall clock of \
+                 forward_cached, mean of {iters} after 5 warm-ups",
+                cached + 1
+            );
+
+            // One GPU through GpuLayer directly (the same work without the split's wrapper).
+            {
+                let mut g = GpuLayer::new(*layer, opts)?;
+                let mut cache = GpuKvCache::new(Precision::Bf16, KV, D, bs, num_blocks, false, 0)?;
+                let f = fill(cache.pool_bytes());
+                cache.write_raw(&f, &f)?;
+                drop(f);
+                for _ in 0..5 {
+                    g.forward_cached(&x, &seqs, None, &mut cache, &mut y)?;
+                }
+                let start = Instant::now();
+                for _ in 0..iters {
+                    g.forward_cached(&x, &seqs, None, &mut cache, &mut y)?;
+                }
+                let ms = start.elapsed().as_secs_f64() * 1e3 / iters as f64;
+                // SAFETY: `cache` is alive for the timed relaunches.
+                let attn = g.time_ms(20, |g| unsafe { g.relaunch_decode() })?;
+                println!(
+                    "GpuLayer::forward_cached on 1 GPU: {ms:.4} ms per step (attention + merge alone {attn:.4} ms)"
+                );
+                writeln!(
+                    json,
+                    "{{\"case\": \"decode 32 x 8192 GpuLayer\", \"ms\": {ms}, \"attn_ms\": {attn}}}"
+                )
+                .ok();
+            }
+
+            println!("| GPUs | reduce | ms per step | ratio vs 1 GPU | ms in NCCL | device span per device (ms) | attention + merge alone, per device (ms) |");
+            println!("| --- | --- | ---: | ---: | ---: | --- | --- |");
+            let mut base = 0.0f64;
+            for n in counts() {
+                let mut m = MultiGpuLayer::new(*layer, &devices(n), opts)?;
+                let mut cache = m.new_kv_cache(bs, num_blocks, false)?;
+                for i in 0..n {
+                    let c = cache
+                        .device_mut(i)
+                        .ok_or_else(|| Error::Unsupported("missing device cache".into()))?;
+                    let f = fill(c.pool_bytes());
+                    c.write_raw(&f, &f)?;
+                }
+                let vs: &[ReduceOptions] = if n == 1 {
+                    &[ReduceOptions::EXACT]
+                } else {
+                    &[
+                        ReduceOptions::EXACT,
+                        opt(false, true, 1),
+                        opt(true, true, 1),
+                    ]
+                };
+                for r in vs {
+                    m.set_reduce(*r)?;
+                    for _ in 0..5 {
+                        m.forward_cached(&x, &seqs, None, &mut cache, &mut y)?;
+                    }
+                    let mut nccl = 0.0f64;
+                    let mut span = vec![0.0f64; n];
+                    let start = Instant::now();
+                    for _ in 0..iters {
+                        m.forward_cached(&x, &seqs, None, &mut cache, &mut y)?;
+                        nccl += m.last_nccl_ms() as f64;
+                        for (s, v) in span.iter_mut().zip(m.last_step_device_ms()) {
+                            *s += *v as f64;
+                        }
+                    }
+                    let span: Vec<String> = span
+                        .iter()
+                        .map(|v| format!("{:.4}", v / iters as f64))
+                        .collect();
+                    let ms = start.elapsed().as_secs_f64() * 1e3 / iters as f64;
+                    let nccl = nccl / iters as f64;
+                    if n == 1 {
+                        base = ms;
+                    }
+                    let mut attn = Vec::new();
+                    for i in 0..n {
+                        // SAFETY: `cache` is alive for the timed relaunches.
+                        attn.push(format!("{:.4}", unsafe { m.time_decode_ms(i, 20)? }));
+                    }
+                    println!(
+                        "| {n} | {} | {ms:.4} | {:.3} | {nccl:.4} | {} | {} |",
+                        name(r),
+                        ms / base,
+                        span.join(" / "),
+                        attn.join(" / ")
+                    );
+                    writeln!(
+                        json,
+                        "{{\"case\": \"multi decode 32 x 8192\", \"gpus\": {n}, \"reduce\": \"{}\", \"ms\": {ms}, \"ratio\": {}, \"nccl_ms\": {nccl}}}",
+                        name(r),
+                        ms / base
+                    )
+                    .ok();
+                }
+                println!("({})", m.backend().device);
+            }
+            Ok(())
+        }
     }
 }

@@ -9,7 +9,9 @@ use cust::memory::DeviceBuffer;
 use cust::sys as cu;
 use half::{bf16, f16};
 
-use super::{alloc, drv, function, h2d, kernels, launch, ptr, GpuLayer, Kernels, RopeSource};
+use super::{
+    alloc, drv, function, h2d, kernels, launch, ptr, GpuLayer, Kernels, PendingPrep, RopeSource,
+};
 use crate::error::{Error, Result};
 use crate::plan::{GpuBackend, Precision};
 
@@ -173,6 +175,32 @@ impl GpuKvCache {
             })?;
         }
         Ok(())
+    }
+}
+
+/// A cached call enqueued up to the norm statistics ([`GpuLayer::cached_front`]): what the
+/// rest of it ([`GpuLayer::cached_back`]) needs.
+pub(super) struct CachedFront {
+    n: usize,
+    items: usize,
+    split: usize,
+    hchunks: usize,
+    f_app: cu::CUfunction,
+    threads: u32,
+    dst: u64,
+    work: u64,
+    tables: u64,
+    dseqs: u64,
+    part: u64,
+    ml: u64,
+    tok_items: u64,
+    prep: Option<PendingPrep>,
+}
+
+impl CachedFront {
+    /// New tokens of the call.
+    pub(super) fn tokens(&self) -> usize {
+        self.n
     }
 }
 
@@ -372,9 +400,45 @@ impl GpuLayer<'_> {
         cache: &mut GpuKvCache,
         out: &mut [f32],
     ) -> Result<GpuBackend> {
-        let n = self.check_cached(x.len(), out.len(), seqs, &rope_table, cache)?;
-        if n == 0 {
+        let Some(front) = self.cached_front(x, out.len(), seqs, rope_table, cache)? else {
             return Ok(self.backend());
+        };
+        let stream = self.stream;
+        let n = front.tokens();
+        // SAFETY: `front` is this layer's last front, for `cache`, borrowed for the whole call.
+        unsafe { self.cached_back(&front, cache)? };
+
+        // Output projection and download.
+        let y = ptr(&self.y);
+        // SAFETY: y holds at least n * n_embd f32; o holds the attention output of n tokens.
+        unsafe { self.project_out(y, n, stream)? };
+        let bytes = std::mem::size_of_val(out);
+        // SAFETY: `y` holds `bytes` bytes of output; `out` is a live exclusive host slice of
+        // that size; the stream is synchronised before `out` is read.
+        unsafe {
+            drv(
+                "cuMemcpyDtoHAsync",
+                cu::cuMemcpyDtoHAsync_v2(out.as_mut_ptr().cast(), y, bytes, stream),
+            )?;
+            drv("cuStreamSynchronize", cu::cuStreamSynchronize(stream))?;
+        }
+        Ok(self.backend())
+    }
+
+    /// First half of [`GpuLayer::forward_cached`]: validation, the call's metadata and
+    /// scratch, the upload of `x`, projections and the norm/RoPE pass (pending with a norm
+    /// share). `None` for a call without new tokens. Writes neither the cache nor any output.
+    pub(super) fn cached_front(
+        &mut self,
+        x: &[f32],
+        out_len: usize,
+        seqs: &[Sequence<'_>],
+        rope_table: Option<RopeTable<'_>>,
+        cache: &GpuKvCache,
+    ) -> Result<Option<CachedFront>> {
+        let n = self.check_cached(x.len(), out_len, seqs, &rope_table, cache)?;
+        if n == 0 {
+            return Ok(None);
         }
         self.set_current()?;
         let cfg = self.cfg;
@@ -497,7 +561,43 @@ impl GpuLayer<'_> {
             }
         })();
         self.dec.h_pos = positions;
-        result?;
+        Ok(Some(CachedFront {
+            n,
+            items,
+            split,
+            hchunks,
+            f_app,
+            threads,
+            dst,
+            work,
+            tables,
+            dseqs,
+            part,
+            ml,
+            tok_items,
+            prep: result?,
+        }))
+    }
+
+    /// Second half of a cached call up to the attention output `o`: the pending norm/RoPE
+    /// pass (its statistics now summed across the devices), the append of the new keys and
+    /// values, split-K attention and the merge.
+    ///
+    /// # Safety
+    /// `f` is this layer's last [`GpuLayer::cached_front`], made for `cache`.
+    pub(super) unsafe fn cached_back(&mut self, f: &CachedFront, cache: &GpuKvCache) -> Result<()> {
+        let cfg = self.cfg;
+        let (h, kvh, d, r) = (cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.group_size());
+        let stream = self.stream;
+        let bs = cache.block_size;
+        let (n, items, split, hchunks, f_app, threads) =
+            (f.n, f.items, f.split, f.hchunks, f.f_app, f.threads);
+        let (dst, work, tables, dseqs, part, ml, tok_items) =
+            (f.dst, f.work, f.tables, f.dseqs, f.part, f.ml, f.tok_items);
+        if let Some(p) = f.prep {
+            // SAFETY: per this function's contract.
+            unsafe { self.finish_prep(p, stream)? };
+        }
 
         // Append the new keys and values.
         let (kpool, vpool) = cache.pool_ptrs();
@@ -565,24 +665,8 @@ impl GpuLayer<'_> {
             merge_block: threads,
         };
         self.dec.last = Some(call);
-        // SAFETY: the cache is borrowed for this whole call.
-        unsafe { self.relaunch_decode()? };
-
-        // Output projection and download.
-        let y = ptr(&self.y);
-        // SAFETY: y holds at least n * n_embd f32; o holds the attention output of n tokens.
-        unsafe { self.project_out(y, n, stream)? };
-        let bytes = std::mem::size_of_val(out);
-        // SAFETY: `y` holds `bytes` bytes of output; `out` is a live exclusive host slice of
-        // that size; the stream is synchronised before `out` is read.
-        unsafe {
-            drv(
-                "cuMemcpyDtoHAsync",
-                cu::cuMemcpyDtoHAsync_v2(out.as_mut_ptr().cast(), y, bytes, stream),
-            )?;
-            drv("cuStreamSynchronize", cu::cuStreamSynchronize(stream))?;
-        }
-        Ok(self.backend())
+        // SAFETY: the cache is borrowed by the caller for this whole call.
+        unsafe { self.relaunch_decode() }
     }
 
     /// Benchmark helper: launches the split-K attention and merge of the last cached call

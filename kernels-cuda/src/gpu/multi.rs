@@ -1,16 +1,26 @@
 //! Head split across the GPUs of one host (tensor parallel): one [`GpuLayer`] per device for
-//! its [`ShardPlan`] shard, partial outputs summed with an NCCL all-reduce.
+//! its [`ShardPlan`] shard, partial outputs summed with an NCCL all-reduce, full-QK-norm
+//! statistics summed the same way (two floats per token), and a KV cache per device
+//! ([`MultiGpuKvCache`]) for prefill and decode through the split.
 
 use std::ffi::c_void;
 
-use attnrt::{Inputs, Layer, ShardLayer, ShardPlan, Tensor};
+use attnrt::{Inputs, KvGeometry, Layer, RopeTable, Sequence, ShardLayer, ShardPlan, Tensor};
+use cust::memory::DeviceBuffer;
 use cust::sys as cu;
 use half::{bf16, f16};
 
-use super::{drv, h2d, ptr, GpuLayer, RopeSource};
+use super::decode::CachedFront;
+use super::WidenParams;
+use super::{
+    alloc, drv, function, h2d, launch, ptr, upload, Front, GpuKvCache, GpuLayer, RopeSource,
+};
 use crate::error::{Error, Result};
-use crate::nccl::{self, Comms};
-use crate::plan::{GpuBackend, GpuOptions};
+use crate::nccl::{self, Collective, Comms, Dtype};
+use crate::plan::{GpuBackend, GpuOptions, Precision, ReduceOptions};
+
+mod seq;
+pub use seq::SeqParallelCall;
 
 /// A device's `wo` column block, owned on the host (the shard layers borrow it).
 enum WoBlock {
@@ -28,39 +38,176 @@ unsafe fn extend<'x, T>(b: &[T]) -> &'x [T] {
     unsafe { std::slice::from_raw_parts(b.as_ptr(), b.len()) }
 }
 
+/// A new event of the current context (`CU_EVENT_DISABLE_TIMING` unless `timed`).
+fn event(timed: bool) -> Result<cu::CUevent> {
+    let mut e: cu::CUevent = std::ptr::null_mut();
+    let flags = if timed { 0 } else { 2 };
+    // SAFETY: valid out-pointer; the caller made the device's context current; the event is
+    // destroyed by its owner's Drop.
+    drv("cuEventCreate", unsafe { cu::cuEventCreate(&mut e, flags) })?;
+    Ok(e)
+}
+
+/// Records `e` on `s` (both of the current context).
+fn record(e: cu::CUevent, s: cu::CUstream) -> Result<()> {
+    // SAFETY: a live event and stream of the current context.
+    drv("cuEventRecord", unsafe { cu::cuEventRecord(e, s) })
+}
+
+/// Page-locked host memory (portable to every context): the staging buffer of `x` for cached
+/// calls, so that its upload to each device is an asynchronous DMA rather than a staged copy
+/// of pageable memory per device.
+struct Pinned {
+    ptr: *mut f32,
+    len: usize,
+}
+
+impl Pinned {
+    /// `len` f32 of page-locked memory (a context must be current).
+    fn new(len: usize) -> Result<Pinned> {
+        let mut p: *mut c_void = std::ptr::null_mut();
+        // SAFETY: valid out-pointer; CU_MEMHOSTALLOC_PORTABLE (1); freed once in Drop.
+        drv("cuMemHostAlloc", unsafe {
+            cu::cuMemHostAlloc(&mut p, len.max(1) * 4, 1)
+        })?;
+        Ok(Pinned { ptr: p.cast(), len })
+    }
+
+    fn slice_mut(&mut self, n: usize) -> &mut [f32] {
+        let n = n.min(self.len);
+        // SAFETY: `ptr` holds `len` f32 owned by this value, borrowed mutably here.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, n) }
+    }
+}
+
+impl Drop for Pinned {
+    fn drop(&mut self) {
+        // SAFETY: allocated by cuMemHostAlloc, freed once; every call that copied from it
+        // synchronised its streams before returning.
+        unsafe {
+            cu::cuMemFreeHost(self.ptr.cast());
+        }
+    }
+}
+
+/// What a device needs for the reduction besides its shard's layer.
+struct Lane {
+    /// Second stream: the chunked all-reduce runs there while the next chunk's projection runs
+    /// on the layer's stream (null on one device).
+    comm: cu::CUstream,
+    /// "Chunk projected" (layer stream -> comm stream) and "reduction done" (back).
+    chunk_ev: cu::CUevent,
+    done_ev: cu::CUevent,
+    /// Start / end events around each all-reduce of a call, grown on demand.
+    timing: Vec<(cu::CUevent, cu::CUevent)>,
+    /// Partial outputs in the storage type (with [`ReduceOptions::storage_dtype`]).
+    yb: Option<DeviceBuffer<u8>>,
+    /// The output bias (f32) on this device, for widening a storage-type sum here.
+    bo: Option<DeviceBuffer<u8>>,
+    /// Around a cached call's work on this device (benchmark diagnostics).
+    step: (cu::CUevent, cu::CUevent),
+}
+
+/// Where the summed output of a call lives.
+enum Placement {
+    /// Device 0's `y` holds every row (f32).
+    Device0,
+    /// Reduce-scattered: for each chunk `(r0, rows)`, the chunk's `rows * n_embd` output
+    /// elements are cut into N equal parts and device `i`'s `y` holds part `i` (f32) at its
+    /// offset.
+    Scattered(Vec<(usize, usize)>),
+}
+
+/// A KV cache split like its layer ([`MultiGpuLayer::new_kv_cache`]): one [`GpuKvCache`] per
+/// device holding that device's KV heads (a replicated KV head on each of its devices), all
+/// with the same blocks, so that one set of block tables ([`attnrt::Sequence`]) names a
+/// sequence's blocks on every device.
+pub struct MultiGpuKvCache {
+    caches: Vec<GpuKvCache>,
+    geometry: KvGeometry,
+}
+
+impl MultiGpuKvCache {
+    /// Number of devices (one cache each).
+    pub fn n_devices(&self) -> usize {
+        self.caches.len()
+    }
+
+    /// The shape of the unsplit cache (every KV head of the layer), which calls are validated
+    /// against.
+    pub fn geometry(&self) -> KvGeometry {
+        self.geometry
+    }
+
+    /// Device `i`'s cache (its KV heads, [`attnrt::DeviceShard::kv_heads`]).
+    pub fn device(&self, i: usize) -> Option<&GpuKvCache> {
+        self.caches.get(i)
+    }
+
+    /// Device `i`'s cache, mutable (benchmarks fill it with [`GpuKvCache::write_raw`]).
+    pub fn device_mut(&mut self, i: usize) -> Option<&mut GpuKvCache> {
+        self.caches.get_mut(i)
+    }
+}
+
 /// A layer split by heads over several GPUs of this process ([`ShardPlan`]): device `i` runs
 /// shard `i` on its own context and stream, and the partial outputs (each device's heads
 /// through its `wo` columns; the output bias on device 0 only) are summed with an in-place
-/// NCCL all-reduce, so device 0 then holds the layer's output.
+/// NCCL all-reduce, so device 0 then holds the layer's output (or, with
+/// [`ReduceOptions::scatter`], a reduce-scatter leaves each device its part of it, and the
+/// host output is gathered from all of them).
 ///
-/// Full QK-norm with more than one device (its statistics span every device's heads) is not
-/// supported yet: [`MultiGpuLayer::new`] returns [`Error::Unsupported`] for it.
+/// Full QK-norm, whose statistics span every device's heads, runs in two passes: each device
+/// sums the squares of its q and k rows per token (a replicated KV head counts on its first
+/// device only), an all-reduce adds those `2 * tokens` floats, and each device normalises
+/// with the sums over the whole row. Cached calls (prefill, chunked prefill, decode) run on a
+/// [`MultiGpuKvCache`]. [`ReduceOptions`] picks the type and the chunking of the output sum.
 pub struct MultiGpuLayer<'a> {
     layer: Layer<'a>,
     plan: ShardPlan,
     devices: Vec<u32>,
+    precision: Precision,
     // Declared before `_wo` so that they are dropped first: their layers borrow `_wo`.
     gpus: Vec<GpuLayer<'a>>,
+    lanes: Vec<Lane>,
     comms: Option<Comms>,
-    events: Vec<(cu::CUevent, cu::CUevent)>,
+    reduce: ReduceOptions,
+    f_widen: Option<cu::CUfunction>,
+    /// All-reduces timed in the current call (pairs of `Lane::timing` in use).
+    timed: usize,
     nccl_ms: f32,
+    marks: Vec<u32>,
+    pinned: Option<Pinned>,
+    pinned_out: Option<Pinned>,
+    step_ms: Vec<f32>,
     _wo: Vec<WoBlock>,
 }
 
-// SAFETY: the raw events are only used through `&mut self` (or `&self` for reads of finished
-// events); every other field is Send.
+// SAFETY: the raw streams, events and function handle are only used through `&mut self` (or
+// `&self` for reads of finished events); every other field is Send.
 unsafe impl Send for MultiGpuLayer<'_> {}
 
 impl Drop for MultiGpuLayer<'_> {
     fn drop(&mut self) {
-        for (gpu, &(a, b)) in self.gpus.iter().zip(&self.events) {
+        for (gpu, lane) in self.gpus.iter().zip(&self.lanes) {
             let _ = gpu.set_current();
-            // SAFETY: the events were created in this device's context and are destroyed once;
-            // the stream is synchronised first so no pending record uses them.
+            // SAFETY: the streams and events were created in this device's context and are
+            // destroyed once; both streams are synchronised first so no pending work or record
+            // uses them.
             unsafe {
                 cu::cuStreamSynchronize(gpu.stream);
-                cu::cuEventDestroy_v2(a);
-                cu::cuEventDestroy_v2(b);
+                if !lane.comm.is_null() {
+                    cu::cuStreamSynchronize(lane.comm);
+                    cu::cuStreamDestroy_v2(lane.comm);
+                }
+                cu::cuEventDestroy_v2(lane.chunk_ev);
+                cu::cuEventDestroy_v2(lane.done_ev);
+                cu::cuEventDestroy_v2(lane.step.0);
+                cu::cuEventDestroy_v2(lane.step.1);
+                for &(a, b) in &lane.timing {
+                    cu::cuEventDestroy_v2(a);
+                    cu::cuEventDestroy_v2(b);
+                }
             }
         }
     }
@@ -69,13 +216,14 @@ impl Drop for MultiGpuLayer<'_> {
 impl<'a> MultiGpuLayer<'a> {
     /// Splits `layer` over `devices` (CUDA ordinals, rank `i` on `devices[i]`, each at most
     /// once): plans the heads, copies each device's `wo` columns once on the host, sets up one
-    /// [`GpuLayer`] per device with `opts` (its `device` field is ignored) and the NCCL
-    /// communicators (none for one device).
+    /// [`GpuLayer`] per device with `opts` (its `device` field is ignored), the NCCL
+    /// communicators (none for one device) and a second stream per device. The output is
+    /// summed in f32 after one projection ([`ReduceOptions::EXACT`]) until
+    /// [`MultiGpuLayer::set_reduce`] says otherwise.
     ///
     /// # Errors
-    /// An invalid plan (more devices than query heads, no device), a repeated device, full
-    /// QK-norm on more than one device ([`Error::Unsupported`]), and any error of
-    /// [`GpuLayer::new`] or of NCCL's set-up.
+    /// An invalid plan (more devices than query heads, no device), a repeated device, and any
+    /// error of [`GpuLayer::new`] or of NCCL's set-up.
     pub fn new(layer: Layer<'a>, devices: &[u32], opts: GpuOptions) -> Result<MultiGpuLayer<'a>> {
         let cfg = *layer.config();
         for (i, d) in devices.iter().enumerate() {
@@ -86,13 +234,6 @@ impl<'a> MultiGpuLayer<'a> {
             }
         }
         let plan = ShardPlan::new(cfg, devices.len())?;
-        if plan.needs_norm_reduction() {
-            return Err(Error::Unsupported(
-                "full QK-norm across several GPUs (all-reduce of the norm statistics) is not \
-                 implemented yet; use per-head QK-norm or one GPU"
-                    .into(),
-            ));
-        }
         let full = *layer.weights();
         let mut wo = Vec::with_capacity(devices.len());
         for d in 0..devices.len() {
@@ -129,13 +270,19 @@ impl<'a> MultiGpuLayer<'a> {
                 }
             };
             let shard = ShardLayer::new(&plan, d, &full, block)?;
-            gpus.push(GpuLayer::new(
+            let mut gpu = GpuLayer::new(
                 *shard.layer(),
                 GpuOptions {
                     device: dev,
                     ..opts
                 },
-            )?);
+            )?;
+            if plan.needs_norm_reduction() {
+                if let Some(part) = shard.norm_part() {
+                    gpu.set_norm_share(part)?;
+                }
+            }
+            gpus.push(gpu);
         }
         let comms = if devices.len() > 1 {
             let c = Comms::new(devices)?;
@@ -143,26 +290,57 @@ impl<'a> MultiGpuLayer<'a> {
         } else {
             None
         };
-        let mut events = Vec::with_capacity(gpus.len());
+        let mut lanes = Vec::with_capacity(gpus.len());
         for g in &gpus {
             g.set_current()?;
-            let (mut a, mut b): (cu::CUevent, cu::CUevent) =
-                (std::ptr::null_mut(), std::ptr::null_mut());
-            // SAFETY: valid out-pointers; the device's context is current; destroyed in Drop.
-            unsafe {
-                drv("cuEventCreate", cu::cuEventCreate(&mut a, 0))?;
-                drv("cuEventCreate", cu::cuEventCreate(&mut b, 0))?;
+            let mut comm: cu::CUstream = std::ptr::null_mut();
+            if comms.is_some() {
+                // SAFETY: valid out-pointer; the device's context is current; destroyed in
+                // Drop. Non-blocking (flag 1), as the layer's own stream.
+                drv("cuStreamCreate", unsafe {
+                    cu::cuStreamCreate(&mut comm, 1)
+                })?;
             }
-            events.push((a, b));
+            let bo = match (&full.bo, comms.is_some()) {
+                (Some(b), true) => Some(upload(&super::widen(b))?),
+                _ => None,
+            };
+            lanes.push(Lane {
+                comm,
+                chunk_ev: event(false)?,
+                done_ev: event(false)?,
+                timing: Vec::new(),
+                yb: None,
+                bo,
+                step: (event(true)?, event(true)?),
+            });
         }
+        let f_widen = match opts.precision {
+            Precision::F32 => None,
+            p => {
+                gpus[0].set_current()?;
+                Some(function(
+                    &gpus[0].kernels.rope_norm,
+                    &format!("widen_bias_{}", p.name()),
+                )?)
+            }
+        };
         Ok(MultiGpuLayer {
             layer,
             plan,
             devices: devices.to_vec(),
+            precision: opts.precision,
             gpus,
+            lanes,
             comms,
-            events,
+            reduce: ReduceOptions::EXACT,
+            f_widen,
+            timed: 0,
             nccl_ms: 0.0,
+            marks: Vec::new(),
+            pinned: None,
+            pinned_out: None,
+            step_ms: Vec::new(),
             _wo: wo,
         })
     }
@@ -187,33 +365,277 @@ impl<'a> MultiGpuLayer<'a> {
         self.gpus[0].backend()
     }
 
-    /// Milliseconds the last reduced call spent in the NCCL all-reduce (CUDA events around it
-    /// on each device's stream; the largest over the devices), 0 on one device.
+    /// Milliseconds the last reduced call spent in NCCL all-reduces (the norm statistics, if
+    /// any, and the partial outputs: CUDA events around each on its stream, summed; the largest
+    /// sum over the devices), 0 on one device.
     pub fn last_nccl_ms(&self) -> f32 {
         self.nccl_ms
     }
 
-    /// Validates the call against the unsplit layer, uploads `x` to every device and enqueues
-    /// every shard on its stream (partial outputs in each layer's `y`).
+    /// How the partial outputs are summed.
+    pub fn reduce_options(&self) -> ReduceOptions {
+        self.reduce
+    }
+
+    /// Sets how the partial outputs are summed from the next call on. Reducing in the storage
+    /// type allocates a partial-output buffer of that type per device (once).
+    ///
+    /// # Errors
+    /// `chunks` 0 ([`Error::Unsupported`] naming it), out of device memory.
+    pub fn set_reduce(&mut self, options: ReduceOptions) -> Result<()> {
+        if options.chunks == 0 {
+            return Err(Error::Unsupported(
+                "ReduceOptions::chunks = 0: the output needs at least one chunk".into(),
+            ));
+        }
+        if options.storage_dtype && self.precision != Precision::F32 && self.comms.is_some() {
+            for (g, lane) in self.gpus.iter().zip(&mut self.lanes) {
+                if lane.yb.is_none() {
+                    g.set_current()?;
+                    let tokens = g.opts.max_batch * g.opts.max_seq_len;
+                    lane.yb = Some(alloc(tokens * g.cfg.n_embd * self.precision.size())?);
+                }
+            }
+        }
+        self.reduce = options;
+        Ok(())
+    }
+
+    /// A KV cache for this split: `num_blocks` blocks of `block_size` tokens on every device,
+    /// each device's pools holding its KV heads in the layer's precision (`rolling` as
+    /// [`GpuKvCache::new`]).
+    ///
+    /// # Errors
+    /// A zero dimension ([`attnrt::Error::Config`] naming it), sizes that overflow, out of
+    /// device memory.
+    pub fn new_kv_cache(
+        &self,
+        block_size: usize,
+        num_blocks: usize,
+        rolling: bool,
+    ) -> Result<MultiGpuKvCache> {
+        let cfg = self.plan.config();
+        let geometry = KvGeometry {
+            n_kv_head: cfg.n_kv_head,
+            head_dim: cfg.head_dim,
+            block_size,
+            num_blocks,
+            rolling,
+        };
+        geometry.validate()?;
+        let mut caches = Vec::with_capacity(self.devices.len());
+        for (d, &dev) in self.devices.iter().enumerate() {
+            let shard = self.plan.shard(d)?;
+            caches.push(GpuKvCache::new(
+                self.precision,
+                shard.n_kv_head(),
+                cfg.head_dim,
+                block_size,
+                num_blocks,
+                rolling,
+                dev,
+            )?);
+        }
+        Ok(MultiGpuKvCache { caches, geometry })
+    }
+
+    /// Enqueues an in-place sum of `count` elements at `bufs[i]` (device `i`) on each
+    /// device's layer stream, or on its second stream with `on_comm`, between timing events.
+    ///
+    /// # Safety
+    /// As [`Comms::sum`] for the chosen streams.
+    unsafe fn collective(
+        &mut self,
+        kind: Collective,
+        bufs: &[u64],
+        count: usize,
+        dtype: Dtype,
+        on_comm: bool,
+    ) -> Result<()> {
+        let Some(comms) = self.comms.as_mut() else {
+            return Ok(());
+        };
+        let k = self.timed;
+        let mut streams = Vec::with_capacity(self.gpus.len());
+        for (g, lane) in self.gpus.iter().zip(&mut self.lanes) {
+            g.set_current()?;
+            if lane.timing.len() <= k {
+                lane.timing.push((event(true)?, event(true)?));
+            }
+            let s = if on_comm { lane.comm } else { g.stream };
+            record(lane.timing[k].0, s)?;
+            streams.push(s.cast::<c_void>());
+        }
+        // SAFETY: per this function's contract.
+        unsafe { comms.sum(kind, bufs, &streams, count, dtype)? };
+        for ((g, lane), &s) in self.gpus.iter().zip(&self.lanes).zip(&streams) {
+            g.set_current()?;
+            record(lane.timing[k].1, s.cast())?;
+        }
+        self.timed = k + 1;
+        Ok(())
+    }
+
+    /// Full QK-norm across devices: sums every device's per-token statistics of the call's
+    /// `tokens` tokens (on the layer streams, after the projections, before the norm pass).
+    fn reduce_norm(&mut self, tokens: usize) -> Result<()> {
+        if !self.plan.needs_norm_reduction() || self.comms.is_none() {
+            return Ok(());
+        }
+        let bufs: Vec<u64> = self
+            .gpus
+            .iter()
+            .map(|g| g.stats.as_ref().map_or(0, ptr))
+            .collect();
+        if bufs.contains(&0) {
+            return Err(Error::Unsupported(
+                "full QK-norm statistics buffer missing".into(),
+            ));
+        }
+        // SAFETY: each buffer is its device's statistics buffer of 2 * max tokens f32 >= 2 *
+        // tokens (the call fits the layer), each stream that device's layer stream.
+        unsafe { self.collective(Collective::AllReduce, &bufs, 2 * tokens, Dtype::F32, false) }
+    }
+
+    /// The output projection of every device's `tokens` attention rows and the sum of the
+    /// partial outputs per [`ReduceOptions`], in f32: in device 0's `y`, or reduce-scattered.
+    fn project_and_reduce(&mut self, tokens: usize) -> Result<Placement> {
+        if self.comms.is_none() {
+            let g = &mut self.gpus[0];
+            g.set_current()?;
+            let (y, s) = (ptr(&g.y), g.stream);
+            // SAFETY: y holds max tokens * n_embd f32; o holds this call's attention output.
+            unsafe { g.project_out(y, tokens, s)? };
+            return Ok(Placement::Device0);
+        }
+        let n = self.gpus.len();
+        let c = self.layer.config().n_embd;
+        let storage = self.reduce.storage_dtype && self.precision != Precision::F32;
+        let dtype = match (storage, self.precision) {
+            (true, Precision::Bf16) => Dtype::Bf16,
+            (true, Precision::F16) => Dtype::F16,
+            _ => Dtype::F32,
+        };
+        let es = dtype.size();
+        let kind = if self.reduce.scatter && c.is_multiple_of(n) {
+            Collective::ReduceScatter
+        } else {
+            Collective::AllReduce
+        };
+        let chunks = self.reduce.chunks.clamp(1, tokens.max(1));
+        let per = tokens.div_ceil(chunks);
+        let overlap = chunks > 1;
+        let mut done = Vec::with_capacity(chunks);
+        let mut r0 = 0;
+        while r0 < tokens {
+            let rows = per.min(tokens - r0);
+            let mut bufs = Vec::with_capacity(n);
+            for (g, lane) in self.gpus.iter_mut().zip(&self.lanes) {
+                g.set_current()?;
+                let base = match (&lane.yb, storage) {
+                    (Some(b), true) => ptr(b),
+                    (None, true) => {
+                        return Err(Error::Unsupported(
+                            "storage-type reduction buffer missing".into(),
+                        ))
+                    }
+                    _ => ptr(&g.y),
+                };
+                let y = base + (r0 * c * es) as u64;
+                let s = g.stream;
+                // SAFETY: `y` points at row r0 of a buffer of max tokens * n_embd elements of
+                // the output type; rows r0..r0 + rows are inside the call's attention output.
+                unsafe { g.project_out_rows(y, r0, rows, storage, s)? };
+                if overlap {
+                    record(lane.chunk_ev, s)?;
+                    // SAFETY: live stream and event of the current context.
+                    drv("cuStreamWaitEvent", unsafe {
+                        cu::cuStreamWaitEvent(lane.comm, lane.chunk_ev, 0)
+                    })?;
+                }
+                bufs.push(y);
+            }
+            // SAFETY: each buffer holds `rows * c` elements of `dtype` on its device (a
+            // multiple of n for a reduce-scatter); the streams are the devices' (ordered after
+            // the chunk's projection).
+            unsafe { self.collective(kind, &bufs, rows * c, dtype, overlap)? };
+            done.push((r0, rows));
+            r0 += rows;
+        }
+        if overlap {
+            for (g, lane) in self.gpus.iter().zip(&self.lanes) {
+                g.set_current()?;
+                record(lane.done_ev, lane.comm)?;
+                // SAFETY: live stream and event of the current context.
+                drv("cuStreamWaitEvent", unsafe {
+                    cu::cuStreamWaitEvent(g.stream, lane.done_ev, 0)
+                })?;
+            }
+        }
+        if storage {
+            let f = self
+                .f_widen
+                .ok_or_else(|| Error::Unsupported("widening kernel missing".into()))?;
+            // (device, first element, elements) to widen: device 0's whole sum, or every
+            // device's parts.
+            let mut parts = Vec::with_capacity(n * done.len());
+            match kind {
+                Collective::AllReduce => parts.push((0, 0, tokens * c)),
+                Collective::ReduceScatter => {
+                    for i in 0..n {
+                        for &(r0, rows) in &done {
+                            let m = rows * c / n;
+                            parts.push((i, r0 * c + i * m, m));
+                        }
+                    }
+                }
+            }
+            for (i, at, m) in parts {
+                let (g, lane) = (&self.gpus[i], &self.lanes[i]);
+                g.set_current()?;
+                let mut a = WidenParams {
+                    input: lane.yb.as_ref().map_or(0, ptr) + (at * es) as u64,
+                    output: ptr(&g.y) + (at * 4) as u64,
+                    bias: lane.bo.as_ref().map_or(0, ptr),
+                    n: m as i64,
+                    cols: c as i32,
+                    col0: (at % c) as i32,
+                };
+                let blocks = m.div_ceil(256).clamp(1, 65535 * 8) as u32;
+                // SAFETY: WidenParams matches the kernel's struct; yb holds the summed
+                // storage-type elements at..at + m, y room for them in f32, bo (if any) c f32.
+                unsafe { launch(f, (blocks, 1, 1), 256, 0, g.stream, &mut a)? };
+            }
+        }
+        Ok(match kind {
+            Collective::AllReduce => Placement::Device0,
+            Collective::ReduceScatter => Placement::Scattered(done),
+        })
+    }
+
+    /// Validates the call against the unsplit layer, uploads `x` to every device, enqueues
+    /// every shard's projections, the norm statistics' sum (full QK-norm), and every shard's
+    /// attention (the attention outputs in each layer's `o`).
     fn launch(&mut self, inputs: &Inputs<'_>, out_len: usize, upload: bool) -> Result<()> {
         self.layer.validate_inputs(inputs, out_len)?;
         for g in &self.gpus {
             g.check_capacity(inputs.batch, inputs.seq_len)?;
         }
+        self.timed = 0;
         let rope = inputs.rope_table.map(RopeSource::Host);
+        let mut fronts: Vec<Front> = Vec::with_capacity(self.gpus.len());
         for g in &mut self.gpus {
             g.set_current()?;
-            let (x, y, stream) = (ptr(&g.x), ptr(&g.y), g.stream);
+            let (x, stream) = (ptr(&g.x), g.stream);
             if upload {
                 // SAFETY: `x` holds max_batch * max_seq_len * n_embd f32 and the call fits
                 // (checked); `inputs.x` has batch * seq_len * n_embd values (validated).
                 unsafe { h2d(x, inputs.x, stream)? };
             }
-            // SAFETY: x and y are this layer's buffers, sized for the validated call.
-            unsafe {
-                g.run(
+            // SAFETY: x is this layer's buffer, sized for the validated call.
+            fronts.push(unsafe {
+                g.run_front(
                     x,
-                    y,
                     inputs.batch,
                     inputs.seq_len,
                     &inputs.mask,
@@ -221,47 +643,84 @@ impl<'a> MultiGpuLayer<'a> {
                     rope,
                     stream,
                 )?
-            };
+            });
+        }
+        self.reduce_norm(inputs.batch * inputs.seq_len)?;
+        for (g, f) in self.gpus.iter_mut().zip(&fronts) {
+            g.set_current()?;
+            let s = g.stream;
+            // SAFETY: `f` is this layer's front, enqueued above on the same stream.
+            unsafe { g.run_attention(f, s)? };
         }
         Ok(())
     }
 
-    /// Sums the partial outputs on every device (in place, NCCL), timing it with events.
-    fn reduce(&mut self, count: usize) -> Result<()> {
-        let Some(comms) = self.comms.as_mut() else {
-            self.nccl_ms = 0.0;
-            return Ok(());
+    /// Enqueues the copies of the summed output of `tokens` tokens (`placement`) into host
+    /// memory at `dst`, on the streams of the devices holding it.
+    ///
+    /// # Safety
+    /// `dst` points at `tokens * n_embd` writable f32 that stay valid and unread until
+    /// `finish` has synchronised the streams.
+    unsafe fn download(&self, dst: *mut f32, tokens: usize, placement: &Placement) -> Result<()> {
+        let c = self.layer.config().n_embd;
+        let n = self.gpus.len();
+        let copy = |g: &GpuLayer<'_>, at: usize, m: usize| -> Result<()> {
+            // SAFETY: `g.y` holds the summed elements at..at + m (f32); `dst` has room for
+            // them at the same offset (this function's contract).
+            drv("cuMemcpyDtoHAsync", unsafe {
+                cu::cuMemcpyDtoHAsync_v2(
+                    dst.add(at).cast(),
+                    ptr(&g.y) + (at * 4) as u64,
+                    m * 4,
+                    g.stream,
+                )
+            })
         };
-        let bufs: Vec<u64> = self.gpus.iter().map(|g| ptr(&g.y)).collect();
-        let streams: Vec<*mut c_void> = self.gpus.iter().map(|g| g.stream.cast()).collect();
-        for (g, &(a, _)) in self.gpus.iter().zip(&self.events) {
-            g.set_current()?;
-            // SAFETY: event and stream of the current context.
-            drv("cuEventRecord", unsafe { cu::cuEventRecord(a, g.stream) })?;
-        }
-        // SAFETY: each buffer is its device's `y` with room for `count` f32 (the validated
-        // call), each stream is that device's live stream.
-        unsafe { comms.all_reduce_sum(&bufs, &streams, count)? };
-        for (g, &(_, b)) in self.gpus.iter().zip(&self.events) {
-            g.set_current()?;
-            // SAFETY: event and stream of the current context.
-            drv("cuEventRecord", unsafe { cu::cuEventRecord(b, g.stream) })?;
+        match placement {
+            Placement::Device0 => {
+                self.gpus[0].set_current()?;
+                copy(&self.gpus[0], 0, tokens * c)?;
+            }
+            Placement::Scattered(chunks) => {
+                for (i, g) in self.gpus.iter().enumerate() {
+                    g.set_current()?;
+                    for &(r0, rows) in chunks {
+                        let m = rows * c / n;
+                        copy(g, r0 * c + i * m, m)?;
+                    }
+                }
+            }
         }
         Ok(())
     }
 
-    /// Waits for every device and reads the NCCL times of the last reduction.
-    fn finish(&mut self, reduced: bool) -> Result<()> {
+    /// Waits for every device and reads the NCCL times of the call's all-reduces (and with
+    /// `stepped`, the span of each device's work of a cached call).
+    fn finish(&mut self, reduced: bool, stepped: bool) -> Result<()> {
         let mut worst = 0.0f32;
-        for (g, &(a, b)) in self.gpus.iter().zip(&self.events) {
+        self.step_ms.clear();
+        for (g, lane) in self.gpus.iter().zip(&self.lanes) {
             g.synchronize()?;
-            if reduced && self.comms.is_some() {
+            if stepped {
                 let mut ms = 0.0f32;
-                // SAFETY: both events were recorded on this finished stream.
+                // SAFETY: both events were recorded in this call on this finished stream.
                 drv("cuEventElapsedTime", unsafe {
-                    cu::cuEventElapsedTime(&mut ms, a, b)
+                    cu::cuEventElapsedTime(&mut ms, lane.step.0, lane.step.1)
                 })?;
-                worst = worst.max(ms);
+                self.step_ms.push(ms);
+            }
+            if reduced && self.comms.is_some() {
+                let mut sum = 0.0f32;
+                for &(a, b) in &lane.timing[..self.timed] {
+                    let mut ms = 0.0f32;
+                    // SAFETY: both events were recorded in this call on streams this device's
+                    // finished layer stream waited for.
+                    drv("cuEventElapsedTime", unsafe {
+                        cu::cuEventElapsedTime(&mut ms, a, b)
+                    })?;
+                    sum += ms;
+                }
+                worst = worst.max(sum);
             }
         }
         if reduced {
@@ -271,7 +730,7 @@ impl<'a> MultiGpuLayer<'a> {
     }
 
     /// Runs the layer on host buffers: `x` to every device, each shard on its device, the
-    /// partial outputs summed with NCCL, device 0's sum into `out`.
+    /// partial outputs summed with NCCL ([`ReduceOptions`]), the sum copied into `out`.
     ///
     /// # Errors
     /// The runtime's validation errors ([`Error::Runtime`]), [`Error::Capacity`], or a failed
@@ -281,24 +740,21 @@ impl<'a> MultiGpuLayer<'a> {
             self.layer.validate_inputs(inputs, 0)?;
             return Ok(self.backend());
         }
+        let tokens = inputs.batch * inputs.seq_len;
         self.launch(inputs, out.len(), true)?;
-        self.reduce(out.len())?;
-        let g = &self.gpus[0];
-        g.set_current()?;
-        let bytes = std::mem::size_of_val(out);
-        // SAFETY: device 0's `y` holds the call's `bytes` bytes; `out` is a live exclusive host
-        // slice of that size; the stream is synchronised (in `finish`) before `out` is read.
-        drv("cuMemcpyDtoHAsync", unsafe {
-            cu::cuMemcpyDtoHAsync_v2(out.as_mut_ptr().cast(), ptr(&g.y), bytes, g.stream)
-        })?;
-        self.finish(true)?;
+        let placement = self.project_and_reduce(tokens)?;
+        // SAFETY: `out` holds tokens * n_embd f32 (validated), borrowed until `finish`.
+        unsafe { self.download(out.as_mut_ptr(), tokens, &placement)? };
+        self.finish(true, false)?;
         Ok(self.backend())
     }
 
     /// The "partials" mode, for callers that reduce themselves: runs every shard as
-    /// [`MultiGpuLayer::forward_host`] does but without the all-reduce, and writes device
-    /// `i`'s partial output to `out[i * len..(i + 1) * len]` (`len = batch * seq_len *
-    /// n_embd`). Their sum is the layer's output (the output bias is in device 0's part).
+    /// [`MultiGpuLayer::forward_host`] does but without the all-reduce of the outputs (full
+    /// QK-norm statistics are still summed across the devices: they are part of each shard's
+    /// computation), and writes device `i`'s partial output (f32) to `out[i * len..(i + 1) *
+    /// len]` (`len = batch * seq_len * n_embd`). Their sum is the layer's output (the output
+    /// bias is in device 0's part).
     ///
     /// # Errors
     /// As [`MultiGpuLayer::forward_host`]; `out` must hold `n_devices * len` values.
@@ -322,17 +778,136 @@ impl<'a> MultiGpuLayer<'a> {
             return Ok(self.backend());
         }
         self.launch(inputs, len, true)?;
-        for (g, part) in self.gpus.iter().zip(out.chunks_exact_mut(len)) {
+        let tokens = inputs.batch * inputs.seq_len;
+        for (g, part) in self.gpus.iter_mut().zip(out.chunks_exact_mut(len)) {
             g.set_current()?;
+            let (y, s) = (ptr(&g.y), g.stream);
+            // SAFETY: y holds max tokens * n_embd f32; o holds this call's attention output.
+            unsafe { g.project_out(y, tokens, s)? };
             let bytes = std::mem::size_of_val(part);
             // SAFETY: this device's `y` holds `bytes` bytes of the call; `part` is a live
             // exclusive host slice of that size, read only after `finish` synchronises.
             drv("cuMemcpyDtoHAsync", unsafe {
-                cu::cuMemcpyDtoHAsync_v2(part.as_mut_ptr().cast(), ptr(&g.y), bytes, g.stream)
+                cu::cuMemcpyDtoHAsync_v2(part.as_mut_ptr().cast(), y, bytes, s)
             })?;
         }
-        self.finish(false)?;
+        self.finish(false, false)?;
         Ok(self.backend())
+    }
+
+    /// Runs the layer on new tokens of one or more sequences against `cache`, appending their
+    /// keys and values on every device: prefill (`cached = 0`), chunked prefill or decode, as
+    /// [`GpuLayer::forward_cached`] on one GPU (same arguments, validated against the unsplit
+    /// layer and the unsplit cache shape, same errors). Each device runs its shard on its
+    /// cache; the partial outputs are summed as in [`MultiGpuLayer::forward_host`] and copied
+    /// into `out` (through a page-locked staging buffer, as is `x`).
+    ///
+    /// # Errors
+    /// The runtime's errors for invalid calls, a cache made for another split (device count,
+    /// heads, devices or precision), more new tokens than the set-up maxima, a failed CUDA /
+    /// cuBLAS / NCCL call. On error `out` and the cache are untouched.
+    pub fn forward_cached(
+        &mut self,
+        x: &[f32],
+        seqs: &[Sequence<'_>],
+        rope_table: Option<RopeTable<'_>>,
+        cache: &mut MultiGpuKvCache,
+        out: &mut [f32],
+    ) -> Result<GpuBackend> {
+        let geometry = cache.geometry;
+        self.marks.clear();
+        self.marks.resize(geometry.num_blocks, 0);
+        let tokens = self.layer.validate_cached(
+            x.len(),
+            out.len(),
+            seqs,
+            rope_table.as_ref(),
+            &geometry,
+            &mut self.marks,
+        )?;
+        if cache.caches.len() != self.gpus.len() {
+            return Err(attnrt::Error::InputShape {
+                name: "kv cache devices",
+                expected: self.gpus.len(),
+                actual: cache.caches.len(),
+            }
+            .into());
+        }
+        if tokens == 0 {
+            return Ok(self.backend());
+        }
+        self.timed = 0;
+        for (slot, len) in [
+            (&mut self.pinned, x.len()),
+            (&mut self.pinned_out, out.len()),
+        ] {
+            if slot.as_ref().is_none_or(|p| p.len < len) {
+                self.gpus[0].set_current()?;
+                *slot = None;
+                *slot = Some(Pinned::new(len.next_power_of_two())?);
+            }
+        }
+        for (g, lane) in self.gpus.iter().zip(&self.lanes) {
+            g.set_current()?;
+            record(lane.step.0, g.stream)?;
+        }
+        let staged = match self.pinned.as_mut() {
+            Some(p) => p.slice_mut(x.len()),
+            None => return Err(Error::Unsupported("no staging buffer".into())),
+        };
+        staged.copy_from_slice(x);
+        let staged: &[f32] = staged;
+        // Every front before any cache write: a device that refuses the call (a cache of
+        // another split) leaves every cache and `out` untouched.
+        let mut fronts: Vec<CachedFront> = Vec::with_capacity(self.gpus.len());
+        let mut failed = None;
+        for (g, c) in self.gpus.iter_mut().zip(&cache.caches) {
+            match g.cached_front(staged, out.len(), seqs, rope_table, c) {
+                Ok(Some(f)) => fronts.push(f),
+                Ok(None) => failed = Some(Error::Unsupported("a device saw no new tokens".into())),
+                Err(e) => failed = Some(e),
+            }
+            if failed.is_some() {
+                break;
+            }
+        }
+        if let Some(e) = failed {
+            // The devices before the failing one may still read the staging buffer.
+            let _ = self.finish(false, false);
+            return Err(e);
+        }
+        self.reduce_norm(tokens)?;
+        for ((g, c), f) in self.gpus.iter_mut().zip(&cache.caches).zip(&fronts) {
+            g.set_current()?;
+            // SAFETY: `f` is this layer's last front, made for `c`, which `cache` keeps alive
+            // (borrowed for this call, and synchronised before it returns).
+            unsafe { g.cached_back(f, c)? };
+        }
+        let placement = self.project_and_reduce(tokens)?;
+        for (g, lane) in self.gpus.iter().zip(&self.lanes) {
+            g.set_current()?;
+            record(lane.step.1, g.stream)?;
+        }
+        let staged = match self.pinned_out.as_mut() {
+            Some(p) => p.slice_mut(out.len()).as_mut_ptr(),
+            None => return Err(Error::Unsupported("no staging buffer".into())),
+        };
+        // SAFETY: the staging buffer holds out.len() = tokens * n_embd f32, read only after
+        // `finish` below and rewritten only by a later call.
+        unsafe { self.download(staged, tokens, &placement)? };
+        self.finish(true, true)?;
+        if let Some(p) = self.pinned_out.as_mut() {
+            out.copy_from_slice(p.slice_mut(out.len()));
+        }
+        Ok(self.backend())
+    }
+
+    /// Benchmark diagnostics: milliseconds from the start to the end of each device's work
+    /// of the last cached call (its own stream, CUDA events: first upload to the summed
+    /// output, before the download), device by device.
+    #[doc(hidden)]
+    pub fn last_step_device_ms(&self) -> &[f32] {
+        &self.step_ms
     }
 
     /// Benchmark helper: uploads `x` once to every device.
@@ -349,12 +924,13 @@ impl<'a> MultiGpuLayer<'a> {
             // SAFETY: as in `launch`.
             unsafe { h2d(ptr(&g.x), inputs.x, g.stream)? };
         }
-        self.finish(false)
+        self.finish(false, false)
     }
 
     /// Benchmark helper: one reduced forward on the inputs already on the devices
     /// ([`MultiGpuLayer::stage_inputs`]; mask and positions from `inputs`), waiting for every
-    /// device; the result stays on device 0.
+    /// device; the result stays on the devices (device 0, or each its part when
+    /// reduce-scattered).
     ///
     /// # Errors
     /// As [`MultiGpuLayer::forward_host`].
@@ -362,7 +938,24 @@ impl<'a> MultiGpuLayer<'a> {
     pub fn forward_staged(&mut self, inputs: &Inputs<'_>) -> Result<()> {
         let len = inputs.x.len();
         self.launch(inputs, len, false)?;
-        self.reduce(len)?;
-        self.finish(true)
+        self.project_and_reduce(inputs.batch * inputs.seq_len)?;
+        self.finish(true, false)
+    }
+
+    /// Benchmark helper: mean milliseconds (CUDA events) of device `device`'s split-K
+    /// attention and merge of the last cached call, relaunched `iters` times alone.
+    ///
+    /// # Errors
+    /// A device outside the split, no earlier cached call, a failed launch.
+    ///
+    /// # Safety
+    /// The [`MultiGpuKvCache`] of the last cached call is still alive.
+    #[doc(hidden)]
+    pub unsafe fn time_decode_ms(&mut self, device: usize, iters: usize) -> Result<f32> {
+        let g = self.gpus.get_mut(device).ok_or_else(|| {
+            Error::Unsupported(format!("device index {device} outside the split"))
+        })?;
+        // SAFETY: per this function's contract.
+        g.time_ms(iters, |g| unsafe { g.relaunch_decode() })
     }
 }
