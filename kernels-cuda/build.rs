@@ -14,15 +14,30 @@ fn main() {
     check_version(&nvcc);
     let out = PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
     let dir = Path::new("kernels");
-    println!("cargo:rerun-if-changed=kernels/common.cuh");
+    for header in ["common.cuh", "attn_common.cuh", "wgmma.cuh"] {
+        println!("cargo:rerun-if-changed=kernels/{header}");
+    }
     println!("cargo:rerun-if-env-changed=ATTNRT_NVCC");
     println!("cargo:rerun-if-env-changed=ATTNRT_CUBLAS_LIB_DIR");
-    for name in ["attention", "rope_norm", "decode"] {
+    // attention_sm90 uses wgmma, which exists only in the sm_90a ("architecture-specific")
+    // PTX target; the driver loads that module on sm_90 devices only.
+    for (name, arch) in [
+        ("attention", "compute_90"),
+        ("attention_sm90", "compute_90a"),
+        ("rope_norm", "compute_90"),
+        ("decode", "compute_90"),
+    ] {
         let src = dir.join(format!("{name}.cu"));
         println!("cargo:rerun-if-changed={}", src.display());
         let ptx = out.join(format!("{name}.ptx"));
         let status = Command::new(&nvcc)
-            .args(["-ptx", "-arch=compute_90", "-O3", "-std=c++17", "-lineinfo"])
+            .args([
+                "-ptx",
+                &format!("-arch={arch}"),
+                "-O3",
+                "-std=c++17",
+                "-lineinfo",
+            ])
             .arg(&src)
             .arg("-o")
             .arg(&ptx)

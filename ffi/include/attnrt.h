@@ -361,6 +361,11 @@ enum attnrt_status
    */
   ATTNRT_STATUS_DEVICE_CAPACITY = 502,
   /**
+   * An NCCL call of a multi-GPU layer failed (communicator set-up, a collective); the
+   * message names the function and NCCL's error.
+   */
+  ATTNRT_STATUS_DEVICE_COLLECTIVE = 503,
+  /**
    * A panic inside the library was caught at the boundary. The library stays usable; the
    * contents of the call's output buffer are unspecified.
    */
@@ -388,6 +393,27 @@ typedef uint32_t attnrt_status;
  * reused by every call); use one handle per device and per concurrent stream of work.
  */
 typedef struct attnrt_cuda_layer attnrt_cuda_layer;
+
+/**
+ * The KV cache of a multi-GPU layer: on each device of the layer, K and V pools of
+ * `num_blocks` blocks of `block_size` tokens for that device's KV heads
+ * (`attnrt_cuda_multi_layer_shard`), stored in the layer's precision.
+ *
+ * Opaque. Calls that write the cache ([`attnrt_cuda_multi_forward_cached`]) are serialized by
+ * a lock inside it; the caller owns the order in which sequences grow.
+ */
+typedef struct attnrt_cuda_multi_kv_cache attnrt_cuda_multi_kv_cache;
+
+/**
+ * A layer split by heads over the GPUs of a device list: a private copy of the layer, the
+ * plan (which heads each device owns), and on each device its shard's weights uploaded in the
+ * chosen precision and buffers sized for calls of up to `max_batch` rows of `max_seq_len`
+ * tokens; NCCL communicators link the devices.
+ *
+ * Opaque. Calls on one handle are serialized by a lock inside it (the device buffers are
+ * reused by every call); the queries that only read the plan take no lock.
+ */
+typedef struct attnrt_cuda_multi_layer attnrt_cuda_multi_layer;
 
 /**
  * A paged KV cache: a K pool and a V pool of `num_blocks` blocks of `block_size` tokens for
@@ -719,6 +745,111 @@ typedef struct attnrt_cuda_device_args {
    */
   void *stream;
 } attnrt_cuda_device_args;
+
+/**
+ * One device's part of the head split (`attnrt_cuda_multi_layer_shard`): the query heads
+ * `q_head_start..q_head_end` and the KV heads `kv_head_start..kv_head_end` of the unsplit
+ * layer (half-open ranges). A KV head held by several devices (fewer KV heads than devices)
+ * appears in each of their ranges.
+ */
+typedef struct attnrt_device_shard {
+  /**
+   * The CUDA device ordinal (the `devices[index]` given at creation).
+   */
+  uint32_t device;
+  /**
+   * First query head owned.
+   */
+  size_t q_head_start;
+  /**
+   * One past the last query head owned.
+   */
+  size_t q_head_end;
+  /**
+   * First KV head held.
+   */
+  size_t kv_head_start;
+  /**
+   * One past the last KV head held.
+   */
+  size_t kv_head_end;
+} attnrt_device_shard;
+
+/**
+ * The arguments of [`attnrt_cuda_multi_forward_seq_device`]: each rank's rows of the
+ * activations in device memory of its device, the mask inputs and positions of the whole call
+ * in host memory. Initialise with [`attnrt_cuda_multi_seq_args_init`].
+ */
+typedef struct attnrt_cuda_multi_seq_args {
+  /**
+   * Host array of `n_parts` device pointers (`CUdeviceptr`): rank `i`'s rows of f32 `x`,
+   * `[rows_i, n_embd]` on `devices[i]` (`rows_i` from `attnrt_cuda_multi_token_range`).
+   * Required.
+   */
+  const uint64_t *x_parts;
+  /**
+   * Host array of `n_parts` device pointers: room for rank `i`'s rows of the output, f32
+   * `[rows_i, n_embd]` on `devices[i]`. Required; no part may overlap another part.
+   */
+  const uint64_t *y_parts;
+  /**
+   * Elements of `x_parts` and of `y_parts`: the handle's number of devices.
+   */
+  size_t n_parts;
+  /**
+   * Batch rows of the whole call.
+   */
+  size_t batch;
+  /**
+   * Tokens per row of the whole call.
+   */
+  size_t seq_len;
+  /**
+   * Optional host `[B]` padding lengths.
+   */
+  const int32_t *seq_lens;
+  /**
+   * Elements of `seq_lens`.
+   */
+  size_t seq_lens_len;
+  /**
+   * Optional host `[B, T]` document ids.
+   */
+  const int32_t *document_ids;
+  /**
+   * Elements of `document_ids`.
+   */
+  size_t document_ids_len;
+  /**
+   * Optional host `[S + 1]` varlen boundaries.
+   */
+  const int32_t *cu_seqlens;
+  /**
+   * Elements of `cu_seqlens`.
+   */
+  size_t cu_seqlens_len;
+  /**
+   * Longest varlen segment; negative = not given.
+   */
+  int32_t max_seqlen;
+  /**
+   * Optional host `[B, T]` positions.
+   */
+  const int32_t *position_ids;
+  /**
+   * Elements of `position_ids`.
+   */
+  size_t position_ids_len;
+  /**
+   * Optional host cos/sin table; when NULL a rotary layer builds the rows it needs on the
+   * host (allocated for the call).
+   */
+  const float *freqs_cis;
+  /**
+   * Elements of `freqs_cis`.
+   */
+  size_t freqs_cis_len;
+} attnrt_cuda_multi_seq_args;
 
 /**
  * One sequence of a cached forward call. The block table is the caller's: it lists the
@@ -1067,6 +1198,324 @@ attnrt_status attnrt_cuda_device_args_init(struct attnrt_cuda_device_args *out);
 attnrt_status attnrt_cuda_forward_device(const struct attnrt_cuda_layer *layer,
                                          const struct attnrt_cuda_device_args *args,
                                          attnrt_backend *backend_ran);
+
+/**
+ * The number of CUDA devices the driver reports, into `*out` (at least 1 on success), for
+ * building a device list. Errors: `ATTNRT_STATUS_NULL_POINTER`,
+ * `ATTNRT_STATUS_BACKEND_UNAVAILABLE` (built without CUDA), `ATTNRT_STATUS_DEVICE` (no
+ * driver, a driver that fails to initialise, or no device; the message says which); `*out`
+ * untouched on error. Thread-safe.
+ *
+ * # Safety
+ * `out` NULL or valid for one write.
+ */
+attnrt_status attnrt_cuda_device_count(size_t *out);
+
+/**
+ * Splits `layer` by heads over the CUDA devices `devices[0..n_devices]` (ordinals; rank `i`
+ * on `devices[i]`): copies the layer's configuration and weights (the caller's `layer` may be
+ * freed afterwards), plans the head split as `attnrt_sharded_layer_new` does (GQA-aware, KV
+ * heads replicated when fewer than devices, uneven head counts allowed), uploads each
+ * device's shard in `precision` (an `attnrt_cuda_precision`) with buffers for calls of up to
+ * `max_batch` rows of `max_seq_len` tokens, and sets up the NCCL communicators (none for one
+ * device). Full QK-norm runs across the devices: its per-token statistics are summed with an
+ * all-reduce of two floats per token.
+ *
+ * On success `*out` receives the handle (free with [`attnrt_cuda_multi_layer_free`]); on error
+ * it is untouched and nothing stays allocated. Errors, in the order checked:
+ * `ATTNRT_STATUS_NULL_POINTER` (`layer`, `out`, or `devices` with `n_devices` > 0),
+ * `ATTNRT_STATUS_MISALIGNED_POINTER`, `ATTNRT_STATUS_BAD_ENUM` (precision),
+ * `ATTNRT_STATUS_CONFIG` (an ordinal repeated in the list; `n_devices` 0),
+ * `ATTNRT_STATUS_CONFIG_PAIR` (`n_devices` > `n_head`: a device would own no query head),
+ * `ATTNRT_STATUS_BACKEND_UNAVAILABLE` (built without CUDA), `ATTNRT_STATUS_DEVICE` (an ordinal
+ * the driver does not report, no driver, out of device memory, any driver failure),
+ * `ATTNRT_STATUS_UNSUPPORTED` (a head_dim / group the kernels cannot run, sizes that
+ * overflow), `ATTNRT_STATUS_DEVICE_BLAS`,
+ * `ATTNRT_STATUS_DEVICE_COLLECTIVE` (NCCL set-up), `ATTNRT_STATUS_OUT_OF_MEMORY`.
+ * Thread-safe.
+ *
+ * # Safety
+ * `layer` NULL or a live layer handle; `devices` NULL or valid for `n_devices` reads; `out`
+ * NULL or valid for one write.
+ */
+attnrt_status attnrt_cuda_multi_layer_new(const struct attnrt_layer *layer,
+                                          uint32_t precision,
+                                          size_t max_batch,
+                                          size_t max_seq_len,
+                                          const uint32_t *devices,
+                                          size_t n_devices,
+                                          struct attnrt_cuda_multi_layer **out);
+
+/**
+ * Frees a multi-GPU layer, its device memory on every device and its NCCL communicators.
+ * NULL is a no-op. Every call on the handle must have returned; never twice.
+ *
+ * # Safety
+ * `layer` NULL or a handle from [`attnrt_cuda_multi_layer_new`] not yet freed.
+ */
+void attnrt_cuda_multi_layer_free(struct attnrt_cuda_multi_layer *layer);
+
+/**
+ * The number of devices of the handle, into `*out`. Errors: `ATTNRT_STATUS_NULL_POINTER`.
+ * Thread-safe (no lock).
+ *
+ * # Safety
+ * `layer` NULL or a live handle; `out` NULL or valid for one write.
+ */
+attnrt_status attnrt_cuda_multi_layer_n_devices(const struct attnrt_cuda_multi_layer *layer,
+                                                size_t *out);
+
+/**
+ * The heads device `index` (its rank, `0..n_devices`; not its CUDA ordinal) owns, into
+ * `*out`. Errors: `ATTNRT_STATUS_NULL_POINTER`, `ATTNRT_STATUS_INPUT_VALUE` (`index` >=
+ * `n_devices`); `*out` untouched on error. Thread-safe (no lock).
+ *
+ * # Safety
+ * `layer` NULL or a live handle; `out` NULL or valid for one write.
+ */
+attnrt_status attnrt_cuda_multi_layer_shard(const struct attnrt_cuda_multi_layer *layer,
+                                            size_t index,
+                                            struct attnrt_device_shard *out);
+
+/**
+ * What runs on the handle, as text: the attention kernel path and device 0's name, the
+ * device list and the NCCL version (for example `cuda-tensor-core-bf16-p128-m1-n64 on NVIDIA
+ * H200; 2 devices [0, 1]; NCCL 22803`). Copied into `buf` truncated to `len - 1` bytes and
+ * NUL-terminated; `*written` receives the bytes copied. `buf` and `written` may be NULL
+ * (`len` 0). Errors: `ATTNRT_STATUS_NULL_POINTER` (`layer`; `buf` NULL with `len` > 0).
+ * Takes the handle's lock.
+ *
+ * # Safety
+ * `layer` NULL or a live handle; `buf` NULL or valid for `len` bytes; `written` NULL or valid
+ * for one write.
+ */
+attnrt_status attnrt_cuda_multi_layer_backend(const struct attnrt_cuda_multi_layer *layer,
+                                              char *buf,
+                                              size_t len,
+                                              size_t *written);
+
+/**
+ * Milliseconds the last summed call (`ATTNRT_SHARD_MODE_SUMMED`) spent in the NCCL
+ * all-reduce (CUDA events around it on each device's stream; the largest over the devices;
+ * 0 with one device or before any summed call), into `*out_ms`. Errors:
+ * `ATTNRT_STATUS_NULL_POINTER`. Takes the handle's lock.
+ *
+ * # Safety
+ * `layer` NULL or a live handle; `out_ms` NULL or valid for one write.
+ */
+attnrt_status attnrt_cuda_multi_last_nccl_ms(const struct attnrt_cuda_multi_layer *layer,
+                                             float *out_ms);
+
+/**
+ * Runs the split layer on host buffers: `args` as for `attnrt_forward` (x, mask inputs,
+ * positions, `freqs_cis`, `out`); `x` goes to every device, each device runs its heads, and
+ * with `mode` (an `attnrt_shard_mode`):
+ * - `ATTNRT_SHARD_MODE_SUMMED`: the partial outputs are summed with an NCCL all-reduce and
+ *   `out` (`B * T * C` elements) receives the layer's output;
+ * - `ATTNRT_SHARD_MODE_PARTIALS`: no reduction; `out` (`n_devices * B * T * C`) receives
+ *   device `i`'s partial output at `i * B * T * C` (rank order). Their sum is the layer's
+ *   output; `bo` is in device 0's part.
+ *
+ * The call returns when `out` is written. `backend`, `parallel_for` and `num_threads` are
+ * ignored. The workspace is needed only for the cos/sin rows a rotary layer builds when
+ * `freqs_cis` is NULL (`attnrt_workspace_size` covers it); otherwise it may be NULL with
+ * length 0. On success `*backend_ran` receives `ATTNRT_BACKEND_CUDA`.
+ *
+ * Errors: those of `attnrt_forward` for the arguments, `ATTNRT_STATUS_BAD_ENUM` (`mode`),
+ * `ATTNRT_STATUS_DEVICE_CAPACITY` (batch or seq_len above the handle's maxima),
+ * `ATTNRT_STATUS_DEVICE`, `ATTNRT_STATUS_DEVICE_BLAS`, `ATTNRT_STATUS_DEVICE_COLLECTIVE`,
+ * `ATTNRT_STATUS_UNSUPPORTED`. On any error `out` and `*backend_ran` are untouched, except a
+ * device failure during the call (5xx), after which `out` is unspecified.
+ *
+ * Calls on one handle are serialized by its lock.
+ *
+ * # Safety
+ * As `attnrt_forward`, with `layer` a live multi-GPU layer handle.
+ */
+attnrt_status attnrt_cuda_multi_forward_host(const struct attnrt_cuda_multi_layer *layer,
+                                             const struct attnrt_forward_args *args,
+                                             uint32_t mode,
+                                             attnrt_backend *backend_ran);
+
+/**
+ * Rank `index`'s rows in sequence-parallel calls of `batch` rows of `seq_len` tokens: the
+ * flattened tokens `*out_start..*out_end` (row-major `[batch, seq_len]`), contiguous ranges in
+ * rank order, the first `batch * seq_len mod n_devices` ranks taking one more. Errors:
+ * `ATTNRT_STATUS_NULL_POINTER`, `ATTNRT_STATUS_INPUT_VALUE` (`index` >= `n_devices`, or
+ * `batch * seq_len` overflows); nothing written on error. Thread-safe (no lock).
+ *
+ * # Safety
+ * `layer` NULL or a live handle; `out_start` and `out_end` NULL or valid for one write each.
+ */
+attnrt_status attnrt_cuda_multi_token_range(const struct attnrt_cuda_multi_layer *layer,
+                                            size_t index,
+                                            size_t batch,
+                                            size_t seq_len,
+                                            size_t *out_start,
+                                            size_t *out_end);
+
+/**
+ * Sequence-parallel forward on host buffers: `args` as for `attnrt_forward` with `x` and
+ * `out` the whole call (`B * T * C` each); rank `i` receives only its rows of `x`
+ * (`attnrt_cuda_multi_token_range`), the rows are gathered across the devices with NCCL
+ * (all-gather; grouped broadcasts when the shares are unequal), every device runs its heads,
+ * the partial outputs are reduce-scattered, and rank `i`'s rows of the layer's output are
+ * copied into the same rows of `out`. The result is the layer's output (as
+ * `attnrt_cuda_multi_forward_host` with SUMMED gives; the sums may round differently).
+ * Everything else as `attnrt_cuda_multi_forward_host`: errors, workspace, `*backend_ran`,
+ * nothing written on an argument error, calls serialized by the handle's lock.
+ *
+ * # Safety
+ * As `attnrt_forward`, with `layer` a live multi-GPU layer handle.
+ */
+attnrt_status attnrt_cuda_multi_forward_seq_host(const struct attnrt_cuda_multi_layer *layer,
+                                                 const struct attnrt_forward_args *args,
+                                                 attnrt_backend *backend_ran);
+
+/**
+ * Fills `*out` with empty sequence-parallel arguments (NULL arrays and buffers, lengths 0,
+ * `max_seqlen` -1). Returns `ATTNRT_STATUS_NULL_POINTER` if `out` is NULL. Thread-safe.
+ *
+ * # Safety
+ * `out` NULL or valid for one write.
+ */
+attnrt_status attnrt_cuda_multi_seq_args_init(struct attnrt_cuda_multi_seq_args *out);
+
+/**
+ * Sequence-parallel forward on device buffers, for servers that keep each rank's rows of the
+ * activations on its GPU between layers: the rows are gathered across the devices (NCCL),
+ * every device runs its heads over the whole call, and the partial outputs are
+ * reduce-scattered so that `y_parts[i]` receives rank `i`'s rows of the layer's output. Runs
+ * on the handle's own streams and returns when every device has finished (the `y` parts are
+ * then written). On success `*backend_ran` receives `ATTNRT_BACKEND_CUDA`.
+ *
+ * Errors: `ATTNRT_STATUS_NULL_POINTER` (the handle, `args`, `backend_ran`, `x_parts`,
+ * `y_parts`, or one of their device pointers 0, named by index), `ATTNRT_STATUS_INPUT_SHAPE`
+ * (`n_parts` not the number of devices), the argument errors of `attnrt_forward` for the mask
+ * inputs and positions, `ATTNRT_STATUS_DEVICE_CAPACITY`, `ATTNRT_STATUS_DEVICE`,
+ * `ATTNRT_STATUS_DEVICE_BLAS`, `ATTNRT_STATUS_DEVICE_COLLECTIVE`. On an argument error
+ * nothing is enqueued and nothing written. Calls on one handle are serialized by its lock.
+ *
+ * # Safety
+ * `layer` NULL or a live handle; `args` NULL or valid, its host arrays and buffers valid for
+ * their lengths; each `x_parts[i]` / `y_parts[i]` a device allocation valid on `devices[i]`
+ * with room for rank `i`'s rows (`rows_i * n_embd` f32), the `x` parts fully written by work
+ * that has finished before the call, and none of them used by other work until it returns;
+ * `backend_ran` NULL or valid.
+ */
+attnrt_status attnrt_cuda_multi_forward_seq_device(const struct attnrt_cuda_multi_layer *layer,
+                                                   const struct attnrt_cuda_multi_seq_args *args,
+                                                   attnrt_backend *backend_ran);
+
+/**
+ * Creates the KV cache of `layer`'s split: on each of its devices, pools of `num_blocks`
+ * blocks of `block_size` tokens for that device's KV heads (a KV head held by several
+ * devices is stored on each), in the layer's precision, allocated and zeroed in device
+ * memory. With `rolling` nonzero the cache is a rolling buffer for a sliding-window layer
+ * (as `attnrt_kv_cache_new`).
+ *
+ * On success `*out` receives the handle (free with [`attnrt_cuda_multi_kv_cache_free`]); on
+ * error it is untouched and nothing stays allocated. Errors: `ATTNRT_STATUS_NULL_POINTER`,
+ * `ATTNRT_STATUS_CONFIG` (`block_size` or `num_blocks` 0), `ATTNRT_STATUS_UNSUPPORTED`
+ * (`rolling` for a layer without a sliding window), `ATTNRT_STATUS_LENGTH_OVERFLOW` (pools
+ * larger than `PTRDIFF_MAX` bytes), `ATTNRT_STATUS_DEVICE` (out of device memory, a driver
+ * failure). Takes the layer's lock (the handle does not keep the layer).
+ *
+ * # Safety
+ * `layer` NULL or a live multi-GPU layer handle; `out` NULL or valid for one write.
+ */
+attnrt_status attnrt_cuda_multi_kv_cache_new(const struct attnrt_cuda_multi_layer *layer,
+                                             size_t block_size,
+                                             size_t num_blocks,
+                                             uint8_t rolling,
+                                             struct attnrt_cuda_multi_kv_cache **out);
+
+/**
+ * Frees a multi-GPU KV cache and its device memory. NULL is a no-op. Every call using the
+ * cache must have returned; never twice.
+ *
+ * # Safety
+ * `cache` NULL or a handle from [`attnrt_cuda_multi_kv_cache_new`] not yet freed.
+ */
+void attnrt_cuda_multi_kv_cache_free(struct attnrt_cuda_multi_kv_cache *cache);
+
+/**
+ * Elements of one pool (K or V) of device `index`'s cache (`index` is the rank, as in
+ * `attnrt_cuda_multi_layer_shard`): its KV heads x `head_dim` x `block_size` x `num_blocks`,
+ * into `*elems`. Errors: `ATTNRT_STATUS_NULL_POINTER`, `ATTNRT_STATUS_INPUT_VALUE` (`index`
+ * >= the number of devices). Thread-safe (no lock).
+ *
+ * # Safety
+ * `cache` NULL or a live handle; `elems` NULL or valid for one write.
+ */
+attnrt_status attnrt_cuda_multi_kv_cache_size(const struct attnrt_cuda_multi_kv_cache *cache,
+                                              size_t index,
+                                              size_t *elems);
+
+/**
+ * Copies device `index`'s pools, widened to f32, into `k_out` and `v_out` (each `len` =
+ * `attnrt_cuda_multi_kv_cache_size` elements) in the pool layout of `attnrt_kv_cache_read_f32`
+ * over that device's KV heads: block `b`, local KV head `g` (global head `kv_head_start + g`),
+ * slot `i` at `((b * n_kv_head_i + g) * block_size + i) * head_dim`. For inspection, tests and
+ * saving a cache.
+ *
+ * Errors: `ATTNRT_STATUS_NULL_POINTER`, `ATTNRT_STATUS_MISALIGNED_POINTER`,
+ * `ATTNRT_STATUS_LENGTH_OVERFLOW`, `ATTNRT_STATUS_INPUT_VALUE` (`index`),
+ * `ATTNRT_STATUS_INPUT_SHAPE` (`len`), `ATTNRT_STATUS_ALIASED_BUFFERS` (`k_out` overlaps
+ * `v_out`), `ATTNRT_STATUS_DEVICE` (a failed copy); nothing is written on error. Serialized
+ * with the cache's other calls.
+ *
+ * # Safety
+ * `cache` NULL or a live handle; `k_out`, `v_out` NULL or valid for `len` writes.
+ */
+attnrt_status attnrt_cuda_multi_kv_cache_read_f32(const struct attnrt_cuda_multi_kv_cache *cache,
+                                                  size_t index,
+                                                  float *k_out,
+                                                  float *v_out,
+                                                  size_t len);
+
+/**
+ * Runs the multi-GPU `layer` on the new tokens of one or more sequences against `cache`, as
+ * `attnrt_forward_cached` does on the CPU: prefill into an empty sequence (`cached` 0),
+ * chunked prefill, or decode (one new token per sequence, a batch of sequences of different
+ * lengths). Each device appends the new keys and values of its KV heads to its cache and
+ * attends with its query heads; the partial outputs are summed with NCCL and `out` receives
+ * the layer's output. `args` as for `attnrt_forward_cached`: `x` and `out` are `[sum of
+ * new_tokens, n_embd]`; `seqs` the sequences with their block tables; `freqs_cis` the caller's
+ * cos/sin table (when NULL, a rotary layer builds the rows of positions
+ * `0..max(cached + new_tokens)` on the host for the call: pass a table built once with
+ * `attnrt_rope_table` for long generations). `workspace`, `backend`, `parallel_for` and
+ * `num_threads` are ignored (the workspace may be NULL). At most `max_batch * max_seq_len`
+ * new tokens per call. On success `*backend_ran` receives `ATTNRT_BACKEND_CUDA`.
+ *
+ * Every check runs before anything is written: on any error `out`, `*backend_ran` and the
+ * cache are untouched, except a device failure during the call (5xx), after which `out` and
+ * the new tokens' slots are unspecified.
+ *
+ * Errors: `ATTNRT_STATUS_NULL_POINTER`, `ATTNRT_STATUS_MISALIGNED_POINTER`,
+ * `ATTNRT_STATUS_LENGTH_OVERFLOW`, `ATTNRT_STATUS_ALIASED_BUFFERS`,
+ * `ATTNRT_STATUS_INPUT_SHAPE` (`x`/`out` length; a cache made for a layer of other heads),
+ * `ATTNRT_STATUS_INPUT_VALUE` (`cached + new_tokens` past `INT32_MAX`),
+ * `ATTNRT_STATUS_KV_CACHE_FULL` (a sequence's blocks cannot hold the tokens of the call),
+ * `ATTNRT_STATUS_KV_BLOCK` (a block id outside the pool, or used twice in the call),
+ * `ATTNRT_STATUS_POSITION_OUT_OF_TABLE`, `ATTNRT_STATUS_UNSUPPORTED` (a rolling cache on a
+ * layer without window; `freqs_cis` for a layer without rotary embedding; a cache made for
+ * another split: other devices or precision), `ATTNRT_STATUS_DEVICE_CAPACITY` (more new
+ * tokens than the layer's maxima), `ATTNRT_STATUS_DEVICE`, `ATTNRT_STATUS_DEVICE_BLAS`,
+ * `ATTNRT_STATUS_DEVICE_COLLECTIVE`, `ATTNRT_STATUS_OUT_OF_MEMORY`.
+ *
+ * Thread safety: serialized per layer and per cache by their locks (the layer's device
+ * buffers are reused by every call).
+ *
+ * # Safety
+ * `layer`, `cache` NULL or live handles; `args` NULL or valid; every buffer in `args` valid
+ * for its length (writes for `out`), each sequence's `blocks` valid for `n_blocks` reads,
+ * none written by anyone else during the call; `backend_ran` NULL or valid for one write.
+ */
+attnrt_status attnrt_cuda_multi_forward_cached(const struct attnrt_cuda_multi_layer *layer,
+                                               struct attnrt_cuda_multi_kv_cache *cache,
+                                               const struct attnrt_cached_args *args,
+                                               attnrt_backend *backend_ran);
 
 /**
  * Copies the message of the calling thread's last failed call into `buf`.

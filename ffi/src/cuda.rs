@@ -13,7 +13,7 @@ use core::ffi::{c_char, c_void};
 use core::mem::ManuallyDrop;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
-use attnrt::{Inputs, MaskInputs, RopeTable};
+use attnrt::{Config, Inputs, MaskInputs, RopeTable};
 use attnrt_cuda::{DeviceCall, GpuLayer, GpuOptions, Precision, RopeSource};
 
 use crate::backend::{attnrt_backend, table_part};
@@ -35,7 +35,7 @@ pub enum attnrt_cuda_precision {
     ATTNRT_CUDA_PRECISION_F16 = 2,
 }
 
-fn precision(v: u32) -> FfiResult<Precision> {
+pub(crate) fn precision(v: u32) -> FfiResult<Precision> {
     match v {
         0 => Ok(Precision::F32),
         1 => Ok(Precision::Bf16),
@@ -59,6 +59,7 @@ impl From<attnrt_cuda::Error> for FfiError {
             E::Cublas { .. } => S::ATTNRT_STATUS_DEVICE_BLAS,
             E::Unsupported(_) => S::ATTNRT_STATUS_UNSUPPORTED,
             E::Capacity { .. } => S::ATTNRT_STATUS_DEVICE_CAPACITY,
+            E::Nccl { .. } => S::ATTNRT_STATUS_DEVICE_COLLECTIVE,
             _ => S::ATTNRT_STATUS_INTERNAL,
         };
         FfiError::new(status, e.to_string())
@@ -398,34 +399,9 @@ pub unsafe extern "C" fn attnrt_cuda_forward_device(
             max_seqlen: (a.max_seqlen >= 0).then_some(a.max_seqlen),
         };
         let mut built = Vec::new();
-        let (rope, positions) = match (cfg.rope(), freqs_cis) {
-            (Some(_), Some(f)) => (
-                Some(RopeSource::Host(RopeTable::new(f, cfg.head_dim)?)),
-                position_ids,
-            ),
-            (None, Some(_)) => {
-                return Err(attnrt::Error::Unsupported {
-                    what: "freqs_cis given but the layer has no rotary embedding",
-                }
-                .into())
-            }
-            (Some(r), None) => {
-                let n = table_part(cfg, a.batch, a.seq_len, true)?;
-                built.try_reserve_exact(n).map_err(|_| {
-                    FfiError::new(
-                        attnrt_status::ATTNRT_STATUS_OUT_OF_MEMORY,
-                        "cannot allocate the cos/sin rows",
-                    )
-                })?;
-                built.resize(n, 0.0f32);
-                // `x` is not read by the table builder; only the shapes and positions are.
-                let mut shape = Inputs::new(&[], a.batch, a.seq_len);
-                shape.position_ids = position_ids;
-                let (table, ids) = crate::table::build(r, cfg.head_dim, &shape, &mut built)?;
-                (Some(RopeSource::Host(table)), ids.or(position_ids))
-            }
-            (None, None) => (None, position_ids),
-        };
+        let (rope, positions) =
+            host_rope(cfg, a.batch, a.seq_len, position_ids, freqs_cis, &mut built)?;
+        let rope = rope.map(RopeSource::Host);
         let call = DeviceCall {
             x: a.x,
             y: a.y,
@@ -441,5 +417,43 @@ pub unsafe extern "C" fn attnrt_cuda_forward_device(
         // SAFETY: checked by `check_out`; valid by the contract.
         unsafe { write_out(backend_ran, attnrt_backend::ATTNRT_BACKEND_CUDA) };
         Ok(())
+    })
+}
+
+/// The rotary table and positions of a call whose activations live on a device: the
+/// caller's `freqs_cis`, or, for a rotary layer without one, the rows the call needs built on
+/// the host into `built` (allocated here), with the positions remapped to those rows.
+pub(crate) fn host_rope<'a>(
+    cfg: &Config,
+    batch: usize,
+    seq_len: usize,
+    position_ids: Option<&'a [i32]>,
+    freqs_cis: Option<&'a [f32]>,
+    built: &'a mut Vec<f32>,
+) -> FfiResult<(Option<RopeTable<'a>>, Option<&'a [i32]>)> {
+    Ok(match (cfg.rope(), freqs_cis) {
+        (Some(_), Some(f)) => (Some(RopeTable::new(f, cfg.head_dim)?), position_ids),
+        (None, Some(_)) => {
+            return Err(attnrt::Error::Unsupported {
+                what: "freqs_cis given but the layer has no rotary embedding",
+            }
+            .into())
+        }
+        (Some(r), None) => {
+            let n = table_part(cfg, batch, seq_len, true)?;
+            built.try_reserve_exact(n).map_err(|_| {
+                FfiError::new(
+                    attnrt_status::ATTNRT_STATUS_OUT_OF_MEMORY,
+                    "cannot allocate the cos/sin rows",
+                )
+            })?;
+            built.resize(n, 0.0f32);
+            // `x` is not read by the table builder; only the shapes and positions are.
+            let mut shape = Inputs::new(&[], batch, seq_len);
+            shape.position_ids = position_ids;
+            let (table, ids) = crate::table::build(r, cfg.head_dim, &shape, built)?;
+            (Some(table), ids.or(position_ids))
+        }
+        (None, None) => (None, position_ids),
     })
 }

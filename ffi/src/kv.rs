@@ -10,7 +10,9 @@
 use core::ffi::c_void;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
-use attnrt::{cached_workspace_len, kv_pool_len, Config, KvCache, KvPool, RopeTable, Sequence};
+use attnrt::{
+    cached_workspace_len, kv_pool_len, Config, KvCache, KvGeometry, KvPool, RopeTable, Sequence,
+};
 use half::{bf16, f16};
 
 use crate::backend::{attnrt_backend, lanes};
@@ -93,7 +95,7 @@ fn elem_size(dtype: u32) -> FfiResult<usize> {
 }
 
 /// Elements of one pool, with every dimension > 0 and the byte size within `PTRDIFF_MAX`.
-fn pool_elems(
+pub(crate) fn pool_elems(
     n_kv_head: usize,
     head_dim: usize,
     block_size: usize,
@@ -156,6 +158,16 @@ impl attnrt_kv_cache {
 
     fn block_elems(&self) -> usize {
         self.n_kv_head * self.head_dim * self.block_size
+    }
+
+    fn geometry(&self) -> KvGeometry {
+        KvGeometry {
+            n_kv_head: self.n_kv_head,
+            head_dim: self.head_dim,
+            block_size: self.block_size,
+            num_blocks: self.num_blocks,
+            rolling: self.rolling,
+        }
     }
 }
 
@@ -256,7 +268,7 @@ pub unsafe extern "C" fn attnrt_kv_cache_new(
     })
 }
 
-fn no_window() -> FfiError {
+pub(crate) fn no_window() -> FfiError {
     attnrt::Error::Unsupported {
         what: "a rolling KV cache needs a sliding-window layer",
     }
@@ -407,7 +419,7 @@ fn outside(i: usize, b: u32, num_blocks: usize) -> FfiError {
 /// # Safety
 /// `seqs` must be NULL or valid for `n` reads, and each sequence's `blocks` NULL or valid for
 /// `n_blocks` reads, none written during `'a`.
-unsafe fn sequences<'a>(
+pub(crate) unsafe fn sequences<'a>(
     seqs: *const attnrt_sequence,
     n: usize,
 ) -> FfiResult<(&'a [attnrt_sequence], Vec<Sequence<'a>>)> {
@@ -434,7 +446,7 @@ unsafe fn sequences<'a>(
 
 /// One past the largest position a call writes (0 when no sequence has new tokens); an error
 /// when a sequence's positions overflow the runtime's range.
-fn max_end(seqs: &[Sequence<'_>]) -> FfiResult<usize> {
+pub(crate) fn max_end(seqs: &[Sequence<'_>]) -> FfiResult<usize> {
     let mut most = 0;
     for (i, s) in seqs.iter().enumerate() {
         let end = s
@@ -456,7 +468,12 @@ fn max_end(seqs: &[Sequence<'_>]) -> FfiResult<usize> {
 
 /// Every check of the cache's use, before anything is written: heads, rolling, positions,
 /// capacity ("cache full"), block ids (inside the pool, each once). Returns [`max_end`].
-fn check_use(cfg: &Config, cache: &attnrt_kv_cache, seqs: &[Sequence<'_>]) -> FfiResult<usize> {
+/// Shared by the CPU cache and the multi-GPU one, so both report the same statuses.
+pub(crate) fn check_use(
+    cfg: &Config,
+    cache: &KvGeometry,
+    seqs: &[Sequence<'_>],
+) -> FfiResult<usize> {
     if cache.n_kv_head != cfg.n_kv_head || cache.head_dim != cfg.head_dim {
         return Err(FfiError::new(
             attnrt_status::ATTNRT_STATUS_INPUT_SHAPE,
@@ -821,7 +838,7 @@ pub unsafe extern "C" fn attnrt_forward_cached(
                 .into());
             }
         }
-        check_use(cfg, cache, &seqs)?;
+        check_use(cfg, &cache.geometry(), &seqs)?;
         let build = cfg.rope().is_some() && freqs_cis.is_none();
         let (table_len, needed) = cached_elems(cfg, cache, &seqs, lanes(a.num_threads), build)?;
         if workspace.len() < needed {

@@ -27,6 +27,8 @@
 mod backend;
 mod config;
 mod cuda;
+mod cuda_multi;
+mod cuda_multi_kv;
 mod error;
 mod kv;
 mod layer;
@@ -48,6 +50,19 @@ pub use cuda::{
     attnrt_cuda_capability, attnrt_cuda_device_args, attnrt_cuda_device_args_init,
     attnrt_cuda_forward_device, attnrt_cuda_forward_host, attnrt_cuda_layer,
     attnrt_cuda_layer_free, attnrt_cuda_layer_new, attnrt_cuda_precision,
+};
+pub use cuda_multi::{
+    attnrt_cuda_device_count, attnrt_cuda_multi_forward_host, attnrt_cuda_multi_forward_seq_device,
+    attnrt_cuda_multi_forward_seq_host, attnrt_cuda_multi_last_nccl_ms, attnrt_cuda_multi_layer,
+    attnrt_cuda_multi_layer_backend, attnrt_cuda_multi_layer_free,
+    attnrt_cuda_multi_layer_n_devices, attnrt_cuda_multi_layer_new, attnrt_cuda_multi_layer_shard,
+    attnrt_cuda_multi_seq_args, attnrt_cuda_multi_seq_args_init, attnrt_cuda_multi_token_range,
+    attnrt_device_shard,
+};
+pub use cuda_multi_kv::{
+    attnrt_cuda_multi_forward_cached, attnrt_cuda_multi_kv_cache, attnrt_cuda_multi_kv_cache_free,
+    attnrt_cuda_multi_kv_cache_new, attnrt_cuda_multi_kv_cache_read_f32,
+    attnrt_cuda_multi_kv_cache_size,
 };
 pub use error::attnrt_error_message;
 pub use kv::{

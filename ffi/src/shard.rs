@@ -27,6 +27,17 @@ pub enum attnrt_shard_mode {
     ATTNRT_SHARD_MODE_PARTIALS = 1,
 }
 
+impl attnrt_shard_mode {
+    /// The mode of a caller's value, or `ATTNRT_STATUS_BAD_ENUM` naming `mode`.
+    pub(crate) fn from_u32(v: u32) -> FfiResult<attnrt_shard_mode> {
+        match v {
+            0 => Ok(attnrt_shard_mode::ATTNRT_SHARD_MODE_SUMMED),
+            1 => Ok(attnrt_shard_mode::ATTNRT_SHARD_MODE_PARTIALS),
+            v => Err(FfiError::bad_enum("mode", v, "an attnrt_shard_mode, 0..=1")),
+        }
+    }
+}
+
 /// A layer split by heads over `n_devices` CPU devices: a private copy of the configuration
 /// and weights, the plan (which query heads, KV heads and weight rows/columns each device
 /// owns; GQA-aware, uneven head counts allowed), and each device's `wo` column block.
@@ -213,11 +224,8 @@ pub unsafe extern "C" fn attnrt_sharded_forward(
         // SAFETY: the contract of this function.
         let a = unsafe { as_ref("args", args) }?;
         check_out("backend_ran", backend_ran)?;
-        let partials = match mode {
-            0 => false,
-            1 => true,
-            v => return Err(FfiError::bad_enum("mode", v, "an attnrt_shard_mode, 0..=1")),
-        };
+        let partials =
+            attnrt_shard_mode::from_u32(mode)? == attnrt_shard_mode::ATTNRT_SHARD_MODE_PARTIALS;
         match attnrt_backend::from_u32(a.backend)? {
             attnrt_backend::ATTNRT_BACKEND_AUTO | attnrt_backend::ATTNRT_BACKEND_CPU_SIMD => {}
             attnrt_backend::ATTNRT_BACKEND_REFERENCE => {

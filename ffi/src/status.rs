@@ -79,6 +79,9 @@ pub enum attnrt_status {
     /// A call larger than the device buffers the CUDA layer was set up for (`max_batch`,
     /// `max_seq_len`).
     ATTNRT_STATUS_DEVICE_CAPACITY = 502,
+    /// An NCCL call of a multi-GPU layer failed (communicator set-up, a collective); the
+    /// message names the function and NCCL's error.
+    ATTNRT_STATUS_DEVICE_COLLECTIVE = 503,
 
     /// A panic inside the library was caught at the boundary. The library stays usable; the
     /// contents of the call's output buffer are unspecified.
@@ -140,6 +143,7 @@ impl attnrt_status {
             S::ATTNRT_STATUS_DEVICE => "ATTNRT_STATUS_DEVICE\0",
             S::ATTNRT_STATUS_DEVICE_BLAS => "ATTNRT_STATUS_DEVICE_BLAS\0",
             S::ATTNRT_STATUS_DEVICE_CAPACITY => "ATTNRT_STATUS_DEVICE_CAPACITY\0",
+            S::ATTNRT_STATUS_DEVICE_COLLECTIVE => "ATTNRT_STATUS_DEVICE_COLLECTIVE\0",
             S::ATTNRT_STATUS_PANIC => "ATTNRT_STATUS_PANIC\0",
             S::ATTNRT_STATUS_INTERNAL => "ATTNRT_STATUS_INTERNAL\0",
             S::ATTNRT_STATUS_OUT_OF_MEMORY => "ATTNRT_STATUS_OUT_OF_MEMORY\0",
@@ -147,7 +151,7 @@ impl attnrt_status {
     }
 
     /// Every status, in declaration order.
-    const ALL: [attnrt_status; 28] = {
+    const ALL: [attnrt_status; 29] = {
         use attnrt_status as S;
         [
             S::ATTNRT_STATUS_OK,
@@ -175,6 +179,7 @@ impl attnrt_status {
             S::ATTNRT_STATUS_DEVICE,
             S::ATTNRT_STATUS_DEVICE_BLAS,
             S::ATTNRT_STATUS_DEVICE_CAPACITY,
+            S::ATTNRT_STATUS_DEVICE_COLLECTIVE,
             S::ATTNRT_STATUS_PANIC,
             S::ATTNRT_STATUS_INTERNAL,
             S::ATTNRT_STATUS_OUT_OF_MEMORY,

@@ -12,23 +12,7 @@
 //   attn_mma_<t>_p<DP>  bf16 / f16 storage on tensor cores (mma.sync m16n8k16, f32 accumulate),
 //                       head_dim padded to DP (a multiple of 32, <= 256); DP = head_dim for the
 //                       tuned sizes 64, 128, 256.
-#include "common.cuh"
-
-struct AttnParams {
-    const void* q;  // [B, T, H * D]
-    const void* k;  // [B, T, KV * D]
-    const void* v;  // [B, T, KV * D]
-    void* o;        // [B, T, H * D]
-    int seq_len;
-    int n_head;
-    int n_kv_head;
-    int head_dim;
-    int group;       // R = H / KV
-    int q_per_cta;   // queries per CTA (BQ); BQ * R <= rows of the CTA
-    float scale;     // 1 / sqrt(D)
-    float scale_log2;  // log2(e) / sqrt(D)
-    MaskParams mask;
-};
+#include "attn_common.cuh"
 
 // ------------------------------------------------------------------------------------------
 // f32 path (CUDA cores). Dynamic shared memory (floats): Q and O [rows, D], K [32, D + 1],
@@ -177,10 +161,6 @@ template <> struct Mma<__half> {
     }
 };
 
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-    return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
 __device__ __forceinline__ void ldmatrix_x4(uint32_t* r, const void* p) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
@@ -191,14 +171,6 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t* r, const void* p) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                  : "r"(smem_addr(p)));
-}
-
-__device__ __forceinline__ void cp_async16(void* dst, const void* src) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_addr(dst)), "l"(src));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N> __device__ __forceinline__ void cp_async_wait() {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
 // Elements [c, c + 8) of a row with D valid elements into shared memory; zero past D.
@@ -245,7 +217,7 @@ __device__ __forceinline__ void attn_mma(const AttnParams& p) {
     T* O = reinterpret_cast<T*>(p.o);
 
     // This thread's rows: (mt, half) -> query index and head, or invalid.
-    int row_q[MT][2], row_h[MT][2];
+    int row_q[MT][2], row_h[MT][2], row_g[MT][2];
     bool row_ok[MT][2];
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
@@ -255,6 +227,7 @@ __device__ __forceinline__ void attn_mma(const AttnParams& p) {
             row_q[mt][hf] = q0 + r / R;
             row_h[mt][hf] = g * R + r % R;
             row_ok[mt][hf] = r < rows_used && row_q[mt][hf] < q1;
+            row_g[mt][hf] = row_ok[mt][hf] ? group_of(p.mask, b, row_q[mt][hf]) : 0;
         }
 
     float o[MT][DT][4];
@@ -388,8 +361,10 @@ __device__ __forceinline__ void attn_mma(const AttnParams& p) {
                         for (int e = 0; e < 2; ++e) {
                             float v = s[mt][nt][hf * 2 + e] * p.scale_log2;
                             if (cls != TILE_ALL || !ok) {
-                                int j = cur + nt * 8 + tq * 2 + e;
-                                if (!(ok && visible(p.mask, b, len, i, j))) v = ATTNRT_NEG_INF;
+                                const int j = cur + nt * 8 + tq * 2 + e;
+                                const int gj = group_of(p.mask, b, min(j, T_ - 1));
+                                if (!(ok && visible_ids(p.mask, len, i, j, row_g[mt][hf], gj)))
+                                    v = ATTNRT_NEG_INF;
                             }
                             s[mt][nt][hf * 2 + e] = v;
                             mx = fmaxf(mx, v);

@@ -115,6 +115,18 @@ __device__ __forceinline__ bool visible(const MaskParams& m, int b, int len, int
     return true;
 }
 
+// Merged group id of token t (< T) of row b; 0 when the call has no groups, so that every pair
+// passes the group rule of visible_ids.
+__device__ __forceinline__ int group_of(const MaskParams& m, int b, int t) {
+    return m.groups ? __ldg(m.groups + (size_t)b * m.seq_len + t) : 0;
+}
+
+// visible() with both group ids already at hand (group_of): a partial tile reads each key's id
+// once for all the rows a thread holds, instead of two loads per element.
+__device__ __forceinline__ bool visible_ids(const MaskParams& m, int len, int i, int j, int gi, int gj) {
+    return j <= i && i - j < m.window && i < len && gi == gj;
+}
+
 // First key of the loop for queries [q0, q1): the window's reach (the group tables skip the rest).
 __device__ __forceinline__ int key_lo(const MaskParams& m, int q0) {
     if (m.window == 0x7fffffff) return 0;

@@ -16,18 +16,19 @@ use half::{bf16, f16};
 use crate::cublas::{self, Cublas};
 use crate::error::{Error, Result};
 use crate::plan::{
-    self, attention_launch, capability, AttnPath, GpuBackend, GpuOptions, Precision, Workspace,
-    GROUP_GRANULE, PREP_THREADS,
+    self, attention_launch, capability, capability_on, AttnPath, GpuBackend, GpuOptions, Precision,
+    Workspace, GROUP_GRANULE, PREP_THREADS,
 };
 
 const PTX_ATTENTION: &str = include_str!(concat!(env!("OUT_DIR"), "/attention.ptx"));
+const PTX_ATTENTION_SM90: &str = include_str!(concat!(env!("OUT_DIR"), "/attention_sm90.ptx"));
 const PTX_ROPE_NORM: &str = include_str!(concat!(env!("OUT_DIR"), "/rope_norm.ptx"));
 const PTX_DECODE: &str = include_str!(concat!(env!("OUT_DIR"), "/decode.ptx"));
 
 mod decode;
 mod multi;
 pub use decode::GpuKvCache;
-pub use multi::{MultiGpuKvCache, MultiGpuLayer};
+pub use multi::{MultiGpuKvCache, MultiGpuLayer, SeqParallelCall};
 
 fn drv(call: &'static str, r: cu::CUresult) -> Result<()> {
     if r == cu::CUresult::CUDA_SUCCESS {
@@ -57,6 +58,11 @@ fn cust_err(call: &'static str, e: cust::error::CudaError) -> Error {
 struct Kernels {
     ctx: cust::context::Context,
     attention: cust::module::Module,
+    /// The wgmma kernels (sm_90a PTX): loaded on sm_90 devices only, the one architecture
+    /// whose driver accepts that target.
+    attention_sm90: Option<cust::module::Module>,
+    /// Compute capability (major, minor).
+    arch: (u32, u32),
     rope_norm: cust::module::Module,
     decode: cust::module::Module,
     name: String,
@@ -100,6 +106,32 @@ fn kernels(device: u32) -> Result<Arc<Kernels>> {
     let decode = cust::module::Module::from_ptx(PTX_DECODE, &[])
         .map_err(|e| cust_err("cuModuleLoadData(decode.ptx)", e))?;
     let name = dev.name().map_err(|e| cust_err("cuDeviceGetName", e))?;
+    let mut arch = (0i32, 0i32);
+    // SAFETY: valid out-pointers and device handle.
+    drv("cuDeviceGetAttribute", unsafe {
+        cu::cuDeviceGetAttribute(
+            &mut arch.0,
+            cu::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR,
+            dev.as_raw(),
+        )
+    })?;
+    // SAFETY: as above.
+    drv("cuDeviceGetAttribute", unsafe {
+        cu::cuDeviceGetAttribute(
+            &mut arch.1,
+            cu::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR,
+            dev.as_raw(),
+        )
+    })?;
+    let arch = (arch.0.max(0) as u32, arch.1.max(0) as u32);
+    let attention_sm90 = if arch == (9, 0) {
+        Some(
+            cust::module::Module::from_ptx(PTX_ATTENTION_SM90, &[])
+                .map_err(|e| cust_err("cuModuleLoadData(attention_sm90.ptx)", e))?,
+        )
+    } else {
+        None
+    };
     let mut smem_optin = 0i32;
     // SAFETY: valid out-pointer and device handle.
     drv("cuDeviceGetAttribute", unsafe {
@@ -122,6 +154,8 @@ fn kernels(device: u32) -> Result<Arc<Kernels>> {
     let k = Arc::new(Kernels {
         ctx,
         attention,
+        attention_sm90,
+        arch,
         rope_norm,
         decode,
         name,
@@ -480,10 +514,12 @@ impl<'a> GpuLayer<'a> {
     /// ([`capability`]), out of device memory, or maxima whose buffers overflow.
     pub fn new(layer: Layer<'a>, opts: GpuOptions) -> Result<GpuLayer<'a>> {
         let cfg = *layer.config();
-        let path = capability(opts.precision, cfg.head_dim, cfg.group_size())?;
+        // Unsupported shapes fail before any driver call.
+        capability(opts.precision, cfg.head_dim, cfg.group_size())?;
         let ws = Workspace::new(&cfg, opts.precision, opts.max_batch, opts.max_seq_len)
             .ok_or_else(|| Error::Unsupported("buffer sizes overflow the address space".into()))?;
         let kernels = kernels(opts.device)?;
+        let path = capability_on(opts.precision, cfg.head_dim, cfg.group_size(), kernels.arch)?;
         let probe = attention_launch(path, &cfg, 1, 1)?;
         let prep_smem = plan::prep_smem_bytes(&cfg);
         for (what, need) in [("attention", probe.smem), ("q/k/v preparation", prep_smem)] {
@@ -494,7 +530,11 @@ impl<'a> GpuLayer<'a> {
                 )));
             }
         }
-        let f_attn = function(&kernels.attention, &probe.kernel)?;
+        let attn_module = match (path, &kernels.attention_sm90) {
+            (AttnPath::Wgmma { .. }, Some(m)) => m,
+            _ => &kernels.attention,
+        };
+        let f_attn = function(attn_module, &probe.kernel)?;
         let f_prep = function(
             &kernels.rope_norm,
             &format!("qkv_prep_{}", opts.precision.name()),

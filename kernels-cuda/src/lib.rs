@@ -6,10 +6,14 @@
 //! * Masked flash attention: one CTA per (batch row, KV head, query tile) with the R query heads
 //!   of the KV head packed together, online softmax in f32, every mask rule (causal, window,
 //!   padding, document ids, varlen segments) with per-tile skipping. bf16 / f16 storage runs on
-//!   tensor cores (`mma.sync` m16n8k16, f32 accumulation); f32 storage runs on CUDA cores for
-//!   exactness. [`capability`] says which path a (precision, head_dim, group) gets.
+//!   tensor cores (`mma.sync` m16n8k16, f32 accumulation; on sm_90 with head_dim 128, Hopper's
+//!   warpgroup MMA with a pipelined copy of K/V); f32 storage runs on CUDA cores for exactness.
+//!   [`capability`] says which path a (precision, head_dim, group) gets, [`capability_on`] which
+//!   one a given architecture gets.
 //! * [`MultiGpuLayer`]: the layer split by heads over several GPUs of one host (the runtime's
-//!   `ShardPlan`), partial outputs summed with an NCCL all-reduce (or returned per device).
+//!   `ShardPlan`), partial outputs summed with an NCCL all-reduce (or returned per device);
+//!   sequence-parallel inputs and outputs (tokens sharded across the devices, NCCL all-gather
+//!   before the projections and reduce-scatter after).
 //!
 //! Built without the `cuda` feature, the same API compiles and every constructor returns
 //! [`Error::NoCuda`] ("attnrt built without CUDA"), so the workspace builds and tests on machines
@@ -51,10 +55,16 @@ mod stub;
 
 pub use error::{Error, Result};
 #[cfg(feature = "cuda")]
-pub use gpu::{DeviceCall, GpuKvCache, GpuLayer, MultiGpuKvCache, MultiGpuLayer, RopeSource};
-pub use plan::{capability, AttnPath, GpuBackend, GpuOptions, Precision, ReduceOptions};
+pub use gpu::{
+    DeviceCall, GpuKvCache, GpuLayer, MultiGpuKvCache, MultiGpuLayer, RopeSource, SeqParallelCall,
+};
+pub use plan::{
+    capability, capability_on, AttnPath, GpuBackend, GpuOptions, Precision, ReduceOptions,
+};
 #[cfg(not(feature = "cuda"))]
-pub use stub::{DeviceCall, GpuKvCache, GpuLayer, MultiGpuKvCache, MultiGpuLayer, RopeSource};
+pub use stub::{
+    DeviceCall, GpuKvCache, GpuLayer, MultiGpuKvCache, MultiGpuLayer, RopeSource, SeqParallelCall,
+};
 
 /// Whether this build has the CUDA executor (the `cuda` feature).
 pub const fn built_with_cuda() -> bool {

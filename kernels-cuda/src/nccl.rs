@@ -1,6 +1,7 @@
 //! The handful of NCCL functions the multi-GPU head split needs, bound by hand (libnccl.so.2,
 //! 2.28): communicators for the devices of one process, grouped in-place sum all-reduces and
-//! reduce-scatters (f32, bf16, f16).
+//! reduce-scatters (f32, bf16, f16), and for sequence parallelism f32 all-gather /
+//! reduce-scatter of unequal shares (grouped broadcasts / reduces).
 
 use std::ffi::{c_char, c_int, c_void, CStr};
 
@@ -58,6 +59,14 @@ extern "C" {
         comm: Comm,
         stream: *mut c_void,
     ) -> c_int;
+    fn ncclAllGather(
+        sendbuff: *const c_void,
+        recvbuff: *mut c_void,
+        sendcount: usize,
+        datatype: c_int,
+        comm: Comm,
+        stream: *mut c_void,
+    ) -> c_int;
     fn ncclReduceScatter(
         sendbuff: *const c_void,
         recvbuff: *mut c_void,
@@ -67,7 +76,48 @@ extern "C" {
         comm: Comm,
         stream: *mut c_void,
     ) -> c_int;
+    fn ncclBroadcast(
+        sendbuff: *const c_void,
+        recvbuff: *mut c_void,
+        count: usize,
+        datatype: c_int,
+        root: c_int,
+        comm: Comm,
+        stream: *mut c_void,
+    ) -> c_int;
+    fn ncclReduce(
+        sendbuff: *const c_void,
+        recvbuff: *mut c_void,
+        count: usize,
+        datatype: c_int,
+        op: c_int,
+        root: c_int,
+        comm: Comm,
+        stream: *mut c_void,
+    ) -> c_int;
     fn ncclGetErrorString(result: c_int) -> *const c_char;
+}
+
+/// Runs `enqueue` inside one NCCL group. `enqueue` gets a sink for each call's status: every
+/// call is made even after one fails, and the group is closed in any case, so that NCCL's
+/// group state stays consistent; the first failure is returned.
+fn grouped(enqueue: impl FnOnce(&mut dyn FnMut(Result<()>))) -> Result<()> {
+    // SAFETY: no arguments.
+    check("ncclGroupStart", unsafe { ncclGroupStart() })?;
+    let mut first_err = Ok(());
+    enqueue(&mut |r| {
+        if first_err.is_ok() {
+            first_err = r;
+        }
+    });
+    // SAFETY: matches the ncclGroupStart above.
+    let end = check("ncclGroupEnd", unsafe { ncclGroupEnd() });
+    first_err.and(end)
+}
+
+/// The byte address of f32 element `elems` of device buffer `base`.
+fn at(base: u64, elems: usize) -> u64 {
+    base + (elems * std::mem::size_of::<f32>()) as u64
 }
 
 fn check(call: &'static str, status: c_int) -> Result<()> {
@@ -192,6 +242,167 @@ impl Comms {
         // SAFETY: matches the ncclGroupStart above.
         let end = check("ncclGroupEnd", unsafe { ncclGroupEnd() });
         first_err.and(end)
+    }
+}
+
+impl Comms {
+    fn ranks(&self, what: &str, lists: &[usize]) -> Result<c_int> {
+        if lists.iter().any(|&l| l != self.comms.len()) {
+            return Err(Error::Unsupported(format!(
+                "{what} needs one buffer and one stream per device"
+            )));
+        }
+        c_int::try_from(self.comms.len()).map_err(|_| Error::Unsupported("too many devices".into()))
+    }
+
+    /// Checks that `shares` are contiguous in rank order from 0.
+    fn contiguous(what: &str, shares: &[(usize, usize)]) -> Result<()> {
+        let mut next = 0;
+        for &(offset, count) in shares {
+            if offset != next {
+                return Err(Error::Unsupported(format!(
+                    "{what}: the shares must be contiguous in rank order from 0"
+                )));
+            }
+            next = offset + count;
+        }
+        Ok(())
+    }
+
+    /// Enqueues a gather of f32 rows: rank `r` contributes `shares[r] = (offset, count)`
+    /// elements from `send[r]`, and every rank `i` receives them at element `offset` of
+    /// `recv[i]`. The shares must be contiguous in rank order (`offset` of rank `r + 1` =
+    /// `offset + count` of rank `r`, from 0). Equal shares run as one `ncclAllGather`; unequal
+    /// ones as one `ncclBroadcast` per root, grouped. In place when `send[r]` is element
+    /// `offset_r` of `recv[r]`.
+    ///
+    /// # Safety
+    /// `send[r]` holds `count_r` f32 and `recv[i]` holds the sum of the counts, on device `i`
+    /// of this communicator set; `streams[i]` is a live stream of that device's primary
+    /// context; all stay valid until the streams have run the work. Apart from the in-place
+    /// case, a `send` buffer does not overlap a `recv` buffer.
+    pub unsafe fn gather(
+        &mut self,
+        send: &[u64],
+        recv: &[u64],
+        streams: &[*mut c_void],
+        shares: &[(usize, usize)],
+    ) -> Result<()> {
+        let n = self.ranks(
+            "gather",
+            &[send.len(), recv.len(), streams.len(), shares.len()],
+        )?;
+        Comms::contiguous("gather", shares)?;
+        let count = shares[0].1;
+        if shares.iter().all(|s| s.1 == count) {
+            return grouped(|sink| {
+                for i in 0..self.comms.len() {
+                    // SAFETY: live communicator; buffers and stream per the caller's contract
+                    // (rank i's share lies at offset i * count of recv[i]).
+                    sink(check("ncclAllGather", unsafe {
+                        ncclAllGather(
+                            send[i] as *const c_void,
+                            recv[i] as *mut c_void,
+                            count,
+                            Dtype::F32 as c_int,
+                            self.comms[i],
+                            streams[i],
+                        )
+                    }));
+                }
+            });
+        }
+        grouped(|sink| {
+            for root in 0..n {
+                let (offset, count) = shares[root as usize];
+                for i in 0..self.comms.len() {
+                    // Non-root ranks ignore `sendbuff`; their own destination is passed.
+                    let src = if i == root as usize {
+                        send[i]
+                    } else {
+                        at(recv[i], offset)
+                    };
+                    // SAFETY: live communicator; buffers and stream per the caller's contract.
+                    sink(check("ncclBroadcast", unsafe {
+                        ncclBroadcast(
+                            src as *const c_void,
+                            at(recv[i], offset) as *mut c_void,
+                            count,
+                            Dtype::F32 as c_int,
+                            root,
+                            self.comms[i],
+                            streams[i],
+                        )
+                    }));
+                }
+            }
+        })
+    }
+
+    /// Enqueues a sum reduce-scatter of f32 rows: every rank holds a whole buffer `send[i]`,
+    /// and rank `r` receives in `recv[r]` the sum over the ranks of elements
+    /// `offset_r..offset_r + count_r` (`shares[r]`, contiguous in rank order from 0). Equal
+    /// shares run as one `ncclReduceScatter`; unequal ones as one `ncclReduce` per root,
+    /// grouped. In place when `recv[r]` is element `offset_r` of `send[r]`.
+    ///
+    /// # Safety
+    /// `send[i]` holds the sum of the counts and `recv[r]` holds `count_r` f32, on device `i`
+    /// (`r`) of this communicator set; streams and lifetimes as in [`Comms::gather`]. Apart
+    /// from the in-place case, a `recv` buffer does not overlap a `send` buffer.
+    pub unsafe fn reduce_scatter_sum(
+        &mut self,
+        send: &[u64],
+        recv: &[u64],
+        streams: &[*mut c_void],
+        shares: &[(usize, usize)],
+    ) -> Result<()> {
+        let n = self.ranks(
+            "reduce-scatter",
+            &[send.len(), recv.len(), streams.len(), shares.len()],
+        )?;
+        Comms::contiguous("reduce-scatter", shares)?;
+        let count = shares[0].1;
+        if shares.iter().all(|s| s.1 == count) {
+            return grouped(|sink| {
+                for i in 0..self.comms.len() {
+                    // SAFETY: live communicator; buffers and stream per the caller's contract.
+                    sink(check("ncclReduceScatter", unsafe {
+                        ncclReduceScatter(
+                            send[i] as *const c_void,
+                            recv[i] as *mut c_void,
+                            count,
+                            Dtype::F32 as c_int,
+                            SUM,
+                            self.comms[i],
+                            streams[i],
+                        )
+                    }));
+                }
+            });
+        }
+        grouped(|sink| {
+            for root in 0..n {
+                let (offset, count) = shares[root as usize];
+                for i in 0..self.comms.len() {
+                    let src = at(send[i], offset);
+                    // Non-root ranks ignore `recvbuff`; their own source is passed.
+                    let dst = if i == root as usize { recv[i] } else { src };
+                    // SAFETY: live communicator; buffers and stream per the caller's contract.
+                    sink(check("ncclReduce", unsafe {
+                        ncclReduce(
+                            src as *const c_void,
+                            dst as *mut c_void,
+                            count,
+                            Dtype::F32 as c_int,
+                            SUM,
+                            root,
+                            self.comms[i],
+                            streams[i],
+                        )
+                    }));
+                }
+            }
+        })
     }
 }
 

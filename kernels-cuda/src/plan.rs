@@ -56,6 +56,13 @@ pub enum AttnPath {
         /// Keys per K/V tile.
         key_tile: usize,
     },
+    /// `attn_ws_<dtype>_c3_n64_s5`: Hopper warpgroup MMA (sm_90a), head_dim 128, 192 packed rows
+    /// per CTA (three consumer warpgroups and a copying producer warpgroup), 64-key tiles in a
+    /// five-stage pipeline.
+    Wgmma {
+        /// bf16 or f16.
+        dtype: Precision,
+    },
 }
 
 /// The largest head_dim any path supports.
@@ -121,6 +128,40 @@ pub fn capability(precision: Precision, head_dim: usize, group: usize) -> crate:
     }
 }
 
+/// Rows (queries x packed heads) of a CTA of the wgmma kernel.
+pub const WGMMA_ROWS: usize = 192;
+/// Threads of a CTA of the wgmma kernel (a producer and three consumer warpgroups).
+pub const WGMMA_THREADS: u32 = 512;
+/// Keys per K/V tile of the wgmma kernel.
+pub const WGMMA_KEY_TILE: usize = 64;
+/// Copy-pipeline stages of the wgmma kernel.
+pub const WGMMA_STAGES: usize = 5;
+
+/// The path `(precision, head_dim, group)` gets on a device of compute capability `arch`
+/// (major, minor): [`capability`]'s, upgraded to [`AttnPath::Wgmma`] on sm_90 for head_dim 128
+/// with at most [`WGMMA_ROWS`] query heads per KV head. `ATTNRT_CUDA_WGMMA=0` keeps the
+/// portable path (a switch for side-by-side benchmarks).
+///
+/// # Errors
+/// As [`capability`].
+pub fn capability_on(
+    precision: Precision,
+    head_dim: usize,
+    group: usize,
+    arch: (u32, u32),
+) -> crate::Result<AttnPath> {
+    let portable = capability(precision, head_dim, group)?;
+    let wgmma_off = std::env::var("ATTNRT_CUDA_WGMMA").is_ok_and(|v| v == "0");
+    Ok(match portable {
+        AttnPath::TensorCore { dtype, .. }
+            if arch == (9, 0) && head_dim == 128 && group <= WGMMA_ROWS && !wgmma_off =>
+        {
+            AttnPath::Wgmma { dtype }
+        }
+        other => other,
+    })
+}
+
 /// `ATTNRT_CUDA_M_TILES=2` selects the 128-row variant for head_dim 128 (a tuning switch for
 /// the benchmark; 1 otherwise).
 fn env_m_tiles() -> usize {
@@ -154,6 +195,11 @@ impl fmt::Display for AttnPath {
                 "tensor-core-{}-p{padded_head_dim}-m{m_tiles}-n{key_tile}{}",
                 dtype.name(),
                 if *tuned { "" } else { "-generic" }
+            ),
+            AttnPath::Wgmma { dtype } => write!(
+                f,
+                "wgmma-{}-d128-c3-n{WGMMA_KEY_TILE}-s{WGMMA_STAGES}",
+                dtype.name()
             ),
         }
     }
@@ -294,6 +340,15 @@ pub fn attention_launch(
                 mma_smem_bytes(dp, m_tiles, key_tile),
             )
         }
+        AttnPath::Wgmma { dtype } => (
+            format!(
+                "attn_ws_{}_c3_n{WGMMA_KEY_TILE}_s{WGMMA_STAGES}",
+                dtype.name()
+            ),
+            WGMMA_THREADS,
+            WGMMA_ROWS / r,
+            wgmma_smem_bytes(),
+        ),
     };
     let tiles = seq_len.div_ceil(q_per_cta.max(1)).max(1);
     let grid_x = u32::try_from(tiles).map_err(|_| {
@@ -330,6 +385,14 @@ pub const fn mma_smem_bytes(dp: usize, m_tiles: usize, key_tile: usize) -> u32 {
     let ld = dp + 8;
     let rows = 64 * m_tiles;
     ((rows * ld + 4 * key_tile * ld) * 2) as u32
+}
+
+/// Dynamic shared memory of the wgmma kernel: 1024 bytes of alignment slack (the swizzle repeats
+/// every 1024 bytes), the Q tile and [`WGMMA_STAGES`] stages of K and V, 256 bytes a row, and
+/// the pipeline's mbarriers (three per stage and one for Q, 8 bytes each).
+pub const fn wgmma_smem_bytes() -> u32 {
+    (1024 + WGMMA_ROWS * 256 + 2 * WGMMA_STAGES * WGMMA_KEY_TILE * 256 + (3 * WGMMA_STAGES + 1) * 8)
+        as u32
 }
 
 /// Dynamic shared memory of the q/k/v preparation kernel.

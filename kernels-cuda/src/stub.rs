@@ -348,3 +348,60 @@ impl<'a> MultiGpuLayer<'a> {
         match self.never {}
     }
 }
+
+/// A sequence-parallel call on device buffers (see the CUDA build).
+#[derive(Clone, Copy, Debug)]
+pub struct SeqParallelCall<'a> {
+    /// Per rank, a device pointer to its rows of `x`.
+    pub x_parts: &'a [u64],
+    /// Per rank, a device pointer to room for its rows of the output.
+    pub y_parts: &'a [u64],
+    /// Batch rows of the whole call.
+    pub batch: usize,
+    /// Tokens per row of the whole call.
+    pub seq_len: usize,
+    /// Mask inputs of the whole call (host memory).
+    pub mask: MaskInputs<'a>,
+    /// Rotary positions of the whole call (host memory).
+    pub position_ids: Option<&'a [i32]>,
+    /// The caller's cos/sin table.
+    pub rope_table: Option<RopeTable<'a>>,
+}
+
+impl MultiGpuLayer<'_> {
+    /// A rank's rows of a sequence-parallel call (unreachable in this build).
+    ///
+    /// # Errors
+    /// Never returns.
+    pub fn token_range(
+        &self,
+        _rank: usize,
+        _batch: usize,
+        _seq_len: usize,
+    ) -> Result<std::ops::Range<usize>> {
+        match self.never {}
+    }
+
+    /// Unreachable in this build.
+    ///
+    /// # Errors
+    /// Never returns.
+    pub fn forward_seq_host(
+        &mut self,
+        _inputs: &Inputs<'_>,
+        _out: &mut [f32],
+    ) -> Result<GpuBackend> {
+        match self.never {}
+    }
+
+    /// Unreachable in this build.
+    ///
+    /// # Errors
+    /// Never returns.
+    ///
+    /// # Safety
+    /// As in the CUDA build: device pointers valid for the call.
+    pub unsafe fn forward_seq_device(&mut self, _call: &SeqParallelCall<'_>) -> Result<GpuBackend> {
+        match self.never {}
+    }
+}

@@ -19,6 +19,9 @@ use crate::error::{Error, Result};
 use crate::nccl::{self, Collective, Comms, Dtype};
 use crate::plan::{GpuBackend, GpuOptions, Precision, ReduceOptions};
 
+mod seq;
+pub use seq::SeqParallelCall;
+
 /// A device's `wo` column block, owned on the host (the shard layers borrow it).
 enum WoBlock {
     F32(Box<[f32]>),

@@ -219,3 +219,45 @@ fn tile_classification_agrees_with_the_runtime_mask() {
         }
     }
 }
+
+#[test]
+fn wgmma_only_on_sm90_for_head_dim_128() {
+    let hopper = (9, 0);
+    assert_eq!(
+        capability_on(Precision::Bf16, 128, 4, hopper).unwrap(),
+        AttnPath::Wgmma {
+            dtype: Precision::Bf16
+        }
+    );
+    // Other architectures, head dims, precisions and oversized groups keep the portable path.
+    for (p, d, g, arch) in [
+        (Precision::Bf16, 128, 4, (8, 0)),
+        (Precision::Bf16, 128, 4, (10, 0)),
+        (Precision::F16, 64, 4, hopper),
+        (Precision::F32, 128, 4, hopper),
+        (Precision::Bf16, 128, 193, hopper),
+    ] {
+        assert_eq!(
+            capability_on(p, d, g, arch).ok(),
+            capability(p, d, g).ok(),
+            "{p:?} d={d} g={g} {arch:?}"
+        );
+    }
+    assert!(capability_on(Precision::Bf16, 81, 1, hopper).is_err());
+}
+
+#[test]
+fn wgmma_launch_packs_192_rows() {
+    let cfg = Config::new(4096, 32).with_kv_heads(8).with_head_dim(128);
+    let path = AttnPath::Wgmma {
+        dtype: Precision::F16,
+    };
+    let l = attention_launch(path, &cfg, 2, 1000).unwrap();
+    assert_eq!(l.kernel, "attn_ws_f16_c3_n64_s5");
+    assert_eq!((l.block, l.q_per_cta), (512, 48));
+    assert_eq!(l.grid, (1000usize.div_ceil(48) as u32, 8, 2));
+    // Q (192 rows) + 5 stages x (K + V) x 64 keys, 256 bytes a row, + 1024 alignment slack
+    // + 16 mbarriers.
+    assert_eq!(l.smem, 1024 + 192 * 256 + 10 * 64 * 256 + 16 * 8);
+    assert!(l.smem <= 227 * 1024, "fits an H100/H200 CTA");
+}
