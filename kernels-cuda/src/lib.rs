@@ -52,7 +52,7 @@ mod stub;
 pub use error::{Error, Result};
 #[cfg(feature = "cuda")]
 pub use gpu::{DeviceCall, GpuKvCache, GpuLayer, MultiGpuLayer, RopeSource};
-pub use plan::{capability, AttnPath, GpuBackend, GpuOptions, Precision};
+pub use plan::{capability, AttnPath, DecodeTuning, GpuBackend, GpuOptions, Precision};
 #[cfg(not(feature = "cuda"))]
 pub use stub::{DeviceCall, GpuKvCache, GpuLayer, MultiGpuLayer, RopeSource};
 

@@ -199,6 +199,174 @@ impl GpuOptions {
     }
 }
 
+/// Test and benchmark overrides of the cached forward's attention kernel
+/// ([`crate::GpuLayer::set_decode_tuning`]); the default plans everything.
+#[doc(hidden)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DecodeTuning {
+    /// Keys per split; 0 plans it from the call's size and the device.
+    pub split: usize,
+    /// The CUDA-core kernel even where the tensor-core kernel applies.
+    pub cuda_cores: bool,
+    /// Tensor-core variant (warps per CTA, pipeline stages); only the compiled ones load.
+    pub tc: Option<(usize, usize)>,
+}
+
+/// Keys per warp tile of the tensor-core decode kernel (`TC_KEYS` in decode.cu).
+pub const DECODE_TC_KEYS: usize = 16;
+/// Query heads per CTA of the tensor-core decode kernel (`TC_HEADS`).
+pub const DECODE_TC_HEADS: usize = 8;
+/// Threads of a CTA of the CUDA-core decode kernel (`DEC_THREADS`).
+pub const DECODE_THREADS: u32 = 128;
+
+/// The attention kernel of a cached call (`kernels/decode.cu`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DecodeKernel {
+    /// `decode_tc_<t>_d<D>_w<warps>_s<stages>`: tensor cores, bf16 / f16 storage.
+    TensorCore {
+        /// bf16 or f16.
+        dtype: Precision,
+        /// 64, 96, 128 or 256.
+        head_dim: usize,
+        /// Warps per CTA, each streaming its own tiles.
+        warps: usize,
+        /// cp.async pipeline stages per warp.
+        stages: usize,
+    },
+    /// `decode_<t>_l<lanes>_r<heads>`: CUDA cores, any precision and head_dim.
+    CudaCores {
+        /// Storage precision.
+        dtype: Precision,
+        /// Lanes per key row.
+        lanes: usize,
+        /// Query heads per CTA.
+        heads: usize,
+    },
+}
+
+impl DecodeKernel {
+    /// The kernel for (precision, head_dim, group): tensor cores for bf16 / f16 at the head_dims
+    /// it is compiled for, else CUDA cores.
+    pub fn choose(
+        precision: Precision,
+        head_dim: usize,
+        group: usize,
+        tuning: &DecodeTuning,
+    ) -> DecodeKernel {
+        let tc_dims = matches!(head_dim, 64 | 96 | 128 | 256);
+        if precision != Precision::F32 && tc_dims && !tuning.cuda_cores {
+            let (warps, stages) = tuning
+                .tc
+                .unwrap_or(if head_dim > 128 { (4, 2) } else { (4, 3) });
+            return DecodeKernel::TensorCore {
+                dtype: precision,
+                head_dim,
+                warps,
+                stages,
+            };
+        }
+        let lanes = if head_dim <= 64 {
+            8
+        } else if head_dim <= 128 {
+            16
+        } else {
+            32
+        };
+        let heads = match group {
+            1 => 1,
+            2 => 2,
+            3 | 4 => 4,
+            _ => 8,
+        };
+        DecodeKernel::CudaCores {
+            dtype: precision,
+            lanes,
+            heads,
+        }
+    }
+
+    /// Entry point in the PTX.
+    pub fn name(&self) -> String {
+        match *self {
+            DecodeKernel::TensorCore {
+                dtype,
+                head_dim,
+                warps,
+                stages,
+            } => format!("decode_tc_{}_d{head_dim}_w{warps}_s{stages}", dtype.name()),
+            DecodeKernel::CudaCores {
+                dtype,
+                lanes,
+                heads,
+            } => format!("decode_{}_l{lanes}_r{heads}", dtype.name()),
+        }
+    }
+
+    /// Threads per CTA.
+    pub fn threads(&self) -> u32 {
+        match *self {
+            DecodeKernel::TensorCore { warps, .. } => 32 * warps as u32,
+            DecodeKernel::CudaCores { .. } => DECODE_THREADS,
+        }
+    }
+
+    /// Dynamic shared memory per CTA: the stages (K and V tiles of 16 rows padded by one
+    /// 16-byte chunk, per warp), or the warps' states of the epilogue if larger.
+    pub fn smem_bytes(&self) -> usize {
+        match *self {
+            DecodeKernel::TensorCore {
+                head_dim,
+                warps,
+                stages,
+                ..
+            } => {
+                let stage = 2 * DECODE_TC_KEYS * (head_dim / 8 + 1) * 16;
+                let states = warps * DECODE_TC_HEADS * (head_dim * 4 + 8);
+                (warps * stages * stage).max(states)
+            }
+            DecodeKernel::CudaCores { .. } => 0,
+        }
+    }
+
+    /// Query heads per CTA (the grid's z covers the group in chunks of this many).
+    pub fn heads_per_cta(&self) -> usize {
+        match *self {
+            DecodeKernel::TensorCore { .. } => DECODE_TC_HEADS,
+            DecodeKernel::CudaCores { heads, .. } => heads,
+        }
+    }
+
+    /// Keys per split: `tuning.split` if set, else about `waves` waves of the device's
+    /// resident CTAs (`slots`) over the call's `total_keys` (each read by `ctas_per_key` CTAs:
+    /// KV heads x head chunks), in whole rounds of the CTA's tiles.
+    pub fn split_keys(
+        &self,
+        total_keys: usize,
+        ctas_per_key: usize,
+        slots: usize,
+        tuning: &DecodeTuning,
+    ) -> usize {
+        if tuning.split > 0 {
+            return tuning.split;
+        }
+        let (round, min, waves) = match *self {
+            DecodeKernel::TensorCore { warps, .. } => {
+                (DECODE_TC_KEYS * warps, DECODE_TC_KEYS * warps, DECODE_WAVES)
+            }
+            DecodeKernel::CudaCores { .. } => (64, 256, DECODE_WAVES),
+        };
+        let target = (slots * waves).max(1);
+        (total_keys * ctas_per_key)
+            .div_ceil(target)
+            .div_ceil(round)
+            .max(min / round)
+            * round
+    }
+}
+
+/// Waves of resident CTAs the tensor-core decode's splits aim at.
+pub const DECODE_WAVES: usize = 4;
+
 /// One kernel launch: name, grid, block, dynamic shared memory.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Launch {

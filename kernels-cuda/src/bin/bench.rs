@@ -22,7 +22,9 @@ mod cuda_main {
     use attnrt::{
         rope, Config, Inputs, Layer, LayerWeights, MaskInputs, Rope, RopeTable, Sequence, Tensor,
     };
-    use attnrt_cuda::{DeviceCall, Error, GpuKvCache, GpuLayer, GpuOptions, Precision, RopeSource};
+    use attnrt_cuda::{
+        DecodeTuning, DeviceCall, Error, GpuKvCache, GpuLayer, GpuOptions, Precision, RopeSource,
+    };
     use cust::sys as cu;
     use std::fmt::Write as _;
 
@@ -82,13 +84,16 @@ mod cuda_main {
     }
 
     /// Decode of one new token per sequence over `cached` keys each (bf16 cache, 64-token
-    /// blocks in shuffled order): attention + merge timed alone.
+    /// blocks in shuffled order): the attention launch (merge included) timed alone, once per
+    /// tuning (the first is the reported one; the others print their output's largest
+    /// difference from the first's).
     fn decode_case(
         json: &mut String,
         lines: &mut Vec<String>,
         seqs_n: usize,
         cached: usize,
         copy_gbs: f64,
+        tunings: &[DecodeTuning],
     ) -> Result<(), Error> {
         let (c, h, kv, d, bs) = (4096usize, 32usize, 8usize, 128usize, 64usize);
         let mut rng = Rng(7);
@@ -139,35 +144,81 @@ mod cuda_main {
             })
             .collect();
         let x = rng.vec(seqs_n * c, 1.0);
-        let mut y = vec![0.0f32; x.len()];
-        gpu.forward_cached(&x, &seqs, None, &mut cache, &mut y)?;
-        let shape = gpu.last_cached_shape();
-        // SAFETY: `cache` is alive for the timed relaunches.
-        let ms = gpu.time_ms(20, |g| unsafe { g.relaunch_decode() })?;
-        let bytes = (seqs_n * (cached + 1) * kv * d * 2 * 2) as f64;
-        let gbs = bytes / (ms as f64 * 1e-3) / 1e9;
-        let name = format!("decode {seqs_n} x {cached}");
-        lines.push(format!(
-            "{name:34} {ms:9.4} ms {gbs:8.0} GB/s = {:.0}% of copy {copy_gbs:.0} GB/s (items, tokens, split) {shape:?}",
-            100.0 * gbs / copy_gbs
-        ));
-        writeln!(
-            json,
-            "{{\"case\": \"{name}\", \"ms\": {ms}, \"gbs\": {gbs}, \"copy_gbs\": {copy_gbs}, \"backend\": \"{}\"}}",
-            gpu.backend()
-        )
-        .ok();
+        let mut first: Option<Vec<f32>> = None;
+        for (i, &tuning) in tunings.iter().enumerate() {
+            let mut y = vec![0.0f32; x.len()];
+            gpu.set_decode_tuning(tuning);
+            if let Err(e) = gpu.forward_cached(&x, &seqs, None, &mut cache, &mut y) {
+                lines.push(format!("decode {seqs_n} x {cached} {tuning:?}: {e}"));
+                continue;
+            }
+            let shape = gpu.last_cached_shape();
+            let kernel = gpu.last_decode_kernel().unwrap_or_default();
+            // SAFETY: `cache` is alive for the timed relaunches.
+            let ms = gpu.time_ms(20, |g| unsafe { g.relaunch_decode() })?;
+            let bytes = (seqs_n * (cached + 1) * kv * d * 2 * 2) as f64;
+            let gbs = bytes / (ms as f64 * 1e-3) / 1e9;
+            let name = format!("decode {seqs_n} x {cached}");
+            let diff = match &first {
+                None => String::new(),
+                Some(f) => {
+                    let m = f
+                        .iter()
+                        .zip(&y)
+                        .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+                    let s = f.iter().fold(0.0f32, |m, a| m.max(a.abs()));
+                    format!(" max|dy| {m:.2e} of max|y| {s:.2e}")
+                }
+            };
+            lines.push(format!(
+                "{name:20} {kernel:28} {ms:9.4} ms {gbs:6.0} GB/s = {:3.0}% of copy {copy_gbs:.0} GB/s (items, tokens, split) {shape:?}{diff}",
+                100.0 * gbs / copy_gbs
+            ));
+            if i == 0 {
+                writeln!(
+                    json,
+                    "{{\"case\": \"{name}\", \"ms\": {ms}, \"gbs\": {gbs}, \"copy_gbs\": {copy_gbs}, \"backend\": \"{}\", \"kernel\": \"{kernel}\"}}",
+                    gpu.backend()
+                )
+                .ok();
+                first = Some(y);
+            }
+        }
         Ok(())
+    }
+
+    /// The tunings of `--decode-sweep`: the planned default first, then the CUDA-core kernel,
+    /// then every compiled tensor-core variant at several split sizes.
+    fn sweep_tunings() -> Vec<DecodeTuning> {
+        let mut v = vec![
+            DecodeTuning::default(),
+            DecodeTuning {
+                cuda_cores: true,
+                ..DecodeTuning::default()
+            },
+        ];
+        for tc in [(4, 2), (4, 3), (4, 4), (8, 2), (8, 3), (2, 4)] {
+            for split in [0, 256, 512, 1024, 1536, 2048, 2752, 4096] {
+                v.push(DecodeTuning {
+                    split,
+                    tc: Some(tc),
+                    cuda_cores: false,
+                });
+            }
+        }
+        v
     }
 
     pub fn run() -> Result<(), Error> {
         let args: Vec<String> = std::env::args().skip(1).collect();
-        // `--only NAME` runs one attention case (for Nsight Compute), `--decode` only decode.
+        // `--only NAME` runs one attention case (for Nsight Compute), `--decode` only decode,
+        // `--decode-sweep` only decode, over the kernel variants and split sizes.
         let only = args
             .iter()
             .position(|a| a == "--only")
             .and_then(|i| args.get(i + 1).cloned());
-        let decode_only = args.iter().any(|a| a == "--decode");
+        let sweep = args.iter().any(|a| a == "--decode-sweep");
+        let decode_only = sweep || args.iter().any(|a| a == "--decode");
         let out = args
             .iter()
             .find(|a| !a.starts_with("--") && Some(*a) != only.as_ref())
@@ -274,8 +325,13 @@ mod cuda_main {
                 "device-to-device copy 1 GiB: {copy:.0} GB/s (read + write)"
             ));
             writeln!(json, "{{\"case\": \"copy\", \"gbs\": {copy}}}").ok();
-            decode_case(&mut json, &mut lines, 32, 8191, copy)?;
-            decode_case(&mut json, &mut lines, 1, 32767, copy)?;
+            let tunings = if sweep {
+                sweep_tunings()
+            } else {
+                vec![DecodeTuning::default()]
+            };
+            decode_case(&mut json, &mut lines, 32, 8191, copy, &tunings)?;
+            decode_case(&mut json, &mut lines, 1, 32767, copy, &tunings)?;
         }
 
         println!("attnrt-cuda (bf16, Hq 32, Hkv 8, D 128; mean of {iters} after warm-up):");

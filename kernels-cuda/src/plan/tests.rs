@@ -219,3 +219,68 @@ fn tile_classification_agrees_with_the_runtime_mask() {
         }
     }
 }
+
+#[test]
+fn decode_kernel_choice_names_and_shared_memory() {
+    let t = DecodeTuning::default();
+    let k = DecodeKernel::choose(Precision::Bf16, 128, 4, &t);
+    assert_eq!(k.name(), "decode_tc_bf16_d128_w4_s3");
+    assert_eq!(k.threads(), 128);
+    assert_eq!(k.heads_per_cta(), 8);
+    // 4 warps x 3 stages x (K and V: 16 rows of 17 chunks of 16 bytes).
+    assert_eq!(k.smem_bytes(), 4 * 3 * 2 * 16 * 17 * 16);
+    assert_eq!(
+        DecodeKernel::choose(Precision::F16, 256, 2, &t).name(),
+        "decode_tc_f16_d256_w4_s2"
+    );
+    // f32, head_dims without a tensor-core variant, and the override: CUDA cores.
+    for (p, d, g, name) in [
+        (Precision::F32, 128, 4, "decode_f32_l16_r4"),
+        (Precision::Bf16, 80, 8, "decode_bf16_l16_r8"),
+        (Precision::F16, 32, 1, "decode_f16_l8_r1"),
+    ] {
+        let k = DecodeKernel::choose(p, d, g, &t);
+        assert_eq!(k.name(), name);
+        assert_eq!(k.smem_bytes(), 0);
+    }
+    let cc = DecodeTuning {
+        cuda_cores: true,
+        ..t
+    };
+    assert_eq!(
+        DecodeKernel::choose(Precision::Bf16, 128, 4, &cc).name(),
+        "decode_bf16_l16_r4"
+    );
+    // Two stages always hold the epilogue's warp states (8 heads x head_dim f32 + max/sum).
+    for head_dim in [64, 96, 128, 256] {
+        for warps in [2, 4, 8] {
+            let k = DecodeKernel::TensorCore {
+                dtype: Precision::Bf16,
+                head_dim,
+                warps,
+                stages: 2,
+            };
+            assert!(k.smem_bytes() >= warps * 8 * (head_dim * 4 + 8));
+            assert_eq!(k.smem_bytes(), warps * 2 * 2 * 16 * (head_dim / 8 + 1) * 16);
+        }
+    }
+}
+
+#[test]
+fn decode_splits_cover_the_waves_in_whole_tile_rounds() {
+    let t = DecodeTuning::default();
+    let k = DecodeKernel::choose(Precision::Bf16, 128, 4, &t);
+    // 32 x 8192 keys, 8 KV heads, 132 SMs x 2 CTAs: 4 waves of 264 -> 1986 keys -> 2048.
+    let s = k.split_keys(32 * 8192, 8, 264, &t);
+    assert_eq!(s, 2048);
+    assert_eq!(s % 64, 0);
+    // Small calls: one round of the CTA's tiles at least.
+    assert_eq!(k.split_keys(100, 8, 264, &t), 64);
+    // The override wins.
+    let o = DecodeTuning { split: 48, ..t };
+    assert_eq!(k.split_keys(32 * 8192, 8, 264, &o), 48);
+    // CUDA cores: at least 256 keys, multiples of 64.
+    let c = DecodeKernel::choose(Precision::F32, 128, 4, &t);
+    assert_eq!(c.split_keys(100, 8, 396, &t), 256);
+    assert_eq!(c.split_keys(32 * 8192, 8, 396, &t) % 64, 0);
+}
