@@ -21,8 +21,8 @@
 //                      combined in shared memory at the end.
 // Both write their split's state (max and sum in the log2 domain, unnormalised output), and the
 // last split of a (token, KV head, head chunk) to finish merges all splits of the token in a
-// fixed order (split 0, 1, ...) into the output: no separate merge launch. A token with a
-// single split writes its output directly.
+// fixed order (independent of which split finishes last) into the output: no separate merge
+// launch. A token with a single split writes its output directly.
 #include "common.cuh"
 
 struct DecodeParams {
@@ -98,9 +98,10 @@ __device__ __forceinline__ void load8(const T* row, int c, int D, float* f) {
     }
 }
 
-// Element offset of logical key j of sequence (table, cap) for KV head g, slot 0 of the row.
-__device__ __forceinline__ size_t key_offset(const DecodeParams& p, const unsigned* table, int cap,
-                                             int g, int j) {
+// Pool row of logical key j of sequence (table, cap) for KV head g (the pool has fewer than
+// 2^32 rows: GpuKvCache::new checks).
+__device__ __forceinline__ unsigned key_row(const DecodeParams& p, const unsigned* table, int cap,
+                                            int g, int j) {
     int s = p.rolling ? j % cap : j;
     int blk, slot;
     if (p.bs_shift >= 0) {
@@ -110,17 +111,58 @@ __device__ __forceinline__ size_t key_offset(const DecodeParams& p, const unsign
         blk = s / p.block_size;
         slot = s - blk * p.block_size;
     }
-    size_t b = table[blk];
-    return ((b * p.n_kv_head + g) * p.block_size + slot) * (size_t)p.head_dim;
+    const unsigned b = table[blk];
+    return (b * p.n_kv_head + g) * p.block_size + slot;
+}
+
+// Element offset of the row of logical key j.
+__device__ __forceinline__ size_t key_offset(const DecodeParams& p, const unsigned* table, int cap,
+                                             int g, int j) {
+    return (size_t)key_row(p, table, cap, g, j) * p.head_dim;
+}
+
+// Output columns [c, c + VW) of head h from the token's splits [i0, i1), given the heads' max
+// M and sum L over all splits; VW consecutive floats per load, 16 loads in flight per thread.
+template <typename T, int VW>
+__device__ __forceinline__ void merge_columns(const DecodeParams& p, int token, int h, int c,
+                                              int i0, int i1, float M, float L) {
+    const int D = p.head_dim, H = p.n_head;
+    float acc[VW];
+#pragma unroll
+    for (int e = 0; e < VW; ++e) acc[e] = 0.0f;
+#pragma unroll 16
+    for (int i = i0; i < i1; ++i) {
+        const size_t row = (size_t)i * H + h;
+        const float m = __ldcg(&p.ml[row]).x;
+        const float sc = m == ATTNRT_NEG_INF ? 0.0f : exp2f(m - M);
+        const float* src = p.part + row * D + c;
+        if constexpr (VW == 4) {
+            const float4 v = __ldcg(reinterpret_cast<const float4*>(src));
+            acc[0] = fmaf(v.x, sc, acc[0]);
+            acc[1] = fmaf(v.y, sc, acc[1]);
+            acc[2] = fmaf(v.z, sc, acc[2]);
+            acc[3] = fmaf(v.w, sc, acc[3]);
+        } else {
+            const float2 v = __ldcg(reinterpret_cast<const float2*>(src));
+            acc[0] = fmaf(v.x, sc, acc[0]);
+            acc[1] = fmaf(v.y, sc, acc[1]);
+        }
+    }
+    T* out = reinterpret_cast<T*>(p.o) + ((size_t)token * H + h) * D + c;
+#pragma unroll
+    for (int e = 0; e < VW; ++e) out[e] = from_f32<T>(L > 0.0f ? acc[e] / L : 0.0f);
 }
 
 // The last CTA of (token, KV head g, head chunk) to finish merges the token's splits
-// [i0, i1) for its nr heads, in split order, into the output. The partial states of the other
-// CTAs are read through L2 (ld.global.cg): they were written by other SMs during this launch.
+// [i0, i1) for its nr heads, in split order, into the output: one warp per head finds the max
+// and the sum over the splits, then every thread combines VW-float columns of the partial
+// outputs. The other CTAs' states are read through L2 (ld.global.cg): they were written by
+// other SMs during this launch.
 template <typename T>
 __device__ __forceinline__ void merge_if_last(const DecodeParams& p, int token, int g, int r0,
                                               int nr, int i0, int i1) {
     __shared__ unsigned s_last;
+    __shared__ float2 s_tot[16];  // (max, sum) of each head of the chunk (at most 16)
     // Every thread's partial-state stores are visible device-wide before the CTA counts.
     __threadfence();
     __syncthreads();
@@ -136,23 +178,31 @@ __device__ __forceinline__ void merge_if_last(const DecodeParams& p, int token, 
     if (!s_last) return;
     __threadfence();
     const int D = p.head_dim, H = p.n_head;
-    T* out = reinterpret_cast<T*>(p.o) + (size_t)token * H * D;
-    for (int idx = threadIdx.x; idx < nr * D; idx += blockDim.x) {
-        const int r = idx / D, d = idx - r * D;
+    const int lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+    for (int r = threadIdx.x >> 5; r < nr; r += warps) {
         const int h = g * p.group + r0 + r;
         float M = ATTNRT_NEG_INF;
-#pragma unroll 8
-        for (int i = i0; i < i1; ++i) M = fmaxf(M, __ldcg(&p.ml[(size_t)i * H + h]).x);
-        float Ls = 0.0f, Os = 0.0f;
-#pragma unroll 8
-        for (int i = i0; i < i1; ++i) {
-            const size_t row = (size_t)i * H + h;
-            const float2 ml = __ldcg(&p.ml[row]);
-            const float sc = ml.x == ATTNRT_NEG_INF ? 0.0f : exp2f(ml.x - M);
-            Ls = fmaf(ml.y, sc, Ls);
-            Os = fmaf(__ldcg(&p.part[row * D + d]), sc, Os);
+        for (int i = i0 + lane; i < i1; i += 32) M = fmaxf(M, __ldcg(&p.ml[(size_t)i * H + h]).x);
+        M = warp_max(M);
+        float L = 0.0f;
+        for (int i = i0 + lane; i < i1; i += 32) {
+            const float2 ml = __ldcg(&p.ml[(size_t)i * H + h]);
+            L += ml.x == ATTNRT_NEG_INF ? 0.0f : ml.y * exp2f(ml.x - M);
         }
-        out[(size_t)h * D + d] = from_f32<T>(Ls > 0.0f ? Os / Ls : 0.0f);
+        L = warp_sum(L);
+        if (lane == 0) s_tot[r] = make_float2(M, L);
+    }
+    __syncthreads();
+    const int vw = (D & 3) == 0 ? 4 : 2;  // head_dim is even
+    const int cols = D / vw;
+    for (int idx = threadIdx.x; idx < nr * cols; idx += blockDim.x) {
+        const int r = idx / cols, c = (idx - r * cols) * vw;
+        const float2 t = s_tot[r];
+        if (vw == 4) {
+            merge_columns<T, 4>(p, token, g * p.group + r0 + r, c, i0, i1, t.x, t.y);
+        } else {
+            merge_columns<T, 2>(p, token, g * p.group + r0 + r, c, i0, i1, t.x, t.y);
+        }
     }
 }
 
@@ -346,29 +396,29 @@ __device__ __forceinline__ void decode_tc(const DecodeParams& p) {
     const int mine = ntiles > warp ? (ntiles - warp + W - 1) / W : 0;
     uint4* const sw = smem + warp * (S * 2 * CH);
 
-    // Element offset of the row of key (tile start + lane mod 16): one block-table lookup per
-    // lane, handed to the copying lanes with shuffles.
-    auto row_of = [&](int t) -> unsigned long long {
+    // Pool row of key (tile start + lane mod 16): one block-table lookup per lane, handed to
+    // the copying lanes with shuffles.
+    auto row_of = [&](int t) -> unsigned {
         const int j = lo + (warp + t * W) * TC_KEYS + (lane & (TC_KEYS - 1));
-        return j < hi ? (unsigned long long)key_offset(p, table, sq.y, g, j) : 0ull;
+        return j < hi ? key_row(p, table, sq.y, g, j) : 0u;
     };
     // Coalesced copies: lane L moves chunk (L + 32 c) mod CPR of row (L + 32 c) / CPR.
-    auto issue = [&](int t, unsigned long long off, int stage) {
+    auto issue = [&](int t, unsigned rows, int stage) {
         const int key0 = lo + (warp + t * W) * TC_KEYS;
         uint4* dk = sw + stage * 2 * CH;
         uint4* dv = dk + CH;
 #pragma unroll
         for (int c = 0; c < PER; ++c) {
             const int f = lane + 32 * c, row = f / CPR, ch = f - row * CPR;
-            const unsigned long long ro = __shfl_sync(0xffffffffu, off, row);
+            const unsigned ro = __shfl_sync(0xffffffffu, rows, row);
             const bool ok = key0 + row < hi;
-            const size_t e = ok ? (size_t)ro + ch * 8 : 0;
+            const size_t e = ok ? (size_t)ro * D + ch * 8 : 0;
             cp_async16_zfill(dk + row * LDS + ch, K + e, ok);
             cp_async16_zfill(dv + row * LDS + ch, V + e, ok);
         }
     };
 
-    unsigned long long off_next = mine > 0 ? row_of(0) : 0ull;
+    unsigned off_next = mine > 0 ? row_of(0) : 0u;
 #pragma unroll
     for (int s = 0; s < S - 1; ++s) {
         if (s < mine) {
@@ -542,8 +592,11 @@ ATTNRT_DECODE_ALL(__half, f16)
 ATTNRT_DECODE_TC_ALL(__nv_bfloat16, bf16)
 ATTNRT_DECODE_TC_ALL(__half, f16)
 // Tuning variants of head_dim 128, bf16 (benchmark sweep).
+ATTNRT_DECODE_TC(__nv_bfloat16, bf16, 128, 1, 2)
+ATTNRT_DECODE_TC(__nv_bfloat16, bf16, 128, 1, 3)
+ATTNRT_DECODE_TC(__nv_bfloat16, bf16, 128, 2, 2)
+ATTNRT_DECODE_TC(__nv_bfloat16, bf16, 128, 2, 3)
+ATTNRT_DECODE_TC(__nv_bfloat16, bf16, 128, 2, 4)
 ATTNRT_DECODE_TC(__nv_bfloat16, bf16, 128, 4, 2)
 ATTNRT_DECODE_TC(__nv_bfloat16, bf16, 128, 4, 4)
 ATTNRT_DECODE_TC(__nv_bfloat16, bf16, 128, 8, 2)
-ATTNRT_DECODE_TC(__nv_bfloat16, bf16, 128, 8, 3)
-ATTNRT_DECODE_TC(__nv_bfloat16, bf16, 128, 2, 4)

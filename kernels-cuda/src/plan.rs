@@ -349,23 +349,43 @@ impl DecodeKernel {
         if tuning.split > 0 {
             return tuning.split;
         }
-        let (round, min, waves) = match *self {
-            DecodeKernel::TensorCore { warps, .. } => {
-                (DECODE_TC_KEYS * warps, DECODE_TC_KEYS * warps, DECODE_WAVES)
-            }
-            DecodeKernel::CudaCores { .. } => (64, 256, DECODE_WAVES),
+        let round = self.key_round();
+        let min = match *self {
+            DecodeKernel::TensorCore { .. } => round,
+            DecodeKernel::CudaCores { .. } => 256,
         };
-        let target = (slots * waves).max(1);
+        let target = (slots * DECODE_WAVES).max(1);
         (total_keys * ctas_per_key)
             .div_ceil(target)
             .div_ceil(round)
             .max(min / round)
             * round
     }
+
+    /// Keys one pass of a CTA over its tiles covers (all warps one tile each).
+    pub fn key_round(&self) -> usize {
+        match *self {
+            DecodeKernel::TensorCore { warps, .. } => DECODE_TC_KEYS * warps,
+            DecodeKernel::CudaCores { .. } => 64,
+        }
+    }
+
+    /// Keys per work item of a token that sees `len` keys, for splits of about `split` keys:
+    /// the ceil(len / split) items get equal shares in whole rounds of the CTA's tiles, so
+    /// that no item is a small remainder (a `tuning.split` override is kept exactly).
+    pub fn item_keys(&self, len: usize, split: usize, tuning: &DecodeTuning) -> usize {
+        let split = split.max(1);
+        if tuning.split > 0 || len == 0 {
+            return split;
+        }
+        let round = self.key_round();
+        len.div_ceil(len.div_ceil(split)).div_ceil(round) * round
+    }
 }
 
-/// Waves of resident CTAs the tensor-core decode's splits aim at.
-pub const DECODE_WAVES: usize = 4;
+/// Waves of resident CTAs the decode splits aim at: enough CTAs that every SM streams until
+/// the end, few enough splits that the merge (by the last CTA of a token) stays short.
+pub const DECODE_WAVES: usize = 2;
 
 /// One kernel launch: name, grid, block, dynamic shared memory.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -84,16 +84,16 @@ mod cuda_main {
     }
 
     /// Decode of one new token per sequence over `cached` keys each (bf16 cache, 64-token
-    /// blocks in shuffled order): the attention launch (merge included) timed alone, once per
-    /// tuning (the first is the reported one; the others print their output's largest
-    /// difference from the first's).
+    /// blocks in shuffled order, or in pool order where the run says so): the attention launch
+    /// (merge included) timed alone, once per run (the first is the reported one; the others
+    /// print their output's largest difference from the first's).
     fn decode_case(
         json: &mut String,
         lines: &mut Vec<String>,
         seqs_n: usize,
         cached: usize,
         copy_gbs: f64,
-        tunings: &[DecodeTuning],
+        runs: &[(DecodeTuning, bool)],
     ) -> Result<(), Error> {
         let (c, h, kv, d, bs) = (4096usize, 32usize, 8usize, 128usize, 64usize);
         let mut rng = Rng(7);
@@ -136,19 +136,25 @@ mod cuda_main {
             let j = (((rng.uniform() + 1.0) * 0.5) * (i + 1) as f32) as usize % (i + 1);
             ids.swap(i, j);
         }
-        let seqs: Vec<Sequence<'_>> = (0..seqs_n)
-            .map(|s| Sequence {
-                cached,
-                new_tokens: 1,
-                blocks: &ids[s * per_seq..(s + 1) * per_seq],
-            })
-            .collect();
+        let in_order: Vec<u32> = (0..num_blocks as u32).collect();
+        fn seqs_of(ids: &[u32], n: usize, per_seq: usize, cached: usize) -> Vec<Sequence<'_>> {
+            (0..n)
+                .map(|s| Sequence {
+                    cached,
+                    new_tokens: 1,
+                    blocks: &ids[s * per_seq..(s + 1) * per_seq],
+                })
+                .collect()
+        }
+        let seqs = seqs_of(&ids, seqs_n, per_seq, cached);
+        let seqs_in_order = seqs_of(&in_order, seqs_n, per_seq, cached);
         let x = rng.vec(seqs_n * c, 1.0);
         let mut first: Option<Vec<f32>> = None;
-        for (i, &tuning) in tunings.iter().enumerate() {
+        for (i, &(tuning, contiguous)) in runs.iter().enumerate() {
             let mut y = vec![0.0f32; x.len()];
             gpu.set_decode_tuning(tuning);
-            if let Err(e) = gpu.forward_cached(&x, &seqs, None, &mut cache, &mut y) {
+            let s = if contiguous { &seqs_in_order } else { &seqs };
+            if let Err(e) = gpu.forward_cached(&x, s, None, &mut cache, &mut y) {
                 lines.push(format!("decode {seqs_n} x {cached} {tuning:?}: {e}"));
                 continue;
             }
@@ -159,6 +165,7 @@ mod cuda_main {
             let bytes = (seqs_n * (cached + 1) * kv * d * 2 * 2) as f64;
             let gbs = bytes / (ms as f64 * 1e-3) / 1e9;
             let name = format!("decode {seqs_n} x {cached}");
+            let order = if contiguous { "in order" } else { "shuffled" };
             let diff = match &first {
                 None => String::new(),
                 Some(f) => {
@@ -171,7 +178,7 @@ mod cuda_main {
                 }
             };
             lines.push(format!(
-                "{name:20} {kernel:28} {ms:9.4} ms {gbs:6.0} GB/s = {:3.0}% of copy {copy_gbs:.0} GB/s (items, tokens, split) {shape:?}{diff}",
+                "{name:18} {kernel:27} {order:8} {ms:8.4} ms {gbs:6.0} GB/s = {:3.0}% of copy {copy_gbs:.0} GB/s (items, tokens, split) {shape:?}{diff}",
                 100.0 * gbs / copy_gbs
             ));
             if i == 0 {
@@ -187,23 +194,40 @@ mod cuda_main {
         Ok(())
     }
 
-    /// The tunings of `--decode-sweep`: the planned default first, then the CUDA-core kernel,
-    /// then every compiled tensor-core variant at several split sizes.
-    fn sweep_tunings() -> Vec<DecodeTuning> {
+    /// The runs of `--decode-sweep`: the planned default first, the same with the blocks in
+    /// pool order (the cost of the shuffled block table), the CUDA-core kernel, then every
+    /// compiled tensor-core variant at several split sizes (0: planned).
+    fn sweep_runs() -> Vec<(DecodeTuning, bool)> {
+        let d = DecodeTuning::default();
         let mut v = vec![
-            DecodeTuning::default(),
-            DecodeTuning {
-                cuda_cores: true,
-                ..DecodeTuning::default()
-            },
+            (d, false),
+            (d, true),
+            (
+                DecodeTuning {
+                    cuda_cores: true,
+                    ..d
+                },
+                false,
+            ),
         ];
-        for tc in [(4, 2), (4, 3), (4, 4), (8, 2), (8, 3), (2, 4)] {
-            for split in [0, 256, 512, 1024, 1536, 2048, 2752, 4096] {
-                v.push(DecodeTuning {
+        for tc in [
+            (1, 2),
+            (1, 3),
+            (2, 2),
+            (2, 3),
+            (2, 4),
+            (4, 2),
+            (4, 3),
+            (4, 4),
+            (8, 2),
+        ] {
+            for split in [0, 512, 1024, 2048, 2752, 4096, 8192] {
+                let t = DecodeTuning {
                     split,
                     tc: Some(tc),
                     cuda_cores: false,
-                });
+                };
+                v.push((t, false));
             }
         }
         v
@@ -325,13 +349,13 @@ mod cuda_main {
                 "device-to-device copy 1 GiB: {copy:.0} GB/s (read + write)"
             ));
             writeln!(json, "{{\"case\": \"copy\", \"gbs\": {copy}}}").ok();
-            let tunings = if sweep {
-                sweep_tunings()
+            let runs = if sweep {
+                sweep_runs()
             } else {
-                vec![DecodeTuning::default()]
+                vec![(DecodeTuning::default(), false)]
             };
-            decode_case(&mut json, &mut lines, 32, 8191, copy, &tunings)?;
-            decode_case(&mut json, &mut lines, 1, 32767, copy, &tunings)?;
+            decode_case(&mut json, &mut lines, 32, 8191, copy, &runs)?;
+            decode_case(&mut json, &mut lines, 1, 32767, copy, &runs)?;
         }
 
         println!("attnrt-cuda (bf16, Hq 32, Hkv 8, D 128; mean of {iters} after warm-up):");

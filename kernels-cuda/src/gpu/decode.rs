@@ -45,7 +45,8 @@ impl GpuKvCache {
     /// Allocates (zeroed) K and V pools of `num_blocks` blocks on `device`.
     ///
     /// # Errors
-    /// A zero dimension, sizes that overflow, no device, or out of device memory.
+    /// A zero dimension, sizes that overflow, 2^32 or more rows (tokens x KV heads), no
+    /// device, or out of device memory.
     pub fn new(
         precision: Precision,
         n_kv_head: usize,
@@ -63,6 +64,17 @@ impl GpuKvCache {
             rolling,
         }
         .validate()?;
+        // The kernels address pool rows (one token of one KV head) with 32-bit indices.
+        let rows = n_kv_head
+            .saturating_mul(block_size)
+            .saturating_mul(num_blocks);
+        if rows > u32::MAX as usize {
+            return Err(Error::Capacity {
+                what: "kv pool rows (blocks x KV heads x block size)",
+                value: rows,
+                max: u32::MAX as usize,
+            });
+        }
         let elems = attnrt::kv_pool_len(n_kv_head, head_dim, block_size, num_blocks);
         let bytes = elems
             .checked_mul(precision.size())
@@ -436,12 +448,14 @@ impl GpuLayer<'_> {
         let hchunks = r.div_ceil(kernel.heads_per_cta());
         let max_items = (2 * n).max(4096);
         let mut split = kernel.split_keys(total_keys, kvh * hchunks, slots, &st.tuning);
+        let tuning = st.tuning;
         let items_for = |split: usize, seqs: &[Sequence<'_>]| -> usize {
             let mut items = 0;
             for seq in seqs {
                 for t in 0..seq.new_tokens {
                     let p = seq.cached + t;
-                    items += (p + 1 - (p + 1).saturating_sub(window)).div_ceil(split);
+                    let len = p + 1 - (p + 1).saturating_sub(window);
+                    items += len.div_ceil(kernel.item_keys(len, split, &tuning));
                 }
             }
             items
@@ -461,9 +475,10 @@ impl GpuLayer<'_> {
                 let (lo, hi) = ((p + 1).saturating_sub(window), p + 1);
                 st.h_tok.push(st.h_work.len() as i32);
                 let tok = st.h_tok.len() as i32 - 1;
+                let step = kernel.item_keys(hi - lo, split, &tuning);
                 let mut k0 = lo;
                 while k0 < hi {
-                    let k1 = (k0 + split).min(hi);
+                    let k1 = (k0 + step).min(hi);
                     st.h_work.push([tok, si, k0 as i32, k1 as i32]);
                     k0 = k1;
                 }

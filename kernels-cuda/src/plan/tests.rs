@@ -270,9 +270,10 @@ fn decode_kernel_choice_names_and_shared_memory() {
 fn decode_splits_cover_the_waves_in_whole_tile_rounds() {
     let t = DecodeTuning::default();
     let k = DecodeKernel::choose(Precision::Bf16, 128, 4, &t);
-    // 32 x 8192 keys, 8 KV heads, 132 SMs x 2 CTAs: 4 waves of 264 -> 1986 keys -> 2048.
+    // 32 x 8192 keys, 8 KV heads, 132 SMs x 2 CTAs: 2 waves of 264 -> 3972 keys -> 4032
+    // (and three items of 2752 keys per token, `item_keys`).
     let s = k.split_keys(32 * 8192, 8, 264, &t);
-    assert_eq!(s, 2048);
+    assert_eq!(s, 4032);
     assert_eq!(s % 64, 0);
     // Small calls: one round of the CTA's tiles at least.
     assert_eq!(k.split_keys(100, 8, 264, &t), 64);
@@ -283,4 +284,27 @@ fn decode_splits_cover_the_waves_in_whole_tile_rounds() {
     let c = DecodeKernel::choose(Precision::F32, 128, 4, &t);
     assert_eq!(c.split_keys(100, 8, 396, &t), 256);
     assert_eq!(c.split_keys(32 * 8192, 8, 396, &t) % 64, 0);
+}
+
+#[test]
+fn decode_items_share_a_token_evenly() {
+    let t = DecodeTuning::default();
+    let k = DecodeKernel::choose(Precision::Bf16, 128, 4, &t);
+    // 8192 keys at splits of about 4032: three items of 2752, 2752 and 2688 keys.
+    assert_eq!(k.item_keys(8192, 4032, &t), 2752);
+    assert_eq!(8192usize.div_ceil(2752), 3);
+    // Never more items than ceil(len / split), each a whole round of 64 keys but the last.
+    for len in [1usize, 63, 64, 65, 1000, 8192, 32768] {
+        for split in [64usize, 256, 1000, 2048] {
+            let step = k.item_keys(len, split, &t);
+            assert_eq!(step % 64, 0, "len {len} split {split}");
+            assert!(
+                len.div_ceil(step) <= len.div_ceil(split),
+                "len {len} split {split}"
+            );
+        }
+    }
+    // An override is exact.
+    let o = DecodeTuning { split: 16, ..t };
+    assert_eq!(k.item_keys(150, 16, &o), 16);
 }
