@@ -208,14 +208,16 @@ pub struct DecodeTuning {
     pub split: usize,
     /// The CUDA-core kernel even where the tensor-core kernel applies.
     pub cuda_cores: bool,
-    /// Tensor-core variant (warps per CTA, pipeline stages); only the compiled ones load.
-    pub tc: Option<(usize, usize)>,
 }
 
 /// Keys per warp tile of the tensor-core decode kernel (`TC_KEYS` in decode.cu).
 pub const DECODE_TC_KEYS: usize = 16;
 /// Query heads per CTA of the tensor-core decode kernel (`TC_HEADS`).
 pub const DECODE_TC_HEADS: usize = 8;
+/// Warps per CTA of the tensor-core decode kernel (each streams its own tiles).
+pub const DECODE_TC_WARPS: usize = 4;
+/// cp.async stages per warp of the tensor-core decode kernel.
+pub const DECODE_TC_STAGES: usize = 2;
 /// Threads of a CTA of the CUDA-core decode kernel (`DEC_THREADS`).
 pub const DECODE_THREADS: u32 = 128;
 
@@ -255,14 +257,11 @@ impl DecodeKernel {
     ) -> DecodeKernel {
         let tc_dims = matches!(head_dim, 64 | 96 | 128 | 256);
         if precision != Precision::F32 && tc_dims && !tuning.cuda_cores {
-            let (warps, stages) = tuning
-                .tc
-                .unwrap_or(if head_dim > 128 { (4, 2) } else { (4, 3) });
             return DecodeKernel::TensorCore {
                 dtype: precision,
                 head_dim,
-                warps,
-                stages,
+                warps: DECODE_TC_WARPS,
+                stages: DECODE_TC_STAGES,
             };
         }
         let lanes = if head_dim <= 64 {
@@ -336,25 +335,30 @@ impl DecodeKernel {
         }
     }
 
-    /// Keys per split: `tuning.split` if set, else about `waves` waves of the device's
-    /// resident CTAs (`slots`) over the call's `total_keys` (each read by `ctas_per_key` CTAs:
-    /// KV heads x head chunks), in whole rounds of the CTA's tiles.
+    /// Keys per split: `tuning.split` if set, else the call's `total_keys` (each read by
+    /// `ctas_per_key` CTAs: KV heads x head chunks) spread over a target number of CTAs, in
+    /// whole rounds of the CTA's tiles. Tensor cores: one CTA per SM (`sm_count`), so that a
+    /// token of a large batch is one split (no merge) and a single long sequence is split
+    /// until every SM streams (measured on an H200: 32 x 8192 keys fastest with one split
+    /// per token, 1 x 32768 with 16; more, shorter CTAs were slower). CUDA cores: four waves
+    /// of the resident CTAs (`sm_count * ctas_per_sm`), at least 256 keys.
     pub fn split_keys(
         &self,
         total_keys: usize,
         ctas_per_key: usize,
-        slots: usize,
+        sm_count: usize,
+        ctas_per_sm: usize,
         tuning: &DecodeTuning,
     ) -> usize {
         if tuning.split > 0 {
             return tuning.split;
         }
         let round = self.key_round();
-        let min = match *self {
-            DecodeKernel::TensorCore { .. } => round,
-            DecodeKernel::CudaCores { .. } => 256,
+        let (min, target) = match *self {
+            DecodeKernel::TensorCore { .. } => (round, sm_count),
+            DecodeKernel::CudaCores { .. } => (256, sm_count * ctas_per_sm * 4),
         };
-        let target = (slots * DECODE_WAVES).max(1);
+        let target = target.max(1);
         (total_keys * ctas_per_key)
             .div_ceil(target)
             .div_ceil(round)
@@ -382,10 +386,6 @@ impl DecodeKernel {
         len.div_ceil(len.div_ceil(split)).div_ceil(round) * round
     }
 }
-
-/// Waves of resident CTAs the decode splits aim at: enough CTAs that every SM streams until
-/// the end, few enough splits that the merge (by the last CTA of a token) stays short.
-pub const DECODE_WAVES: usize = 2;
 
 /// One kernel launch: name, grid, block, dynamic shared memory.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -195,8 +195,8 @@ mod cuda_main {
     }
 
     /// The runs of `--decode-sweep`: the planned default first, the same with the blocks in
-    /// pool order (the cost of the shuffled block table), the CUDA-core kernel, then every
-    /// compiled tensor-core variant at several split sizes (0: planned).
+    /// pool order (the cost of the shuffled block table), the CUDA-core kernel, then the
+    /// default kernel at several split sizes.
     fn sweep_runs() -> Vec<(DecodeTuning, bool)> {
         let d = DecodeTuning::default();
         let mut v = vec![
@@ -210,25 +210,8 @@ mod cuda_main {
                 false,
             ),
         ];
-        for tc in [
-            (1, 2),
-            (1, 3),
-            (2, 2),
-            (2, 3),
-            (2, 4),
-            (4, 2),
-            (4, 3),
-            (4, 4),
-            (8, 2),
-        ] {
-            for split in [0, 512, 1024, 2048, 2752, 4096, 8192] {
-                let t = DecodeTuning {
-                    split,
-                    tc: Some(tc),
-                    cuda_cores: false,
-                };
-                v.push((t, false));
-            }
+        for split in [512, 1024, 2048, 2752, 4096, 8192] {
+            v.push((DecodeTuning { split, ..d }, false));
         }
         v
     }
@@ -236,7 +219,7 @@ mod cuda_main {
     pub fn run() -> Result<(), Error> {
         let args: Vec<String> = std::env::args().skip(1).collect();
         // `--only NAME` runs one attention case (for Nsight Compute), `--decode` only decode,
-        // `--decode-sweep` only decode, over the kernel variants and split sizes.
+        // `--decode-sweep` only decode, over split sizes and against the CUDA-core kernel.
         let only = args
             .iter()
             .position(|a| a == "--only")

@@ -444,10 +444,15 @@ impl GpuLayer<'_> {
             return Err(Error::Unsupported("decode kernels missing".into()));
         };
         let (f_app, app_threads) = (funcs.append, funcs.append_threads);
-        let slots = self.kernels.sm_count * funcs.ctas_per_sm;
         let hchunks = r.div_ceil(kernel.heads_per_cta());
         let max_items = (2 * n).max(4096);
-        let mut split = kernel.split_keys(total_keys, kvh * hchunks, slots, &st.tuning);
+        let mut split = kernel.split_keys(
+            total_keys,
+            kvh * hchunks,
+            self.kernels.sm_count,
+            funcs.ctas_per_sm,
+            &st.tuning,
+        );
         let tuning = st.tuning;
         let items_for = |split: usize, seqs: &[Sequence<'_>]| -> usize {
             let mut items = 0;

@@ -224,11 +224,11 @@ fn tile_classification_agrees_with_the_runtime_mask() {
 fn decode_kernel_choice_names_and_shared_memory() {
     let t = DecodeTuning::default();
     let k = DecodeKernel::choose(Precision::Bf16, 128, 4, &t);
-    assert_eq!(k.name(), "decode_tc_bf16_d128_w4_s3");
+    assert_eq!(k.name(), "decode_tc_bf16_d128_w4_s2");
     assert_eq!(k.threads(), 128);
     assert_eq!(k.heads_per_cta(), 8);
-    // 4 warps x 3 stages x (K and V: 16 rows of 17 chunks of 16 bytes).
-    assert_eq!(k.smem_bytes(), 4 * 3 * 2 * 16 * 17 * 16);
+    // 4 warps x 2 stages x (K and V: 16 rows of 17 chunks of 16 bytes).
+    assert_eq!(k.smem_bytes(), 4 * 2 * 2 * 16 * 17 * 16);
     assert_eq!(
         DecodeKernel::choose(Precision::F16, 256, 2, &t).name(),
         "decode_tc_f16_d256_w4_s2"
@@ -270,20 +270,24 @@ fn decode_kernel_choice_names_and_shared_memory() {
 fn decode_splits_cover_the_waves_in_whole_tile_rounds() {
     let t = DecodeTuning::default();
     let k = DecodeKernel::choose(Precision::Bf16, 128, 4, &t);
-    // 32 x 8192 keys, 8 KV heads, 132 SMs x 2 CTAs: 2 waves of 264 -> 3972 keys -> 4032
-    // (and three items of 2752 keys per token, `item_keys`).
-    let s = k.split_keys(32 * 8192, 8, 264, &t);
-    assert_eq!(s, 4032);
-    assert_eq!(s % 64, 0);
+    // One CTA per SM: 32 x 8192 keys, 8 KV heads, 132 SMs -> 15888 keys -> 15936: every
+    // token is one split of 8192 keys.
+    let s = k.split_keys(32 * 8192, 8, 132, 3, &t);
+    assert_eq!(s, 15936);
+    assert_eq!(k.item_keys(8192, s, &t), 8192);
+    // 1 x 32768: 1986 -> 2048, sixteen splits per KV head.
+    let s = k.split_keys(32768, 8, 132, 3, &t);
+    assert_eq!(s, 2048);
+    assert_eq!(32768usize.div_ceil(k.item_keys(32768, s, &t)), 16);
     // Small calls: one round of the CTA's tiles at least.
-    assert_eq!(k.split_keys(100, 8, 264, &t), 64);
+    assert_eq!(k.split_keys(100, 8, 132, 3, &t), 64);
     // The override wins.
     let o = DecodeTuning { split: 48, ..t };
-    assert_eq!(k.split_keys(32 * 8192, 8, 264, &o), 48);
-    // CUDA cores: at least 256 keys, multiples of 64.
+    assert_eq!(k.split_keys(32 * 8192, 8, 132, 3, &o), 48);
+    // CUDA cores: four waves of the resident CTAs, at least 256 keys, multiples of 64.
     let c = DecodeKernel::choose(Precision::F32, 128, 4, &t);
-    assert_eq!(c.split_keys(100, 8, 396, &t), 256);
-    assert_eq!(c.split_keys(32 * 8192, 8, 396, &t) % 64, 0);
+    assert_eq!(c.split_keys(100, 8, 132, 3, &t), 256);
+    assert_eq!(c.split_keys(32 * 8192, 8, 132, 3, &t), 1344);
 }
 
 #[test]
