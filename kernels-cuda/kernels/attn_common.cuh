@@ -1,6 +1,5 @@
 // What the attention kernels of attention.cu (mma.sync, sm_80+) and attention_sm90.cu (wgmma,
-// sm_90a) share: the launch parameters (mirrored by `AttnParams` in src/gpu.rs) and the
-// asynchronous-copy helpers.
+// sm_90a) share: the launch parameters (mirrored by `AttnParams` in src/gpu.rs).
 #pragma once
 
 #include "common.cuh"
@@ -21,21 +20,8 @@ struct AttnParams {
     MaskParams mask;
 };
 
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-    return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-__device__ __forceinline__ void cp_async16(void* dst, const void* src) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_addr(dst)), "l"(src));
-}
-
-// 16 bytes from `src`, or 16 zero bytes when `valid` is false (the source is then not read).
+// cp_async16_zfill (common.cuh) for a destination already given as a shared-memory address.
 __device__ __forceinline__ void cp_async16_zfill(uint32_t dst, const void* src, bool valid) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
                  "r"(valid ? 16 : 0));
-}
-
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N> __device__ __forceinline__ void cp_async_wait() {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }

@@ -5,20 +5,24 @@
 // the V pool). A sequence names its blocks in a table; logical key j lives in slot
 // s = j (or j mod capacity for a rolling cache) of block table[s / block_size].
 //
-// Three kernels:
+// Kernels:
 //   kv_append_<t>      writes the new tokens' k and v (RoPE applied) into their slots;
-//   decode_<t>_l<L>_r<R>  one CTA per (work item, KV head, chunk of R query heads): a work item
-//                      is one new token and one split (a range of keys it sees); the CTA reads
-//                      each K/V element of the split once for the R query heads of the KV head
-//                      (GQA packing) and writes their partial softmax state (max and sum in the
-//                      log2 domain, unnormalised output);
-//   decode_merge_<t>   one CTA per (new token, query head): combines the token's splits in a
-//                      fixed order (split 0, 1, ...) and stores the output.
-//
-// Inside a decode CTA, L lanes hold one key row (8 elements each), so a warp reads 32 / L keys
-// at a time; every group of L lanes keeps its own online-softmax state over the keys it read,
-// with no cross-group reduction inside the loop; the groups are combined in shared memory at
-// the end.
+//   decode_tc_<t>_d<D>_w<W>_s<S>  (bf16 / f16 storage, head_dim D): one CTA per (work item,
+//                      KV head, chunk of up to 8 query heads); a work item is one new token and
+//                      one split (a range of keys it sees). Each of the CTA's W warps streams
+//                      its own 16-key tiles of K and V through an S-stage cp.async pipeline in
+//                      shared memory and computes S = Q K^T and O^T += V^T P^T with mma.sync on
+//                      tensor cores: the query heads of the KV head are the rows of the Q
+//                      fragment (GQA packing: each K/V element is read once for all of them),
+//                      so the memory system, not the issue rate, bounds the kernel;
+//   decode_<t>_l<L>_r<R>  the CUDA-core kernel for the other cases (f32, other head_dims):
+//                      L lanes hold one key row (8 elements each), so a warp reads 32 / L keys
+//                      at a time; every group of L lanes keeps its own online-softmax state,
+//                      combined in shared memory at the end.
+// Both write their split's state (max and sum in the log2 domain, unnormalised output), and the
+// last split of a (token, KV head, head chunk) to finish merges all splits of the token in a
+// fixed order (independent of which split finishes last) into the output: no separate merge
+// launch. A token with a single split writes its output directly.
 #include "common.cuh"
 
 struct DecodeParams {
@@ -26,10 +30,13 @@ struct DecodeParams {
     const void* k;          // K pool
     const void* v;          // V pool
     const int4* work;       // [items] (token, sequence, first key, one past the last key)
+    const int* tok_items;   // [n + 1] first work item of each new token
     const unsigned* tables; // block tables of the call's sequences, concatenated
     const int2* seqs;       // [sequences] (offset of the table in `tables`, capacity in slots)
     float* part;            // [items, H, D] unnormalised partial outputs
     float2* ml;             // [items, H] (running max, sum), log2 domain
+    void* o;                // [n, H * D] attention output, storage type
+    unsigned* counters;     // [n, KV, head chunks] splits finished; the merging CTA resets it to 0
     int n_head;
     int n_kv_head;
     int head_dim;
@@ -91,9 +98,10 @@ __device__ __forceinline__ void load8(const T* row, int c, int D, float* f) {
     }
 }
 
-// Element offset of logical key j of sequence (table, cap) for KV head g, slot 0 of the row.
-__device__ __forceinline__ size_t key_offset(const DecodeParams& p, const unsigned* table, int cap,
-                                             int g, int j) {
+// Pool row of logical key j of sequence (table, cap) for KV head g (the pool has fewer than
+// 2^32 rows: GpuKvCache::new checks).
+__device__ __forceinline__ unsigned key_row(const DecodeParams& p, const unsigned* table, int cap,
+                                            int g, int j) {
     int s = p.rolling ? j % cap : j;
     int blk, slot;
     if (p.bs_shift >= 0) {
@@ -103,8 +111,133 @@ __device__ __forceinline__ size_t key_offset(const DecodeParams& p, const unsign
         blk = s / p.block_size;
         slot = s - blk * p.block_size;
     }
-    size_t b = table[blk];
-    return ((b * p.n_kv_head + g) * p.block_size + slot) * (size_t)p.head_dim;
+    const unsigned b = table[blk];
+    return (b * p.n_kv_head + g) * p.block_size + slot;
+}
+
+// Element offset of the row of logical key j.
+__device__ __forceinline__ size_t key_offset(const DecodeParams& p, const unsigned* table, int cap,
+                                             int g, int j) {
+    return (size_t)key_row(p, table, cap, g, j) * p.head_dim;
+}
+
+// Output columns [c, c + VW) of head h from the token's splits [i0, i1), given the heads' max
+// M and sum L over all splits; VW consecutive floats per load, 16 loads in flight per thread.
+template <typename T, int VW>
+__device__ __forceinline__ void merge_columns(const DecodeParams& p, int token, int h, int c,
+                                              int i0, int i1, float M, float L) {
+    const int D = p.head_dim, H = p.n_head;
+    float acc[VW];
+#pragma unroll
+    for (int e = 0; e < VW; ++e) acc[e] = 0.0f;
+#pragma unroll 16
+    for (int i = i0; i < i1; ++i) {
+        const size_t row = (size_t)i * H + h;
+        const float m = __ldcg(&p.ml[row]).x;
+        const float sc = m == ATTNRT_NEG_INF ? 0.0f : exp2f(m - M);
+        const float* src = p.part + row * D + c;
+        if constexpr (VW == 4) {
+            const float4 v = __ldcg(reinterpret_cast<const float4*>(src));
+            acc[0] = fmaf(v.x, sc, acc[0]);
+            acc[1] = fmaf(v.y, sc, acc[1]);
+            acc[2] = fmaf(v.z, sc, acc[2]);
+            acc[3] = fmaf(v.w, sc, acc[3]);
+        } else {
+            const float2 v = __ldcg(reinterpret_cast<const float2*>(src));
+            acc[0] = fmaf(v.x, sc, acc[0]);
+            acc[1] = fmaf(v.y, sc, acc[1]);
+        }
+    }
+    T* out = reinterpret_cast<T*>(p.o) + ((size_t)token * H + h) * D + c;
+#pragma unroll
+    for (int e = 0; e < VW; ++e) out[e] = from_f32<T>(L > 0.0f ? acc[e] / L : 0.0f);
+}
+
+// The last CTA of (token, KV head g, head chunk) to finish merges the token's splits
+// [i0, i1) for its nr heads, in split order, into the output: one warp per head finds the max
+// and the sum over the splits, then every thread combines VW-float columns of the partial
+// outputs. The other CTAs' states are read through L2 (ld.global.cg): they were written by
+// other SMs during this launch.
+template <typename T>
+__device__ __forceinline__ void merge_if_last(const DecodeParams& p, int token, int g, int r0,
+                                              int nr, int i0, int i1) {
+    __shared__ unsigned s_last;
+    __shared__ float2 s_tot[16];  // (max, sum) of each head of the chunk (at most 16)
+    // Every thread's partial-state stores are visible device-wide before the CTA counts.
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        unsigned* c = p.counters + ((size_t)token * p.n_kv_head + g) * gridDim.z + blockIdx.z;
+        const unsigned done = atomicAdd(c, 1u) + 1u;
+        const unsigned last = done == (unsigned)(i1 - i0);
+        // Every other split has counted already: reset for the next launch.
+        if (last) *c = 0u;
+        s_last = last;
+    }
+    __syncthreads();
+    if (!s_last) return;
+    __threadfence();
+    const int D = p.head_dim, H = p.n_head;
+    const int lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+    for (int r = threadIdx.x >> 5; r < nr; r += warps) {
+        const int h = g * p.group + r0 + r;
+        float M = ATTNRT_NEG_INF;
+        for (int i = i0 + lane; i < i1; i += 32) M = fmaxf(M, __ldcg(&p.ml[(size_t)i * H + h]).x);
+        M = warp_max(M);
+        float L = 0.0f;
+        for (int i = i0 + lane; i < i1; i += 32) {
+            const float2 ml = __ldcg(&p.ml[(size_t)i * H + h]);
+            L += ml.x == ATTNRT_NEG_INF ? 0.0f : ml.y * exp2f(ml.x - M);
+        }
+        L = warp_sum(L);
+        if (lane == 0) s_tot[r] = make_float2(M, L);
+    }
+    __syncthreads();
+    const int vw = (D & 3) == 0 ? 4 : 2;  // head_dim is even
+    const int cols = D / vw;
+    for (int idx = threadIdx.x; idx < nr * cols; idx += blockDim.x) {
+        const int r = idx / cols, c = (idx - r * cols) * vw;
+        const float2 t = s_tot[r];
+        if (vw == 4) {
+            merge_columns<T, 4>(p, token, g * p.group + r0 + r, c, i0, i1, t.x, t.y);
+        } else {
+            merge_columns<T, 2>(p, token, g * p.group + r0 + r, c, i0, i1, t.x, t.y);
+        }
+    }
+}
+
+// Combines the CTA's `parts` partial states (part k, head r: max/sum at sML[k * rps + r],
+// output row at sO + (k * rps + r) * w) in a fixed order and stores the result: the output when
+// the token has one split, else the split's state, then the merge if this split is the last.
+template <typename T>
+__device__ __forceinline__ void finish_cta(const DecodeParams& p, int item, int token, int g,
+                                           int r0, int nr, const float* sO, const float2* sML,
+                                           int parts, int rps, int w) {
+    const int D = p.head_dim, H = p.n_head;
+    const int i0 = __ldg(&p.tok_items[token]), i1 = __ldg(&p.tok_items[token + 1]);
+    const bool single = i1 - i0 == 1;
+    for (int idx = threadIdx.x; idx < nr * D; idx += blockDim.x) {
+        const int r = idx / D, d = idx - r * D;
+        float M = ATTNRT_NEG_INF;
+        for (int k = 0; k < parts; ++k) M = fmaxf(M, sML[k * rps + r].x);
+        float Ls = 0.0f, Os = 0.0f;
+        for (int k = 0; k < parts; ++k) {
+            const float2 ml = sML[k * rps + r];
+            const float sc = ml.x == ATTNRT_NEG_INF ? 0.0f : exp2f(ml.x - M);
+            Ls = fmaf(ml.y, sc, Ls);
+            Os = fmaf(sO[(k * rps + r) * w + d], sc, Os);
+        }
+        const int h = g * p.group + r0 + r;
+        if (single) {
+            T* out = reinterpret_cast<T*>(p.o);
+            out[((size_t)token * H + h) * D + d] = from_f32<T>(Ls > 0.0f ? Os / Ls : 0.0f);
+        } else {
+            const size_t row = (size_t)item * H + h;
+            p.part[row * D + d] = Os;
+            if (d == 0) p.ml[row] = make_float2(M, Ls);
+        }
+    }
+    if (!single) merge_if_last<T>(p, token, g, r0, nr, i0, i1);
 }
 
 #define DEC_THREADS 128
@@ -204,52 +337,198 @@ __device__ __forceinline__ void decode(const DecodeParams& p) {
         if (gl == 0) s_ml[grp * RP + r] = make_float2(m[r], l[r]);
     }
     __syncthreads();
-    for (int idx = tid; idx < nr * D; idx += DEC_THREADS) {
-        const int r = idx / D, d = idx - r * D;
-        float M = ATTNRT_NEG_INF;
-        for (int k = 0; k < NG; ++k) M = fmaxf(M, s_ml[k * RP + r].x);
-        float Ls = 0.0f, Os = 0.0f;
-        for (int k = 0; k < NG; ++k) {
-            const float2 ml = s_ml[k * RP + r];
-            const float sc = ml.x == ATTNRT_NEG_INF ? 0.0f : exp2f(ml.x - M);
-            Ls = fmaf(ml.y, sc, Ls);
-            Os = fmaf(s_o[(k * RP + r) * DW + d], sc, Os);
-        }
-        const int h = g * p.group + r0 + r;
-        const size_t row = (size_t)item * H + h;
-        p.part[row * D + d] = Os;
-        if (d == 0) p.ml[row] = make_float2(M, Ls);
-    }
+    finish_cta<T>(p, item, token, g, r0, nr, s_o, s_ml, NG, RP, DW);
 }
 
-struct MergeParams {
-    const float* part;   // [items, H, D]
-    const float2* ml;    // [items, H]
-    const int* tok_items;  // [n + 1] first work item of each new token
-    void* o;             // [n, H * D] storage type
-    int n_head;
-    int head_dim;
+// ------------------------------------------------------------------------------------------
+// Tensor-core decode (bf16 / f16 storage).
+// ------------------------------------------------------------------------------------------
+#define TC_KEYS 16  // keys per warp tile
+#define TC_HEADS 8  // query heads per CTA (the n dimension of O^T += V^T P^T)
+
+// Shared memory of one CTA: W warps x S stages x (K and V tiles of TC_KEYS padded rows of
+// D + 8 elements; the odd stride in 16-byte chunks puts the 8 rows an ldmatrix reads in 8
+// distinct bank groups). The epilogue reuses it for the warps' states.
+template <int D> struct TcTile {
+    static constexpr int CPR = D / 8;              // 16-byte chunks per row
+    static constexpr int LDS = CPR + 1;            // padded row stride in chunks
+    static constexpr int CHUNKS = TC_KEYS * LDS;   // chunks of one K (or V) tile
 };
 
-// One CTA per (new token, query head): out = sum_s 2^(m_s - M) o_s / sum_s 2^(m_s - M) l_s.
-template <typename T>
-__device__ __forceinline__ void merge(const MergeParams& p) {
-    const int token = blockIdx.x, h = blockIdx.y, D = p.head_dim, H = p.n_head;
-    const int i0 = p.tok_items[token], i1 = p.tok_items[token + 1];
-    float M = ATTNRT_NEG_INF;
-    for (int i = i0; i < i1; ++i) M = fmaxf(M, p.ml[(size_t)i * H + h].x);
-    T* out = reinterpret_cast<T*>(p.o) + ((size_t)token * H + h) * D;
-    for (int d = threadIdx.x; d < D; d += blockDim.x) {
-        float Ls = 0.0f, Os = 0.0f;
-        for (int i = i0; i < i1; ++i) {
-            const size_t row = (size_t)i * H + h;
-            const float2 ml = p.ml[row];
-            const float sc = ml.x == ATTNRT_NEG_INF ? 0.0f : exp2f(ml.x - M);
-            Ls = fmaf(ml.y, sc, Ls);
-            Os = fmaf(p.part[row * D + d], sc, Os);
+template <typename T, int D, int W, int S>
+__device__ __forceinline__ void decode_tc(const DecodeParams& p) {
+    using Tile = TcTile<D>;
+    constexpr int CPR = Tile::CPR, LDS = Tile::LDS, CH = Tile::CHUNKS;
+    constexpr int KS = D / 16;               // k-steps of Q K^T = m-tiles of O^T
+    constexpr int PER = TC_KEYS * CPR / 32;  // 16-byte copies per lane per K (or V) tile
+    static_assert(D % 16 == 0 && (TC_KEYS * CPR) % 32 == 0, "head_dim must be a multiple of 16");
+    static_assert(S >= 2, "at least two pipeline stages");
+    extern __shared__ uint4 smem[];
+
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int gq = lane >> 2, qq = lane & 3;  // fragment row group and lane in the quad
+    const int item = blockIdx.x, g = blockIdx.y, r0 = blockIdx.z * TC_HEADS;
+    const int H = p.n_head;
+    const int nr = min(TC_HEADS, p.group - r0);
+    const int4 w = __ldg(&p.work[item]);
+    const int token = w.x, lo = w.z, hi = w.w;
+    const int2 sq = __ldg(&p.seqs[w.y]);
+    const unsigned* table = p.tables + sq.x;
+    const T* K = reinterpret_cast<const T*>(p.k);
+    const T* V = reinterpret_cast<const T*>(p.v);
+
+    // A fragments of Q (rows: the chunk's query heads, zero past nr and in rows 8..15):
+    // a0a1 = Q[gq][16 ks + 2 qq, +1], a4a5 = the same 8 columns further.
+    uint32_t qa[KS][2];
+    {
+        const int h = g * p.group + r0 + min(gq, nr - 1);
+        const uint32_t* q32 = reinterpret_cast<const uint32_t*>(reinterpret_cast<const T*>(p.q) +
+                                                                ((size_t)token * H + h) * D);
+#pragma unroll
+        for (int ks = 0; ks < KS; ++ks) {
+            qa[ks][0] = gq < nr ? __ldg(q32 + ks * 8 + qq) : 0u;
+            qa[ks][1] = gq < nr ? __ldg(q32 + ks * 8 + 4 + qq) : 0u;
         }
-        out[d] = from_f32<T>(Ls > 0.0f ? Os / Ls : 0.0f);
     }
+
+    // This warp's tiles: t = 0, 1, ... cover keys lo + (warp + t W) TC_KEYS + [0, TC_KEYS).
+    const int ntiles = (hi - lo + TC_KEYS - 1) / TC_KEYS;
+    const int mine = ntiles > warp ? (ntiles - warp + W - 1) / W : 0;
+    uint4* const sw = smem + warp * (S * 2 * CH);
+
+    // Pool row of key (tile start + lane mod 16): one block-table lookup per lane, handed to
+    // the copying lanes with shuffles.
+    auto row_of = [&](int t) -> unsigned {
+        const int j = lo + (warp + t * W) * TC_KEYS + (lane & (TC_KEYS - 1));
+        return j < hi ? key_row(p, table, sq.y, g, j) : 0u;
+    };
+    // Coalesced copies: lane L moves chunk (L + 32 c) mod CPR of row (L + 32 c) / CPR.
+    auto issue = [&](int t, unsigned rows, int stage) {
+        const int key0 = lo + (warp + t * W) * TC_KEYS;
+        uint4* dk = sw + stage * 2 * CH;
+        uint4* dv = dk + CH;
+#pragma unroll
+        for (int c = 0; c < PER; ++c) {
+            const int f = lane + 32 * c, row = f / CPR, ch = f - row * CPR;
+            const unsigned ro = __shfl_sync(0xffffffffu, rows, row);
+            const bool ok = key0 + row < hi;
+            const size_t e = ok ? (size_t)ro * D + ch * 8 : 0;
+            cp_async16_zfill(dk + row * LDS + ch, K + e, ok);
+            cp_async16_zfill(dv + row * LDS + ch, V + e, ok);
+        }
+    };
+
+    unsigned off_next = mine > 0 ? row_of(0) : 0u;
+#pragma unroll
+    for (int s = 0; s < S - 1; ++s) {
+        if (s < mine) {
+            issue(s, off_next, s);
+            if (s + 1 < mine) off_next = row_of(s + 1);
+        }
+        cp_async_commit();
+    }
+
+    // ldmatrix addresses: lanes 8i..8i+7 name the rows of matrix i = (keys 8 (i / 2) + [0, 8),
+    // chunk i mod 2 of the 16 columns): matrices 0..3 are b0b1 / b2b3 of keys 0-7 and of keys
+    // 8-15 (K, as B of Q K^T) and a0a1 / a2a3 / a4a5 / a6a7 (V transposed, as A of V^T P^T).
+    const int lrow = ((lane >> 4) << 3) + (lane & 7), lch = (lane >> 3) & 1;
+    float o[KS][4];  // O^T: c0 c1 = (d 16 mt + gq, heads 2 qq, 2 qq + 1), c2 c3 = d + 8
+#pragma unroll
+    for (int mt = 0; mt < KS; ++mt) o[mt][0] = o[mt][1] = o[mt][2] = o[mt][3] = 0.0f;
+    float m = ATTNRT_NEG_INF, l = 0.0f;  // head gq: running max, this lane's share of the sum
+
+    int stage = 0;
+    for (int t = 0; t < mine; ++t) {
+        const int tn = t + S - 1;
+        if (tn < mine) {
+            issue(tn, off_next, tn % S);
+            if (tn + 1 < mine) off_next = row_of(tn + 1);
+        }
+        cp_async_commit();
+        cp_async_wait<S - 1>();
+        __syncwarp();
+        const uint4* ks_ = sw + stage * 2 * CH;
+        const uint4* vs_ = ks_ + CH;
+        const int key0 = lo + (warp + t * W) * TC_KEYS;
+
+        // S = Q K^T: two 8-key n-tiles, even and odd k-steps in separate accumulators.
+        float acc[2][2][4];
+#pragma unroll
+        for (int a = 0; a < 2; ++a)
+#pragma unroll
+            for (int n = 0; n < 2; ++n) acc[a][n][0] = acc[a][n][1] = acc[a][n][2] = acc[a][n][3] = 0.0f;
+#pragma unroll
+        for (int ks = 0; ks < KS; ++ks) {
+            uint32_t kb[4];
+            ldmatrix_x4(kb, ks_ + lrow * LDS + ks * 2 + lch);
+            const uint32_t a[4] = {qa[ks][0], 0u, qa[ks][1], 0u};
+            Mma<T>::run(acc[ks & 1][0], a, kb[0], kb[1]);
+            Mma<T>::run(acc[ks & 1][1], a, kb[2], kb[3]);
+        }
+        // Row gq (head) holds keys 8 n + 2 qq + e.
+        float s[2][2], mx = ATTNRT_NEG_INF;
+#pragma unroll
+        for (int n = 0; n < 2; ++n)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                const float v = (acc[0][n][e] + acc[1][n][e]) * p.scale_log2;
+                s[n][e] = key0 + 8 * n + 2 * qq + e < hi ? v : ATTNRT_NEG_INF;
+                mx = fmaxf(mx, s[n][e]);
+            }
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        const float mn = fmaxf(m, mx);  // finite: the tile's first key is visible
+        const float alpha = exp2f(m - mn);
+        m = mn;
+        float pr[2][2], sum = 0.0f;
+#pragma unroll
+        for (int n = 0; n < 2; ++n)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                pr[n][e] = exp2f(s[n][e] - mn);
+                sum += pr[n][e];
+            }
+        l = l * alpha + sum;
+        // P as the B fragment of O^T += V^T P^T (k = keys, n = heads): b0b1 = keys 2 qq, +1 of
+        // n-tile 0, b2b3 = of n-tile 1; the rescale factors of heads 2 qq, 2 qq + 1 come from
+        // the quads that own those rows.
+        const uint32_t pb0 = Mma<T>::pack(pr[0][0], pr[0][1]);
+        const uint32_t pb1 = Mma<T>::pack(pr[1][0], pr[1][1]);
+        const float a0 = __shfl_sync(0xffffffffu, alpha, qq * 8);
+        const float a1 = __shfl_sync(0xffffffffu, alpha, qq * 8 + 4);
+#pragma unroll
+        for (int mt = 0; mt < KS; ++mt) {
+            uint32_t vb[4];
+            ldmatrix_x4_trans(vb, vs_ + lrow * LDS + mt * 2 + lch);
+            o[mt][0] *= a0;
+            o[mt][1] *= a1;
+            o[mt][2] *= a0;
+            o[mt][3] *= a1;
+            Mma<T>::run(o[mt], vb, pb0, pb1);
+        }
+        __syncwarp();  // every lane is done with this stage before it is refilled
+        stage = stage + 1 == S ? 0 : stage + 1;
+    }
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+
+    // The warps' states into shared memory (the stages are free once every copy landed).
+    cp_async_wait<0>();
+    __syncthreads();
+    float* sO = reinterpret_cast<float*>(smem);                    // [W][8][D]
+    float2* sML = reinterpret_cast<float2*>(sO + W * TC_HEADS * D);  // [W][8]
+    float* ow = sO + warp * TC_HEADS * D;
+#pragma unroll
+    for (int mt = 0; mt < KS; ++mt) {
+        const int d = mt * 16 + gq;
+        ow[(2 * qq) * D + d] = o[mt][0];
+        ow[(2 * qq + 1) * D + d] = o[mt][1];
+        ow[(2 * qq) * D + d + 8] = o[mt][2];
+        ow[(2 * qq + 1) * D + d + 8] = o[mt][3];
+    }
+    if (qq == 0) sML[warp * TC_HEADS + gq] = make_float2(m, l);
+    __syncthreads();
+    finish_cta<T>(p, item, token, g, r0, nr, sO, sML, W, TC_HEADS, D);
 }
 
 struct AppendParams {
@@ -293,9 +572,24 @@ __device__ __forceinline__ void append(const AppendParams& p) {
     ATTNRT_DECODE_L(TY, NAME, 8)                                                     \
     ATTNRT_DECODE_L(TY, NAME, 16)                                                    \
     ATTNRT_DECODE_L(TY, NAME, 32)                                                    \
-    extern "C" __global__ void decode_merge_##NAME(MergeParams p) { merge<TY>(p); } \
     extern "C" __global__ void kv_append_##NAME(AppendParams p) { append<TY>(p); }
 
 ATTNRT_DECODE_ALL(float, f32)
 ATTNRT_DECODE_ALL(__nv_bfloat16, bf16)
 ATTNRT_DECODE_ALL(__half, f16)
+
+#define ATTNRT_DECODE_TC(TY, NAME, D, W, S)                                          \
+    extern "C" __global__ void __launch_bounds__(W * 32)                             \
+        decode_tc_##NAME##_d##D##_w##W##_s##S(DecodeParams p) {                      \
+        decode_tc<TY, D, W, S>(p);                                                   \
+    }
+// 4 warps x 2 stages (DECODE_TC_WARPS / DECODE_TC_STAGES in src/plan.rs): on an H200, 32 x
+// 8192 and 1 x 32768 keys (head_dim 128) ran within 1% of the best of 1 to 8 warps and 2 to 4
+// stages, with the least shared memory of the fastest.
+#define ATTNRT_DECODE_TC_ALL(TY, NAME)     \
+    ATTNRT_DECODE_TC(TY, NAME, 64, 4, 2)  \
+    ATTNRT_DECODE_TC(TY, NAME, 96, 4, 2)  \
+    ATTNRT_DECODE_TC(TY, NAME, 128, 4, 2) \
+    ATTNRT_DECODE_TC(TY, NAME, 256, 4, 2)
+ATTNRT_DECODE_TC_ALL(__nv_bfloat16, bf16)
+ATTNRT_DECODE_TC_ALL(__half, f16)

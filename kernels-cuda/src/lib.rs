@@ -59,7 +59,8 @@ pub use gpu::{
     DeviceCall, GpuKvCache, GpuLayer, MultiGpuKvCache, MultiGpuLayer, RopeSource, SeqParallelCall,
 };
 pub use plan::{
-    capability, capability_on, AttnPath, GpuBackend, GpuOptions, Precision, ReduceOptions,
+    capability, capability_on, AttnPath, DecodeTuning, GpuBackend, GpuOptions, Precision,
+    ReduceOptions,
 };
 #[cfg(not(feature = "cuda"))]
 pub use stub::{

@@ -282,6 +282,194 @@ impl Default for ReduceOptions {
     }
 }
 
+/// Test and benchmark overrides of the cached forward's attention kernel
+/// ([`crate::GpuLayer::set_decode_tuning`]); the default plans everything.
+#[doc(hidden)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DecodeTuning {
+    /// Keys per split; 0 plans it from the call's size and the device.
+    pub split: usize,
+    /// The CUDA-core kernel even where the tensor-core kernel applies.
+    pub cuda_cores: bool,
+}
+
+/// Keys per warp tile of the tensor-core decode kernel (`TC_KEYS` in decode.cu).
+pub const DECODE_TC_KEYS: usize = 16;
+/// Query heads per CTA of the tensor-core decode kernel (`TC_HEADS`).
+pub const DECODE_TC_HEADS: usize = 8;
+/// Warps per CTA of the tensor-core decode kernel (each streams its own tiles).
+pub const DECODE_TC_WARPS: usize = 4;
+/// cp.async stages per warp of the tensor-core decode kernel.
+pub const DECODE_TC_STAGES: usize = 2;
+/// Threads of a CTA of the CUDA-core decode kernel (`DEC_THREADS`).
+pub const DECODE_THREADS: u32 = 128;
+
+/// The attention kernel of a cached call (`kernels/decode.cu`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DecodeKernel {
+    /// `decode_tc_<t>_d<D>_w<warps>_s<stages>`: tensor cores, bf16 / f16 storage.
+    TensorCore {
+        /// bf16 or f16.
+        dtype: Precision,
+        /// 64, 96, 128 or 256.
+        head_dim: usize,
+        /// Warps per CTA, each streaming its own tiles.
+        warps: usize,
+        /// cp.async pipeline stages per warp.
+        stages: usize,
+    },
+    /// `decode_<t>_l<lanes>_r<heads>`: CUDA cores, any precision and head_dim.
+    CudaCores {
+        /// Storage precision.
+        dtype: Precision,
+        /// Lanes per key row.
+        lanes: usize,
+        /// Query heads per CTA.
+        heads: usize,
+    },
+}
+
+impl DecodeKernel {
+    /// The kernel for (precision, head_dim, group): tensor cores for bf16 / f16 at the head_dims
+    /// it is compiled for, else CUDA cores.
+    pub fn choose(
+        precision: Precision,
+        head_dim: usize,
+        group: usize,
+        tuning: &DecodeTuning,
+    ) -> DecodeKernel {
+        let tc_dims = matches!(head_dim, 64 | 96 | 128 | 256);
+        if precision != Precision::F32 && tc_dims && !tuning.cuda_cores {
+            return DecodeKernel::TensorCore {
+                dtype: precision,
+                head_dim,
+                warps: DECODE_TC_WARPS,
+                stages: DECODE_TC_STAGES,
+            };
+        }
+        let lanes = if head_dim <= 64 {
+            8
+        } else if head_dim <= 128 {
+            16
+        } else {
+            32
+        };
+        let heads = match group {
+            1 => 1,
+            2 => 2,
+            3 | 4 => 4,
+            _ => 8,
+        };
+        DecodeKernel::CudaCores {
+            dtype: precision,
+            lanes,
+            heads,
+        }
+    }
+
+    /// Entry point in the PTX.
+    pub fn name(&self) -> String {
+        match *self {
+            DecodeKernel::TensorCore {
+                dtype,
+                head_dim,
+                warps,
+                stages,
+            } => format!("decode_tc_{}_d{head_dim}_w{warps}_s{stages}", dtype.name()),
+            DecodeKernel::CudaCores {
+                dtype,
+                lanes,
+                heads,
+            } => format!("decode_{}_l{lanes}_r{heads}", dtype.name()),
+        }
+    }
+
+    /// Threads per CTA.
+    pub fn threads(&self) -> u32 {
+        match *self {
+            DecodeKernel::TensorCore { warps, .. } => 32 * warps as u32,
+            DecodeKernel::CudaCores { .. } => DECODE_THREADS,
+        }
+    }
+
+    /// Dynamic shared memory per CTA: the stages (K and V tiles of 16 rows padded by one
+    /// 16-byte chunk, per warp), or the warps' states of the epilogue if larger.
+    pub fn smem_bytes(&self) -> usize {
+        match *self {
+            DecodeKernel::TensorCore {
+                head_dim,
+                warps,
+                stages,
+                ..
+            } => {
+                let stage = 2 * DECODE_TC_KEYS * (head_dim / 8 + 1) * 16;
+                let states = warps * DECODE_TC_HEADS * (head_dim * 4 + 8);
+                (warps * stages * stage).max(states)
+            }
+            DecodeKernel::CudaCores { .. } => 0,
+        }
+    }
+
+    /// Query heads per CTA (the grid's z covers the group in chunks of this many).
+    pub fn heads_per_cta(&self) -> usize {
+        match *self {
+            DecodeKernel::TensorCore { .. } => DECODE_TC_HEADS,
+            DecodeKernel::CudaCores { heads, .. } => heads,
+        }
+    }
+
+    /// Keys per split: `tuning.split` if set, else the call's `total_keys` (each read by
+    /// `ctas_per_key` CTAs: KV heads x head chunks) spread over a target number of CTAs, in
+    /// whole rounds of the CTA's tiles. Tensor cores: one CTA per SM (`sm_count`), so that a
+    /// token of a large batch is one split (no merge) and a single long sequence is split
+    /// until every SM streams (measured on an H200: 32 x 8192 keys fastest with one split
+    /// per token, 1 x 32768 with 16; more, shorter CTAs were slower). CUDA cores: four waves
+    /// of the resident CTAs (`sm_count * ctas_per_sm`), at least 256 keys.
+    pub fn split_keys(
+        &self,
+        total_keys: usize,
+        ctas_per_key: usize,
+        sm_count: usize,
+        ctas_per_sm: usize,
+        tuning: &DecodeTuning,
+    ) -> usize {
+        if tuning.split > 0 {
+            return tuning.split;
+        }
+        let round = self.key_round();
+        let (min, target) = match *self {
+            DecodeKernel::TensorCore { .. } => (round, sm_count),
+            DecodeKernel::CudaCores { .. } => (256, sm_count * ctas_per_sm * 4),
+        };
+        let target = target.max(1);
+        (total_keys * ctas_per_key)
+            .div_ceil(target)
+            .div_ceil(round)
+            .max(min / round)
+            * round
+    }
+
+    /// Keys one pass of a CTA over its tiles covers (all warps one tile each).
+    pub fn key_round(&self) -> usize {
+        match *self {
+            DecodeKernel::TensorCore { warps, .. } => DECODE_TC_KEYS * warps,
+            DecodeKernel::CudaCores { .. } => 64,
+        }
+    }
+
+    /// Keys per work item of a token that sees `len` keys, for splits of about `split` keys:
+    /// the ceil(len / split) items get equal shares in whole rounds of the CTA's tiles, so
+    /// that no item is a small remainder (a `tuning.split` override is kept exactly).
+    pub fn item_keys(&self, len: usize, split: usize, tuning: &DecodeTuning) -> usize {
+        let split = split.max(1);
+        if tuning.split > 0 || len == 0 {
+            return split;
+        }
+        let round = self.key_round();
+        len.div_ceil(len.div_ceil(split)).div_ceil(round) * round
+    }
+}
+
 /// One kernel launch: name, grid, block, dynamic shared memory.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Launch {

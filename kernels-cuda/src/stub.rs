@@ -183,6 +183,18 @@ impl GpuLayer<'_> {
     pub fn last_cached_shape(&self) -> Option<(usize, usize, usize)> {
         match self.never {}
     }
+
+    /// Decode tuning hook (unreachable in this build).
+    #[doc(hidden)]
+    pub fn set_decode_tuning(&mut self, _tuning: crate::DecodeTuning) {
+        match self.never {}
+    }
+
+    /// The last cached call's attention kernel (unreachable in this build).
+    #[doc(hidden)]
+    pub fn last_decode_kernel(&self) -> Option<String> {
+        match self.never {}
+    }
 }
 
 /// A KV cache split over several GPUs. This build has no CUDA: no value of it exists.

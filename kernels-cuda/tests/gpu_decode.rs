@@ -14,7 +14,7 @@ use attnrt::{
     cached_workspace_len, kv_pool_len, reference_workspace_len, rope, Config, Inputs, KvCache,
     KvPool, Layer, Rope, RopeTable, Sequence, Sequential,
 };
-use attnrt_cuda::{GpuKvCache, GpuLayer, GpuOptions, Precision};
+use attnrt_cuda::{DecodeTuning, GpuKvCache, GpuLayer, GpuOptions, Precision};
 use attnrt_tests::{max_abs_diff, OwnedWeights, Rng, F32_TOL};
 use half::{bf16, f16};
 
@@ -82,10 +82,15 @@ struct Case {
     rolling: bool,
     block: usize,
     p: Precision,
+    /// Query heads.
+    heads: usize,
+    /// Keys per split (0: planned); small splits make every token several splits, merged by
+    /// the last CTA to finish.
+    split: usize,
 }
 
 fn run_case(c: &Case) {
-    let (h, steps) = (8usize, 5usize);
+    let (h, steps) = (c.heads, 5usize);
     let prefill = [70usize, 1, 150];
     let mut cfg = Config::new(128, h)
         .with_kv_heads(h / c.r)
@@ -174,10 +179,14 @@ fn run_case(c: &Case) {
     let mut cpu_pools = Pools::new(c.p, pool_len);
     let mut gpu_cache = GpuKvCache::new(c.p, kvh, c.d, c.block, num_blocks, c.rolling, 0).unwrap();
     let mut gpu = GpuLayer::new(layer, GpuOptions::new(c.p, 1, 256)).unwrap();
+    gpu.set_decode_tuning(DecodeTuning {
+        split: c.split,
+        ..DecodeTuning::default()
+    });
 
     let name = format!(
-        "R={} D={} window={:?} rolling={} block={} {:?}",
-        c.r, c.d, c.window, c.rolling, c.block, c.p
+        "R={} D={} window={:?} rolling={} block={} {:?} split={}",
+        c.r, c.d, c.window, c.rolling, c.block, c.p, c.split
     );
     let (mut worst_ref, mut worst_cpu) = ((0.0f32, 0.0f64), (0.0f32, 0.0f64));
     for (step, call) in calls.iter().enumerate() {
@@ -213,6 +222,15 @@ fn run_case(c: &Case) {
             "{name} step {step}: gpu call done in {:.1} ms, shape (items, tokens, split) {:?}",
             t0.elapsed().as_secs_f64() * 1e3,
             gpu.last_cached_shape()
+        );
+        // bf16 / f16 at the tensor-core head_dims take the tensor-core kernel, the rest the
+        // CUDA-core one: the case covers the kernel it names.
+        let kernel = gpu.last_decode_kernel().unwrap_or_default();
+        let tc = c.p != Precision::F32 && matches!(c.d, 64 | 96 | 128 | 256);
+        assert_eq!(
+            kernel.starts_with("decode_tc_"),
+            tc,
+            "{name}: kernel {kernel}"
         );
         let mut y_cpu = vec![f32::NAN; x.len()];
         {
@@ -260,7 +278,8 @@ fn run_case(c: &Case) {
     }
     let shape = gpu.last_cached_shape();
     println!(
-        "{name}: vs reference max {:.2e} relL2 {:.2e}; vs CPU max {:.2e} relL2 {:.2e}; last call (items, tokens, split) {shape:?}",
+        "{name}: {}: vs reference max {:.2e} relL2 {:.2e}; vs CPU max {:.2e} relL2 {:.2e}; last call (items, tokens, split) {shape:?}",
+        gpu.last_decode_kernel().unwrap_or_default(),
         worst_ref.0, worst_ref.1, worst_cpu.0, worst_cpu.1
     );
 }
@@ -270,22 +289,33 @@ fn prefill_then_decode_matches_reference_and_cpu() {
     if !device_or_skip() {
         return;
     }
+    // (R, head_dim, window, rolling, block size, precision, query heads, split)
     let cases = [
-        (4, 128, None, false, 16, Precision::F32),
-        (2, 64, None, false, 24, Precision::F32),
-        (1, 256, None, false, 16, Precision::F32),
-        (8, 80, Some(37), true, 16, Precision::F32),
-        (8, 64, Some(37), false, 8, Precision::F32),
-        (4, 128, None, false, 16, Precision::Bf16),
-        (8, 64, Some(37), true, 16, Precision::Bf16),
-        (2, 256, None, false, 32, Precision::Bf16),
-        (4, 96, None, false, 16, Precision::F16),
+        (4, 128, None, false, 16, Precision::F32, 8, 0),
+        (2, 64, None, false, 24, Precision::F32, 8, 0),
+        (1, 256, None, false, 16, Precision::F32, 8, 0),
+        (8, 80, Some(37), true, 16, Precision::F32, 8, 0),
+        (8, 64, Some(37), false, 8, Precision::F32, 8, 0),
+        (4, 128, None, false, 16, Precision::Bf16, 8, 0),
+        (8, 64, Some(37), true, 16, Precision::Bf16, 8, 0),
+        (2, 256, None, false, 32, Precision::Bf16, 8, 0),
+        (4, 96, None, false, 16, Precision::F16, 8, 0),
+        // Several splits per token, merged in the kernel: tensor cores with splits crossing
+        // 24-slot blocks, with a rolling window (f16), and the CUDA-core kernel.
+        (4, 128, None, false, 24, Precision::Bf16, 8, 16),
+        (2, 64, Some(37), true, 16, Precision::F16, 8, 32),
+        (4, 128, None, false, 16, Precision::F32, 8, 48),
+        // 16 query heads per KV head: two head chunks of the tensor-core kernel.
+        (16, 64, None, false, 16, Precision::Bf16, 16, 0),
+        (16, 64, None, false, 16, Precision::Bf16, 16, 32),
+        // The CUDA-core kernel in bf16 (head_dim 80 has no tensor-core variant).
+        (4, 80, None, false, 16, Precision::Bf16, 8, 0),
     ];
     // ATTNRT_DECODE_CASES=0,3 runs only those cases (debugging, compute-sanitizer).
     let only: Option<Vec<usize>> = std::env::var("ATTNRT_DECODE_CASES")
         .ok()
         .map(|v| v.split(',').filter_map(|i| i.trim().parse().ok()).collect());
-    for (i, (r, d, window, rolling, block, p)) in cases.into_iter().enumerate() {
+    for (i, (r, d, window, rolling, block, p, heads, split)) in cases.into_iter().enumerate() {
         if only.as_ref().is_some_and(|o| !o.contains(&i)) {
             continue;
         }
@@ -296,6 +326,8 @@ fn prefill_then_decode_matches_reference_and_cpu() {
             rolling,
             block,
             p,
+            heads,
+            split,
         });
     }
 }

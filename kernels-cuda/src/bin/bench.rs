@@ -29,8 +29,8 @@ mod cuda_main {
         rope, Config, Inputs, Layer, LayerWeights, MaskInputs, Rope, RopeTable, Sequence, Tensor,
     };
     use attnrt_cuda::{
-        device_count, DeviceCall, Error, GpuKvCache, GpuLayer, GpuOptions, MultiGpuLayer,
-        Precision, ReduceOptions, RopeSource,
+        device_count, DecodeTuning, DeviceCall, Error, GpuKvCache, GpuLayer, GpuOptions,
+        MultiGpuLayer, Precision, ReduceOptions, RopeSource,
     };
     use cust::sys as cu;
     use std::fmt::Write as _;
@@ -91,13 +91,16 @@ mod cuda_main {
     }
 
     /// Decode of one new token per sequence over `cached` keys each (bf16 cache, 64-token
-    /// blocks in shuffled order): attention + merge timed alone.
+    /// blocks in shuffled order, or in pool order where the run says so): the attention launch
+    /// (merge included) timed alone, once per run (the first is the reported one; the others
+    /// print their output's largest difference from the first's).
     fn decode_case(
         json: &mut String,
         lines: &mut Vec<String>,
         seqs_n: usize,
         cached: usize,
         copy_gbs: f64,
+        runs: &[(DecodeTuning, bool)],
     ) -> Result<(), Error> {
         let (c, h, kv, d, bs) = (4096usize, 32usize, 8usize, 128usize, 64usize);
         let mut rng = Rng(7);
@@ -140,43 +143,96 @@ mod cuda_main {
             let j = (((rng.uniform() + 1.0) * 0.5) * (i + 1) as f32) as usize % (i + 1);
             ids.swap(i, j);
         }
-        let seqs: Vec<Sequence<'_>> = (0..seqs_n)
-            .map(|s| Sequence {
-                cached,
-                new_tokens: 1,
-                blocks: &ids[s * per_seq..(s + 1) * per_seq],
-            })
-            .collect();
+        let in_order: Vec<u32> = (0..num_blocks as u32).collect();
+        fn seqs_of(ids: &[u32], n: usize, per_seq: usize, cached: usize) -> Vec<Sequence<'_>> {
+            (0..n)
+                .map(|s| Sequence {
+                    cached,
+                    new_tokens: 1,
+                    blocks: &ids[s * per_seq..(s + 1) * per_seq],
+                })
+                .collect()
+        }
+        let seqs = seqs_of(&ids, seqs_n, per_seq, cached);
+        let seqs_in_order = seqs_of(&in_order, seqs_n, per_seq, cached);
         let x = rng.vec(seqs_n * c, 1.0);
-        let mut y = vec![0.0f32; x.len()];
-        gpu.forward_cached(&x, &seqs, None, &mut cache, &mut y)?;
-        let shape = gpu.last_cached_shape();
-        // SAFETY: `cache` is alive for the timed relaunches.
-        let ms = gpu.time_ms(20, |g| unsafe { g.relaunch_decode() })?;
-        let bytes = (seqs_n * (cached + 1) * kv * d * 2 * 2) as f64;
-        let gbs = bytes / (ms as f64 * 1e-3) / 1e9;
-        let name = format!("decode {seqs_n} x {cached}");
-        lines.push(format!(
-            "{name:34} {ms:9.4} ms {gbs:8.0} GB/s = {:.0}% of copy {copy_gbs:.0} GB/s (items, tokens, split) {shape:?}",
-            100.0 * gbs / copy_gbs
-        ));
-        writeln!(
-            json,
-            "{{\"case\": \"{name}\", \"ms\": {ms}, \"gbs\": {gbs}, \"copy_gbs\": {copy_gbs}, \"backend\": \"{}\"}}",
-            gpu.backend()
-        )
-        .ok();
+        let mut first: Option<Vec<f32>> = None;
+        for (i, &(tuning, contiguous)) in runs.iter().enumerate() {
+            let mut y = vec![0.0f32; x.len()];
+            gpu.set_decode_tuning(tuning);
+            let s = if contiguous { &seqs_in_order } else { &seqs };
+            if let Err(e) = gpu.forward_cached(&x, s, None, &mut cache, &mut y) {
+                lines.push(format!("decode {seqs_n} x {cached} {tuning:?}: {e}"));
+                continue;
+            }
+            let shape = gpu.last_cached_shape();
+            let kernel = gpu.last_decode_kernel().unwrap_or_default();
+            // SAFETY: `cache` is alive for the timed relaunches.
+            let ms = gpu.time_ms(20, |g| unsafe { g.relaunch_decode() })?;
+            let bytes = (seqs_n * (cached + 1) * kv * d * 2 * 2) as f64;
+            let gbs = bytes / (ms as f64 * 1e-3) / 1e9;
+            let name = format!("decode {seqs_n} x {cached}");
+            let order = if contiguous { "in order" } else { "shuffled" };
+            let diff = match &first {
+                None => String::new(),
+                Some(f) => {
+                    let m = f
+                        .iter()
+                        .zip(&y)
+                        .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+                    let s = f.iter().fold(0.0f32, |m, a| m.max(a.abs()));
+                    format!(" max|dy| {m:.2e} of max|y| {s:.2e}")
+                }
+            };
+            lines.push(format!(
+                "{name:18} {kernel:27} {order:8} {ms:8.4} ms {gbs:6.0} GB/s = {:3.0}% of copy {copy_gbs:.0} GB/s (items, tokens, split) {shape:?}{diff}",
+                100.0 * gbs / copy_gbs
+            ));
+            if i == 0 {
+                writeln!(
+                    json,
+                    "{{\"case\": \"{name}\", \"ms\": {ms}, \"gbs\": {gbs}, \"copy_gbs\": {copy_gbs}, \"backend\": \"{}\", \"kernel\": \"{kernel}\"}}",
+                    gpu.backend()
+                )
+                .ok();
+                first = Some(y);
+            }
+        }
         Ok(())
+    }
+
+    /// The runs of `--decode-sweep`: the planned default first, the same with the blocks in
+    /// pool order (the cost of the shuffled block table), the CUDA-core kernel, then the
+    /// default kernel at several split sizes.
+    fn sweep_runs() -> Vec<(DecodeTuning, bool)> {
+        let d = DecodeTuning::default();
+        let mut v = vec![
+            (d, false),
+            (d, true),
+            (
+                DecodeTuning {
+                    cuda_cores: true,
+                    ..d
+                },
+                false,
+            ),
+        ];
+        for split in [512, 1024, 2048, 2752, 4096, 8192] {
+            v.push((DecodeTuning { split, ..d }, false));
+        }
+        v
     }
 
     pub fn run() -> Result<(), Error> {
         let args: Vec<String> = std::env::args().skip(1).collect();
-        // `--only NAME` runs one attention case (for Nsight Compute), `--decode` only decode.
+        // `--only NAME` runs one attention case (for Nsight Compute), `--decode` only decode,
+        // `--decode-sweep` only decode, over split sizes and against the CUDA-core kernel.
         let only = args
             .iter()
             .position(|a| a == "--only")
             .and_then(|i| args.get(i + 1).cloned());
-        let decode_only = args.iter().any(|a| a == "--decode");
+        let sweep = args.iter().any(|a| a == "--decode-sweep");
+        let decode_only = sweep || args.iter().any(|a| a == "--decode");
         let multi_only = args.iter().any(|a| a == "--multi");
         let out = args
             .iter()
@@ -292,8 +348,13 @@ mod cuda_main {
                 "device-to-device copy 1 GiB: {copy:.0} GB/s (read + write)"
             ));
             writeln!(json, "{{\"case\": \"copy\", \"gbs\": {copy}}}").ok();
-            decode_case(&mut json, &mut lines, 32, 8191, copy)?;
-            decode_case(&mut json, &mut lines, 1, 32767, copy)?;
+            let runs = if sweep {
+                sweep_runs()
+            } else {
+                vec![(DecodeTuning::default(), false)]
+            };
+            decode_case(&mut json, &mut lines, 32, 8191, copy, &runs)?;
+            decode_case(&mut json, &mut lines, 1, 32767, copy, &runs)?;
         }
 
         println!("attnrt-cuda (bf16, Hq 32, Hkv 8, D 128; mean of {iters} after warm-up):");

@@ -13,7 +13,7 @@ use super::{
     alloc, drv, function, h2d, kernels, launch, ptr, GpuLayer, Kernels, PendingPrep, RopeSource,
 };
 use crate::error::{Error, Result};
-use crate::plan::{GpuBackend, Precision};
+use crate::plan::{DecodeKernel, DecodeTuning, GpuBackend, Precision};
 
 /// A KV cache in device memory, laid out as `attnrt::KvCache`: block `b` holds, for KV head
 /// `g`, `block_size` token slots; slot `i` starts at element
@@ -47,7 +47,8 @@ impl GpuKvCache {
     /// Allocates (zeroed) K and V pools of `num_blocks` blocks on `device`.
     ///
     /// # Errors
-    /// A zero dimension, sizes that overflow, no device, or out of device memory.
+    /// A zero dimension, sizes that overflow, 2^32 or more rows (tokens x KV heads), no
+    /// device, or out of device memory.
     pub fn new(
         precision: Precision,
         n_kv_head: usize,
@@ -65,6 +66,17 @@ impl GpuKvCache {
             rolling,
         }
         .validate()?;
+        // The kernels address pool rows (one token of one KV head) with 32-bit indices.
+        let rows = n_kv_head
+            .saturating_mul(block_size)
+            .saturating_mul(num_blocks);
+        if rows > u32::MAX as usize {
+            return Err(Error::Capacity {
+                what: "kv pool rows (blocks x KV heads x block size)",
+                value: rows,
+                max: u32::MAX as usize,
+            });
+        }
         let elems = attnrt::kv_pool_len(n_kv_head, head_dim, block_size, num_blocks);
         let bytes = elems
             .checked_mul(precision.size())
@@ -209,10 +221,8 @@ struct CachedCall {
     items: usize,
     tokens: usize,
     split: usize,
-    grid_dec: (u32, u32, u32),
-    p_dec: DecodeParams,
-    p_merge: MergeParams,
-    merge_block: u32,
+    grid: (u32, u32, u32),
+    params: DecodeParams,
 }
 
 impl CachedCall {
@@ -229,10 +239,13 @@ struct DecodeParams {
     k: u64,
     v: u64,
     work: u64,
+    tok_items: u64,
     tables: u64,
     seqs: u64,
     part: u64,
     ml: u64,
+    o: u64,
+    counters: u64,
     n_head: i32,
     n_kv_head: i32,
     head_dim: i32,
@@ -241,17 +254,6 @@ struct DecodeParams {
     bs_shift: i32,
     rolling: i32,
     scale_log2: f32,
-}
-
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct MergeParams {
-    part: u64,
-    ml: u64,
-    tok_items: u64,
-    o: u64,
-    n_head: i32,
-    head_dim: i32,
 }
 
 #[repr(C)]
@@ -271,7 +273,8 @@ struct AppendParams {
 /// any before; a steady decode loop allocates nothing.
 #[derive(Default)]
 pub(super) struct DecodeState {
-    funcs: Option<(cu::CUfunction, cu::CUfunction, cu::CUfunction, u32)>,
+    funcs: Option<DecodeFuncs>,
+    tuning: DecodeTuning,
     part: Option<DeviceBuffer<u8>>,
     ml: Option<DeviceBuffer<u8>>,
     work: Option<DeviceBuffer<u8>>,
@@ -279,6 +282,7 @@ pub(super) struct DecodeState {
     seqs: Option<DeviceBuffer<u8>>,
     tables: Option<DeviceBuffer<u8>>,
     dst: Option<DeviceBuffer<u8>>,
+    counters: Option<DeviceBuffer<u8>>,
     h_work: Vec<[i32; 4]>,
     h_tok: Vec<i32>,
     h_seqs: Vec<[i32; 2]>,
@@ -297,40 +301,62 @@ fn ensure(slot: &mut Option<DeviceBuffer<u8>>, bytes: usize) -> Result<u64> {
     Ok(slot.as_ref().map_or(0, ptr))
 }
 
-/// Lanes per key row and query heads per CTA of the decode kernel for (head_dim, group).
-pub fn decode_shape(head_dim: usize, group: usize) -> (usize, usize) {
-    let lanes = if head_dim <= 64 {
-        8
-    } else if head_dim <= 128 {
-        16
-    } else {
-        32
-    };
-    let rp = match group {
-        1 => 1,
-        2 => 2,
-        3 | 4 => 4,
-        _ => 8,
-    };
-    (lanes, rp)
+/// The loaded kernels of the layer's cached calls.
+struct DecodeFuncs {
+    kernel: DecodeKernel,
+    dec: cu::CUfunction,
+    append: cu::CUfunction,
+    append_threads: u32,
+    /// Resident CTAs of `dec` per SM.
+    ctas_per_sm: usize,
 }
 
-/// Keys per split: about four waves of CTAs (three per SM) over the call's keys, at least 256;
-/// `ATTNRT_CUDA_DECODE_SPLIT` overrides (benchmark tuning).
-fn split_keys(total_keys: usize, ctas_per_key: usize, sm_count: usize) -> usize {
-    if let Some(v) = std::env::var("ATTNRT_CUDA_DECODE_SPLIT")
-        .ok()
-        .and_then(|s| s.parse::<usize>().ok())
-        .filter(|&v| v > 0)
-    {
-        return v;
+/// Loads the attention kernel `kernel` and the append kernel of `prec`; lifts the dynamic
+/// shared-memory limit of `kernel` to what it needs and asks the driver how many of its CTAs
+/// an SM holds.
+fn load_funcs(
+    kernels: &Kernels,
+    kernel: DecodeKernel,
+    prec: Precision,
+    head_dim: usize,
+) -> Result<DecodeFuncs> {
+    let dec = function(&kernels.decode, &kernel.name())?;
+    let append = function(&kernels.decode, &format!("kv_append_{}", prec.name()))?;
+    let smem = kernel.smem_bytes();
+    if smem > kernels.smem_optin {
+        return Err(Error::Unsupported(format!(
+            "{}: {smem} bytes of shared memory, the device allows {}",
+            kernel.name(),
+            kernels.smem_optin
+        )));
     }
-    let target = (sm_count * 12).max(1);
-    (total_keys * ctas_per_key)
-        .div_ceil(target)
-        .div_ceil(64)
-        .max(4)
-        * 64
+    if smem > 48 * 1024 {
+        // SAFETY: `dec` is a live function of the current context.
+        drv("cuFuncSetAttribute", unsafe {
+            cu::cuFuncSetAttribute(
+                dec,
+                cu::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                smem as i32,
+            )
+        })?;
+    }
+    let mut ctas = 0i32;
+    // SAFETY: valid out-pointer; `dec` is a live function of the current context.
+    drv("cuOccupancyMaxActiveBlocksPerMultiprocessor", unsafe {
+        cu::cuOccupancyMaxActiveBlocksPerMultiprocessor(
+            &mut ctas,
+            dec,
+            kernel.threads() as i32,
+            smem,
+        )
+    })?;
+    Ok(DecodeFuncs {
+        kernel,
+        dec,
+        append,
+        append_threads: (head_dim.div_ceil(32) * 32).min(256) as u32,
+        ctas_per_sm: ctas.max(1) as usize,
+    })
 }
 
 impl GpuLayer<'_> {
@@ -386,8 +412,9 @@ impl GpuLayer<'_> {
     /// the layer's precision.
     ///
     /// Attention: every (new token, KV head) is split into ranges of keys that CTAs read
-    /// once for the R query heads of the KV head; a merge kernel combines each token's splits
-    /// in order. The first calls allocate the decode scratch (grown when a call needs more).
+    /// once for the R query heads of the KV head (tensor cores for bf16 / f16 at head_dim 64,
+    /// 96, 128 and 256); the last CTA of a token to finish combines its splits in order. The
+    /// first calls allocate the decode scratch (grown when a call needs more).
     ///
     /// # Errors
     /// The runtime's errors for invalid calls (nothing written, cache untouched), a cache of
@@ -471,16 +498,33 @@ impl GpuLayer<'_> {
                 total_keys += p + 1 - (p + 1).saturating_sub(window);
             }
         }
-        let (lanes, rp) = decode_shape(d, r);
-        let hchunks = r.div_ceil(rp);
+        let kernel = DecodeKernel::choose(prec, d, r, &st.tuning);
+        if st.funcs.as_ref().is_none_or(|f| f.kernel != kernel) {
+            st.funcs = None;
+            st.last = None;
+            st.funcs = Some(load_funcs(&self.kernels, kernel, prec, d)?);
+        }
+        let Some(funcs) = st.funcs.as_ref() else {
+            return Err(Error::Unsupported("decode kernels missing".into()));
+        };
+        let (f_app, app_threads) = (funcs.append, funcs.append_threads);
+        let hchunks = r.div_ceil(kernel.heads_per_cta());
         let max_items = (2 * n).max(4096);
-        let mut split = split_keys(total_keys, kvh * hchunks, self.kernels.sm_count);
+        let mut split = kernel.split_keys(
+            total_keys,
+            kvh * hchunks,
+            self.kernels.sm_count,
+            funcs.ctas_per_sm,
+            &st.tuning,
+        );
+        let tuning = st.tuning;
         let items_for = |split: usize, seqs: &[Sequence<'_>]| -> usize {
             let mut items = 0;
             for seq in seqs {
                 for t in 0..seq.new_tokens {
                     let p = seq.cached + t;
-                    items += (p + 1 - (p + 1).saturating_sub(window)).div_ceil(split);
+                    let len = p + 1 - (p + 1).saturating_sub(window);
+                    items += len.div_ceil(kernel.item_keys(len, split, &tuning));
                 }
             }
             items
@@ -500,9 +544,10 @@ impl GpuLayer<'_> {
                 let (lo, hi) = ((p + 1).saturating_sub(window), p + 1);
                 st.h_tok.push(st.h_work.len() as i32);
                 let tok = st.h_tok.len() as i32 - 1;
+                let step = kernel.item_keys(hi - lo, split, &tuning);
                 let mut k0 = lo;
                 while k0 < hi {
-                    let k1 = (k0 + split).min(hi);
+                    let k1 = (k0 + step).min(hi);
                     st.h_work.push([tok, si, k0 as i32, k1 as i32]);
                     k0 = k1;
                 }
@@ -512,19 +557,6 @@ impl GpuLayer<'_> {
         st.h_tok.push(st.h_work.len() as i32);
         let items = st.h_work.len();
 
-        // Kernels of this layer's shape.
-        if st.funcs.is_none() {
-            let t = prec.name();
-            let dec = function(&self.kernels.decode, &format!("decode_{t}_l{lanes}_r{rp}"))?;
-            let merge = function(&self.kernels.decode, &format!("decode_merge_{t}"))?;
-            let app = function(&self.kernels.decode, &format!("kv_append_{t}"))?;
-            let threads = (d.div_ceil(32) * 32).min(256) as u32;
-            st.funcs = Some((dec, merge, app, threads));
-        }
-        let Some((_, _, f_app, threads)) = st.funcs else {
-            return Err(Error::Unsupported("decode kernels missing".into()));
-        };
-
         // Device scratch (grown on demand) and uploads.
         let part = ensure(&mut st.part, items * h * d * 4)?;
         let ml = ensure(&mut st.ml, items * h * 8)?;
@@ -533,6 +565,8 @@ impl GpuLayer<'_> {
         let dseqs = ensure(&mut st.seqs, st.h_seqs.len() * 8)?;
         let tables = ensure(&mut st.tables, st.h_tables.len() * 4)?;
         let dst = ensure(&mut st.dst, n * 8)?;
+        // Zeroed when allocated; every launch leaves them at zero (the merging CTA resets).
+        let counters = ensure(&mut st.counters, n * kvh * hchunks * 4)?;
         // SAFETY: each buffer was just sized for its slice; the stream is the layer's.
         unsafe {
             h2d(work, &st.h_work, stream)?;
@@ -617,23 +651,26 @@ impl GpuLayer<'_> {
             launch(
                 f_app,
                 (n as u32, kvh as u32, 1),
-                threads,
+                app_threads,
                 0,
                 stream,
                 &mut ap,
             )?
         };
 
-        // Split-K attention and the merge.
+        // Split-K attention (with the merge of each token's splits).
         let p_dec = DecodeParams {
             q: ptr(&self.q),
             k: kpool,
             v: vpool,
             work,
+            tok_items,
             tables,
             seqs: dseqs,
             part,
             ml,
+            o: ptr(&self.o),
+            counters,
             n_head: h as i32,
             n_kv_head: kvh as i32,
             head_dim: d as i32,
@@ -647,30 +684,20 @@ impl GpuLayer<'_> {
             rolling: cache.rolling as i32,
             scale_log2: std::f32::consts::LOG2_E / (d as f32).sqrt(),
         };
-        let p_merge = MergeParams {
-            part,
-            ml,
-            tok_items,
-            o: ptr(&self.o),
-            n_head: h as i32,
-            head_dim: d as i32,
-        };
         let call = CachedCall {
             items,
             tokens: n,
             split,
-            grid_dec: (items as u32, kvh as u32, hchunks as u32),
-            p_dec,
-            p_merge,
-            merge_block: threads,
+            grid: (items as u32, kvh as u32, hchunks as u32),
+            params: p_dec,
         };
         self.dec.last = Some(call);
         // SAFETY: the cache is borrowed by the caller for this whole call.
         unsafe { self.relaunch_decode() }
     }
 
-    /// Benchmark helper: launches the split-K attention and merge of the last cached call
-    /// again on the layer's own stream (the cache already holds the call's keys).
+    /// Benchmark helper: launches the split-K attention (merge included) of the last cached
+    /// call again on the layer's own stream (the cache already holds the call's keys).
     ///
     /// # Errors
     /// No earlier cached call, or a failed launch.
@@ -682,23 +709,22 @@ impl GpuLayer<'_> {
         let Some(call) = self.dec.last.as_ref() else {
             return Err(Error::Unsupported("no earlier cached call".into()));
         };
-        let Some((f_dec, f_merge, _, _)) = self.dec.funcs else {
+        let Some(funcs) = self.dec.funcs.as_ref() else {
             return Err(Error::Unsupported("no earlier cached call".into()));
         };
-        let (mut pd, mut pm) = (call.p_dec, call.p_merge);
-        let (grid, tokens, block) = (call.grid_dec, call.tokens, call.merge_block);
-        let h = self.cfg.n_head as u32;
+        let mut params = call.params;
+        let k = funcs.kernel;
         // SAFETY: the parameters name this layer's buffers, sized for the last call, and that
-        // call's cache, alive per this function's contract.
+        // call's cache, alive per this function's contract; the dynamic shared memory was
+        // allowed when the function was loaded.
         unsafe {
-            launch(f_dec, grid, 128, 0, self.stream, &mut pd)?;
             launch(
-                f_merge,
-                (tokens as u32, h, 1),
-                block,
-                0,
+                funcs.dec,
+                call.grid,
+                k.threads(),
+                k.smem_bytes() as u32,
                 self.stream,
-                &mut pm,
+                &mut params,
             )
         }
     }
@@ -706,5 +732,19 @@ impl GpuLayer<'_> {
     /// The last cached call's work items, new tokens and split size (keys).
     pub fn last_cached_shape(&self) -> Option<(usize, usize, usize)> {
         self.dec.last.as_ref().map(CachedCall::shape)
+    }
+
+    /// Test and benchmark hook: overrides the attention kernel and split size of the following
+    /// cached calls ([`DecodeTuning::default`] restores the planned ones).
+    #[doc(hidden)]
+    pub fn set_decode_tuning(&mut self, tuning: DecodeTuning) {
+        self.dec.tuning = tuning;
+    }
+
+    /// The attention kernel of the last cached call (its PTX entry point).
+    #[doc(hidden)]
+    pub fn last_decode_kernel(&self) -> Option<String> {
+        self.dec.last.as_ref()?;
+        self.dec.funcs.as_ref().map(|f| f.kernel.name())
     }
 }

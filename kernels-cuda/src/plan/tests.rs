@@ -261,3 +261,96 @@ fn wgmma_launch_packs_192_rows() {
     assert_eq!(l.smem, 1024 + 192 * 256 + 10 * 64 * 256 + 16 * 8);
     assert!(l.smem <= 227 * 1024, "fits an H100/H200 CTA");
 }
+
+#[test]
+fn decode_kernel_choice_names_and_shared_memory() {
+    let t = DecodeTuning::default();
+    let k = DecodeKernel::choose(Precision::Bf16, 128, 4, &t);
+    assert_eq!(k.name(), "decode_tc_bf16_d128_w4_s2");
+    assert_eq!(k.threads(), 128);
+    assert_eq!(k.heads_per_cta(), 8);
+    // 4 warps x 2 stages x (K and V: 16 rows of 17 chunks of 16 bytes).
+    assert_eq!(k.smem_bytes(), 4 * 2 * 2 * 16 * 17 * 16);
+    assert_eq!(
+        DecodeKernel::choose(Precision::F16, 256, 2, &t).name(),
+        "decode_tc_f16_d256_w4_s2"
+    );
+    // f32, head_dims without a tensor-core variant, and the override: CUDA cores.
+    for (p, d, g, name) in [
+        (Precision::F32, 128, 4, "decode_f32_l16_r4"),
+        (Precision::Bf16, 80, 8, "decode_bf16_l16_r8"),
+        (Precision::F16, 32, 1, "decode_f16_l8_r1"),
+    ] {
+        let k = DecodeKernel::choose(p, d, g, &t);
+        assert_eq!(k.name(), name);
+        assert_eq!(k.smem_bytes(), 0);
+    }
+    let cc = DecodeTuning {
+        cuda_cores: true,
+        ..t
+    };
+    assert_eq!(
+        DecodeKernel::choose(Precision::Bf16, 128, 4, &cc).name(),
+        "decode_bf16_l16_r4"
+    );
+    // Two stages always hold the epilogue's warp states (8 heads x head_dim f32 + max/sum).
+    for head_dim in [64, 96, 128, 256] {
+        for warps in [2, 4, 8] {
+            let k = DecodeKernel::TensorCore {
+                dtype: Precision::Bf16,
+                head_dim,
+                warps,
+                stages: 2,
+            };
+            assert!(k.smem_bytes() >= warps * 8 * (head_dim * 4 + 8));
+            assert_eq!(k.smem_bytes(), warps * 2 * 2 * 16 * (head_dim / 8 + 1) * 16);
+        }
+    }
+}
+
+#[test]
+fn decode_splits_cover_the_waves_in_whole_tile_rounds() {
+    let t = DecodeTuning::default();
+    let k = DecodeKernel::choose(Precision::Bf16, 128, 4, &t);
+    // One CTA per SM: 32 x 8192 keys, 8 KV heads, 132 SMs -> 15888 keys -> 15936: every
+    // token is one split of 8192 keys.
+    let s = k.split_keys(32 * 8192, 8, 132, 3, &t);
+    assert_eq!(s, 15936);
+    assert_eq!(k.item_keys(8192, s, &t), 8192);
+    // 1 x 32768: 1986 -> 2048, sixteen splits per KV head.
+    let s = k.split_keys(32768, 8, 132, 3, &t);
+    assert_eq!(s, 2048);
+    assert_eq!(32768usize.div_ceil(k.item_keys(32768, s, &t)), 16);
+    // Small calls: one round of the CTA's tiles at least.
+    assert_eq!(k.split_keys(100, 8, 132, 3, &t), 64);
+    // The override wins.
+    let o = DecodeTuning { split: 48, ..t };
+    assert_eq!(k.split_keys(32 * 8192, 8, 132, 3, &o), 48);
+    // CUDA cores: four waves of the resident CTAs, at least 256 keys, multiples of 64.
+    let c = DecodeKernel::choose(Precision::F32, 128, 4, &t);
+    assert_eq!(c.split_keys(100, 8, 132, 3, &t), 256);
+    assert_eq!(c.split_keys(32 * 8192, 8, 132, 3, &t), 1344);
+}
+
+#[test]
+fn decode_items_share_a_token_evenly() {
+    let t = DecodeTuning::default();
+    let k = DecodeKernel::choose(Precision::Bf16, 128, 4, &t);
+    // 8192 keys at splits of about 4032: three items of 2752, 2752 and 2688 keys.
+    assert_eq!(k.item_keys(8192, 4032, &t), 2752);
+    assert_eq!(8192usize.div_ceil(2752), 3);
+    // Never more items than ceil(len / split), each a whole round of 64 keys but the last.
+    for len in [1usize, 63, 64, 65, 1000, 8192, 32768] {
+        for split in [64usize, 256, 1000, 2048] {
+            let step = k.item_keys(len, split, &t);
+            assert_eq!(step % 64, 0, "len {len} split {split}");
+            assert!(
+                len.div_ceil(step) <= len.div_ceil(split),
+                "len {len} split {split}"
+            );
+        }
+    }
+    // An override is exact.
+    let o = DecodeTuning { split: 16, ..t };
+    assert_eq!(k.item_keys(150, 16, &o), 16);
+}
