@@ -60,7 +60,7 @@ extern "C" __global__ void __launch_bounds__(256) attn_f32(AttnParams p) {
         int qg_lo = 0, qg_hi = 0;
         if (p.mask.groups) query_group_range(p.mask, b, q0, q1, qg_lo, qg_hi);
         const int kend = min(q1, len);
-        for (int k0 = key_lo(p.mask, q0) / F32_BK * F32_BK; k0 < kend; k0 += F32_BK) {
+        for (int k0 = key_lo(p.mask, q0, qg_lo) / F32_BK * F32_BK; k0 < kend; k0 += F32_BK) {
             const int cls = classify_tile(p.mask, b, len, q0, q1, qg_lo, qg_hi, k0, F32_BK);
             if (cls == TILE_NONE) continue;
             __syncthreads();
@@ -237,7 +237,7 @@ __device__ __forceinline__ void attn_mma(const AttnParams& p) {
         };
 
         int cls = TILE_NONE;
-        int cur = next_tile(key_lo(p.mask, q0) / BN * BN, cls);
+        int cur = next_tile(key_lo(p.mask, q0, qg_lo) / BN * BN, cls);
         if (cur < kend) load_kv(cur, 0);
         cp_async_commit();
         cp_async_wait<1>();

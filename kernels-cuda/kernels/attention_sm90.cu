@@ -241,7 +241,7 @@ __device__ __forceinline__ void attn_ws(const AttnParams& p) {
         return kend;
     };
     int cls0;
-    const int first = next_tile(key_lo(p.mask, q0) / BN * BN, cls0);
+    const int first = next_tile(key_lo(p.mask, q0, qg_lo) / BN * BN, cls0);
 
     if (wg == 0) {
         regs_dec<PRODUCER_REGS>();
@@ -337,7 +337,11 @@ __device__ __forceinline__ void attn_ws(const AttnParams& p) {
         wg_wait0();
         softmax_tile<BN>(s, p, b, len, cls, cur, tq, row_q, row_ok, row_g, m_row, l_row, alpha);
         pack_p(pa, s);
-        for (cur = next_tile(cur + BN, cls), n = 1; cur < kend; cur = next_tile(cur + BN, cls), ++n) {
+        int ncls;
+        int nxt = next_tile(cur + BN, ncls);
+        for (n = 1; nxt < kend; ++n) {
+            cur = nxt;
+            cls = ncls;
             const int st = n % STAGES, prev = (n - 1) % STAGES;
             mbar_wait(full_k(st), (n / STAGES) & 1);
             fence_proxy_async();
@@ -345,6 +349,9 @@ __device__ __forceinline__ void attn_ws(const AttnParams& p) {
             mbar_wait(full_v(prev), ((n - 1) / STAGES) & 1);
             fence_proxy_async();
             issue_pv(pa, prev);
+            // The next tile's classification (group-table loads with documents) runs while the
+            // tensor cores work.
+            nxt = next_tile(cur + BN, ncls);
             asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");
             softmax_tile<BN>(s, p, b, len, cls, cur, tq, row_q, row_ok, row_g, m_row, l_row, alpha);
             wg_wait0();

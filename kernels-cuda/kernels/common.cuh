@@ -127,10 +127,12 @@ __device__ __forceinline__ bool visible_ids(const MaskParams& m, int len, int i,
     return j <= i && i - j < m.window && i < len && gi == gj;
 }
 
-// First key of the loop for queries [q0, q1): the window's reach (the group tables skip the rest).
-__device__ __forceinline__ int key_lo(const MaskParams& m, int q0) {
-    if (m.window == 0x7fffffff) return 0;
-    return max(0, q0 + 1 - m.window);
+// First key of the loop for queries [q0, q1): the window's reach, and with groups the tile's
+// smallest merged id qg_lo (an id is the index of its group's first token, src/plan.rs, so no
+// earlier key shares an id with the tile's queries).
+__device__ __forceinline__ int key_lo(const MaskParams& m, int q0, int qg_lo) {
+    const int w = m.window == 0x7fffffff ? 0 : max(0, q0 + 1 - m.window);
+    return m.groups ? max(w, qg_lo) : w;
 }
 
 __device__ __forceinline__ float warp_sum(float v) {

@@ -670,10 +670,12 @@ impl Workspace {
 }
 
 /// Merges document ids and varlen segments into one id per token, `out[b * T + t]`, such that
-/// two tokens of a row share an id iff they share both the document and the segment, and ids of
-/// an earlier segment are below those of a later one (so sorted documents give sorted ids and
-/// the kernels' interval test skips tiles of other documents). Returns false when neither is
-/// given (then `out` is untouched). `scratch` holds at least T entries.
+/// two tokens of a row share an id iff they share both the document and the segment. The id is
+/// the index of the group's first token in the row, so ids of an earlier segment are below
+/// those of a later one (sorted documents give sorted ids and the kernels' interval test skips
+/// tiles of other documents), and no key before a query tile's smallest id can be visible to it:
+/// the kernels start their key loop there. Returns false when neither is given (then `out` is
+/// untouched). `scratch` holds at least T entries.
 pub fn merge_groups(
     document_ids: Option<&[i32]>,
     cu_seqlens: Option<&[i32]>,
@@ -683,7 +685,7 @@ pub fn merge_groups(
     scratch: &mut [(i32, i32, u32)],
 ) -> bool {
     let n = batch * seq_len;
-    match (document_ids, cu_seqlens) {
+    let merged = match (document_ids, cu_seqlens) {
         (None, None) => false,
         (Some(d), None) => {
             out[..n].copy_from_slice(&d[..n]);
@@ -717,6 +719,27 @@ pub fn merge_groups(
             }
             true
         }
+    };
+    if merged {
+        for row in out[..n].chunks_mut(seq_len) {
+            first_token_ids(row, &mut scratch[..seq_len]);
+        }
+    }
+    merged
+}
+
+/// Relabels each group of `row` by the index of its first token (`scratch` holds T entries).
+fn first_token_ids(row: &mut [i32], scratch: &mut [(i32, i32, u32)]) {
+    for (t, e) in scratch.iter_mut().enumerate() {
+        *e = (row[t], 0, t as u32);
+    }
+    scratch.sort_unstable();
+    let mut first = 0u32;
+    for (k, &(id, _, t)) in scratch.iter().enumerate() {
+        if k == 0 || scratch[k - 1].0 != id {
+            first = t;
+        }
+        row[t as usize] = first as i32;
     }
 }
 

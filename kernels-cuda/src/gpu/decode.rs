@@ -198,7 +198,7 @@ pub(super) struct CachedFront {
     split: usize,
     hchunks: usize,
     f_app: cu::CUfunction,
-    threads: u32,
+    app_threads: u32,
     dst: u64,
     work: u64,
     tables: u64,
@@ -206,6 +206,7 @@ pub(super) struct CachedFront {
     part: u64,
     ml: u64,
     tok_items: u64,
+    counters: u64,
     prep: Option<PendingPrep>,
 }
 
@@ -601,7 +602,7 @@ impl GpuLayer<'_> {
             split,
             hchunks,
             f_app,
-            threads,
+            app_threads,
             dst,
             work,
             tables,
@@ -609,6 +610,7 @@ impl GpuLayer<'_> {
             part,
             ml,
             tok_items,
+            counters,
             prep: result?,
         }))
     }
@@ -624,10 +626,18 @@ impl GpuLayer<'_> {
         let (h, kvh, d, r) = (cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.group_size());
         let stream = self.stream;
         let bs = cache.block_size;
-        let (n, items, split, hchunks, f_app, threads) =
-            (f.n, f.items, f.split, f.hchunks, f.f_app, f.threads);
-        let (dst, work, tables, dseqs, part, ml, tok_items) =
-            (f.dst, f.work, f.tables, f.dseqs, f.part, f.ml, f.tok_items);
+        let (n, items, split, hchunks, f_app, app_threads) =
+            (f.n, f.items, f.split, f.hchunks, f.f_app, f.app_threads);
+        let (dst, work, tables, dseqs, part, ml, tok_items, counters) = (
+            f.dst,
+            f.work,
+            f.tables,
+            f.dseqs,
+            f.part,
+            f.ml,
+            f.tok_items,
+            f.counters,
+        );
         if let Some(p) = f.prep {
             // SAFETY: per this function's contract.
             unsafe { self.finish_prep(p, stream)? };

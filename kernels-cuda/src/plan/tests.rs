@@ -120,6 +120,10 @@ fn merged_groups_equal_iff_same_document_and_segment() {
                     if c && seg(i) < seg(j) {
                         assert!(out[i] < out[j], "segment order kept");
                     }
+                    // The kernels start a query's key loop at its id: nothing earlier matches.
+                    if j < out[i] as usize {
+                        assert_ne!(out[i], out[j], "t={t} i={i} j={j}: key before the id");
+                    }
                 }
             }
         }
