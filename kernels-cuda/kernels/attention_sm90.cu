@@ -213,8 +213,8 @@ __device__ __forceinline__ void attn_ws(const AttnParams& p) {
     const int R = p.group, BQ = p.q_per_cta, rows_used = BQ * R;
     const int D = p.head_dim, T_ = p.seq_len;
     const int b = blockIdx.z, g = blockIdx.y;
-    const int q0 = p.q_begin + (gridDim.x - 1 - blockIdx.x) * BQ;
-    const int q1 = min(q0 + BQ, p.q_end);
+    const int q0 = (gridDim.x - 1 - blockIdx.x) * BQ;
+    const int q1 = min(q0 + BQ, T_);
     const int len = row_len(p.mask, b);
     const size_t qs = (size_t)p.n_head * D, ks = (size_t)p.n_kv_head * D;
 

@@ -18,8 +18,6 @@ struct AttnParams {
     float scale;     // 1 / sqrt(D)
     float scale_log2;  // log2(e) / sqrt(D)
     MaskParams mask;
-    int q_begin;     // the launch covers queries [q_begin, q_end) of every row (0, T: all)
-    int q_end;
 };
 
 // cp_async16_zfill (common.cuh) for a destination already given as a shared-memory address.

@@ -257,8 +257,6 @@ struct AttnParams {
     scale: f32,
     scale_log2: f32,
     mask: MaskParams,
-    q_begin: i32,
-    q_end: i32,
 }
 
 #[repr(C)]
@@ -945,45 +943,13 @@ impl<'a> GpuLayer<'a> {
     /// # Safety
     /// `front` is this layer's last [`GpuLayer::run_front`], on the same stream.
     unsafe fn run_attention(&mut self, front: &Front, stream: cu::CUstream) -> Result<()> {
-        // SAFETY: per this function's contract.
-        unsafe {
-            self.finish_front(front, stream)?;
-            self.run_attention_rows(front, 0, front.seq_len, stream)
-        }
-    }
-
-    /// The pending norm/RoPE pass of `front`, if any (once, before its attention).
-    ///
-    /// # Safety
-    /// As [`GpuLayer::run_attention`].
-    pub(super) unsafe fn finish_front(
-        &mut self,
-        front: &Front,
-        stream: cu::CUstream,
-    ) -> Result<()> {
-        match front.prep {
-            // SAFETY: per this function's contract.
-            Some(p) => unsafe { self.finish_prep(p, stream) },
-            None => Ok(()),
-        }
-    }
-
-    /// Attention of queries `[q_begin, q_end)` of every row of `front` (after
-    /// [`GpuLayer::finish_front`]): the head split launches it chunk by chunk so that a
-    /// chunk's reduction overlaps the next chunk's attention.
-    ///
-    /// # Safety
-    /// As [`GpuLayer::run_attention`]; `q_begin < q_end <= seq_len`.
-    pub(super) unsafe fn run_attention_rows(
-        &mut self,
-        front: &Front,
-        q_begin: usize,
-        q_end: usize,
-        stream: cu::CUstream,
-    ) -> Result<()> {
         let cfg = self.cfg;
         let d = cfg.head_dim;
-        let l = attention_launch(self.path, &cfg, front.batch, q_end - q_begin)?;
+        if let Some(p) = front.prep {
+            // SAFETY: per this function's contract.
+            unsafe { self.finish_prep(p, stream)? };
+        }
+        let l = attention_launch(self.path, &cfg, front.batch, front.seq_len)?;
         let mut ap = AttnParams {
             q: ptr(&self.q),
             k: ptr(&self.k),
@@ -998,8 +964,6 @@ impl<'a> GpuLayer<'a> {
             scale: 1.0 / (d as f32).sqrt(),
             scale_log2: std::f32::consts::LOG2_E / (d as f32).sqrt(),
             mask: front.mask,
-            q_begin: q_begin as i32,
-            q_end: q_end as i32,
         };
         // SAFETY: q/k/v/o and the mask buffers are live and sized for the call.
         unsafe { launch(self.f_attn, l.grid, l.block, l.smem, stream, &mut ap)? };

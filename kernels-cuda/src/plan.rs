@@ -255,10 +255,8 @@ pub struct ReduceOptions {
     /// type's rounding (within the bf16 / f16 tolerances). No effect on f32 layers.
     pub storage_dtype: bool,
     /// Token chunks of the output projection (at least 1): chunk `i`'s all-reduce runs on a
-    /// second stream (at the highest priority) while chunk `i + 1`'s projection runs; for a
-    /// single-row call the attention is launched per chunk too (queries of the chunk), so the
-    /// reductions hide behind the attention of the later chunks. 1 reduces the whole output
-    /// after one projection. Summing is element-wise, so the result does not depend on it.
+    /// second stream while chunk `i + 1`'s projection runs. 1 reduces the whole output after
+    /// one projection. Summing is element-wise, so the result does not depend on it.
     pub chunks: usize,
     /// Reduce-scatter instead of all-reduce: device `i` receives the sum of the `i`-th of N
     /// equal parts of each chunk's output elements, half the NCCL traffic of an all-reduce on

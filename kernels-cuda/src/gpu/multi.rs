@@ -297,17 +297,10 @@ impl<'a> MultiGpuLayer<'a> {
             g.set_current()?;
             let mut comm: cu::CUstream = std::ptr::null_mut();
             if comms.is_some() {
-                // The collectives run at the highest priority: while a chunk's attention holds
-                // every SM, the previous chunk's reduction gets the SMs that free up first.
-                let (mut least, mut greatest) = (0i32, 0i32);
-                // SAFETY: valid out-pointers; the device's context is current.
-                drv("cuCtxGetStreamPriorityRange", unsafe {
-                    cu::cuCtxGetStreamPriorityRange(&mut least, &mut greatest)
-                })?;
                 // SAFETY: valid out-pointer; the device's context is current; destroyed in
                 // Drop. Non-blocking (flag 1), as the layer's own stream.
-                drv("cuStreamCreateWithPriority", unsafe {
-                    cu::cuStreamCreateWithPriority(&mut comm, 1, greatest)
+                drv("cuStreamCreate", unsafe {
+                    cu::cuStreamCreate(&mut comm, 1)
                 })?;
             }
             let bo = match (&full.bo, comms.is_some()) {
@@ -505,7 +498,7 @@ impl<'a> MultiGpuLayer<'a> {
 
     /// The output projection of every device's `tokens` attention rows and the sum of the
     /// partial outputs per [`ReduceOptions`], in f32: in device 0's `y`, or reduce-scattered.
-    fn project_and_reduce(&mut self, tokens: usize, attention: &[Front]) -> Result<Placement> {
+    fn project_and_reduce(&mut self, tokens: usize) -> Result<Placement> {
         if self.comms.is_none() {
             let g = &mut self.gpus[0];
             g.set_current()?;
@@ -536,13 +529,8 @@ impl<'a> MultiGpuLayer<'a> {
         while r0 < tokens {
             let rows = per.min(tokens - r0);
             let mut bufs = Vec::with_capacity(n);
-            for (i, (g, lane)) in self.gpus.iter_mut().zip(&self.lanes).enumerate() {
+            for (g, lane) in self.gpus.iter_mut().zip(&self.lanes) {
                 g.set_current()?;
-                if let Some(f) = attention.get(i) {
-                    // SAFETY: `f` is this device's front of the call (one row, so the chunk's
-                    // tokens are its queries r0..r0 + rows), its pass already enqueued.
-                    unsafe { g.run_attention_rows(f, r0, r0 + rows, g.stream)? };
-                }
                 let base = match (&lane.yb, storage) {
                     (Some(b), true) => ptr(b),
                     (None, true) => {
@@ -627,13 +615,7 @@ impl<'a> MultiGpuLayer<'a> {
     /// Validates the call against the unsplit layer, uploads `x` to every device, enqueues
     /// every shard's projections, the norm statistics' sum (full QK-norm), and every shard's
     /// attention (the attention outputs in each layer's `o`).
-    fn launch(
-        &mut self,
-        inputs: &Inputs<'_>,
-        out_len: usize,
-        upload: bool,
-        chunked: bool,
-    ) -> Result<Vec<Front>> {
+    fn launch(&mut self, inputs: &Inputs<'_>, out_len: usize, upload: bool) -> Result<()> {
         self.layer.validate_inputs(inputs, out_len)?;
         for g in &self.gpus {
             g.check_capacity(inputs.batch, inputs.seq_len)?;
@@ -667,22 +649,9 @@ impl<'a> MultiGpuLayer<'a> {
             g.set_current()?;
             let s = g.stream;
             // SAFETY: `f` is this layer's front, enqueued above on the same stream.
-            unsafe {
-                if chunked {
-                    g.finish_front(f, s)?;
-                } else {
-                    g.run_attention(f, s)?;
-                }
-            }
+            unsafe { g.run_attention(f, s)? };
         }
-        Ok(fronts)
-    }
-
-    /// Whether a call of `batch` rows runs its attention chunk by chunk in
-    /// [`MultiGpuLayer::project_and_reduce`] (one row, several chunks, more than one device),
-    /// so that each chunk's reduction overlaps the next chunk's attention.
-    fn chunked_attention(&self, batch: usize) -> bool {
-        batch == 1 && self.reduce.chunks > 1 && self.comms.is_some()
+        Ok(())
     }
 
     /// Enqueues the copies of the summed output of `tokens` tokens (`placement`) into host
@@ -771,10 +740,8 @@ impl<'a> MultiGpuLayer<'a> {
             return Ok(self.backend());
         }
         let tokens = inputs.batch * inputs.seq_len;
-        let chunked = self.chunked_attention(inputs.batch);
-        let fronts = self.launch(inputs, out.len(), true, chunked)?;
-        let attention = if chunked { &fronts[..] } else { &[] };
-        let placement = self.project_and_reduce(tokens, attention)?;
+        self.launch(inputs, out.len(), true)?;
+        let placement = self.project_and_reduce(tokens)?;
         // SAFETY: `out` holds tokens * n_embd f32 (validated), borrowed until `finish`.
         unsafe { self.download(out.as_mut_ptr(), tokens, &placement)? };
         self.finish(true, false)?;
@@ -809,7 +776,7 @@ impl<'a> MultiGpuLayer<'a> {
             self.layer.validate_inputs(inputs, 0)?;
             return Ok(self.backend());
         }
-        self.launch(inputs, len, true, false)?;
+        self.launch(inputs, len, true)?;
         let tokens = inputs.batch * inputs.seq_len;
         for (g, part) in self.gpus.iter_mut().zip(out.chunks_exact_mut(len)) {
             g.set_current()?;
@@ -915,7 +882,7 @@ impl<'a> MultiGpuLayer<'a> {
             // (borrowed for this call, and synchronised before it returns).
             unsafe { g.cached_back(f, c)? };
         }
-        let placement = self.project_and_reduce(tokens, &[])?;
+        let placement = self.project_and_reduce(tokens)?;
         for (g, lane) in self.gpus.iter().zip(&self.lanes) {
             g.set_current()?;
             record(lane.step.1, g.stream)?;
@@ -969,10 +936,8 @@ impl<'a> MultiGpuLayer<'a> {
     #[doc(hidden)]
     pub fn forward_staged(&mut self, inputs: &Inputs<'_>) -> Result<()> {
         let len = inputs.x.len();
-        let chunked = self.chunked_attention(inputs.batch);
-        let fronts = self.launch(inputs, len, false, chunked)?;
-        let attention = if chunked { &fronts[..] } else { &[] };
-        self.project_and_reduce(inputs.batch * inputs.seq_len, attention)?;
+        self.launch(inputs, len, false)?;
+        self.project_and_reduce(inputs.batch * inputs.seq_len)?;
         self.finish(true, false)
     }
 
