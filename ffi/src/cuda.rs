@@ -255,17 +255,40 @@ pub unsafe extern "C" fn attnrt_cuda_forward_host(
         check_out("backend_ran", backend_ran)?;
         // SAFETY: `host` lives as long as the handle.
         let cfg = unsafe { &(*layer.host).cfg };
-        // SAFETY: the contract of this function.
-        let call = unsafe {
-            prepare(cfg, a, true, |with_table| {
-                table_part(cfg, a.batch, a.seq_len, with_table)
+        // SAFETY: the contract of this function; `backend_ran` passed `check_out`.
+        unsafe {
+            forward_host_with(cfg, a, backend_ran, |inputs, out| {
+                layer.lock().forward_host(inputs, out)?;
+                Ok(())
             })
-        }?;
-        layer.lock().forward_host(&call.inputs, call.out)?;
-        // SAFETY: checked by `check_out`; valid by the contract.
-        unsafe { write_out(backend_ran, attnrt_backend::ATTNRT_BACKEND_CUDA) };
-        Ok(())
+        }
     })
+}
+
+/// The part every host-buffer forward of a CUDA handle shares once its handle and `a` are
+/// checked: `attnrt_forward`'s checks of the buffers (no workspace needed: the devices have
+/// their own), the rotary table built into a given workspace when `freqs_cis` is NULL, `run`
+/// on the runtime's view, then `*backend_ran = CUDA`.
+///
+/// # Safety
+/// `a`'s buffers as in `attnrt_forward`; `backend_ran` passed `check_out` and is valid for one
+/// write.
+pub(crate) unsafe fn forward_host_with(
+    cfg: &Config,
+    a: &attnrt_forward_args,
+    backend_ran: *mut attnrt_backend,
+    run: impl FnOnce(&Inputs<'_>, &mut [f32]) -> FfiResult<()>,
+) -> FfiResult<()> {
+    // SAFETY: the contract of this function.
+    let call = unsafe {
+        prepare(cfg, a, true, |with_table| {
+            table_part(cfg, a.batch, a.seq_len, with_table)
+        })
+    }?;
+    run(&call.inputs, call.out)?;
+    // SAFETY: the contract of this function.
+    unsafe { write_out(backend_ran, attnrt_backend::ATTNRT_BACKEND_CUDA) };
+    Ok(())
 }
 
 /// The arguments of [`attnrt_cuda_forward_device`]: activations in device memory, mask

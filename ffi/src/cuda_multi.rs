@@ -20,10 +20,10 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use attnrt::{MaskInputs, ShardPlan};
 use attnrt_cuda::{GpuOptions, MultiGpuLayer, Precision, SeqParallelCall};
 
-use crate::backend::{attnrt_backend, table_part};
-use crate::cuda::{host_rope, precision};
+use crate::backend::attnrt_backend;
+use crate::cuda::{forward_host_with, host_rope, precision};
 use crate::error::{copy_message, FfiError, FfiResult};
-use crate::layer::{attnrt_forward_args, attnrt_layer, prepare};
+use crate::layer::{attnrt_forward_args, attnrt_layer};
 use crate::panic::guard;
 use crate::ptr::{as_ref, check, check_out, opt_slice, slice, write_out};
 use crate::shard::attnrt_shard_mode;
@@ -428,24 +428,19 @@ pub unsafe extern "C" fn attnrt_cuda_multi_forward_host(
         let mode = attnrt_shard_mode::from_u32(mode)?;
         // SAFETY: `host` lives as long as the handle.
         let cfg = unsafe { &(*layer.host).cfg };
-        // SAFETY: the contract of this function.
-        let call = unsafe {
-            prepare(cfg, a, true, |with_table| {
-                table_part(cfg, a.batch, a.seq_len, with_table)
+        // SAFETY: the contract of this function; `backend_ran` passed `check_out`.
+        unsafe {
+            forward_host_with(cfg, a, backend_ran, |inputs, out| {
+                let mut m = layer.lock();
+                match mode {
+                    attnrt_shard_mode::ATTNRT_SHARD_MODE_SUMMED => m.forward_host(inputs, out)?,
+                    attnrt_shard_mode::ATTNRT_SHARD_MODE_PARTIALS => {
+                        m.forward_host_partials(inputs, out)?
+                    }
+                };
+                Ok(())
             })
-        }?;
-        let mut m = layer.lock();
-        match mode {
-            attnrt_shard_mode::ATTNRT_SHARD_MODE_SUMMED => {
-                m.forward_host(&call.inputs, call.out)?;
-            }
-            attnrt_shard_mode::ATTNRT_SHARD_MODE_PARTIALS => {
-                m.forward_host_partials(&call.inputs, call.out)?;
-            }
         }
-        // SAFETY: checked by `check_out`; valid by the contract.
-        unsafe { write_out(backend_ran, attnrt_backend::ATTNRT_BACKEND_CUDA) };
-        Ok(())
     })
 }
 
@@ -515,16 +510,13 @@ pub unsafe extern "C" fn attnrt_cuda_multi_forward_seq_host(
         check_out("backend_ran", backend_ran)?;
         // SAFETY: `host` lives as long as the handle.
         let cfg = unsafe { &(*layer.host).cfg };
-        // SAFETY: the contract of this function.
-        let call = unsafe {
-            prepare(cfg, a, true, |with_table| {
-                table_part(cfg, a.batch, a.seq_len, with_table)
+        // SAFETY: the contract of this function; `backend_ran` passed `check_out`.
+        unsafe {
+            forward_host_with(cfg, a, backend_ran, |inputs, out| {
+                layer.lock().forward_seq_host(inputs, out)?;
+                Ok(())
             })
-        }?;
-        layer.lock().forward_seq_host(&call.inputs, call.out)?;
-        // SAFETY: checked by `check_out`; valid by the contract.
-        unsafe { write_out(backend_ran, attnrt_backend::ATTNRT_BACKEND_CUDA) };
-        Ok(())
+        }
     })
 }
 
