@@ -20,7 +20,7 @@ use crate::backend::{attnrt_backend, table_part};
 use crate::error::{copy_message, FfiError, FfiResult};
 use crate::layer::{attnrt_forward_args, attnrt_layer, prepare};
 use crate::panic::guard;
-use crate::ptr::{as_ref, check, check_out, opt_slice, write_out};
+use crate::ptr::{as_ref, check, check_out, free_boxed, opt_slice, write_out};
 use crate::status::attnrt_status;
 
 /// Storage precision of a CUDA layer (`attnrt_cuda_layer_new`, `attnrt_cuda_capability`).
@@ -163,10 +163,9 @@ pub unsafe extern "C" fn attnrt_cuda_layer_new(
 #[no_mangle]
 pub unsafe extern "C" fn attnrt_cuda_layer_free(layer: *mut attnrt_cuda_layer) {
     let _ = guard(|| {
-        if !layer.is_null() {
-            // SAFETY: a live handle made by `Box::into_raw`; the caller gives up every use.
-            drop(unsafe { Box::from_raw(layer) });
-        }
+        // SAFETY: NULL or a live handle made by `Box::into_raw`, whose every use the caller
+        // gives up (this function's contract).
+        unsafe { free_boxed(layer) };
         Ok(())
     });
 }

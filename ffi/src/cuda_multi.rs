@@ -25,7 +25,7 @@ use crate::cuda::{forward_host_with, host_rope, precision};
 use crate::error::{copy_message, FfiError, FfiResult};
 use crate::layer::{attnrt_forward_args, attnrt_layer};
 use crate::panic::guard;
-use crate::ptr::{as_ref, check, check_out, opt_slice, slice, write_out};
+use crate::ptr::{as_ref, check, check_out, free_boxed, opt_slice, slice, write_out};
 use crate::shard::attnrt_shard_mode;
 use crate::status::attnrt_status;
 
@@ -255,10 +255,9 @@ pub unsafe extern "C" fn attnrt_cuda_multi_layer_new(
 #[no_mangle]
 pub unsafe extern "C" fn attnrt_cuda_multi_layer_free(layer: *mut attnrt_cuda_multi_layer) {
     let _ = guard(|| {
-        if !layer.is_null() {
-            // SAFETY: a live handle made by `Box::into_raw`; the caller gives up every use.
-            drop(unsafe { Box::from_raw(layer) });
-        }
+        // SAFETY: NULL or a live handle made by `Box::into_raw`, whose every use the caller
+        // gives up (this function's contract).
+        unsafe { free_boxed(layer) };
         Ok(())
     });
 }

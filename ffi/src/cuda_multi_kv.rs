@@ -22,7 +22,7 @@ use crate::kv::{attnrt_cached_args, check_use, no_window, pool_elems, sequences}
 use crate::layer::aliased;
 use crate::panic::guard;
 use crate::ptr::{
-    as_ref, check, check_out, opt_slice, overlaps, slice, slice_mut, span, write_out,
+    as_ref, check, check_out, free_boxed, opt_slice, overlaps, slice, slice_mut, span, write_out,
 };
 use crate::status::attnrt_status;
 
@@ -129,10 +129,9 @@ pub unsafe extern "C" fn attnrt_cuda_multi_kv_cache_new(
 #[no_mangle]
 pub unsafe extern "C" fn attnrt_cuda_multi_kv_cache_free(cache: *mut attnrt_cuda_multi_kv_cache) {
     let _ = guard(|| {
-        if !cache.is_null() {
-            // SAFETY: a live handle made by `Box::into_raw`; the caller gives up every use.
-            drop(unsafe { Box::from_raw(cache) });
-        }
+        // SAFETY: NULL or a live handle made by `Box::into_raw`, whose every use the caller
+        // gives up (this function's contract).
+        unsafe { free_boxed(cache) };
         Ok(())
     });
 }

@@ -21,7 +21,7 @@ use crate::layer::{aliased, attnrt_layer, attnrt_parallel_for_fn};
 use crate::panic::guard;
 use crate::pool::Pool;
 use crate::ptr::{
-    as_ref, check, check_out, opt_slice, overlaps, slice, slice_mut, span, write_out,
+    as_ref, check, check_out, free_boxed, opt_slice, overlaps, slice, slice_mut, span, write_out,
 };
 use crate::status::attnrt_status;
 
@@ -284,10 +284,9 @@ pub(crate) fn no_window() -> FfiError {
 #[no_mangle]
 pub unsafe extern "C" fn attnrt_kv_cache_free(cache: *mut attnrt_kv_cache) {
     let _ = guard(|| {
-        if !cache.is_null() {
-            // SAFETY: a live handle made by `Box::into_raw`; the caller gives up every other use.
-            drop(unsafe { Box::from_raw(cache) });
-        }
+        // SAFETY: NULL or a live handle made by `Box::into_raw`, whose every use the caller
+        // gives up (this function's contract).
+        unsafe { free_boxed(cache) };
         Ok(())
     });
 }

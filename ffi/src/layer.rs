@@ -13,7 +13,7 @@ use crate::error::{FfiError, FfiResult};
 use crate::panic::guard;
 use crate::pool::Pool;
 use crate::ptr::{
-    as_ref, check, check_out, opt_slice, overlaps, slice, slice_mut, span, write_out,
+    as_ref, check, check_out, free_boxed, opt_slice, overlaps, slice, slice_mut, span, write_out,
 };
 use crate::status::attnrt_status;
 
@@ -291,11 +291,9 @@ pub unsafe extern "C" fn attnrt_layer_new(
 #[no_mangle]
 pub unsafe extern "C" fn attnrt_layer_free(layer: *mut attnrt_layer) {
     let _ = guard(|| {
-        if !layer.is_null() {
-            // SAFETY: a live handle from `attnrt_layer_new`, which made it with
-            // `Box::into_raw`; the caller gives up every other use of it.
-            drop(unsafe { Box::from_raw(layer) });
-        }
+        // SAFETY: NULL or a live handle made by `Box::into_raw`, whose every use the caller
+        // gives up (this function's contract).
+        unsafe { free_boxed(layer) };
         Ok(())
     });
 }

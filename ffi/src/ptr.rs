@@ -113,3 +113,14 @@ pub(crate) unsafe fn write_out<T>(ptr: *mut T, value: T) {
     // `write` neither reads nor drops the old value.
     unsafe { ptr.write(value) }
 }
+
+/// Drops a handle made with `Box::into_raw`; NULL is a no-op (the `_free` calls of the ABI).
+///
+/// # Safety
+/// `p` is NULL or came from `Box::into_raw` and has not been freed; no use of it follows.
+pub(crate) unsafe fn free_boxed<T>(p: *mut T) {
+    if !p.is_null() {
+        // SAFETY: the contract of this function.
+        drop(unsafe { Box::from_raw(p) });
+    }
+}

@@ -13,7 +13,7 @@ use crate::layer::{
 };
 use crate::panic::guard;
 use crate::pool::Pool;
-use crate::ptr::{as_ref, check_out, write_out};
+use crate::ptr::{as_ref, check_out, free_boxed, write_out};
 use crate::status::attnrt_status;
 
 /// What [`attnrt_sharded_forward`] writes to `out`.
@@ -129,10 +129,9 @@ pub unsafe extern "C" fn attnrt_sharded_layer_new(
 #[no_mangle]
 pub unsafe extern "C" fn attnrt_sharded_layer_free(layer: *mut attnrt_sharded_layer) {
     let _ = guard(|| {
-        if !layer.is_null() {
-            // SAFETY: a live handle made by `Box::into_raw`; the caller gives up every use.
-            drop(unsafe { Box::from_raw(layer) });
-        }
+        // SAFETY: NULL or a live handle made by `Box::into_raw`, whose every use the caller
+        // gives up (this function's contract).
+        unsafe { free_boxed(layer) };
         Ok(())
     });
 }
