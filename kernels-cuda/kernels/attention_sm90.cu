@@ -21,15 +21,6 @@
 #include "attn_common.cuh"
 #include "wgmma.cuh"
 
-// The transposed V descriptor's offsets (overridable to probe the encoding on a new GPU).
-#ifndef ATTNRT_WG_V_SWAP
-#define V_LBO (BN * ROW_BYTES)
-#define V_SBO 1024
-#else
-#define V_LBO 1024
-#define V_SBO (BN * ROW_BYTES)
-#endif
-
 namespace {
 
 constexpr int WG_D = 128;          // head_dim of this path
@@ -77,19 +68,9 @@ template <> struct Wg<__nv_bfloat16, 64> {
         wgmma_ss_bf16_n64(d, a, b, acc);
     }
 };
-template <> struct Wg<__nv_bfloat16, 128> {
-    __device__ __forceinline__ static void qk(float* d, uint64_t a, uint64_t b, int acc) {
-        wgmma_ss_bf16_n128(d, a, b, acc);
-    }
-};
 template <> struct Wg<__half, 64> {
     __device__ __forceinline__ static void qk(float* d, uint64_t a, uint64_t b, int acc) {
         wgmma_ss_f16_n64(d, a, b, acc);
-    }
-};
-template <> struct Wg<__half, 128> {
-    __device__ __forceinline__ static void qk(float* d, uint64_t a, uint64_t b, int acc) {
-        wgmma_ss_f16_n128(d, a, b, acc);
     }
 };
 template <typename T> __device__ __forceinline__ void pv(float* d, const uint32_t* a, uint64_t b);
@@ -310,12 +291,15 @@ __device__ __forceinline__ void attn_ws(const AttnParams& p) {
             }
             wg_commit();
         };
+        // V read transposed (MN-major): a k16 step is 16 keys = two 8-row atoms, 1024 bytes
+        // apart (the stride byte offset); the head's two 64-column planes are a whole plane
+        // apart (the leading byte offset).
         auto issue_pv = [&](const uint32_t (*pa)[4], int st) {
             const uint32_t vt = sV0 + st * KV_BYTES;
             wg_fence();
 #pragma unroll
             for (int t = 0; t < PSTEPS; ++t)
-                pv<T>(o, pa[t], smem_desc(vt + t * 16 * ROW_BYTES, V_LBO, V_SBO));
+                pv<T>(o, pa[t], smem_desc(vt + t * 16 * ROW_BYTES, BN * ROW_BYTES, 1024));
             wg_commit();
         };
         auto pack_p = [&](uint32_t (*pa)[4], const float* s) {
