@@ -1124,11 +1124,14 @@ attnrt_status attnrt_cuda_layer_new(const struct attnrt_layer *layer,
 void attnrt_cuda_layer_free(struct attnrt_cuda_layer *layer);
 
 /**
- * Which CUDA attention path `(precision, head_dim, group)` gets (`group` = query heads per KV
- * head), or why none can run it. On `ATTNRT_STATUS_OK` `reason_buf` receives the kernel path
- * (for example `tensor-core-bf16-p128-m1-n64`); otherwise the reason. Truncated to
- * `len - 1` bytes, NUL-terminated; `*written` receives its length. `reason_buf` and `written`
- * may be NULL (`len` 0).
+ * Which portable CUDA attention path `(precision, head_dim, group)` gets (`group` = query
+ * heads per KV head), or why none can run it: the path of every architecture from sm_80 on.
+ * A device may run a faster architecture-specific kernel instead (the wgmma kernel for
+ * head_dim 128 on sm_90): [`attnrt_cuda_capability_on_arch`] says which. On
+ * `ATTNRT_STATUS_OK` `reason_buf` receives the kernel path (for example
+ * `tensor-core-bf16-p128-m1-n64`); otherwise the reason. Truncated to `len - 1` bytes,
+ * NUL-terminated; `*written` receives its length. `reason_buf` and `written` may be NULL
+ * (`len` 0).
  *
  * Returns `ATTNRT_STATUS_OK`, `ATTNRT_STATUS_BACKEND_UNAVAILABLE` (built without CUDA),
  * `ATTNRT_STATUS_UNSUPPORTED` (head_dim 0 or above 256, odd head_dim on tensor cores, too
@@ -1144,6 +1147,24 @@ attnrt_status attnrt_cuda_capability(uint32_t precision,
                                      char *reason_buf,
                                      size_t len,
                                      size_t *written);
+
+/**
+ * As [`attnrt_cuda_capability`], for a device of compute capability `major.minor` (CUDA's
+ * `CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR` / `_MINOR`): the path a layer set up on such
+ * a device runs, for example `wgmma-bf16-d128-c3-n64-s5` for bf16, head_dim 128 on 9.0.
+ * `ATTNRT_CUDA_WGMMA=0` in the environment keeps the portable path. Thread-safe.
+ *
+ * # Safety
+ * As [`attnrt_cuda_capability`].
+ */
+attnrt_status attnrt_cuda_capability_on_arch(uint32_t precision,
+                                             size_t head_dim,
+                                             size_t group,
+                                             uint32_t major,
+                                             uint32_t minor,
+                                             char *reason_buf,
+                                             size_t len,
+                                             size_t *written);
 
 /**
  * Runs the CUDA layer on host buffers: `args` as for `attnrt_forward` (x, mask inputs,

@@ -170,11 +170,14 @@ pub unsafe extern "C" fn attnrt_cuda_layer_free(layer: *mut attnrt_cuda_layer) {
     });
 }
 
-/// Which CUDA attention path `(precision, head_dim, group)` gets (`group` = query heads per KV
-/// head), or why none can run it. On `ATTNRT_STATUS_OK` `reason_buf` receives the kernel path
-/// (for example `tensor-core-bf16-p128-m1-n64`); otherwise the reason. Truncated to
-/// `len - 1` bytes, NUL-terminated; `*written` receives its length. `reason_buf` and `written`
-/// may be NULL (`len` 0).
+/// Which portable CUDA attention path `(precision, head_dim, group)` gets (`group` = query
+/// heads per KV head), or why none can run it: the path of every architecture from sm_80 on.
+/// A device may run a faster architecture-specific kernel instead (the wgmma kernel for
+/// head_dim 128 on sm_90): [`attnrt_cuda_capability_on_arch`] says which. On
+/// `ATTNRT_STATUS_OK` `reason_buf` receives the kernel path (for example
+/// `tensor-core-bf16-p128-m1-n64`); otherwise the reason. Truncated to `len - 1` bytes,
+/// NUL-terminated; `*written` receives its length. `reason_buf` and `written` may be NULL
+/// (`len` 0).
 ///
 /// Returns `ATTNRT_STATUS_OK`, `ATTNRT_STATUS_BACKEND_UNAVAILABLE` (built without CUDA),
 /// `ATTNRT_STATUS_UNSUPPORTED` (head_dim 0 or above 256, odd head_dim on tensor cores, too
@@ -188,6 +191,55 @@ pub unsafe extern "C" fn attnrt_cuda_capability(
     precision: u32,
     head_dim: usize,
     group: usize,
+    reason_buf: *mut c_char,
+    len: usize,
+    written: *mut usize,
+) -> attnrt_status {
+    // SAFETY: the contract of this function.
+    unsafe { capability_answer(precision, head_dim, group, None, reason_buf, len, written) }
+}
+
+/// As [`attnrt_cuda_capability`], for a device of compute capability `major.minor` (CUDA's
+/// `CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR` / `_MINOR`): the path a layer set up on such
+/// a device runs, for example `wgmma-bf16-d128-c3-n64-s5` for bf16, head_dim 128 on 9.0.
+/// `ATTNRT_CUDA_WGMMA=0` in the environment keeps the portable path. Thread-safe.
+///
+/// # Safety
+/// As [`attnrt_cuda_capability`].
+#[no_mangle]
+pub unsafe extern "C" fn attnrt_cuda_capability_on_arch(
+    precision: u32,
+    head_dim: usize,
+    group: usize,
+    major: u32,
+    minor: u32,
+    reason_buf: *mut c_char,
+    len: usize,
+    written: *mut usize,
+) -> attnrt_status {
+    // SAFETY: the contract of this function.
+    unsafe {
+        capability_answer(
+            precision,
+            head_dim,
+            group,
+            Some((major, minor)),
+            reason_buf,
+            len,
+            written,
+        )
+    }
+}
+
+/// The two capability queries: the path (or why none) for an architecture, or the portable one.
+///
+/// # Safety
+/// As [`attnrt_cuda_capability`].
+unsafe fn capability_answer(
+    precision: u32,
+    head_dim: usize,
+    group: usize,
+    arch: Option<(u32, u32)>,
     reason_buf: *mut c_char,
     len: usize,
     written: *mut usize,
@@ -207,7 +259,11 @@ pub unsafe extern "C" fn attnrt_cuda_capability(
             if !attnrt_cuda::built_with_cuda() {
                 return Err(FfiError::from(attnrt_cuda::Error::NoCuda));
             }
-            Ok(attnrt_cuda::capability(p, head_dim, group)?.to_string())
+            let path = match arch {
+                Some(arch) => attnrt_cuda::capability_on(p, head_dim, group, arch)?,
+                None => attnrt_cuda::capability(p, head_dim, group)?,
+            };
+            Ok(path.to_string())
         })();
         let msg = match &answer {
             Ok(path) => path.as_str(),

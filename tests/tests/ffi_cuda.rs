@@ -51,6 +51,72 @@ fn built_with_cuda() -> bool {
     }
 }
 
+/// The path a device of compute capability `arch` would run, through the ABI.
+fn capability_on_arch(
+    precision: u32,
+    head_dim: usize,
+    group: usize,
+    arch: (u32, u32),
+) -> (attnrt_status, String) {
+    let mut buf = [0 as c_char; 256];
+    let mut written = usize::MAX;
+    // SAFETY: buf valid for its length, written for one write.
+    let st = unsafe {
+        attnrt_cuda_capability_on_arch(
+            precision,
+            head_dim,
+            group,
+            arch.0,
+            arch.1,
+            buf.as_mut_ptr(),
+            buf.len(),
+            &mut written,
+        )
+    };
+    // SAFETY: NUL-terminated by the call.
+    let s = unsafe { CStr::from_ptr(buf.as_ptr()) }
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(s.len(), written);
+    (st, s)
+}
+
+#[test]
+fn capability_on_arch_names_the_hopper_kernel() {
+    if !built_with_cuda() {
+        let (st, msg) = capability_on_arch(BF16, 128, 4, (9, 0));
+        assert_eq!(st, S::ATTNRT_STATUS_BACKEND_UNAVAILABLE, "{msg}");
+        return;
+    }
+    if std::env::var("ATTNRT_CUDA_WGMMA").is_ok_and(|v| v == "0") {
+        println!("skipped: ATTNRT_CUDA_WGMMA=0 keeps the portable path");
+        return;
+    }
+    let (st, msg) = capability_on_arch(BF16, 128, 4, (9, 0));
+    assert_eq!(st, S::ATTNRT_STATUS_OK, "{msg}");
+    assert!(msg.starts_with("wgmma-bf16-d128"), "{msg}");
+    // Another architecture or head_dim: the portable answer, word for word.
+    for (p, d, g, arch) in [
+        (BF16, 128, 4, (8, 0)),
+        (BF16, 64, 4, (9, 0)),
+        (F32, 128, 4, (9, 0)),
+    ] {
+        assert_eq!(
+            capability_on_arch(p, d, g, arch),
+            capability(p, d, g),
+            "{d} {arch:?}"
+        );
+    }
+    // Errors as the portable query's.
+    let (st, msg) = capability_on_arch(BF16, 33, 1, (9, 0));
+    assert_eq!(st, S::ATTNRT_STATUS_UNSUPPORTED, "{msg}");
+    assert_eq!(
+        capability_on_arch(7, 128, 4, (9, 0)).0,
+        S::ATTNRT_STATUS_BAD_ENUM
+    );
+}
+
 #[test]
 fn capability_says_why() {
     let cuda = built_with_cuda();
