@@ -1167,6 +1167,22 @@ attnrt_status attnrt_cuda_capability_on_arch(uint32_t precision,
                                              size_t *written);
 
 /**
+ * What runs on a CUDA layer, as text: the attention kernel path and the device's name (for
+ * example `cuda-wgmma-bf16-d128-c3-n64-s5 on NVIDIA H200`). Copied into `buf` truncated to
+ * `len - 1` bytes and NUL-terminated; `*written` receives the bytes copied. `buf` and
+ * `written` may be NULL (`len` 0). Errors: `ATTNRT_STATUS_NULL_POINTER` (`layer`; `buf` NULL
+ * with `len` > 0). Takes the handle's lock.
+ *
+ * # Safety
+ * `layer` NULL or a live handle; `buf` NULL or valid for `len` bytes; `written` NULL or valid
+ * for one write.
+ */
+attnrt_status attnrt_cuda_layer_backend(const struct attnrt_cuda_layer *layer,
+                                        char *buf,
+                                        size_t len,
+                                        size_t *written);
+
+/**
  * Runs the CUDA layer on host buffers: `args` as for `attnrt_forward` (x, mask inputs,
  * positions, `freqs_cis`, `out`); the copies to and from the device are done inside, and the
  * call returns when `out` is written. `backend`, `parallel_for` and `num_threads` are

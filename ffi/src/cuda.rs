@@ -231,6 +231,71 @@ pub unsafe extern "C" fn attnrt_cuda_capability_on_arch(
     }
 }
 
+/// Checks a caller's text buffer named `name`: `buf` NULL only with `len` 0, else writable for
+/// `len` bytes; `written` NULL or writable.
+pub(crate) fn check_text_out(
+    name: &'static str,
+    buf: *mut c_char,
+    len: usize,
+    written: *mut usize,
+) -> FfiResult<()> {
+    if buf.is_null() && len > 0 {
+        return Err(FfiError::null(if name == "reason_buf" {
+            "reason_buf (with a nonzero length)"
+        } else {
+            "buf (with a nonzero length)"
+        }));
+    }
+    if !buf.is_null() {
+        check(name, buf.cast_const(), len)?;
+    }
+    if !written.is_null() {
+        check_out("written", written)?;
+    }
+    Ok(())
+}
+
+/// Copies `text` into a buffer that passed [`check_text_out`] (truncated, NUL-terminated) and
+/// the bytes copied into `*written` when it is not NULL.
+///
+/// # Safety
+/// `buf`, `len` and `written` passed [`check_text_out`] and are valid by the caller's contract.
+pub(crate) unsafe fn write_text(text: &str, buf: *mut c_char, len: usize, written: *mut usize) {
+    // SAFETY: `buf` is NULL only with `len == 0`, else valid for `len` bytes.
+    let (n, _) = unsafe { copy_message(text, buf, len) };
+    if !written.is_null() {
+        // SAFETY: checked by `check_out`; valid by the contract.
+        unsafe { write_out(written, n) };
+    }
+}
+
+/// What runs on a CUDA layer, as text: the attention kernel path and the device's name (for
+/// example `cuda-wgmma-bf16-d128-c3-n64-s5 on NVIDIA H200`). Copied into `buf` truncated to
+/// `len - 1` bytes and NUL-terminated; `*written` receives the bytes copied. `buf` and
+/// `written` may be NULL (`len` 0). Errors: `ATTNRT_STATUS_NULL_POINTER` (`layer`; `buf` NULL
+/// with `len` > 0). Takes the handle's lock.
+///
+/// # Safety
+/// `layer` NULL or a live handle; `buf` NULL or valid for `len` bytes; `written` NULL or valid
+/// for one write.
+#[no_mangle]
+pub unsafe extern "C" fn attnrt_cuda_layer_backend(
+    layer: *const attnrt_cuda_layer,
+    buf: *mut c_char,
+    len: usize,
+    written: *mut usize,
+) -> attnrt_status {
+    guard(|| {
+        // SAFETY: the contract of this function.
+        let layer = unsafe { as_ref("layer", layer) }?;
+        check_text_out("buf", buf, len, written)?;
+        let text = layer.lock().backend().to_string();
+        // SAFETY: checked above; valid by the contract.
+        unsafe { write_text(&text, buf, len, written) };
+        Ok(())
+    })
+}
+
 /// The two capability queries: the path (or why none) for an architecture, or the portable one.
 ///
 /// # Safety
@@ -245,15 +310,7 @@ unsafe fn capability_answer(
     written: *mut usize,
 ) -> attnrt_status {
     guard(|| {
-        if reason_buf.is_null() && len > 0 {
-            return Err(FfiError::null("reason_buf (with a nonzero length)"));
-        }
-        if !reason_buf.is_null() {
-            check("reason_buf", reason_buf.cast_const(), len)?;
-        }
-        if !written.is_null() {
-            check_out("written", written)?;
-        }
+        check_text_out("reason_buf", reason_buf, len, written)?;
         let answer = (|| {
             let p = self::precision(precision)?;
             if !attnrt_cuda::built_with_cuda() {
@@ -269,12 +326,8 @@ unsafe fn capability_answer(
             Ok(path) => path.as_str(),
             Err(e) => e.message.as_str(),
         };
-        // SAFETY: `reason_buf` is NULL only with `len == 0`, else valid for `len` bytes.
-        let (n, _) = unsafe { copy_message(msg, reason_buf, len) };
-        if !written.is_null() {
-            // SAFETY: checked by `check_out`; valid by the contract.
-            unsafe { write_out(written, n) };
-        }
+        // SAFETY: checked above; valid by the contract.
+        unsafe { write_text(msg, reason_buf, len, written) };
         answer.map(|_| ())
     })
 }

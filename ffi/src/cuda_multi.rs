@@ -21,11 +21,11 @@ use attnrt::{MaskInputs, ShardPlan};
 use attnrt_cuda::{GpuOptions, MultiGpuLayer, Precision, SeqParallelCall};
 
 use crate::backend::attnrt_backend;
-use crate::cuda::{forward_host_with, host_rope, precision};
-use crate::error::{copy_message, FfiError, FfiResult};
+use crate::cuda::{check_text_out, forward_host_with, host_rope, precision, write_text};
+use crate::error::{FfiError, FfiResult};
 use crate::layer::{attnrt_forward_args, attnrt_layer};
 use crate::panic::guard;
-use crate::ptr::{as_ref, check, check_out, free_boxed, opt_slice, slice, write_out};
+use crate::ptr::{as_ref, check_out, free_boxed, opt_slice, slice, write_out};
 use crate::shard::attnrt_shard_mode;
 use crate::status::attnrt_status;
 
@@ -332,15 +332,7 @@ pub unsafe extern "C" fn attnrt_cuda_multi_layer_backend(
     guard(|| {
         // SAFETY: the contract of this function.
         let layer = unsafe { as_ref("layer", layer) }?;
-        if buf.is_null() && len > 0 {
-            return Err(FfiError::null("buf (with a nonzero length)"));
-        }
-        if !buf.is_null() {
-            check("buf", buf.cast_const(), len)?;
-        }
-        if !written.is_null() {
-            check_out("written", written)?;
-        }
+        check_text_out("buf", buf, len, written)?;
         let text = {
             let m = layer.lock();
             let nccl = m.nccl_version().map_or_else(
@@ -354,12 +346,8 @@ pub unsafe extern "C" fn attnrt_cuda_multi_layer_backend(
                 layer.devices
             )
         };
-        // SAFETY: `buf` is NULL only with `len == 0`, else valid for `len` bytes.
-        let (n, _) = unsafe { copy_message(&text, buf, len) };
-        if !written.is_null() {
-            // SAFETY: checked by `check_out`; valid by the contract.
-            unsafe { write_out(written, n) };
-        }
+        // SAFETY: checked above; valid by the contract.
+        unsafe { write_text(&text, buf, len, written) };
         Ok(())
     })
 }

@@ -49,7 +49,8 @@ pub use config::{
 pub use cuda::{
     attnrt_cuda_capability, attnrt_cuda_capability_on_arch, attnrt_cuda_device_args,
     attnrt_cuda_device_args_init, attnrt_cuda_forward_device, attnrt_cuda_forward_host,
-    attnrt_cuda_layer, attnrt_cuda_layer_free, attnrt_cuda_layer_new, attnrt_cuda_precision,
+    attnrt_cuda_layer, attnrt_cuda_layer_backend, attnrt_cuda_layer_free, attnrt_cuda_layer_new,
+    attnrt_cuda_precision,
 };
 pub use cuda_multi::{
     attnrt_cuda_device_count, attnrt_cuda_multi_forward_host, attnrt_cuda_multi_forward_seq_device,

@@ -169,6 +169,17 @@ fn entry_points_exist_and_write_nothing_without_a_device() {
         assert_eq!(st, S::ATTNRT_STATUS_OK, "{}", last_error());
         assert_eq!(ran, attnrt_backend::ATTNRT_BACKEND_CUDA);
         assert!(max_abs_diff(&got.out, &want.out) <= F32_TOL);
+        // The kernel that ran and the device, as text (f32: the CUDA-core path).
+        let mut buf = [0 as c_char; 128];
+        let mut written = 0usize;
+        // SAFETY: live handle; buffer valid for its length; one write.
+        let st =
+            unsafe { attnrt_cuda_layer_backend(out, buf.as_mut_ptr(), buf.len(), &mut written) };
+        assert_eq!(st, S::ATTNRT_STATUS_OK, "{}", last_error());
+        // SAFETY: NUL-terminated by the call.
+        let text = unsafe { CStr::from_ptr(buf.as_ptr()) }.to_str().unwrap();
+        assert!(text.starts_with("cuda-cuda-cores-f32 on "), "{text}");
+        assert_eq!(text.len(), written);
         // SAFETY: a live handle, freed once.
         unsafe { attnrt_cuda_layer_free(out) };
         return;
@@ -183,6 +194,11 @@ fn entry_points_exist_and_write_nothing_without_a_device() {
     }
 
     // Argument checks come first in every build.
+    let mut written = 7usize;
+    // SAFETY: NULL handle; `written` valid for one write.
+    let st = unsafe { attnrt_cuda_layer_backend(ptr::null(), ptr::null_mut(), 0, &mut written) };
+    assert_eq!(st, S::ATTNRT_STATUS_NULL_POINTER);
+    assert_eq!(written, 7, "written on error");
     // SAFETY: NULL and out-of-range arguments are checked.
     unsafe {
         assert_eq!(
