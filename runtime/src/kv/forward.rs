@@ -421,11 +421,12 @@ impl Layer<'_> {
                 // SAFETY: unit `local` alone writes the state of (g, item, split), at index
                 // g * splits + local.
                 let state = unsafe { st.range_mut((g * splits + local) * stride, stride) };
+                // Only the item's rows: a decode step uses r of the QB * r.
                 let (m, rest) = state.split_at_mut(rows);
                 let (l, o) = rest.split_at_mut(rows);
-                m.fill(f32::NEG_INFINITY);
-                l.fill(0.0);
-                o.fill(0.0);
+                m[..nrows].fill(f32::NEG_INFINITY);
+                l[..nrows].fill(0.0);
+                o[..nrows * d].fill(0.0);
             }
             let (c0, c1) = item.chunks();
             let first = c0 + split * SPLIT;
@@ -524,10 +525,15 @@ impl Layer<'_> {
             let Some((item, split0)) = find_item(seqs, window, index) else {
                 return;
             };
+            // Only the item's rows were written (and are read).
+            let nrows = item.n * r;
+            let first = &states[(g * splits + split0) * stride..][..stride];
             let acc = &mut s[..stride];
-            acc.copy_from_slice(&states[(g * splits + split0) * stride..][..stride]);
             let (m, rest) = acc.split_at_mut(rows);
             let (l, acc_o) = rest.split_at_mut(rows);
+            m[..nrows].copy_from_slice(&first[..nrows]);
+            l[..nrows].copy_from_slice(&first[rows..rows + nrows]);
+            acc_o[..nrows * d].copy_from_slice(&first[2 * rows..2 * rows + nrows * d]);
             for sp in 1..item.splits() {
                 let other = &states[(g * splits + split0 + sp) * stride..][..stride];
                 let (om, rest) = other.split_at(rows);
