@@ -887,12 +887,14 @@ mod tests {
 
     fn heads_at_once<E: Elem>() {
         for tier in Tier::ALL.into_iter().filter(|&t| supported(t)) {
-            for &(d, r, heads, block, n) in &[
-                (128usize, 4usize, 8usize, 16usize, 256usize),
+            let cases = [
+                (8usize, 1usize, 2usize, 7usize, 33usize),
                 (18, 3, 3, 5, 77),
-                (8, 1, 2, 7, 33),
                 (40, 5, 1, 16, 100),
-            ] {
+                (128, 4, 8, 16, 256),
+            ];
+            // Miri (no SIMD tier there) checks the pointer arithmetic on the smallest shape.
+            for &(d, r, heads, block, n) in &cases[..if cfg!(miri) { 1 } else { 4 }] {
                 let nb = n.div_ceil(block);
                 // Pool `[block][head][slot][d]`: head g's key i of block b.
                 let at = |b: usize, g: usize, i: usize| ((b * heads + g) * block + i) * d;
