@@ -44,8 +44,8 @@ pub use exp::{exp_f32, exp_inplace};
 pub use gemm::{gemm, gemm_cols, gemm_scratch_len, GemmShape, GEMM_NR_MAX};
 pub use norm::rmsnorm;
 pub use partial::{
-    attend_partial, attend_partial_ahead, merge_partial, partial_scratch_len, KvRun, PartialRows,
-    CHUNK_MAX, PREFETCH_KEYS,
+    attend_partial, attend_partial_ahead, attend_partial_heads, merge_partial, partial_scratch_len,
+    KvRun, PartialRows, CHUNK_MAX, PREFETCH_KEYS,
 };
 pub use probe::fma_probe;
 pub use rope::{rope, RopeStyle};

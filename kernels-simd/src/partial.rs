@@ -103,7 +103,20 @@ pub fn attend_partial<E: Elem>(
     out: PartialRows<'_>,
     scratch: &mut [f32],
 ) -> Result<(), ShapeError> {
-    attend_partial_on(active(), d, r, q, runs, &[], ranges, scale, out, scratch)
+    attend_partial_on(
+        active(),
+        d,
+        r,
+        1,
+        0,
+        q,
+        runs,
+        &[],
+        ranges,
+        scale,
+        out,
+        scratch,
+    )
 }
 
 /// [`attend_partial`], also prefetching the keys of `next` (the start of the chunk the caller
@@ -125,14 +138,41 @@ pub fn attend_partial_ahead<E: Elem>(
     out: PartialRows<'_>,
     scratch: &mut [f32],
 ) -> Result<(), ShapeError> {
-    attend_partial_on(active(), d, r, q, runs, next, ranges, scale, out, scratch)
+    attend_partial_on(
+        active(),
+        d,
+        r,
+        1,
+        0,
+        q,
+        runs,
+        next,
+        ranges,
+        scale,
+        out,
+        scratch,
+    )
 }
 
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn attend_partial_on<E: Elem>(
-    tier: Tier,
+/// [`attend_partial_ahead`] for `heads` KV heads at once whose keys lie `head_stride` elements
+/// apart: key `i` of a run for KV head `g` is `run.k[g * head_stride + i * run.stride..][..d]`
+/// (V likewise), as in a paged cache block that holds all KV heads. `q` and `out` are
+/// `[heads][rows]` (`rows = ranges.len() * r`, `q` and `o` with `d` floats per row), and
+/// `ranges` applies to every head.
+///
+/// Each row's arithmetic is exactly that of [`attend_partial_ahead`] on its own head (the same
+/// bits); only the order of memory reads changes: keys are taken sub-block by sub-block, and
+/// inside a sub-block head by head, so a paged cache is read in runs of whole blocks (all
+/// heads' keys, then their values) instead of one head's short run per block.
+///
+/// # Errors
+/// Those of [`attend_partial`], with the runs checked for `heads` heads; `heads == 0`.
+#[allow(clippy::too_many_arguments)] // attend_partial_ahead's arguments and the head layout
+pub fn attend_partial_heads<E: Elem>(
     d: usize,
     r: usize,
+    heads: usize,
+    head_stride: usize,
     q: &[f32],
     runs: &[KvRun<'_, E>],
     next: &[KvRun<'_, E>],
@@ -141,12 +181,45 @@ pub(crate) fn attend_partial_on<E: Elem>(
     out: PartialRows<'_>,
     scratch: &mut [f32],
 ) -> Result<(), ShapeError> {
-    if d == 0 || r == 0 {
+    attend_partial_on(
+        active(),
+        d,
+        r,
+        heads,
+        head_stride,
+        q,
+        runs,
+        next,
+        ranges,
+        scale,
+        out,
+        scratch,
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn attend_partial_on<E: Elem>(
+    tier: Tier,
+    d: usize,
+    r: usize,
+    heads: usize,
+    head_stride: usize,
+    q: &[f32],
+    runs: &[KvRun<'_, E>],
+    next: &[KvRun<'_, E>],
+    ranges: &[(u32, u32)],
+    scale: f32,
+    out: PartialRows<'_>,
+    scratch: &mut [f32],
+) -> Result<(), ShapeError> {
+    if d == 0 || r == 0 || heads == 0 {
         return Err(ShapeError::Invalid {
-            what: "attend_partial: d and r (must be > 0)",
+            what: "attend_partial: d, r and heads (must be > 0)",
             value: 0,
         });
     }
+    // Elements from a key of head 0 to the same key of the last head.
+    let span = mul(heads - 1, head_stride, "attend_partial: heads")?;
     let mut n = 0usize;
     for run in runs {
         if run.len > 0 {
@@ -157,8 +230,12 @@ pub(crate) fn attend_partial_on<E: Elem>(
                 });
             }
             let len = add(
-                mul(run.len - 1, run.stride, "attend_partial: run")?,
-                d,
+                add(
+                    mul(run.len - 1, run.stride, "attend_partial: run")?,
+                    d,
+                    "attend_partial: run",
+                )?,
+                span,
                 "attend_partial: run",
             )?;
             need("attend_partial: run k", len, run.k.len())?;
@@ -179,16 +256,17 @@ pub(crate) fn attend_partial_on<E: Elem>(
         });
     }
     let rows = mul(ranges.len(), r, "attend_partial: rows")?;
+    let all_rows = mul(rows, heads, "attend_partial: rows")?;
     need(
         "attend_partial: q",
-        mul(rows, d, "attend_partial: q")?,
+        mul(all_rows, d, "attend_partial: q")?,
         q.len(),
     )?;
-    need("attend_partial: m", rows, out.m.len())?;
-    need("attend_partial: l", rows, out.l.len())?;
+    need("attend_partial: m", all_rows, out.m.len())?;
+    need("attend_partial: l", all_rows, out.l.len())?;
     need(
         "attend_partial: o",
-        mul(rows, d, "attend_partial: o")?,
+        mul(all_rows, d, "attend_partial: o")?,
         out.o.len(),
     )?;
     need(
@@ -197,14 +275,15 @@ pub(crate) fn attend_partial_on<E: Elem>(
         scratch.len(),
     )?;
 
-    // One pointer per chunk key: key `at + i` is `d` elements from `kp[at + i]` (`vp` likewise).
+    // One pointer per chunk key of head 0: key `at + i` of head `g` is `d` elements from
+    // `kp[at + i] + g * head_stride` (`vp` likewise).
     let mut kp = [core::ptr::null::<E>(); CHUNK_MAX];
     let mut vp = [core::ptr::null::<E>(); CHUNK_MAX];
     let mut at = 0;
     for run in runs {
         for i in 0..run.len {
-            kp[at + i] = run.k[i * run.stride..][..d].as_ptr();
-            vp[at + i] = run.v[i * run.stride..][..d].as_ptr();
+            kp[at + i] = run.k[i * run.stride..][..d + span].as_ptr();
+            vp[at + i] = run.v[i * run.stride..][..d + span].as_ptr();
         }
         at += run.len;
     }
@@ -224,6 +303,8 @@ pub(crate) fn attend_partial_on<E: Elem>(
         Job {
             d,
             r,
+            heads,
+            head_stride,
             q,
             kp: &kp[..n],
             vp: &vp[..n],
@@ -238,10 +319,13 @@ pub(crate) fn attend_partial_on<E: Elem>(
     Ok(())
 }
 
-/// Validated arguments: every pointer of `kp` and `vp` is valid for reading `d` elements.
+/// Validated arguments: every pointer of `kp` and `vp`, plus `g * head_stride` for
+/// `g < heads`, is valid for reading `d` elements.
 struct Job<'a, E> {
     d: usize,
     r: usize,
+    heads: usize,
+    head_stride: usize,
     q: &'a [f32],
     kp: &'a [*const E],
     vp: &'a [*const E],
@@ -261,6 +345,8 @@ impl<E: Elem> WithIsa for Job<'_, E> {
         let Job {
             d,
             r,
+            heads,
+            head_stride,
             q,
             kp,
             vp,
@@ -271,32 +357,46 @@ impl<E: Elem> WithIsa for Job<'_, E> {
             out,
             s,
         } = self;
+        let rows = ranges.len() * r;
         for (t, &(lo, hi)) in ranges.iter().enumerate() {
             let (lo, hi) = (lo as usize, hi as usize);
-            let mut h = 0;
-            while h < r {
-                let row = t * r + h;
-                let b = RowBlock {
-                    d,
-                    q: &q[row * d..],
-                    kp,
-                    vp,
-                    nk,
-                    nv,
-                    lo,
-                    hi,
-                    scale,
-                };
-                let m = (r - h).min(MR);
-                let (om, ol) = (&mut out.m[row..row + m], &mut out.l[row..row + m]);
-                let oo = &mut out.o[row * d..(row + m) * d];
-                match m {
-                    1 => b.run::<I, 1>(isa, s, om, ol, oo),
-                    2 => b.run::<I, 2>(isa, s, om, ol, oo),
-                    3 => b.run::<I, 3>(isa, s, om, ol, oo),
-                    _ => b.run::<I, MR>(isa, s, om, ol, oo),
+            // Sub-block by sub-block, and inside one all heads: the K (then V) lines of a
+            // sub-block of every head are read back to back, which a paged cache stores
+            // contiguously. Each row's own sequence of operations is that of one head alone.
+            let mut b0 = 0;
+            loop {
+                for g in 0..heads {
+                    let mut h = 0;
+                    while h < r {
+                        let row = g * rows + t * r + h;
+                        let b = RowBlock {
+                            d,
+                            off: g * head_stride,
+                            q: &q[row * d..],
+                            kp,
+                            vp,
+                            nk,
+                            nv,
+                            lo,
+                            hi,
+                            scale,
+                        };
+                        let m = (r - h).min(MR);
+                        let (om, ol) = (&mut out.m[row..row + m], &mut out.l[row..row + m]);
+                        let oo = &mut out.o[row * d..(row + m) * d];
+                        match m {
+                            1 => b.step::<I, 1>(isa, s, b0, om, ol, oo),
+                            2 => b.step::<I, 2>(isa, s, b0, om, ol, oo),
+                            3 => b.step::<I, 3>(isa, s, b0, om, ol, oo),
+                            _ => b.step::<I, MR>(isa, s, b0, om, ol, oo),
+                        }
+                        h += m;
+                    }
                 }
-                h += m;
+                b0 += SUB;
+                if b0 >= hi - lo {
+                    break;
+                }
             }
         }
     }
@@ -333,6 +433,8 @@ unsafe fn load_e<I: Isa, E: Elem>(isa: I, p: *const E) -> I::V {
 /// `lo..hi` of the chunk.
 struct RowBlock<'a, E> {
     d: usize,
+    /// Elements from head 0's keys (`kp`, `vp`, `nk`, `nv`) to this block's head.
+    off: usize,
     q: &'a [f32],
     kp: &'a [*const E],
     vp: &'a [*const E],
@@ -344,12 +446,14 @@ struct RowBlock<'a, E> {
 }
 
 impl<E: Elem> RowBlock<'_, E> {
-    /// The state of `M` rows into `m`, `l` and `o` (`[M][d]`), scores in `s` (`[M][SROW]`).
+    /// Folds the sub-block of keys `lo + b0 ..` (at most [`SUB`]) into the state of `M` rows
+    /// in `m`, `l` and `o` (`[M][d]`), which `b0 == 0` starts; scores in `s` (`[M][SROW]`).
     #[inline(always)]
-    fn run<I: Isa, const M: usize>(
+    fn step<I: Isa, const M: usize>(
         &self,
         isa: I,
         s: &mut [f32],
+        b0: usize,
         m: &mut [f32],
         l: &mut [f32],
         o: &mut [f32],
@@ -370,9 +474,12 @@ impl<E: Elem> RowBlock<'_, E> {
         let mut mrow = [f32::NEG_INFINITY; 16];
         let mut lrow = [0.0f32; M];
         let mut alpha = [0.0f32; 16];
+        if b0 > 0 {
+            mrow[..M].copy_from_slice(m);
+            lrow.copy_from_slice(l);
+        }
 
-        let mut b0 = 0;
-        while b0 < n {
+        {
             let b1 = (b0 + SUB).min(n);
             let len = b1 - b0;
             let mut j = 0;
@@ -435,14 +542,14 @@ impl<E: Elem> RowBlock<'_, E> {
                         None => 0.0,
                     };
                     for jj in 0..len {
-                        // SAFETY: c < d and every key pointer is valid for d elements.
-                        let v = unsafe { self.vp[lo + b0 + jj].add(c).read_unaligned() };
+                        // SAFETY: c < d and every key pointer plus `off` is valid for d
+                        // elements.
+                        let v = unsafe { self.vp[lo + b0 + jj].add(self.off + c).read_unaligned() };
                         acc += s[i * SROW + jj] * v.to_f32();
                     }
                     o[i * d + c] = acc;
                 }
             }
-            b0 = b1;
         }
         m.copy_from_slice(&mrow[..M]);
         l.copy_from_slice(&lrow);
@@ -459,6 +566,7 @@ impl<E: Elem> RowBlock<'_, E> {
         } else {
             return;
         };
+        let (pk, pv) = (pk.wrapping_add(self.off), pv.wrapping_add(self.off));
         let bytes = self.d * core::mem::size_of::<E>();
         for off in (0..bytes).step_by(64) {
             isa.prefetch(pk.cast::<u8>().wrapping_add(off));
@@ -480,7 +588,7 @@ impl<E: Elem> RowBlock<'_, E> {
     ) {
         let (d, lanes) = (self.d, I::LANES);
         let dv = d / lanes * lanes;
-        let kp: [*const E; KB] = core::array::from_fn(|k| self.kp[key + k]);
+        let kp: [*const E; KB] = core::array::from_fn(|k| self.kp[key + k].wrapping_add(self.off));
         for k in 0..KB {
             self.prefetch_key(isa, key + k + PREFETCH_KEYS);
         }
@@ -490,7 +598,8 @@ impl<E: Elem> RowBlock<'_, E> {
         while c < dv {
             let mut kv = [isa.zero(); KB];
             for (kv, &p) in kv.iter_mut().zip(&kp) {
-                // SAFETY: c + LANES <= dv <= d, and every key pointer is valid for d elements.
+                // SAFETY: c + LANES <= dv <= d, and every key pointer (plus `off`, as taken
+                // above) is valid for d elements.
                 *kv = unsafe { load_e(isa, p.add(c)) };
             }
             for i in 0..M {
@@ -509,7 +618,7 @@ impl<E: Elem> RowBlock<'_, E> {
             for i in 0..M {
                 let mut x = sums[i];
                 for c in dv..d {
-                    // SAFETY: c < d and every key pointer is valid for d elements.
+                    // SAFETY: c < d and every key pointer (plus `off`) is valid for d elements.
                     x += q[i * d + c] * unsafe { kp[k].add(c).read_unaligned() }.to_f32();
                 }
                 s[i * SROW + at + k] = x * self.scale;
@@ -547,8 +656,9 @@ impl<E: Elem> RowBlock<'_, E> {
         for (j, &p) in vp.iter().enumerate() {
             let mut vv = [isa.zero(); NC];
             for (v, vv) in vv.iter_mut().enumerate() {
-                // SAFETY: c0 + NC * LANES <= d, and every key pointer is valid for d elements.
-                *vv = unsafe { load_e(isa, p.add(c0 + v * lanes)) };
+                // SAFETY: c0 + NC * LANES <= d, and every key pointer plus `off` is valid for
+                // d elements.
+                *vv = unsafe { load_e(isa, p.add(self.off + c0 + v * lanes)) };
             }
             for (i, acc) in acc.iter_mut().enumerate() {
                 // SAFETY: i < M and j < len: inside the slice `sp` was taken from.
@@ -708,6 +818,8 @@ mod tests {
                             tier,
                             d,
                             r,
+                            1,
+                            0,
                             &q,
                             &runs,
                             &next,
@@ -760,6 +872,141 @@ mod tests {
                         E::NAME
                     );
                 }
+            }
+        }
+    }
+
+    /// Several KV heads at once (a paged block holding every head) give each head's bits of
+    /// the single-head kernel, on every tier, with and without a prefetch hint.
+    #[test]
+    fn heads_at_once_match_one_head_at_a_time() {
+        heads_at_once::<half::f16>();
+        heads_at_once::<half::bf16>();
+        heads_at_once::<f32>();
+    }
+
+    fn heads_at_once<E: Elem>() {
+        for tier in Tier::ALL.into_iter().filter(|&t| supported(t)) {
+            let cases = [
+                (8usize, 1usize, 2usize, 7usize, 33usize),
+                (18, 3, 3, 5, 77),
+                (40, 5, 1, 16, 100),
+                (128, 4, 8, 16, 256),
+            ];
+            // Miri (no SIMD tier there) checks the pointer arithmetic on the smallest shape.
+            for &(d, r, heads, block, n) in &cases[..if cfg!(miri) { 1 } else { 4 }] {
+                let nb = n.div_ceil(block);
+                // Pool `[block][head][slot][d]`: head g's key i of block b.
+                let at = |b: usize, g: usize, i: usize| ((b * heads + g) * block + i) * d;
+                let kh: Vec<E> = rand_elem(nb * heads * block * d, 5);
+                let vh: Vec<E> = rand_elem(nb * heads * block * d, 6);
+                let ranges = [(0u32, n as u32), (3u32.min(n as u32), (n - n / 4) as u32)];
+                let rows = ranges.len() * r;
+                let q = rand_vec(heads * rows * d, 7);
+                let scale = 0.3;
+                let runs = |g: Option<usize>| -> Vec<KvRun<'_, E>> {
+                    (0..nb)
+                        .map(|b| {
+                            let len = block.min(n - b * block);
+                            let (s, e) = match g {
+                                Some(g) => (at(b, g, 0), at(b, g, len - 1) + d),
+                                None => (at(b, 0, 0), at(b, heads - 1, len - 1) + d),
+                            };
+                            KvRun {
+                                k: &kh[s..e],
+                                v: &vh[s..e],
+                                stride: d,
+                                len,
+                            }
+                        })
+                        .collect()
+                };
+                let mut scratch = vec![0.0; partial_scratch_len(d)];
+                let all = runs(None);
+                for next in [&all[..0], &all[..1]] {
+                    let (mut m, mut l, mut o) = (
+                        vec![0.0; heads * rows],
+                        vec![0.0; heads * rows],
+                        vec![0.0; heads * rows * d],
+                    );
+                    attend_partial_on(
+                        tier,
+                        d,
+                        r,
+                        heads,
+                        block * d,
+                        &q,
+                        &all,
+                        next,
+                        &ranges,
+                        scale,
+                        PartialRows {
+                            m: &mut m,
+                            l: &mut l,
+                            o: &mut o,
+                        },
+                        &mut scratch,
+                    )
+                    .unwrap();
+                    for g in 0..heads {
+                        let (mut m1, mut l1, mut o1) =
+                            (vec![0.0; rows], vec![0.0; rows], vec![0.0; rows * d]);
+                        attend_partial_on(
+                            tier,
+                            d,
+                            r,
+                            1,
+                            0,
+                            &q[g * rows * d..(g + 1) * rows * d],
+                            &runs(Some(g)),
+                            &[],
+                            &ranges,
+                            scale,
+                            PartialRows {
+                                m: &mut m1,
+                                l: &mut l1,
+                                o: &mut o1,
+                            },
+                            &mut scratch,
+                        )
+                        .unwrap();
+                        let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                        let what = format!("{tier:?} {} d {d} r {r} head {g}", E::NAME);
+                        assert_eq!(bits(&m[g * rows..][..rows]), bits(&m1), "m {what}");
+                        assert_eq!(bits(&l[g * rows..][..rows]), bits(&l1), "l {what}");
+                        assert_eq!(bits(&o[g * rows * d..][..rows * d]), bits(&o1), "o {what}");
+                        assert!(l1[0] > 0.0, "{what}: the range saw keys");
+                    }
+                }
+                // A run one element short of the last head is refused.
+                let mut short = all.clone();
+                let last = short.len() - 1;
+                let len = short[last].k.len();
+                short[last].k = &short[last].k[..len - 1];
+                let (mut m, mut l, mut o) = (
+                    vec![0.0; heads * rows],
+                    vec![0.0; heads * rows],
+                    vec![0.0; heads * rows * d],
+                );
+                assert!(attend_partial_on(
+                    tier,
+                    d,
+                    r,
+                    heads,
+                    block * d,
+                    &q,
+                    &short,
+                    &[],
+                    &ranges,
+                    scale,
+                    PartialRows {
+                        m: &mut m,
+                        l: &mut l,
+                        o: &mut o,
+                    },
+                    &mut scratch,
+                )
+                .is_err());
             }
         }
     }

@@ -4,9 +4,10 @@
 //! Attention over the cache runs on chunks of [`CHUNK`] keys cut at fixed logical positions,
 //! merged in a fixed order ([`attnrt_simd::merge_partial`]): the bits do not depend on the
 //! block size, the block ids, rolling or not, the thread count, or which other sequences share
-//! the call. Work units: (KV head, block of up to [`QB`] new tokens of one sequence, split of
-//! [`SPLIT`] chunks) for the partial states, then (KV head, token block) for the merge; a long
-//! decode is thereby split across threads.
+//! the call. Work units: (block of up to [`QB`] new tokens of one sequence, split of [`SPLIT`]
+//! chunks) for the partial states, all KV heads at once so that the cache is read block by
+//! block (a paged block holds every KV head's keys contiguously), then (KV head, token block)
+//! for the merge; a long decode is thereby split across threads.
 
 use attnrt_simd::{self as simd, Elem, KvRun, PartialRows};
 
@@ -112,8 +113,10 @@ pub fn cached_workspace_len(
         .saturating_add(lanes.saturating_mul(lane))
 }
 
+/// One lane's scratch for a partial-state unit: the queries and the chunk state of all KV
+/// heads, and the kernel's scratch.
 fn unit_scratch_len(cfg: &Config) -> usize {
-    let rows = QB * cfg.group_size();
+    let rows = cfg.n_kv_head * QB * cfg.group_size();
     rows * cfg.head_dim + rows * (cfg.head_dim + 2) + simd::partial_scratch_len(cfg.head_dim)
 }
 
@@ -378,7 +381,8 @@ impl Layer<'_> {
         Ok(tokens.unwrap_or(0))
     }
 
-    /// Partial softmax states of every (KV head, token block, split).
+    /// Partial softmax states of every (KV head, token block, split); one unit per (token block,
+    /// split) covers all KV heads.
     #[allow(clippy::too_many_arguments)]
     fn cached_partials(
         &self,
@@ -391,34 +395,39 @@ impl Layer<'_> {
         splits: usize,
     ) -> bool {
         let cfg = self.config();
-        let (d, r) = (cfg.head_dim, cfg.group_size());
+        let (d, r, kvh) = (cfg.head_dim, cfg.group_size(), cfg.n_kv_head);
         let tokens: usize = seqs.iter().map(|s| s.new_tokens).sum();
         let rows = QB * r;
         let stride = rows * (d + 2);
         let st = Shared::new(states);
         let scale = 1.0 / libm::sqrtf(d as f32);
-        let work = |u: usize, s: &mut [f32]| {
-            let (g, local) = (u / splits, u % splits);
+        let work = |local: usize, s: &mut [f32]| {
             let Some((item, split)) = find_split(seqs, window, local) else {
                 return;
             };
             let seq = &seqs[item.seq];
-            let (qt, s) = s.split_at_mut(rows * d);
-            let (chunk_state, kscratch) = s.split_at_mut(rows * (d + 2));
-            for t in 0..item.n {
-                for h in 0..r {
-                    let src = ((g * r + h) * tokens + item.token0 + t) * d;
-                    qt[(t * r + h) * d..(t * r + h + 1) * d].copy_from_slice(&q[src..src + d]);
-                }
-            }
-            // SAFETY: unit u alone writes the state of (g, item, split) at index u.
-            let state = unsafe { st.range_mut(u * stride, stride) };
             let nrows = item.n * r;
-            let (m, rest) = state.split_at_mut(rows);
-            let (l, o) = rest.split_at_mut(rows);
-            m.fill(f32::NEG_INFINITY);
-            l.fill(0.0);
-            o.fill(0.0);
+            // Queries and chunk states are `[KV head][nrows]`, as the kernel takes them.
+            let (qt, s) = s.split_at_mut(kvh * rows * d);
+            let (chunk_state, kscratch) = s.split_at_mut(kvh * rows * (d + 2));
+            for g in 0..kvh {
+                for t in 0..item.n {
+                    for h in 0..r {
+                        let src = ((g * r + h) * tokens + item.token0 + t) * d;
+                        let dst = (g * nrows + t * r + h) * d;
+                        qt[dst..dst + d].copy_from_slice(&q[src..src + d]);
+                    }
+                }
+                // SAFETY: unit `local` alone writes the state of (g, item, split), at index
+                // g * splits + local.
+                let state = unsafe { st.range_mut((g * splits + local) * stride, stride) };
+                // Only the item's rows: a decode step uses r of the QB * r.
+                let (m, rest) = state.split_at_mut(rows);
+                let (l, o) = rest.split_at_mut(rows);
+                m[..nrows].fill(f32::NEG_INFINITY);
+                l[..nrows].fill(0.0);
+                o[..nrows * d].fill(0.0);
+            }
             let (c0, c1) = item.chunks();
             let first = c0 + split * SPLIT;
             let last = (first + SPLIT).min(c1);
@@ -448,42 +457,49 @@ impl Layer<'_> {
                 } else {
                     k1..k1
                 };
-                let (pm, rest) = chunk_state.split_at_mut(rows);
-                let (pl, po) = rest.split_at_mut(rows);
+                let (pm, rest) = chunk_state.split_at_mut(kvh * nrows);
+                let (pl, rest) = rest.split_at_mut(kvh * nrows);
+                let po = &mut rest[..kvh * nrows * d];
                 let ok = chunk_partial(
                     cache,
                     seq,
-                    g,
                     keys,
                     next,
                     d,
                     r,
-                    &qt[..nrows * d],
+                    &qt[..kvh * nrows * d],
                     &ranges[..item.n],
                     scale,
                     PartialRows {
-                        m: &mut pm[..nrows],
-                        l: &mut pl[..nrows],
-                        o: &mut po[..nrows * d],
+                        m: &mut *pm,
+                        l: &mut *pl,
+                        o: &mut *po,
                     },
                     kscratch,
                 );
                 if !ex.check(ok) {
                     return;
                 }
-                for row in 0..nrows {
-                    simd::merge_partial(
-                        &mut m[row],
-                        &mut l[row],
-                        &mut o[row * d..(row + 1) * d],
-                        pm[row],
-                        pl[row],
-                        &po[row * d..(row + 1) * d],
-                    );
+                for g in 0..kvh {
+                    // SAFETY: as above; no other reference to this state is live.
+                    let state = unsafe { st.range_mut((g * splits + local) * stride, stride) };
+                    let (m, rest) = state.split_at_mut(rows);
+                    let (l, o) = rest.split_at_mut(rows);
+                    for row in 0..nrows {
+                        let pr = g * nrows + row;
+                        simd::merge_partial(
+                            &mut m[row],
+                            &mut l[row],
+                            &mut o[row * d..(row + 1) * d],
+                            pm[pr],
+                            pl[pr],
+                            &po[pr * d..(pr + 1) * d],
+                        );
+                    }
                 }
             }
         };
-        ex.units(cfg.n_kv_head * splits, &work)
+        ex.units(splits, &work)
     }
 
     /// Merges the splits of each (KV head, token block) in order and writes normalised outputs.
@@ -509,10 +525,15 @@ impl Layer<'_> {
             let Some((item, split0)) = find_item(seqs, window, index) else {
                 return;
             };
+            // Only the item's rows were written (and are read).
+            let nrows = item.n * r;
+            let first = &states[(g * splits + split0) * stride..][..stride];
             let acc = &mut s[..stride];
-            acc.copy_from_slice(&states[(g * splits + split0) * stride..][..stride]);
             let (m, rest) = acc.split_at_mut(rows);
             let (l, acc_o) = rest.split_at_mut(rows);
+            m[..nrows].copy_from_slice(&first[..nrows]);
+            l[..nrows].copy_from_slice(&first[rows..rows + nrows]);
+            acc_o[..nrows * d].copy_from_slice(&first[2 * rows..2 * rows + nrows * d]);
             for sp in 1..item.splits() {
                 let other = &states[(g * splits + split0 + sp) * stride..][..stride];
                 let (om, rest) = other.split_at(rows);
@@ -658,13 +679,12 @@ fn append(cache: &mut KvCache<'_>, seqs: &[Sequence<'_>], k: &[f32], v: &[f32], 
     }
 }
 
-/// The partial state over the logical keys `keys` of sequence `seq`, KV head `g`, gathering
+/// The partial states over the logical keys `keys` of sequence `seq`, all KV heads, gathering
 /// the chunk's runs from the sequence's blocks; the keys `next` are prefetched meanwhile.
 #[allow(clippy::too_many_arguments)]
 fn chunk_partial(
     cache: &KvCache<'_>,
     seq: &Sequence<'_>,
-    g: usize,
     keys: core::ops::Range<usize>,
     next: core::ops::Range<usize>,
     d: usize,
@@ -675,12 +695,12 @@ fn chunk_partial(
     out: PartialRows<'_>,
     scratch: &mut [f32],
 ) -> core::result::Result<(), simd::ShapeError> {
+    #[allow(clippy::too_many_arguments)]
     fn typed<E: Elem>(
         cache: &KvCache<'_>,
         pk: &[E],
         pv: &[E],
         seq: &Sequence<'_>,
-        g: usize,
         keys: core::ops::Range<usize>,
         next: core::ops::Range<usize>,
         d: usize,
@@ -691,14 +711,13 @@ fn chunk_partial(
         out: PartialRows<'_>,
         scratch: &mut [f32],
     ) -> core::result::Result<(), simd::ShapeError> {
-        /// Appends the runs of the logical keys `keys`; `N` bounds the run count (one run per
-        /// key at worst).
+        /// Appends the runs of the logical keys `keys`, each spanning every KV head of its
+        /// block (head 0's keys first); `N` bounds the run count (one run per key at worst).
         fn gather<'c, E, const N: usize>(
             cache: &KvCache<'_>,
             pk: &'c [E],
             pv: &'c [E],
             seq: &Sequence<'_>,
-            g: usize,
             keys: core::ops::Range<usize>,
             d: usize,
             runs: &mut heapless::Vec<KvRun<'c, E>, N>,
@@ -707,8 +726,8 @@ fn chunk_partial(
             while j < keys.end {
                 let (block, sl) = slot(cache, seq, j);
                 let len = (cache.block_size - sl).min(keys.end - j);
-                let at = cache.offset(block, g, sl);
-                let end = at + (len - 1) * d + d;
+                let at = cache.offset(block, 0, sl);
+                let end = cache.offset(block, cache.n_kv_head - 1, sl + len - 1) + d;
                 let _ = runs.push(KvRun {
                     k: &pk[at..end],
                     v: &pv[at..end],
@@ -719,20 +738,33 @@ fn chunk_partial(
             }
         }
         let mut runs = heapless::Vec::<KvRun<'_, E>, CHUNK>::new();
-        gather(cache, pk, pv, seq, g, keys, d, &mut runs);
+        gather(cache, pk, pv, seq, keys, d, &mut runs);
         let mut ahead = heapless::Vec::<KvRun<'_, E>, { simd::PREFETCH_KEYS }>::new();
-        gather(cache, pk, pv, seq, g, next, d, &mut ahead);
-        simd::attend_partial_ahead(d, r, q, &runs, &ahead, ranges, scale, out, scratch)
+        gather(cache, pk, pv, seq, next, d, &mut ahead);
+        let head_stride = cache.block_size * d;
+        simd::attend_partial_heads(
+            d,
+            r,
+            cache.n_kv_head,
+            head_stride,
+            q,
+            &runs,
+            &ahead,
+            ranges,
+            scale,
+            out,
+            scratch,
+        )
     }
     match &cache.pool {
         KvPool::F32 { k, v } => typed(
-            cache, k, v, seq, g, keys, next, d, r, q, ranges, scale, out, scratch,
+            cache, k, v, seq, keys, next, d, r, q, ranges, scale, out, scratch,
         ),
         KvPool::F16 { k, v } => typed(
-            cache, k, v, seq, g, keys, next, d, r, q, ranges, scale, out, scratch,
+            cache, k, v, seq, keys, next, d, r, q, ranges, scale, out, scratch,
         ),
         KvPool::Bf16 { k, v } => typed(
-            cache, k, v, seq, g, keys, next, d, r, q, ranges, scale, out, scratch,
+            cache, k, v, seq, keys, next, d, r, q, ranges, scale, out, scratch,
         ),
     }
 }
