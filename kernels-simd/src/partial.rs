@@ -103,20 +103,7 @@ pub fn attend_partial<E: Elem>(
     out: PartialRows<'_>,
     scratch: &mut [f32],
 ) -> Result<(), ShapeError> {
-    attend_partial_on(
-        active(),
-        d,
-        r,
-        1,
-        0,
-        q,
-        runs,
-        &[],
-        ranges,
-        scale,
-        out,
-        scratch,
-    )
+    attend_partial_heads(d, r, 1, 0, q, runs, &[], ranges, scale, out, scratch)
 }
 
 /// [`attend_partial`], also prefetching the keys of `next` (the start of the chunk the caller
@@ -138,20 +125,7 @@ pub fn attend_partial_ahead<E: Elem>(
     out: PartialRows<'_>,
     scratch: &mut [f32],
 ) -> Result<(), ShapeError> {
-    attend_partial_on(
-        active(),
-        d,
-        r,
-        1,
-        0,
-        q,
-        runs,
-        next,
-        ranges,
-        scale,
-        out,
-        scratch,
-    )
+    attend_partial_heads(d, r, 1, 0, q, runs, next, ranges, scale, out, scratch)
 }
 
 /// [`attend_partial_ahead`] for `heads` KV heads at once whose keys lie `head_stride` elements
