@@ -176,18 +176,7 @@ impl Weights {
                 Tensor::Bf16(&w[3]),
             ],
         };
-        LayerWeights {
-            wq: t[0],
-            wk: t[1],
-            wv: t[2],
-            wo: t[3],
-            bq: None,
-            bk: None,
-            bv: None,
-            bo: None,
-            q_norm: None,
-            k_norm: None,
-        }
+        LayerWeights::projections(t[0], t[1], t[2], t[3])
     }
 }
 

@@ -59,18 +59,12 @@ pub fn run(quick: bool) -> Result<(), CliError> {
         to_bf16(uniform(3, kv * c, a(c))),
         to_bf16(uniform(4, c * q, a(q))),
     ];
-    let weights = LayerWeights {
-        wq: Tensor::Bf16(&w[0]),
-        wk: Tensor::Bf16(&w[1]),
-        wv: Tensor::Bf16(&w[2]),
-        wo: Tensor::Bf16(&w[3]),
-        bq: None,
-        bk: None,
-        bv: None,
-        bo: None,
-        q_norm: None,
-        k_norm: None,
-    };
+    let weights = LayerWeights::projections(
+        Tensor::Bf16(&w[0]),
+        Tensor::Bf16(&w[1]),
+        Tensor::Bf16(&w[2]),
+        Tensor::Bf16(&w[3]),
+    );
     let layer = Layer::new(cfg, weights).map_err(err)?;
     let scale = if quick { 8 } else { 1 };
     let cases: [(&str, usize, usize); 2] = [

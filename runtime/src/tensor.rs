@@ -118,6 +118,28 @@ pub struct LayerWeights<'a> {
 }
 
 impl<'a> LayerWeights<'a> {
+    /// The four projections alone: no biases, no QK-norm weights (a layer configured without
+    /// either).
+    pub const fn projections(
+        wq: Tensor<'a>,
+        wk: Tensor<'a>,
+        wv: Tensor<'a>,
+        wo: Tensor<'a>,
+    ) -> LayerWeights<'a> {
+        LayerWeights {
+            wq,
+            wk,
+            wv,
+            wo,
+            bq: None,
+            bk: None,
+            bv: None,
+            bo: None,
+            q_norm: None,
+            k_norm: None,
+        }
+    }
+
     /// Checks that every tensor the configuration needs is present with the right length, and
     /// that none it has no use for was given.
     ///

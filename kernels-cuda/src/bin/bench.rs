@@ -109,18 +109,12 @@ mod cuda_main {
         let wq: Vec<f32> = (0..h * d * c).map(|i| w[i % w.len()]).collect();
         let wk: Vec<f32> = (0..kv * d * c).map(|i| w[i % w.len()]).collect();
         let wo: Vec<f32> = (0..c * h * d).map(|i| w[i % w.len()]).collect();
-        let weights = LayerWeights {
-            wq: Tensor::F32(&wq),
-            wk: Tensor::F32(&wk),
-            wv: Tensor::F32(&wk),
-            wo: Tensor::F32(&wo),
-            bq: None,
-            bk: None,
-            bv: None,
-            bo: None,
-            q_norm: None,
-            k_norm: None,
-        };
+        let weights = LayerWeights::projections(
+            Tensor::F32(&wq),
+            Tensor::F32(&wk),
+            Tensor::F32(&wk),
+            Tensor::F32(&wo),
+        );
         let layer = Layer::new(cfg, weights)?;
         let mut gpu = GpuLayer::new(layer, GpuOptions::new(Precision::Bf16, 1, seqs_n))?;
         let per_seq = (cached + 1).div_ceil(bs);
@@ -273,18 +267,12 @@ mod cuda_main {
             if let Some(w) = window {
                 cfg = cfg.with_sliding_window(w);
             }
-            let weights = LayerWeights {
-                wq: Tensor::F32(&wq),
-                wk: Tensor::F32(&wk),
-                wv: Tensor::F32(&wv),
-                wo: Tensor::F32(&wo),
-                bq: None,
-                bk: None,
-                bv: None,
-                bo: None,
-                q_norm: None,
-                k_norm: None,
-            };
+            let weights = LayerWeights::projections(
+                Tensor::F32(&wq),
+                Tensor::F32(&wk),
+                Tensor::F32(&wv),
+                Tensor::F32(&wo),
+            );
             let layer = Layer::new(cfg, weights)?;
             let mut gpu = GpuLayer::new(layer, GpuOptions::new(Precision::Bf16, 1, t))?;
             let x = rng.vec(t * c, 1.0);
@@ -327,18 +315,12 @@ mod cuda_main {
         {
             let cfg = Config::new(64, 1);
             let w = vec![0.0f32; 64 * 64];
-            let weights = LayerWeights {
-                wq: Tensor::F32(&w),
-                wk: Tensor::F32(&w),
-                wv: Tensor::F32(&w),
-                wo: Tensor::F32(&w),
-                bq: None,
-                bk: None,
-                bv: None,
-                bo: None,
-                q_norm: None,
-                k_norm: None,
-            };
+            let weights = LayerWeights::projections(
+                Tensor::F32(&w),
+                Tensor::F32(&w),
+                Tensor::F32(&w),
+                Tensor::F32(&w),
+            );
             let mut g = GpuLayer::new(
                 Layer::new(cfg, weights)?,
                 GpuOptions::new(Precision::F32, 1, 1),
@@ -388,18 +370,12 @@ mod cuda_main {
                 theta: 500000.0,
                 ..Rope::DEFAULT
             });
-        let weights = LayerWeights {
-            wq: Tensor::F32(wq),
-            wk: Tensor::F32(wk),
-            wv: Tensor::F32(wv),
-            wo: Tensor::F32(wo),
-            bq: None,
-            bk: None,
-            bv: None,
-            bo: None,
-            q_norm: None,
-            k_norm: None,
-        };
+        let weights = LayerWeights::projections(
+            Tensor::F32(wq),
+            Tensor::F32(wk),
+            Tensor::F32(wv),
+            Tensor::F32(wo),
+        );
         let layer = Layer::new(cfg, weights)?;
         let mut gpu = GpuLayer::new(layer, GpuOptions::new(Precision::Bf16, 1, t))?;
         let mut table = vec![0.0f32; rope::table_len(t, d)];
@@ -495,18 +471,12 @@ mod cuda_main {
             let wk = rng.vec(KV * D * C, 0.02);
             let wv = rng.vec(KV * D * C, 0.02);
             let wo = rng.vec(C * H * D, 0.02);
-            let weights = LayerWeights {
-                wq: Tensor::F32(&wq),
-                wk: Tensor::F32(&wk),
-                wv: Tensor::F32(&wv),
-                wo: Tensor::F32(&wo),
-                bq: None,
-                bk: None,
-                bv: None,
-                bo: None,
-                q_norm: None,
-                k_norm: None,
-            };
+            let weights = LayerWeights::projections(
+                Tensor::F32(&wq),
+                Tensor::F32(&wk),
+                Tensor::F32(&wv),
+                Tensor::F32(&wo),
+            );
             let cfg = Config::new(C, H).with_kv_heads(KV).with_head_dim(D);
             let layer = Layer::new(cfg, weights)?;
             prefill(&layer, &mut rng, json)?;
