@@ -11,15 +11,15 @@
 //! Without a usable device each test prints "skipped: no CUDA device (reason)" and returns.
 
 use attnrt::{
-    cached_workspace_len, kv_pool_len, reference_workspace_len, rope, Config, Inputs, KvCache,
-    KvPool, Layer, Rope, RopeTable, Sequence, Sequential,
+    cached_workspace_len, kv_pool_len, rope, Config, KvCache, KvPool, Layer, Rope, RopeTable,
+    Sequence, Sequential,
 };
 use attnrt_cuda::{DecodeTuning, GpuKvCache, GpuLayer, GpuOptions, Precision};
 use attnrt_tests::{max_abs_diff, OwnedWeights, Rng, F32_TOL};
 use half::{bf16, f16};
 
 mod common;
-use common::{device_or_skip, rel_l2};
+use common::{device_or_skip, rel_l2, sequence_references};
 
 /// Checks `got` against `want` at the precision's tolerance; returns (max abs, rel L2).
 fn check(p: Precision, what: &str, got: &[f32], want: &[f32]) -> (f32, f64) {
@@ -112,19 +112,7 @@ fn run_case(c: &Case) {
         .iter()
         .map(|&t| rng.vec((t + steps) * cfg.n_embd, 1.0))
         .collect();
-    let refs: Vec<Vec<f32>> = xs
-        .iter()
-        .zip(prefill)
-        .map(|(x, t)| {
-            let n = t + steps;
-            let mut inputs = Inputs::new(x, 1, n);
-            inputs.rope_table = Some(table);
-            let mut ws = vec![0.0; reference_workspace_len(&cfg, n)];
-            let mut y = vec![f32::NAN; n * cfg.n_embd];
-            layer.forward_reference(&inputs, &mut ws, &mut y).unwrap();
-            y
-        })
-        .collect();
+    let refs = sequence_references(&layer, table, &xs, &prefill, steps);
 
     // Calls: the prefill (whole, or in chunks of 16 for a rolling cache so that it wraps
     // around), then `steps` single-token decode steps of every sequence.

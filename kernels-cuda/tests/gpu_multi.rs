@@ -23,31 +23,20 @@
 //! T = 16384 and decode 32 x 8192 on 1 and 2 GPUs) are `attnrt-cuda-bench --multi`.
 
 use attnrt::{
-    cached_workspace_len, kv_pool_len, reference_workspace_len, rope, BiasFlags, Config, Inputs,
-    KvCache, KvPool, Layer, QkNorm, Rope, RopeConvention, RopeTable, Sequence, Sequential,
+    cached_workspace_len, kv_pool_len, rope, BiasFlags, Config, KvCache, KvPool, Layer, QkNorm,
+    Rope, RopeTable, Sequence, Sequential,
 };
 use attnrt_cuda::{
-    device_count, no_device_reason, Error, GpuKvCache, GpuLayer, GpuOptions, MultiGpuKvCache,
-    MultiGpuLayer, Precision, ReduceOptions,
+    Error, GpuKvCache, GpuLayer, GpuOptions, MultiGpuKvCache, MultiGpuLayer, Precision,
+    ReduceOptions,
 };
 use attnrt_tests::{max_abs_diff, OwnedWeights, Rng, F32_TOL};
 
 mod common;
-use common::{make_call, reference, rel_l2, MASK_NAMES};
-
-/// The device counts to test (2, and 4 when present), or `None` after printing why not.
-fn device_counts() -> Option<Vec<usize>> {
-    if let Some(reason) = no_device_reason() {
-        println!("skipped: no CUDA device ({reason})");
-        return None;
-    }
-    let n = device_count();
-    if n < 2 {
-        println!("skipped: the head split needs at least 2 CUDA devices; {n} present");
-        return None;
-    }
-    Some([2usize, 4].into_iter().filter(|&k| k <= n).collect())
-}
+use common::{
+    device_counts, devices, make_call, reference, rel_l2, sequence_references, split_config,
+    MASK_NAMES,
+};
 
 /// The reductions the tests run: the exact all-reduce, and the storage-type / chunked /
 /// reduce-scatter variants (storage type has no effect on f32 layers).
@@ -83,34 +72,6 @@ fn bf16_close(what: &str, got: &[f32], want: &[f32]) -> (f64, f32) {
     (rel, max)
 }
 
-/// 8 query heads, `kv` KV heads, head_dim 64; `variant` picks rotary and bias.
-fn config(kv: usize, mode: usize, variant: usize, norm: QkNorm) -> Config {
-    let mut cfg = Config::new(128, 8)
-        .with_kv_heads(kv)
-        .with_head_dim(64)
-        .with_qk_norm(norm);
-    if matches!(mode, 1 | 7 | 8) {
-        cfg = cfg.with_sliding_window(17);
-    }
-    cfg = match variant % 3 {
-        0 => cfg,
-        1 => cfg.with_rope(Rope::DEFAULT),
-        _ => cfg.with_rope(Rope {
-            convention: RopeConvention::HalfSplit,
-            theta: 500000.0,
-            ..Rope::DEFAULT
-        }),
-    };
-    if variant % 4 < 2 {
-        cfg = cfg.with_bias(BiasFlags::ALL);
-    }
-    cfg
-}
-
-fn devices(n: usize) -> Vec<u32> {
-    (0..n as u32).collect()
-}
-
 // The explicit drops free each device's buffers before the next set-up; without the `cuda`
 // feature the stub types have no `Drop`, hence the allow.
 #[allow(clippy::drop_non_drop)]
@@ -124,7 +85,7 @@ fn check_case(
     norm: QkNorm,
     t: usize,
 ) -> (f32, f64) {
-    let cfg = config(kv, mode, variant, norm);
+    let cfg = split_config(kv, mode, variant, norm);
     let mut rng = Rng(0x5EED_0000 ^ ((n * 100 + kv * 10 + mode) as u64) ^ ((t as u64) << 32));
     let w = OwnedWeights::random(&cfg, &mut rng);
     let layer = Layer::new(cfg, w.view(&cfg)).unwrap();
@@ -203,7 +164,7 @@ fn check_case(
 
 #[test]
 fn split_equals_one_gpu_every_mask_mode() {
-    let Some(counts) = device_counts() else {
+    let Some(counts) = device_counts("the head split") else {
         return;
     };
     let norms = [QkNorm::None, QkNorm::PerHead, QkNorm::Full];
@@ -232,7 +193,7 @@ fn split_equals_one_gpu_every_mask_mode() {
 
 #[test]
 fn full_qk_norm_runs_and_bad_set_ups_are_refused() {
-    let Some(_) = device_counts() else {
+    let Some(_) = device_counts("the head split") else {
         return;
     };
     let cfg = Config::new(128, 8)
@@ -301,19 +262,7 @@ fn cached_case(
         .iter()
         .map(|&t| rng.vec((t + steps) * cfg.n_embd, 1.0))
         .collect();
-    let refs: Vec<Vec<f32>> = xs
-        .iter()
-        .zip(prefill)
-        .map(|(x, t)| {
-            let m = t + steps;
-            let mut inputs = Inputs::new(x, 1, m);
-            inputs.rope_table = Some(table);
-            let mut ws = vec![0.0; reference_workspace_len(&cfg, m)];
-            let mut y = vec![f32::NAN; m * cfg.n_embd];
-            layer.forward_reference(&inputs, &mut ws, &mut y).unwrap();
-            y
-        })
-        .collect();
+    let refs = sequence_references(&layer, table, &xs, &prefill, steps);
 
     // Calls: the prefill in chunks (all of it at once with chunk = usize::MAX), then the
     // decode steps of every sequence.
@@ -476,7 +425,7 @@ fn cached_case(
 
 #[test]
 fn split_prefill_and_decode_equal_one_gpu_and_reference() {
-    let Some(counts) = device_counts() else {
+    let Some(counts) = device_counts("the head split") else {
         return;
     };
     use Precision::{Bf16, F32};
@@ -505,7 +454,7 @@ fn split_prefill_and_decode_equal_one_gpu_and_reference() {
 
 #[test]
 fn invalid_cached_calls_through_the_split_write_nothing() {
-    let Some(_) = device_counts() else {
+    let Some(_) = device_counts("the head split") else {
         return;
     };
     let cfg = Config::new(128, 8)

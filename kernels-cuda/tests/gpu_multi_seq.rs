@@ -13,12 +13,10 @@
 //! Invalid calls return their error and write nothing. With fewer than 2 devices the
 //! multi-device tests print "skipped: ..." and return; the one-device test needs one.
 
-use attnrt::{BiasFlags, Config, Inputs, Layer, MaskInputs, QkNorm, Rope, RopeConvention};
+use attnrt::{Inputs, Layer, MaskInputs, QkNorm};
 #[cfg(feature = "cuda")]
 use attnrt_cuda::SeqParallelCall;
-use attnrt_cuda::{
-    device_count, no_device_reason, Error, GpuLayer, GpuOptions, MultiGpuLayer, Precision,
-};
+use attnrt_cuda::{Error, GpuLayer, GpuOptions, MultiGpuLayer, Precision};
 use attnrt_tests::{max_abs_diff, OwnedWeights, Rng, F32_TOL};
 #[cfg(feature = "cuda")]
 use cust::{
@@ -28,49 +26,9 @@ use cust::{
 };
 
 mod common;
-use common::{device_or_skip, make_call, reference, rel_l2, MASK_NAMES};
-
-/// The device counts to test (2, and 4 when present), or `None` after printing why not.
-fn device_counts() -> Option<Vec<usize>> {
-    if let Some(reason) = no_device_reason() {
-        println!("skipped: no CUDA device ({reason})");
-        return None;
-    }
-    let n = device_count();
-    if n < 2 {
-        println!("skipped: sequence parallelism needs at least 2 CUDA devices; {n} present");
-        return None;
-    }
-    Some([2usize, 4].into_iter().filter(|&k| k <= n).collect())
-}
-
-/// 8 query heads, `kv` KV heads, head_dim 64, QK-norm `norm`; `variant` picks rotary and bias.
-fn config(kv: usize, mode: usize, variant: usize, norm: QkNorm) -> Config {
-    let mut cfg = Config::new(128, 8)
-        .with_kv_heads(kv)
-        .with_head_dim(64)
-        .with_qk_norm(norm);
-    if matches!(mode, 1 | 7 | 8) {
-        cfg = cfg.with_sliding_window(17);
-    }
-    cfg = match variant % 3 {
-        0 => cfg,
-        1 => cfg.with_rope(Rope::DEFAULT),
-        _ => cfg.with_rope(Rope {
-            convention: RopeConvention::HalfSplit,
-            theta: 500000.0,
-            ..Rope::DEFAULT
-        }),
-    };
-    if variant % 4 < 2 {
-        cfg = cfg.with_bias(BiasFlags::ALL);
-    }
-    cfg
-}
-
-fn devices(n: usize) -> Vec<u32> {
-    (0..n as u32).collect()
-}
+use common::{
+    device_counts, device_or_skip, devices, make_call, reference, rel_l2, split_config, MASK_NAMES,
+};
 
 /// Each rank's rows of `x` in device memory of its device, and room for its output rows.
 #[cfg(feature = "cuda")]
@@ -147,7 +105,7 @@ fn check_case(
     norm: QkNorm,
     t: usize,
 ) -> (f32, f64) {
-    let cfg = config(kv, mode, variant, norm);
+    let cfg = split_config(kv, mode, variant, norm);
     let mut rng = Rng(0x5E9_0000 ^ ((n * 100 + kv * 10 + mode) as u64) ^ ((t as u64) << 32));
     let w = OwnedWeights::random(&cfg, &mut rng);
     let layer = Layer::new(cfg, w.view(&cfg)).unwrap();
@@ -230,7 +188,7 @@ fn check_case(
 
 #[test]
 fn seq_parallel_equals_one_gpu_every_mask_mode() {
-    let Some(counts) = device_counts() else {
+    let Some(counts) = device_counts("sequence parallelism") else {
         return;
     };
     for n in counts {
@@ -265,7 +223,7 @@ fn seq_parallel_on_one_device_equals_forward_host() {
     if !device_or_skip() {
         return;
     }
-    let cfg = config(2, 0, 1, QkNorm::Full);
+    let cfg = split_config(2, 0, 1, QkNorm::Full);
     let mut rng = Rng(11);
     let w = OwnedWeights::random(&cfg, &mut rng);
     let layer = Layer::new(cfg, w.view(&cfg)).unwrap();
@@ -295,10 +253,10 @@ fn seq_parallel_on_one_device_equals_forward_host() {
 
 #[test]
 fn invalid_seq_parallel_calls_write_nothing() {
-    let Some(_) = device_counts() else {
+    let Some(_) = device_counts("sequence parallelism") else {
         return;
     };
-    let cfg = config(2, 2, 0, QkNorm::None);
+    let cfg = split_config(2, 2, 0, QkNorm::None);
     let mut rng = Rng(12);
     let w = OwnedWeights::random(&cfg, &mut rng);
     let layer = Layer::new(cfg, w.view(&cfg)).unwrap();

@@ -2,8 +2,11 @@
 //! the error measure. (Each binary uses a different subset.)
 #![allow(dead_code)]
 
-use attnrt::{reference_workspace_len, rope, Config, Inputs, Layer, MaskInputs, RopeTable};
-use attnrt_cuda::no_device_reason;
+use attnrt::{
+    reference_workspace_len, rope, BiasFlags, Config, Inputs, Layer, MaskInputs, QkNorm, Rope,
+    RopeConvention, RopeTable,
+};
+use attnrt_cuda::{device_count, no_device_reason};
 use attnrt_tests::Rng;
 
 /// Whether a CUDA device is usable; prints why not ("skipped: ...") when it is not.
@@ -15,6 +18,74 @@ pub fn device_or_skip() -> bool {
         }
         None => true,
     }
+}
+
+/// The device counts a multi-GPU test runs (2, and 4 when present), or `None` after printing
+/// why not (`what` needs at least 2 devices).
+pub fn device_counts(what: &str) -> Option<Vec<usize>> {
+    if !device_or_skip() {
+        return None;
+    }
+    let n = device_count();
+    if n < 2 {
+        println!("skipped: {what} needs at least 2 CUDA devices; {n} present");
+        return None;
+    }
+    Some([2usize, 4].into_iter().filter(|&k| k <= n).collect())
+}
+
+/// CUDA ordinals 0..n.
+pub fn devices(n: usize) -> Vec<u32> {
+    (0..n as u32).collect()
+}
+
+/// The multi-GPU tests' layer: 8 query heads, `kv` KV heads, head_dim 64, QK-norm `norm`; a
+/// window with the windowed mask modes of [`make_call`]; `variant` picks rotary and bias.
+pub fn split_config(kv: usize, mode: usize, variant: usize, norm: QkNorm) -> Config {
+    let mut cfg = Config::new(128, 8)
+        .with_kv_heads(kv)
+        .with_head_dim(64)
+        .with_qk_norm(norm);
+    if matches!(mode, 1 | 7 | 8) {
+        cfg = cfg.with_sliding_window(17);
+    }
+    cfg = match variant % 3 {
+        0 => cfg,
+        1 => cfg.with_rope(Rope::DEFAULT),
+        _ => cfg.with_rope(Rope {
+            convention: RopeConvention::HalfSplit,
+            theta: 500000.0,
+            ..Rope::DEFAULT
+        }),
+    };
+    if variant % 4 < 2 {
+        cfg = cfg.with_bias(BiasFlags::ALL);
+    }
+    cfg
+}
+
+/// The reference output of each sequence over all its tokens (`xs[i]` holds `prefill[i] +
+/// steps` tokens), positions from `table`: what prefill-then-decode must reproduce.
+pub fn sequence_references(
+    layer: &Layer<'_>,
+    table: RopeTable<'_>,
+    xs: &[Vec<f32>],
+    prefill: &[usize],
+    steps: usize,
+) -> Vec<Vec<f32>> {
+    let n_embd = layer.config().n_embd;
+    xs.iter()
+        .zip(prefill)
+        .map(|(x, t)| {
+            let n = t + steps;
+            let mut inputs = Inputs::new(x, 1, n);
+            inputs.rope_table = Some(table);
+            let mut ws = vec![0.0; reference_workspace_len(layer.config(), n)];
+            let mut y = vec![f32::NAN; n * n_embd];
+            layer.forward_reference(&inputs, &mut ws, &mut y).unwrap();
+            y
+        })
+        .collect()
 }
 
 /// Names of the mask modes of [`make_call`], by mode number.
