@@ -4,10 +4,10 @@
 use std::ffi::{c_char, CStr};
 use std::ptr;
 
-use attnrt::{Config, QkNorm, RopeConvention, RopeScaling, Tensor};
+use attnrt::{Config, LayerWeights, QkNorm, RopeConvention, RopeScaling, Tensor};
 use attnrt_ffi::*;
 
-use crate::Fixture;
+use crate::{Fixture, OwnedWeights, Rng};
 
 /// The message of this thread's last error, through `attnrt_error_message`.
 pub fn last_error() -> String {
@@ -128,7 +128,11 @@ pub fn c_tensor(t: Option<&Tensor<'_>>) -> attnrt_tensor {
 
 /// The C weights of a fixture (views into the fixture's tensors).
 pub fn c_weights(f: &Fixture) -> attnrt_weights {
-    let w = f.file.weights(&f.cfg).unwrap();
+    c_layer_weights(&f.file.weights(&f.cfg).unwrap())
+}
+
+/// The C view of borrowed layer weights (the tensors stay owned by whoever owns `w`'s data).
+pub fn c_layer_weights(w: &LayerWeights<'_>) -> attnrt_weights {
     attnrt_weights {
         wq: c_tensor(Some(&w.wq)),
         wk: c_tensor(Some(&w.wk)),
@@ -140,6 +144,24 @@ pub fn c_weights(f: &Fixture) -> attnrt_weights {
         bo: c_tensor(w.bo.as_ref()),
         q_norm: c_tensor(w.q_norm.as_ref()),
         k_norm: c_tensor(w.k_norm.as_ref()),
+    }
+}
+
+/// A layer handle over random weights (kept alive beside it) for `cfg`.
+pub struct RandomLayer {
+    /// The configuration the handle was made with.
+    pub cfg: Config,
+    _w: OwnedWeights,
+    /// The handle.
+    pub layer: LayerHandle,
+}
+
+impl RandomLayer {
+    /// Random weights from `seed` and the handle over them.
+    pub fn new(cfg: Config, seed: u64) -> RandomLayer {
+        let w = OwnedWeights::random(&cfg, &mut Rng(seed));
+        let layer = LayerHandle::new(&c_config(&cfg), &c_layer_weights(&w.view(&cfg)));
+        RandomLayer { cfg, _w: w, layer }
     }
 }
 

@@ -16,39 +16,14 @@ use std::ptr;
 
 use attnrt::{BiasFlags, Config, QkNorm, Rope, RopeConvention};
 use attnrt_ffi::*;
-use attnrt_tests::ffi_harness::{c_config, c_tensor, last_error, LayerHandle, SENTINEL};
-use attnrt_tests::{max_abs_diff, OwnedWeights, Rng, F32_TOL};
+use attnrt_tests::ffi_harness::{last_error, RandomLayer, SENTINEL};
+use attnrt_tests::{max_abs_diff, Rng, F32_TOL};
 
 use attnrt_status as S;
 
 const F32: u32 = attnrt_cuda_precision::ATTNRT_CUDA_PRECISION_F32 as u32;
 const CUDA: u32 = attnrt_backend::ATTNRT_BACKEND_CUDA as u32;
 const REFERENCE: u32 = attnrt_backend::ATTNRT_BACKEND_REFERENCE as u32;
-
-struct Model {
-    cfg: Config,
-    _w: OwnedWeights,
-    layer: LayerHandle,
-}
-
-fn model(cfg: Config, seed: u64) -> Model {
-    let w = OwnedWeights::random(&cfg, &mut Rng(seed));
-    let v = w.view(&cfg);
-    let cw = attnrt_weights {
-        wq: c_tensor(Some(&v.wq)),
-        wk: c_tensor(Some(&v.wk)),
-        wv: c_tensor(Some(&v.wv)),
-        wo: c_tensor(Some(&v.wo)),
-        bq: c_tensor(v.bq.as_ref()),
-        bk: c_tensor(v.bk.as_ref()),
-        bv: c_tensor(v.bv.as_ref()),
-        bo: c_tensor(v.bo.as_ref()),
-        q_norm: c_tensor(v.q_norm.as_ref()),
-        k_norm: c_tensor(v.k_norm.as_ref()),
-    };
-    let layer = LayerHandle::new(&c_config(&cfg), &cw);
-    Model { cfg, _w: w, layer }
-}
 
 /// The number of GPUs when there are at least 2, else `None` after printing why not.
 fn two_gpus_or_skip() -> Option<usize> {
@@ -75,7 +50,7 @@ impl Drop for Multi {
     }
 }
 
-fn multi(m: &Model, max_tokens: usize) -> Multi {
+fn multi(m: &RandomLayer, max_tokens: usize) -> Multi {
     let devices = [0u32, 1];
     let mut out = ptr::null_mut();
     // SAFETY: live layer, device list valid for its length, valid out pointer.
@@ -203,7 +178,7 @@ fn gpu_step(
 }
 
 /// The same call through the CPU cache (`attnrt_forward_cached`, AUTO).
-fn cpu_step(m: &Model, c: &CpuCache, x: &[f32], seqs: &[Seq]) -> Vec<f32> {
+fn cpu_step(m: &RandomLayer, c: &CpuCache, x: &[f32], seqs: &[Seq]) -> Vec<f32> {
     let cs = c_seqs(seqs);
     let mut n = 0;
     // SAFETY: live handles; seqs and their blocks valid for their lengths.
@@ -223,7 +198,7 @@ fn cpu_step(m: &Model, c: &CpuCache, x: &[f32], seqs: &[Seq]) -> Vec<f32> {
 }
 
 /// `attnrt_forward` with backend REFERENCE over one row of `t` tokens.
-fn reference(m: &Model, x: &[f32], t: usize) -> Vec<f32> {
+fn reference(m: &RandomLayer, x: &[f32], t: usize) -> Vec<f32> {
     let mut ws = vec![0.0; m.layer.workspace_size(1, t, 1)];
     let mut out = vec![SENTINEL; x.len()];
     let mut a = std::mem::MaybeUninit::uninit();
@@ -247,7 +222,13 @@ fn reference(m: &Model, x: &[f32], t: usize) -> Vec<f32> {
 
 /// The CPU cache's pools (K then V) restricted to the KV heads `kv` of each block, in the
 /// layout of a device cache holding those heads.
-fn cpu_pools_of(m: &Model, c: &CpuCache, bs: usize, nb: usize, kv: (usize, usize)) -> Vec<f32> {
+fn cpu_pools_of(
+    m: &RandomLayer,
+    c: &CpuCache,
+    bs: usize,
+    nb: usize,
+    kv: (usize, usize),
+) -> Vec<f32> {
     let (h, d) = (m.cfg.n_kv_head, m.cfg.head_dim);
     let n = h * d * bs * nb;
     let (mut k, mut v) = (vec![f32::NAN; n], vec![f32::NAN; n]);
@@ -364,7 +345,7 @@ fn prefill_and_decode_on_two_gpus_equal_the_reference() {
         return;
     }
     for (i, (name, cfg)) in configs().into_iter().enumerate() {
-        let m = model(cfg, 90 + i as u64);
+        let m = RandomLayer::new(cfg, 90 + i as u64);
         let c = cfg.n_embd;
         let rolling = cfg.sliding_window.is_some();
         let (bs, nb) = (4, 16);
@@ -464,7 +445,7 @@ fn invalid_uses_write_nothing() {
         return;
     }
     let (name, cfg) = configs().remove(0);
-    let m = model(cfg, 5);
+    let m = RandomLayer::new(cfg, 5);
     let c = cfg.n_embd;
     let l = multi(&m, 8);
     assert_eq!(
@@ -505,7 +486,7 @@ fn invalid_uses_write_nothing() {
     };
     let (x2, x9) = (Rng(5).vec(2 * c, 1.0), Rng(6).vec(9 * c, 1.0));
     let short_table = vec![0.0f32; 4 * cfg.head_dim];
-    let other = model(Config::new(64, 8).with_kv_heads(4).with_head_dim(16), 6);
+    let other = RandomLayer::new(Config::new(64, 8).with_kv_heads(4).with_head_dim(16), 6);
     let lo = multi(&other, 8);
     let other_cache = gpu_cache(&lo, 4, 8, false).unwrap();
     type Edit = Box<dyn Fn(&mut attnrt_cached_args)>;

@@ -6,38 +6,13 @@ use std::ptr;
 
 use attnrt::{Config, QkNorm, Rope, RopeConvention};
 use attnrt_ffi::*;
-use attnrt_tests::ffi_harness::{c_config, c_tensor, last_error, LayerHandle, SENTINEL};
-use attnrt_tests::{max_abs_diff, OwnedWeights, Rng, F32_TOL};
+use attnrt_tests::ffi_harness::{last_error, RandomLayer, SENTINEL};
+use attnrt_tests::{max_abs_diff, Rng, F32_TOL};
 
 use attnrt_status as S;
 
 const F32: u32 = attnrt_dtype::ATTNRT_DTYPE_F32 as u32;
 const SIMD: u32 = attnrt_backend::ATTNRT_BACKEND_CPU_SIMD as u32;
-
-struct Model {
-    cfg: Config,
-    _w: OwnedWeights,
-    layer: LayerHandle,
-}
-
-fn model(cfg: Config, seed: u64) -> Model {
-    let w = OwnedWeights::random(&cfg, &mut Rng(seed));
-    let v = w.view(&cfg);
-    let cw = attnrt_weights {
-        wq: c_tensor(Some(&v.wq)),
-        wk: c_tensor(Some(&v.wk)),
-        wv: c_tensor(Some(&v.wv)),
-        wo: c_tensor(Some(&v.wo)),
-        bq: c_tensor(v.bq.as_ref()),
-        bk: c_tensor(v.bk.as_ref()),
-        bv: c_tensor(v.bv.as_ref()),
-        bo: c_tensor(v.bo.as_ref()),
-        q_norm: c_tensor(v.q_norm.as_ref()),
-        k_norm: c_tensor(v.k_norm.as_ref()),
-    };
-    let layer = LayerHandle::new(&c_config(&cfg), &cw);
-    Model { cfg, _w: w, layer }
-}
 
 fn configs() -> Vec<Config> {
     let base = Config::new(32, 4).with_kv_heads(2).with_head_dim(8);
@@ -60,7 +35,7 @@ fn configs() -> Vec<Config> {
 }
 
 /// `attnrt_forward` over one row of `t` tokens (AUTO, one thread).
-fn full_forward(m: &Model, x: &[f32], t: usize) -> Vec<f32> {
+fn full_forward(m: &RandomLayer, x: &[f32], t: usize) -> Vec<f32> {
     let mut ws = vec![0.0; m.layer.workspace_size(1, t, 1)];
     let mut out = vec![SENTINEL; x.len()];
     let mut a = std::mem::MaybeUninit::uninit();
@@ -89,7 +64,7 @@ unsafe impl Send for Cache {}
 
 impl Cache {
     fn try_new(
-        m: &Model,
+        m: &RandomLayer,
         dtype: u32,
         block_size: usize,
         num_blocks: usize,
@@ -115,13 +90,19 @@ impl Cache {
         }
     }
 
-    fn new(m: &Model, dtype: u32, block_size: usize, num_blocks: usize, rolling: bool) -> Cache {
+    fn new(
+        m: &RandomLayer,
+        dtype: u32,
+        block_size: usize,
+        num_blocks: usize,
+        rolling: bool,
+    ) -> Cache {
         Cache::try_new(m, dtype, block_size, num_blocks, rolling)
             .unwrap_or_else(|s| panic!("{s:?}: {}", last_error()))
     }
 
     /// Both pools as f32, through `attnrt_kv_cache_read_f32`.
-    fn snapshot(&self, m: &Model, block_size: usize, num_blocks: usize) -> Vec<u32> {
+    fn snapshot(&self, m: &RandomLayer, block_size: usize, num_blocks: usize) -> Vec<u32> {
         let mut n = 0;
         // SAFETY: valid out pointer.
         let st = unsafe {
@@ -154,7 +135,7 @@ type Edit = Box<dyn Fn(&mut attnrt_cached_args)>;
 /// An invalid call: what, layer, x, sequences, caller table, argument edit, expected status.
 type Case<'a> = (
     &'a str,
-    &'a Model,
+    &'a RandomLayer,
     &'a [f32],
     Vec<Seq>,
     Option<&'a [f32]>,
@@ -195,7 +176,7 @@ struct Ran {
 /// `attnrt_forward_cached` on `seqs` with `x`, a workspace of `attnrt_cached_workspace_size`
 /// and `edit` applied to the arguments last.
 fn cached(
-    m: &Model,
+    m: &RandomLayer,
     cache: &Cache,
     x: &[f32],
     seqs: &[Seq],
@@ -256,7 +237,7 @@ fn rows(v: &[f32], c: usize, a: usize, b: usize) -> &[f32] {
 /// Two sequences (11 and 7 tokens): a batched prefill of 6 and 3 tokens, then decode steps of
 /// one token per unfinished sequence. Returns each sequence's outputs, `[T, C]`.
 fn generate(
-    m: &Model,
+    m: &RandomLayer,
     dtype: u32,
     rolling: bool,
     threads: usize,
@@ -320,7 +301,7 @@ fn bits(v: &[f32]) -> Vec<u32> {
 #[test]
 fn prefill_then_decode_equals_forward_over_all_tokens() {
     for (i, cfg) in configs().into_iter().enumerate() {
-        let m = model(cfg, 40 + i as u64);
+        let m = RandomLayer::new(cfg, 40 + i as u64);
         let one = generate(&m, F32, false, 1, None);
         let three = generate(&m, F32, false, 3, None);
         for s in 0..2 {
@@ -353,7 +334,7 @@ fn prefill_then_decode_equals_forward_over_all_tokens() {
 
 #[test]
 fn every_invalid_use_returns_its_status_and_writes_nothing() {
-    let m = model(configs()[0], 3);
+    let m = RandomLayer::new(configs()[0], 3);
     let c = m.cfg.n_embd;
     let (bs, nb) = (4, 16);
     let cache = Cache::new(&m, F32, bs, nb, false);
@@ -374,7 +355,7 @@ fn every_invalid_use_returns_its_status_and_writes_nothing() {
         new,
         blocks: blocks.to_vec(),
     };
-    let other = model(Config::new(32, 4).with_kv_heads(1).with_head_dim(8), 4);
+    let other = RandomLayer::new(Config::new(32, 4).with_kv_heads(1).with_head_dim(8), 4);
     let short_table = vec![0.0f32; 8 * m.cfg.head_dim];
 
     let none: fn() -> Edit = || Box::new(|_| {});
@@ -663,7 +644,7 @@ fn every_invalid_use_returns_its_status_and_writes_nothing() {
 
 #[test]
 fn many_threads_with_their_own_caches_share_one_layer() {
-    let m = model(configs()[1], 11);
+    let m = RandomLayer::new(configs()[1], 11);
     let want = generate(&m, F32, true, 1, None);
     std::thread::scope(|s| {
         for t in 0..6 {
