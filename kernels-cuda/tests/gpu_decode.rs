@@ -19,7 +19,7 @@ use attnrt_tests::{max_abs_diff, OwnedWeights, Rng, F32_TOL};
 use half::{bf16, f16};
 
 mod common;
-use common::{device_or_skip, rel_l2, sequence_references};
+use common::{cached_plan, device_or_skip, rel_l2, sequence_references, CachedPlan};
 
 /// Checks `got` against `want` at the precision's tolerance; returns (max abs, rel L2).
 fn check(p: Precision, what: &str, got: &[f32], want: &[f32]) -> (f32, f64) {
@@ -117,40 +117,12 @@ fn run_case(c: &Case) {
     // Calls: the prefill (whole, or in chunks of 16 for a rolling cache so that it wraps
     // around), then `steps` single-token decode steps of every sequence.
     let chunk = if c.rolling { 16 } else { usize::MAX };
-    let mut calls: Vec<Vec<(usize, usize)>> = Vec::new();
-    let mut c0 = 0;
-    while c0 < 150 {
-        calls.push(
-            prefill
-                .iter()
-                .map(|&t| (c0.min(t), t.saturating_sub(c0).min(chunk)))
-                .collect(),
-        );
-        c0 = c0.saturating_add(chunk);
-    }
-    for step in 0..steps {
-        calls.push(prefill.iter().map(|&t| (t + step, 1)).collect());
-    }
-    // Block tables: a shuffled pool, each sequence its share.
-    let counts: Vec<usize> = prefill
-        .iter()
-        .map(|&t| match (c.rolling, c.window) {
-            (true, Some(w)) => (w + t.min(chunk) - 1).div_ceil(c.block),
-            _ => (t + steps).div_ceil(c.block),
-        })
-        .collect();
-    let num_blocks: usize = counts.iter().sum::<usize>() + 3;
-    let mut ids: Vec<u32> = (0..num_blocks as u32).collect();
-    for i in (1..ids.len()).rev() {
-        let j = ((rng.uniform() * 0.5 + 0.5) * (i + 1) as f32) as usize % (i + 1);
-        ids.swap(i, j);
-    }
-    let mut tables = Vec::new();
-    let mut at = 0;
-    for &n in &counts {
-        tables.push(ids[at..at + n].to_vec());
-        at += n;
-    }
+    let rolling_window = if c.rolling { c.window } else { None };
+    let CachedPlan {
+        calls,
+        num_blocks,
+        tables,
+    } = cached_plan(&prefill, chunk, steps, rolling_window, c.block, &mut rng);
 
     let kvh = cfg.n_kv_head;
     eprintln!(

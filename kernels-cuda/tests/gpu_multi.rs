@@ -34,8 +34,8 @@ use attnrt_tests::{max_abs_diff, OwnedWeights, Rng, F32_TOL};
 
 mod common;
 use common::{
-    device_counts, devices, make_call, reference, rel_l2, sequence_references, split_config,
-    MASK_NAMES,
+    cached_plan, device_counts, devices, make_call, reference, rel_l2, sequence_references,
+    split_config, CachedPlan, MASK_NAMES,
 };
 
 /// The reductions the tests run: the exact all-reduce, and the storage-type / chunked /
@@ -266,41 +266,12 @@ fn cached_case(
 
     // Calls: the prefill in chunks (all of it at once with chunk = usize::MAX), then the
     // decode steps of every sequence.
-    let mut calls: Vec<Vec<(usize, usize)>> = Vec::new();
-    let longest = *prefill.iter().max().unwrap();
-    let mut c0 = 0;
-    while c0 < longest {
-        calls.push(
-            prefill
-                .iter()
-                .map(|&t| (c0.min(t), t.saturating_sub(c0).min(chunk)))
-                .collect(),
-        );
-        c0 = c0.saturating_add(chunk);
-    }
-    for step in 0..steps {
-        calls.push(prefill.iter().map(|&t| (t + step, 1)).collect());
-    }
-    // Shuffled block tables.
-    let counts: Vec<usize> = prefill
-        .iter()
-        .map(|&t| match (rolling, window) {
-            (true, Some(w)) => (w + t.min(chunk) - 1).div_ceil(block),
-            _ => (t + steps).div_ceil(block),
-        })
-        .collect();
-    let num_blocks: usize = counts.iter().sum::<usize>() + 3;
-    let mut ids: Vec<u32> = (0..num_blocks as u32).collect();
-    for i in (1..ids.len()).rev() {
-        let j = ((rng.uniform() * 0.5 + 0.5) * (i + 1) as f32) as usize % (i + 1);
-        ids.swap(i, j);
-    }
-    let mut tables = Vec::new();
-    let mut at = 0;
-    for &c in &counts {
-        tables.push(ids[at..at + c].to_vec());
-        at += c;
-    }
+    let rolling_window = if rolling { window } else { None };
+    let CachedPlan {
+        calls,
+        num_blocks,
+        tables,
+    } = cached_plan(&prefill, chunk, steps, rolling_window, block, &mut rng);
 
     let max_new = 128;
     let opts = GpuOptions::new(p, 1, max_new);

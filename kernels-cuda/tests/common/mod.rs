@@ -88,6 +88,69 @@ pub fn sequence_references(
         .collect()
 }
 
+/// The calls of a prefill-then-decode test and the block tables they use.
+pub struct CachedPlan {
+    /// Per call, per sequence: (cached tokens, new tokens).
+    pub calls: Vec<Vec<(usize, usize)>>,
+    /// Blocks of the pool (every table's blocks, and 3 spare).
+    pub num_blocks: usize,
+    /// Per sequence, its blocks: a share of a shuffled pool.
+    pub tables: Vec<Vec<u32>>,
+}
+
+/// The prefill of sequences of `prefill` tokens in chunks of `chunk` (all at once with
+/// `usize::MAX`), then `steps` single-token decode steps of every sequence; each sequence's
+/// table holds its tokens (a rolling cache with `window`: the window plus one chunk) in blocks
+/// of `block`, drawn from a pool shuffled with `rng`.
+pub fn cached_plan(
+    prefill: &[usize],
+    chunk: usize,
+    steps: usize,
+    rolling_window: Option<usize>,
+    block: usize,
+    rng: &mut Rng,
+) -> CachedPlan {
+    let mut calls: Vec<Vec<(usize, usize)>> = Vec::new();
+    let longest = prefill.iter().copied().max().unwrap_or(0);
+    let mut c0 = 0;
+    while c0 < longest {
+        calls.push(
+            prefill
+                .iter()
+                .map(|&t| (c0.min(t), t.saturating_sub(c0).min(chunk)))
+                .collect(),
+        );
+        c0 = c0.saturating_add(chunk);
+    }
+    for step in 0..steps {
+        calls.push(prefill.iter().map(|&t| (t + step, 1)).collect());
+    }
+    let counts: Vec<usize> = prefill
+        .iter()
+        .map(|&t| match rolling_window {
+            Some(w) => (w + t.min(chunk) - 1).div_ceil(block),
+            None => (t + steps).div_ceil(block),
+        })
+        .collect();
+    let num_blocks: usize = counts.iter().sum::<usize>() + 3;
+    let mut ids: Vec<u32> = (0..num_blocks as u32).collect();
+    for i in (1..ids.len()).rev() {
+        let j = ((rng.uniform() * 0.5 + 0.5) * (i + 1) as f32) as usize % (i + 1);
+        ids.swap(i, j);
+    }
+    let mut tables = Vec::new();
+    let mut at = 0;
+    for &n in &counts {
+        tables.push(ids[at..at + n].to_vec());
+        at += n;
+    }
+    CachedPlan {
+        calls,
+        num_blocks,
+        tables,
+    }
+}
+
 /// Names of the mask modes of [`make_call`], by mode number.
 pub const MASK_NAMES: [&str; 9] = [
     "causal",
