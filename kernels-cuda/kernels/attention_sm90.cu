@@ -12,11 +12,14 @@
 //     describe: a row of 128 elements is two 64-element "planes" of 128 bytes; in plane p,
 //     row r's 16-byte chunk c sits at p * rows * 128 + r * 128 + ((c ^ (r % 8)) * 16), so the
 //     eight rows of an 8-row atom spread each column over all banks;
-//   * a producer warpgroup copies K/V tiles with cp.async (zero-filled past the sequence end)
-//     into a ring of stages guarded by mbarriers; consumers fence.proxy.async after each wait,
-//     so the generic-proxy writes are visible to the wgmma (async proxy) reads.
+//   * one thread of a producer warpgroup loads K/V tiles with the tensor-memory accelerator
+//     (TMA: a whole 64-column x BN-row box per instruction, swizzled by the hardware, zeros
+//     past the sequence end) into a ring of stages guarded by mbarriers that count the bytes
+//     in; the rest of the producer only copies Q once (cp.async), so the copies no longer take
+//     issue slots from the consumers. Consumers fence.proxy.async once after Q lands (its
+//     generic-proxy writes become visible to the wgmma reads; TMA writes already are).
 //
-// Entry points attn_ws_<dtype>_c<NC>_n<BN>_s<STAGES>: NC consumer warpgroups (rows = 64 * NC),
+// Entry points attn_wt_<dtype>_c<NC>_n<BN>_s<STAGES>: NC consumer warpgroups (rows = 64 * NC),
 // BN keys a tile, STAGES K/V stages.
 #include "attn_common.cuh"
 #include "wgmma.cuh"
@@ -71,6 +74,16 @@ template <> struct Wg<__nv_bfloat16, 64> {
 template <> struct Wg<__half, 64> {
     __device__ __forceinline__ static void qk(float* d, uint64_t a, uint64_t b, int acc) {
         wgmma_ss_f16_n64(d, a, b, acc);
+    }
+};
+template <> struct Wg<__nv_bfloat16, 128> {
+    __device__ __forceinline__ static void qk(float* d, uint64_t a, uint64_t b, int acc) {
+        wgmma_ss_bf16_n128(d, a, b, acc);
+    }
+};
+template <> struct Wg<__half, 128> {
+    __device__ __forceinline__ static void qk(float* d, uint64_t a, uint64_t b, int acc) {
+        wgmma_ss_f16_n128(d, a, b, acc);
     }
 };
 template <typename T> __device__ __forceinline__ void pv(float* d, const uint32_t* a, uint64_t b);
@@ -133,7 +146,8 @@ __device__ __forceinline__ void softmax_tile(float* s, const AttnParams& p, int 
     }
 }
 
-// Warp specialisation: warpgroup 0 only copies (cp.async completing on mbarriers), NC consumer
+// Warp specialisation: warpgroup 0 only copies (TMA, and cp.async for Q, completing on
+// mbarriers), NC consumer
 // warpgroups only compute, so no CTA-wide barrier remains in the key loop and the consumers
 // drift apart (one's softmax overlaps another's wgmma). Registers move from the producer to
 // the consumers with setmaxnreg.
@@ -155,6 +169,25 @@ __device__ __forceinline__ void mbar_wait(uint32_t a, int parity) {
         "r"(parity)
         : "memory");
 }
+// A TMA tensor map (CUtensorMap: 128 opaque bytes, 64-byte aligned), passed by value as a
+// __grid_constant__ kernel parameter so that its generic address is valid for the TMA unit.
+struct alignas(64) TmaDesc {
+    unsigned long long opaque[16];
+};
+// Copies the box at (c0, c1, c2) of the 3-D tensor `map` into shared memory at `dst`; the bytes
+// complete on barrier `bar`. Coordinates past the tensor's extent read as zeros.
+__device__ __forceinline__ void tma_load_3d(uint32_t dst, const TmaDesc* map, int c0, int c1,
+                                            int c2, uint32_t bar) {
+    asm volatile(
+        "cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
+        " [%0], [%1, {%2, %3, %4}], [%5];\n" ::"r"(dst),
+        "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(bar)
+        : "memory");
+}
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t a, uint32_t bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(a), "r"(bytes)
+                 : "memory");
+}
 template <int N> __device__ __forceinline__ void regs_dec() {
     asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N));
 }
@@ -171,7 +204,8 @@ template <int N> __device__ __forceinline__ void regs_inc() {
 // O += P_{n-1} V_{n-1} (after V_{n-1}'s barrier), runs the softmax of S_n while the second
 // chain finishes, then releases tile n - 1's stage.
 template <typename T, int NC, int BN, int STAGES, int PRODUCER_REGS, int CONSUMER_REGS>
-__device__ __forceinline__ void attn_ws(const AttnParams& p) {
+__device__ __forceinline__ void attn_ws(const AttnParams& p, const TmaDesc* tmk,
+                                        const TmaDesc* tmv) {
     constexpr int BM = 64 * NC;
     constexpr int SN = BN / 2;
     constexpr int KSTEPS = WG_D / 16;
@@ -201,8 +235,8 @@ __device__ __forceinline__ void attn_ws(const AttnParams& p) {
 
     if (tid == 0) {
         for (int st = 0; st < STAGES; ++st) {
-            mbar_init(full_k(st), 128);
-            mbar_init(full_v(st), 128);
+            mbar_init(full_k(st), 1);
+            mbar_init(full_v(st), 1);
             mbar_init(empty(st), NC * 128);
         }
         mbar_init(full_q, 128);
@@ -239,21 +273,20 @@ __device__ __forceinline__ void attn_ws(const AttnParams& p) {
         }
         mbar_arrive_cp_async(full_q);
         int cls = cls0;
-        for (int k0 = first, n = 0; k0 < kend; k0 = next_tile(k0 + BN, cls), ++n) {
-            const int st = n % STAGES, round = n / STAGES;
-            if (round > 0) mbar_wait(empty(st), (round - 1) & 1);
-            for (int half = 0; half < 2; ++half) {
-                const T* src = half ? V : K;
-                const uint32_t dst = (half ? sV0 : sK0) + st * KV_BYTES;
-                for (int idx = wtid; idx < BN * CHUNKS; idx += 128) {
-                    const int c = idx / CHUNKS, cc = idx % CHUNKS;
-                    const int j = k0 + c;
-                    const bool valid = j < T_;
-                    const size_t off =
-                        ((size_t)b * T_ + (valid ? j : 0)) * ks + (size_t)g * D + cc * 8;
-                    cp_async16_zfill(dst + swz(BN, c, cc), src + off, valid);
-                }
-                mbar_arrive_cp_async(half ? full_v(st) : full_k(st));
+        // One thread drives the tensor-memory accelerator: per tile, two 64-column boxes
+        // (the two swizzled planes) of K, then of V.
+        if (wtid == 0) {
+            for (int k0 = first, n = 0; k0 < kend; k0 = next_tile(k0 + BN, cls), ++n) {
+                const int st = n % STAGES, round = n / STAGES;
+                if (round > 0) mbar_wait(empty(st), (round - 1) & 1);
+                mbar_arrive_expect_tx(full_k(st), KV_BYTES);
+                tma_load_3d(sK0 + st * KV_BYTES, tmk, g * D, k0, b, full_k(st));
+                tma_load_3d(sK0 + st * KV_BYTES + BN * ROW_BYTES, tmk, g * D + 64, k0, b,
+                            full_k(st));
+                mbar_arrive_expect_tx(full_v(st), KV_BYTES);
+                tma_load_3d(sV0 + st * KV_BYTES, tmv, g * D, k0, b, full_v(st));
+                tma_load_3d(sV0 + st * KV_BYTES + BN * ROW_BYTES, tmv, g * D + 64, k0, b,
+                            full_v(st));
             }
         }
         cp_async_wait<0>();
@@ -314,9 +347,9 @@ __device__ __forceinline__ void attn_ws(const AttnParams& p) {
         uint32_t pa[PSTEPS][4];
         float s[SN], alpha[2];
         mbar_wait(full_q, 0);
+        fence_proxy_async();
         int cls = cls0, cur = first, n = 0;
         mbar_wait(full_k(0), 0);
-        fence_proxy_async();
         issue_qk(s, 0);
         wg_wait0();
         softmax_tile<BN>(s, p, b, len, cls, cur, tq, row_q, row_ok, row_g, m_row, l_row, alpha);
@@ -328,10 +361,8 @@ __device__ __forceinline__ void attn_ws(const AttnParams& p) {
             cls = ncls;
             const int st = n % STAGES, prev = (n - 1) % STAGES;
             mbar_wait(full_k(st), (n / STAGES) & 1);
-            fence_proxy_async();
             issue_qk(s, st);
             mbar_wait(full_v(prev), ((n - 1) / STAGES) & 1);
-            fence_proxy_async();
             issue_pv(pa, prev);
             // The next tile's classification (group-table loads with documents) runs while the
             // tensor cores work.
@@ -351,7 +382,6 @@ __device__ __forceinline__ void attn_ws(const AttnParams& p) {
         }
         const int last = (n - 1) % STAGES;
         mbar_wait(full_v(last), ((n - 1) / STAGES) & 1);
-        fence_proxy_async();
         issue_pv(pa, last);
         wg_wait0();
     }
@@ -373,13 +403,17 @@ __device__ __forceinline__ void attn_ws(const AttnParams& p) {
     }
 }
 
-#define ATTNRT_WS(TY, NAME, NC, BN, ST, PR, CR)                                               \
+// K and V tiles by TMA: `tk` / `tv` map the [B, T, KV * D] tensors as 3-D (columns, tokens,
+// batch rows) with 64 x BN x 1 boxes and the 128-byte swizzle (src/gpu/tma.rs).
+#define ATTNRT_WT(TY, NAME, NC, BN, ST, PR, CR)                                               \
     extern "C" __global__ void __launch_bounds__(128 * (NC + 1), 1)                          \
-        attn_ws_##NAME##_c##NC##_n##BN##_s##ST(AttnParams p) {                               \
-        attn_ws<TY, NC, BN, ST, PR, CR>(p);                                                   \
+        attn_wt_##NAME##_c##NC##_n##BN##_s##ST(AttnParams p, const __grid_constant__ TmaDesc tk, \
+                                                const __grid_constant__ TmaDesc tv) {        \
+        attn_ws<TY, NC, BN, ST, PR, CR>(p, &tk, &tv);                                        \
     }
-// Three consumer warpgroups (192 rows), 64-key tiles, five stages: measured fastest on an H200
-// against 2 consumers with 64-key x 6 or 128-key x 3 stages, and against the same tiling
-// without a producer (BENCHMARKS.md). Registers: 56 x 128 + 152 x 384 = the 64 Ki file.
-ATTNRT_WS(__nv_bfloat16, bf16, 3, 64, 5, 56, 152)
-ATTNRT_WS(__half, f16, 3, 64, 5, 56, 152)
+// Two consumer warpgroups (128 rows), 128-key tiles, three stages: on an H200, causal T = 8192
+// ran at 578 TFLOP/s against 477 for three consumers with 64-key tiles x 5 stages, 491 for two
+// with 64-key x 6, and 402 for the former cp.async producer (BENCHMARKS.md). Registers: 40 x 128
+// + 232 x 256 = the 64 Ki file.
+ATTNRT_WT(__nv_bfloat16, bf16, 2, 128, 3, 40, 232)
+ATTNRT_WT(__half, f16, 2, 128, 3, 40, 232)

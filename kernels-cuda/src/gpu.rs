@@ -27,6 +27,7 @@ const PTX_DECODE: &str = include_str!(concat!(env!("OUT_DIR"), "/decode.ptx"));
 
 mod decode;
 mod multi;
+mod tma;
 pub use decode::GpuKvCache;
 pub use multi::{MultiGpuKvCache, MultiGpuLayer, SeqParallelCall};
 
@@ -241,6 +242,38 @@ struct MaskParams {
     granules: i32,
 }
 
+/// One attention launch: its shape, its parameters and, for the TMA kernel, the tensor maps of
+/// K and V (its second and third parameters).
+#[derive(Clone)]
+struct AttnLaunch {
+    l: plan::Launch,
+    params: AttnParams,
+    maps: Option<(tma::TensorMap, tma::TensorMap)>,
+}
+
+impl AttnLaunch {
+    /// Enqueues the launch on `stream`.
+    ///
+    /// # Safety
+    /// `f` is the attention kernel `self.l` names, in the current context; the buffers and mask
+    /// tables of `self.params` and the maps are live and sized for the call.
+    unsafe fn enqueue(&mut self, f: cu::CUfunction, stream: cu::CUstream) -> Result<()> {
+        let l = &self.l;
+        let mut args = [(&mut self.params as *mut AttnParams).cast::<c_void>(); 3];
+        let n = match &mut self.maps {
+            None => 1,
+            Some((k, v)) => {
+                args[1] = (k as *mut tma::TensorMap).cast();
+                args[2] = (v as *mut tma::TensorMap).cast();
+                3
+            }
+        };
+        // SAFETY: per this function's contract; the TMA kernel takes (AttnParams, CUtensorMap,
+        // CUtensorMap), the others AttnParams alone.
+        unsafe { launch_args(f, l.grid, l.block, l.smem, stream, &mut args[..n]) }
+    }
+}
+
 #[repr(C)]
 #[derive(Clone, Copy)]
 struct AttnParams {
@@ -362,6 +395,23 @@ unsafe fn launch<P>(
     params: &mut P,
 ) -> Result<()> {
     let mut args = [(params as *mut P).cast::<c_void>()];
+    // SAFETY: per this function's contract.
+    unsafe { launch_args(f, grid, block, smem, stream, &mut args) }
+}
+
+/// Launches `f` with the parameters `args` points to (one pointer per kernel parameter).
+///
+/// # Safety
+/// `f` is a kernel of the current context whose parameters have the C layouts of what `args`
+/// points to, in order, and every device pointer inside them is valid for the kernel's use.
+unsafe fn launch_args(
+    f: cu::CUfunction,
+    grid: (u32, u32, u32),
+    block: u32,
+    smem: u32,
+    stream: cu::CUstream,
+    args: &mut [*mut c_void],
+) -> Result<()> {
     // SAFETY: per the function's contract; `args` outlives the call (the driver copies the
     // parameter values at launch).
     drv("cuLaunchKernel", unsafe {
@@ -458,7 +508,7 @@ pub struct GpuLayer<'a> {
     h_gmax: Vec<i32>,
     h_scratch: Vec<(i32, i32, u32)>,
     h_rope: Vec<f32>,
-    last_attn: Option<(plan::Launch, AttnParams)>,
+    last_attn: Option<AttnLaunch>,
     dec: decode::DecodeState,
 }
 
@@ -950,7 +1000,7 @@ impl<'a> GpuLayer<'a> {
             unsafe { self.finish_prep(p, stream)? };
         }
         let l = attention_launch(self.path, &cfg, front.batch, front.seq_len)?;
-        let mut ap = AttnParams {
+        let ap = AttnParams {
             q: ptr(&self.q),
             k: ptr(&self.k),
             v: ptr(&self.v),
@@ -965,9 +1015,32 @@ impl<'a> GpuLayer<'a> {
             scale_log2: std::f32::consts::LOG2_E / (d as f32).sqrt(),
             mask: front.mask,
         };
-        // SAFETY: q/k/v/o and the mask buffers are live and sized for the call.
-        unsafe { launch(self.f_attn, l.grid, l.block, l.smem, stream, &mut ap)? };
-        self.last_attn = Some((l, ap));
+        let maps = match self.path {
+            AttnPath::Wgmma { .. } => {
+                let columns = cfg.n_kv_head * d;
+                let map = |buf| {
+                    tma::kv_map(
+                        ptr(buf),
+                        self.opts.precision,
+                        columns,
+                        front.seq_len,
+                        front.batch,
+                        plan::WGMMA_KEY_TILE,
+                    )
+                };
+                Some((map(&self.k)?, map(&self.v)?))
+            }
+            _ => None,
+        };
+        let mut call = AttnLaunch {
+            l,
+            params: ap,
+            maps,
+        };
+        // SAFETY: q/k/v/o and the mask buffers are live and sized for the call; the maps
+        // describe k and v as the call fills them.
+        unsafe { call.enqueue(self.f_attn, stream)? };
+        self.last_attn = Some(call);
         Ok(())
     }
 
@@ -1250,14 +1323,14 @@ impl<'a> GpuLayer<'a> {
     /// No earlier call, or a failed launch.
     #[doc(hidden)]
     pub fn relaunch_attention(&mut self) -> Result<()> {
-        let (l, mut ap) = self
+        let mut call = self
             .last_attn
             .clone()
             .ok_or_else(|| Error::Unsupported("no earlier call to relaunch".into()))?;
         // SAFETY: the buffers of the last call are still this layer's and unchanged in size;
         // its mask buffers still hold that call's metadata unless a later call replaced it,
         // in which case `last_attn` was replaced too.
-        unsafe { launch(self.f_attn, l.grid, l.block, l.smem, self.stream, &mut ap) }
+        unsafe { call.enqueue(self.f_attn, self.stream) }
     }
 
     /// Waits for the layer's own stream.

@@ -56,9 +56,9 @@ pub enum AttnPath {
         /// Keys per K/V tile.
         key_tile: usize,
     },
-    /// `attn_ws_<dtype>_c3_n64_s5`: Hopper warpgroup MMA (sm_90a), head_dim 128, 192 packed rows
-    /// per CTA (three consumer warpgroups and a copying producer warpgroup), 64-key tiles in a
-    /// five-stage pipeline.
+    /// `attn_wt_<dtype>_c2_n128_s3`: Hopper warpgroup MMA (sm_90a), head_dim 128, 128 packed
+    /// rows per CTA (two consumer warpgroups and a producer warpgroup loading K/V by TMA),
+    /// 128-key tiles in a three-stage pipeline.
     Wgmma {
         /// bf16 or f16.
         dtype: Precision,
@@ -129,13 +129,13 @@ pub fn capability(precision: Precision, head_dim: usize, group: usize) -> crate:
 }
 
 /// Rows (queries x packed heads) of a CTA of the wgmma kernel.
-pub const WGMMA_ROWS: usize = 192;
-/// Threads of a CTA of the wgmma kernel (a producer and three consumer warpgroups).
-pub const WGMMA_THREADS: u32 = 512;
+pub const WGMMA_ROWS: usize = 128;
+/// Threads of a CTA of the wgmma kernel (a producer and two consumer warpgroups).
+pub const WGMMA_THREADS: u32 = 384;
 /// Keys per K/V tile of the wgmma kernel.
-pub const WGMMA_KEY_TILE: usize = 64;
+pub const WGMMA_KEY_TILE: usize = 128;
 /// Copy-pipeline stages of the wgmma kernel.
-pub const WGMMA_STAGES: usize = 5;
+pub const WGMMA_STAGES: usize = 3;
 
 /// The path `(precision, head_dim, group)` gets on a device of compute capability `arch`
 /// (major, minor): [`capability`]'s, upgraded to [`AttnPath::Wgmma`] on sm_90 for head_dim 128
@@ -198,7 +198,7 @@ impl fmt::Display for AttnPath {
             ),
             AttnPath::Wgmma { dtype } => write!(
                 f,
-                "wgmma-{}-d128-c3-n{WGMMA_KEY_TILE}-s{WGMMA_STAGES}",
+                "wgmma-{}-d128-c2-n{WGMMA_KEY_TILE}-s{WGMMA_STAGES}",
                 dtype.name()
             ),
         }
@@ -530,7 +530,7 @@ pub fn attention_launch(
         }
         AttnPath::Wgmma { dtype } => (
             format!(
-                "attn_ws_{}_c3_n{WGMMA_KEY_TILE}_s{WGMMA_STAGES}",
+                "attn_wt_{}_c2_n{WGMMA_KEY_TILE}_s{WGMMA_STAGES}",
                 dtype.name()
             ),
             WGMMA_THREADS,

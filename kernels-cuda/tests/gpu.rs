@@ -161,8 +161,15 @@ fn every_mask_mode_and_combination() {
         return;
     }
     for (r, d) in [(2usize, 64usize), (4, 128), (8, 96)] {
+        // head_dim 128 runs the wgmma kernel on sm_90: its 128-key tiles at length tile - 1,
+        // tile + 1 and two tiles + 1 (32 queries a CTA at R = 4).
+        let lengths: &[usize] = if d == 128 {
+            &[65, 127, 129, 200, 257]
+        } else {
+            &[65, 200]
+        };
         for (mode, mask) in MASK_NAMES.iter().enumerate() {
-            for t in [65usize, 200] {
+            for &t in lengths {
                 let o = check_case(r, d, t, mode, mode * 3 + t, &[Precision::Bf16]);
                 println!(
                     "R={r} D={d:3} T={t:3} {mask:20} f32 {:.2e}  bf16 relL2 {:.2e} max {:.2e}",
