@@ -12,12 +12,13 @@
 //     describe: a row of 128 elements is two 64-element "planes" of 128 bytes; in plane p,
 //     row r's 16-byte chunk c sits at p * rows * 128 + r * 128 + ((c ^ (r % 8)) * 16), so the
 //     eight rows of an 8-row atom spread each column over all banks;
-//   * one thread of a producer warpgroup loads K/V tiles with the tensor-memory accelerator
-//     (TMA: a whole 64-column x BN-row box per instruction, swizzled by the hardware, zeros
+//   * one thread of a producer warpgroup loads Q, K and V tiles with the tensor-memory
+//     accelerator (TMA: a whole 64-column box per instruction, swizzled by the hardware, zeros
 //     past the sequence end) into a ring of stages guarded by mbarriers that count the bytes
-//     in; the rest of the producer only copies Q once (cp.async), so the copies no longer take
-//     issue slots from the consumers. Consumers fence.proxy.async once after Q lands (its
-//     generic-proxy writes become visible to the wgmma reads; TMA writes already are).
+//     in, so copies take no issue slots from the consumers (TMA writes, like wgmma reads, are
+//     in the async proxy: no proxy fence);
+//   * a grid smaller than the work (one CTA per SM) makes the kernel persistent: the producer
+//     refills the ring with the next item's tiles while the consumers finish the current one.
 //
 // Entry points attn_wt_<dtype>_c<NC>_n<BN>_s<STAGES>: NC consumer warpgroups (rows = 64 * NC),
 // BN keys a tile, STAGES K/V stages.
@@ -50,9 +51,6 @@ __device__ __forceinline__ void wg_commit() {
 }
 __device__ __forceinline__ void wg_wait0() {
     asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
-}
-__device__ __forceinline__ void fence_proxy_async() {
-    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 }
 
 template <typename T> __device__ __forceinline__ uint32_t pack2(float lo, float hi);
@@ -146,8 +144,7 @@ __device__ __forceinline__ void softmax_tile(float* s, const AttnParams& p, int 
     }
 }
 
-// Warp specialisation: warpgroup 0 only copies (TMA, and cp.async for Q, completing on
-// mbarriers), NC consumer
+// Warp specialisation: warpgroup 0 only copies (TMA, completing on mbarriers), NC consumer
 // warpgroups only compute, so no CTA-wide barrier remains in the key loop and the consumers
 // drift apart (one's softmax overlaps another's wgmma). Registers move from the producer to
 // the consumers with setmaxnreg.
@@ -156,10 +153,6 @@ __device__ __forceinline__ void mbar_init(uint32_t a, int count) {
 }
 __device__ __forceinline__ void mbar_arrive(uint32_t a) {
     asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(a) : "memory");
-}
-// Arrives on the barrier when all of this thread's earlier cp.async have landed.
-__device__ __forceinline__ void mbar_arrive_cp_async(uint32_t a) {
-    asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(a) : "memory");
 }
 __device__ __forceinline__ void mbar_wait(uint32_t a, int parity) {
     asm volatile(
@@ -184,6 +177,15 @@ __device__ __forceinline__ void tma_load_3d(uint32_t dst, const TmaDesc* map, in
         "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(bar)
         : "memory");
 }
+// The same for the 4-D tensor `map` (the queries: columns, heads, tokens, batch rows).
+__device__ __forceinline__ void tma_load_4d(uint32_t dst, const TmaDesc* map, int c0, int c1,
+                                            int c2, int c3, uint32_t bar) {
+    asm volatile(
+        "cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
+        " [%0], [%1, {%2, %3, %4, %5}], [%6];\n" ::"r"(dst),
+        "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(bar)
+        : "memory");
+}
 __device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t a, uint32_t bytes) {
     asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(a), "r"(bytes)
                  : "memory");
@@ -196,15 +198,25 @@ template <int N> __device__ __forceinline__ void regs_inc() {
 }
 
 // Dynamic shared memory: 1024 bytes of alignment slack, Q [64 * NC rows], STAGES stages of K and
-// of V [BN rows], then the mbarriers (full K, full V, empty per stage; Q).
+// of V [BN rows], then the mbarriers (full K, full V, empty per stage; full Q, empty Q) and two
+// item slots.
 //
-// Stage s of tile n (s = n % STAGES, round n / STAGES): the producer waits for the stage's
-// "empty" barrier of the previous round, copies K then V, each arriving on its "full" barrier
-// when the copy lands. A consumer at tile n waits for K_n, issues S_n = Q K_n and
+// Work items are (query tile, KV head, batch row), numbered heaviest query tile first (for
+// causal masks). CTA c of a grid of G starts with item c; then its producer takes the next
+// unclaimed one, G + atomicAdd(p.sched, 1) (the counter is zero at launch), so that CTAs which
+// drew light items take more of them (greedy, heaviest first), and hands it to the consumers in
+// shared memory with the item's Q ("full Q"); a number past the last item ends the CTA. With a
+// grid of one CTA per item each CTA runs one; with one CTA per SM (persistent) the producer
+// runs ahead into the next item's K/V tiles while the consumers finish the current one.
+//
+// Tile n counts over all of a CTA's items, stage n % STAGES, round n / STAGES: the producer waits
+// for the stage's "empty" barrier of the previous round and loads K then V, each completing
+// its "full" barrier by bytes. A consumer at tile n waits for K_n, issues S_n = Q K_n and
 // O += P_{n-1} V_{n-1} (after V_{n-1}'s barrier), runs the softmax of S_n while the second
-// chain finishes, then releases tile n - 1's stage.
+// chain finishes, then releases tile n - 1's stage. Q is loaded per item after the previous
+// item's last S = Q K^T ("empty Q").
 template <typename T, int NC, int BN, int STAGES, int PRODUCER_REGS, int CONSUMER_REGS>
-__device__ __forceinline__ void attn_ws(const AttnParams& p, const TmaDesc* tmk,
+__device__ __forceinline__ void attn_ws(const AttnParams& p, const TmaDesc* tmq, const TmaDesc* tmk,
                                         const TmaDesc* tmv) {
     constexpr int BM = 64 * NC;
     constexpr int SN = BN / 2;
@@ -222,16 +234,18 @@ __device__ __forceinline__ void attn_ws(const AttnParams& p, const TmaDesc* tmk,
     auto full_v = [&](int st) { return bars + 8u * (STAGES + st); };
     auto empty = [&](int st) { return bars + 8u * (2 * STAGES + st); };
     const uint32_t full_q = bars + 8u * (3 * STAGES);
+    const uint32_t empty_q = full_q + 8u;
+    // The item of each Q load, by its parity (the producer writes slot qn % 2 only after the
+    // consumers released Q of item qn - 1, so they have read slot qn % 2 of item qn - 2).
+    volatile int* const item_slot = reinterpret_cast<volatile int*>(smem_raw + (empty_q + 8u - raw));
 
     const int tid = threadIdx.x, wg = tid >> 7, wtid = tid & 127;
     const int lane = tid & 31, wrow = (wtid >> 5) * 16 + (lane >> 2), tq = lane & 3;
     const int R = p.group, BQ = p.q_per_cta, rows_used = BQ * R;
-    const int D = p.head_dim, T_ = p.seq_len;
-    const int b = blockIdx.z, g = blockIdx.y;
-    const int q0 = (gridDim.x - 1 - blockIdx.x) * BQ;
-    const int q1 = min(q0 + BQ, T_);
-    const int len = row_len(p.mask, b);
-    const size_t qs = (size_t)p.n_head * D, ks = (size_t)p.n_kv_head * D;
+    const int D = p.head_dim, T_ = p.seq_len, KVH = p.n_kv_head;
+    const int q_tiles = (T_ + BQ - 1) / BQ, items = q_tiles * KVH * p.batch;
+    const int G = gridDim.x;
+    const size_t qs = (size_t)p.n_head * D;
 
     if (tid == 0) {
         for (int st = 0; st < STAGES; ++st) {
@@ -239,177 +253,221 @@ __device__ __forceinline__ void attn_ws(const AttnParams& p, const TmaDesc* tmk,
             mbar_init(full_v(st), 1);
             mbar_init(empty(st), NC * 128);
         }
-        mbar_init(full_q, 128);
+        mbar_init(full_q, 1);
+        mbar_init(empty_q, NC * 128);
     }
     __syncthreads();
 
-    int qg_lo = 0, qg_hi = 0;
-    if (q0 < len && p.mask.groups) query_group_range(p.mask, b, q0, q1, qg_lo, qg_hi);
-    const int kend = q0 < len ? min(q1, len) : 0;
-    // Producer and consumers walk the same tile sequence: the next visited tile at or after k.
-    auto next_tile = [&](int k, int& cls) {
-        for (; k < kend; k += BN) {
-            cls = classify_tile(p.mask, b, len, q0, q1, qg_lo, qg_hi, k, BN);
+    // What producer and consumers both derive from an item: the rows' query range, the
+    // merged-id range of the queries, the keys' end and the first visited tile with its class.
+    struct Item {
+        int q0, q1, g, b, len, qg_lo, qg_hi, kend, first, cls0;
+    };
+    // The next visited tile at or after k.
+    auto next_tile = [&](const Item& it, int k, int& cls) {
+        for (; k < it.kend; k += BN) {
+            cls = classify_tile(p.mask, it.b, it.len, it.q0, it.q1, it.qg_lo, it.qg_hi, k, BN);
             if (cls != TILE_NONE) return k;
         }
         cls = TILE_NONE;
-        return kend;
+        return it.kend;
     };
-    int cls0;
-    const int first = next_tile(key_lo(p.mask, q0, qg_lo) / BN * BN, cls0);
+    auto describe = [&](int i) {
+        Item it;
+        const int t = i / (KVH * p.batch), rest = i - t * (KVH * p.batch);
+        it.g = rest % KVH;
+        it.b = rest / KVH;
+        it.q0 = (q_tiles - 1 - t) * BQ;
+        it.q1 = min(it.q0 + BQ, T_);
+        it.len = row_len(p.mask, it.b);
+        it.qg_lo = it.qg_hi = 0;
+        if (it.q0 < it.len && p.mask.groups)
+            query_group_range(p.mask, it.b, it.q0, it.q1, it.qg_lo, it.qg_hi);
+        it.kend = it.q0 < it.len ? min(it.q1, it.len) : 0;
+        it.first = next_tile(it, key_lo(p.mask, it.q0, it.qg_lo) / BN * BN, it.cls0);
+        return it;
+    };
 
     if (wg == 0) {
         regs_dec<PRODUCER_REGS>();
-        if (first >= kend) return;
-        const T* Q = reinterpret_cast<const T*>(p.q);
-        const T* K = reinterpret_cast<const T*>(p.k);
-        const T* V = reinterpret_cast<const T*>(p.v);
-        for (int idx = wtid; idx < BM * CHUNKS; idx += 128) {
-            const int r = idx / CHUNKS, cc = idx % CHUNKS;
-            const int qi = q0 + r / R, h = g * R + r % R;
-            const bool valid = r < rows_used && qi < T_;
-            const T* src = Q + ((size_t)b * T_ + (valid ? qi : 0)) * qs + (size_t)h * D + cc * 8;
-            cp_async16_zfill(sQ + swz(BM, r, cc), src, valid);
-        }
-        mbar_arrive_cp_async(full_q);
-        int cls = cls0;
-        // One thread drives the tensor-memory accelerator: per tile, two 64-column boxes
-        // (the two swizzled planes) of K, then of V.
-        if (wtid == 0) {
-            for (int k0 = first, n = 0; k0 < kend; k0 = next_tile(k0 + BN, cls), ++n) {
+        // One thread drives the tensor-memory accelerator: per tile, two 64-column boxes (the
+        // two swizzled planes) of K, then of V; per item, the two planes of Q after its first
+        // tile, so that the stage ring refills while the consumers finish the previous item.
+        if (wtid != 0) return;
+        int n = 0, qn = 0;
+        // Hands item i (the Q of a non-empty one, or none) to the consumers once they have
+        // released Q of the previous item.
+        auto hand_over = [&](int i, const Item* it) {
+            if (qn > 0) mbar_wait(empty_q, (qn - 1) & 1);
+            item_slot[qn & 1] = i;
+            if (it != nullptr) {
+                // Box (64 columns, R heads, BQ queries, 1 row): rows in (query, head) order,
+                // queries past T as zeros.
+                mbar_arrive_expect_tx(full_q, rows_used * WG_D * 2);
+                tma_load_4d(sQ, tmq, 0, it->g * R, it->q0, it->b, full_q);
+                tma_load_4d(sQ + BM * ROW_BYTES, tmq, 64, it->g * R, it->q0, it->b, full_q);
+            } else {
+                mbar_arrive(full_q);
+            }
+            ++qn;
+        };
+        for (int i = blockIdx.x; i < items; i = G + atomicAdd(p.sched, 1)) {
+            const Item it = describe(i);
+            if (it.first >= it.kend) {
+                hand_over(i, nullptr);
+                continue;
+            }
+            int cls = it.cls0;
+            for (int k0 = it.first; k0 < it.kend; k0 = next_tile(it, k0 + BN, cls), ++n) {
                 const int st = n % STAGES, round = n / STAGES;
                 if (round > 0) mbar_wait(empty(st), (round - 1) & 1);
                 mbar_arrive_expect_tx(full_k(st), KV_BYTES);
-                tma_load_3d(sK0 + st * KV_BYTES, tmk, g * D, k0, b, full_k(st));
-                tma_load_3d(sK0 + st * KV_BYTES + BN * ROW_BYTES, tmk, g * D + 64, k0, b,
+                tma_load_3d(sK0 + st * KV_BYTES, tmk, it.g * D, k0, it.b, full_k(st));
+                tma_load_3d(sK0 + st * KV_BYTES + BN * ROW_BYTES, tmk, it.g * D + 64, k0, it.b,
                             full_k(st));
                 mbar_arrive_expect_tx(full_v(st), KV_BYTES);
-                tma_load_3d(sV0 + st * KV_BYTES, tmv, g * D, k0, b, full_v(st));
-                tma_load_3d(sV0 + st * KV_BYTES + BN * ROW_BYTES, tmv, g * D + 64, k0, b,
+                tma_load_3d(sV0 + st * KV_BYTES, tmv, it.g * D, k0, it.b, full_v(st));
+                tma_load_3d(sV0 + st * KV_BYTES + BN * ROW_BYTES, tmv, it.g * D + 64, k0, it.b,
                             full_v(st));
+                if (k0 == it.first) hand_over(i, &it);
             }
         }
-        cp_async_wait<0>();
+        hand_over(items, nullptr);
         return;
     }
 
     regs_inc<CONSUMER_REGS>();
     const int cw = wg - 1;
-    int row_q[2], row_h[2], row_g[2];
-    bool row_ok[2];
+    const uint32_t q_wg = sQ + cw * 64 * ROW_BYTES;
+    auto issue_qk = [&](float* s, int st) {
+        const uint32_t kt = sK0 + st * KV_BYTES;
+        wg_fence();
 #pragma unroll
-    for (int hf = 0; hf < 2; ++hf) {
-        const int r = cw * 64 + wrow + hf * 8;
-        row_q[hf] = q0 + r / R;
-        row_h[hf] = g * R + r % R;
-        row_ok[hf] = r < rows_used && row_q[hf] < q1;
-        row_g[hf] = row_ok[hf] ? group_of(p.mask, b, row_q[hf]) : 0;
-    }
+        for (int kk = 0; kk < KSTEPS; ++kk) {
+            const uint32_t off = (kk & 3) << 5;
+            const uint64_t da = smem_desc(q_wg + (kk >> 2) * BM * ROW_BYTES + off, 16, 1024);
+            const uint64_t db = smem_desc(kt + (kk >> 2) * BN * ROW_BYTES + off, 16, 1024);
+            Wg<T, BN>::qk(s, da, db, kk > 0);
+        }
+        wg_commit();
+    };
     float o[64];
-    float m_row[2] = {ATTNRT_NEG_INF, ATTNRT_NEG_INF}, l_row[2] = {0.0f, 0.0f};
+    // V read transposed (MN-major): a k16 step is 16 keys = two 8-row atoms, 1024 bytes apart
+    // (the stride byte offset); the head's two 64-column planes are a whole plane apart (the
+    // leading byte offset).
+    auto issue_pv = [&](const uint32_t (*pa)[4], int st) {
+        const uint32_t vt = sV0 + st * KV_BYTES;
+        wg_fence();
 #pragma unroll
-    for (int i = 0; i < 64; ++i) o[i] = 0.0f;
+        for (int t = 0; t < PSTEPS; ++t)
+            pv<T>(o, pa[t], smem_desc(vt + t * 16 * ROW_BYTES, BN * ROW_BYTES, 1024));
+        wg_commit();
+    };
+    auto pack_p = [&](uint32_t (*pa)[4], const float* s) {
+#pragma unroll
+        for (int t = 0; t < PSTEPS; ++t) {
+            pa[t][0] = pack2<T>(s[8 * t + 0], s[8 * t + 1]);
+            pa[t][1] = pack2<T>(s[8 * t + 2], s[8 * t + 3]);
+            pa[t][2] = pack2<T>(s[8 * t + 4], s[8 * t + 5]);
+            pa[t][3] = pack2<T>(s[8 * t + 6], s[8 * t + 7]);
+        }
+    };
+    T* O = reinterpret_cast<T*>(p.o);
+    int n = 0;
+    for (int qn = 0;; ++qn) {
+        mbar_wait(full_q, qn & 1);
+        const int i = item_slot[qn & 1];
+        if (i >= items) break;
+        const Item it = describe(i);
+        int row_q[2], row_h[2], row_g[2];
+        bool row_ok[2];
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+            const int r = cw * 64 + wrow + hf * 8;
+            row_q[hf] = it.q0 + r / R;
+            row_h[hf] = it.g * R + r % R;
+            row_ok[hf] = r < rows_used && row_q[hf] < it.q1;
+            row_g[hf] = row_ok[hf] ? group_of(p.mask, it.b, row_q[hf]) : 0;
+        }
+        float m_row[2] = {ATTNRT_NEG_INF, ATTNRT_NEG_INF}, l_row[2] = {0.0f, 0.0f};
+#pragma unroll
+        for (int e = 0; e < 64; ++e) o[e] = 0.0f;
 
-    if (first < kend) {
-        const uint32_t q_wg = sQ + cw * 64 * ROW_BYTES;
-        auto issue_qk = [&](float* s, int st) {
-            const uint32_t kt = sK0 + st * KV_BYTES;
-            wg_fence();
-#pragma unroll
-            for (int kk = 0; kk < KSTEPS; ++kk) {
-                const uint32_t off = (kk & 3) << 5;
-                const uint64_t da = smem_desc(q_wg + (kk >> 2) * BM * ROW_BYTES + off, 16, 1024);
-                const uint64_t db = smem_desc(kt + (kk >> 2) * BN * ROW_BYTES + off, 16, 1024);
-                Wg<T, BN>::qk(s, da, db, kk > 0);
-            }
-            wg_commit();
-        };
-        // V read transposed (MN-major): a k16 step is 16 keys = two 8-row atoms, 1024 bytes
-        // apart (the stride byte offset); the head's two 64-column planes are a whole plane
-        // apart (the leading byte offset).
-        auto issue_pv = [&](const uint32_t (*pa)[4], int st) {
-            const uint32_t vt = sV0 + st * KV_BYTES;
-            wg_fence();
-#pragma unroll
-            for (int t = 0; t < PSTEPS; ++t)
-                pv<T>(o, pa[t], smem_desc(vt + t * 16 * ROW_BYTES, BN * ROW_BYTES, 1024));
-            wg_commit();
-        };
-        auto pack_p = [&](uint32_t (*pa)[4], const float* s) {
-#pragma unroll
-            for (int t = 0; t < PSTEPS; ++t) {
-                pa[t][0] = pack2<T>(s[8 * t + 0], s[8 * t + 1]);
-                pa[t][1] = pack2<T>(s[8 * t + 2], s[8 * t + 3]);
-                pa[t][2] = pack2<T>(s[8 * t + 4], s[8 * t + 5]);
-                pa[t][3] = pack2<T>(s[8 * t + 6], s[8 * t + 7]);
-            }
-        };
-        uint32_t pa[PSTEPS][4];
-        float s[SN], alpha[2];
-        mbar_wait(full_q, 0);
-        fence_proxy_async();
-        int cls = cls0, cur = first, n = 0;
-        mbar_wait(full_k(0), 0);
-        issue_qk(s, 0);
-        wg_wait0();
-        softmax_tile<BN>(s, p, b, len, cls, cur, tq, row_q, row_ok, row_g, m_row, l_row, alpha);
-        pack_p(pa, s);
-        int ncls;
-        int nxt = next_tile(cur + BN, ncls);
-        for (n = 1; nxt < kend; ++n) {
-            cur = nxt;
-            cls = ncls;
-            const int st = n % STAGES, prev = (n - 1) % STAGES;
-            mbar_wait(full_k(st), (n / STAGES) & 1);
-            issue_qk(s, st);
-            mbar_wait(full_v(prev), ((n - 1) / STAGES) & 1);
-            issue_pv(pa, prev);
-            // The next tile's classification (group-table loads with documents) runs while the
-            // tensor cores work.
-            nxt = next_tile(cur + BN, ncls);
-            asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");
-            softmax_tile<BN>(s, p, b, len, cls, cur, tq, row_q, row_ok, row_g, m_row, l_row, alpha);
+        if (it.first >= it.kend) {
+            mbar_arrive(empty_q);
+        } else {
+            uint32_t pa[PSTEPS][4];
+            float s[SN], alpha[2];
+            int cls = it.cls0, cur = it.first;
+            mbar_wait(full_k(n % STAGES), (n / STAGES) & 1);
+            issue_qk(s, n % STAGES);
             wg_wait0();
-            mbar_arrive(empty(prev));
+            softmax_tile<BN>(s, p, it.b, it.len, cls, cur, tq, row_q, row_ok, row_g, m_row, l_row,
+                             alpha);
+            pack_p(pa, s);
+            int ncls;
+            int nxt = next_tile(it, cur + BN, ncls);
+            for (++n; nxt < it.kend; ++n) {
+                cur = nxt;
+                cls = ncls;
+                const int st = n % STAGES, prev = (n - 1) % STAGES;
+                mbar_wait(full_k(st), (n / STAGES) & 1);
+                issue_qk(s, st);
+                mbar_wait(full_v(prev), ((n - 1) / STAGES) & 1);
+                issue_pv(pa, prev);
+                // The next tile's classification (group-table loads with documents) runs while
+                // the tensor cores work.
+                nxt = next_tile(it, cur + BN, ncls);
+                asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");
+                softmax_tile<BN>(s, p, it.b, it.len, cls, cur, tq, row_q, row_ok, row_g, m_row,
+                                 l_row, alpha);
+                wg_wait0();
+                mbar_arrive(empty(prev));
+#pragma unroll
+                for (int nb = 0; nb < 16; ++nb) {
+                    o[nb * 4 + 0] *= alpha[0];
+                    o[nb * 4 + 1] *= alpha[0];
+                    o[nb * 4 + 2] *= alpha[1];
+                    o[nb * 4 + 3] *= alpha[1];
+                }
+                pack_p(pa, s);
+            }
+            // Every S = Q K^T of the item is done: Q's buffer may take the next item's.
+            mbar_arrive(empty_q);
+            const int last = (n - 1) % STAGES;
+            mbar_wait(full_v(last), ((n - 1) / STAGES) & 1);
+            issue_pv(pa, last);
+            wg_wait0();
+            mbar_arrive(empty(last));
+        }
+
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+            float l = l_row[hf];
+            l += __shfl_xor_sync(0xffffffffu, l, 1);
+            l += __shfl_xor_sync(0xffffffffu, l, 2);
+            if (!row_ok[hf]) continue;
+            const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+            T* dst = O + ((size_t)it.b * T_ + row_q[hf]) * qs + (size_t)row_h[hf] * D;
 #pragma unroll
             for (int nb = 0; nb < 16; ++nb) {
-                o[nb * 4 + 0] *= alpha[0];
-                o[nb * 4 + 1] *= alpha[0];
-                o[nb * 4 + 2] *= alpha[1];
-                o[nb * 4 + 3] *= alpha[1];
+                *reinterpret_cast<uint32_t*>(dst + nb * 8 + tq * 2) =
+                    pack2<T>(o[nb * 4 + hf * 2] * inv, o[nb * 4 + hf * 2 + 1] * inv);
             }
-            pack_p(pa, s);
-        }
-        const int last = (n - 1) % STAGES;
-        mbar_wait(full_v(last), ((n - 1) / STAGES) & 1);
-        issue_pv(pa, last);
-        wg_wait0();
-    }
-
-    T* O = reinterpret_cast<T*>(p.o);
-#pragma unroll
-    for (int hf = 0; hf < 2; ++hf) {
-        float l = l_row[hf];
-        l += __shfl_xor_sync(0xffffffffu, l, 1);
-        l += __shfl_xor_sync(0xffffffffu, l, 2);
-        if (!row_ok[hf]) continue;
-        const float inv = l > 0.0f ? 1.0f / l : 0.0f;
-        T* dst = O + ((size_t)b * T_ + row_q[hf]) * qs + (size_t)row_h[hf] * D;
-#pragma unroll
-        for (int nb = 0; nb < 16; ++nb) {
-            *reinterpret_cast<uint32_t*>(dst + nb * 8 + tq * 2) =
-                pack2<T>(o[nb * 4 + hf * 2] * inv, o[nb * 4 + hf * 2 + 1] * inv);
         }
     }
 }
 
-// K and V tiles by TMA: `tk` / `tv` map the [B, T, KV * D] tensors as 3-D (columns, tokens,
-// batch rows) with 64 x BN x 1 boxes and the 128-byte swizzle (src/gpu/tma.rs).
+// Q, K and V tiles by TMA: `tq` maps the [B, T, H * D] queries as 4-D (columns, heads,
+// tokens, batch rows) with 64 x R x BQ x 1 boxes, `tk` / `tv` the [B, T, KV * D] keys and values
+// as 3-D (columns, tokens, batch rows) with 64 x BN x 1 boxes, all with the 128-byte swizzle
+// (src/gpu/tma.rs).
 #define ATTNRT_WT(TY, NAME, NC, BN, ST, PR, CR)                                               \
     extern "C" __global__ void __launch_bounds__(128 * (NC + 1), 1)                          \
-        attn_wt_##NAME##_c##NC##_n##BN##_s##ST(AttnParams p, const __grid_constant__ TmaDesc tk, \
+        attn_wt_##NAME##_c##NC##_n##BN##_s##ST(AttnParams p, const __grid_constant__ TmaDesc tq, \
+                                                const __grid_constant__ TmaDesc tk,          \
                                                 const __grid_constant__ TmaDesc tv) {        \
-        attn_ws<TY, NC, BN, ST, PR, CR>(p, &tk, &tv);                                        \
+        attn_ws<TY, NC, BN, ST, PR, CR>(p, &tq, &tk, &tv);                                   \
     }
 // Two consumer warpgroups (128 rows), 128-key tiles, three stages: on an H200, causal T = 8192
 // ran at 578 TFLOP/s against 477 for three consumers with 64-key tiles x 5 stages, 491 for two

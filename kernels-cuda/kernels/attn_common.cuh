@@ -18,10 +18,6 @@ struct AttnParams {
     float scale;     // 1 / sqrt(D)
     float scale_log2;  // log2(e) / sqrt(D)
     MaskParams mask;
+    int batch;       // B (the wgmma kernel numbers its work items over it)
+    int* sched;      // the wgmma kernel's work counter, zero at launch
 };
-
-// cp_async16_zfill (common.cuh) for a destination already given as a shared-memory address.
-__device__ __forceinline__ void cp_async16_zfill(uint32_t dst, const void* src, bool valid) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
-                 "r"(valid ? 16 : 0));
-}

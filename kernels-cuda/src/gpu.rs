@@ -243,12 +243,12 @@ struct MaskParams {
 }
 
 /// One attention launch: its shape, its parameters and, for the TMA kernel, the tensor maps of
-/// K and V (its second and third parameters).
+/// Q, K and V (its other parameters).
 #[derive(Clone)]
 struct AttnLaunch {
     l: plan::Launch,
     params: AttnParams,
-    maps: Option<(tma::TensorMap, tma::TensorMap)>,
+    maps: Option<[tma::TensorMap; 3]>,
 }
 
 impl AttnLaunch {
@@ -259,17 +259,23 @@ impl AttnLaunch {
     /// tables of `self.params` and the maps are live and sized for the call.
     unsafe fn enqueue(&mut self, f: cu::CUfunction, stream: cu::CUstream) -> Result<()> {
         let l = &self.l;
-        let mut args = [(&mut self.params as *mut AttnParams).cast::<c_void>(); 3];
+        let mut args = [(&mut self.params as *mut AttnParams).cast::<c_void>(); 4];
         let n = match &mut self.maps {
             None => 1,
-            Some((k, v)) => {
-                args[1] = (k as *mut tma::TensorMap).cast();
-                args[2] = (v as *mut tma::TensorMap).cast();
-                3
+            Some(maps) => {
+                for (a, m) in args[1..].iter_mut().zip(maps.iter_mut()) {
+                    *a = (m as *mut tma::TensorMap).cast();
+                }
+                // SAFETY: `sched` is this layer's live 4-byte counter; the memset is ordered
+                // before the launch on the same stream.
+                drv("cuMemsetD32Async", unsafe {
+                    cu::cuMemsetD32Async(self.params.sched, 0, 1, stream)
+                })?;
+                4
             }
         };
-        // SAFETY: per this function's contract; the TMA kernel takes (AttnParams, CUtensorMap,
-        // CUtensorMap), the others AttnParams alone.
+        // SAFETY: per this function's contract; the TMA kernel takes (AttnParams, CUtensorMap
+        // x 3), the others AttnParams alone.
         unsafe { launch_args(f, l.grid, l.block, l.smem, stream, &mut args[..n]) }
     }
 }
@@ -290,6 +296,8 @@ struct AttnParams {
     scale: f32,
     scale_log2: f32,
     mask: MaskParams,
+    batch: i32,
+    sched: u64,
 }
 
 #[repr(C)]
@@ -492,6 +500,8 @@ pub struct GpuLayer<'a> {
     gmin: DeviceBuffer<u8>,
     gmax: DeviceBuffer<u8>,
     positions: DeviceBuffer<u8>,
+    /// The wgmma kernel's work counter (one u32, zeroed before each launch).
+    sched: DeviceBuffer<u8>,
     wqkv: DeviceBuffer<u8>,
     wo: DeviceBuffer<u8>,
     bqkv: Option<DeviceBuffer<u8>>,
@@ -681,6 +691,7 @@ impl<'a> GpuLayer<'a> {
             gmin: alloc(granules * 4)?,
             gmax: alloc(granules * 4)?,
             positions: alloc(n * 4)?,
+            sched: alloc(4)?,
             wqkv,
             wo,
             bqkv,
@@ -999,7 +1010,7 @@ impl<'a> GpuLayer<'a> {
             // SAFETY: per this function's contract.
             unsafe { self.finish_prep(p, stream)? };
         }
-        let l = attention_launch(self.path, &cfg, front.batch, front.seq_len)?;
+        let mut l = attention_launch(self.path, &cfg, front.batch, front.seq_len)?;
         let ap = AttnParams {
             q: ptr(&self.q),
             k: ptr(&self.k),
@@ -1014,21 +1025,20 @@ impl<'a> GpuLayer<'a> {
             scale: 1.0 / (d as f32).sqrt(),
             scale_log2: std::f32::consts::LOG2_E / (d as f32).sqrt(),
             mask: front.mask,
+            batch: front.batch as i32,
+            sched: ptr(&self.sched),
         };
         let maps = match self.path {
             AttnPath::Wgmma { .. } => {
+                // Persistent: one CTA per SM takes work items (plan::attention_launch numbers
+                // them along grid x) until none is left.
+                l.grid.0 = l.grid.0.min(self.kernels.sm_count as u32);
+                let prec = self.opts.precision;
+                let (t, b) = (front.seq_len, front.batch);
                 let columns = cfg.n_kv_head * d;
-                let map = |buf| {
-                    tma::kv_map(
-                        ptr(buf),
-                        self.opts.precision,
-                        columns,
-                        front.seq_len,
-                        front.batch,
-                        plan::WGMMA_KEY_TILE,
-                    )
-                };
-                Some((map(&self.k)?, map(&self.v)?))
+                let kv = |buf| tma::kv_map(ptr(buf), prec, columns, t, b, plan::WGMMA_KEY_TILE);
+                let q = tma::q_map(ptr(&self.q), prec, &cfg, t, b, l.q_per_cta)?;
+                Some([q, kv(&self.k)?, kv(&self.v)?])
             }
             _ => None,
         };

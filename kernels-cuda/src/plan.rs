@@ -539,12 +539,18 @@ pub fn attention_launch(
         ),
     };
     let tiles = seq_len.div_ceil(q_per_cta.max(1)).max(1);
-    let grid_x = u32::try_from(tiles).map_err(|_| {
-        crate::Error::Unsupported(format!("{tiles} query tiles exceed the grid's x limit"))
-    })?;
+    // The wgmma kernel numbers its work items (query tile, KV head, batch row) along x: the
+    // caller may launch fewer CTAs than items (persistent), never more.
+    let (x, grid_yz) = match path {
+        AttnPath::Wgmma { .. } => (tiles * cfg.n_kv_head * batch, (1, 1)),
+        _ => (tiles, (cfg.n_kv_head as u32, batch as u32)),
+    };
+    let grid_x = i32::try_from(x).map_err(|_| {
+        crate::Error::Unsupported(format!("{x} work items exceed the grid's x limit"))
+    })? as u32;
     Ok(Launch {
         kernel,
-        grid: (grid_x, cfg.n_kv_head as u32, batch as u32),
+        grid: (grid_x, grid_yz.0, grid_yz.1),
         block,
         smem,
         q_per_cta,
@@ -577,10 +583,14 @@ pub const fn mma_smem_bytes(dp: usize, m_tiles: usize, key_tile: usize) -> u32 {
 
 /// Dynamic shared memory of the wgmma kernel: 1024 bytes of alignment slack (the swizzle repeats
 /// every 1024 bytes), the Q tile and [`WGMMA_STAGES`] stages of K and V, 256 bytes a row, and
-/// the pipeline's mbarriers (three per stage and one for Q, 8 bytes each).
+/// the pipeline's mbarriers (three per stage and two for Q, 8 bytes each), and two 4-byte
+/// work-item slots.
 pub const fn wgmma_smem_bytes() -> u32 {
-    (1024 + WGMMA_ROWS * 256 + 2 * WGMMA_STAGES * WGMMA_KEY_TILE * 256 + (3 * WGMMA_STAGES + 1) * 8)
-        as u32
+    (1024
+        + WGMMA_ROWS * 256
+        + 2 * WGMMA_STAGES * WGMMA_KEY_TILE * 256
+        + (3 * WGMMA_STAGES + 2) * 8
+        + 2 * 4) as u32
 }
 
 /// Dynamic shared memory of the q/k/v preparation kernel.

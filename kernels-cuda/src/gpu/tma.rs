@@ -1,4 +1,4 @@
-//! TMA tensor maps for the Hopper attention kernel's K/V tiles.
+//! TMA tensor maps for the Hopper attention kernel's Q, K and V tiles.
 //!
 //! `cust_raw` 0.11 predates `cuTensorMapEncodeTiled`, so the driver's entry point is looked up
 //! once through `cuGetProcAddress` (which the binding and the link stub have) instead of being
@@ -8,6 +8,7 @@
 use std::ffi::{c_void, CStr};
 use std::sync::OnceLock;
 
+use attnrt::Config;
 use cust::sys as cu;
 
 use super::drv;
@@ -80,26 +81,71 @@ pub(crate) fn kv_map(
     batch: usize,
     key_tile: usize,
 ) -> Result<TensorMap> {
+    let row = columns as u64 * 2;
+    encode(
+        base,
+        precision,
+        &[columns as u64, seq_len as u64, batch as u64],
+        &[row, row * seq_len as u64],
+        &[64, key_tile as u32, 1],
+    )
+}
+
+/// The map of the queries, `[batch, seq_len, n_head * head_dim]` for `cfg`: 4-D (columns of a
+/// head, heads, tokens, batch rows), boxes of 64 columns x group heads x `q_per_cta` tokens x 1
+/// row, so that a box lands as the CTA's packed (query, head) rows of one plane.
+pub(crate) fn q_map(
+    base: u64,
+    precision: Precision,
+    cfg: &Config,
+    seq_len: usize,
+    batch: usize,
+    q_per_cta: usize,
+) -> Result<TensorMap> {
+    let head = cfg.head_dim as u64 * 2;
+    let row = head * cfg.n_head as u64;
+    encode(
+        base,
+        precision,
+        &[
+            cfg.head_dim as u64,
+            cfg.n_head as u64,
+            seq_len as u64,
+            batch as u64,
+        ],
+        &[head, row, row * seq_len as u64],
+        &[64, cfg.group_size() as u32, q_per_cta as u32, 1],
+    )
+}
+
+/// A tiled map with the 128-byte swizzle and zero fill of a bf16 / f16 tensor: `sizes` from the
+/// innermost dimension out, `strides` in bytes for every dimension but the innermost, `boxes`
+/// the tile's extent per dimension.
+fn encode(
+    base: u64,
+    precision: Precision,
+    sizes: &[u64],
+    strides: &[u64],
+    boxes: &[u32],
+) -> Result<TensorMap> {
     let dtype = match precision {
         Precision::Bf16 => DATA_TYPE_BFLOAT16,
         Precision::F16 => DATA_TYPE_FLOAT16,
         Precision::F32 => return Err(Error::Unsupported("TMA tiles are bf16 / f16 only".into())),
     };
-    let row = columns as u64 * 2;
-    let sizes = [columns as u64, seq_len as u64, batch as u64];
-    let strides = [row, row * seq_len as u64];
-    let boxes = [64u32, key_tile as u32, 1];
-    let elem = [1u32; 3];
+    let rank = sizes.len();
+    debug_assert!(strides.len() + 1 == rank && boxes.len() == rank);
+    let elem = [1u32; 5];
     let mut map = TensorMap([0; 16]);
     let encode = encoder()?;
-    // SAFETY: every array has the rank's length (strides rank - 1); `base` is a live device
-    // allocation of batch * seq_len * columns elements (the caller's buffer), 16-byte aligned
-    // with 16-byte multiple strides, which the driver checks and reports as an error otherwise.
+    // SAFETY: `sizes`, `boxes` and `elem` hold at least `rank` entries and `strides` rank - 1;
+    // `base` is a live device allocation covering the sizes (the caller's buffer); the driver
+    // checks alignment, strides and box limits and reports a violation as an error.
     drv("cuTensorMapEncodeTiled", unsafe {
         encode(
             &mut map,
             dtype,
-            3,
+            rank as u32,
             base as *mut c_void,
             sizes.as_ptr(),
             strides.as_ptr(),
