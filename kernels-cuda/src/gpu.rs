@@ -28,7 +28,7 @@ const PTX_DECODE: &str = include_str!(concat!(env!("OUT_DIR"), "/decode.ptx"));
 mod decode;
 mod multi;
 pub use decode::GpuKvCache;
-pub use multi::{MultiGpuKvCache, MultiGpuLayer, SeqParallelCall};
+pub use multi::{DeviceTiming, MultiGpuKvCache, MultiGpuLayer, SeqParallelCall};
 
 fn drv(call: &'static str, r: cu::CUresult) -> Result<()> {
     if r == cu::CUresult::CUDA_SUCCESS {

@@ -264,6 +264,21 @@ pub struct ReduceOptions {
     /// as with the all-reduce). Without it device 0 receives the whole sum. Ignored (all-reduce)
     /// when N does not divide `n_embd`.
     pub scatter: bool,
+    /// Sequence-parallel output by an all-to-all of the attention outputs instead of a sum:
+    /// device `i` sends the attention output of its query heads for rank `j`'s tokens
+    /// ([`attnrt::ShardPlan::token_range`]) to device `j` (grouped NCCL send / receive, the
+    /// layer's storage type), and device `j` runs the whole output projection (the full `wo`,
+    /// uploaded once per device, and the bias) for its tokens. Device `j`'s `y` then holds the
+    /// f32 output of its tokens; the host output is gathered from every device. Moves
+    /// `(N - 1) / N * T * n_head * head_dim / N` elements per device instead of an
+    /// all-reduce's `T * n_embd`, and involves no sum across devices, so the result is one
+    /// GPU's output projection of the same attention output. With `chunks` > 1 each device's
+    /// tokens are cut into that many parts whose exchanges run on a second stream of the
+    /// highest priority while the previous part's projection runs (measured slower than one
+    /// chunk at T = 16384 on 2 and 4 H200s: each exchange's fixed cost outweighs the
+    /// overlap). `storage_dtype` and `scatter` are ignored. The fastest prefill variant
+    /// measured (1.84-1.85x on 2 H200s, 3.33-3.35x on 4; BENCHMARKS.md).
+    pub all_to_all: bool,
 }
 
 impl ReduceOptions {
@@ -273,10 +288,19 @@ impl ReduceOptions {
         storage_dtype: false,
         chunks: 1,
         scatter: false,
+        all_to_all: false,
+    };
+
+    /// [`ReduceOptions::all_to_all`]: sequence-parallel output, one GPU's output projection.
+    pub const ALL_TO_ALL: ReduceOptions = ReduceOptions {
+        storage_dtype: false,
+        chunks: 1,
+        scatter: false,
+        all_to_all: true,
     };
 }
 
-/// One block of the all-to-all of the head split's all-to-all of the attention outputs: the attention output of
+/// One block of the all-to-all of [`ReduceOptions::all_to_all`]: the attention output of
 /// device `src`'s query heads (columns `cols` of the unsplit `[tokens, n_head * head_dim]`
 /// attention output) for part `chunk` of device `dst`'s tokens (`rows`).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -313,7 +337,7 @@ impl AllToAllBlock {
     }
 }
 
-/// The non-empty blocks of the all-to-all of the head split's all-to-all of the attention outputs for `tokens`
+/// The non-empty blocks of the all-to-all of [`ReduceOptions::all_to_all`] for `tokens`
 /// tokens under `plan`, each device's tokens cut into `chunks` contiguous parts (the first
 /// ones one longer; at least 1), in (chunk, `dst`, `src`) order. Every query head has exactly
 /// one owner, so a KV head replicated on several devices sends each of its query heads once.
