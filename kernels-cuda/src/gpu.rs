@@ -29,7 +29,7 @@ mod decode;
 mod multi;
 mod tma;
 pub use decode::GpuKvCache;
-pub use multi::{MultiGpuKvCache, MultiGpuLayer, SeqParallelCall};
+pub use multi::{DeviceTiming, MultiGpuKvCache, MultiGpuLayer, SeqParallelCall};
 
 fn drv(call: &'static str, r: cu::CUresult) -> Result<()> {
     if r == cu::CUresult::CUDA_SUCCESS {
@@ -371,6 +371,26 @@ struct WidenParams {
 pub(super) struct PendingPrep {
     pp: PrepParams,
     n: usize,
+}
+
+/// The projections of a call enqueued up to the conversion of `x` ([`GpuLayer::qkv_start`]).
+#[derive(Clone, Copy)]
+struct QkvStart {
+    /// `x` in the storage type (or the f32 `x` itself).
+    x_in: u64,
+    cs: u64,
+    cs_rows: u64,
+    cs_period: i32,
+    n: usize,
+}
+
+/// A forward call enqueued up to the conversion of `x` ([`GpuLayer::front_start`]).
+#[derive(Clone, Copy)]
+pub(super) struct FrontStart {
+    mask: MaskParams,
+    batch: usize,
+    seq_len: usize,
+    qkv: QkvStart,
 }
 
 /// A forward call enqueued up to the norm statistics ([`GpuLayer::run_front`]).
@@ -941,6 +961,30 @@ impl<'a> GpuLayer<'a> {
         rope: Option<RopeSource<'_>>,
         stream: cu::CUstream,
     ) -> Result<Front> {
+        // SAFETY: per this function's contract.
+        unsafe {
+            let start = self.front_start(x, batch, seq_len, mask, position_ids, rope, stream)?;
+            self.front_finish(&start, stream)
+        }
+    }
+
+    /// The part of [`GpuLayer::run_front`] up to the conversion of `x` (mask metadata, rotary
+    /// rows, the conversion kernel), so that a head split can start every device's first
+    /// kernel before any device's projections are enqueued.
+    ///
+    /// # Safety
+    /// As [`GpuLayer::run`].
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn front_start(
+        &mut self,
+        x: u64,
+        batch: usize,
+        seq_len: usize,
+        mask: &MaskInputs<'_>,
+        position_ids: Option<&[i32]>,
+        rope: Option<RopeSource<'_>>,
+        stream: cu::CUstream,
+    ) -> Result<FrontStart> {
         let cfg = self.cfg;
         let n = batch * seq_len;
 
@@ -989,11 +1033,31 @@ impl<'a> GpuLayer<'a> {
         }
 
         // SAFETY: per this function's contract.
-        let prep = unsafe { self.project_qkv(x, batch, seq_len, position_ids, rope, stream)? };
-        Ok(Front {
+        let qkv = unsafe { self.qkv_start(x, batch, seq_len, position_ids, rope, stream)? };
+        Ok(FrontStart {
             mask: mp,
             batch,
             seq_len,
+            qkv,
+        })
+    }
+
+    /// The rest of [`GpuLayer::run_front`]: projections and the norm/RoPE pass (or the
+    /// statistics).
+    ///
+    /// # Safety
+    /// `start` is this layer's last [`GpuLayer::front_start`], on the same stream.
+    pub(super) unsafe fn front_finish(
+        &mut self,
+        start: &FrontStart,
+        stream: cu::CUstream,
+    ) -> Result<Front> {
+        // SAFETY: per this function's contract.
+        let prep = unsafe { self.qkv_finish(start.qkv, stream)? };
+        Ok(Front {
+            mask: start.mask,
+            batch: start.batch,
+            seq_len: start.seq_len,
             prep,
         })
     }
@@ -1072,10 +1136,30 @@ impl<'a> GpuLayer<'a> {
         rope: Option<RopeSource<'_>>,
         stream: cu::CUstream,
     ) -> Result<Option<PendingPrep>> {
+        // SAFETY: per this function's contract.
+        unsafe {
+            let start = self.qkv_start(x, batch, seq_len, position_ids, rope, stream)?;
+            self.qkv_finish(start, stream)
+        }
+    }
+
+    /// The part of [`GpuLayer::project_qkv`] up to the conversion of `x`: the rotary rows'
+    /// upload and the conversion kernel.
+    ///
+    /// # Safety
+    /// As [`GpuLayer::project_qkv`].
+    unsafe fn qkv_start(
+        &mut self,
+        x: u64,
+        batch: usize,
+        seq_len: usize,
+        position_ids: Option<&[i32]>,
+        rope: Option<RopeSource<'_>>,
+        stream: cu::CUstream,
+    ) -> Result<QkvStart> {
         let cfg = self.cfg;
         let n = batch * seq_len;
-        let (c, qd, kvd, d) = (cfg.n_embd, cfg.q_dim(), cfg.kv_dim(), cfg.head_dim);
-        let width = qd + 2 * kvd;
+        let (c, d) = (cfg.n_embd, cfg.head_dim);
         let prec = self.opts.precision;
 
         // Rotary rows.
@@ -1131,6 +1215,36 @@ impl<'a> GpuLayer<'a> {
                 ptr(&self.xs)
             }
         };
+        Ok(QkvStart {
+            x_in,
+            cs,
+            cs_rows,
+            cs_period,
+            n,
+        })
+    }
+
+    /// The rest of [`GpuLayer::project_qkv`]: the fused q/k/v GEMM and the bias / QK-norm /
+    /// RoPE pass (or, with a norm share, the sums of squares and the pending pass).
+    ///
+    /// # Safety
+    /// `start` is this layer's last [`GpuLayer::qkv_start`], on the same stream.
+    unsafe fn qkv_finish(
+        &mut self,
+        start: QkvStart,
+        stream: cu::CUstream,
+    ) -> Result<Option<PendingPrep>> {
+        let cfg = self.cfg;
+        let QkvStart {
+            x_in,
+            cs,
+            cs_rows,
+            cs_period,
+            n,
+        } = start;
+        let (c, qd, kvd, d) = (cfg.n_embd, cfg.q_dim(), cfg.kv_dim(), cfg.head_dim);
+        let width = qd + 2 * kvd;
+        let prec = self.opts.precision;
         // SAFETY: wqkv [width, c], x_in [n, c], qkv [n, width] on the device.
         unsafe {
             self.cublas.linear(

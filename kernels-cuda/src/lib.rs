@@ -56,7 +56,8 @@ mod stub;
 pub use error::{Error, Result};
 #[cfg(feature = "cuda")]
 pub use gpu::{
-    DeviceCall, GpuKvCache, GpuLayer, MultiGpuKvCache, MultiGpuLayer, RopeSource, SeqParallelCall,
+    DeviceCall, DeviceTiming, GpuKvCache, GpuLayer, MultiGpuKvCache, MultiGpuLayer, RopeSource,
+    SeqParallelCall,
 };
 pub use plan::{
     capability, capability_on, AttnPath, DecodeTuning, GpuBackend, GpuOptions, Precision,
@@ -64,7 +65,8 @@ pub use plan::{
 };
 #[cfg(not(feature = "cuda"))]
 pub use stub::{
-    DeviceCall, GpuKvCache, GpuLayer, MultiGpuKvCache, MultiGpuLayer, RopeSource, SeqParallelCall,
+    DeviceCall, DeviceTiming, GpuKvCache, GpuLayer, MultiGpuKvCache, MultiGpuLayer, RopeSource,
+    SeqParallelCall,
 };
 
 /// Whether this build has the CUDA executor (the `cuda` feature).

@@ -1,7 +1,8 @@
 //! The handful of NCCL functions the multi-GPU head split needs, bound by hand (libnccl.so.2,
 //! 2.28): communicators for the devices of one process, grouped in-place sum all-reduces and
-//! reduce-scatters (f32, bf16, f16), and for sequence parallelism f32 all-gather /
-//! reduce-scatter of unequal shares (grouped broadcasts / reduces).
+//! reduce-scatters (f32, bf16, f16), for sequence parallelism f32 all-gather /
+//! reduce-scatter of unequal shares (grouped broadcasts / reduces), and grouped send / receive
+//! pairs (the all-to-all of the attention outputs).
 
 use std::ffi::{c_char, c_int, c_void, CStr};
 
@@ -95,7 +96,39 @@ extern "C" {
         comm: Comm,
         stream: *mut c_void,
     ) -> c_int;
+    fn ncclSend(
+        sendbuff: *const c_void,
+        count: usize,
+        datatype: c_int,
+        peer: c_int,
+        comm: Comm,
+        stream: *mut c_void,
+    ) -> c_int;
+    fn ncclRecv(
+        recvbuff: *mut c_void,
+        count: usize,
+        datatype: c_int,
+        peer: c_int,
+        comm: Comm,
+        stream: *mut c_void,
+    ) -> c_int;
     fn ncclGetErrorString(result: c_int) -> *const c_char;
+}
+
+/// One point-to-point transfer of [`Comms::exchange`]: `count` elements from `send` on rank
+/// `src` to `recv` on rank `dst`.
+#[derive(Clone, Copy, Debug)]
+pub struct Transfer {
+    /// Sending rank.
+    pub src: usize,
+    /// Receiving rank (not `src`).
+    pub dst: usize,
+    /// Device pointer of rank `src`.
+    pub send: u64,
+    /// Device pointer of rank `dst`.
+    pub recv: u64,
+    /// Elements.
+    pub count: usize,
 }
 
 /// Runs `enqueue` inside one NCCL group. `enqueue` gets a sink for each call's status: every
@@ -401,6 +434,63 @@ impl Comms {
                         )
                     }));
                 }
+            }
+        })
+    }
+}
+
+impl Comms {
+    /// Enqueues `transfers` as one NCCL group of `ncclSend` / `ncclRecv` pairs (an all-to-all
+    /// when every pair of ranks has one), each on the streams of its two ranks.
+    ///
+    /// # Safety
+    /// Each transfer's `send` holds `count` elements of `dtype` on device `src` and `recv` room
+    /// for them on device `dst` of this communicator set, no `recv` range overlapping another
+    /// transfer's `send` or `recv` range; `streams[i]` is a live stream of device `i`'s primary
+    /// context; all stay valid until the streams have run the work.
+    pub unsafe fn exchange(
+        &mut self,
+        transfers: &[Transfer],
+        streams: &[*mut c_void],
+        dtype: Dtype,
+    ) -> Result<()> {
+        let n = self.comms.len();
+        self.ranks("exchange", &[streams.len()])?;
+        if let Some(t) = transfers
+            .iter()
+            .find(|t| t.src >= n || t.dst >= n || t.src == t.dst)
+        {
+            return Err(Error::Unsupported(format!(
+                "transfer from rank {} to rank {} among {n} ranks",
+                t.src, t.dst
+            )));
+        }
+        grouped(|sink| {
+            for t in transfers {
+                // Ranks are below n <= c_int::MAX (checked by `ranks`).
+                let (src, dst) = (t.src as c_int, t.dst as c_int);
+                // SAFETY: live communicators; buffers and streams per the caller's contract.
+                sink(check("ncclSend", unsafe {
+                    ncclSend(
+                        t.send as *const c_void,
+                        t.count,
+                        dtype as c_int,
+                        dst,
+                        self.comms[t.src],
+                        streams[t.src],
+                    )
+                }));
+                // SAFETY: as above.
+                sink(check("ncclRecv", unsafe {
+                    ncclRecv(
+                        t.recv as *mut c_void,
+                        t.count,
+                        dtype as c_int,
+                        src,
+                        self.comms[t.dst],
+                        streams[t.dst],
+                    )
+                }));
             }
         })
     }

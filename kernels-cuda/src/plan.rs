@@ -264,6 +264,21 @@ pub struct ReduceOptions {
     /// as with the all-reduce). Without it device 0 receives the whole sum. Ignored (all-reduce)
     /// when N does not divide `n_embd`.
     pub scatter: bool,
+    /// Sequence-parallel output by an all-to-all of the attention outputs instead of a sum:
+    /// device `i` sends the attention output of its query heads for rank `j`'s tokens
+    /// ([`attnrt::ShardPlan::token_range`]) to device `j` (grouped NCCL send / receive, the
+    /// layer's storage type), and device `j` runs the whole output projection (the full `wo`,
+    /// uploaded once per device, and the bias) for its tokens. Device `j`'s `y` then holds the
+    /// f32 output of its tokens; the host output is gathered from every device. Moves
+    /// `(N - 1) / N * T * n_head * head_dim / N` elements per device instead of an
+    /// all-reduce's `T * n_embd`, and involves no sum across devices, so the result is one
+    /// GPU's output projection of the same attention output. With `chunks` > 1 each device's
+    /// tokens are cut into that many parts whose exchanges run on a second stream of the
+    /// highest priority while the previous part's projection runs (measured slower than one
+    /// chunk at T = 16384 on 2 and 4 H200s: each exchange's fixed cost outweighs the
+    /// overlap). `storage_dtype` and `scatter` are ignored. The fastest prefill variant
+    /// measured (1.84-1.85x on 2 H200s, 3.33-3.35x on 4; BENCHMARKS.md).
+    pub all_to_all: bool,
 }
 
 impl ReduceOptions {
@@ -273,7 +288,102 @@ impl ReduceOptions {
         storage_dtype: false,
         chunks: 1,
         scatter: false,
+        all_to_all: false,
     };
+
+    /// [`ReduceOptions::all_to_all`]: sequence-parallel output, one GPU's output projection.
+    pub const ALL_TO_ALL: ReduceOptions = ReduceOptions {
+        storage_dtype: false,
+        chunks: 1,
+        scatter: false,
+        all_to_all: true,
+    };
+}
+
+/// One block of the all-to-all of [`ReduceOptions::all_to_all`]: the attention output of
+/// device `src`'s query heads (columns `cols` of the unsplit `[tokens, n_head * head_dim]`
+/// attention output) for part `chunk` of device `dst`'s tokens (`rows`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AllToAllBlock {
+    /// Token chunk (`0..chunks`): the exchange and output projection of chunk `c` run before
+    /// those of chunk `c + 1`.
+    pub chunk: usize,
+    /// Sending device (owner of the query heads).
+    pub src: usize,
+    /// Receiving device (owner of the tokens).
+    pub dst: usize,
+    /// Tokens (flattened): part `chunk` of `dst`'s [`attnrt::ShardPlan::token_range`].
+    pub rows: core::ops::Range<usize>,
+    /// Columns of the unsplit attention output, `src`'s query heads times `head_dim`.
+    pub cols: core::ops::Range<usize>,
+    /// First element of the block in `src`'s attention output (`[tokens, cols.len()]`,
+    /// row-major): the rows are contiguous there.
+    pub src_offset: usize,
+    /// First element of the block in `dst`'s receive buffer (blocks from other devices only,
+    /// packed in (chunk, `src`) order, each `[rows.len(), cols.len()]`); unused when
+    /// `src == dst`.
+    pub stage_offset: usize,
+}
+
+impl AllToAllBlock {
+    /// Elements in the block.
+    pub fn len(&self) -> usize {
+        self.rows.len() * self.cols.len()
+    }
+
+    /// Whether the block is empty (a device or chunk without tokens).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The non-empty blocks of the all-to-all of [`ReduceOptions::all_to_all`] for `tokens`
+/// tokens under `plan`, each device's tokens cut into `chunks` contiguous parts (the first
+/// ones one longer; at least 1), in (chunk, `dst`, `src`) order. Every query head has exactly
+/// one owner, so a KV head replicated on several devices sends each of its query heads once.
+/// A device's receive buffer needs `ceil(tokens / n) * (n_head - its heads) * head_dim`
+/// elements.
+///
+/// # Errors
+/// None for a valid plan (the plan's own range errors are passed on).
+pub fn all_to_all_blocks(
+    plan: &attnrt::ShardPlan,
+    tokens: usize,
+    chunks: usize,
+) -> crate::Result<Vec<AllToAllBlock>> {
+    let n = plan.n_devices();
+    let d = plan.config().head_dim;
+    let chunks = chunks.max(1);
+    let mut stage = vec![0usize; n];
+    let mut out = Vec::with_capacity(chunks * n * n);
+    for chunk in 0..chunks {
+        for (dst, packed) in stage.iter_mut().enumerate() {
+            let all = plan.token_range(dst, tokens)?;
+            let (base, extra) = (all.len() / chunks, all.len() % chunks);
+            let start = all.start + chunk * base + chunk.min(extra);
+            let rows = start..start + base + usize::from(chunk < extra);
+            for src in 0..n {
+                let cols = plan.shard(src)?.q_rows(d);
+                let b = AllToAllBlock {
+                    chunk,
+                    src,
+                    dst,
+                    src_offset: rows.start * cols.len(),
+                    stage_offset: *packed,
+                    rows: rows.clone(),
+                    cols,
+                };
+                if b.is_empty() {
+                    continue;
+                }
+                if src != dst {
+                    *packed += b.len();
+                }
+                out.push(b);
+            }
+        }
+    }
+    Ok(out)
 }
 
 impl Default for ReduceOptions {

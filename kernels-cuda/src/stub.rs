@@ -197,6 +197,20 @@ impl GpuLayer<'_> {
     }
 }
 
+/// Per device, where a multi-GPU call's time went (benchmark diagnostics; never produced in
+/// this build).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct DeviceTiming {
+    /// Microseconds from the call's start on the host to the first enqueue on the device.
+    pub enqueue_us: f64,
+    /// Milliseconds from the device's first work to its output's collective.
+    pub compute_ms: f32,
+    /// Milliseconds of the device's collectives.
+    pub nccl_ms: f32,
+    /// Milliseconds of the all-to-all's copies into place.
+    pub copy_ms: f32,
+}
+
 /// A KV cache split over several GPUs. This build has no CUDA: no value of it exists.
 pub struct MultiGpuKvCache {
     never: std::convert::Infallible,
@@ -304,6 +318,27 @@ impl<'a> MultiGpuLayer<'a> {
     /// Never returns.
     #[doc(hidden)]
     pub fn forward_staged(&mut self, _inputs: &Inputs<'_>) -> Result<()> {
+        match self.never {}
+    }
+
+    /// Unreachable in this build.
+    #[doc(hidden)]
+    pub fn last_call_timing(&self) -> &[DeviceTiming] {
+        match self.never {}
+    }
+
+    /// Unreachable in this build.
+    #[doc(hidden)]
+    pub fn set_enqueue_by_stage(&mut self, _by_stage: bool) {
+        match self.never {}
+    }
+
+    /// Unreachable in this build.
+    ///
+    /// # Errors
+    /// Never returns.
+    #[doc(hidden)]
+    pub fn set_comm_priority(&mut self, _high: bool) -> Result<()> {
         match self.never {}
     }
 

@@ -3,10 +3,12 @@
 //! Forward (`forward_host`), every mask mode, KV heads fewer than / equal to / more than the
 //! devices, rotary (both conventions), no / per-head / full QK-norm, bias:
 //! * f32 path: the split result within 1e-4 (max abs) of `Layer::forward_reference`, with each
-//!   reduction of `REDUCTIONS` (all-reduce / reduce-scatter, one chunk / chunks overlapped);
+//!   reduction of `REDUCTIONS` (all-reduce / reduce-scatter, one chunk / chunks overlapped,
+//!   all-to-all of the attention outputs; the last also with unequal head and token shares
+//!   and ranks without tokens);
 //! * bf16 path: the split result equals the single-GPU `GpuLayer` bf16 result within the bf16
 //!   tolerance of `tests/gpu.rs` (relative L2 <= 2e-2, max abs <= 5e-2 * max|ref|), with each
-//!   reduction (f32 or bf16 sums, all-reduce or reduce-scatter, chunked or not);
+//!   reduction (f32 or bf16 sums, all-reduce or reduce-scatter, chunked or not, all-to-all);
 //! * the partials mode sums to the reduced result.
 //!
 //! Cached calls (`forward_cached` on a `MultiGpuKvCache`): three sequences, prefill (whole or
@@ -38,25 +40,30 @@ use common::{
     split_config, CachedPlan, MASK_NAMES,
 };
 
-/// The reductions the tests run: the exact all-reduce, and the storage-type / chunked /
-/// reduce-scatter variants (storage type has no effect on f32 layers).
-const REDUCTIONS: [ReduceOptions; 4] = [
+/// The reductions the tests run: the exact all-reduce, the storage-type / chunked /
+/// reduce-scatter variants (storage type has no effect on f32 layers), and the all-to-all of
+/// the attention outputs (sequence-parallel output).
+const REDUCTIONS: [ReduceOptions; 5] = [
     ReduceOptions::EXACT,
     ReduceOptions {
         storage_dtype: true,
         chunks: 3,
         scatter: false,
+        all_to_all: false,
     },
     ReduceOptions {
         storage_dtype: false,
         chunks: 1,
         scatter: true,
+        all_to_all: false,
     },
     ReduceOptions {
         storage_dtype: true,
         chunks: 2,
         scatter: true,
+        all_to_all: false,
     },
+    ReduceOptions::ALL_TO_ALL,
 ];
 
 /// bf16 tolerance of tests/gpu.rs: (relative L2, max abs / max|want|) of `got` vs `want`,
@@ -188,6 +195,89 @@ fn split_equals_one_gpu_every_mask_mode() {
             "N={n}: {cases} cases, worst f32 max abs err {:.2e}, worst bf16 rel L2 vs one GPU {:.2e}",
             worst.0, worst.1
         );
+    }
+}
+
+/// The all-to-all in one chunk and in 3 (exchanges overlapping the projections).
+const A2A: [ReduceOptions; 2] = [
+    ReduceOptions::ALL_TO_ALL,
+    ReduceOptions {
+        chunks: 3,
+        ..ReduceOptions::ALL_TO_ALL
+    },
+];
+
+/// The all-to-all (in one chunk and in 3) with unequal head shares (6 query heads, 3 KV heads: 4/2 on 2 devices,
+/// 1/1/2/2 with a replicated KV head on 4), token counts below the device count (ranks
+/// without tokens) and uneven token shares, a batch of 2, output bias and full QK-norm: f32
+/// within 1e-4 of the reference, bf16 equal to one GPU within the bf16 tolerance.
+#[test]
+#[allow(clippy::drop_non_drop)]
+fn all_to_all_uneven_heads_and_tokens() {
+    let Some(counts) = device_counts("the head split") else {
+        return;
+    };
+    for n in counts {
+        for (t, norm) in [
+            (1usize, QkNorm::None),
+            (3, QkNorm::Full),
+            (37, QkNorm::PerHead),
+        ] {
+            let cfg = Config::new(96, 6)
+                .with_kv_heads(3)
+                .with_head_dim(32)
+                .with_qk_norm(norm)
+                .with_rope(Rope::DEFAULT)
+                .with_bias(BiasFlags::ALL);
+            let mut rng = Rng(0xA2A0 ^ ((n * 1000 + t) as u64));
+            let w = OwnedWeights::random(&cfg, &mut rng);
+            let layer = Layer::new(cfg, w.view(&cfg)).unwrap();
+            let call = make_call(&cfg, 2, t, &mut rng, true);
+            let inputs = call.inputs(&cfg);
+            let len = inputs.batch * t * cfg.n_embd;
+            let name = format!(
+                "all-to-all N={n} H=6 KV=3 T={t} batch {} {norm:?}",
+                inputs.batch
+            );
+            let want = reference(&layer, &inputs);
+
+            let opts = GpuOptions::new(Precision::F32, inputs.batch, t);
+            let mut multi = MultiGpuLayer::new(layer, &devices(n), opts).unwrap();
+            let mut err = 0.0f32;
+            for reduce in A2A {
+                multi.set_reduce(reduce).unwrap();
+                assert_eq!(multi.reduce_options(), reduce);
+                let mut y = vec![f32::NAN; len];
+                multi
+                    .forward_host(&inputs, &mut y)
+                    .unwrap_or_else(|e| panic!("{name} f32 {reduce:?}: {e}"));
+                let e = max_abs_diff(&y, &want);
+                assert!(e <= F32_TOL, "{name} f32 {reduce:?}: max abs err {e:.3e}");
+                err = err.max(e);
+            }
+            drop(multi);
+
+            let opts = GpuOptions::new(Precision::Bf16, inputs.batch, t);
+            let mut one = GpuLayer::new(layer, opts).unwrap();
+            let mut single = vec![f32::NAN; len];
+            one.forward_host(&inputs, &mut single).unwrap();
+            drop(one);
+            let mut multi = MultiGpuLayer::new(layer, &devices(n), opts).unwrap();
+            let (mut rel, mut same) = (0.0f64, 0.0f32);
+            for reduce in A2A {
+                multi.set_reduce(reduce).unwrap();
+                let mut split = vec![f32::NAN; len];
+                multi
+                    .forward_host(&inputs, &mut split)
+                    .unwrap_or_else(|e| panic!("{name} bf16 {reduce:?}: {e}"));
+                let what = format!("{name} bf16 {reduce:?} vs one GPU");
+                rel = rel.max(bf16_close(&what, &split, &single).0);
+                same = same.max(max_abs_diff(&split, &single));
+            }
+            println!(
+                "{name}: f32 vs ref {err:.2e}, bf16 vs 1 GPU relL2 {rel:.2e} (max abs {same:.2e})"
+            );
+        }
     }
 }
 
@@ -420,6 +510,10 @@ fn split_prefill_and_decode_equal_one_gpu_and_reference() {
             let reduce = REDUCTIONS[i % REDUCTIONS.len()];
             cached_case(n, reduce, kv, norm, window, rolling, chunk, block, p);
         }
+        // The all-to-all on bf16 too (chunked prefill, decode steps with fewer sequences than
+        // devices on 4: ranks without tokens).
+        cached_case(n, A2A[1], few, PerHead, None, false, 16, 16, Bf16);
+        cached_case(n, A2A[1], many, NoNorm, Some(37), true, 16, 16, F32);
     }
 }
 

@@ -6,7 +6,9 @@
 //!
 //! `attnrt-cuda-bench --multi [OUT.json]`: the head split over GPUs (`MultiGpuLayer`) on 1
 //! and 2 GPUs (4 too when present): prefill T = 16384 (causal) with each `ReduceOptions`
-//! variant, and decode of 32 sequences x 8192 cached tokens (ms per step host to host, the
+//! variant (the all-to-all included; some also with the devices' work enqueued device by
+//! device instead of stage by stage, with each device's enqueue start, compute and NCCL
+//! time), and decode of 32 sequences x 8192 cached tokens (ms per step host to host, the
 //! 2-GPU / 1-GPU latency ratio, ms in NCCL, attention-only time per device). n_embd 4096, 32/8
 //! heads, head_dim 128, bf16.
 
@@ -445,6 +447,9 @@ mod cuda_main {
         }
 
         fn name(r: &ReduceOptions) -> String {
+            if r.all_to_all {
+                return format!("all-to-all (seq-parallel out) x{}", r.chunks);
+            }
             format!(
                 "{} {} x{}",
                 if r.storage_dtype { "bf16" } else { "f32" },
@@ -462,6 +467,14 @@ mod cuda_main {
                 storage_dtype,
                 chunks,
                 scatter,
+                all_to_all: false,
+            }
+        }
+
+        const fn a2a(chunks: usize) -> ReduceOptions {
+            ReduceOptions {
+                chunks,
+                ..ReduceOptions::ALL_TO_ALL
             }
         }
 
@@ -490,25 +503,36 @@ mod cuda_main {
             let t = 16384usize;
             let x = rng.vec(t * C, 1.0);
             let inputs = Inputs::new(&x, 1, t);
-            let iters = 10;
+            let iters = 20;
+            // (reduction, enqueue stage by stage across the devices, high-priority second
+            // stream for overlapped collectives)
             let variants = [
-                ReduceOptions::EXACT,
-                opt(false, false, 4),
-                opt(false, true, 1),
-                opt(false, true, 4),
-                opt(true, false, 1),
-                opt(true, false, 4),
-                opt(true, true, 1),
-                opt(true, true, 4),
+                (ReduceOptions::EXACT, true, true),
+                (ReduceOptions::EXACT, false, true),
+                (opt(false, false, 4), true, true),
+                (opt(false, true, 1), true, true),
+                (opt(false, true, 4), true, true),
+                (opt(true, false, 1), true, true),
+                (opt(true, false, 4), true, true),
+                (opt(true, true, 1), true, true),
+                (opt(true, true, 1), false, true),
+                (opt(true, true, 4), true, true),
+                (opt(true, true, 4), true, false),
+                (ReduceOptions::ALL_TO_ALL, true, true),
+                (ReduceOptions::ALL_TO_ALL, false, true),
+                (a2a(2), true, true),
+                (a2a(2), true, false),
+                (a2a(4), true, true),
+                (a2a(4), true, false),
             ];
             println!(
                 "prefill T={t}, n_embd {C}, {H}/{KV} heads, head_dim {D}, bf16, causal, batch 1 \
                  (host wall clock per call, mean of {iters} after 3 warm-ups)"
             );
             println!(
-                "| GPUs | reduce (type, collective, chunks) | ms | tokens/s | scaling vs 1 GPU | ms in NCCL |"
+                "| GPUs | reduce (type, collective, chunks) | enqueue | ms | min ms | tokens/s | scaling vs 1 GPU | ms in NCCL (max / min over devices) | per device: enqueue start us / compute ms / NCCL ms (/ all-to-all copies ms) |"
             );
-            println!("| --- | --- | ---: | ---: | ---: | ---: |");
+            println!("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- |");
             let mut base = 0.0f64;
             let mut device = String::new();
             for n in counts() {
@@ -519,33 +543,70 @@ mod cuda_main {
                 )?;
                 device = m.backend().device;
                 m.stage_inputs(&inputs)?;
-                let vs: &[ReduceOptions] = if n == 1 { &variants[..1] } else { &variants };
-                for r in vs {
-                    m.set_reduce(*r)?;
+                let vs = if n == 1 {
+                    &variants[..1]
+                } else {
+                    &variants[..]
+                };
+                for &(r, by_stage, high) in vs {
+                    m.set_reduce(r)?;
+                    m.set_enqueue_by_stage(by_stage);
+                    m.set_comm_priority(high)?;
                     for _ in 0..3 {
                         m.forward_staged(&inputs)?;
                     }
-                    let mut nccl = 0.0f64;
+                    let (mut nccl, mut nccl_min) = (0.0f64, 0.0f64);
+                    let mut per = vec![(0.0f64, 0.0f64, 0.0f64, 0.0f64); n];
+                    let mut best = f64::MAX;
                     let start = Instant::now();
                     for _ in 0..iters {
+                        let one = Instant::now();
                         m.forward_staged(&inputs)?;
+                        best = best.min(one.elapsed().as_secs_f64() * 1e3);
                         nccl += m.last_nccl_ms() as f64;
+                        let tm = m.last_call_timing();
+                        nccl_min += tm.iter().map(|d| d.nccl_ms as f64).fold(f64::MAX, f64::min);
+                        for (p, d) in per.iter_mut().zip(tm) {
+                            p.0 += d.enqueue_us;
+                            p.1 += d.compute_ms as f64;
+                            p.2 += d.nccl_ms as f64;
+                            p.3 += d.copy_ms as f64;
+                        }
                     }
                     let ms = start.elapsed().as_secs_f64() * 1e3 / iters as f64;
                     if n == 1 {
                         base = ms;
                     }
-                    let nccl = nccl / iters as f64;
+                    let k = iters as f64;
+                    let nccl = nccl / k;
+                    let nccl_min = if n == 1 { 0.0 } else { nccl_min / k };
+                    let per: Vec<String> = per
+                        .iter()
+                        .map(|p| {
+                            let copies = if r.all_to_all && r.chunks == 1 {
+                                format!(" / {:.3}", p.3 / k)
+                            } else {
+                                String::new()
+                            };
+                            format!("{:.1} / {:.3} / {:.3}{copies}", p.0 / k, p.1 / k, p.2 / k)
+                        })
+                        .collect();
+                    let order = match (by_stage, r.chunks > 1, high) {
+                        (true, true, false) => "by stage, default-priority 2nd stream",
+                        (true, _, _) => "by stage",
+                        (false, _, _) => "by device",
+                    };
                     println!(
-                        "| {n} | {} | {ms:.3} | {:.0} | {:.3}x | {nccl:.3} |",
-                        name(r),
+                        "| {n} | {} | {order} | {ms:.3} | {best:.3} | {:.0} | {:.3}x | {nccl:.3} / {nccl_min:.3} | {} |",
+                        name(&r),
                         t as f64 / (ms / 1e3),
-                        base / ms
+                        base / ms,
+                        per.join(", ")
                     );
                     writeln!(
                         json,
-                        "{{\"case\": \"multi prefill T={t}\", \"gpus\": {n}, \"reduce\": \"{}\", \"ms\": {ms}, \"scaling\": {}, \"nccl_ms\": {nccl}}}",
-                        name(r),
+                        "{{\"case\": \"multi prefill T={t}\", \"gpus\": {n}, \"reduce\": \"{}\", \"enqueue\": \"{order}\", \"ms\": {ms}, \"min_ms\": {best}, \"scaling\": {}, \"nccl_ms\": {nccl}, \"nccl_min_ms\": {nccl_min}}}",
+                        name(&r),
                         base / ms
                     )
                     .ok();
@@ -639,6 +700,7 @@ mod cuda_main {
                         ReduceOptions::EXACT,
                         opt(false, true, 1),
                         opt(true, true, 1),
+                        ReduceOptions::ALL_TO_ALL,
                     ]
                 };
                 for r in vs {

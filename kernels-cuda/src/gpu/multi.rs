@@ -1,9 +1,12 @@
 //! Head split across the GPUs of one host (tensor parallel): one [`GpuLayer`] per device for
-//! its [`ShardPlan`] shard, partial outputs summed with an NCCL all-reduce, full-QK-norm
+//! its [`ShardPlan`] shard, partial outputs summed with an NCCL all-reduce (or the attention
+//! outputs exchanged all-to-all, [`ReduceOptions::all_to_all`]), full-QK-norm
 //! statistics summed the same way (two floats per token), and a KV cache per device
 //! ([`MultiGpuKvCache`]) for prefill and decode through the split.
 
 use std::ffi::c_void;
+use std::ops::Range;
+use std::time::Instant;
 
 use attnrt::{Inputs, KvGeometry, Layer, RopeTable, Sequence, ShardLayer, ShardPlan, Tensor};
 use cust::memory::DeviceBuffer;
@@ -13,11 +16,15 @@ use half::{bf16, f16};
 use super::decode::CachedFront;
 use super::WidenParams;
 use super::{
-    alloc, drv, function, h2d, launch, ptr, upload, Front, GpuKvCache, GpuLayer, RopeSource,
+    alloc, blas_type, drv, function, h2d, launch, ptr, stored, upload, BiasParams, Front,
+    FrontStart, GpuKvCache, GpuLayer, RopeSource,
 };
+use crate::cublas;
 use crate::error::{Error, Result};
-use crate::nccl::{self, Collective, Comms, Dtype};
-use crate::plan::{GpuBackend, GpuOptions, Precision, ReduceOptions};
+use crate::nccl::{self, Collective, Comms, Dtype, Transfer};
+use crate::plan::{
+    all_to_all_blocks, AllToAllBlock, GpuBackend, GpuOptions, Precision, ReduceOptions,
+};
 
 mod seq;
 pub use seq::SeqParallelCall;
@@ -93,8 +100,11 @@ impl Drop for Pinned {
 /// What a device needs for the reduction besides its shard's layer.
 struct Lane {
     /// Second stream: the chunked all-reduce runs there while the next chunk's projection runs
-    /// on the layer's stream (null on one device).
+    /// on the layer's stream (null on one device). Of the highest priority unless
+    /// [`MultiGpuLayer::set_comm_priority`] swapped it with `comm_alt`.
     comm: cu::CUstream,
+    /// The other second stream: of the default priority (null on one device).
+    comm_alt: cu::CUstream,
     /// "Chunk projected" (layer stream -> comm stream) and "reduction done" (back).
     chunk_ev: cu::CUevent,
     done_ev: cu::CUevent,
@@ -109,6 +119,42 @@ struct Lane {
     f_widen: Option<cu::CUfunction>,
     /// Around a cached call's work on this device (benchmark diagnostics).
     step: (cu::CUevent, cu::CUevent),
+    /// From the first work of a call on this device to the end of its output projection,
+    /// before the output's collective (benchmark diagnostics).
+    span: (cu::CUevent, cu::CUevent),
+    /// Around the all-to-all's copies into place in one chunk (benchmark diagnostics).
+    copies: (cu::CUevent, cu::CUevent),
+    /// Buffers of [`ReduceOptions::all_to_all`] (allocated by `set_reduce`).
+    a2a: Option<AllToAllBuffers>,
+}
+
+/// A device's buffers for [`ReduceOptions::all_to_all`].
+struct AllToAllBuffers {
+    /// The whole `wo` (`[n_embd, n_head * head_dim]`, storage type).
+    wo: DeviceBuffer<u8>,
+    /// Received blocks, packed in sender order (`AllToAllBlock::stage_offset`).
+    stage: DeviceBuffer<u8>,
+    /// Every head's attention output of this device's tokens, `[rows, n_head * head_dim]`.
+    gathered: DeviceBuffer<u8>,
+}
+
+/// Per device, where a call's time went (benchmark diagnostics,
+/// [`MultiGpuLayer::last_call_timing`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct DeviceTiming {
+    /// Microseconds from the call's start on the host to the first enqueue on this device.
+    pub enqueue_us: f64,
+    /// Milliseconds (CUDA events) from this device's first work of the call to where its
+    /// output's collective was enqueued: after the output projection when the partial outputs
+    /// are summed, before it with [`ReduceOptions::all_to_all`], the whole call on one device.
+    pub compute_ms: f32,
+    /// Milliseconds (CUDA events) of this device's collectives in the call, waiting for the
+    /// other devices included.
+    pub nccl_ms: f32,
+    /// Milliseconds (CUDA events) of the copies of [`ReduceOptions::all_to_all`] in one chunk
+    /// that put every head's attention output of this device's tokens in place for the
+    /// projection (0 otherwise).
+    pub copy_ms: f32,
 }
 
 /// Where the summed output of a call lives.
@@ -119,6 +165,9 @@ enum Placement {
     /// elements are cut into N equal parts and device `i`'s `y` holds part `i` (f32) at its
     /// offset.
     Scattered(Vec<(usize, usize)>),
+    /// Sequence-parallel: device `i`'s `y` holds the output rows (tokens) of range `i` (f32)
+    /// at their offset.
+    Rows(Vec<Range<usize>>),
 }
 
 /// A KV cache split like its layer ([`MultiGpuLayer::new_kv_cache`]): one [`GpuKvCache`] per
@@ -164,7 +213,13 @@ impl MultiGpuKvCache {
 /// sums the squares of its q and k rows per token (a replicated KV head counts on its first
 /// device only), an all-reduce adds those `2 * tokens` floats, and each device normalises
 /// with the sums over the whole row. Cached calls (prefill, chunked prefill, decode) run on a
-/// [`MultiGpuKvCache`]. [`ReduceOptions`] picks the type and the chunking of the output sum.
+/// [`MultiGpuKvCache`]. [`ReduceOptions`] picks the type and the chunking of the output sum,
+/// or instead an all-to-all of the attention outputs after which each device projects its
+/// share of the tokens with the whole `wo` (sequence-parallel output).
+///
+/// A call's work is enqueued stage by stage across the devices (every device's conversion of
+/// `x`, then every device's projections, ...), so that the last device starts within
+/// microseconds of the first.
 pub struct MultiGpuLayer<'a> {
     layer: Layer<'a>,
     plan: ShardPlan,
@@ -182,6 +237,14 @@ pub struct MultiGpuLayer<'a> {
     pinned: Option<Pinned>,
     pinned_out: Option<Pinned>,
     step_ms: Vec<f32>,
+    /// Enqueue the devices' work stage by stage (every device's first kernel before any
+    /// device's projections) rather than device by device.
+    by_stage: bool,
+    /// Whether `Lane::comm` is the high-priority stream.
+    comm_high: bool,
+    /// The host side of [`MultiGpuLayer::last_call_timing`] (enqueue offsets) and its result.
+    enqueue_us: Vec<f64>,
+    timing: Vec<DeviceTiming>,
     _wo: Vec<WoBlock>,
 }
 
@@ -198,14 +261,20 @@ impl Drop for MultiGpuLayer<'_> {
             // uses them.
             unsafe {
                 cu::cuStreamSynchronize(gpu.stream);
-                if !lane.comm.is_null() {
-                    cu::cuStreamSynchronize(lane.comm);
-                    cu::cuStreamDestroy_v2(lane.comm);
+                for s in [lane.comm, lane.comm_alt] {
+                    if !s.is_null() {
+                        cu::cuStreamSynchronize(s);
+                        cu::cuStreamDestroy_v2(s);
+                    }
                 }
                 cu::cuEventDestroy_v2(lane.chunk_ev);
                 cu::cuEventDestroy_v2(lane.done_ev);
                 cu::cuEventDestroy_v2(lane.step.0);
                 cu::cuEventDestroy_v2(lane.step.1);
+                cu::cuEventDestroy_v2(lane.span.0);
+                cu::cuEventDestroy_v2(lane.span.1);
+                cu::cuEventDestroy_v2(lane.copies.0);
+                cu::cuEventDestroy_v2(lane.copies.1);
                 for &(a, b) in &lane.timing {
                     cu::cuEventDestroy_v2(a);
                     cu::cuEventDestroy_v2(b);
@@ -296,11 +365,23 @@ impl<'a> MultiGpuLayer<'a> {
         for g in &gpus {
             g.set_current()?;
             let mut comm: cu::CUstream = std::ptr::null_mut();
+            let mut comm_alt: cu::CUstream = std::ptr::null_mut();
             if comms.is_some() {
+                let (mut least, mut greatest) = (0i32, 0i32);
+                // SAFETY: valid out-pointers; the device's context is current.
+                drv("cuCtxGetStreamPriorityRange", unsafe {
+                    cu::cuCtxGetStreamPriorityRange(&mut least, &mut greatest)
+                })?;
+                // The highest priority, so that the block scheduler gives the collectives' CTAs
+                // the SMs that compute CTAs free, before the next queued compute CTAs.
                 // SAFETY: valid out-pointer; the device's context is current; destroyed in
                 // Drop. Non-blocking (flag 1), as the layer's own stream.
+                drv("cuStreamCreateWithPriority", unsafe {
+                    cu::cuStreamCreateWithPriority(&mut comm, 1, greatest)
+                })?;
+                // SAFETY: as above (the default priority).
                 drv("cuStreamCreate", unsafe {
-                    cu::cuStreamCreate(&mut comm, 1)
+                    cu::cuStreamCreate(&mut comm_alt, 1)
                 })?;
             }
             let bo = match (&full.bo, comms.is_some()) {
@@ -316,6 +397,7 @@ impl<'a> MultiGpuLayer<'a> {
             };
             lanes.push(Lane {
                 comm,
+                comm_alt,
                 chunk_ev: event(false)?,
                 done_ev: event(false)?,
                 timing: Vec::new(),
@@ -323,6 +405,9 @@ impl<'a> MultiGpuLayer<'a> {
                 bo,
                 f_widen,
                 step: (event(true)?, event(true)?),
+                span: (event(true)?, event(true)?),
+                copies: (event(true)?, event(true)?),
+                a2a: None,
             });
         }
         Ok(MultiGpuLayer {
@@ -340,6 +425,10 @@ impl<'a> MultiGpuLayer<'a> {
             pinned: None,
             pinned_out: None,
             step_ms: Vec::new(),
+            by_stage: true,
+            comm_high: true,
+            enqueue_us: Vec::new(),
+            timing: Vec::new(),
             _wo: wo,
         })
     }
@@ -377,7 +466,8 @@ impl<'a> MultiGpuLayer<'a> {
     }
 
     /// Sets how the partial outputs are summed from the next call on. Reducing in the storage
-    /// type allocates a partial-output buffer of that type per device (once).
+    /// type allocates a partial-output buffer of that type per device (once); the all-to-all
+    /// uploads the whole `wo` to every device and allocates its receive buffers (once).
     ///
     /// # Errors
     /// `chunks` 0 ([`Error::Unsupported`] naming it), out of device memory.
@@ -386,6 +476,23 @@ impl<'a> MultiGpuLayer<'a> {
             return Err(Error::Unsupported(
                 "ReduceOptions::chunks = 0: the output needs at least one chunk".into(),
             ));
+        }
+        if options.all_to_all && self.comms.is_some() {
+            let cfg = *self.layer.config();
+            let n = self.gpus.len();
+            let es = self.precision.size();
+            for (g, lane) in self.gpus.iter().zip(&mut self.lanes) {
+                if lane.a2a.is_none() {
+                    g.set_current()?;
+                    let rows = (g.opts.max_batch * g.opts.max_seq_len).div_ceil(n);
+                    let w = self.layer.weights();
+                    lane.a2a = Some(AllToAllBuffers {
+                        wo: upload(&stored(&[&w.wo], self.precision))?,
+                        stage: alloc(rows * (cfg.q_dim() - g.cfg.q_dim()) * es)?,
+                        gathered: alloc(rows * cfg.q_dim() * es)?,
+                    });
+                }
+            }
         }
         if options.storage_dtype && self.precision != Precision::F32 && self.comms.is_some() {
             for (g, lane) in self.gpus.iter().zip(&mut self.lanes) {
@@ -451,6 +558,19 @@ impl<'a> MultiGpuLayer<'a> {
         dtype: Dtype,
         on_comm: bool,
     ) -> Result<()> {
+        // SAFETY: per this function's contract.
+        self.timed_nccl(on_comm, |comms, streams| unsafe {
+            comms.sum(kind, bufs, streams, count, dtype)
+        })
+    }
+
+    /// Runs `enqueue` (NCCL work on the given streams, one per device: the layer streams, or
+    /// the second streams with `on_comm`) between timing events on those streams.
+    fn timed_nccl(
+        &mut self,
+        on_comm: bool,
+        enqueue: impl FnOnce(&mut Comms, &[*mut c_void]) -> Result<()>,
+    ) -> Result<()> {
         let Some(comms) = self.comms.as_mut() else {
             return Ok(());
         };
@@ -465,8 +585,7 @@ impl<'a> MultiGpuLayer<'a> {
             record(lane.timing[k].0, s)?;
             streams.push(s.cast::<c_void>());
         }
-        // SAFETY: per this function's contract.
-        unsafe { comms.sum(kind, bufs, &streams, count, dtype)? };
+        enqueue(comms, &streams)?;
         for ((g, lane), &s) in self.gpus.iter().zip(&self.lanes).zip(&streams) {
             g.set_current()?;
             record(lane.timing[k].1, s.cast())?;
@@ -505,7 +624,11 @@ impl<'a> MultiGpuLayer<'a> {
             let (y, s) = (ptr(&g.y), g.stream);
             // SAFETY: y holds max tokens * n_embd f32; o holds this call's attention output.
             unsafe { g.project_out(y, tokens, s)? };
+            self.mark_span_end()?;
             return Ok(Placement::Device0);
+        }
+        if self.reduce.all_to_all {
+            return self.project_all_to_all(tokens);
         }
         let n = self.gpus.len();
         let c = self.layer.config().n_embd;
@@ -553,6 +676,9 @@ impl<'a> MultiGpuLayer<'a> {
                     })?;
                 }
                 bufs.push(y);
+            }
+            if r0 + rows >= tokens {
+                self.mark_span_end()?;
             }
             // SAFETY: each buffer holds `rows * c` elements of `dtype` on its device (a
             // multiple of n for a reduce-scatter); the streams are the devices' (ordered after
@@ -612,6 +738,191 @@ impl<'a> MultiGpuLayer<'a> {
         })
     }
 
+    /// Records the end of each device's work before the output's collective
+    /// ([`DeviceTiming::compute_ms`]) on its layer stream.
+    fn mark_span_end(&self) -> Result<()> {
+        for (g, lane) in self.gpus.iter().zip(&self.lanes) {
+            g.set_current()?;
+            record(lane.span.1, g.stream)?;
+        }
+        Ok(())
+    }
+
+    /// [`ReduceOptions::all_to_all`]: every device sends each other device the attention
+    /// output of its query heads for that device's tokens, assembles every head's output of
+    /// its own tokens, and runs the whole output projection and bias on them, into its `y` at
+    /// their rows. With several chunks, the exchanges run on the second (high-priority)
+    /// streams, chunk `c + 1`'s while chunk `c`'s projection runs on the layer streams.
+    fn project_all_to_all(&mut self, tokens: usize) -> Result<Placement> {
+        let cfg = *self.layer.config();
+        let (c, qd) = (cfg.n_embd, cfg.q_dim());
+        let n = self.gpus.len();
+        let es = self.precision.size();
+        let dtype = match self.precision {
+            Precision::F32 => Dtype::F32,
+            Precision::Bf16 => Dtype::Bf16,
+            Precision::F16 => Dtype::F16,
+        };
+        let chunks = self.reduce.chunks.clamp(1, tokens.div_ceil(n).max(1));
+        let overlap = chunks > 1;
+        let blocks = all_to_all_blocks(&self.plan, tokens, chunks)?;
+        let mut bufs = Vec::with_capacity(n);
+        for lane in &self.lanes {
+            let b = lane.a2a.as_ref().ok_or_else(|| {
+                Error::Unsupported("all-to-all buffers missing (set_reduce not called)".into())
+            })?;
+            bufs.push((ptr(&b.wo), ptr(&b.stage), ptr(&b.gathered)));
+        }
+        let at = |base: u64, elems: usize| base + (elems * es) as u64;
+        let mut ranges = Vec::with_capacity(n);
+        for j in 0..n {
+            ranges.push(self.plan.token_range(j, tokens)?);
+        }
+        self.mark_span_end()?;
+        if overlap {
+            // The exchanges read the attention output: the second streams wait for it.
+            for (g, lane) in self.gpus.iter().zip(&self.lanes) {
+                g.set_current()?;
+                record(lane.chunk_ev, g.stream)?;
+                // SAFETY: live stream and event of the current context.
+                drv("cuStreamWaitEvent", unsafe {
+                    cu::cuStreamWaitEvent(lane.comm, lane.chunk_ev, 0)
+                })?;
+            }
+        }
+        for chunk in 0..chunks {
+            let part: Vec<&AllToAllBlock> = blocks.iter().filter(|b| b.chunk == chunk).collect();
+            if part.is_empty() {
+                continue;
+            }
+            let transfers: Vec<Transfer> = part
+                .iter()
+                .filter(|b| b.src != b.dst)
+                .map(|b| Transfer {
+                    src: b.src,
+                    dst: b.dst,
+                    send: at(ptr(&self.gpus[b.src].o), b.src_offset),
+                    recv: at(bufs[b.dst].1, b.stage_offset),
+                    count: b.len(),
+                })
+                .collect();
+            self.timed_nccl(overlap, |comms, streams| {
+                // SAFETY: each block lies inside its sender's attention output of this call
+                // ([tokens, its q columns]) and inside its receiver's stage buffer (sized for
+                // the largest token share times the other devices' columns); the blocks of
+                // one receiver do not overlap (`all_to_all_blocks`); the streams are ordered
+                // after the attention.
+                unsafe { comms.exchange(&transfers, streams, dtype) }
+            })?;
+            for (j, (g, lane)) in self.gpus.iter_mut().zip(&self.lanes).enumerate() {
+                let mine: Vec<&&AllToAllBlock> = part.iter().filter(|b| b.dst == j).collect();
+                let Some(first) = mine.first() else {
+                    if !overlap {
+                        // No tokens here: an empty span, so that the timing reads 0.
+                        g.set_current()?;
+                        record(lane.copies.0, g.stream)?;
+                        record(lane.copies.1, g.stream)?;
+                    }
+                    continue;
+                };
+                let rows = first.rows.clone();
+                g.set_current()?;
+                let s = g.stream;
+                if overlap {
+                    record(lane.done_ev, lane.comm)?;
+                    // SAFETY: live stream and event of the current context; the wait takes
+                    // the record just made (a later record does not affect it).
+                    drv("cuStreamWaitEvent", unsafe {
+                        cu::cuStreamWaitEvent(s, lane.done_ev, 0)
+                    })?;
+                }
+                let (wo, stage, gathered) = bufs[j];
+                if !overlap {
+                    record(lane.copies.0, s)?;
+                }
+                // The chunk's rows of every head, at their place among this device's rows.
+                let dst_rows = at(gathered, (rows.start - ranges[j].start) * qd);
+                for b in &mine {
+                    let src = if b.src == j {
+                        at(ptr(&g.o), b.src_offset)
+                    } else {
+                        at(stage, b.stage_offset)
+                    };
+                    let w = b.cols.len() * es;
+                    let copy = cu::CUDA_MEMCPY2D {
+                        srcXInBytes: 0,
+                        srcY: 0,
+                        srcMemoryType: cu::CUmemorytype::CU_MEMORYTYPE_DEVICE,
+                        srcHost: std::ptr::null(),
+                        srcDevice: src,
+                        srcArray: std::ptr::null_mut(),
+                        srcPitch: w,
+                        dstXInBytes: 0,
+                        dstY: 0,
+                        dstMemoryType: cu::CUmemorytype::CU_MEMORYTYPE_DEVICE,
+                        dstHost: std::ptr::null_mut(),
+                        dstDevice: dst_rows + (b.cols.start * es) as u64,
+                        dstArray: std::ptr::null_mut(),
+                        dstPitch: qd * es,
+                        WidthInBytes: w,
+                        Height: b.rows.len(),
+                    };
+                    // SAFETY: the source block ([rows, cols.len()], contiguous) lies in this
+                    // device's attention output or stage buffer, written earlier on this
+                    // stream (or on the second stream it waited for); the destination
+                    // columns of the chunk's rows of `qd` lie in `gathered` (sized for the
+                    // largest share).
+                    drv("cuMemcpy2DAsync", unsafe {
+                        cu::cuMemcpy2DAsync_v2(&copy, s)
+                    })?;
+                }
+                if !overlap {
+                    record(lane.copies.1, s)?;
+                }
+                let y = ptr(&g.y) + (rows.start * c * 4) as u64;
+                // SAFETY: wo [c, qd], the chunk's gathered rows [rows, qd] (storage type), y
+                // rows [rows, c] f32 inside this device's `y` (max tokens * n_embd f32).
+                unsafe {
+                    g.cublas.linear(
+                        s.cast(),
+                        rows.len(),
+                        c,
+                        qd,
+                        wo,
+                        dst_rows,
+                        blas_type(self.precision),
+                        y,
+                        cublas::R_32F,
+                    )?
+                };
+                if let Some(bo) = &lane.bo {
+                    let mut a = BiasParams {
+                        y,
+                        bias: ptr(bo),
+                        rows: rows.len() as i64,
+                        cols: c as i32,
+                    };
+                    let grid = ((rows.len() * c).div_ceil(256)).min(65535 * 8) as u32;
+                    // SAFETY: BiasParams matches the kernel's struct; y is [rows, c], bias [c].
+                    unsafe { launch(g.f_bias, (grid, 1, 1), 256, 0, s, &mut a)? };
+                }
+            }
+        }
+        if overlap {
+            // Every exchange done before the layer stream goes on, also on a device whose
+            // last chunks had no rows (its sends still read its attention output).
+            for (g, lane) in self.gpus.iter().zip(&self.lanes) {
+                g.set_current()?;
+                record(lane.done_ev, lane.comm)?;
+                // SAFETY: live stream and event of the current context.
+                drv("cuStreamWaitEvent", unsafe {
+                    cu::cuStreamWaitEvent(g.stream, lane.done_ev, 0)
+                })?;
+            }
+        }
+        Ok(Placement::Rows(ranges))
+    }
+
     /// Validates the call against the unsplit layer, uploads `x` to every device, enqueues
     /// every shard's projections, the norm statistics' sum (full QK-norm), and every shard's
     /// attention (the attention outputs in each layer's `o`).
@@ -621,19 +932,25 @@ impl<'a> MultiGpuLayer<'a> {
             g.check_capacity(inputs.batch, inputs.seq_len)?;
         }
         self.timed = 0;
+        let t0 = Instant::now();
+        self.enqueue_us.clear();
         let rope = inputs.rope_table.map(RopeSource::Host);
-        let mut fronts: Vec<Front> = Vec::with_capacity(self.gpus.len());
-        for g in &mut self.gpus {
+        let n = self.gpus.len();
+        let mut starts: Vec<FrontStart> = Vec::with_capacity(n);
+        let mut fronts: Vec<Front> = Vec::with_capacity(n);
+        for (g, lane) in self.gpus.iter_mut().zip(&self.lanes) {
             g.set_current()?;
             let (x, stream) = (ptr(&g.x), g.stream);
+            record(lane.span.0, stream)?;
+            self.enqueue_us.push(t0.elapsed().as_secs_f64() * 1e6);
             if upload {
                 // SAFETY: `x` holds max_batch * max_seq_len * n_embd f32 and the call fits
                 // (checked); `inputs.x` has batch * seq_len * n_embd values (validated).
                 unsafe { h2d(x, inputs.x, stream)? };
             }
             // SAFETY: x is this layer's buffer, sized for the validated call.
-            fronts.push(unsafe {
-                g.run_front(
+            let start = unsafe {
+                g.front_start(
                     x,
                     inputs.batch,
                     inputs.seq_len,
@@ -642,7 +959,22 @@ impl<'a> MultiGpuLayer<'a> {
                     rope,
                     stream,
                 )?
-            });
+            };
+            if self.by_stage {
+                // Every device's first kernel before any device's projections: each launch
+                // costs microseconds of host time, which would otherwise delay the last
+                // device's start by the whole front of every device before it.
+                starts.push(start);
+            } else {
+                // SAFETY: `start` was enqueued just above on this stream.
+                fronts.push(unsafe { g.front_finish(&start, stream)? });
+            }
+        }
+        for (g, start) in self.gpus.iter_mut().zip(&starts) {
+            g.set_current()?;
+            let stream = g.stream;
+            // SAFETY: `start` is this layer's front start, enqueued above on its stream.
+            fronts.push(unsafe { g.front_finish(start, stream)? });
         }
         self.reduce_norm(inputs.batch * inputs.seq_len)?;
         for (g, f) in self.gpus.iter_mut().zip(&fronts) {
@@ -689,6 +1021,15 @@ impl<'a> MultiGpuLayer<'a> {
                     }
                 }
             }
+            Placement::Rows(ranges) => {
+                for (g, r) in self.gpus.iter().zip(ranges) {
+                    if r.is_empty() {
+                        continue;
+                    }
+                    g.set_current()?;
+                    copy(g, r.start * c, r.len() * c)?;
+                }
+            }
         }
         Ok(())
     }
@@ -698,8 +1039,31 @@ impl<'a> MultiGpuLayer<'a> {
     fn finish(&mut self, reduced: bool, stepped: bool) -> Result<()> {
         let mut worst = 0.0f32;
         self.step_ms.clear();
-        for (g, lane) in self.gpus.iter().zip(&self.lanes) {
+        self.timing.clear();
+        for (i, (g, lane)) in self.gpus.iter().zip(&self.lanes).enumerate() {
             g.synchronize()?;
+            if reduced && self.enqueue_us.len() == self.gpus.len() {
+                let mut ms = 0.0f32;
+                // SAFETY: both events were recorded in this call (`launch`, and before the
+                // output's collective) on this finished stream.
+                drv("cuEventElapsedTime", unsafe {
+                    cu::cuEventElapsedTime(&mut ms, lane.span.0, lane.span.1)
+                })?;
+                let mut copy_ms = 0.0f32;
+                if self.reduce.all_to_all && self.reduce.chunks == 1 && self.comms.is_some() {
+                    // SAFETY: both events were recorded in this call around the copies (or back
+                    // to back on a device without tokens) on this finished stream.
+                    drv("cuEventElapsedTime", unsafe {
+                        cu::cuEventElapsedTime(&mut copy_ms, lane.copies.0, lane.copies.1)
+                    })?;
+                }
+                self.timing.push(DeviceTiming {
+                    enqueue_us: self.enqueue_us[i],
+                    compute_ms: ms,
+                    nccl_ms: 0.0,
+                    copy_ms,
+                });
+            }
             if stepped {
                 let mut ms = 0.0f32;
                 // SAFETY: both events were recorded in this call on this finished stream.
@@ -720,10 +1084,47 @@ impl<'a> MultiGpuLayer<'a> {
                     sum += ms;
                 }
                 worst = worst.max(sum);
+                if let Some(t) = self.timing.get_mut(i) {
+                    t.nccl_ms = sum;
+                }
             }
         }
         if reduced {
             self.nccl_ms = worst;
+        }
+        self.enqueue_us.clear();
+        Ok(())
+    }
+
+    /// Benchmark diagnostics of the last `forward_host` / `forward_staged` call on several
+    /// devices, device by device: when its work was enqueued, how long it ran before the
+    /// output's collective, and its time in NCCL (empty after other calls or on error).
+    #[doc(hidden)]
+    pub fn last_call_timing(&self) -> &[DeviceTiming] {
+        &self.timing
+    }
+
+    /// Benchmark switch: enqueue a call's work stage by stage across the devices (the
+    /// default: every device's first kernel, then every device's projections, ...) or device
+    /// by device (`false`: each device's whole front before the next device's).
+    #[doc(hidden)]
+    pub fn set_enqueue_by_stage(&mut self, by_stage: bool) {
+        self.by_stage = by_stage;
+    }
+
+    /// Benchmark switch: run the overlapped collectives (chunks > 1) on a second stream of
+    /// the highest priority (the default) or of the default priority (`false`).
+    ///
+    /// # Errors
+    /// A failed wait for the streams.
+    #[doc(hidden)]
+    pub fn set_comm_priority(&mut self, high: bool) -> Result<()> {
+        if high != self.comm_high {
+            for (g, lane) in self.gpus.iter().zip(&mut self.lanes) {
+                g.synchronize()?;
+                std::mem::swap(&mut lane.comm, &mut lane.comm_alt);
+            }
+            self.comm_high = high;
         }
         Ok(())
     }
@@ -929,7 +1330,7 @@ impl<'a> MultiGpuLayer<'a> {
     /// Benchmark helper: one reduced forward on the inputs already on the devices
     /// ([`MultiGpuLayer::stage_inputs`]; mask and positions from `inputs`), waiting for every
     /// device; the result stays on the devices (device 0, or each its part when
-    /// reduce-scattered).
+    /// reduce-scattered, or each its token rows with the all-to-all).
     ///
     /// # Errors
     /// As [`MultiGpuLayer::forward_host`].

@@ -359,3 +359,104 @@ fn decode_items_share_a_token_evenly() {
     let o = DecodeTuning { split: 16, ..t };
     assert_eq!(k.item_keys(150, 16, &o), 16);
 }
+
+/// Simulates the all-to-all of `all_to_all_blocks` in host memory: every device's attention
+/// output holds its columns of a known matrix for every token; after the moves (local blocks
+/// copied straight, remote ones through the receive buffer) each device's assembled rows must
+/// equal that matrix's rows of its tokens, every element written exactly once.
+#[test]
+fn all_to_all_blocks_move_every_head_of_every_token_once() {
+    let value = |t: usize, col: usize| (t * 100_003 + col) as u64;
+    let mut cases = 0;
+    for (heads, kv) in [(32, 8), (8, 2), (6, 3), (12, 4), (5, 5), (7, 1), (8, 8)] {
+        for n in 1..=heads.min(6) {
+            for (tokens, chunks) in [0usize, 1, 2, 3, 5, 16, 17, 33]
+                .into_iter()
+                .flat_map(|t| [(t, 1usize), (t, 2), (t, 3)])
+            {
+                let d = 2;
+                let cfg = Config::new(heads * d * 2, heads)
+                    .with_kv_heads(kv)
+                    .with_head_dim(d);
+                let plan = attnrt::ShardPlan::new(cfg, n).unwrap();
+                let blocks = all_to_all_blocks(&plan, tokens, chunks).unwrap();
+                let qd = heads * d;
+                // Each device's attention output: [tokens, its columns].
+                let outs: Vec<Vec<u64>> = (0..n)
+                    .map(|i| {
+                        let cols = plan.shard(i).unwrap().q_rows(d);
+                        (0..tokens)
+                            .flat_map(|t| cols.clone().map(move |c| value(t, c)))
+                            .collect()
+                    })
+                    .collect();
+                let max_rows = tokens.div_ceil(n);
+                for dst in 0..n {
+                    let rows = plan.token_range(dst, tokens).unwrap();
+                    let mine = plan.shard(dst).unwrap().q_rows(d).len();
+                    // The receive buffer as the device allocates it.
+                    let mut stage = vec![u64::MAX; max_rows * (qd - mine)];
+                    let mut assembled = vec![u64::MAX; rows.len() * qd];
+                    let mut written = vec![0u32; rows.len() * qd];
+                    let mut last_chunk = 0;
+                    for b in blocks.iter().filter(|b| b.dst == dst) {
+                        assert!(!b.is_empty());
+                        assert!(b.chunk < chunks && b.chunk >= last_chunk);
+                        last_chunk = b.chunk;
+                        assert!(rows.start <= b.rows.start && b.rows.end <= rows.end);
+                        // Chunks of one device differ in length by at most one.
+                        let per = rows.len() / chunks;
+                        assert!(b.rows.len() == per || b.rows.len() == per + 1);
+                        assert_eq!(b.cols, plan.shard(b.src).unwrap().q_rows(d));
+                        let src = &outs[b.src][b.src_offset..b.src_offset + b.len()];
+                        let block: &[u64] = if b.src == dst {
+                            src
+                        } else {
+                            // The receive: a contiguous copy into the stage buffer.
+                            let at = b.stage_offset..b.stage_offset + b.len();
+                            assert!(stage[at.clone()].iter().all(|&v| v == u64::MAX));
+                            stage[at.clone()].copy_from_slice(src);
+                            &stage[at]
+                        };
+                        // The 2D copy into the block's columns.
+                        let w = b.cols.len();
+                        let r0 = b.rows.start - rows.start;
+                        for (r, row) in block.chunks_exact(w).enumerate() {
+                            for (j, &v) in row.iter().enumerate() {
+                                assembled[(r0 + r) * qd + b.cols.start + j] = v;
+                                written[(r0 + r) * qd + b.cols.start + j] += 1;
+                            }
+                        }
+                    }
+                    assert!(
+                        written.iter().all(|&c| c == 1),
+                        "{heads}/{kv} on {n}, T {tokens}"
+                    );
+                    for (r, t) in rows.clone().enumerate() {
+                        for col in 0..qd {
+                            assert_eq!(assembled[r * qd + col], value(t, col));
+                        }
+                    }
+                    cases += 1;
+                }
+                // Local blocks never use the stage; nothing is sent from a device to itself.
+                let remote: usize = blocks
+                    .iter()
+                    .filter(|b| b.src != b.dst)
+                    .map(|b| b.len())
+                    .sum();
+                assert_eq!(
+                    remote,
+                    tokens * qd
+                        - (0..n)
+                            .map(|i| {
+                                plan.token_range(i, tokens).unwrap().len()
+                                    * plan.shard(i).unwrap().q_rows(d).len()
+                            })
+                            .sum::<usize>()
+                );
+            }
+        }
+    }
+    assert!(cases > 1500);
+}
