@@ -104,17 +104,21 @@ __device__ __forceinline__ void softmax_tile(float* s, const AttnParams& p, int 
                                              const int* row_g, float* m_row, float* l_row,
                                              float* alpha) {
     if (cls != TILE_ALL || !row_ok[0] || !row_ok[1]) {
+        // One merged id for the whole tile: the group rule holds for every pair.
+        const bool one_group = cls == TILE_PARTIAL_ONE_GROUP;
 #pragma unroll
         for (int nb = 0; nb < BN / 8; ++nb)
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
                 const int j = k0 + nb * 8 + tq * 2 + e;
                 // Keys past T are never visible (j > i); their id is not read.
-                const int gj = group_of(p.mask, b, min(j, p.seq_len - 1));
+                const int gj = one_group ? 0 : group_of(p.mask, b, min(j, p.seq_len - 1));
 #pragma unroll
-                for (int hf = 0; hf < 2; ++hf)
-                    if (!(row_ok[hf] && visible_ids(p.mask, len, row_q[hf], j, row_g[hf], gj)))
+                for (int hf = 0; hf < 2; ++hf) {
+                    const int gi = one_group ? 0 : row_g[hf];
+                    if (!(row_ok[hf] && visible_ids(p.mask, len, row_q[hf], j, gi, gj)))
                         s[nb * 4 + hf * 2 + e] = ATTNRT_NEG_INF;
+                }
             }
     }
 #pragma unroll

@@ -42,7 +42,10 @@ struct MaskParams {
     int granules;         // ceil(T / GRANULE)
 };
 
-enum TileClass { TILE_NONE = 0, TILE_PARTIAL = 1, TILE_ALL = 2 };
+// TILE_PARTIAL_ONE_GROUP: partial by position (causal, window, padding) while every query and
+// key of the tile has the same merged id, so the per-element test needs no id loads; kernels
+// that do not tell it apart treat it as TILE_PARTIAL.
+enum TileClass { TILE_NONE = 0, TILE_PARTIAL = 1, TILE_ALL = 2, TILE_PARTIAL_ONE_GROUP = 3 };
 
 __device__ __forceinline__ int tile_both(int a, int b) {
     if (a == TILE_NONE || b == TILE_NONE) return TILE_NONE;
@@ -103,6 +106,7 @@ __device__ __forceinline__ int classify_tile(const MaskParams& m, int b, int len
     if (qg_lo == qg_hi && klo == khi && qg_lo == klo) g = TILE_ALL;
     else if (qg_hi < klo || khi < qg_lo) g = TILE_NONE;
     else g = TILE_PARTIAL;
+    if (c == TILE_PARTIAL && g == TILE_ALL) return TILE_PARTIAL_ONE_GROUP;
     return tile_both(c, g);
 }
 
