@@ -203,13 +203,14 @@ template <int N> __device__ __forceinline__ void regs_inc() {
 
 // Dynamic shared memory: 1024 bytes of alignment slack, Q [64 * NC rows], STAGES stages of K and
 // of V [BN rows], then the mbarriers (full K, full V, empty per stage; full Q, empty Q) and two
-// item slots.
+// work-item slots (11 ints each).
 //
 // Work items are (query tile, KV head, batch row), numbered heaviest query tile first (for
 // causal masks). CTA c of a grid of G starts with item c; then its producer takes the next
 // unclaimed one, G + atomicAdd(p.sched, 1) (the counter is zero at launch), so that CTAs which
-// drew light items take more of them (greedy, heaviest first), and hands it to the consumers in
-// shared memory with the item's Q ("full Q"); a number past the last item ends the CTA. With a
+// drew light items take more of them (greedy, heaviest first), and hands it, described (query
+// range, merged ids, first tile), to the consumers in shared memory with the item's Q ("full
+// Q"); a number past the last item ends the CTA. With a
 // grid of one CTA per item each CTA runs one; with one CTA per SM (persistent) the producer
 // runs ahead into the next item's K/V tiles while the consumers finish the current one.
 //
@@ -239,9 +240,6 @@ __device__ __forceinline__ void attn_ws(const AttnParams& p, const TmaDesc* tmq,
     auto empty = [&](int st) { return bars + 8u * (2 * STAGES + st); };
     const uint32_t full_q = bars + 8u * (3 * STAGES);
     const uint32_t empty_q = full_q + 8u;
-    // The item of each Q load, by its parity (the producer writes slot qn % 2 only after the
-    // consumers released Q of item qn - 1, so they have read slot qn % 2 of item qn - 2).
-    volatile int* const item_slot = reinterpret_cast<volatile int*>(smem_raw + (empty_q + 8u - raw));
 
     const int tid = threadIdx.x, wg = tid >> 7, wtid = tid & 127;
     const int lane = tid & 31, wrow = (wtid >> 5) * 16 + (lane >> 2), tq = lane & 3;
@@ -265,8 +263,13 @@ __device__ __forceinline__ void attn_ws(const AttnParams& p, const TmaDesc* tmq,
     // What producer and consumers both derive from an item: the rows' query range, the
     // merged-id range of the queries, the keys' end and the first visited tile with its class.
     struct Item {
-        int q0, q1, g, b, len, qg_lo, qg_hi, kend, first, cls0;
+        int index, q0, q1, g, b, len, qg_lo, qg_hi, kend, first, cls0;
     };
+    // The item of each Q load, described by the producer, by its parity: the producer writes
+    // slot qn % 2 only after the consumers released Q of item qn - 1, so they have read slot
+    // qn % 2 of item qn - 2. Plain accesses: the mbarrier arrive / wait around them are
+    // release / acquire and compiler barriers ("memory" clobbers).
+    Item* const item_slot = reinterpret_cast<Item*>(smem_raw + (empty_q + 8u - raw));
     // The next visited tile at or after k.
     auto next_tile = [&](const Item& it, int k, int& cls) {
         for (; k < it.kend; k += BN) {
@@ -278,6 +281,7 @@ __device__ __forceinline__ void attn_ws(const AttnParams& p, const TmaDesc* tmq,
     };
     auto describe = [&](int i) {
         Item it;
+        it.index = i;
         const int t = i / (KVH * p.batch), rest = i - t * (KVH * p.batch);
         it.g = rest % KVH;
         it.b = rest / KVH;
@@ -299,17 +303,17 @@ __device__ __forceinline__ void attn_ws(const AttnParams& p, const TmaDesc* tmq,
         // tile, so that the stage ring refills while the consumers finish the previous item.
         if (wtid != 0) return;
         int n = 0, qn = 0;
-        // Hands item i (the Q of a non-empty one, or none) to the consumers once they have
-        // released Q of the previous item.
-        auto hand_over = [&](int i, const Item* it) {
+        // Hands an item (with its Q when it has keys to visit) to the consumers once they have
+        // released Q of the previous item; the consumers skip the item's description.
+        auto hand_over = [&](const Item& it, bool with_q) {
             if (qn > 0) mbar_wait(empty_q, (qn - 1) & 1);
-            item_slot[qn & 1] = i;
-            if (it != nullptr) {
+            item_slot[qn & 1] = it;
+            if (with_q) {
                 // Box (64 columns, R heads, BQ queries, 1 row): rows in (query, head) order,
                 // queries past T as zeros.
                 mbar_arrive_expect_tx(full_q, rows_used * WG_D * 2);
-                tma_load_4d(sQ, tmq, 0, it->g * R, it->q0, it->b, full_q);
-                tma_load_4d(sQ + BM * ROW_BYTES, tmq, 64, it->g * R, it->q0, it->b, full_q);
+                tma_load_4d(sQ, tmq, 0, it.g * R, it.q0, it.b, full_q);
+                tma_load_4d(sQ + BM * ROW_BYTES, tmq, 64, it.g * R, it.q0, it.b, full_q);
             } else {
                 mbar_arrive(full_q);
             }
@@ -318,7 +322,7 @@ __device__ __forceinline__ void attn_ws(const AttnParams& p, const TmaDesc* tmq,
         for (int i = blockIdx.x; i < items; i = G + atomicAdd(p.sched, 1)) {
             const Item it = describe(i);
             if (it.first >= it.kend) {
-                hand_over(i, nullptr);
+                hand_over(it, false);
                 continue;
             }
             int cls = it.cls0;
@@ -333,10 +337,12 @@ __device__ __forceinline__ void attn_ws(const AttnParams& p, const TmaDesc* tmq,
                 tma_load_3d(sV0 + st * KV_BYTES, tmv, it.g * D, k0, it.b, full_v(st));
                 tma_load_3d(sV0 + st * KV_BYTES + BN * ROW_BYTES, tmv, it.g * D + 64, k0, it.b,
                             full_v(st));
-                if (k0 == it.first) hand_over(i, &it);
+                if (k0 == it.first) hand_over(it, true);
             }
         }
-        hand_over(items, nullptr);
+        Item end{};
+        end.index = items;
+        hand_over(end, false);
         return;
     }
 
@@ -380,9 +386,8 @@ __device__ __forceinline__ void attn_ws(const AttnParams& p, const TmaDesc* tmq,
     int n = 0;
     for (int qn = 0;; ++qn) {
         mbar_wait(full_q, qn & 1);
-        const int i = item_slot[qn & 1];
-        if (i >= items) break;
-        const Item it = describe(i);
+        const Item it = item_slot[qn & 1];
+        if (it.index >= items) break;
         int row_q[2], row_h[2], row_g[2];
         bool row_ok[2];
 #pragma unroll
@@ -475,7 +480,7 @@ __device__ __forceinline__ void attn_ws(const AttnParams& p, const TmaDesc* tmq,
     }
 // Two consumer warpgroups (128 rows), 128-key tiles, three stages: on an H200, causal T = 8192
 // ran at 578 TFLOP/s against 477 for three consumers with 64-key tiles x 5 stages, 491 for two
-// with 64-key x 6, and 402 for the former cp.async producer (BENCHMARKS.md). Registers: 40 x 128
-// + 232 x 256 = the 64 Ki file.
-ATTNRT_WT(__nv_bfloat16, bf16, 2, 128, 3, 40, 232)
-ATTNRT_WT(__half, f16, 2, 128, 3, 40, 232)
+// with 64-key x 6, and 402 for the former cp.async producer (BENCHMARKS.md). Registers: 56 x 128
+// + 224 x 256 = the 64 Ki file (the producer describes the work items; 40 spilled there).
+ATTNRT_WT(__nv_bfloat16, bf16, 2, 128, 3, 56, 224)
+ATTNRT_WT(__half, f16, 2, 128, 3, 56, 224)

@@ -693,14 +693,14 @@ pub const fn mma_smem_bytes(dp: usize, m_tiles: usize, key_tile: usize) -> u32 {
 
 /// Dynamic shared memory of the wgmma kernel: 1024 bytes of alignment slack (the swizzle repeats
 /// every 1024 bytes), the Q tile and [`WGMMA_STAGES`] stages of K and V, 256 bytes a row, and
-/// the pipeline's mbarriers (three per stage and two for Q, 8 bytes each), and two 4-byte
-/// work-item slots.
+/// the pipeline's mbarriers (three per stage and two for Q, 8 bytes each), and two work-item
+/// slots of 11 ints.
 pub const fn wgmma_smem_bytes() -> u32 {
     (1024
         + WGMMA_ROWS * 256
         + 2 * WGMMA_STAGES * WGMMA_KEY_TILE * 256
         + (3 * WGMMA_STAGES + 2) * 8
-        + 2 * 4) as u32
+        + 2 * 11 * 4) as u32
 }
 
 /// Dynamic shared memory of the q/k/v preparation kernel.

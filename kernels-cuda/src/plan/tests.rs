@@ -262,8 +262,8 @@ fn wgmma_launch_packs_128_rows() {
     // Work items (query tile, KV head, batch row) along x.
     assert_eq!(l.grid, (1000usize.div_ceil(32) as u32 * 8 * 2, 1, 1));
     // Q (128 rows) + 3 stages x (K + V) x 128 keys, 256 bytes a row, + 1024 alignment slack
-    // + 11 mbarriers + 2 work-item slots.
-    assert_eq!(l.smem, 1024 + 128 * 256 + 6 * 128 * 256 + 11 * 8 + 2 * 4);
+    // + 11 mbarriers + 2 work-item slots of 11 ints.
+    assert_eq!(l.smem, 1024 + 128 * 256 + 6 * 128 * 256 + 11 * 8 + 2 * 44);
     assert!(l.smem <= 227 * 1024, "fits an H100/H200 CTA");
 }
 
