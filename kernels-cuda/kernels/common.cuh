@@ -70,8 +70,13 @@ __device__ __forceinline__ void group_range(const MaskParams& m, int b, int t0, 
     }
 }
 
-// Exact range of merged ids over queries [q0, q1) (a query tile can start inside a granule).
+// Exact range of merged ids over queries [q0, q1) (a query tile can start inside a granule):
+// from the granule tables when the tile is whole granules, else from the ids.
 __device__ __forceinline__ void query_group_range(const MaskParams& m, int b, int q0, int q1, int& lo, int& hi) {
+    if (q0 % ATTNRT_GRANULE == 0 && (q1 % ATTNRT_GRANULE == 0 || q1 == m.seq_len)) {
+        group_range(m, b, q0, q1, lo, hi);
+        return;
+    }
     const int* g = m.groups + (size_t)b * m.seq_len;
     lo = g[q0];
     hi = g[q0];
