@@ -51,15 +51,19 @@ const SROW: usize = SUB + 16;
 /// Keys per online-softmax step: K and V of a sub-block are read together, so the cache is
 /// streamed in small pieces (a few paged blocks) rather than as a chunk of K, then of V.
 const SUB: usize = 32;
-/// Keys ahead of the one being scored whose K and V lines are prefetched (a sub-block); also
-/// how many keys of the next chunk [`attend_partial_ahead`] uses.
+/// Keys ahead of the one being scored whose K and V lines are prefetched on the last (or only)
+/// KV head (a sub-block); also how many keys of the next chunk [`attend_partial_ahead`] uses.
 pub const PREFETCH_KEYS: usize = 32;
 
+/// Floats of one register on the widest ISA.
+const LANES_MAX: usize = 16;
+
 /// Scratch floats [`attend_partial`] needs: the scores of one sub-block of keys for one block
-/// of rows. The same for every head dimension `d` (K and V are read in place).
+/// of rows, and the same probabilities each filling a register. The same for every head
+/// dimension `d` (K and V are read in place).
 pub const fn partial_scratch_len(d: usize) -> usize {
     let _ = d;
-    MR * SROW
+    MR * SROW + SUB * MR * LANES_MAX + LANES_MAX
 }
 
 /// Kernel `partial_f32`: for each query token `t < ranges.len()` and head `h < r` (row
@@ -75,15 +79,21 @@ pub const fn partial_scratch_len(d: usize) -> usize {
 /// [`attend_partial_ahead`]) is prefetched meanwhile: per sub-block, `m' = max(m, max s_j)`,
 /// `a = exp(m - m')`, `p_j = exp(s_j - m')`, `l = a l + sum p_j`, `o = a o + sum p_j v_j`.
 /// Tile: up to 4 rows of one token at a time (the r heads sharing a KV head), so every K and V
-/// load serves all of them. Scores: 2 keys x 4 rows in 8 register accumulators, one FMA chain
-/// per (key, row) over the head dimension in registers of increasing `c`, then the 4 rows of a
-/// key reduced together (`reduce_sum4`, one fixed lane order). Softmax per row: max and exps
-/// over the sub-block's scores in registers (`exp(-inf) = 0` for padding), the sub-block sum as
-/// one lane-wise register sum then one reduction. PV: 4 rows x 2 registers of the head
-/// dimension in 8 accumulators, started from `a o` (from nothing on the first sub-block), one
-/// FMA chain per accumulator in increasing `j`, V loaded once per key and register. The bits
+/// load serves all of them. Scores: 3 keys x 4 rows in 12 register accumulators (the q
+/// register loaded once serves 3 keys), one FMA chain per (key, row) over the head dimension in
+/// registers of increasing `c`, then the 4 rows of a key reduced together in one fixed lane
+/// order (`reduce_sum4`; two keys at once share its last step, `reduce_sum4x2`, with the same
+/// bits). Softmax per row: max and exps over the sub-block's scores in registers
+/// (`exp(-inf) = 0` for padding), the sub-block sum as one lane-wise register sum then one
+/// reduction. PV: 4 rows x 3 registers of the head dimension in 12 accumulators, started from
+/// `a o` (from nothing on the first sub-block), one FMA chain per accumulator in increasing
+/// `j`, V loaded once per key and register, each probability broadcast into a register of
+/// scratch once per sub-block and taken from there as the FMA's memory operand. Head dimension
+/// 128 with 4 rows runs as a compile-time constant (fixed loop trip counts), the same
+/// operations. The K and V lines prefetched while a head's keys are scored are the next
+/// head's keys of the sub-block (after the last head, head 0's next sub-block). The bits
 /// of a row depend only on its inputs, `lo..hi`, and the tier. Tails: a short last sub-block
-/// runs over exactly its keys; an odd last key is scored alone with the same chains; 1-3
+/// runs over exactly its keys; 1 or 2 last keys are scored with the same chains; 1-3
 /// leftover rows use a smaller block (the same per-row arithmetic); head-dimension elements
 /// past the last whole register are added per key in scalar code after the register part
 /// (scores) or as their own scalar chains (PV); `lo == hi` gives `m = -inf`, `l = 0`, `o = 0`
@@ -287,7 +297,7 @@ pub(crate) fn attend_partial_on<E: Elem>(
             ranges,
             scale,
             out,
-            s: &mut scratch[..MR * SROW],
+            s: &mut scratch[..partial_scratch_len(d)],
         },
     );
     Ok(())
@@ -346,6 +356,12 @@ impl<E: Elem> WithIsa for Job<'_, E> {
                         let b = RowBlock {
                             d,
                             off: g * head_stride,
+                            pf_off: if g + 1 < heads {
+                                (g + 1) * head_stride
+                            } else {
+                                0
+                            },
+                            pf_ahead: if g + 1 < heads { 0 } else { SUB },
                             q: &q[row * d..],
                             kp,
                             vp,
@@ -358,11 +374,14 @@ impl<E: Elem> WithIsa for Job<'_, E> {
                         let m = (r - h).min(MR);
                         let (om, ol) = (&mut out.m[row..row + m], &mut out.l[row..row + m]);
                         let oo = &mut out.o[row * d..(row + m) * d];
-                        match m {
-                            1 => b.step::<I, 1>(isa, s, b0, om, ol, oo),
-                            2 => b.step::<I, 2>(isa, s, b0, om, ol, oo),
-                            3 => b.step::<I, 3>(isa, s, b0, om, ol, oo),
-                            _ => b.step::<I, MR>(isa, s, b0, om, ol, oo),
+                        // The common head dimension as a constant: its loops get fixed trip
+                        // counts (unrolled, no exit mispredictions). The same operations.
+                        match (m, d) {
+                            (1, _) => b.step::<I, 1, 0>(isa, s, b0, om, ol, oo),
+                            (2, _) => b.step::<I, 2, 0>(isa, s, b0, om, ol, oo),
+                            (3, _) => b.step::<I, 3, 0>(isa, s, b0, om, ol, oo),
+                            (_, 128) => b.step::<I, MR, 128>(isa, s, b0, om, ol, oo),
+                            _ => b.step::<I, MR, 0>(isa, s, b0, om, ol, oo),
                         }
                         h += m;
                     }
@@ -409,6 +428,13 @@ struct RowBlock<'a, E> {
     d: usize,
     /// Elements from head 0's keys (`kp`, `vp`, `nk`, `nv`) to this block's head.
     off: usize,
+    /// Elements from head 0's keys to the head whose keys are prefetched: the next head's
+    /// keys of this sub-block (about 16 KiB ahead in a paged cache, so still in L1 when
+    /// read), or after the last head, head 0's keys of the next sub-block.
+    pf_off: usize,
+    /// Keys from the one scored to the one prefetched: 0 for the next head, [`SUB`] after
+    /// the last.
+    pf_ahead: usize,
     q: &'a [f32],
     kp: &'a [*const E],
     vp: &'a [*const E],
@@ -420,10 +446,20 @@ struct RowBlock<'a, E> {
 }
 
 impl<E: Elem> RowBlock<'_, E> {
+    /// The head dimension: `D`, or `self.d` where `D == 0` (no constant given).
+    #[inline(always)]
+    fn dim<const D: usize>(&self) -> usize {
+        if D > 0 {
+            D
+        } else {
+            self.d
+        }
+    }
+
     /// Folds the sub-block of keys `lo + b0 ..` (at most [`SUB`]) into the state of `M` rows
     /// in `m`, `l` and `o` (`[M][d]`), which `b0 == 0` starts; scores in `s` (`[M][SROW]`).
     #[inline(always)]
-    fn step<I: Isa, const M: usize>(
+    fn step<I: Isa, const M: usize, const D: usize>(
         &self,
         isa: I,
         s: &mut [f32],
@@ -432,7 +468,7 @@ impl<E: Elem> RowBlock<'_, E> {
         l: &mut [f32],
         o: &mut [f32],
     ) {
-        let (d, lo, hi) = (self.d, self.lo, self.hi);
+        let (d, lo, hi) = (self.dim::<D>(), self.lo, self.hi);
         let n = hi - lo;
         if n == 0 {
             m.fill(f32::NEG_INFINITY);
@@ -442,7 +478,12 @@ impl<E: Elem> RowBlock<'_, E> {
         }
         let lanes = I::LANES;
         let q = &self.q[..M * d];
+        let (s, pb) = s.split_at_mut(MR * SROW);
         let s = &mut s[..M * SROW];
+        // The probability registers start on a 64-byte boundary (the scratch has a register's
+        // worth of slack for it): a register split over two cache lines costs two reads.
+        let skip = pb.as_ptr().align_offset(64).min(LANES_MAX);
+        let pb = &mut pb[skip..];
         let dv = d / lanes * lanes;
         // Running max and sum per row (lanes past M unused), and the rescale factors.
         let mut mrow = [f32::NEG_INFINITY; 16];
@@ -457,12 +498,14 @@ impl<E: Elem> RowBlock<'_, E> {
             let b1 = (b0 + SUB).min(n);
             let len = b1 - b0;
             let mut j = 0;
-            while j + 2 <= len {
-                self.score_keys::<I, M, 2>(isa, q, lo + b0 + j, s, j);
-                j += 2;
+            while j + 3 <= len {
+                self.score_keys::<I, M, 3, D>(isa, q, lo + b0 + j, s, j);
+                j += 3;
             }
-            if j < len {
-                self.score_keys::<I, M, 1>(isa, q, lo + b0 + j, s, j);
+            match len - j {
+                2 => self.score_keys::<I, M, 2, D>(isa, q, lo + b0 + j, s, j),
+                1 => self.score_keys::<I, M, 1, D>(isa, q, lo + b0 + j, s, j),
+                _ => {}
             }
 
             // New maxima first (all rows at once below), then exps and sums per row.
@@ -500,13 +543,29 @@ impl<E: Elem> RowBlock<'_, E> {
             mrow = mnew;
 
             let a: Option<&[f32]> = if b0 == 0 { None } else { Some(&alpha[..M]) };
+            // Each probability filling a register (`pb[j][i]`), once per sub-block: the PV
+            // blocks then take it as a memory operand of the FMA instead of a broadcast per
+            // register block, which also leaves one more register to the accumulators.
+            let pb = &mut pb[..len * M * lanes];
+            if dv > 0 {
+                for (j, pj) in pb.chunks_exact_mut(M * lanes).enumerate() {
+                    for (i, p) in pj.chunks_exact_mut(lanes).enumerate() {
+                        isa.store_s(p, isa.splat(s[i * SROW + j]));
+                    }
+                }
+            }
+            let pb = &*pb;
             let mut c0 = 0;
-            while c0 + 2 * lanes <= dv {
-                self.pv_cols::<I, M, 2>(isa, s, b0, len, c0, o, a);
+            while c0 + 3 * lanes <= dv {
+                self.pv_cols::<I, M, 3, D>(isa, pb, b0, len, c0, o, a);
+                c0 += 3 * lanes;
+            }
+            if c0 + 2 * lanes <= dv {
+                self.pv_cols::<I, M, 2, D>(isa, pb, b0, len, c0, o, a);
                 c0 += 2 * lanes;
             }
             while c0 < dv {
-                self.pv_cols::<I, M, 1>(isa, s, b0, len, c0, o, a);
+                self.pv_cols::<I, M, 1, D>(isa, pb, b0, len, c0, o, a);
                 c0 += lanes;
             }
             for c in dv..d {
@@ -531,7 +590,7 @@ impl<E: Elem> RowBlock<'_, E> {
 
     /// Prefetches the K and V lines of chunk key `t`, or of key `t - chunk` of the next chunk.
     #[inline(always)]
-    fn prefetch_key<I: Isa>(&self, isa: I, t: usize) {
+    fn prefetch_key<I: Isa, const D: usize>(&self, isa: I, t: usize) {
         let n = self.kp.len();
         let (pk, pv) = if t < n {
             (self.kp[t], self.vp[t])
@@ -540,8 +599,8 @@ impl<E: Elem> RowBlock<'_, E> {
         } else {
             return;
         };
-        let (pk, pv) = (pk.wrapping_add(self.off), pv.wrapping_add(self.off));
-        let bytes = self.d * core::mem::size_of::<E>();
+        let (pk, pv) = (pk.wrapping_add(self.pf_off), pv.wrapping_add(self.pf_off));
+        let bytes = self.dim::<D>() * core::mem::size_of::<E>();
         for off in (0..bytes).step_by(64) {
             isa.prefetch(pk.cast::<u8>().wrapping_add(off));
             isa.prefetch(pv.cast::<u8>().wrapping_add(off));
@@ -549,10 +608,10 @@ impl<E: Elem> RowBlock<'_, E> {
     }
 
     /// Scores of the `KB` keys `key..key + KB` (chunk indices) for the `M` rows, times `scale`,
-    /// into `s[i * SROW + at + k]`; prefetches the K and V lines of a key [`PREFETCH_KEYS`]
-    /// ahead.
+    /// into `s[i * SROW + at + k]`; prefetches the K and V lines of the same keys of the next
+    /// head, or after the last head, of head 0 a sub-block ahead.
     #[inline(always)]
-    fn score_keys<I: Isa, const M: usize, const KB: usize>(
+    fn score_keys<I: Isa, const M: usize, const KB: usize, const D: usize>(
         &self,
         isa: I,
         q: &[f32],
@@ -560,11 +619,11 @@ impl<E: Elem> RowBlock<'_, E> {
         s: &mut [f32],
         at: usize,
     ) {
-        let (d, lanes) = (self.d, I::LANES);
+        let (d, lanes) = (self.dim::<D>(), I::LANES);
         let dv = d / lanes * lanes;
         let kp: [*const E; KB] = core::array::from_fn(|k| self.kp[key + k].wrapping_add(self.off));
         for k in 0..KB {
-            self.prefetch_key(isa, key + k + PREFETCH_KEYS);
+            self.prefetch_key::<I, D>(isa, key + k + self.pf_ahead);
         }
         let mut acc = [[isa.zero(); M]; KB];
         let qp = q.as_ptr();
@@ -585,10 +644,25 @@ impl<E: Elem> RowBlock<'_, E> {
             }
             c += lanes;
         }
-        for (k, acc) in acc.iter().enumerate() {
+        // Lane sums of key k's rows in `sums[k]`, two keys per reduction where there are
+        // two: the bits of reduce_sum4 on each key's rows either way.
+        let pad = |acc: &[I::V; M]| {
             let mut a4 = [isa.zero(); 4];
             a4[..M].copy_from_slice(acc);
-            let sums = isa.reduce_sum4(a4);
+            a4
+        };
+        let mut sums = [[0.0f32; 4]; KB];
+        let mut k = 0;
+        while k + 2 <= KB {
+            let two = isa.reduce_sum4x2(pad(&acc[k]), pad(&acc[k + 1]));
+            sums[k].copy_from_slice(&two[..4]);
+            sums[k + 1].copy_from_slice(&two[4..]);
+            k += 2;
+        }
+        if k < KB {
+            sums[k] = isa.reduce_sum4(pad(&acc[k]));
+        }
+        for (k, sums) in sums.iter().enumerate() {
             for i in 0..M {
                 let mut x = sums[i];
                 for c in dv..d {
@@ -601,23 +675,24 @@ impl<E: Elem> RowBlock<'_, E> {
     }
 
     /// `o[i][c] = alpha[i] o[i][c] + sum_{jj < len} p[i][jj] v[lo + b0 + jj][c]` for the `M`
-    /// rows and the `NC` registers of `c` from `c0`, `p` in `s`; `alpha = None` writes `o`
-    /// without reading it (the first sub-block).
+    /// rows and the `NC` registers of `c` from `c0`, `p[i][jj]` filling the register at
+    /// `pb[(jj * M + i) * LANES ..]`; `alpha = None` writes `o` without reading it (the first
+    /// sub-block).
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
-    fn pv_cols<I: Isa, const M: usize, const NC: usize>(
+    fn pv_cols<I: Isa, const M: usize, const NC: usize, const D: usize>(
         &self,
         isa: I,
-        s: &[f32],
+        pb: &[f32],
         b0: usize,
         len: usize,
         c0: usize,
         o: &mut [f32],
         alpha: Option<&[f32]>,
     ) {
-        let (d, lanes) = (self.d, I::LANES);
+        let (d, lanes) = (self.dim::<D>(), I::LANES);
         let vp = &self.vp[self.lo + b0..][..len];
-        let sp = s[..(M - 1) * SROW + len].as_ptr();
+        let pp = pb[..len * M * lanes].as_ptr();
         let mut acc = [[isa.zero(); NC]; M];
         if let Some(alpha) = alpha {
             for (i, acc) in acc.iter_mut().enumerate() {
@@ -635,8 +710,9 @@ impl<E: Elem> RowBlock<'_, E> {
                 *vv = unsafe { load_e(isa, p.add(self.off + c0 + v * lanes)) };
             }
             for (i, acc) in acc.iter_mut().enumerate() {
-                // SAFETY: i < M and j < len: inside the slice `sp` was taken from.
-                let pj = isa.splat(unsafe { *sp.add(i * SROW + j) });
+                // SAFETY: i < M and j < len: the register at (j * M + i) * LANES lies inside
+                // the slice `pp` was taken from.
+                let pj = unsafe { isa.load(pp.add((j * M + i) * lanes)) };
                 for (acc, &vv) in acc.iter_mut().zip(&vv) {
                     *acc = isa.mul_add(pj, vv, *acc);
                 }
