@@ -88,11 +88,10 @@ pub const fn partial_scratch_len(d: usize) -> usize {
 /// reduction. PV: 4 rows x 3 registers of the head dimension in 12 accumulators, started from
 /// `a o` (from nothing on the first sub-block), one FMA chain per accumulator in increasing
 /// `j`, V loaded once per key and register, each probability broadcast into a register of
-/// scratch once per sub-block and taken from there as the FMA's memory operand. Head dimension
-/// 128 with 4 rows runs as a compile-time constant (fixed loop trip counts), the same
-/// operations. The K and V lines prefetched while a head's keys are scored are the next
-/// head's keys of the sub-block (after the last head, head 0's next sub-block). The bits
-/// of a row depend only on its inputs, `lo..hi`, and the tier. Tails: a short last sub-block
+/// scratch once per sub-block and taken from there as the FMA's memory operand. The K and V
+/// lines prefetched while a head's keys are scored are the next head's keys of the sub-block
+/// (after the last head, head 0's next sub-block). The bits of a row depend only on its
+/// inputs, `lo..hi`, and the tier. Tails: a short last sub-block
 /// runs over exactly its keys; 1 or 2 last keys are scored with the same chains; 1-3
 /// leftover rows use a smaller block (the same per-row arithmetic); head-dimension elements
 /// past the last whole register are added per key in scalar code after the register part
@@ -356,12 +355,8 @@ impl<E: Elem> WithIsa for Job<'_, E> {
                         let b = RowBlock {
                             d,
                             off: g * head_stride,
-                            pf_off: if g + 1 < heads {
-                                (g + 1) * head_stride
-                            } else {
-                                0
-                            },
-                            pf_ahead: if g + 1 < heads { 0 } else { SUB },
+                            pf_off: (g + 1) % heads * head_stride,
+                            pf_ahead: (g + 1) / heads * SUB,
                             q: &q[row * d..],
                             kp,
                             vp,
@@ -374,14 +369,11 @@ impl<E: Elem> WithIsa for Job<'_, E> {
                         let m = (r - h).min(MR);
                         let (om, ol) = (&mut out.m[row..row + m], &mut out.l[row..row + m]);
                         let oo = &mut out.o[row * d..(row + m) * d];
-                        // The common head dimension as a constant: its loops get fixed trip
-                        // counts (unrolled, no exit mispredictions). The same operations.
-                        match (m, d) {
-                            (1, _) => b.step::<I, 1, 0>(isa, s, b0, om, ol, oo),
-                            (2, _) => b.step::<I, 2, 0>(isa, s, b0, om, ol, oo),
-                            (3, _) => b.step::<I, 3, 0>(isa, s, b0, om, ol, oo),
-                            (_, 128) => b.step::<I, MR, 128>(isa, s, b0, om, ol, oo),
-                            _ => b.step::<I, MR, 0>(isa, s, b0, om, ol, oo),
+                        match m {
+                            1 => b.step::<I, 1>(isa, s, b0, om, ol, oo),
+                            2 => b.step::<I, 2>(isa, s, b0, om, ol, oo),
+                            3 => b.step::<I, 3>(isa, s, b0, om, ol, oo),
+                            _ => b.step::<I, MR>(isa, s, b0, om, ol, oo),
                         }
                         h += m;
                     }
@@ -446,20 +438,10 @@ struct RowBlock<'a, E> {
 }
 
 impl<E: Elem> RowBlock<'_, E> {
-    /// The head dimension: `D`, or `self.d` where `D == 0` (no constant given).
-    #[inline(always)]
-    fn dim<const D: usize>(&self) -> usize {
-        if D > 0 {
-            D
-        } else {
-            self.d
-        }
-    }
-
     /// Folds the sub-block of keys `lo + b0 ..` (at most [`SUB`]) into the state of `M` rows
     /// in `m`, `l` and `o` (`[M][d]`), which `b0 == 0` starts; scores in `s` (`[M][SROW]`).
     #[inline(always)]
-    fn step<I: Isa, const M: usize, const D: usize>(
+    fn step<I: Isa, const M: usize>(
         &self,
         isa: I,
         s: &mut [f32],
@@ -468,7 +450,7 @@ impl<E: Elem> RowBlock<'_, E> {
         l: &mut [f32],
         o: &mut [f32],
     ) {
-        let (d, lo, hi) = (self.dim::<D>(), self.lo, self.hi);
+        let (d, lo, hi) = (self.d, self.lo, self.hi);
         let n = hi - lo;
         if n == 0 {
             m.fill(f32::NEG_INFINITY);
@@ -499,12 +481,12 @@ impl<E: Elem> RowBlock<'_, E> {
             let len = b1 - b0;
             let mut j = 0;
             while j + 3 <= len {
-                self.score_keys::<I, M, 3, D>(isa, q, lo + b0 + j, s, j);
+                self.score_keys::<I, M, 3>(isa, q, lo + b0 + j, s, j);
                 j += 3;
             }
             match len - j {
-                2 => self.score_keys::<I, M, 2, D>(isa, q, lo + b0 + j, s, j),
-                1 => self.score_keys::<I, M, 1, D>(isa, q, lo + b0 + j, s, j),
+                2 => self.score_keys::<I, M, 2>(isa, q, lo + b0 + j, s, j),
+                1 => self.score_keys::<I, M, 1>(isa, q, lo + b0 + j, s, j),
                 _ => {}
             }
 
@@ -557,15 +539,15 @@ impl<E: Elem> RowBlock<'_, E> {
             let pb = &*pb;
             let mut c0 = 0;
             while c0 + 3 * lanes <= dv {
-                self.pv_cols::<I, M, 3, D>(isa, pb, b0, len, c0, o, a);
+                self.pv_cols::<I, M, 3>(isa, pb, b0, len, c0, o, a);
                 c0 += 3 * lanes;
             }
             if c0 + 2 * lanes <= dv {
-                self.pv_cols::<I, M, 2, D>(isa, pb, b0, len, c0, o, a);
+                self.pv_cols::<I, M, 2>(isa, pb, b0, len, c0, o, a);
                 c0 += 2 * lanes;
             }
             while c0 < dv {
-                self.pv_cols::<I, M, 1, D>(isa, pb, b0, len, c0, o, a);
+                self.pv_cols::<I, M, 1>(isa, pb, b0, len, c0, o, a);
                 c0 += lanes;
             }
             for c in dv..d {
@@ -590,7 +572,7 @@ impl<E: Elem> RowBlock<'_, E> {
 
     /// Prefetches the K and V lines of chunk key `t`, or of key `t - chunk` of the next chunk.
     #[inline(always)]
-    fn prefetch_key<I: Isa, const D: usize>(&self, isa: I, t: usize) {
+    fn prefetch_key<I: Isa>(&self, isa: I, t: usize) {
         let n = self.kp.len();
         let (pk, pv) = if t < n {
             (self.kp[t], self.vp[t])
@@ -600,7 +582,7 @@ impl<E: Elem> RowBlock<'_, E> {
             return;
         };
         let (pk, pv) = (pk.wrapping_add(self.pf_off), pv.wrapping_add(self.pf_off));
-        let bytes = self.dim::<D>() * core::mem::size_of::<E>();
+        let bytes = self.d * core::mem::size_of::<E>();
         for off in (0..bytes).step_by(64) {
             isa.prefetch(pk.cast::<u8>().wrapping_add(off));
             isa.prefetch(pv.cast::<u8>().wrapping_add(off));
@@ -611,7 +593,7 @@ impl<E: Elem> RowBlock<'_, E> {
     /// into `s[i * SROW + at + k]`; prefetches the K and V lines of the same keys of the next
     /// head, or after the last head, of head 0 a sub-block ahead.
     #[inline(always)]
-    fn score_keys<I: Isa, const M: usize, const KB: usize, const D: usize>(
+    fn score_keys<I: Isa, const M: usize, const KB: usize>(
         &self,
         isa: I,
         q: &[f32],
@@ -619,11 +601,11 @@ impl<E: Elem> RowBlock<'_, E> {
         s: &mut [f32],
         at: usize,
     ) {
-        let (d, lanes) = (self.dim::<D>(), I::LANES);
+        let (d, lanes) = (self.d, I::LANES);
         let dv = d / lanes * lanes;
         let kp: [*const E; KB] = core::array::from_fn(|k| self.kp[key + k].wrapping_add(self.off));
         for k in 0..KB {
-            self.prefetch_key::<I, D>(isa, key + k + self.pf_ahead);
+            self.prefetch_key(isa, key + k + self.pf_ahead);
         }
         let mut acc = [[isa.zero(); M]; KB];
         let qp = q.as_ptr();
@@ -680,7 +662,7 @@ impl<E: Elem> RowBlock<'_, E> {
     /// sub-block).
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
-    fn pv_cols<I: Isa, const M: usize, const NC: usize, const D: usize>(
+    fn pv_cols<I: Isa, const M: usize, const NC: usize>(
         &self,
         isa: I,
         pb: &[f32],
@@ -690,7 +672,7 @@ impl<E: Elem> RowBlock<'_, E> {
         o: &mut [f32],
         alpha: Option<&[f32]>,
     ) {
-        let (d, lanes) = (self.dim::<D>(), I::LANES);
+        let (d, lanes) = (self.d, I::LANES);
         let vp = &self.vp[self.lo + b0..][..len];
         let pp = pb[..len * M * lanes].as_ptr();
         let mut acc = [[isa.zero(); NC]; M];
