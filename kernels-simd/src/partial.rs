@@ -1043,6 +1043,88 @@ mod tests {
         }
     }
 
+    /// Every remainder of the 3-key score blocks and of the 32-key sub-blocks (ranges of 0 to
+    /// 70 keys starting anywhere in the first sub-block), every split of the head dimension into
+    /// 3-, 2- and 1-register PV blocks plus a scalar tail, and 1 to 8 rows per KV head (whole
+    /// and partial 4-row blocks), against the f64 reference, on every tier.
+    #[test]
+    fn every_key_count_and_register_split_matches_the_reference() {
+        for tier in Tier::ALL.into_iter().filter(|&t| supported(t)) {
+            for &d in &[8usize, 16, 24, 40, 56, 18, 136] {
+                for r in [1usize, 2, 3, 4, 5, 8] {
+                    let n = 72;
+                    let kh: Vec<half::f16> = rand_elem(n * d, 11 + d as u64);
+                    let vh: Vec<half::f16> = rand_elem(n * d, 12 + r as u64);
+                    let k: Vec<f32> = kh.iter().map(|x| x.to_f32()).collect();
+                    let v: Vec<f32> = vh.iter().map(|x| x.to_f32()).collect();
+                    // Lengths 0..=70 in steps that cover every residue mod 3 and mod 32 across
+                    // the d and r loops; starts off the sub-block grid too.
+                    let ranges: Vec<(u32, u32)> = (0..24u32)
+                        .map(|i| {
+                            let len = (i * 3 + (d as u32 + r as u32) % 3) % 71;
+                            let lo = (i * 5) % (n as u32 - len).max(1);
+                            (lo, lo + len)
+                        })
+                        .collect();
+                    let rows = ranges.len() * r;
+                    let q = rand_vec(rows * d, 13);
+                    let scale = 0.25;
+                    let runs: Vec<KvRun<'_, half::f16>> = (0..n)
+                        .step_by(16)
+                        .map(|b0| {
+                            let b1 = (b0 + 16).min(n);
+                            KvRun {
+                                k: &kh[b0 * d..b1 * d],
+                                v: &vh[b0 * d..b1 * d],
+                                stride: d,
+                                len: b1 - b0,
+                            }
+                        })
+                        .collect();
+                    let (mut m, mut l, mut o) =
+                        (vec![0.0; rows], vec![0.0; rows], vec![0.0; rows * d]);
+                    let mut scratch = vec![0.0; partial_scratch_len(d)];
+                    attend_partial_on(
+                        tier,
+                        d,
+                        r,
+                        1,
+                        0,
+                        &q,
+                        &runs,
+                        &[],
+                        &ranges,
+                        scale,
+                        PartialRows {
+                            m: &mut m,
+                            l: &mut l,
+                            o: &mut o,
+                        },
+                        &mut scratch,
+                    )
+                    .unwrap();
+                    let want = reference(d, r, &q, &k, &v, &ranges, scale);
+                    for row in 0..rows {
+                        let (lo, hi) = ranges[row / r];
+                        if lo == hi {
+                            assert_eq!(m[row], f32::NEG_INFINITY, "{tier:?} d {d} r {r}");
+                            assert_eq!(l[row], 0.0, "{tier:?} d {d} r {r}");
+                            assert!(o[row * d..][..d].iter().all(|&x| x == 0.0));
+                            continue;
+                        }
+                        for i in 0..d {
+                            let (g, w) = (o[row * d + i] / l[row], want[row * d + i]);
+                            assert!(
+                                (g as f64 - w).abs() <= 1e-5 * (1.0 + w.abs()),
+                                "{tier:?} d {d} r {r} keys {lo}..{hi} row {row} elem {i}: {g} vs {w}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn rejects_bad_shapes() {
         let k = [0.0f32; 64];
