@@ -51,15 +51,19 @@ const SROW: usize = SUB + 16;
 /// Keys per online-softmax step: K and V of a sub-block are read together, so the cache is
 /// streamed in small pieces (a few paged blocks) rather than as a chunk of K, then of V.
 const SUB: usize = 32;
-/// Keys ahead of the one being scored whose K and V lines are prefetched (a sub-block); also
-/// how many keys of the next chunk [`attend_partial_ahead`] uses.
+/// Keys ahead of the one being scored whose K and V lines are prefetched on the last (or only)
+/// KV head (a sub-block); also how many keys of the next chunk [`attend_partial_ahead`] uses.
 pub const PREFETCH_KEYS: usize = 32;
 
+/// Floats of one register on the widest ISA.
+const LANES_MAX: usize = 16;
+
 /// Scratch floats [`attend_partial`] needs: the scores of one sub-block of keys for one block
-/// of rows. The same for every head dimension `d` (K and V are read in place).
+/// of rows, and the same probabilities each filling a register. The same for every head
+/// dimension `d` (K and V are read in place).
 pub const fn partial_scratch_len(d: usize) -> usize {
     let _ = d;
-    MR * SROW
+    MR * SROW + SUB * MR * LANES_MAX + LANES_MAX
 }
 
 /// Kernel `partial_f32`: for each query token `t < ranges.len()` and head `h < r` (row
@@ -75,15 +79,20 @@ pub const fn partial_scratch_len(d: usize) -> usize {
 /// [`attend_partial_ahead`]) is prefetched meanwhile: per sub-block, `m' = max(m, max s_j)`,
 /// `a = exp(m - m')`, `p_j = exp(s_j - m')`, `l = a l + sum p_j`, `o = a o + sum p_j v_j`.
 /// Tile: up to 4 rows of one token at a time (the r heads sharing a KV head), so every K and V
-/// load serves all of them. Scores: 2 keys x 4 rows in 8 register accumulators, one FMA chain
-/// per (key, row) over the head dimension in registers of increasing `c`, then the 4 rows of a
-/// key reduced together (`reduce_sum4`, one fixed lane order). Softmax per row: max and exps
-/// over the sub-block's scores in registers (`exp(-inf) = 0` for padding), the sub-block sum as
-/// one lane-wise register sum then one reduction. PV: 4 rows x 2 registers of the head
-/// dimension in 8 accumulators, started from `a o` (from nothing on the first sub-block), one
-/// FMA chain per accumulator in increasing `j`, V loaded once per key and register. The bits
-/// of a row depend only on its inputs, `lo..hi`, and the tier. Tails: a short last sub-block
-/// runs over exactly its keys; an odd last key is scored alone with the same chains; 1-3
+/// load serves all of them. Scores: 3 keys x 4 rows in 12 register accumulators (the q
+/// register loaded once serves 3 keys), one FMA chain per (key, row) over the head dimension in
+/// registers of increasing `c`, then the 4 rows of a key reduced together in one fixed lane
+/// order (`reduce_sum4`; two keys at once share its last step, `reduce_sum4x2`, with the same
+/// bits). Softmax per row: max and exps over the sub-block's scores in registers
+/// (`exp(-inf) = 0` for padding), the sub-block sum as one lane-wise register sum then one
+/// reduction. PV: 4 rows x 3 registers of the head dimension in 12 accumulators, started from
+/// `a o` (from nothing on the first sub-block), one FMA chain per accumulator in increasing
+/// `j`, V loaded once per key and register, each probability broadcast into a register of
+/// scratch once per sub-block and taken from there as the FMA's memory operand. The K and V
+/// lines prefetched while a head's keys are scored are the next head's keys of the sub-block
+/// (after the last head, head 0's next sub-block). The bits of a row depend only on its
+/// inputs, `lo..hi`, and the tier. Tails: a short last sub-block
+/// runs over exactly its keys; 1 or 2 last keys are scored with the same chains; 1-3
 /// leftover rows use a smaller block (the same per-row arithmetic); head-dimension elements
 /// past the last whole register are added per key in scalar code after the register part
 /// (scores) or as their own scalar chains (PV); `lo == hi` gives `m = -inf`, `l = 0`, `o = 0`
@@ -287,7 +296,7 @@ pub(crate) fn attend_partial_on<E: Elem>(
             ranges,
             scale,
             out,
-            s: &mut scratch[..MR * SROW],
+            s: &mut scratch[..partial_scratch_len(d)],
         },
     );
     Ok(())
@@ -346,6 +355,8 @@ impl<E: Elem> WithIsa for Job<'_, E> {
                         let b = RowBlock {
                             d,
                             off: g * head_stride,
+                            pf_off: (g + 1) % heads * head_stride,
+                            pf_ahead: (g + 1) / heads * SUB,
                             q: &q[row * d..],
                             kp,
                             vp,
@@ -409,6 +420,13 @@ struct RowBlock<'a, E> {
     d: usize,
     /// Elements from head 0's keys (`kp`, `vp`, `nk`, `nv`) to this block's head.
     off: usize,
+    /// Elements from head 0's keys to the head whose keys are prefetched: the next head's
+    /// keys of this sub-block (about 16 KiB ahead in a paged cache, so still in L1 when
+    /// read), or after the last head, head 0's keys of the next sub-block.
+    pf_off: usize,
+    /// Keys from the one scored to the one prefetched: 0 for the next head, [`SUB`] after
+    /// the last.
+    pf_ahead: usize,
     q: &'a [f32],
     kp: &'a [*const E],
     vp: &'a [*const E],
@@ -442,7 +460,12 @@ impl<E: Elem> RowBlock<'_, E> {
         }
         let lanes = I::LANES;
         let q = &self.q[..M * d];
+        let (s, pb) = s.split_at_mut(MR * SROW);
         let s = &mut s[..M * SROW];
+        // The probability registers start on a 64-byte boundary (the scratch has a register's
+        // worth of slack for it): a register split over two cache lines costs two reads.
+        let skip = pb.as_ptr().align_offset(64).min(LANES_MAX);
+        let pb = &mut pb[skip..];
         let dv = d / lanes * lanes;
         // Running max and sum per row (lanes past M unused), and the rescale factors.
         let mut mrow = [f32::NEG_INFINITY; 16];
@@ -457,12 +480,14 @@ impl<E: Elem> RowBlock<'_, E> {
             let b1 = (b0 + SUB).min(n);
             let len = b1 - b0;
             let mut j = 0;
-            while j + 2 <= len {
-                self.score_keys::<I, M, 2>(isa, q, lo + b0 + j, s, j);
-                j += 2;
+            while j + 3 <= len {
+                self.score_keys::<I, M, 3>(isa, q, lo + b0 + j, s, j);
+                j += 3;
             }
-            if j < len {
-                self.score_keys::<I, M, 1>(isa, q, lo + b0 + j, s, j);
+            match len - j {
+                2 => self.score_keys::<I, M, 2>(isa, q, lo + b0 + j, s, j),
+                1 => self.score_keys::<I, M, 1>(isa, q, lo + b0 + j, s, j),
+                _ => {}
             }
 
             // New maxima first (all rows at once below), then exps and sums per row.
@@ -500,13 +525,29 @@ impl<E: Elem> RowBlock<'_, E> {
             mrow = mnew;
 
             let a: Option<&[f32]> = if b0 == 0 { None } else { Some(&alpha[..M]) };
+            // Each probability filling a register (`pb[j][i]`), once per sub-block: the PV
+            // blocks then take it as a memory operand of the FMA instead of a broadcast per
+            // register block, which also leaves one more register to the accumulators.
+            let pb = &mut pb[..len * M * lanes];
+            if dv > 0 {
+                for (j, pj) in pb.chunks_exact_mut(M * lanes).enumerate() {
+                    for (i, p) in pj.chunks_exact_mut(lanes).enumerate() {
+                        isa.store_s(p, isa.splat(s[i * SROW + j]));
+                    }
+                }
+            }
+            let pb = &*pb;
             let mut c0 = 0;
-            while c0 + 2 * lanes <= dv {
-                self.pv_cols::<I, M, 2>(isa, s, b0, len, c0, o, a);
+            while c0 + 3 * lanes <= dv {
+                self.pv_cols::<I, M, 3>(isa, pb, b0, len, c0, o, a);
+                c0 += 3 * lanes;
+            }
+            if c0 + 2 * lanes <= dv {
+                self.pv_cols::<I, M, 2>(isa, pb, b0, len, c0, o, a);
                 c0 += 2 * lanes;
             }
             while c0 < dv {
-                self.pv_cols::<I, M, 1>(isa, s, b0, len, c0, o, a);
+                self.pv_cols::<I, M, 1>(isa, pb, b0, len, c0, o, a);
                 c0 += lanes;
             }
             for c in dv..d {
@@ -540,7 +581,7 @@ impl<E: Elem> RowBlock<'_, E> {
         } else {
             return;
         };
-        let (pk, pv) = (pk.wrapping_add(self.off), pv.wrapping_add(self.off));
+        let (pk, pv) = (pk.wrapping_add(self.pf_off), pv.wrapping_add(self.pf_off));
         let bytes = self.d * core::mem::size_of::<E>();
         for off in (0..bytes).step_by(64) {
             isa.prefetch(pk.cast::<u8>().wrapping_add(off));
@@ -549,8 +590,8 @@ impl<E: Elem> RowBlock<'_, E> {
     }
 
     /// Scores of the `KB` keys `key..key + KB` (chunk indices) for the `M` rows, times `scale`,
-    /// into `s[i * SROW + at + k]`; prefetches the K and V lines of a key [`PREFETCH_KEYS`]
-    /// ahead.
+    /// into `s[i * SROW + at + k]`; prefetches the K and V lines of the same keys of the next
+    /// head, or after the last head, of head 0 a sub-block ahead.
     #[inline(always)]
     fn score_keys<I: Isa, const M: usize, const KB: usize>(
         &self,
@@ -564,7 +605,7 @@ impl<E: Elem> RowBlock<'_, E> {
         let dv = d / lanes * lanes;
         let kp: [*const E; KB] = core::array::from_fn(|k| self.kp[key + k].wrapping_add(self.off));
         for k in 0..KB {
-            self.prefetch_key(isa, key + k + PREFETCH_KEYS);
+            self.prefetch_key(isa, key + k + self.pf_ahead);
         }
         let mut acc = [[isa.zero(); M]; KB];
         let qp = q.as_ptr();
@@ -585,10 +626,25 @@ impl<E: Elem> RowBlock<'_, E> {
             }
             c += lanes;
         }
-        for (k, acc) in acc.iter().enumerate() {
+        // Lane sums of key k's rows in `sums[k]`, two keys per reduction where there are
+        // two: the bits of reduce_sum4 on each key's rows either way.
+        let pad = |acc: &[I::V; M]| {
             let mut a4 = [isa.zero(); 4];
             a4[..M].copy_from_slice(acc);
-            let sums = isa.reduce_sum4(a4);
+            a4
+        };
+        let mut sums = [[0.0f32; 4]; KB];
+        let mut k = 0;
+        while k + 2 <= KB {
+            let two = isa.reduce_sum4x2(pad(&acc[k]), pad(&acc[k + 1]));
+            sums[k].copy_from_slice(&two[..4]);
+            sums[k + 1].copy_from_slice(&two[4..]);
+            k += 2;
+        }
+        if k < KB {
+            sums[k] = isa.reduce_sum4(pad(&acc[k]));
+        }
+        for (k, sums) in sums.iter().enumerate() {
             for i in 0..M {
                 let mut x = sums[i];
                 for c in dv..d {
@@ -601,14 +657,15 @@ impl<E: Elem> RowBlock<'_, E> {
     }
 
     /// `o[i][c] = alpha[i] o[i][c] + sum_{jj < len} p[i][jj] v[lo + b0 + jj][c]` for the `M`
-    /// rows and the `NC` registers of `c` from `c0`, `p` in `s`; `alpha = None` writes `o`
-    /// without reading it (the first sub-block).
+    /// rows and the `NC` registers of `c` from `c0`, `p[i][jj]` filling the register at
+    /// `pb[(jj * M + i) * LANES ..]`; `alpha = None` writes `o` without reading it (the first
+    /// sub-block).
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
     fn pv_cols<I: Isa, const M: usize, const NC: usize>(
         &self,
         isa: I,
-        s: &[f32],
+        pb: &[f32],
         b0: usize,
         len: usize,
         c0: usize,
@@ -617,7 +674,7 @@ impl<E: Elem> RowBlock<'_, E> {
     ) {
         let (d, lanes) = (self.d, I::LANES);
         let vp = &self.vp[self.lo + b0..][..len];
-        let sp = s[..(M - 1) * SROW + len].as_ptr();
+        let pp = pb[..len * M * lanes].as_ptr();
         let mut acc = [[isa.zero(); NC]; M];
         if let Some(alpha) = alpha {
             for (i, acc) in acc.iter_mut().enumerate() {
@@ -635,8 +692,9 @@ impl<E: Elem> RowBlock<'_, E> {
                 *vv = unsafe { load_e(isa, p.add(self.off + c0 + v * lanes)) };
             }
             for (i, acc) in acc.iter_mut().enumerate() {
-                // SAFETY: i < M and j < len: inside the slice `sp` was taken from.
-                let pj = isa.splat(unsafe { *sp.add(i * SROW + j) });
+                // SAFETY: i < M and j < len: the register at (j * M + i) * LANES lies inside
+                // the slice `pp` was taken from.
+                let pj = unsafe { isa.load(pp.add((j * M + i) * lanes)) };
                 for (acc, &vv) in acc.iter_mut().zip(&vv) {
                     *acc = isa.mul_add(pj, vv, *acc);
                 }
@@ -981,6 +1039,88 @@ mod tests {
                     &mut scratch,
                 )
                 .is_err());
+            }
+        }
+    }
+
+    /// Every remainder of the 3-key score blocks and of the 32-key sub-blocks (ranges of 0 to
+    /// 70 keys starting anywhere in the first sub-block), every split of the head dimension into
+    /// 3-, 2- and 1-register PV blocks plus a scalar tail, and 1 to 8 rows per KV head (whole
+    /// and partial 4-row blocks), against the f64 reference, on every tier.
+    #[test]
+    fn every_key_count_and_register_split_matches_the_reference() {
+        for tier in Tier::ALL.into_iter().filter(|&t| supported(t)) {
+            for &d in &[8usize, 16, 24, 40, 56, 18, 136] {
+                for r in [1usize, 2, 3, 4, 5, 8] {
+                    let n = 72;
+                    let kh: Vec<half::f16> = rand_elem(n * d, 11 + d as u64);
+                    let vh: Vec<half::f16> = rand_elem(n * d, 12 + r as u64);
+                    let k: Vec<f32> = kh.iter().map(|x| x.to_f32()).collect();
+                    let v: Vec<f32> = vh.iter().map(|x| x.to_f32()).collect();
+                    // Lengths 0..=70 in steps that cover every residue mod 3 and mod 32 across
+                    // the d and r loops; starts off the sub-block grid too.
+                    let ranges: Vec<(u32, u32)> = (0..24u32)
+                        .map(|i| {
+                            let len = (i * 3 + (d as u32 + r as u32) % 3) % 71;
+                            let lo = (i * 5) % (n as u32 - len).max(1);
+                            (lo, lo + len)
+                        })
+                        .collect();
+                    let rows = ranges.len() * r;
+                    let q = rand_vec(rows * d, 13);
+                    let scale = 0.25;
+                    let runs: Vec<KvRun<'_, half::f16>> = (0..n)
+                        .step_by(16)
+                        .map(|b0| {
+                            let b1 = (b0 + 16).min(n);
+                            KvRun {
+                                k: &kh[b0 * d..b1 * d],
+                                v: &vh[b0 * d..b1 * d],
+                                stride: d,
+                                len: b1 - b0,
+                            }
+                        })
+                        .collect();
+                    let (mut m, mut l, mut o) =
+                        (vec![0.0; rows], vec![0.0; rows], vec![0.0; rows * d]);
+                    let mut scratch = vec![0.0; partial_scratch_len(d)];
+                    attend_partial_on(
+                        tier,
+                        d,
+                        r,
+                        1,
+                        0,
+                        &q,
+                        &runs,
+                        &[],
+                        &ranges,
+                        scale,
+                        PartialRows {
+                            m: &mut m,
+                            l: &mut l,
+                            o: &mut o,
+                        },
+                        &mut scratch,
+                    )
+                    .unwrap();
+                    let want = reference(d, r, &q, &k, &v, &ranges, scale);
+                    for row in 0..rows {
+                        let (lo, hi) = ranges[row / r];
+                        if lo == hi {
+                            assert_eq!(m[row], f32::NEG_INFINITY, "{tier:?} d {d} r {r}");
+                            assert_eq!(l[row], 0.0, "{tier:?} d {d} r {r}");
+                            assert!(o[row * d..][..d].iter().all(|&x| x == 0.0));
+                            continue;
+                        }
+                        for i in 0..d {
+                            let (g, w) = (o[row * d + i] / l[row], want[row * d + i]);
+                            assert!(
+                                (g as f64 - w).abs() <= 1e-5 * (1.0 + w.abs()),
+                                "{tier:?} d {d} r {r} keys {lo}..{hi} row {row} elem {i}: {g} vs {w}"
+                            );
+                        }
+                    }
+                }
             }
         }
     }

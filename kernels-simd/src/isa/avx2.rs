@@ -127,6 +127,22 @@ impl Isa for Avx2 {
         }
     }
     #[inline(always)]
+    fn reduce_sum4x2(self, a: [__m256; 4], b: [__m256; 4]) -> [f32; 8] {
+        // The hadd tree of reduce_sum4 on each group; then one add of the 128-bit halves
+        // serves both groups (lanes 0-3: a's low half plus its high half, lanes 4-7: b's),
+        // the same additions in the same order as reduce_sum4's extract and add.
+        // SAFETY: see the impl comment.
+        unsafe {
+            let ca = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+            let cb = _mm256_hadd_ps(_mm256_hadd_ps(b[0], b[1]), _mm256_hadd_ps(b[2], b[3]));
+            let lo = _mm256_permute2f128_ps::<0x20>(ca, cb);
+            let hi = _mm256_permute2f128_ps::<0x31>(ca, cb);
+            let mut out = [0.0f32; 8];
+            _mm256_storeu_ps(out.as_mut_ptr(), _mm256_add_ps(lo, hi));
+            out
+        }
+    }
+    #[inline(always)]
     fn pow2i(self, n: __m256) -> __m256 {
         // SAFETY: see the impl comment.
         unsafe {

@@ -136,6 +136,15 @@ pub(crate) trait Isa: Copy {
         v.map(|x| self.reduce_sum(x))
     }
 
+    /// [`Isa::reduce_sum4`] of `a`, then of `b`, as one array: each of the eight sums has
+    /// exactly the bits `reduce_sum4` gives it. ISAs that can fold two groups' last step into
+    /// one instruction override the default (two calls).
+    #[inline(always)]
+    fn reduce_sum4x2(self, a: [Self::V; 4], b: [Self::V; 4]) -> [f32; 8] {
+        let (x, y) = (self.reduce_sum4(a), self.reduce_sum4(b));
+        [x[0], x[1], x[2], x[3], y[0], y[1], y[2], y[3]]
+    }
+
     /// Zero in every lane.
     #[inline(always)]
     fn zero(self) -> Self::V {
@@ -302,6 +311,40 @@ mod tests {
                 );
             }
             assert_eq!(sums[0].to_bits(), first.to_bits(), "{tier:?}");
+        }
+    }
+
+    /// `reduce_sum4x2` of eight registers loaded from `x`, and `reduce_sum4` of each half.
+    struct Reduce4x2<'a>(&'a [f32]);
+
+    impl WithIsa for Reduce4x2<'_> {
+        type Output = ([f32; 8], [f32; 4], [f32; 4]);
+        #[inline(always)]
+        fn run<I: Isa>(self, isa: I) -> Self::Output {
+            let l = I::LANES;
+            let a = [0, 1, 2, 3].map(|i| isa.load_s(&self.0[i * l..]));
+            let b = [4, 5, 6, 7].map(|i| isa.load_s(&self.0[i * l..]));
+            (
+                isa.reduce_sum4x2(a, b),
+                isa.reduce_sum4(a),
+                isa.reduce_sum4(b),
+            )
+        }
+    }
+
+    #[test]
+    fn reduce_sum4x2_has_the_bits_of_two_reduce_sum4() {
+        // Values of mixed magnitude, so a different addition order would show in the bits.
+        let x: Vec<f32> = rand_vec(128, 9)
+            .iter()
+            .enumerate()
+            .map(|(i, &v)| v * [1.0, 1e4, 1e-3, 3e2][i % 4])
+            .collect();
+        for tier in available() {
+            let (both, a, b) = dispatch(tier, Reduce4x2(&x));
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&both[..4]), bits(&a), "{tier:?} first group");
+            assert_eq!(bits(&both[4..]), bits(&b), "{tier:?} second group");
         }
     }
 }
