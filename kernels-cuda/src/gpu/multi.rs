@@ -545,6 +545,20 @@ impl<'a> MultiGpuLayer<'a> {
         Ok(MultiGpuKvCache { caches, geometry })
     }
 
+    /// Makes every device's layer stream wait for everything enqueued so far on its
+    /// collective stream (the chunked collectives of a call).
+    fn join_comm_lanes(&self) -> Result<()> {
+        for (g, lane) in self.gpus.iter().zip(&self.lanes) {
+            g.set_current()?;
+            record(lane.done_ev, lane.comm)?;
+            // SAFETY: live stream and event of the current context.
+            drv("cuStreamWaitEvent", unsafe {
+                cu::cuStreamWaitEvent(g.stream, lane.done_ev, 0)
+            })?;
+        }
+        Ok(())
+    }
+
     /// Enqueues an in-place sum of `count` elements at `bufs[i]` (device `i`) on each
     /// device's layer stream, or on its second stream with `on_comm`, between timing events.
     ///
@@ -688,14 +702,7 @@ impl<'a> MultiGpuLayer<'a> {
             r0 += rows;
         }
         if overlap {
-            for (g, lane) in self.gpus.iter().zip(&self.lanes) {
-                g.set_current()?;
-                record(lane.done_ev, lane.comm)?;
-                // SAFETY: live stream and event of the current context.
-                drv("cuStreamWaitEvent", unsafe {
-                    cu::cuStreamWaitEvent(g.stream, lane.done_ev, 0)
-                })?;
-            }
+            self.join_comm_lanes()?;
         }
         if storage {
             // (device, first element, elements) to widen: device 0's whole sum, or every
@@ -911,14 +918,7 @@ impl<'a> MultiGpuLayer<'a> {
         if overlap {
             // Every exchange done before the layer stream goes on, also on a device whose
             // last chunks had no rows (its sends still read its attention output).
-            for (g, lane) in self.gpus.iter().zip(&self.lanes) {
-                g.set_current()?;
-                record(lane.done_ev, lane.comm)?;
-                // SAFETY: live stream and event of the current context.
-                drv("cuStreamWaitEvent", unsafe {
-                    cu::cuStreamWaitEvent(g.stream, lane.done_ev, 0)
-                })?;
-            }
+            self.join_comm_lanes()?;
         }
         Ok(Placement::Rows(ranges))
     }
