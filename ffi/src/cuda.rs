@@ -201,7 +201,7 @@ pub unsafe extern "C" fn attnrt_cuda_capability(
 
 /// As [`attnrt_cuda_capability`], for a device of compute capability `major.minor` (CUDA's
 /// `CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR` / `_MINOR`): the path a layer set up on such
-/// a device runs, for example `wgmma-bf16-d128-c2-n128-s3` for bf16, head_dim 128 on 9.0.
+/// a device runs, for example `wgmma-bf16-d128-c2-n128-k3v2q2` for bf16, head_dim 128 on 9.0.
 /// `ATTNRT_CUDA_WGMMA=0` in the environment keeps the portable path. Thread-safe.
 ///
 /// # Safety
@@ -270,7 +270,7 @@ pub(crate) unsafe fn write_text(text: &str, buf: *mut c_char, len: usize, writte
 }
 
 /// What runs on a CUDA layer, as text: the attention kernel path and the device's name (for
-/// example `cuda-wgmma-bf16-d128-c2-n128-s3 on NVIDIA H200`). Copied into `buf` truncated to
+/// example `cuda-wgmma-bf16-d128-c2-n128-k3v2q2 on NVIDIA H200`). Copied into `buf` truncated to
 /// `len - 1` bytes and NUL-terminated; `*written` receives the bytes copied. `buf` and
 /// `written` may be NULL (`len` 0). Errors: `ATTNRT_STATUS_NULL_POINTER` (`layer`; `buf` NULL
 /// with `len` > 0). Takes the handle's lock.

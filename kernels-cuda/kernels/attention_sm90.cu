@@ -20,8 +20,8 @@
 //   * a grid smaller than the work (one CTA per SM) makes the kernel persistent: the producer
 //     refills the ring with the next item's tiles while the consumers finish the current one.
 //
-// Entry points attn_wt_<dtype>_c<NC>_n<BN>_s<STAGES>: NC consumer warpgroups (rows = 64 * NC),
-// BN keys a tile, STAGES K/V stages.
+// Entry points attn_wt_<dtype>_c<NC>_n<BN>_k<KST>v<VST>q<QB>: NC consumer warpgroups (rows =
+// 64 * NC), BN keys a tile, KST K stages, VST V stages, QB Q buffers.
 #include "attn_common.cuh"
 #include "wgmma.cuh"
 
@@ -29,7 +29,6 @@ namespace {
 
 constexpr int WG_D = 128;          // head_dim of this path
 constexpr int ROW_BYTES = 128;     // one plane row: 64 16-bit elements
-constexpr int CHUNKS = WG_D / 8;   // 16-byte chunks per row
 
 // wgmma shared-memory matrix descriptor: start address, leading / stride byte offsets (all in
 // 16-byte units, 14 bits each), 128-byte swizzle (mode 1 in bits 62-63). Base offset 0: every
@@ -37,12 +36,6 @@ constexpr int CHUNKS = WG_D / 8;   // 16-byte chunks per row
 __device__ __forceinline__ uint64_t smem_desc(uint32_t addr, uint32_t lbo, uint32_t sbo) {
     return (uint64_t)((addr & 0x3FFFF) >> 4) | ((uint64_t)((lbo & 0x3FFFF) >> 4) << 16) |
            ((uint64_t)((sbo & 0x3FFFF) >> 4) << 32) | (1ull << 62);
-}
-
-// Byte offset of element chunk `cc` (0..15) of row `r` in a swizzled tile of `rows` rows.
-__device__ __forceinline__ uint32_t swz(int rows, int r, int cc) {
-    const int plane = cc >> 3, c = cc & 7;
-    return (uint32_t)(plane * rows * ROW_BYTES + r * ROW_BYTES + ((c ^ (r & 7)) << 4));
 }
 
 __device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
@@ -64,16 +57,6 @@ template <> __device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi
 }
 
 template <typename T, int BN> struct Wg;
-template <> struct Wg<__nv_bfloat16, 64> {
-    __device__ __forceinline__ static void qk(float* d, uint64_t a, uint64_t b, int acc) {
-        wgmma_ss_bf16_n64(d, a, b, acc);
-    }
-};
-template <> struct Wg<__half, 64> {
-    __device__ __forceinline__ static void qk(float* d, uint64_t a, uint64_t b, int acc) {
-        wgmma_ss_f16_n64(d, a, b, acc);
-    }
-};
 template <> struct Wg<__nv_bfloat16, 128> {
     __device__ __forceinline__ static void qk(float* d, uint64_t a, uint64_t b, int acc) {
         wgmma_ss_bf16_n128(d, a, b, acc);
@@ -201,26 +184,28 @@ template <int N> __device__ __forceinline__ void regs_inc() {
     asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N));
 }
 
-// Dynamic shared memory: 1024 bytes of alignment slack, Q [64 * NC rows], STAGES stages of K and
-// of V [BN rows], then the mbarriers (full K, full V, empty per stage; full Q, empty Q) and two
-// work-item slots (11 ints each).
+// Dynamic shared memory: 1024 bytes of alignment slack, QB buffers of Q [64 * NC rows], KST
+// stages of K and VST of V [BN rows], then the mbarriers (full and empty per K stage, V stage
+// and Q buffer) and two work-item slots (11 ints each).
 //
 // Work items are (query tile, KV head, batch row), numbered heaviest query tile first (for
 // causal masks). CTA c of a grid of G starts with item c; then its producer takes the next
 // unclaimed one, G + atomicAdd(p.sched, 1) (the counter is zero at launch), so that CTAs which
 // drew light items take more of them (greedy, heaviest first), and hands it, described (query
 // range, merged ids, first tile), to the consumers in shared memory with the item's Q ("full
-// Q"); a number past the last item ends the CTA. With a
-// grid of one CTA per item each CTA runs one; with one CTA per SM (persistent) the producer
-// runs ahead into the next item's K/V tiles while the consumers finish the current one.
+// Q"); a number past the last item ends the CTA. With a grid of one CTA per item each CTA runs
+// one; with one CTA per SM (persistent) the producer runs ahead into the next item's Q and K/V
+// tiles while the consumers finish the current one.
 //
-// Tile n counts over all of a CTA's items, stage n % STAGES, round n / STAGES: the producer waits
-// for the stage's "empty" barrier of the previous round and loads K then V, each completing
-// its "full" barrier by bytes. A consumer at tile n waits for K_n, issues S_n = Q K_n and
-// O += P_{n-1} V_{n-1} (after V_{n-1}'s barrier), runs the softmax of S_n while the second
-// chain finishes, then releases tile n - 1's stage. Q is loaded per item after the previous
-// item's last S = Q K^T ("empty Q").
-template <typename T, int NC, int BN, int STAGES, int PRODUCER_REGS, int CONSUMER_REGS>
+// Tile n counts over all of a CTA's items: K stage n % KST, V stage n % VST, each with its round
+// (n / KST, n / VST). The producer waits for a stage's "empty" barrier of the previous round and
+// loads K then V, each completing its "full" barrier by bytes. A consumer at tile n waits for
+// K_n, issues S_n = Q K_n and O += P_{n-1} V_{n-1} (after V_{n-1}'s barrier), releases K_n's
+// stage once S_n is done, runs the softmax of S_n while the second chain finishes, then releases
+// V_{n-1}'s stage. Item k's Q goes to buffer k % QB once the consumers released that buffer's
+// previous item (after its last S = Q K^T, "empty Q").
+template <typename T, int NC, int BN, int KST, int VST, int QB, int PRODUCER_REGS,
+          int CONSUMER_REGS>
 __device__ __forceinline__ void attn_ws(const AttnParams& p, const TmaDesc* tmq, const TmaDesc* tmk,
                                         const TmaDesc* tmv) {
     constexpr int BM = 64 * NC;
@@ -231,15 +216,17 @@ __device__ __forceinline__ void attn_ws(const AttnParams& p, const TmaDesc* tmq,
 
     extern __shared__ unsigned char smem_raw[];
     const uint32_t raw = smem_addr(smem_raw);
-    const uint32_t sQ = (raw + 1023u) & ~1023u;
-    const uint32_t sK0 = sQ + Q_BYTES;
-    const uint32_t sV0 = sK0 + STAGES * KV_BYTES;
-    const uint32_t bars = sV0 + STAGES * KV_BYTES;  // 8 bytes each
+    const uint32_t sQ0 = (raw + 1023u) & ~1023u;
+    const uint32_t sK0 = sQ0 + QB * Q_BYTES;
+    const uint32_t sV0 = sK0 + KST * KV_BYTES;
+    const uint32_t bars = sV0 + VST * KV_BYTES;  // 8 bytes each
     auto full_k = [&](int st) { return bars + 8u * st; };
-    auto full_v = [&](int st) { return bars + 8u * (STAGES + st); };
-    auto empty = [&](int st) { return bars + 8u * (2 * STAGES + st); };
-    const uint32_t full_q = bars + 8u * (3 * STAGES);
-    const uint32_t empty_q = full_q + 8u;
+    auto empty_k = [&](int st) { return bars + 8u * (KST + st); };
+    auto full_v = [&](int st) { return bars + 8u * (2 * KST + st); };
+    auto empty_v = [&](int st) { return bars + 8u * (2 * KST + VST + st); };
+    auto full_q = [&](int qb) { return bars + 8u * (2 * KST + 2 * VST + qb); };
+    auto empty_q = [&](int qb) { return bars + 8u * (2 * KST + 2 * VST + QB + qb); };
+    const uint32_t slots = bars + 8u * (2 * KST + 2 * VST + 2 * QB);
 
     const int tid = threadIdx.x, wg = tid >> 7, wtid = tid & 127;
     const int lane = tid & 31, wrow = (wtid >> 5) * 16 + (lane >> 2), tq = lane & 3;
@@ -250,13 +237,18 @@ __device__ __forceinline__ void attn_ws(const AttnParams& p, const TmaDesc* tmq,
     const size_t qs = (size_t)p.n_head * D;
 
     if (tid == 0) {
-        for (int st = 0; st < STAGES; ++st) {
+        for (int st = 0; st < KST; ++st) {
             mbar_init(full_k(st), 1);
-            mbar_init(full_v(st), 1);
-            mbar_init(empty(st), NC * 128);
+            mbar_init(empty_k(st), NC * 128);
         }
-        mbar_init(full_q, 1);
-        mbar_init(empty_q, NC * 128);
+        for (int st = 0; st < VST; ++st) {
+            mbar_init(full_v(st), 1);
+            mbar_init(empty_v(st), NC * 128);
+        }
+        for (int qb = 0; qb < QB; ++qb) {
+            mbar_init(full_q(qb), 1);
+            mbar_init(empty_q(qb), NC * 128);
+        }
     }
     __syncthreads();
 
@@ -269,7 +261,7 @@ __device__ __forceinline__ void attn_ws(const AttnParams& p, const TmaDesc* tmq,
     // slot qn % 2 only after the consumers released Q of item qn - 1, so they have read slot
     // qn % 2 of item qn - 2. Plain accesses: the mbarrier arrive / wait around them are
     // release / acquire and compiler barriers ("memory" clobbers).
-    Item* const item_slot = reinterpret_cast<Item*>(smem_raw + (empty_q + 8u - raw));
+    Item* const item_slot = reinterpret_cast<Item*>(smem_raw + (slots - raw));
     // The next visited tile at or after k.
     auto next_tile = [&](const Item& it, int k, int& cls) {
         for (; k < it.kend; k += BN) {
@@ -306,16 +298,18 @@ __device__ __forceinline__ void attn_ws(const AttnParams& p, const TmaDesc* tmq,
         // Hands an item (with its Q when it has keys to visit) to the consumers once they have
         // released Q of the previous item; the consumers skip the item's description.
         auto hand_over = [&](const Item& it, bool with_q) {
-            if (qn > 0) mbar_wait(empty_q, (qn - 1) & 1);
+            const int qb = qn % QB, qround = qn / QB;
+            if (qround > 0) mbar_wait(empty_q(qb), (qround - 1) & 1);
             item_slot[qn & 1] = it;
             if (with_q) {
                 // Box (64 columns, R heads, BQ queries, 1 row): rows in (query, head) order,
                 // queries past T as zeros.
-                mbar_arrive_expect_tx(full_q, rows_used * WG_D * 2);
-                tma_load_4d(sQ, tmq, 0, it.g * R, it.q0, it.b, full_q);
-                tma_load_4d(sQ + BM * ROW_BYTES, tmq, 64, it.g * R, it.q0, it.b, full_q);
+                const uint32_t sQ = sQ0 + qb * Q_BYTES;
+                mbar_arrive_expect_tx(full_q(qb), rows_used * WG_D * 2);
+                tma_load_4d(sQ, tmq, 0, it.g * R, it.q0, it.b, full_q(qb));
+                tma_load_4d(sQ + BM * ROW_BYTES, tmq, 64, it.g * R, it.q0, it.b, full_q(qb));
             } else {
-                mbar_arrive(full_q);
+                mbar_arrive(full_q(qb));
             }
             ++qn;
         };
@@ -327,16 +321,18 @@ __device__ __forceinline__ void attn_ws(const AttnParams& p, const TmaDesc* tmq,
             }
             int cls = it.cls0;
             for (int k0 = it.first; k0 < it.kend; k0 = next_tile(it, k0 + BN, cls), ++n) {
-                const int st = n % STAGES, round = n / STAGES;
-                if (round > 0) mbar_wait(empty(st), (round - 1) & 1);
-                mbar_arrive_expect_tx(full_k(st), KV_BYTES);
-                tma_load_3d(sK0 + st * KV_BYTES, tmk, it.g * D, k0, it.b, full_k(st));
-                tma_load_3d(sK0 + st * KV_BYTES + BN * ROW_BYTES, tmk, it.g * D + 64, k0, it.b,
-                            full_k(st));
-                mbar_arrive_expect_tx(full_v(st), KV_BYTES);
-                tma_load_3d(sV0 + st * KV_BYTES, tmv, it.g * D, k0, it.b, full_v(st));
-                tma_load_3d(sV0 + st * KV_BYTES + BN * ROW_BYTES, tmv, it.g * D + 64, k0, it.b,
-                            full_v(st));
+                const int ks = n % KST, kround = n / KST;
+                if (kround > 0) mbar_wait(empty_k(ks), (kround - 1) & 1);
+                mbar_arrive_expect_tx(full_k(ks), KV_BYTES);
+                tma_load_3d(sK0 + ks * KV_BYTES, tmk, it.g * D, k0, it.b, full_k(ks));
+                tma_load_3d(sK0 + ks * KV_BYTES + BN * ROW_BYTES, tmk, it.g * D + 64, k0, it.b,
+                            full_k(ks));
+                const int vs = n % VST, vround = n / VST;
+                if (vround > 0) mbar_wait(empty_v(vs), (vround - 1) & 1);
+                mbar_arrive_expect_tx(full_v(vs), KV_BYTES);
+                tma_load_3d(sV0 + vs * KV_BYTES, tmv, it.g * D, k0, it.b, full_v(vs));
+                tma_load_3d(sV0 + vs * KV_BYTES + BN * ROW_BYTES, tmv, it.g * D + 64, k0, it.b,
+                            full_v(vs));
                 if (k0 == it.first) hand_over(it, true);
             }
         }
@@ -348,7 +344,7 @@ __device__ __forceinline__ void attn_ws(const AttnParams& p, const TmaDesc* tmq,
 
     regs_inc<CONSUMER_REGS>();
     const int cw = wg - 1;
-    const uint32_t q_wg = sQ + cw * 64 * ROW_BYTES;
+    uint32_t q_wg = sQ0 + cw * 64 * ROW_BYTES;  // this warpgroup's rows of the item's Q
     auto issue_qk = [&](float* s, int st) {
         const uint32_t kt = sK0 + st * KV_BYTES;
         wg_fence();
@@ -385,9 +381,11 @@ __device__ __forceinline__ void attn_ws(const AttnParams& p, const TmaDesc* tmq,
     T* O = reinterpret_cast<T*>(p.o);
     int n = 0;
     for (int qn = 0;; ++qn) {
-        mbar_wait(full_q, qn & 1);
+        const int qb = qn % QB;
+        mbar_wait(full_q(qb), (qn / QB) & 1);
         const Item it = item_slot[qn & 1];
         if (it.index >= items) break;
+        q_wg = sQ0 + qb * Q_BYTES + cw * 64 * ROW_BYTES;
         int row_q[2], row_h[2], row_g[2];
         bool row_ok[2];
 #pragma unroll
@@ -403,14 +401,15 @@ __device__ __forceinline__ void attn_ws(const AttnParams& p, const TmaDesc* tmq,
         for (int e = 0; e < 64; ++e) o[e] = 0.0f;
 
         if (it.first >= it.kend) {
-            mbar_arrive(empty_q);
+            mbar_arrive(empty_q(qb));
         } else {
             uint32_t pa[PSTEPS][4];
             float s[SN], alpha[2];
             int cls = it.cls0, cur = it.first;
-            mbar_wait(full_k(n % STAGES), (n / STAGES) & 1);
-            issue_qk(s, n % STAGES);
+            mbar_wait(full_k(n % KST), (n / KST) & 1);
+            issue_qk(s, n % KST);
             wg_wait0();
+            mbar_arrive(empty_k(n % KST));
             softmax_tile<BN>(s, p, it.b, it.len, cls, cur, tq, row_q, row_ok, row_g, m_row, l_row,
                              alpha);
             pack_p(pa, s);
@@ -419,19 +418,21 @@ __device__ __forceinline__ void attn_ws(const AttnParams& p, const TmaDesc* tmq,
             for (++n; nxt < it.kend; ++n) {
                 cur = nxt;
                 cls = ncls;
-                const int st = n % STAGES, prev = (n - 1) % STAGES;
-                mbar_wait(full_k(st), (n / STAGES) & 1);
-                issue_qk(s, st);
-                mbar_wait(full_v(prev), ((n - 1) / STAGES) & 1);
+                const int ks = n % KST, prev = (n - 1) % VST;
+                mbar_wait(full_k(ks), (n / KST) & 1);
+                issue_qk(s, ks);
+                mbar_wait(full_v(prev), ((n - 1) / VST) & 1);
                 issue_pv(pa, prev);
                 // The next tile's classification (group-table loads with documents) runs while
                 // the tensor cores work.
                 nxt = next_tile(it, cur + BN, ncls);
                 asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");
+                // S = Q K^T is done: K's stage may refill while the softmax runs.
+                mbar_arrive(empty_k(ks));
                 softmax_tile<BN>(s, p, it.b, it.len, cls, cur, tq, row_q, row_ok, row_g, m_row,
                                  l_row, alpha);
                 wg_wait0();
-                mbar_arrive(empty(prev));
+                mbar_arrive(empty_v(prev));
 #pragma unroll
                 for (int nb = 0; nb < 16; ++nb) {
                     o[nb * 4 + 0] *= alpha[0];
@@ -441,13 +442,13 @@ __device__ __forceinline__ void attn_ws(const AttnParams& p, const TmaDesc* tmq,
                 }
                 pack_p(pa, s);
             }
-            // Every S = Q K^T of the item is done: Q's buffer may take the next item's.
-            mbar_arrive(empty_q);
-            const int last = (n - 1) % STAGES;
-            mbar_wait(full_v(last), ((n - 1) / STAGES) & 1);
+            // Every S = Q K^T of the item is done: Q's buffer may take a later item's.
+            mbar_arrive(empty_q(qb));
+            const int last = (n - 1) % VST;
+            mbar_wait(full_v(last), ((n - 1) / VST) & 1);
             issue_pv(pa, last);
             wg_wait0();
-            mbar_arrive(empty(last));
+            mbar_arrive(empty_v(last));
         }
 
 #pragma unroll
@@ -471,16 +472,18 @@ __device__ __forceinline__ void attn_ws(const AttnParams& p, const TmaDesc* tmq,
 // tokens, batch rows) with 64 x R x BQ x 1 boxes, `tk` / `tv` the [B, T, KV * D] keys and values
 // as 3-D (columns, tokens, batch rows) with 64 x BN x 1 boxes, all with the 128-byte swizzle
 // (src/gpu/tma.rs).
-#define ATTNRT_WT(TY, NAME, NC, BN, ST, PR, CR)                                               \
+#define ATTNRT_WT(TY, NAME, NC, BN, KS, VS, QB, PR, CR)                                       \
     extern "C" __global__ void __launch_bounds__(128 * (NC + 1), 1)                          \
-        attn_wt_##NAME##_c##NC##_n##BN##_s##ST(AttnParams p, const __grid_constant__ TmaDesc tq, \
-                                                const __grid_constant__ TmaDesc tk,          \
-                                                const __grid_constant__ TmaDesc tv) {        \
-        attn_ws<TY, NC, BN, ST, PR, CR>(p, &tq, &tk, &tv);                                   \
+        attn_wt_##NAME##_c##NC##_n##BN##_k##KS##v##VS##q##QB(                                \
+            AttnParams p, const __grid_constant__ TmaDesc tq, const __grid_constant__ TmaDesc tk, \
+            const __grid_constant__ TmaDesc tv) {                                            \
+        attn_ws<TY, NC, BN, KS, VS, QB, PR, CR>(p, &tq, &tk, &tv);                           \
     }
-// Two consumer warpgroups (128 rows), 128-key tiles, three stages: on an H200, causal T = 8192
-// ran at 578 TFLOP/s against 477 for three consumers with 64-key tiles x 5 stages, 491 for two
-// with 64-key x 6, and 402 for the former cp.async producer (BENCHMARKS.md). Registers: 56 x 128
-// + 224 x 256 = the 64 Ki file (the producer describes the work items; 40 spilled there).
-ATTNRT_WT(__nv_bfloat16, bf16, 2, 128, 3, 56, 224)
-ATTNRT_WT(__half, f16, 2, 128, 3, 56, 224)
+// Two consumer warpgroups (128 rows), 128-key tiles, three K stages, two V stages and two Q
+// buffers (the next item's Q lands while the current item finishes): on an H200, causal
+// T = 8192 ran at 604 TFLOP/s against 589 with three K/V stages and one Q buffer, 477 for three
+// consumers with 64-key tiles x 5 stages, 491 for two with 64-key x 6, and 402 for the former
+// cp.async producer (BENCHMARKS.md). Registers: 56 x 128 + 224 x 256 = the 64 Ki file (the
+// producer describes the work items; 40 spilled there).
+ATTNRT_WT(__nv_bfloat16, bf16, 2, 128, 3, 2, 2, 56, 224)
+ATTNRT_WT(__half, f16, 2, 128, 3, 2, 2, 56, 224)

@@ -56,9 +56,10 @@ pub enum AttnPath {
         /// Keys per K/V tile.
         key_tile: usize,
     },
-    /// `attn_wt_<dtype>_c2_n128_s3`: Hopper warpgroup MMA (sm_90a), head_dim 128, 128 packed
-    /// rows per CTA (two consumer warpgroups and a producer warpgroup loading K/V by TMA),
-    /// 128-key tiles in a three-stage pipeline.
+    /// `attn_wt_<dtype>_c2_n128_k3v2q2`: Hopper warpgroup MMA (sm_90a), head_dim 128, 128
+    /// packed rows per CTA (two consumer warpgroups and a producer warpgroup loading Q/K/V by
+    /// TMA), 128-key tiles in rings of three K and two V stages, two Q buffers; one CTA per SM
+    /// taking work items until none is left.
     Wgmma {
         /// bf16 or f16.
         dtype: Precision,
@@ -134,8 +135,12 @@ pub const WGMMA_ROWS: usize = 128;
 pub const WGMMA_THREADS: u32 = 384;
 /// Keys per K/V tile of the wgmma kernel.
 pub const WGMMA_KEY_TILE: usize = 128;
-/// Copy-pipeline stages of the wgmma kernel.
-pub const WGMMA_STAGES: usize = 3;
+/// K stages of the wgmma kernel's copy pipeline.
+pub const WGMMA_K_STAGES: usize = 3;
+/// V stages of the wgmma kernel's copy pipeline.
+pub const WGMMA_V_STAGES: usize = 2;
+/// Q buffers of the wgmma kernel (the next work item's Q lands during the current one).
+pub const WGMMA_Q_BUFFERS: usize = 2;
 
 /// The path `(precision, head_dim, group)` gets on a device of compute capability `arch`
 /// (major, minor): [`capability`]'s, upgraded to [`AttnPath::Wgmma`] on sm_90 for head_dim 128
@@ -198,7 +203,7 @@ impl fmt::Display for AttnPath {
             ),
             AttnPath::Wgmma { dtype } => write!(
                 f,
-                "wgmma-{}-d128-c2-n{WGMMA_KEY_TILE}-s{WGMMA_STAGES}",
+                "wgmma-{}-d128-c2-n{WGMMA_KEY_TILE}-k{WGMMA_K_STAGES}v{WGMMA_V_STAGES}q{WGMMA_Q_BUFFERS}",
                 dtype.name()
             ),
         }
@@ -640,7 +645,7 @@ pub fn attention_launch(
         }
         AttnPath::Wgmma { dtype } => (
             format!(
-                "attn_wt_{}_c2_n{WGMMA_KEY_TILE}_s{WGMMA_STAGES}",
+                "attn_wt_{}_c2_n{WGMMA_KEY_TILE}_k{WGMMA_K_STAGES}v{WGMMA_V_STAGES}q{WGMMA_Q_BUFFERS}",
                 dtype.name()
             ),
             WGMMA_THREADS,
@@ -692,14 +697,15 @@ pub const fn mma_smem_bytes(dp: usize, m_tiles: usize, key_tile: usize) -> u32 {
 }
 
 /// Dynamic shared memory of the wgmma kernel: 1024 bytes of alignment slack (the swizzle repeats
-/// every 1024 bytes), the Q tile and [`WGMMA_STAGES`] stages of K and V, 256 bytes a row, and
-/// the pipeline's mbarriers (three per stage and two for Q, 8 bytes each), and two work-item
-/// slots of 11 ints.
+/// every 1024 bytes), [`WGMMA_Q_BUFFERS`] Q tiles, [`WGMMA_K_STAGES`] K and [`WGMMA_V_STAGES`]
+/// V stages, 256 bytes a row, the pipeline's mbarriers (a full and an empty one per stage and
+/// Q buffer, 8 bytes each), and two work-item slots of 11 ints.
 pub const fn wgmma_smem_bytes() -> u32 {
+    let stages = WGMMA_K_STAGES + WGMMA_V_STAGES;
     (1024
-        + WGMMA_ROWS * 256
-        + 2 * WGMMA_STAGES * WGMMA_KEY_TILE * 256
-        + (3 * WGMMA_STAGES + 2) * 8
+        + WGMMA_Q_BUFFERS * WGMMA_ROWS * 256
+        + stages * WGMMA_KEY_TILE * 256
+        + 2 * (stages + WGMMA_Q_BUFFERS) * 8
         + 2 * 11 * 4) as u32
 }
 

@@ -257,13 +257,16 @@ fn wgmma_launch_packs_128_rows() {
         dtype: Precision::F16,
     };
     let l = attention_launch(path, &cfg, 2, 1000).unwrap();
-    assert_eq!(l.kernel, "attn_wt_f16_c2_n128_s3");
+    assert_eq!(l.kernel, "attn_wt_f16_c2_n128_k3v2q2");
     assert_eq!((l.block, l.q_per_cta), (384, 32));
     // Work items (query tile, KV head, batch row) along x.
     assert_eq!(l.grid, (1000usize.div_ceil(32) as u32 * 8 * 2, 1, 1));
-    // Q (128 rows) + 3 stages x (K + V) x 128 keys, 256 bytes a row, + 1024 alignment slack
-    // + 11 mbarriers + 2 work-item slots of 11 ints.
-    assert_eq!(l.smem, 1024 + 128 * 256 + 6 * 128 * 256 + 11 * 8 + 2 * 44);
+    // 2 x Q (128 rows) + (3 K + 2 V stages) x 128 keys, 256 bytes a row, + 1024 alignment
+    // slack + 14 mbarriers + 2 work-item slots of 11 ints.
+    assert_eq!(
+        l.smem,
+        1024 + 2 * 128 * 256 + 5 * 128 * 256 + 14 * 8 + 2 * 44
+    );
     assert!(l.smem <= 227 * 1024, "fits an H100/H200 CTA");
 }
 
