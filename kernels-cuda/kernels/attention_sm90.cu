@@ -252,15 +252,17 @@ __device__ __forceinline__ void attn_ws(const AttnParams& p, const TmaDesc* tmq,
     }
     __syncthreads();
 
-    // What producer and consumers both derive from an item: the rows' query range, the
-    // merged-id range of the queries, the keys' end and the first visited tile with its class.
+    // What the producer derives from an item and hands to the consumers: the rows' query range,
+    // the merged-id range of the queries, the keys' end and the first visited tile with its
+    // class.
     struct Item {
         int index, q0, q1, g, b, len, qg_lo, qg_hi, kend, first, cls0;
     };
-    // The item of each Q load, described by the producer, by its parity: the producer writes
-    // slot qn % 2 only after the consumers released Q of item qn - 1, so they have read slot
+    // The item of each Q load, by its parity: the producer writes slot qn % 2 only after the
+    // consumers released Q buffer qn % QB of item qn - QB (QB <= 2), so they have read slot
     // qn % 2 of item qn - 2. Plain accesses: the mbarrier arrive / wait around them are
     // release / acquire and compiler barriers ("memory" clobbers).
+    static_assert(QB == 1 || QB == 2, "two item slots serve at most two Q buffers");
     Item* const item_slot = reinterpret_cast<Item*>(smem_raw + (slots - raw));
     // The next visited tile at or after k.
     auto next_tile = [&](const Item& it, int k, int& cls) {
@@ -296,7 +298,7 @@ __device__ __forceinline__ void attn_ws(const AttnParams& p, const TmaDesc* tmq,
         if (wtid != 0) return;
         int n = 0, qn = 0;
         // Hands an item (with its Q when it has keys to visit) to the consumers once they have
-        // released Q of the previous item; the consumers skip the item's description.
+        // released its Q buffer's previous item; the consumers skip the item's description.
         auto hand_over = [&](const Item& it, bool with_q) {
             const int qb = qn % QB, qround = qn / QB;
             if (qround > 0) mbar_wait(empty_q(qb), (qround - 1) & 1);

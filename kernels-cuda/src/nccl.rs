@@ -437,9 +437,7 @@ impl Comms {
             }
         })
     }
-}
 
-impl Comms {
     /// Enqueues `transfers` as one NCCL group of `ncclSend` / `ncclRecv` pairs (an all-to-all
     /// when every pair of ranks has one), each on the streams of its two ranks.
     ///
