@@ -308,6 +308,15 @@ struct ConvertParams {
     n: i64,
 }
 
+/// Where a call's input rows `x` are on the device.
+#[derive(Clone, Copy, Debug)]
+pub(super) enum DeviceX {
+    /// f32 rows, converted into the storage type first on a bf16 / f16 layer.
+    F32(u64),
+    /// Rows already in the layer's storage type (f32 on an f32 layer): used as they are.
+    Storage(u64),
+}
+
 #[repr(C)]
 #[derive(Clone, Copy)]
 struct BiasParams {
@@ -963,7 +972,15 @@ impl<'a> GpuLayer<'a> {
     ) -> Result<Front> {
         // SAFETY: per this function's contract.
         unsafe {
-            let start = self.front_start(x, batch, seq_len, mask, position_ids, rope, stream)?;
+            let start = self.front_start(
+                DeviceX::F32(x),
+                batch,
+                seq_len,
+                mask,
+                position_ids,
+                rope,
+                stream,
+            )?;
             self.front_finish(&start, stream)
         }
     }
@@ -977,7 +994,7 @@ impl<'a> GpuLayer<'a> {
     #[allow(clippy::too_many_arguments)]
     pub(super) unsafe fn front_start(
         &mut self,
-        x: u64,
+        x: DeviceX,
         batch: usize,
         seq_len: usize,
         mask: &MaskInputs<'_>,
@@ -1138,7 +1155,8 @@ impl<'a> GpuLayer<'a> {
     ) -> Result<Option<PendingPrep>> {
         // SAFETY: per this function's contract.
         unsafe {
-            let start = self.qkv_start(x, batch, seq_len, position_ids, rope, stream)?;
+            let start =
+                self.qkv_start(DeviceX::F32(x), batch, seq_len, position_ids, rope, stream)?;
             self.qkv_finish(start, stream)
         }
     }
@@ -1150,7 +1168,7 @@ impl<'a> GpuLayer<'a> {
     /// As [`GpuLayer::project_qkv`].
     unsafe fn qkv_start(
         &mut self,
-        x: u64,
+        x: DeviceX,
         batch: usize,
         seq_len: usize,
         position_ids: Option<&[i32]>,
@@ -1160,7 +1178,6 @@ impl<'a> GpuLayer<'a> {
         let cfg = self.cfg;
         let n = batch * seq_len;
         let (c, d) = (cfg.n_embd, cfg.head_dim);
-        let prec = self.opts.precision;
 
         // Rotary rows.
         let (mut cs, mut cs_rows, mut cs_period) = (0u64, 0u64, seq_len as i32);
@@ -1201,18 +1218,15 @@ impl<'a> GpuLayer<'a> {
         }
 
         // Projections: qkv[n, width] = x wqkv^T (f32 out).
-        let x_in = match (prec, self.f_convert) {
-            (Precision::F32, _) | (_, None) => x,
-            (_, Some(f)) => {
-                let mut a = ConvertParams {
-                    input: x,
-                    output: ptr(&self.xs),
-                    n: (n * c) as i64,
-                };
-                let blocks = ((n * c).div_ceil(256)).min(65535 * 8) as u32;
-                // SAFETY: ConvertParams matches the kernel's struct; n*c elements of x and xs.
-                unsafe { launch(f, (blocks, 1, 1), 256, 0, stream, &mut a)? };
-                ptr(&self.xs)
+        let x_in = match x {
+            DeviceX::Storage(x) => x,
+            DeviceX::F32(x) => {
+                // SAFETY: x holds n*c f32 and xs room for n*c storage-type elements.
+                if unsafe { self.convert_to_storage(x, ptr(&self.xs), n * c, stream)? } {
+                    ptr(&self.xs)
+                } else {
+                    x
+                }
             }
         };
         Ok(QkvStart {
@@ -1341,6 +1355,35 @@ impl<'a> GpuLayer<'a> {
         unsafe { self.project_out_rows(y, 0, n, false, stream) }
     }
 
+    /// Enqueues the conversion of `len` f32 at `input` into the storage type at `output`;
+    /// `false` (nothing enqueued) on an f32 layer, whose input is used as it is.
+    ///
+    /// # Safety
+    /// `input` holds `len` f32 and `output` room for `len` storage-type elements on this
+    /// layer's device.
+    pub(super) unsafe fn convert_to_storage(
+        &self,
+        input: u64,
+        output: u64,
+        len: usize,
+        stream: cu::CUstream,
+    ) -> Result<bool> {
+        let f = match (self.opts.precision, self.f_convert) {
+            (Precision::F32, _) | (_, None) => return Ok(false),
+            (_, Some(f)) => f,
+        };
+        let mut a = ConvertParams {
+            input,
+            output,
+            n: len as i64,
+        };
+        let blocks = len.div_ceil(256).min(65535 * 8) as u32;
+        // SAFETY: ConvertParams matches the kernel's struct; `len` elements at both ends (this
+        // function's contract).
+        unsafe { launch(f, (blocks, 1, 1), 256, 0, stream, &mut a)? };
+        Ok(true)
+    }
+
     /// Output projection of rows `row0..row0 + rows` of the attention output into `y` (the
     /// first of those rows' outputs): f32 with the output bias, or with `storage` the storage
     /// type without the bias (a head split reduced in the storage type adds it once, after).
@@ -1379,18 +1422,39 @@ impl<'a> GpuLayer<'a> {
                 out_type,
             )?
         };
-        if let (Some(bo), false) = (&self.bo, storage) {
-            let mut a = BiasParams {
-                y,
-                bias: ptr(bo),
-                rows: rows as i64,
-                cols: c as i32,
-            };
-            let blocks = ((rows * c).div_ceil(256)).min(65535 * 8) as u32;
-            // SAFETY: BiasParams matches the kernel's struct; y is [rows, c], bias [c].
-            unsafe { launch(self.f_bias, (blocks, 1, 1), 256, 0, stream, &mut a)? };
+        if storage {
+            return Ok(());
         }
-        Ok(())
+        // SAFETY: y holds rows * c f32 (this function's contract), bo (if any) c f32.
+        unsafe { self.add_bias_rows(self.bo.as_ref(), y, rows, stream) }
+    }
+
+    /// Adds the output bias `bias` (`[n_embd]` f32; nothing without one) to `rows` f32 rows
+    /// of `y` on `stream`.
+    ///
+    /// # Safety
+    /// `y` holds `rows * n_embd` f32 on this layer's device, `bias` (if any) `n_embd` f32.
+    pub(super) unsafe fn add_bias_rows(
+        &self,
+        bias: Option<&DeviceBuffer<u8>>,
+        y: u64,
+        rows: usize,
+        stream: cu::CUstream,
+    ) -> Result<()> {
+        let Some(bo) = bias else {
+            return Ok(());
+        };
+        let c = self.cfg.n_embd;
+        let mut a = BiasParams {
+            y,
+            bias: ptr(bo),
+            rows: rows as i64,
+            cols: c as i32,
+        };
+        let blocks = ((rows * c).div_ceil(256)).min(65535 * 8) as u32;
+        // SAFETY: BiasParams matches the kernel's struct; y is [rows, c], bias [c] (this
+        // function's contract).
+        unsafe { launch(self.f_bias, (blocks, 1, 1), 256, 0, stream, &mut a) }
     }
 
     /// Benchmark helper: mean milliseconds of `f` over `iters` runs on the layer's own stream,

@@ -43,27 +43,31 @@ use common::{
 /// The reductions the tests run: the exact all-reduce, the storage-type / chunked /
 /// reduce-scatter variants (storage type has no effect on f32 layers), and the all-to-all of
 /// the attention outputs (sequence-parallel output).
-const REDUCTIONS: [ReduceOptions; 5] = [
+const REDUCTIONS: [ReduceOptions; 6] = [
     ReduceOptions::EXACT,
     ReduceOptions {
         storage_dtype: true,
         chunks: 3,
         scatter: false,
         all_to_all: false,
+        per_block: false,
     },
     ReduceOptions {
         storage_dtype: false,
         chunks: 1,
         scatter: true,
         all_to_all: false,
+        per_block: false,
     },
     ReduceOptions {
         storage_dtype: true,
         chunks: 2,
         scatter: true,
         all_to_all: false,
+        per_block: false,
     },
     ReduceOptions::ALL_TO_ALL,
+    ReduceOptions::ALL_TO_ALL_PER_BLOCK,
 ];
 
 /// bf16 tolerance of tests/gpu.rs: (relative L2, max abs / max|want|) of `got` vs `want`,
@@ -198,16 +202,22 @@ fn split_equals_one_gpu_every_mask_mode() {
     }
 }
 
-/// The all-to-all in one chunk and in 3 (exchanges overlapping the projections).
-const A2A: [ReduceOptions; 2] = [
+/// The all-to-all in one chunk and in 3 (exchanges overlapping the projections), with the
+/// blocks copied into place or projected where they lie.
+const A2A: [ReduceOptions; 4] = [
     ReduceOptions::ALL_TO_ALL,
     ReduceOptions {
         chunks: 3,
         ..ReduceOptions::ALL_TO_ALL
     },
+    ReduceOptions::ALL_TO_ALL_PER_BLOCK,
+    ReduceOptions {
+        chunks: 3,
+        ..ReduceOptions::ALL_TO_ALL_PER_BLOCK
+    },
 ];
 
-/// The all-to-all (in one chunk and in 3) with unequal head shares (6 query heads, 3 KV heads: 4/2 on 2 devices,
+/// The all-to-all (every variant of `A2A`) with unequal head shares (6 query heads, 3 KV heads: 4/2 on 2 devices,
 /// 1/1/2/2 with a replicated KV head on 4), token counts below the device count (ranks
 /// without tokens) and uneven token shares, a batch of 2, output bias and full QK-norm: f32
 /// within 1e-4 of the reference, bf16 equal to one GPU within the bf16 tolerance.
@@ -514,6 +524,7 @@ fn split_prefill_and_decode_equal_one_gpu_and_reference() {
         // devices on 4: ranks without tokens).
         cached_case(n, A2A[1], few, PerHead, None, false, 16, 16, Bf16);
         cached_case(n, A2A[1], many, NoNorm, Some(37), true, 16, 16, F32);
+        cached_case(n, A2A[3], eq, Full, Some(37), false, 16, 16, Bf16);
     }
 }
 

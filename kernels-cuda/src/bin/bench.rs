@@ -448,7 +448,12 @@ mod cuda_main {
 
         fn name(r: &ReduceOptions) -> String {
             if r.all_to_all {
-                return format!("all-to-all (seq-parallel out) x{}", r.chunks);
+                let how = if r.per_block {
+                    "blocks projected in place"
+                } else {
+                    "blocks copied"
+                };
+                return format!("all-to-all (seq-parallel out, {how}) x{}", r.chunks);
             }
             format!(
                 "{} {} x{}",
@@ -468,12 +473,14 @@ mod cuda_main {
                 chunks,
                 scatter,
                 all_to_all: false,
+                per_block: false,
             }
         }
 
-        const fn a2a(chunks: usize) -> ReduceOptions {
+        const fn a2a(chunks: usize, per_block: bool) -> ReduceOptions {
             ReduceOptions {
                 chunks,
+                per_block,
                 ..ReduceOptions::ALL_TO_ALL
             }
         }
@@ -506,34 +513,27 @@ mod cuda_main {
             let iters = 20;
             // (reduction, enqueue stage by stage across the devices, high-priority second
             // stream for overlapped collectives)
+            // (The enqueue orders, chunk counts and stream priorities not listed here were
+            // measured slower in earlier sessions: BENCHMARKS.md.)
             let variants = [
                 (ReduceOptions::EXACT, true, true),
-                (ReduceOptions::EXACT, false, true),
-                (opt(false, false, 4), true, true),
                 (opt(false, true, 1), true, true),
-                (opt(false, true, 4), true, true),
-                (opt(true, false, 1), true, true),
-                (opt(true, false, 4), true, true),
                 (opt(true, true, 1), true, true),
-                (opt(true, true, 1), false, true),
-                (opt(true, true, 4), true, true),
-                (opt(true, true, 4), true, false),
                 (ReduceOptions::ALL_TO_ALL, true, true),
-                (ReduceOptions::ALL_TO_ALL, false, true),
-                (a2a(2), true, true),
-                (a2a(2), true, false),
-                (a2a(4), true, true),
-                (a2a(4), true, false),
+                (a2a(2, false), true, true),
+                (ReduceOptions::ALL_TO_ALL_PER_BLOCK, true, true),
+                (a2a(2, true), true, true),
             ];
             println!(
                 "prefill T={t}, n_embd {C}, {H}/{KV} heads, head_dim {D}, bf16, causal, batch 1 \
                  (host wall clock per call, mean of {iters} after 3 warm-ups)"
             );
             println!(
-                "| GPUs | reduce (type, collective, chunks) | enqueue | ms | min ms | tokens/s | scaling vs 1 GPU | ms in NCCL (max / min over devices) | per device: enqueue start us / compute ms / NCCL ms (/ all-to-all copies ms) |"
+                "| GPUs | x staged as | reduce (type, collective, chunks) | enqueue | ms | min ms | tokens/s | scaling vs 1 GPU (same x) | ms in NCCL (max / min over devices) | per device: enqueue start us / compute ms / NCCL ms (/ all-to-all copies ms) |"
             );
-            println!("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- |");
-            let mut base = 0.0f64;
+            println!("| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- |");
+            // Baselines (1 GPU) with x staged in f32 and in bf16.
+            let mut bases = [0.0f64; 2];
             let mut device = String::new();
             for n in counts() {
                 let mut m = MultiGpuLayer::new(
@@ -542,74 +542,84 @@ mod cuda_main {
                     GpuOptions::new(Precision::Bf16, 1, t),
                 )?;
                 device = m.backend().device;
-                m.stage_inputs(&inputs)?;
-                let vs = if n == 1 {
-                    &variants[..1]
-                } else {
-                    &variants[..]
-                };
-                for &(r, by_stage, high) in vs {
-                    m.set_reduce(r)?;
-                    m.set_enqueue_by_stage(by_stage);
-                    m.set_comm_priority(high)?;
-                    for _ in 0..3 {
-                        m.forward_staged(&inputs)?;
+                for (x_bf16, base) in [false, true].into_iter().zip(&mut bases) {
+                    if x_bf16 {
+                        m.stage_inputs_storage(&inputs)?;
+                    } else {
+                        m.stage_inputs(&inputs)?;
                     }
-                    let (mut nccl, mut nccl_min) = (0.0f64, 0.0f64);
-                    let mut per = vec![(0.0f64, 0.0f64, 0.0f64, 0.0f64); n];
-                    let mut best = f64::MAX;
-                    let start = Instant::now();
-                    for _ in 0..iters {
-                        let one = Instant::now();
-                        m.forward_staged(&inputs)?;
-                        best = best.min(one.elapsed().as_secs_f64() * 1e3);
-                        nccl += m.last_nccl_ms() as f64;
-                        let tm = m.last_call_timing();
-                        nccl_min += tm.iter().map(|d| d.nccl_ms as f64).fold(f64::MAX, f64::min);
-                        for (p, d) in per.iter_mut().zip(tm) {
-                            p.0 += d.enqueue_us;
-                            p.1 += d.compute_ms as f64;
-                            p.2 += d.nccl_ms as f64;
-                            p.3 += d.copy_ms as f64;
-                        }
-                    }
-                    let ms = start.elapsed().as_secs_f64() * 1e3 / iters as f64;
-                    if n == 1 {
-                        base = ms;
-                    }
-                    let k = iters as f64;
-                    let nccl = nccl / k;
-                    let nccl_min = if n == 1 { 0.0 } else { nccl_min / k };
-                    let per: Vec<String> = per
-                        .iter()
-                        .map(|p| {
-                            let copies = if r.all_to_all && r.chunks == 1 {
-                                format!(" / {:.3}", p.3 / k)
-                            } else {
-                                String::new()
-                            };
-                            format!("{:.1} / {:.3} / {:.3}{copies}", p.0 / k, p.1 / k, p.2 / k)
-                        })
-                        .collect();
-                    let order = match (by_stage, r.chunks > 1, high) {
-                        (true, true, false) => "by stage, default-priority 2nd stream",
-                        (true, _, _) => "by stage",
-                        (false, _, _) => "by device",
+                    let x_type = if x_bf16 { "bf16" } else { "f32" };
+                    // With x in bf16 only the baseline and the fastest reductions.
+                    let vs = match (n, x_bf16) {
+                        (1, _) => &variants[..1],
+                        (_, false) => &variants[..],
+                        (_, true) => &variants[3..],
                     };
-                    println!(
-                        "| {n} | {} | {order} | {ms:.3} | {best:.3} | {:.0} | {:.3}x | {nccl:.3} / {nccl_min:.3} | {} |",
+                    for &(r, by_stage, high) in vs {
+                        m.set_reduce(r)?;
+                        m.set_enqueue_by_stage(by_stage);
+                        m.set_comm_priority(high)?;
+                        for _ in 0..3 {
+                            m.forward_staged(&inputs)?;
+                        }
+                        let (mut nccl, mut nccl_min) = (0.0f64, 0.0f64);
+                        let mut per = vec![(0.0f64, 0.0f64, 0.0f64, 0.0f64); n];
+                        let mut best = f64::MAX;
+                        let start = Instant::now();
+                        for _ in 0..iters {
+                            let one = Instant::now();
+                            m.forward_staged(&inputs)?;
+                            best = best.min(one.elapsed().as_secs_f64() * 1e3);
+                            nccl += m.last_nccl_ms() as f64;
+                            let tm = m.last_call_timing();
+                            nccl_min +=
+                                tm.iter().map(|d| d.nccl_ms as f64).fold(f64::MAX, f64::min);
+                            for (p, d) in per.iter_mut().zip(tm) {
+                                p.0 += d.enqueue_us;
+                                p.1 += d.compute_ms as f64;
+                                p.2 += d.nccl_ms as f64;
+                                p.3 += d.copy_ms as f64;
+                            }
+                        }
+                        let ms = start.elapsed().as_secs_f64() * 1e3 / iters as f64;
+                        if n == 1 {
+                            *base = ms;
+                        }
+                        let base = *base;
+                        let k = iters as f64;
+                        let nccl = nccl / k;
+                        let nccl_min = if n == 1 { 0.0 } else { nccl_min / k };
+                        let per: Vec<String> = per
+                            .iter()
+                            .map(|p| {
+                                let copies = if r.all_to_all && r.chunks == 1 {
+                                    format!(" / {:.3}", p.3 / k)
+                                } else {
+                                    String::new()
+                                };
+                                format!("{:.1} / {:.3} / {:.3}{copies}", p.0 / k, p.1 / k, p.2 / k)
+                            })
+                            .collect();
+                        let order = match (by_stage, r.chunks > 1, high) {
+                            (true, true, false) => "by stage, default-priority 2nd stream",
+                            (true, _, _) => "by stage",
+                            (false, _, _) => "by device",
+                        };
+                        println!(
+                        "| {n} | {x_type} | {} | {order} | {ms:.3} | {best:.3} | {:.0} | {:.3}x | {nccl:.3} / {nccl_min:.3} | {} |",
                         name(&r),
                         t as f64 / (ms / 1e3),
                         base / ms,
                         per.join(", ")
                     );
-                    writeln!(
+                        writeln!(
                         json,
-                        "{{\"case\": \"multi prefill T={t}\", \"gpus\": {n}, \"reduce\": \"{}\", \"enqueue\": \"{order}\", \"ms\": {ms}, \"min_ms\": {best}, \"scaling\": {}, \"nccl_ms\": {nccl}, \"nccl_min_ms\": {nccl_min}}}",
+                        "{{\"case\": \"multi prefill T={t}\", \"gpus\": {n}, \"x\": \"{x_type}\", \"reduce\": \"{}\", \"enqueue\": \"{order}\", \"ms\": {ms}, \"min_ms\": {best}, \"scaling\": {}, \"nccl_ms\": {nccl}, \"nccl_min_ms\": {nccl_min}}}",
                         name(&r),
                         base / ms
                     )
                     .ok();
+                    }
                 }
             }
             println!("({device})");
@@ -680,8 +690,8 @@ mod cuda_main {
                 .ok();
             }
 
-            println!("| GPUs | reduce | ms per step | ratio vs 1 GPU | ms in NCCL | device span per device (ms) | attention + merge alone, per device (ms) |");
-            println!("| --- | --- | ---: | ---: | ---: | --- | --- |");
+            println!("| GPUs | reduce | ms per step | ratio vs 1 GPU | ms in NCCL | device span per device (ms) | attention + merge alone, per device (ms) | host us at: validated / fronts / attention / output / done |");
+            println!("| --- | --- | ---: | ---: | ---: | --- | --- | --- |");
             let mut base = 0.0f64;
             for n in counts() {
                 let mut m = MultiGpuLayer::new(*layer, &devices(n), opts)?;
@@ -701,6 +711,7 @@ mod cuda_main {
                         opt(false, true, 1),
                         opt(true, true, 1),
                         ReduceOptions::ALL_TO_ALL,
+                        ReduceOptions::ALL_TO_ALL_PER_BLOCK,
                     ]
                 };
                 for r in vs {
@@ -710,9 +721,13 @@ mod cuda_main {
                     }
                     let mut nccl = 0.0f64;
                     let mut span = vec![0.0f64; n];
+                    let mut phases = [0.0f64; 5];
                     let start = Instant::now();
                     for _ in 0..iters {
                         m.forward_cached(&x, &seqs, None, &mut cache, &mut y)?;
+                        for (p, v) in phases.iter_mut().zip(m.last_host_phases_us()) {
+                            *p += v / iters as f64;
+                        }
                         nccl += m.last_nccl_ms() as f64;
                         for (s, v) in span.iter_mut().zip(m.last_step_device_ms()) {
                             *s += *v as f64;
@@ -732,12 +747,14 @@ mod cuda_main {
                         // SAFETY: `cache` is alive for the timed relaunches.
                         attn.push(format!("{:.4}", unsafe { m.time_decode_ms(i, 20)? }));
                     }
+                    let phases: Vec<String> = phases.iter().map(|v| format!("{v:.0}")).collect();
                     println!(
-                        "| {n} | {} | {ms:.4} | {:.3} | {nccl:.4} | {} | {} |",
+                        "| {n} | {} | {ms:.4} | {:.3} | {nccl:.4} | {} | {} | {} |",
                         name(r),
                         ms / base,
                         span.join(" / "),
-                        attn.join(" / ")
+                        attn.join(" / "),
+                        phases.join(" / ")
                     );
                     writeln!(
                         json,

@@ -16,8 +16,8 @@ use half::{bf16, f16};
 use super::decode::CachedFront;
 use super::WidenParams;
 use super::{
-    alloc, blas_type, drv, function, h2d, launch, ptr, stored, upload, BiasParams, Front,
-    FrontStart, GpuKvCache, GpuLayer, RopeSource,
+    alloc, blas_type, drv, function, h2d, launch, ptr, stored, upload, DeviceX, Front, FrontStart,
+    GpuKvCache, GpuLayer, RopeSource,
 };
 use crate::cublas;
 use crate::error::{Error, Result};
@@ -126,6 +126,20 @@ struct Lane {
     copies: (cu::CUevent, cu::CUevent),
     /// Buffers of [`ReduceOptions::all_to_all`] (allocated by `set_reduce`).
     a2a: Option<AllToAllBuffers>,
+    /// `x` staged in the storage type by [`MultiGpuLayer::stage_inputs_storage`] (benchmark
+    /// helper), read by [`MultiGpuLayer::forward_staged`] instead of the f32 `x`.
+    staged: Option<DeviceBuffer<u8>>,
+}
+
+/// Makes the layer stream `s` wait for everything enqueued so far on the lane's second
+/// stream (the exchange of the current chunk).
+fn wait_for_exchange(lane: &Lane, s: cu::CUstream) -> Result<()> {
+    record(lane.done_ev, lane.comm)?;
+    // SAFETY: live stream and event of the current context; the wait takes the record just
+    // made (a later record does not affect it).
+    drv("cuStreamWaitEvent", unsafe {
+        cu::cuStreamWaitEvent(s, lane.done_ev, 0)
+    })
 }
 
 /// A device's buffers for [`ReduceOptions::all_to_all`].
@@ -237,6 +251,8 @@ pub struct MultiGpuLayer<'a> {
     pinned: Option<Pinned>,
     pinned_out: Option<Pinned>,
     step_ms: Vec<f32>,
+    /// Host microseconds of the last cached call's phases ([`MultiGpuLayer::last_host_phases_us`]).
+    host_phases_us: [f64; 5],
     /// Enqueue the devices' work stage by stage (every device's first kernel before any
     /// device's projections) rather than device by device.
     by_stage: bool,
@@ -408,6 +424,7 @@ impl<'a> MultiGpuLayer<'a> {
                 span: (event(true)?, event(true)?),
                 copies: (event(true)?, event(true)?),
                 a2a: None,
+                staged: None,
             });
         }
         Ok(MultiGpuLayer {
@@ -425,6 +442,7 @@ impl<'a> MultiGpuLayer<'a> {
             pinned: None,
             pinned_out: None,
             step_ms: Vec::new(),
+            host_phases_us: [0.0; 5],
             by_stage: true,
             comm_high: true,
             enqueue_us: Vec::new(),
@@ -771,7 +789,10 @@ impl<'a> MultiGpuLayer<'a> {
             Precision::F16 => Dtype::F16,
         };
         let chunks = self.reduce.chunks.clamp(1, tokens.div_ceil(n).max(1));
-        let overlap = chunks > 1;
+        let per_block = self.reduce.per_block;
+        // Exchanges on the second streams: with several chunks, or so that each device's own
+        // block is projected while its exchange is in flight.
+        let overlap = chunks > 1 || per_block;
         let blocks = all_to_all_blocks(&self.plan, tokens, chunks)?;
         let mut bufs = Vec::with_capacity(n);
         for lane in &self.lanes {
@@ -822,9 +843,11 @@ impl<'a> MultiGpuLayer<'a> {
                 unsafe { comms.exchange(&transfers, streams, dtype) }
             })?;
             for (j, (g, lane)) in self.gpus.iter_mut().zip(&self.lanes).enumerate() {
-                let mine: Vec<&&AllToAllBlock> = part.iter().filter(|b| b.dst == j).collect();
+                let mut mine: Vec<&&AllToAllBlock> = part.iter().filter(|b| b.dst == j).collect();
+                // The own block needs no exchange: first, so that it overlaps the exchange.
+                mine.sort_by_key(|b| b.src != j);
                 let Some(first) = mine.first() else {
-                    if !overlap {
+                    if chunks == 1 {
                         // No tokens here: an empty span, so that the timing reads 0.
                         g.set_current()?;
                         record(lane.copies.0, g.stream)?;
@@ -835,16 +858,49 @@ impl<'a> MultiGpuLayer<'a> {
                 let rows = first.rows.clone();
                 g.set_current()?;
                 let s = g.stream;
-                if overlap {
-                    record(lane.done_ev, lane.comm)?;
-                    // SAFETY: live stream and event of the current context; the wait takes
-                    // the record just made (a later record does not affect it).
-                    drv("cuStreamWaitEvent", unsafe {
-                        cu::cuStreamWaitEvent(s, lane.done_ev, 0)
-                    })?;
-                }
                 let (wo, stage, gathered) = bufs[j];
-                if !overlap {
+                let y = ptr(&g.y) + (rows.start * c * 4) as u64;
+                if per_block {
+                    if chunks == 1 {
+                        record(lane.copies.0, s)?;
+                        record(lane.copies.1, s)?;
+                    }
+                    for (i, b) in mine.iter().enumerate() {
+                        let x = if b.src == j {
+                            at(ptr(&g.o), b.src_offset)
+                        } else {
+                            if i == 0 || mine[i - 1].src == j {
+                                wait_for_exchange(lane, s)?;
+                            }
+                            at(stage, b.stage_offset)
+                        };
+                        let ops = cublas::Operands {
+                            w: at(wo, b.cols.start),
+                            ldw: qd,
+                            x,
+                            ldx: b.cols.len(),
+                            in_type: blas_type(self.precision),
+                            y,
+                            out_type: cublas::R_32F,
+                            accumulate: i > 0,
+                        };
+                        // SAFETY: `wo` is [c, qd] (storage type), so its columns `cols` are c
+                        // rows of stride qd; the block ([rows, cols.len()], contiguous) lies
+                        // in this device's attention output or stage buffer, written earlier
+                        // on this stream or on the second stream it now waits for; y rows
+                        // [rows, c] f32 lie inside this device's `y`.
+                        unsafe {
+                            g.cublas
+                                .linear_strided(s.cast(), rows.len(), c, b.cols.len(), &ops)?
+                        };
+                    }
+                    // SAFETY: y rows [rows, c] f32 inside `y`; bo (if any) holds c f32.
+                    unsafe { g.add_bias_rows(lane.bo.as_ref(), y, rows.len(), s)? };
+                    continue;
+                }
+                if overlap {
+                    wait_for_exchange(lane, s)?;
+                } else {
                     record(lane.copies.0, s)?;
                 }
                 // The chunk's rows of every head, at their place among this device's rows.
@@ -886,7 +942,6 @@ impl<'a> MultiGpuLayer<'a> {
                 if !overlap {
                     record(lane.copies.1, s)?;
                 }
-                let y = ptr(&g.y) + (rows.start * c * 4) as u64;
                 // SAFETY: wo [c, qd], the chunk's gathered rows [rows, qd] (storage type), y
                 // rows [rows, c] f32 inside this device's `y` (max tokens * n_embd f32).
                 unsafe {
@@ -902,17 +957,8 @@ impl<'a> MultiGpuLayer<'a> {
                         cublas::R_32F,
                     )?
                 };
-                if let Some(bo) = &lane.bo {
-                    let mut a = BiasParams {
-                        y,
-                        bias: ptr(bo),
-                        rows: rows.len() as i64,
-                        cols: c as i32,
-                    };
-                    let grid = ((rows.len() * c).div_ceil(256)).min(65535 * 8) as u32;
-                    // SAFETY: BiasParams matches the kernel's struct; y is [rows, c], bias [c].
-                    unsafe { launch(g.f_bias, (grid, 1, 1), 256, 0, s, &mut a)? };
-                }
+                // SAFETY: y rows [rows, c] f32 inside `y`; bo (if any) holds c f32.
+                unsafe { g.add_bias_rows(lane.bo.as_ref(), y, rows.len(), s)? };
             }
         }
         if overlap {
@@ -928,8 +974,14 @@ impl<'a> MultiGpuLayer<'a> {
     /// attention (the attention outputs in each layer's `o`).
     fn launch(&mut self, inputs: &Inputs<'_>, out_len: usize, upload: bool) -> Result<()> {
         self.layer.validate_inputs(inputs, out_len)?;
-        for g in &self.gpus {
+        for (g, lane) in self.gpus.iter().zip(&self.lanes) {
             g.check_capacity(inputs.batch, inputs.seq_len)?;
+            let staged = lane.staged.as_ref().map_or(usize::MAX, |b| b.len());
+            if !upload && staged < inputs.x.len() * self.precision.size() {
+                return Err(Error::Unsupported(
+                    "the call is larger than the inputs staged in the storage type".into(),
+                ));
+            }
         }
         self.timed = 0;
         let t0 = Instant::now();
@@ -943,12 +995,18 @@ impl<'a> MultiGpuLayer<'a> {
             let (x, stream) = (ptr(&g.x), g.stream);
             record(lane.span.0, stream)?;
             self.enqueue_us.push(t0.elapsed().as_secs_f64() * 1e6);
-            if upload {
-                // SAFETY: `x` holds max_batch * max_seq_len * n_embd f32 and the call fits
-                // (checked); `inputs.x` has batch * seq_len * n_embd values (validated).
-                unsafe { h2d(x, inputs.x, stream)? };
-            }
-            // SAFETY: x is this layer's buffer, sized for the validated call.
+            let x = match (&lane.staged, upload) {
+                (_, true) => {
+                    // SAFETY: `x` holds max_batch * max_seq_len * n_embd f32 and the call fits
+                    // (checked); `inputs.x` has batch * seq_len * n_embd values (validated).
+                    unsafe { h2d(x, inputs.x, stream)? };
+                    DeviceX::F32(x)
+                }
+                (Some(b), false) => DeviceX::Storage(ptr(b)),
+                (None, false) => DeviceX::F32(x),
+            };
+            // SAFETY: x is this layer's buffer or the staged one, sized for the validated
+            // call.
             let start = unsafe {
                 g.front_start(
                     x,
@@ -1214,6 +1272,9 @@ impl<'a> MultiGpuLayer<'a> {
         cache: &mut MultiGpuKvCache,
         out: &mut [f32],
     ) -> Result<GpuBackend> {
+        let t0 = Instant::now();
+        let mut phases = [0.0f64; 5];
+        let mut lap = |i: usize| phases[i] = t0.elapsed().as_secs_f64() * 1e6;
         let geometry = cache.geometry;
         self.marks.clear();
         self.marks.resize(geometry.num_blocks, 0);
@@ -1257,6 +1318,7 @@ impl<'a> MultiGpuLayer<'a> {
         };
         staged.copy_from_slice(x);
         let staged: &[f32] = staged;
+        lap(0);
         // Every front before any cache write: a device that refuses the call (a cache of
         // another split) leaves every cache and `out` untouched.
         let mut fronts: Vec<CachedFront> = Vec::with_capacity(self.gpus.len());
@@ -1276,6 +1338,7 @@ impl<'a> MultiGpuLayer<'a> {
             let _ = self.finish(false, false);
             return Err(e);
         }
+        lap(1);
         self.reduce_norm(tokens)?;
         for ((g, c), f) in self.gpus.iter_mut().zip(&cache.caches).zip(&fronts) {
             g.set_current()?;
@@ -1283,6 +1346,7 @@ impl<'a> MultiGpuLayer<'a> {
             // (borrowed for this call, and synchronised before it returns).
             unsafe { g.cached_back(f, c)? };
         }
+        lap(2);
         let placement = self.project_and_reduce(tokens)?;
         for (g, lane) in self.gpus.iter().zip(&self.lanes) {
             g.set_current()?;
@@ -1295,11 +1359,24 @@ impl<'a> MultiGpuLayer<'a> {
         // SAFETY: the staging buffer holds out.len() = tokens * n_embd f32, read only after
         // `finish` below and rewritten only by a later call.
         unsafe { self.download(staged, tokens, &placement)? };
+        lap(3);
         self.finish(true, true)?;
         if let Some(p) = self.pinned_out.as_mut() {
             out.copy_from_slice(p.slice_mut(out.len()));
         }
+        lap(4);
+        self.host_phases_us = phases;
         Ok(self.backend())
+    }
+
+    /// Benchmark diagnostics: host microseconds from the start of the last successful cached
+    /// call to the end of (0) validation and staging of `x`, (1) every device's front
+    /// (uploads, projections), (2) every device's attention enqueue, (3) the output
+    /// projections, reduction and download enqueue, (4) the wait for every device and the
+    /// copy out.
+    #[doc(hidden)]
+    pub fn last_host_phases_us(&self) -> [f64; 5] {
+        self.host_phases_us
     }
 
     /// Benchmark diagnostics: milliseconds from the start to the end of each device's work
@@ -1316,13 +1393,40 @@ impl<'a> MultiGpuLayer<'a> {
     /// As [`MultiGpuLayer::forward_host`].
     #[doc(hidden)]
     pub fn stage_inputs(&mut self, inputs: &Inputs<'_>) -> Result<()> {
+        self.stage(inputs, false)
+    }
+
+    /// Benchmark helper: uploads `x` once to every device and converts it there to the
+    /// layer's storage type, so that [`MultiGpuLayer::forward_staged`] starts from rows in
+    /// the storage type, as a bf16 / f16 model's previous layer leaves them (no conversion
+    /// in the call; on an f32 layer the same as [`MultiGpuLayer::stage_inputs`]).
+    ///
+    /// # Errors
+    /// As [`MultiGpuLayer::forward_host`].
+    #[doc(hidden)]
+    pub fn stage_inputs_storage(&mut self, inputs: &Inputs<'_>) -> Result<()> {
+        self.stage(inputs, true)
+    }
+
+    fn stage(&mut self, inputs: &Inputs<'_>, storage: bool) -> Result<()> {
         let len = inputs.x.len();
         self.layer.validate_inputs(inputs, len)?;
         for g in &self.gpus {
             g.check_capacity(inputs.batch, inputs.seq_len)?;
+        }
+        for (g, lane) in self.gpus.iter().zip(&mut self.lanes) {
             g.set_current()?;
+            lane.staged = None;
             // SAFETY: as in `launch`.
             unsafe { h2d(ptr(&g.x), inputs.x, g.stream)? };
+            if storage {
+                let b = alloc(len * self.precision.size())?;
+                // SAFETY: `x` holds the len f32 just uploaded, `b` room for len elements of
+                // the storage type.
+                if unsafe { g.convert_to_storage(ptr(&g.x), ptr(&b), len, g.stream)? } {
+                    lane.staged = Some(b);
+                }
+            }
         }
         self.finish(false, false)
     }
