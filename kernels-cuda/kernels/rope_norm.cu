@@ -211,3 +211,43 @@ __device__ void widen_bias(const WidenParams& p) {
 }
 extern "C" __global__ void widen_bias_bf16(WidenParams p) { widen_bias<__nv_bfloat16>(p); }
 extern "C" __global__ void widen_bias_f16(WidenParams p) { widen_bias<__half>(p); }
+
+// The head split's all-to-all puts each sender's block of attention output ([rows, width]
+// contiguous) at its columns of the receiver's [rows, pitch] rows. A driver 2-D copy moves
+// these narrow rows (a few KiB each) at well under the bandwidth of a plain kernel, so the
+// blocks are copied here, PLACE_MAX per launch (blockIdx.y), in units of `unit` bytes (16 when
+// every address, width and pitch allows it). Widths, column offsets and pitch are in units.
+#define PLACE_MAX 8
+struct PlaceParams {
+    const void* src[PLACE_MAX];
+    long long dst_col[PLACE_MAX];
+    long long width[PLACE_MAX];
+    void* dst;
+    long long pitch;
+    long long rows;
+    int blocks;
+    int unit;
+};
+template <typename U>
+__device__ void place(const PlaceParams& p, int b) {
+    const U* src = (const U*)p.src[b];
+    U* dst = (U*)p.dst + p.dst_col[b];
+    long long w = p.width[b];
+    long long n = p.rows * w;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x) {
+        long long r = i / w;
+        dst[r * p.pitch + (i - r * w)] = src[i];
+    }
+}
+extern "C" __global__ void __launch_bounds__(256) place_blocks(PlaceParams p) {
+    int b = blockIdx.y;
+    if (b >= p.blocks) return;
+    switch (p.unit) {
+        case 16: place<uint4>(p, b); break;
+        case 8: place<uint2>(p, b); break;
+        case 4: place<unsigned>(p, b); break;
+        case 2: place<unsigned short>(p, b); break;
+        default: place<unsigned char>(p, b); break;
+    }
+}

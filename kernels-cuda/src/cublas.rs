@@ -102,51 +102,19 @@ impl Cublas {
         y: u64,
         out_type: i32,
     ) -> Result<()> {
-        let whole = Operands {
-            w,
-            ldw: k,
-            x,
-            ldx: k,
-            in_type,
-            y,
-            out_type,
-            accumulate: false,
-        };
-        // SAFETY: dense operands (row strides k, k and n), per this function's contract.
-        unsafe { self.linear_strided(stream, m, n, k, &whole) }
-    }
-
-    /// `y[m, n] (+)= x[m, k] W[n, k]^T` with row strides `ops.ldx` / `ops.ldw` (elements), so
-    /// that `x` and `W` may be column blocks of wider matrices; `y` (row stride `n`) is
-    /// overwritten, or added to with `ops.accumulate` (f32 accumulation either way).
-    ///
-    /// # Safety
-    /// `ops.w` points at `n` rows of `ops.ldw >= k` elements (the last one `k` long), `ops.x`
-    /// at `m` rows of `ops.ldx >= k`, `ops.y` at `m * n` elements, all device memory of the
-    /// given types; `stream` is a valid stream of the current context.
-    pub unsafe fn linear_strided(
-        &mut self,
-        stream: *mut c_void,
-        m: usize,
-        n: usize,
-        k: usize,
-        ops: &Operands,
-    ) -> Result<()> {
         let dims = |v: usize| {
             i32::try_from(v)
                 .map_err(|_| Error::Unsupported(format!("GEMM dimension {v} exceeds i32")))
         };
         let (mi, ni, ki) = (dims(m)?, dims(n)?, dims(k)?);
-        let (ldw, ldx) = (dims(ops.ldw)?, dims(ops.ldx)?);
-        let alpha = 1.0f32;
-        let beta = if ops.accumulate { 1.0f32 } else { 0.0 };
+        let (alpha, beta) = (1.0f32, 0.0f32);
         // SAFETY: the handle is live; the stream is valid per the caller's contract.
         check("cublasSetStream_v2", unsafe {
             cublasSetStream_v2(self.handle, stream)
         })?;
         // Column-major view: y^T[n, m] = W[n, k] (stored k-major, op T) * x^T[k, m].
-        // SAFETY: pointers, sizes and strides per the caller's contract; alpha/beta are host
-        // f32 scalars as the default pointer mode expects.
+        // SAFETY: pointers and sizes per the caller's contract; alpha/beta are host f32 scalars
+        // as the default pointer mode expects.
         check("cublasGemmEx", unsafe {
             cublasGemmEx(
                 self.handle,
@@ -156,42 +124,21 @@ impl Cublas {
                 mi,
                 ki,
                 (&alpha as *const f32).cast(),
-                ops.w as *const c_void,
-                ops.in_type,
-                ldw,
-                ops.x as *const c_void,
-                ops.in_type,
-                ldx,
+                w as *const c_void,
+                in_type,
+                ki,
+                x as *const c_void,
+                in_type,
+                ki,
                 (&beta as *const f32).cast(),
-                ops.y as *mut c_void,
-                ops.out_type,
+                y as *mut c_void,
+                out_type,
                 ni,
                 COMPUTE_32F,
                 GEMM_DEFAULT,
             )
         })
     }
-}
-
-/// The operands of [`Cublas::linear_strided`].
-#[derive(Clone, Copy, Debug)]
-pub struct Operands {
-    /// Weight rows `W[n, k]` (device pointer).
-    pub w: u64,
-    /// Elements between consecutive rows of `W`.
-    pub ldw: usize,
-    /// Input rows `x[m, k]` (device pointer).
-    pub x: u64,
-    /// Elements between consecutive rows of `x`.
-    pub ldx: usize,
-    /// cuBLAS data type of `W` and `x` (`R_32F`, `R_16F`, `R_16BF`).
-    pub in_type: i32,
-    /// Output `y[m, n]` (device pointer, dense).
-    pub y: u64,
-    /// cuBLAS data type of `y`.
-    pub out_type: i32,
-    /// Add to `y` (beta = 1) instead of overwriting it.
-    pub accumulate: bool,
 }
 
 impl Drop for Cublas {

@@ -284,14 +284,6 @@ pub struct ReduceOptions {
     /// overlap). `storage_dtype` and `scatter` are ignored. The fastest prefill variant
     /// measured (1.84-1.85x on 2 H200s, 3.33-3.35x on 4; BENCHMARKS.md).
     pub all_to_all: bool,
-    /// With `all_to_all`: instead of copying the received blocks into place and projecting
-    /// them in one GEMM, project each block where it lies (its columns of `wo`) and add the
-    /// projections in f32, the device's own block first. The own block's projection then
-    /// runs while the exchange is in flight (the exchange is on the second stream), and the
-    /// copies go away. The result differs from one GPU's only in the f32 summation order of
-    /// the output projection (within 1e-4 on f32 layers, the bf16 / f16 tolerances
-    /// otherwise). Ignored without `all_to_all`.
-    pub per_block: bool,
 }
 
 impl ReduceOptions {
@@ -302,7 +294,6 @@ impl ReduceOptions {
         chunks: 1,
         scatter: false,
         all_to_all: false,
-        per_block: false,
     };
 
     /// [`ReduceOptions::all_to_all`]: sequence-parallel output, one GPU's output projection.
@@ -311,14 +302,6 @@ impl ReduceOptions {
         chunks: 1,
         scatter: false,
         all_to_all: true,
-        per_block: false,
-    };
-
-    /// [`ReduceOptions::all_to_all`] with [`ReduceOptions::per_block`] projections: the
-    /// exchange overlaps the projection of each device's own heads.
-    pub const ALL_TO_ALL_PER_BLOCK: ReduceOptions = ReduceOptions {
-        per_block: true,
-        ..ReduceOptions::ALL_TO_ALL
     };
 }
 

@@ -448,12 +448,7 @@ mod cuda_main {
 
         fn name(r: &ReduceOptions) -> String {
             if r.all_to_all {
-                let how = if r.per_block {
-                    "blocks projected in place"
-                } else {
-                    "blocks copied"
-                };
-                return format!("all-to-all (seq-parallel out, {how}) x{}", r.chunks);
+                return format!("all-to-all (seq-parallel out) x{}", r.chunks);
             }
             format!(
                 "{} {} x{}",
@@ -473,14 +468,12 @@ mod cuda_main {
                 chunks,
                 scatter,
                 all_to_all: false,
-                per_block: false,
             }
         }
 
-        const fn a2a(chunks: usize, per_block: bool) -> ReduceOptions {
+        const fn a2a(chunks: usize) -> ReduceOptions {
             ReduceOptions {
                 chunks,
-                per_block,
                 ..ReduceOptions::ALL_TO_ALL
             }
         }
@@ -520,9 +513,7 @@ mod cuda_main {
                 (opt(false, true, 1), true, true),
                 (opt(true, true, 1), true, true),
                 (ReduceOptions::ALL_TO_ALL, true, true),
-                (a2a(2, false), true, true),
-                (ReduceOptions::ALL_TO_ALL_PER_BLOCK, true, true),
-                (a2a(2, true), true, true),
+                (a2a(2), true, true),
             ];
             println!(
                 "prefill T={t}, n_embd {C}, {H}/{KV} heads, head_dim {D}, bf16, causal, batch 1 \
@@ -711,7 +702,6 @@ mod cuda_main {
                         opt(false, true, 1),
                         opt(true, true, 1),
                         ReduceOptions::ALL_TO_ALL,
-                        ReduceOptions::ALL_TO_ALL_PER_BLOCK,
                     ]
                 };
                 for r in vs {

@@ -117,6 +117,8 @@ struct Lane {
     /// The widening kernel of this device's module (a function handle belongs to the context
     /// that loaded it), for bf16 / f16 layers.
     f_widen: Option<cu::CUfunction>,
+    /// `place_blocks` of this device's module (the all-to-all's blocks into place).
+    f_place: cu::CUfunction,
     /// Around a cached call's work on this device (benchmark diagnostics).
     step: (cu::CUevent, cu::CUevent),
     /// From the first work of a call on this device to the end of its output projection,
@@ -140,6 +142,77 @@ fn wait_for_exchange(lane: &Lane, s: cu::CUstream) -> Result<()> {
     drv("cuStreamWaitEvent", unsafe {
         cu::cuStreamWaitEvent(s, lane.done_ev, 0)
     })
+}
+
+/// One block of [`place_blocks`]: `width` bytes per row at `src` (rows contiguous), to byte
+/// column `dst_col` of the destination rows.
+struct PlacedBlock {
+    src: u64,
+    dst_col: usize,
+    width: usize,
+}
+
+/// `PlaceParams` of rope_norm.cu.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct PlaceParams {
+    src: [u64; PLACE_MAX],
+    dst_col: [i64; PLACE_MAX],
+    width: [i64; PLACE_MAX],
+    dst: u64,
+    pitch: i64,
+    rows: i64,
+    blocks: i32,
+    unit: i32,
+}
+
+/// Blocks per launch of `place_blocks` (`PLACE_MAX` in rope_norm.cu).
+const PLACE_MAX: usize = 8;
+
+/// Enqueues the copy of each block's `rows` rows into the rows of `pitch` bytes at `dst`, in
+/// the widest unit (16 bytes down to 1) that every address, width, offset and the pitch allow.
+///
+/// # Safety
+/// `f` is `place_blocks` of the current context; each block's source holds `rows * width`
+/// bytes; `dst` holds `rows` rows of `pitch` bytes, each block's columns inside them; the
+/// blocks' columns do not overlap and no source overlaps `dst`.
+unsafe fn place_blocks(
+    f: cu::CUfunction,
+    blocks: &[PlacedBlock],
+    dst: u64,
+    pitch: usize,
+    rows: usize,
+    s: cu::CUstream,
+) -> Result<()> {
+    let mut fold = dst | pitch as u64;
+    for b in blocks {
+        fold |= b.src | b.dst_col as u64 | b.width as u64;
+    }
+    let unit = 1usize << fold.trailing_zeros().min(4);
+    for group in blocks.chunks(PLACE_MAX) {
+        let mut a = PlaceParams {
+            src: [0; PLACE_MAX],
+            dst_col: [0; PLACE_MAX],
+            width: [0; PLACE_MAX],
+            dst,
+            pitch: (pitch / unit) as i64,
+            rows: rows as i64,
+            blocks: group.len() as i32,
+            unit: unit as i32,
+        };
+        let mut widest = 0;
+        for (i, b) in group.iter().enumerate() {
+            a.src[i] = b.src;
+            a.dst_col[i] = (b.dst_col / unit) as i64;
+            a.width[i] = (b.width / unit) as i64;
+            widest = widest.max(b.width / unit);
+        }
+        let grid = (rows * widest).div_ceil(256).clamp(1, 1024) as u32;
+        // SAFETY: PlaceParams matches the kernel's struct; the blocks and destination per this
+        // function's contract.
+        unsafe { launch(f, (grid, group.len() as u32, 1), 256, 0, s, &mut a)? };
+    }
+    Ok(())
 }
 
 /// A device's buffers for [`ReduceOptions::all_to_all`].
@@ -411,6 +484,7 @@ impl<'a> MultiGpuLayer<'a> {
                     &format!("widen_bias_{}", p.name()),
                 )?),
             };
+            let f_place = function(&g.kernels.rope_norm, "place_blocks")?;
             lanes.push(Lane {
                 comm,
                 comm_alt,
@@ -420,6 +494,7 @@ impl<'a> MultiGpuLayer<'a> {
                 yb: None,
                 bo,
                 f_widen,
+                f_place,
                 step: (event(true)?, event(true)?),
                 span: (event(true)?, event(true)?),
                 copies: (event(true)?, event(true)?),
@@ -789,10 +864,7 @@ impl<'a> MultiGpuLayer<'a> {
             Precision::F16 => Dtype::F16,
         };
         let chunks = self.reduce.chunks.clamp(1, tokens.div_ceil(n).max(1));
-        let per_block = self.reduce.per_block;
-        // Exchanges on the second streams: with several chunks, or so that each device's own
-        // block is projected while its exchange is in flight.
-        let overlap = chunks > 1 || per_block;
+        let overlap = chunks > 1;
         let blocks = all_to_all_blocks(&self.plan, tokens, chunks)?;
         let mut bufs = Vec::with_capacity(n);
         for lane in &self.lanes {
@@ -843,11 +915,9 @@ impl<'a> MultiGpuLayer<'a> {
                 unsafe { comms.exchange(&transfers, streams, dtype) }
             })?;
             for (j, (g, lane)) in self.gpus.iter_mut().zip(&self.lanes).enumerate() {
-                let mut mine: Vec<&&AllToAllBlock> = part.iter().filter(|b| b.dst == j).collect();
-                // The own block needs no exchange: first, so that it overlaps the exchange.
-                mine.sort_by_key(|b| b.src != j);
+                let mine: Vec<&&AllToAllBlock> = part.iter().filter(|b| b.dst == j).collect();
                 let Some(first) = mine.first() else {
-                    if chunks == 1 {
+                    if !overlap {
                         // No tokens here: an empty span, so that the timing reads 0.
                         g.set_current()?;
                         record(lane.copies.0, g.stream)?;
@@ -860,44 +930,6 @@ impl<'a> MultiGpuLayer<'a> {
                 let s = g.stream;
                 let (wo, stage, gathered) = bufs[j];
                 let y = ptr(&g.y) + (rows.start * c * 4) as u64;
-                if per_block {
-                    if chunks == 1 {
-                        record(lane.copies.0, s)?;
-                        record(lane.copies.1, s)?;
-                    }
-                    for (i, b) in mine.iter().enumerate() {
-                        let x = if b.src == j {
-                            at(ptr(&g.o), b.src_offset)
-                        } else {
-                            if i == 0 || mine[i - 1].src == j {
-                                wait_for_exchange(lane, s)?;
-                            }
-                            at(stage, b.stage_offset)
-                        };
-                        let ops = cublas::Operands {
-                            w: at(wo, b.cols.start),
-                            ldw: qd,
-                            x,
-                            ldx: b.cols.len(),
-                            in_type: blas_type(self.precision),
-                            y,
-                            out_type: cublas::R_32F,
-                            accumulate: i > 0,
-                        };
-                        // SAFETY: `wo` is [c, qd] (storage type), so its columns `cols` are c
-                        // rows of stride qd; the block ([rows, cols.len()], contiguous) lies
-                        // in this device's attention output or stage buffer, written earlier
-                        // on this stream or on the second stream it now waits for; y rows
-                        // [rows, c] f32 lie inside this device's `y`.
-                        unsafe {
-                            g.cublas
-                                .linear_strided(s.cast(), rows.len(), c, b.cols.len(), &ops)?
-                        };
-                    }
-                    // SAFETY: y rows [rows, c] f32 inside `y`; bo (if any) holds c f32.
-                    unsafe { g.add_bias_rows(lane.bo.as_ref(), y, rows.len(), s)? };
-                    continue;
-                }
                 if overlap {
                     wait_for_exchange(lane, s)?;
                 } else {
@@ -905,40 +937,24 @@ impl<'a> MultiGpuLayer<'a> {
                 }
                 // The chunk's rows of every head, at their place among this device's rows.
                 let dst_rows = at(gathered, (rows.start - ranges[j].start) * qd);
-                for b in &mine {
-                    let src = if b.src == j {
-                        at(ptr(&g.o), b.src_offset)
-                    } else {
-                        at(stage, b.stage_offset)
-                    };
-                    let w = b.cols.len() * es;
-                    let copy = cu::CUDA_MEMCPY2D {
-                        srcXInBytes: 0,
-                        srcY: 0,
-                        srcMemoryType: cu::CUmemorytype::CU_MEMORYTYPE_DEVICE,
-                        srcHost: std::ptr::null(),
-                        srcDevice: src,
-                        srcArray: std::ptr::null_mut(),
-                        srcPitch: w,
-                        dstXInBytes: 0,
-                        dstY: 0,
-                        dstMemoryType: cu::CUmemorytype::CU_MEMORYTYPE_DEVICE,
-                        dstHost: std::ptr::null_mut(),
-                        dstDevice: dst_rows + (b.cols.start * es) as u64,
-                        dstArray: std::ptr::null_mut(),
-                        dstPitch: qd * es,
-                        WidthInBytes: w,
-                        Height: b.rows.len(),
-                    };
-                    // SAFETY: the source block ([rows, cols.len()], contiguous) lies in this
-                    // device's attention output or stage buffer, written earlier on this
-                    // stream (or on the second stream it waited for); the destination
-                    // columns of the chunk's rows of `qd` lie in `gathered` (sized for the
-                    // largest share).
-                    drv("cuMemcpy2DAsync", unsafe {
-                        cu::cuMemcpy2DAsync_v2(&copy, s)
-                    })?;
-                }
+                let placed: Vec<PlacedBlock> = mine
+                    .iter()
+                    .map(|b| PlacedBlock {
+                        src: if b.src == j {
+                            at(ptr(&g.o), b.src_offset)
+                        } else {
+                            at(stage, b.stage_offset)
+                        },
+                        dst_col: b.cols.start * es,
+                        width: b.cols.len() * es,
+                    })
+                    .collect();
+                // SAFETY: each source block ([rows, cols.len()], contiguous) lies in this
+                // device's attention output or stage buffer, written earlier on this stream
+                // (or on the second stream it waited for); the destination columns of the
+                // chunk's rows of `qd` lie in `gathered` (sized for the largest share); the
+                // blocks' columns do not overlap.
+                unsafe { place_blocks(lane.f_place, &placed, dst_rows, qd * es, rows.len(), s)? };
                 if !overlap {
                     record(lane.copies.1, s)?;
                 }
