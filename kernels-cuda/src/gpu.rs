@@ -1377,7 +1377,8 @@ impl<'a> GpuLayer<'a> {
             output,
             n: len as i64,
         };
-        let blocks = len.div_ceil(256).min(65535 * 8) as u32;
+        // Eight elements per thread (the kernel's vector steps).
+        let blocks = len.div_ceil(256 * 8).clamp(1, 65535 * 8) as u32;
         // SAFETY: ConvertParams matches the kernel's struct; `len` elements at both ends (this
         // function's contract).
         unsafe { launch(f, (blocks, 1, 1), 256, 0, stream, &mut a)? };
