@@ -282,7 +282,7 @@ pub struct ReduceOptions {
     /// highest priority while the previous part's projection runs (measured slower than one
     /// chunk at T = 16384 on 2 and 4 H200s: each exchange's fixed cost outweighs the
     /// overlap). `storage_dtype` and `scatter` are ignored. The fastest prefill variant
-    /// measured (1.84-1.85x on 2 H200s, 3.33-3.35x on 4; BENCHMARKS.md).
+    /// measured (1.85-1.89x on 2 H200s, 3.48-3.58x on 4; BENCHMARKS.md).
     pub all_to_all: bool,
 }
 
