@@ -13,30 +13,23 @@
 //!   average out. Stated bound: relative L2 error `|y - ref| / |ref|` <= 2e-2 for bf16 and 5e-3
 //!   for f16, and max abs error <= 5e-2 * max|ref| (bf16) / 1.5e-2 * max|ref| (f16).
 
-use attnrt::{BiasFlags, Config, Inputs, Layer, QkNorm, Rope, RopeConvention, RopeTable};
+#[cfg(feature = "cuda")]
+use attnrt::Rope;
+use attnrt::{BiasFlags, Config, Inputs, Layer, QkNorm, RopeTable};
 #[cfg(feature = "cuda")]
 use attnrt_cuda::{DeviceCall, RopeSource};
 use attnrt_cuda::{GpuLayer, GpuOptions, Precision};
 use attnrt_tests::{load_all, max_abs_diff, OwnedWeights, Rng, F32_TOL};
 
 mod common;
-use common::{device_or_skip, make_call, reference, rel_l2, MASK_NAMES};
+use common::{
+    device_or_skip, make_call, one_gpu, reference, rel_l2, with_mode_window_and_rope, MASK_NAMES,
+};
 
 fn config(r: usize, d: usize, mode: usize, variant: usize) -> Config {
     let h = 8;
-    let mut cfg = Config::new(128, h).with_kv_heads(h / r).with_head_dim(d);
-    if matches!(mode, 1 | 7 | 8) {
-        cfg = cfg.with_sliding_window(17);
-    }
-    cfg = match variant % 3 {
-        0 => cfg,
-        1 => cfg.with_rope(Rope::DEFAULT),
-        _ => cfg.with_rope(Rope {
-            convention: RopeConvention::HalfSplit,
-            theta: 500000.0,
-            ..Rope::DEFAULT
-        }),
-    };
+    let base = Config::new(128, h).with_kv_heads(h / r).with_head_dim(d);
+    let mut cfg = with_mode_window_and_rope(base, mode, variant);
     cfg = match variant % 4 {
         1 => cfg.with_qk_norm(QkNorm::PerHead),
         3 => cfg.with_qk_norm(QkNorm::Full),
@@ -52,15 +45,6 @@ fn config(r: usize, d: usize, mode: usize, variant: usize) -> Config {
         }),
         _ => cfg,
     }
-}
-
-fn gpu_run(layer: Layer<'_>, p: Precision, inputs: &Inputs<'_>) -> Vec<f32> {
-    let mut gpu = GpuLayer::new(layer, GpuOptions::new(p, inputs.batch, inputs.seq_len))
-        .unwrap_or_else(|e| panic!("GpuLayer::new({p:?}): {e}"));
-    let mut y = vec![f32::NAN; inputs.batch * inputs.seq_len * layer.config().n_embd];
-    gpu.forward_host(inputs, &mut y)
-        .unwrap_or_else(|e| panic!("forward_host({p:?}): {e}"));
-    y
 }
 
 struct Outcome {
@@ -92,7 +76,7 @@ fn check_case(
         cfg.qk_norm,
         cfg.bias
     );
-    let got = gpu_run(layer, Precision::F32, &inputs);
+    let got = one_gpu(layer, Precision::F32, &inputs);
     let f32_err = max_abs_diff(&got, &want);
     assert!(f32_err <= F32_TOL, "f32 {name}: max abs err {f32_err:.3e}");
     let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs())).max(1e-6);
@@ -102,7 +86,7 @@ fn check_case(
         bf16_max: 0.0,
     };
     for &p in lowp {
-        let got = gpu_run(layer, p, &inputs);
+        let got = one_gpu(layer, p, &inputs);
         let rel = rel_l2(&got, &want);
         let max = max_abs_diff(&got, &want) / scale;
         let (rel_tol, max_tol) = match p {
@@ -203,7 +187,7 @@ fn golden_fixtures_on_the_f32_path() {
                 .as_deref()
                 .map(|t| RopeTable::new(t, f.cfg.head_dim).unwrap()),
         };
-        let y = gpu_run(layer, Precision::F32, &inputs);
+        let y = one_gpu(layer, Precision::F32, &inputs);
         let err = max_abs_diff(&y, &f.expected);
         println!("{:28} max abs err {err:.2e}", f.name);
         assert!(err <= F32_TOL, "{}: max abs err {err}", f.name);

@@ -36,8 +36,8 @@ use attnrt_tests::{max_abs_diff, OwnedWeights, Rng, F32_TOL};
 
 mod common;
 use common::{
-    cached_plan, device_counts, devices, make_call, reference, rel_l2, sequence_references,
-    split_config, CachedPlan, MASK_NAMES,
+    cached_plan, device_counts, devices, make_call, one_gpu, reference, rel_l2,
+    sequence_references, split_config, CachedPlan, MASK_NAMES,
 };
 
 /// The reductions the tests run: the exact all-reduce, the storage-type / chunked /
@@ -146,10 +146,7 @@ fn check_case(
 
     // bf16: split vs one GPU, f32 sum and bf16 chunked sum.
     let opts = GpuOptions::new(Precision::Bf16, inputs.batch, t);
-    let mut one = GpuLayer::new(layer, opts).unwrap();
-    let mut single = vec![f32::NAN; len];
-    one.forward_host(&inputs, &mut single).unwrap();
-    drop(one);
+    let single = one_gpu(layer, Precision::Bf16, &inputs);
     let mut multi = MultiGpuLayer::new(layer, &devices(n), opts).unwrap();
     let mut worst = 0.0f64;
     for reduce in REDUCTIONS {
@@ -263,10 +260,7 @@ fn all_to_all_uneven_heads_and_tokens() {
             drop(multi);
 
             let opts = GpuOptions::new(Precision::Bf16, inputs.batch, t);
-            let mut one = GpuLayer::new(layer, opts).unwrap();
-            let mut single = vec![f32::NAN; len];
-            one.forward_host(&inputs, &mut single).unwrap();
-            drop(one);
+            let single = one_gpu(layer, Precision::Bf16, &inputs);
             let mut multi = MultiGpuLayer::new(layer, &devices(n), opts).unwrap();
             let (mut rel, mut same) = (0.0f64, 0.0f32);
             for reduce in A2A {

@@ -16,7 +16,7 @@
 use attnrt::{Inputs, Layer, MaskInputs, QkNorm};
 #[cfg(feature = "cuda")]
 use attnrt_cuda::SeqParallelCall;
-use attnrt_cuda::{Error, GpuLayer, GpuOptions, MultiGpuLayer, Precision};
+use attnrt_cuda::{Error, GpuOptions, MultiGpuLayer, Precision};
 use attnrt_tests::{max_abs_diff, OwnedWeights, Rng, F32_TOL};
 #[cfg(feature = "cuda")]
 use cust::{
@@ -27,7 +27,8 @@ use cust::{
 
 mod common;
 use common::{
-    device_counts, device_or_skip, devices, make_call, reference, rel_l2, split_config, MASK_NAMES,
+    device_counts, device_or_skip, devices, make_call, one_gpu, reference, rel_l2, split_config,
+    MASK_NAMES,
 };
 
 /// Each rank's rows of `x` in device memory of its device, and room for its output rows.
@@ -129,10 +130,7 @@ fn check_case(
     let want = reference(&layer, &inputs);
 
     let opts = GpuOptions::new(Precision::F32, b, t);
-    let mut one = GpuLayer::new(layer, opts).unwrap();
-    let mut single = vec![f32::NAN; tokens * c];
-    one.forward_host(&inputs, &mut single).unwrap();
-    drop(one);
+    let single = one_gpu(layer, Precision::F32, &inputs);
     let mut multi = MultiGpuLayer::new(layer, &devices(n), opts)
         .unwrap_or_else(|e| panic!("MultiGpuLayer::new f32 {name}: {e}"));
     let mut seq = vec![f32::NAN; tokens * c];
@@ -165,10 +163,7 @@ fn check_case(
     drop(multi);
 
     let opts = GpuOptions::new(Precision::Bf16, b, t);
-    let mut one = GpuLayer::new(layer, opts).unwrap();
-    let mut single = vec![f32::NAN; tokens * c];
-    one.forward_host(&inputs, &mut single).unwrap();
-    drop(one);
+    let single = one_gpu(layer, Precision::Bf16, &inputs);
     let mut multi = MultiGpuLayer::new(layer, &devices(n), opts).unwrap();
     let mut seq = vec![f32::NAN; tokens * c];
     multi

@@ -6,7 +6,7 @@ use attnrt::{
     reference_workspace_len, rope, BiasFlags, Config, Inputs, Layer, MaskInputs, QkNorm, Rope,
     RopeConvention, RopeTable,
 };
-use attnrt_cuda::{device_count, no_device_reason};
+use attnrt_cuda::{device_count, no_device_reason, GpuLayer, GpuOptions, Precision};
 use attnrt_tests::Rng;
 
 /// Whether a CUDA device is usable; prints why not ("skipped: ...") when it is not.
@@ -39,17 +39,14 @@ pub fn devices(n: usize) -> Vec<u32> {
     (0..n as u32).collect()
 }
 
-/// The multi-GPU tests' layer: 8 query heads, `kv` KV heads, head_dim 64, QK-norm `norm`; a
-/// window with the windowed mask modes of [`make_call`]; `variant` picks rotary and bias.
-pub fn split_config(kv: usize, mode: usize, variant: usize, norm: QkNorm) -> Config {
-    let mut cfg = Config::new(128, 8)
-        .with_kv_heads(kv)
-        .with_head_dim(64)
-        .with_qk_norm(norm);
+/// `cfg` with the window of [`make_call`]'s windowed mask modes (1, 7 and 8: 17 tokens) and
+/// the rotary embedding `variant` picks (`variant % 3`: none, interleaved, half-split with
+/// theta 500000).
+pub fn with_mode_window_and_rope(mut cfg: Config, mode: usize, variant: usize) -> Config {
     if matches!(mode, 1 | 7 | 8) {
         cfg = cfg.with_sliding_window(17);
     }
-    cfg = match variant % 3 {
+    match variant % 3 {
         0 => cfg,
         1 => cfg.with_rope(Rope::DEFAULT),
         _ => cfg.with_rope(Rope {
@@ -57,7 +54,27 @@ pub fn split_config(kv: usize, mode: usize, variant: usize, norm: QkNorm) -> Con
             theta: 500000.0,
             ..Rope::DEFAULT
         }),
-    };
+    }
+}
+
+/// One GPU's forward of `inputs` at precision `p`, host in and host out.
+pub fn one_gpu(layer: Layer<'_>, p: Precision, inputs: &Inputs<'_>) -> Vec<f32> {
+    let mut gpu = GpuLayer::new(layer, GpuOptions::new(p, inputs.batch, inputs.seq_len))
+        .unwrap_or_else(|e| panic!("GpuLayer::new({p:?}): {e}"));
+    let mut y = vec![f32::NAN; inputs.batch * inputs.seq_len * layer.config().n_embd];
+    gpu.forward_host(inputs, &mut y)
+        .unwrap_or_else(|e| panic!("forward_host({p:?}): {e}"));
+    y
+}
+
+/// The multi-GPU tests' layer: 8 query heads, `kv` KV heads, head_dim 64, QK-norm `norm`; a
+/// window with the windowed mask modes of [`make_call`]; `variant` picks rotary and bias.
+pub fn split_config(kv: usize, mode: usize, variant: usize, norm: QkNorm) -> Config {
+    let base = Config::new(128, 8)
+        .with_kv_heads(kv)
+        .with_head_dim(64)
+        .with_qk_norm(norm);
+    let mut cfg = with_mode_window_and_rope(base, mode, variant);
     if variant % 4 < 2 {
         cfg = cfg.with_bias(BiasFlags::ALL);
     }
