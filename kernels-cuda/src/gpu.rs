@@ -27,6 +27,7 @@ const PTX_DECODE: &str = include_str!(concat!(env!("OUT_DIR"), "/decode.ptx"));
 
 mod decode;
 mod multi;
+mod staging;
 mod tma;
 pub use decode::GpuKvCache;
 pub use multi::{DeviceTiming, MultiGpuKvCache, MultiGpuLayer, SeqParallelCall};
@@ -1135,37 +1136,14 @@ impl<'a> GpuLayer<'a> {
         Ok(())
     }
 
-    /// Projections of `batch * seq_len` tokens of `x` (device, f32) into the q/k/v buffers in
-    /// the storage type: conversion, fused q/k/v GEMM, bias / QK-norm / RoPE pass. With a norm
-    /// share the pass is not launched: the sums of squares of this device's heads go to the
-    /// statistics buffer and the pass is returned, for [`GpuLayer::finish_prep`] once the
-    /// caller has summed the statistics across the devices.
+    /// Projections of `batch * seq_len` tokens of `x` into the q/k/v buffers in the storage
+    /// type, first part: the rotary rows' upload and the conversion of f32 rows into the
+    /// storage type. [`GpuLayer::qkv_finish`] enqueues the rest.
     ///
     /// # Safety
-    /// `x` holds `batch * seq_len * n_embd` f32 on the device; the call fits the buffers; the
-    /// positions (if any) and the rotary source were validated against each other.
-    unsafe fn project_qkv(
-        &mut self,
-        x: u64,
-        batch: usize,
-        seq_len: usize,
-        position_ids: Option<&[i32]>,
-        rope: Option<RopeSource<'_>>,
-        stream: cu::CUstream,
-    ) -> Result<Option<PendingPrep>> {
-        // SAFETY: per this function's contract.
-        unsafe {
-            let start =
-                self.qkv_start(DeviceX::F32(x), batch, seq_len, position_ids, rope, stream)?;
-            self.qkv_finish(start, stream)
-        }
-    }
-
-    /// The part of [`GpuLayer::project_qkv`] up to the conversion of `x`: the rotary rows'
-    /// upload and the conversion kernel.
-    ///
-    /// # Safety
-    /// As [`GpuLayer::project_qkv`].
+    /// `x` holds `batch * seq_len * n_embd` values on the device (f32 or the storage type, as
+    /// it says); the call fits the buffers; the positions (if any) and the rotary source were
+    /// validated against each other.
     unsafe fn qkv_start(
         &mut self,
         x: DeviceX,
@@ -1238,8 +1216,11 @@ impl<'a> GpuLayer<'a> {
         })
     }
 
-    /// The rest of [`GpuLayer::project_qkv`]: the fused q/k/v GEMM and the bias / QK-norm /
-    /// RoPE pass (or, with a norm share, the sums of squares and the pending pass).
+    /// The rest of the projections begun by [`GpuLayer::qkv_start`]: the fused q/k/v GEMM
+    /// and the bias / QK-norm / RoPE pass. With a norm share the pass is not launched: the
+    /// sums of squares of this device's heads go to the statistics buffer and the pass is
+    /// returned, for [`GpuLayer::finish_prep`] once the caller has summed the statistics
+    /// across the devices.
     ///
     /// # Safety
     /// `start` is this layer's last [`GpuLayer::qkv_start`], on the same stream.
@@ -1323,10 +1304,10 @@ impl<'a> GpuLayer<'a> {
         Ok(Some(pending))
     }
 
-    /// The bias / QK-norm / RoPE pass of [`GpuLayer::project_qkv`].
+    /// The bias / QK-norm / RoPE pass of [`GpuLayer::qkv_finish`].
     ///
     /// # Safety
-    /// `p` comes from this layer's last `project_qkv` on the same stream; with statistics, they
+    /// `p` comes from this layer's last `qkv_finish` on the same stream; with statistics, they
     /// hold the sums over every device by the time the stream runs the pass.
     unsafe fn finish_prep(&mut self, p: PendingPrep, stream: cu::CUstream) -> Result<()> {
         let mut pp = p.pp;

@@ -387,6 +387,20 @@ impl<'a> MultiGpuLayer<'a> {
     ///
     /// # Errors
     /// Never returns.
+    #[doc(hidden)]
+    pub fn forward_cached_staged(
+        &mut self,
+        _seqs: &[Sequence<'_>],
+        _rope_table: Option<RopeTable<'_>>,
+        _cache: &mut MultiGpuKvCache,
+    ) -> Result<GpuBackend> {
+        match self.never {}
+    }
+
+    /// Unreachable in this build.
+    ///
+    /// # Errors
+    /// Never returns.
     ///
     /// # Safety
     /// Never returns.

@@ -229,7 +229,9 @@ mod cuda_main {
             .and_then(|i| args.get(i + 1).cloned());
         let sweep = args.iter().any(|a| a == "--decode-sweep");
         let decode_only = sweep || args.iter().any(|a| a == "--decode");
-        let multi_only = args.iter().any(|a| a == "--multi");
+        // `--multi` runs the head split's prefill and decode, `--multi-decode` only its decode.
+        let multi_decode = args.iter().any(|a| a == "--multi-decode");
+        let multi_only = multi_decode || args.iter().any(|a| a == "--multi");
         let out = args
             .iter()
             .find(|a| !a.starts_with("--") && Some(*a) != only.as_ref())
@@ -240,7 +242,7 @@ mod cuda_main {
         let mut lines = Vec::new();
         let iters = 20;
         if multi_only {
-            multi::run(&mut json)?;
+            multi::run(&mut json, !multi_decode)?;
             if let Some(path) = out {
                 std::fs::write(&path, json)
                     .map_err(|e| Error::Unsupported(format!("{path}: {e}")))?;
@@ -478,7 +480,7 @@ mod cuda_main {
             }
         }
 
-        pub fn run(json: &mut String) -> Result<(), Error> {
+        pub fn run(json: &mut String, with_prefill: bool) -> Result<(), Error> {
             let mut rng = Rng(42);
             let wq = rng.vec(H * D * C, 0.02);
             let wk = rng.vec(KV * D * C, 0.02);
@@ -492,7 +494,9 @@ mod cuda_main {
             );
             let cfg = Config::new(C, H).with_kv_heads(KV).with_head_dim(D);
             let layer = Layer::new(cfg, weights)?;
-            prefill(&layer, &mut rng, json)?;
+            if with_prefill {
+                prefill(&layer, &mut rng, json)?;
+            }
             decode(&layer, &mut rng, json)
         }
 
@@ -681,9 +685,10 @@ mod cuda_main {
                 .ok();
             }
 
-            println!("| GPUs | reduce | ms per step | ratio vs 1 GPU | ms in NCCL | device span per device (ms) | attention + merge alone, per device (ms) | host us at: validated / fronts / attention / output / done |");
-            println!("| --- | --- | ---: | ---: | ---: | --- | --- | --- |");
+            println!("| GPUs | reduce | ms per step | ratio vs 1 GPU | ms in NCCL | device span per device (ms) | attention + merge alone, per device (ms) | host us at: validated / fronts / attention / output / done | resident: ms per step | resident: ratio vs 1 GPU |");
+            println!("| --- | --- | ---: | ---: | ---: | --- | --- | --- | ---: | ---: |");
             let mut base = 0.0f64;
+            let mut base_resident = 0.0f64;
             for n in counts() {
                 let mut m = MultiGpuLayer::new(*layer, &devices(n), opts)?;
                 let mut cache = m.new_kv_cache(bs, num_blocks, false)?;
@@ -738,19 +743,47 @@ mod cuda_main {
                         attn.push(format!("{:.4}", unsafe { m.time_decode_ms(i, 20)? }));
                     }
                     let phases: Vec<String> = phases.iter().map(|v| format!("{v:.0}")).collect();
+                    // The same steps with x staged on the devices in bf16 and the output left
+                    // there (a server whose activations stay on the GPUs).
+                    let laps: Vec<String> = m
+                        .last_front_laps_us()
+                        .iter()
+                        .map(|l| format!("{l:.0?}"))
+                        .collect();
+                    println!("front laps us (host x, last step): {}", laps.join(" "));
+                    m.stage_inputs_storage(&Inputs::new(&x, 1, seqs_n))?;
+                    for _ in 0..5 {
+                        m.forward_cached_staged(&seqs, None, &mut cache)?;
+                    }
+                    let start = Instant::now();
+                    for _ in 0..iters {
+                        m.forward_cached_staged(&seqs, None, &mut cache)?;
+                    }
+                    let resident = start.elapsed().as_secs_f64() * 1e3 / iters as f64;
+                    let laps: Vec<String> = m
+                        .last_front_laps_us()
+                        .iter()
+                        .map(|l| format!("{l:.0?}"))
+                        .collect();
+                    println!("front laps us (resident, last step): {}", laps.join(" "));
+                    if n == 1 {
+                        base_resident = resident;
+                    }
                     println!(
-                        "| {n} | {} | {ms:.4} | {:.3} | {nccl:.4} | {} | {} | {} |",
+                        "| {n} | {} | {ms:.4} | {:.3} | {nccl:.4} | {} | {} | {} | {resident:.4} | {:.3} |",
                         name(r),
                         ms / base,
                         span.join(" / "),
                         attn.join(" / "),
-                        phases.join(" / ")
+                        phases.join(" / "),
+                        resident / base_resident
                     );
                     writeln!(
                         json,
-                        "{{\"case\": \"multi decode 32 x 8192\", \"gpus\": {n}, \"reduce\": \"{}\", \"ms\": {ms}, \"ratio\": {}, \"nccl_ms\": {nccl}}}",
+                        "{{\"case\": \"multi decode 32 x 8192\", \"gpus\": {n}, \"reduce\": \"{}\", \"ms\": {ms}, \"ratio\": {}, \"nccl_ms\": {nccl}, \"resident_ms\": {resident}, \"resident_ratio\": {}}}",
                         name(r),
-                        ms / base
+                        ms / base,
+                        resident / base_resident
                     )
                     .ok();
                 }

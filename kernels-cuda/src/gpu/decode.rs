@@ -9,8 +9,10 @@ use cust::memory::DeviceBuffer;
 use cust::sys as cu;
 use half::{bf16, f16};
 
+use super::staging::MetaUpload;
 use super::{
-    alloc, drv, function, h2d, kernels, launch, ptr, GpuLayer, Kernels, PendingPrep, RopeSource,
+    alloc, drv, function, h2d, kernels, launch, ptr, DeviceX, GpuLayer, Kernels, PendingPrep,
+    RopeSource,
 };
 use crate::error::{Error, Result};
 use crate::plan::{DecodeKernel, DecodeTuning, GpuBackend, Precision};
@@ -217,6 +219,15 @@ impl CachedFront {
     }
 }
 
+/// Where the new tokens' rows `x` of a cached call are.
+#[derive(Clone, Copy)]
+pub(super) enum CachedX<'x> {
+    /// f32 rows on the host, uploaded by the call.
+    Host(&'x [f32]),
+    /// Rows already on the device, and their number of values (tokens * n_embd).
+    Device(DeviceX, usize),
+}
+
 /// The cached call the executor last ran (for [`GpuLayer::relaunch_decode`]).
 struct CachedCall {
     items: usize,
@@ -278,11 +289,9 @@ pub(super) struct DecodeState {
     tuning: DecodeTuning,
     part: Option<DeviceBuffer<u8>>,
     ml: Option<DeviceBuffer<u8>>,
-    work: Option<DeviceBuffer<u8>>,
-    tok_items: Option<DeviceBuffer<u8>>,
-    seqs: Option<DeviceBuffer<u8>>,
-    tables: Option<DeviceBuffer<u8>>,
-    dst: Option<DeviceBuffer<u8>>,
+    /// The call's work items, token item ranges, sequences, block tables and new-token slots,
+    /// uploaded together.
+    meta: MetaUpload,
     counters: Option<DeviceBuffer<u8>>,
     h_work: Vec<[i32; 4]>,
     h_tok: Vec<i32>,
@@ -292,6 +301,9 @@ pub(super) struct DecodeState {
     h_pos: Vec<i32>,
     h_marks: Vec<u32>,
     last: Option<CachedCall>,
+    /// Diagnostics: host microseconds into the last front at the end of its validation,
+    /// metadata, upload, x upload, conversion, GEMM and norm/RoPE pass.
+    pub(super) laps: [f64; 6],
 }
 
 /// A buffer of at least `bytes` bytes in `slot`, reallocated only when too small.
@@ -361,6 +373,10 @@ fn load_funcs(
 }
 
 impl GpuLayer<'_> {
+    /// Validates a cached call and returns its new tokens. `validated` is the token count of
+    /// a call a head split has already validated against the unsplit layer and cache: then
+    /// only this device's part is checked (its shard's cache heads, device, precision,
+    /// capacity), not the whole call again.
     fn check_cached(
         &mut self,
         x_len: usize,
@@ -368,20 +384,29 @@ impl GpuLayer<'_> {
         seqs: &[Sequence<'_>],
         rope_table: &Option<RopeTable<'_>>,
         cache: &GpuKvCache,
+        validated: Option<usize>,
     ) -> Result<usize> {
         // The runtime's own validation, so the GPU rejects exactly the calls the CPU rejects.
         let geometry = cache.geometry();
-        let marks = &mut self.dec.h_marks;
-        marks.clear();
-        marks.resize(cache.num_blocks, 0);
-        let tokens = self.layer.validate_cached(
-            x_len,
-            out_len,
-            seqs,
-            rope_table.as_ref(),
-            &geometry,
-            marks,
-        )?;
+        let tokens = match validated {
+            Some(tokens) => {
+                self.layer.check_cache_heads(&geometry)?;
+                tokens
+            }
+            None => {
+                let marks = &mut self.dec.h_marks;
+                marks.clear();
+                marks.resize(cache.num_blocks, 0);
+                self.layer.validate_cached(
+                    x_len,
+                    out_len,
+                    seqs,
+                    rope_table.as_ref(),
+                    &geometry,
+                    marks,
+                )?
+            }
+        };
         if !Arc::ptr_eq(&cache.kernels, &self.kernels) {
             return Err(Error::Unsupported(
                 "the KV cache lives on another device than the layer".into(),
@@ -428,7 +453,11 @@ impl GpuLayer<'_> {
         cache: &mut GpuKvCache,
         out: &mut [f32],
     ) -> Result<GpuBackend> {
-        let Some(front) = self.cached_front(x, out.len(), seqs, rope_table, cache)? else {
+        // SAFETY: host rows.
+        let front = unsafe {
+            self.cached_front(CachedX::Host(x), out.len(), seqs, rope_table, cache, None)?
+        };
+        let Some(front) = front else {
             return Ok(self.backend());
         };
         let stream = self.stream;
@@ -453,21 +482,34 @@ impl GpuLayer<'_> {
         Ok(self.backend())
     }
 
-    /// First half of [`GpuLayer::forward_cached`]: validation, the call's metadata and
+    /// First half of [`GpuLayer::forward_cached`]: validation (only this device's part when
+    /// the call was `validated` already, see `check_cached`), the call's metadata and
     /// scratch, the upload of `x`, projections and the norm/RoPE pass (pending with a norm
     /// share). `None` for a call without new tokens. Writes neither the cache nor any output.
-    pub(super) fn cached_front(
+    ///
+    /// # Safety
+    /// Rows of `x` already on the device ([`CachedX::Device`]) are on this layer's device and
+    /// hold the call's new tokens.
+    pub(super) unsafe fn cached_front(
         &mut self,
-        x: &[f32],
+        x: CachedX<'_>,
         out_len: usize,
         seqs: &[Sequence<'_>],
         rope_table: Option<RopeTable<'_>>,
         cache: &GpuKvCache,
+        validated: Option<usize>,
     ) -> Result<Option<CachedFront>> {
-        let n = self.check_cached(x.len(), out_len, seqs, &rope_table, cache)?;
+        let x_len = match x {
+            CachedX::Host(x) => x.len(),
+            CachedX::Device(_, len) => len,
+        };
+        let t0 = std::time::Instant::now();
+        let lap = |laps: &mut [f64; 6], i: usize| laps[i] = t0.elapsed().as_secs_f64() * 1e6;
+        let n = self.check_cached(x_len, out_len, seqs, &rope_table, cache, validated)?;
         if n == 0 {
             return Ok(None);
         }
+        lap(&mut self.dec.laps, 0);
         self.set_current()?;
         let cfg = self.cfg;
         let (h, kvh, d, r) = (cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.group_size());
@@ -561,38 +603,57 @@ impl GpuLayer<'_> {
         // Device scratch (grown on demand) and uploads.
         let part = ensure(&mut st.part, items * h * d * 4)?;
         let ml = ensure(&mut st.ml, items * h * 8)?;
-        let work = ensure(&mut st.work, items * 16)?;
-        let tok_items = ensure(&mut st.tok_items, (n + 1) * 4)?;
-        let dseqs = ensure(&mut st.seqs, st.h_seqs.len() * 8)?;
-        let tables = ensure(&mut st.tables, st.h_tables.len() * 4)?;
-        let dst = ensure(&mut st.dst, n * 8)?;
         // Zeroed when allocated; every launch leaves them at zero (the merging CTA resets).
         let counters = ensure(&mut st.counters, n * kvh * hchunks * 4)?;
-        // SAFETY: each buffer was just sized for its slice; the stream is the layer's.
-        unsafe {
-            h2d(work, &st.h_work, stream)?;
-            h2d(tok_items, &st.h_tok, stream)?;
-            h2d(dseqs, &st.h_seqs, stream)?;
-            h2d(tables, &st.h_tables, stream)?;
-            h2d(dst, &st.h_dst, stream)?;
-        }
+        lap(&mut st.laps, 1);
+        // SAFETY: the layer's context is current (set above) and the stream is its own; the
+        // addresses are used by this call's launches only, which the next call's upload
+        // follows on the same stream.
+        let meta = unsafe {
+            st.meta.upload(
+                &[
+                    bytemuck::cast_slice(&st.h_work),
+                    bytemuck::cast_slice(&st.h_tok),
+                    bytemuck::cast_slice(&st.h_seqs),
+                    bytemuck::cast_slice(&st.h_tables),
+                    bytemuck::cast_slice(&st.h_dst),
+                ],
+                stream,
+            )?
+        };
+        let &[work, tok_items, dseqs, tables, dst] = meta.as_slice() else {
+            unreachable!("one address per part")
+        };
+        lap(&mut st.laps, 2);
         let positions = std::mem::take(&mut st.h_pos);
 
         // Projections, norm and RoPE of the new tokens.
         let xd = ptr(&self.x);
         let result = (|| {
-            // SAFETY: `x` holds max_batch * max_seq_len * n_embd f32 >= n * n_embd (checked);
-            // the positions were validated against the table.
+            // SAFETY: `x` holds max_batch * max_seq_len * n_embd f32 >= n * n_embd (checked),
+            // rows already on the device hold n * n_embd values (the caller's contract); the
+            // positions were validated against the table.
             unsafe {
-                h2d(xd, x, stream)?;
-                self.project_qkv(
-                    xd,
+                let rows = match x {
+                    CachedX::Host(x) => {
+                        h2d(xd, x, stream)?;
+                        DeviceX::F32(xd)
+                    }
+                    CachedX::Device(rows, _) => rows,
+                };
+                lap(&mut self.dec.laps, 3);
+                let start = self.qkv_start(
+                    rows,
                     1,
                     n,
                     Some(&positions),
                     rope_table.map(RopeSource::Host),
                     stream,
-                )
+                )?;
+                lap(&mut self.dec.laps, 4);
+                let r = self.qkv_finish(start, stream);
+                lap(&mut self.dec.laps, 5);
+                r
             }
         })();
         self.dec.h_pos = positions;

@@ -13,7 +13,8 @@ use cust::memory::DeviceBuffer;
 use cust::sys as cu;
 use half::{bf16, f16};
 
-use super::decode::CachedFront;
+use super::decode::{CachedFront, CachedX};
+use super::staging::Pinned;
 use super::WidenParams;
 use super::{
     alloc, blas_type, drv, function, h2d, launch, ptr, stored, upload, DeviceX, Front, FrontStart,
@@ -59,42 +60,6 @@ fn event(timed: bool) -> Result<cu::CUevent> {
 fn record(e: cu::CUevent, s: cu::CUstream) -> Result<()> {
     // SAFETY: a live event and stream of the current context.
     drv("cuEventRecord", unsafe { cu::cuEventRecord(e, s) })
-}
-
-/// Page-locked host memory (portable to every context): the staging buffer of `x` for cached
-/// calls, so that its upload to each device is an asynchronous DMA rather than a staged copy
-/// of pageable memory per device.
-struct Pinned {
-    ptr: *mut f32,
-    len: usize,
-}
-
-impl Pinned {
-    /// `len` f32 of page-locked memory (a context must be current).
-    fn new(len: usize) -> Result<Pinned> {
-        let mut p: *mut c_void = std::ptr::null_mut();
-        // SAFETY: valid out-pointer; CU_MEMHOSTALLOC_PORTABLE (1); freed once in Drop.
-        drv("cuMemHostAlloc", unsafe {
-            cu::cuMemHostAlloc(&mut p, len.max(1) * 4, 1)
-        })?;
-        Ok(Pinned { ptr: p.cast(), len })
-    }
-
-    fn slice_mut(&mut self, n: usize) -> &mut [f32] {
-        let n = n.min(self.len);
-        // SAFETY: `ptr` holds `len` f32 owned by this value, borrowed mutably here.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr, n) }
-    }
-}
-
-impl Drop for Pinned {
-    fn drop(&mut self) {
-        // SAFETY: allocated by cuMemHostAlloc, freed once; every call that copied from it
-        // synchronised its streams before returning.
-        unsafe {
-            cu::cuMemFreeHost(self.ptr.cast());
-        }
-    }
 }
 
 /// What a device needs for the reduction besides its shard's layer.
@@ -1288,15 +1253,55 @@ impl<'a> MultiGpuLayer<'a> {
         cache: &mut MultiGpuKvCache,
         out: &mut [f32],
     ) -> Result<GpuBackend> {
+        self.cached_step(Some(x), seqs, rope_table, cache, Some(out))
+    }
+
+    /// Benchmark helper: [`MultiGpuLayer::forward_cached`] on the rows staged on every device
+    /// ([`MultiGpuLayer::stage_inputs`] or [`MultiGpuLayer::stage_inputs_storage`], at least
+    /// as many rows as the call's new tokens), leaving the output on the devices as
+    /// [`MultiGpuLayer::forward_staged`] does: the step of a server whose activations stay
+    /// on the GPUs, without the host copies of `x` and `out`.
+    ///
+    /// # Errors
+    /// As [`MultiGpuLayer::forward_cached`]; fewer staged rows than new tokens.
+    #[doc(hidden)]
+    pub fn forward_cached_staged(
+        &mut self,
+        seqs: &[Sequence<'_>],
+        rope_table: Option<RopeTable<'_>>,
+        cache: &mut MultiGpuKvCache,
+    ) -> Result<GpuBackend> {
+        self.cached_step(None, seqs, rope_table, cache, None)
+    }
+
+    /// A cached call: `x` from the host (`None`: the rows staged on the devices), the output
+    /// into `out` (`None`: left on the devices).
+    fn cached_step(
+        &mut self,
+        x: Option<&[f32]>,
+        seqs: &[Sequence<'_>],
+        rope_table: Option<RopeTable<'_>>,
+        cache: &mut MultiGpuKvCache,
+        out: Option<&mut [f32]>,
+    ) -> Result<GpuBackend> {
         let t0 = Instant::now();
         let mut phases = [0.0f64; 5];
         let mut lap = |i: usize| phases[i] = t0.elapsed().as_secs_f64() * 1e6;
         let geometry = cache.geometry;
+        let c = self.layer.config().n_embd;
+        // Staged rows count as an `x` (and an `out`) of exactly the call's size.
+        let call_len = seqs
+            .iter()
+            .try_fold(0usize, |a, s| a.checked_add(s.new_tokens))
+            .and_then(|t| t.checked_mul(c))
+            .unwrap_or(usize::MAX);
+        let x_len = x.map_or(call_len, <[f32]>::len);
+        let out_len = out.as_ref().map_or(call_len, |o| o.len());
         self.marks.clear();
         self.marks.resize(geometry.num_blocks, 0);
         let tokens = self.layer.validate_cached(
-            x.len(),
-            out.len(),
+            x_len,
+            out_len,
             seqs,
             rope_table.as_ref(),
             &geometry,
@@ -1313,34 +1318,57 @@ impl<'a> MultiGpuLayer<'a> {
         if tokens == 0 {
             return Ok(self.backend());
         }
+        if x.is_none() {
+            let staged_f32 = self.gpus[0].x.len() / 4;
+            for lane in &self.lanes {
+                let room = lane
+                    .staged
+                    .as_ref()
+                    .map_or(staged_f32, |b| b.len() / self.precision.size());
+                if room < x_len {
+                    return Err(Error::Unsupported(
+                        "the call has more new tokens than rows staged".into(),
+                    ));
+                }
+            }
+        }
         self.timed = 0;
         for (slot, len) in [
-            (&mut self.pinned, x.len()),
-            (&mut self.pinned_out, out.len()),
+            (&mut self.pinned, x.map_or(0, <[f32]>::len)),
+            (&mut self.pinned_out, out_len),
         ] {
-            if slot.as_ref().is_none_or(|p| p.len < len) {
+            if len > 0 && slot.as_ref().is_none_or(|p| p.len() < len * 4) {
                 self.gpus[0].set_current()?;
                 *slot = None;
-                *slot = Some(Pinned::new(len.next_power_of_two())?);
+                *slot = Some(Pinned::new(len.next_power_of_two() * 4)?);
             }
         }
         for (g, lane) in self.gpus.iter().zip(&self.lanes) {
             g.set_current()?;
             record(lane.step.0, g.stream)?;
         }
-        let staged = match self.pinned.as_mut() {
-            Some(p) => p.slice_mut(x.len()),
-            None => return Err(Error::Unsupported("no staging buffer".into())),
+        let staged: Option<&[f32]> = match (x, self.pinned.as_mut()) {
+            (Some(x), Some(p)) => {
+                let staged = p.f32_mut(x.len());
+                staged.copy_from_slice(x);
+                Some(staged)
+            }
+            (Some(_), None) => return Err(Error::Unsupported("no staging buffer".into())),
+            (None, _) => None,
         };
-        staged.copy_from_slice(x);
-        let staged: &[f32] = staged;
         lap(0);
         // Every front before any cache write: a device that refuses the call (a cache of
         // another split) leaves every cache and `out` untouched.
         let mut fronts: Vec<CachedFront> = Vec::with_capacity(self.gpus.len());
         let mut failed = None;
-        for (g, c) in self.gpus.iter_mut().zip(&cache.caches) {
-            match g.cached_front(staged, out.len(), seqs, rope_table, c) {
+        for ((g, c), lane) in self.gpus.iter_mut().zip(&cache.caches).zip(&self.lanes) {
+            let rows = match (staged, &lane.staged) {
+                (Some(x), _) => CachedX::Host(x),
+                (None, Some(b)) => CachedX::Device(DeviceX::Storage(ptr(b)), x_len),
+                (None, None) => CachedX::Device(DeviceX::F32(ptr(&g.x)), x_len),
+            };
+            // SAFETY: staged rows are on this device and hold at least the call's (checked).
+            match unsafe { g.cached_front(rows, out_len, seqs, rope_table, c, Some(tokens)) } {
                 Ok(Some(f)) => fronts.push(f),
                 Ok(None) => failed = Some(Error::Unsupported("a device saw no new tokens".into())),
                 Err(e) => failed = Some(e),
@@ -1368,17 +1396,19 @@ impl<'a> MultiGpuLayer<'a> {
             g.set_current()?;
             record(lane.step.1, g.stream)?;
         }
-        let staged = match self.pinned_out.as_mut() {
-            Some(p) => p.slice_mut(out.len()).as_mut_ptr(),
-            None => return Err(Error::Unsupported("no staging buffer".into())),
-        };
-        // SAFETY: the staging buffer holds out.len() = tokens * n_embd f32, read only after
-        // `finish` below and rewritten only by a later call.
-        unsafe { self.download(staged, tokens, &placement)? };
+        if out.is_some() {
+            let staged = match self.pinned_out.as_mut() {
+                Some(p) => p.f32_mut(out_len).as_mut_ptr(),
+                None => return Err(Error::Unsupported("no staging buffer".into())),
+            };
+            // SAFETY: the staging buffer holds out_len = tokens * n_embd f32, read only after
+            // `finish` below and rewritten only by a later call.
+            unsafe { self.download(staged, tokens, &placement)? };
+        }
         lap(3);
         self.finish(true, true)?;
-        if let Some(p) = self.pinned_out.as_mut() {
-            out.copy_from_slice(p.slice_mut(out.len()));
+        if let (Some(out), Some(p)) = (out, self.pinned_out.as_mut()) {
+            out.copy_from_slice(p.f32_mut(out_len));
         }
         lap(4);
         self.host_phases_us = phases;
@@ -1393,6 +1423,13 @@ impl<'a> MultiGpuLayer<'a> {
     #[doc(hidden)]
     pub fn last_host_phases_us(&self) -> [f64; 5] {
         self.host_phases_us
+    }
+
+    /// Benchmark diagnostics: per device, host microseconds into its last cached front at the
+    /// end of validation, metadata, upload, x upload, conversion, GEMM and norm/RoPE pass.
+    #[doc(hidden)]
+    pub fn last_front_laps_us(&self) -> Vec<[f64; 6]> {
+        self.gpus.iter().map(|g| g.dec.laps).collect()
     }
 
     /// Benchmark diagnostics: milliseconds from the start to the end of each device's work

@@ -285,6 +285,24 @@ impl Layer<'_> {
         Ok(tokens)
     }
 
+    /// The one rule of [`Layer::validate_cached`] about the cache's own shape: its KV heads
+    /// and head_dim are the layer's. A head split's device checks its shard's cache with it
+    /// after the whole call was validated against the unsplit layer.
+    ///
+    /// # Errors
+    /// [`Error::InputShape`] "kv cache heads * head_dim" when they differ.
+    pub fn check_cache_heads(&self, cache: &KvGeometry) -> Result<()> {
+        let cfg = self.config();
+        if cache.n_kv_head != cfg.n_kv_head || cache.head_dim != cfg.head_dim {
+            return Err(Error::InputShape {
+                name: "kv cache heads * head_dim",
+                expected: cfg.kv_dim(),
+                actual: cache.n_kv_head * cache.head_dim,
+            });
+        }
+        Ok(())
+    }
+
     /// Everything [`Layer::validate_cached`] checks but the block ids.
     fn validate_cached_shape(
         &self,
@@ -309,13 +327,7 @@ impl Layer<'_> {
                 });
             }
         }
-        if cache.n_kv_head != cfg.n_kv_head || cache.head_dim != cfg.head_dim {
-            return Err(Error::InputShape {
-                name: "kv cache heads * head_dim",
-                expected: cfg.kv_dim(),
-                actual: cache.n_kv_head * cache.head_dim,
-            });
-        }
+        self.check_cache_heads(cache)?;
         if cache.rolling && cfg.sliding_window.is_none() {
             return Err(Error::Unsupported {
                 what: "a rolling KV cache needs a sliding-window layer",

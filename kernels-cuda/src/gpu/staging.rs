@@ -1,0 +1,172 @@
+//! Page-locked host memory, and the one upload per call of a cached step's small metadata.
+//!
+//! A cached (decode) step needs half a dozen small host arrays on the device: work items,
+//! block tables, slots of the new tokens. Uploaded one by one from pageable memory, each is a
+//! staged, host-blocking copy of a few microseconds, which on a decode step of a few hundred
+//! microseconds is a visible share. Packed into one page-locked buffer they go up in one
+//! asynchronous DMA.
+
+use std::ffi::c_void;
+
+use cust::memory::DeviceBuffer;
+use cust::sys as cu;
+
+use super::{alloc, drv, ptr};
+use crate::error::Result;
+
+/// Page-locked host memory (portable to every context), `len` bytes.
+pub(super) struct Pinned {
+    ptr: *mut u8,
+    len: usize,
+}
+
+impl Pinned {
+    /// At least `bytes` bytes of page-locked memory (a context must be current).
+    pub(super) fn new(bytes: usize) -> Result<Pinned> {
+        let mut p: *mut c_void = std::ptr::null_mut();
+        // SAFETY: valid out-pointer; CU_MEMHOSTALLOC_PORTABLE (1); freed once in Drop.
+        drv("cuMemHostAlloc", unsafe {
+            cu::cuMemHostAlloc(&mut p, bytes.max(16), 1)
+        })?;
+        Ok(Pinned {
+            ptr: p.cast(),
+            len: bytes.max(16),
+        })
+    }
+
+    /// Size in bytes.
+    pub(super) fn len(&self) -> usize {
+        self.len
+    }
+
+    /// The first `n` f32 of the buffer (fewer if it is smaller).
+    pub(super) fn f32_mut(&mut self, n: usize) -> &mut [f32] {
+        let n = n.min(self.len / 4);
+        // SAFETY: `ptr` holds `len` bytes owned by this value, borrowed mutably here, aligned
+        // for f32 (cuMemHostAlloc returns page-aligned memory); any bit pattern is an f32.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.cast(), n) }
+    }
+
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        // SAFETY: `ptr` holds `len` bytes owned by this value, borrowed mutably here.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    }
+}
+
+impl Drop for Pinned {
+    fn drop(&mut self) {
+        // SAFETY: allocated by cuMemHostAlloc, freed once; its owners wait for every copy
+        // from it before dropping it.
+        unsafe {
+            cu::cuMemFreeHost(self.ptr.cast());
+        }
+    }
+}
+
+/// Each part starts on this alignment in the packed buffer (the widest element type the
+/// kernels load from metadata is 16 bytes).
+const ALIGN: usize = 16;
+
+/// A page-locked host buffer and its device twin, rewritten by every call: the call's
+/// metadata arrays are packed into the host buffer and go up in one copy.
+#[derive(Default)]
+pub(super) struct MetaUpload {
+    host: Option<Pinned>,
+    device: Option<DeviceBuffer<u8>>,
+    /// Recorded after the last upload; the host buffer is rewritten only once it has passed.
+    done: Option<Event>,
+}
+
+impl MetaUpload {
+    /// Packs `parts` (byte images of plain arrays) into the host buffer, enqueues one copy to
+    /// the device on `stream`, and returns each part's device address. The buffers grow when
+    /// the parts need more room; before the host buffer is rewritten, the previous call's copy
+    /// from it is waited for (it normally finished long ago).
+    ///
+    /// # Safety
+    /// The layer's context is current and `stream` belongs to it. The returned addresses stay
+    /// valid until the next call of this function.
+    pub(super) unsafe fn upload(
+        &mut self,
+        parts: &[&[u8]],
+        stream: cu::CUstream,
+    ) -> Result<Vec<u64>> {
+        let mut offsets = Vec::with_capacity(parts.len());
+        let mut total = 0usize;
+        for p in parts {
+            offsets.push(total);
+            total += p.len().next_multiple_of(ALIGN);
+        }
+        if let Some(e) = &self.done {
+            e.wait()?;
+        }
+        if self.host.as_ref().is_none_or(|h| h.len() < total) {
+            self.host = None;
+            self.host = Some(Pinned::new(total.next_power_of_two())?);
+        }
+        if self.device.as_ref().is_none_or(|d| d.len() < total) {
+            self.device = None;
+            self.device = Some(alloc(total.next_power_of_two())?);
+        }
+        let (Some(host), Some(device)) = (self.host.as_mut(), self.device.as_ref()) else {
+            unreachable!("both buffers were just made")
+        };
+        let bytes = host.bytes_mut();
+        for (p, &o) in parts.iter().zip(&offsets) {
+            bytes[o..o + p.len()].copy_from_slice(p);
+        }
+        let base = ptr(device);
+        if total > 0 {
+            // SAFETY: both buffers hold at least `total` bytes; the host buffer is page-locked
+            // and not rewritten before `done` has passed.
+            drv("cuMemcpyHtoDAsync", unsafe {
+                cu::cuMemcpyHtoDAsync_v2(base, host.ptr.cast(), total, stream)
+            })?;
+        }
+        if self.done.is_none() {
+            self.done = Some(Event::new()?);
+        }
+        if let Some(e) = &self.done {
+            // SAFETY: per this function's contract.
+            unsafe { e.record(stream)? };
+        }
+        Ok(offsets.into_iter().map(|o| base + o as u64).collect())
+    }
+}
+
+/// A CUDA event without timing, destroyed on drop.
+struct Event(cu::CUevent);
+
+impl Event {
+    fn new() -> Result<Event> {
+        let mut e: cu::CUevent = std::ptr::null_mut();
+        // SAFETY: valid out-pointer; CU_EVENT_DISABLE_TIMING (2); destroyed once in Drop.
+        drv("cuEventCreate", unsafe { cu::cuEventCreate(&mut e, 2) })?;
+        Ok(Event(e))
+    }
+
+    /// # Safety
+    /// `stream` belongs to the event's context.
+    unsafe fn record(&self, stream: cu::CUstream) -> Result<()> {
+        // SAFETY: a live event; the stream per this function's contract.
+        drv("cuEventRecord", unsafe {
+            cu::cuEventRecord(self.0, stream)
+        })
+    }
+
+    fn wait(&self) -> Result<()> {
+        // SAFETY: a live event (never recorded is fine: it then counts as passed).
+        drv("cuEventSynchronize", unsafe {
+            cu::cuEventSynchronize(self.0)
+        })
+    }
+}
+
+impl Drop for Event {
+    fn drop(&mut self) {
+        // SAFETY: created by cuEventCreate, destroyed once.
+        unsafe {
+            cu::cuEventDestroy_v2(self.0);
+        }
+    }
+}
