@@ -26,6 +26,7 @@ const PTX_ROPE_NORM: &str = include_str!(concat!(env!("OUT_DIR"), "/rope_norm.pt
 const PTX_DECODE: &str = include_str!(concat!(env!("OUT_DIR"), "/decode.ptx"));
 
 mod decode;
+mod graph;
 mod multi;
 mod staging;
 mod tma;
@@ -467,6 +468,18 @@ unsafe fn launch_args(
             std::ptr::null_mut(),
         )
     })
+}
+
+/// Copies the rotary row of each position into `dst` (rows of the table's width): position
+/// `r` for row `r` without `positions`. Every position was validated against the table.
+fn fill_rope_rows(table: &RopeTable<'_>, positions: Option<&[i32]>, dst: &mut [f32]) {
+    let width = table.half_dim() * 2;
+    for (r, out) in dst.chunks_exact_mut(width).enumerate() {
+        let pos = positions.map_or(r, |p| p[r] as usize);
+        if let Some(row) = table.row(pos) {
+            out.copy_from_slice(row);
+        }
+    }
 }
 
 /// Where the rotary rows of a device call come from.
@@ -1155,7 +1168,7 @@ impl<'a> GpuLayer<'a> {
     ) -> Result<QkvStart> {
         let cfg = self.cfg;
         let n = batch * seq_len;
-        let (c, d) = (cfg.n_embd, cfg.head_dim);
+        let d = cfg.head_dim;
 
         // Rotary rows.
         let (mut cs, mut cs_rows, mut cs_period) = (0u64, 0u64, seq_len as i32);
@@ -1178,15 +1191,7 @@ impl<'a> GpuLayer<'a> {
                         Some(_) => n,
                         None => seq_len,
                     };
-                    for r in 0..rows {
-                        let pos = match position_ids {
-                            Some(p) => p[r] as usize,
-                            None => r,
-                        };
-                        // Validated: every position is inside the table.
-                        let row = table.row(pos).unwrap_or(&[]);
-                        self.h_rope[r * d..r * d + row.len()].copy_from_slice(row);
-                    }
+                    fill_rope_rows(&table, position_ids, &mut self.h_rope[..rows * d]);
                     // SAFETY: `rope` holds max_batch * max_seq_len * head_dim f32.
                     unsafe { h2d(ptr(&self.rope), &self.h_rope[..rows * d], stream)? };
                     cs = ptr(&self.rope);
@@ -1194,7 +1199,24 @@ impl<'a> GpuLayer<'a> {
                 }
             }
         }
+        // SAFETY: per this function's contract.
+        unsafe { self.qkv_convert(x, n, (cs, cs_rows, cs_period), stream) }
+    }
 
+    /// The conversion part of [`GpuLayer::qkv_start`], with the rotary rows already on the
+    /// device: `rope` is (table or rows, position ids or 0, rows before they repeat).
+    ///
+    /// # Safety
+    /// As [`GpuLayer::qkv_start`]; the rotary rows cover the call's tokens.
+    unsafe fn qkv_convert(
+        &mut self,
+        x: DeviceX,
+        n: usize,
+        rope: (u64, u64, i32),
+        stream: cu::CUstream,
+    ) -> Result<QkvStart> {
+        let c = self.cfg.n_embd;
+        let (cs, cs_rows, cs_period) = rope;
         // Projections: qkv[n, width] = x wqkv^T (f32 out).
         let x_in = match x {
             DeviceX::Storage(x) => x,

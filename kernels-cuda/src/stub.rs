@@ -383,6 +383,16 @@ impl<'a> MultiGpuLayer<'a> {
         match self.never {}
     }
 
+    /// Whether cached steps are captured as CUDA graphs (unreachable in this build).
+    pub fn set_step_graphs(&mut self, _on: bool) {
+        match self.never {}
+    }
+
+    /// Why the last capture of a cached step failed (unreachable in this build).
+    pub fn step_graph_error(&self) -> Option<&str> {
+        match self.never {}
+    }
+
     /// Unreachable in this build.
     ///
     /// # Errors

@@ -19,7 +19,10 @@
 //!   CPU `Layer::forward_cached`; every device's K and V pools equal the CPU cache's heads of
 //!   that device (1e-4);
 //! * bf16: every call equals the single-GPU `GpuLayer::forward_cached` within the bf16
-//!   tolerance (and the reference within it too).
+//!   tolerance (and the reference within it too);
+//! * both: the steps captured and replayed as CUDA graphs (the default) equal, bit for bit,
+//!   the same split enqueueing every launch (`set_step_graphs(false)`), outputs and pools,
+//!   and every step was captured (no capture error).
 //!
 //! With fewer than 2 devices each test prints "skipped: ..." and returns. The benches (prefill
 //! T = 16384 and decode 32 x 8192 on 1 and 2 GPUs) are `attnrt-cuda-bench --multi`.
@@ -369,6 +372,12 @@ fn cached_case(
     multi.set_reduce(reduce).unwrap();
     let mut cache: MultiGpuKvCache = multi.new_kv_cache(block, num_blocks, rolling).unwrap();
     assert_eq!(cache.n_devices(), n);
+    // The same split with every step enqueued launch by launch: the captured and replayed
+    // steps (the default) must give the same bits.
+    let mut launches = MultiGpuLayer::new(layer, &devices(n), opts).unwrap();
+    launches.set_reduce(reduce).unwrap();
+    launches.set_step_graphs(false);
+    let mut launches_cache = launches.new_kv_cache(block, num_blocks, rolling).unwrap();
     // One GPU (bf16 comparison) and the CPU (f32 comparison) on the same calls.
     let mut one = (p != Precision::F32).then(|| {
         (
@@ -398,6 +407,16 @@ fn cached_case(
         multi
             .forward_cached(&x, &seqs, Some(table), &mut cache, &mut y)
             .unwrap_or_else(|e| panic!("{what}: {e}"));
+        let mut y_launches = vec![f32::NAN; x.len()];
+        launches
+            .forward_cached(&x, &seqs, Some(table), &mut launches_cache, &mut y_launches)
+            .unwrap_or_else(|e| panic!("{what} (launches): {e}"));
+        assert!(
+            y.iter()
+                .zip(&y_launches)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "{what}: the replayed step differs from the launched one"
+        );
         let want: Vec<f32> = rows
             .iter()
             .flat_map(|&(s, i)| refs[s][i * cfg.n_embd..(i + 1) * cfg.n_embd].to_vec())
@@ -447,6 +466,19 @@ fn cached_case(
             }
         }
     }
+    assert_eq!(
+        multi.step_graph_error(),
+        None,
+        "{name}: the cached steps were not captured"
+    );
+    for i in 0..n {
+        let (k, v) = cache.device(i).unwrap().read_f32().unwrap();
+        let (lk, lv) = launches_cache.device(i).unwrap().read_f32().unwrap();
+        assert!(
+            k == lk && v == lv,
+            "{name}: device {i}'s pools differ between replayed and launched steps"
+        );
+    }
     if p == Precision::F32 {
         // Device i's pools hold the CPU cache's KV heads of shard i, block by block.
         let bs_elems = block * d;
@@ -469,7 +501,7 @@ fn cached_case(
         }
     }
     println!(
-        "{name}: {} calls; {}",
+        "{name}: {} calls, replayed steps equal launched ones bit for bit; {}",
         calls.len(),
         if p == Precision::F32 {
             format!(

@@ -685,10 +685,21 @@ mod cuda_main {
                 .ok();
             }
 
-            println!("| GPUs | reduce | ms per step | ratio vs 1 GPU | ms in NCCL | device span per device (ms) | attention + merge alone, per device (ms) | host us at: validated / fronts / attention / output / done | resident: ms per step | resident: ratio vs 1 GPU |");
-            println!("| --- | --- | ---: | ---: | ---: | --- | --- | --- | ---: | ---: |");
-            let mut base = 0.0f64;
-            let mut base_resident = 0.0f64;
+            // Modes: (graphs, resident). Launches = every kernel and copy enqueued by the
+            // call; graphs = the step captured once and replayed. Host = x from and the
+            // output to host memory; resident = x staged on the devices in bf16 and the
+            // output left there (a server whose activations stay on the GPUs).
+            let modes = [(false, false), (true, false), (false, true), (true, true)];
+            let mode_name = |(graphs, resident): (bool, bool)| {
+                format!(
+                    "{}, {}",
+                    if graphs { "graphs" } else { "launches" },
+                    if resident { "resident" } else { "host x/out" }
+                )
+            };
+            println!("| GPUs | reduce | mode | ms per step | ratio vs 1 GPU (same mode) | ms in NCCL | device span per device (ms) | attention + merge alone, per device (ms) | host us at: validated / planned / - / enqueued / done |");
+            println!("| --- | --- | --- | ---: | ---: | ---: | --- | --- | --- |");
+            let mut base = [0.0f64; 4];
             for n in counts() {
                 let mut m = MultiGpuLayer::new(*layer, &devices(n), opts)?;
                 let mut cache = m.new_kv_cache(bs, num_blocks, false)?;
@@ -699,6 +710,7 @@ mod cuda_main {
                     let f = fill(c.pool_bytes());
                     c.write_raw(&f, &f)?;
                 }
+                m.stage_inputs_storage(&Inputs::new(&x, 1, seqs_n))?;
                 let vs: &[ReduceOptions] = if n == 1 {
                     &[ReduceOptions::EXACT]
                 } else {
@@ -711,81 +723,75 @@ mod cuda_main {
                 };
                 for r in vs {
                     m.set_reduce(*r)?;
-                    for _ in 0..5 {
-                        m.forward_cached(&x, &seqs, None, &mut cache, &mut y)?;
-                    }
-                    let mut nccl = 0.0f64;
-                    let mut span = vec![0.0f64; n];
-                    let mut phases = [0.0f64; 5];
-                    let start = Instant::now();
-                    for _ in 0..iters {
-                        m.forward_cached(&x, &seqs, None, &mut cache, &mut y)?;
-                        for (p, v) in phases.iter_mut().zip(m.last_host_phases_us()) {
-                            *p += v / iters as f64;
+                    for (mi, &mode) in modes.iter().enumerate() {
+                        let (graphs, resident) = mode;
+                        m.set_step_graphs(graphs);
+                        let mut step = |m: &mut MultiGpuLayer<'_>| -> Result<(), Error> {
+                            if resident {
+                                m.forward_cached_staged(&seqs, None, &mut cache)?;
+                            } else {
+                                m.forward_cached(&x, &seqs, None, &mut cache, &mut y)?;
+                            }
+                            Ok(())
+                        };
+                        for _ in 0..5 {
+                            step(&mut m)?;
                         }
-                        nccl += m.last_nccl_ms() as f64;
-                        for (s, v) in span.iter_mut().zip(m.last_step_device_ms()) {
-                            *s += *v as f64;
+                        if let Some(e) = m.step_graph_error() {
+                            println!("(graph capture failed, launches instead: {e})");
                         }
+                        let mut nccl = 0.0f64;
+                        let mut span = vec![0.0f64; n];
+                        let mut phases = [0.0f64; 5];
+                        let start = Instant::now();
+                        for _ in 0..iters {
+                            step(&mut m)?;
+                            for (p, v) in phases.iter_mut().zip(m.last_host_phases_us()) {
+                                *p += v / iters as f64;
+                            }
+                            nccl += m.last_nccl_ms() as f64;
+                            for (s, v) in span.iter_mut().zip(m.last_step_device_ms()) {
+                                *s += *v as f64;
+                            }
+                        }
+                        let ms = start.elapsed().as_secs_f64() * 1e3 / iters as f64;
+                        let span: Vec<String> = span
+                            .iter()
+                            .map(|v| format!("{:.4}", v / iters as f64))
+                            .collect();
+                        let nccl = nccl / iters as f64;
+                        if n == 1 {
+                            base[mi] = ms;
+                        }
+                        let mut attn = Vec::new();
+                        for i in 0..n {
+                            // SAFETY: `cache` is alive for the timed relaunches.
+                            attn.push(format!("{:.4}", unsafe { m.time_decode_ms(i, 20)? }));
+                        }
+                        let phases: Vec<String> =
+                            phases.iter().map(|v| format!("{v:.0}")).collect();
+                        println!(
+                            "| {n} | {} | {} | {ms:.4} | {:.3} | {} | {} | {} | {} |",
+                            name(r),
+                            mode_name(mode),
+                            ms / base[mi],
+                            if graphs {
+                                "-".to_string()
+                            } else {
+                                format!("{nccl:.4}")
+                            },
+                            span.join(" / "),
+                            attn.join(" / "),
+                            phases.join(" / ")
+                        );
+                        writeln!(
+                            json,
+                            "{{\"case\": \"multi decode 32 x 8192\", \"gpus\": {n}, \"reduce\": \"{}\", \"graphs\": {graphs}, \"resident\": {resident}, \"ms\": {ms}, \"ratio\": {}, \"nccl_ms\": {nccl}}}",
+                            name(r),
+                            ms / base[mi]
+                        )
+                        .ok();
                     }
-                    let span: Vec<String> = span
-                        .iter()
-                        .map(|v| format!("{:.4}", v / iters as f64))
-                        .collect();
-                    let ms = start.elapsed().as_secs_f64() * 1e3 / iters as f64;
-                    let nccl = nccl / iters as f64;
-                    if n == 1 {
-                        base = ms;
-                    }
-                    let mut attn = Vec::new();
-                    for i in 0..n {
-                        // SAFETY: `cache` is alive for the timed relaunches.
-                        attn.push(format!("{:.4}", unsafe { m.time_decode_ms(i, 20)? }));
-                    }
-                    let phases: Vec<String> = phases.iter().map(|v| format!("{v:.0}")).collect();
-                    // The same steps with x staged on the devices in bf16 and the output left
-                    // there (a server whose activations stay on the GPUs).
-                    let laps: Vec<String> = m
-                        .last_front_laps_us()
-                        .iter()
-                        .map(|l| format!("{l:.0?}"))
-                        .collect();
-                    println!("front laps us (host x, last step): {}", laps.join(" "));
-                    m.stage_inputs_storage(&Inputs::new(&x, 1, seqs_n))?;
-                    for _ in 0..5 {
-                        m.forward_cached_staged(&seqs, None, &mut cache)?;
-                    }
-                    let start = Instant::now();
-                    for _ in 0..iters {
-                        m.forward_cached_staged(&seqs, None, &mut cache)?;
-                    }
-                    let resident = start.elapsed().as_secs_f64() * 1e3 / iters as f64;
-                    let laps: Vec<String> = m
-                        .last_front_laps_us()
-                        .iter()
-                        .map(|l| format!("{l:.0?}"))
-                        .collect();
-                    println!("front laps us (resident, last step): {}", laps.join(" "));
-                    if n == 1 {
-                        base_resident = resident;
-                    }
-                    println!(
-                        "| {n} | {} | {ms:.4} | {:.3} | {nccl:.4} | {} | {} | {} | {resident:.4} | {:.3} |",
-                        name(r),
-                        ms / base,
-                        span.join(" / "),
-                        attn.join(" / "),
-                        phases.join(" / "),
-                        resident / base_resident
-                    );
-                    writeln!(
-                        json,
-                        "{{\"case\": \"multi decode 32 x 8192\", \"gpus\": {n}, \"reduce\": \"{}\", \"ms\": {ms}, \"ratio\": {}, \"nccl_ms\": {nccl}, \"resident_ms\": {resident}, \"resident_ratio\": {}}}",
-                        name(r),
-                        ms / base,
-                        resident / base_resident
-                    )
-                    .ok();
                 }
                 println!("({})", m.backend().device);
             }

@@ -12,7 +12,6 @@ use half::{bf16, f16};
 use super::staging::MetaUpload;
 use super::{
     alloc, drv, function, h2d, kernels, launch, ptr, DeviceX, GpuLayer, Kernels, PendingPrep,
-    RopeSource,
 };
 use crate::error::{Error, Result};
 use crate::plan::{DecodeKernel, DecodeTuning, GpuBackend, Precision};
@@ -209,6 +208,11 @@ pub(super) struct CachedFront {
     ml: u64,
     tok_items: u64,
     counters: u64,
+    /// The new tokens' rotary rows on the device (0 without rotary embedding).
+    rope: u64,
+    /// Bytes of the metadata upload.
+    meta_bytes: usize,
+    /// The pending norm/RoPE pass ([`GpuLayer::cached_enqueue_front`] with a norm share).
     prep: Option<PendingPrep>,
 }
 
@@ -216,6 +220,30 @@ impl CachedFront {
     /// New tokens of the call.
     pub(super) fn tokens(&self) -> usize {
         self.n
+    }
+
+    /// Appends what the enqueued work of this front depends on besides the contents of its
+    /// buffers: launch shapes, kernels and device addresses. Two fronts with the same values
+    /// enqueue the same launches and copies (a captured step can be replayed).
+    pub(super) fn key_into(&self, key: &mut Vec<u64>) {
+        key.extend([
+            self.n as u64,
+            self.items as u64,
+            self.split as u64,
+            self.hchunks as u64,
+            self.f_app as u64,
+            u64::from(self.app_threads),
+            self.dst,
+            self.work,
+            self.tables,
+            self.dseqs,
+            self.part,
+            self.ml,
+            self.tok_items,
+            self.counters,
+            self.rope,
+            self.meta_bytes as u64,
+        ]);
     }
 }
 
@@ -299,11 +327,9 @@ pub(super) struct DecodeState {
     h_tables: Vec<u32>,
     h_dst: Vec<i64>,
     h_pos: Vec<i32>,
+    h_rope: Vec<f32>,
     h_marks: Vec<u32>,
     last: Option<CachedCall>,
-    /// Diagnostics: host microseconds into the last front at the end of its validation,
-    /// metadata, upload, x upload, conversion, GEMM and norm/RoPE pass.
-    pub(super) laps: [f64; 6],
 }
 
 /// A buffer of at least `bytes` bytes in `slot`, reallocated only when too small.
@@ -453,13 +479,14 @@ impl GpuLayer<'_> {
         cache: &mut GpuKvCache,
         out: &mut [f32],
     ) -> Result<GpuBackend> {
-        // SAFETY: host rows.
-        let front = unsafe {
-            self.cached_front(CachedX::Host(x), out.len(), seqs, rope_table, cache, None)?
-        };
-        let Some(front) = front else {
+        let Some(mut front) =
+            self.cached_plan(x.len(), out.len(), seqs, rope_table, cache, None)?
+        else {
             return Ok(self.backend());
         };
+        // SAFETY: the front was just planned; host rows.
+        unsafe { self.cached_enqueue_front(&mut front, CachedX::Host(x))? };
+        self.mark_meta_uploaded()?;
         let stream = self.stream;
         let n = front.tokens();
         // SAFETY: `front` is this layer's last front, for `cache`, borrowed for the whole call.
@@ -482,39 +509,29 @@ impl GpuLayer<'_> {
         Ok(self.backend())
     }
 
-    /// First half of [`GpuLayer::forward_cached`]: validation (only this device's part when
-    /// the call was `validated` already, see `check_cached`), the call's metadata and
-    /// scratch, the upload of `x`, projections and the norm/RoPE pass (pending with a norm
-    /// share). `None` for a call without new tokens. Writes neither the cache nor any output.
-    ///
-    /// # Safety
-    /// Rows of `x` already on the device ([`CachedX::Device`]) are on this layer's device and
-    /// hold the call's new tokens.
-    pub(super) unsafe fn cached_front(
+    /// The host part of a cached call's first half: validation (only this device's part
+    /// when the call was `validated` already, see `check_cached`), the call's work items,
+    /// scratch, and its metadata and rotary rows staged for one upload. Enqueues nothing
+    /// (so a captured step can be replayed after it); [`GpuLayer::cached_enqueue_front`]
+    /// does. `None` for a call without new tokens.
+    pub(super) fn cached_plan(
         &mut self,
-        x: CachedX<'_>,
+        x_len: usize,
         out_len: usize,
         seqs: &[Sequence<'_>],
         rope_table: Option<RopeTable<'_>>,
         cache: &GpuKvCache,
         validated: Option<usize>,
     ) -> Result<Option<CachedFront>> {
-        let x_len = match x {
-            CachedX::Host(x) => x.len(),
-            CachedX::Device(_, len) => len,
-        };
-        let t0 = std::time::Instant::now();
-        let lap = |laps: &mut [f64; 6], i: usize| laps[i] = t0.elapsed().as_secs_f64() * 1e6;
         let n = self.check_cached(x_len, out_len, seqs, &rope_table, cache, validated)?;
         if n == 0 {
             return Ok(None);
         }
-        lap(&mut self.dec.laps, 0);
         self.set_current()?;
         let cfg = self.cfg;
         let (h, kvh, d, r) = (cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.group_size());
         let window = cfg.sliding_window.unwrap_or(usize::MAX);
-        let stream = self.stream;
+
         let prec = self.opts.precision;
 
         // Host metadata: positions, slots of the new tokens, block tables, work items.
@@ -605,58 +622,23 @@ impl GpuLayer<'_> {
         let ml = ensure(&mut st.ml, items * h * 8)?;
         // Zeroed when allocated; every launch leaves them at zero (the merging CTA resets).
         let counters = ensure(&mut st.counters, n * kvh * hchunks * 4)?;
-        lap(&mut st.laps, 1);
-        // SAFETY: the layer's context is current (set above) and the stream is its own; the
-        // addresses are used by this call's launches only, which the next call's upload
-        // follows on the same stream.
-        let meta = unsafe {
-            st.meta.upload(
-                &[
-                    bytemuck::cast_slice(&st.h_work),
-                    bytemuck::cast_slice(&st.h_tok),
-                    bytemuck::cast_slice(&st.h_seqs),
-                    bytemuck::cast_slice(&st.h_tables),
-                    bytemuck::cast_slice(&st.h_dst),
-                ],
-                stream,
-            )?
-        };
-        let &[work, tok_items, dseqs, tables, dst] = meta.as_slice() else {
+        // Rotary rows of the new tokens, staged with the metadata.
+        st.h_rope.clear();
+        if let (Some(_), Some(table)) = (cfg.rope(), rope_table) {
+            st.h_rope.resize(n * d, 0.0);
+            super::fill_rope_rows(&table, Some(&st.h_pos), &mut st.h_rope);
+        }
+        let meta = st.meta.stage(&[
+            bytemuck::cast_slice(&st.h_work),
+            bytemuck::cast_slice(&st.h_tok),
+            bytemuck::cast_slice(&st.h_seqs),
+            bytemuck::cast_slice(&st.h_tables),
+            bytemuck::cast_slice(&st.h_dst),
+            bytemuck::cast_slice(&st.h_rope),
+        ])?;
+        let &[work, tok_items, dseqs, tables, dst, rope] = meta.as_slice() else {
             unreachable!("one address per part")
         };
-        lap(&mut st.laps, 2);
-        let positions = std::mem::take(&mut st.h_pos);
-
-        // Projections, norm and RoPE of the new tokens.
-        let xd = ptr(&self.x);
-        let result = (|| {
-            // SAFETY: `x` holds max_batch * max_seq_len * n_embd f32 >= n * n_embd (checked),
-            // rows already on the device hold n * n_embd values (the caller's contract); the
-            // positions were validated against the table.
-            unsafe {
-                let rows = match x {
-                    CachedX::Host(x) => {
-                        h2d(xd, x, stream)?;
-                        DeviceX::F32(xd)
-                    }
-                    CachedX::Device(rows, _) => rows,
-                };
-                lap(&mut self.dec.laps, 3);
-                let start = self.qkv_start(
-                    rows,
-                    1,
-                    n,
-                    Some(&positions),
-                    rope_table.map(RopeSource::Host),
-                    stream,
-                )?;
-                lap(&mut self.dec.laps, 4);
-                let r = self.qkv_finish(start, stream);
-                lap(&mut self.dec.laps, 5);
-                r
-            }
-        })();
-        self.dec.h_pos = positions;
         Ok(Some(CachedFront {
             n,
             items,
@@ -672,8 +654,54 @@ impl GpuLayer<'_> {
             ml,
             tok_items,
             counters,
-            prep: result?,
+            rope: if st.h_rope.is_empty() { 0 } else { rope },
+            meta_bytes: st.meta.staged_bytes(),
+            prep: None,
         }))
+    }
+
+    /// The device part of a cached call's first half, for the front `f` this layer planned
+    /// last: the metadata upload, the upload of `x` (host rows), projections and the
+    /// norm/RoPE pass (pending in `f` with a norm share). Writes neither the cache nor any
+    /// output. The caller marks the metadata upload done (`mark_meta_uploaded`) after it, or
+    /// after the graph that replays it.
+    ///
+    /// # Safety
+    /// `f` is this layer's last [`GpuLayer::cached_plan`]; rows of `x` already on the device
+    /// ([`CachedX::Device`]) are on this layer's device and hold the call's new tokens; host
+    /// rows are page-locked when this enqueue is captured.
+    pub(super) unsafe fn cached_enqueue_front(
+        &mut self,
+        f: &mut CachedFront,
+        x: CachedX<'_>,
+    ) -> Result<()> {
+        let stream = self.stream;
+        let xd = ptr(&self.x);
+        // SAFETY: the metadata was staged by this front's plan, in this layer's context, and
+        // is restaged only after `mark_meta_uploaded`. `x` holds max_batch * max_seq_len *
+        // n_embd f32 >= n * n_embd (checked); rows on the device hold n * n_embd values (the
+        // caller's contract); the rotary rows were staged for the call's n tokens.
+        unsafe {
+            self.dec.meta.enqueue(stream)?;
+            let rows = match x {
+                CachedX::Host(x) => {
+                    h2d(xd, x, stream)?;
+                    DeviceX::F32(xd)
+                }
+                CachedX::Device(rows, _) => rows,
+            };
+            let start = self.qkv_convert(rows, f.n, (f.rope, 0, f.n as i32), stream)?;
+            f.prep = self.qkv_finish(start, stream)?;
+        }
+        Ok(())
+    }
+
+    /// Records on the layer's stream that this call's metadata upload is behind (see
+    /// [`GpuLayer::cached_enqueue_front`]).
+    pub(super) fn mark_meta_uploaded(&mut self) -> Result<()> {
+        self.set_current()?;
+        // SAFETY: the layer's context is current and the stream is its own.
+        unsafe { self.dec.meta.mark_done(self.stream) }
     }
 
     /// Second half of a cached call up to the attention output `o`: the pending norm/RoPE
@@ -681,7 +709,8 @@ impl GpuLayer<'_> {
     /// values, split-K attention and the merge.
     ///
     /// # Safety
-    /// `f` is this layer's last [`GpuLayer::cached_front`], made for `cache`.
+    /// `f` is this layer's last [`GpuLayer::cached_plan`], made for `cache`, enqueued by
+    /// [`GpuLayer::cached_enqueue_front`].
     pub(super) unsafe fn cached_back(&mut self, f: &CachedFront, cache: &GpuKvCache) -> Result<()> {
         let cfg = self.cfg;
         let (h, kvh, d, r) = (cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.group_size());

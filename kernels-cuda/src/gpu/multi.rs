@@ -14,6 +14,7 @@ use cust::sys as cu;
 use half::{bf16, f16};
 
 use super::decode::{CachedFront, CachedX};
+use super::graph::{self, Exec, StepGraphs};
 use super::staging::Pinned;
 use super::WidenParams;
 use super::{
@@ -291,6 +292,16 @@ pub struct MultiGpuLayer<'a> {
     step_ms: Vec<f32>,
     /// Host microseconds of the last cached call's phases ([`MultiGpuLayer::last_host_phases_us`]).
     host_phases_us: [f64; 5],
+    /// Whether cached steps are captured and replayed as CUDA graphs (on unless turned off
+    /// or a capture failed).
+    step_graphs_on: bool,
+    /// The captured cached step, replayed while its key matches.
+    step_graphs: Option<StepGraphs>,
+    /// Why the last capture failed (cached steps then run as launches).
+    step_graph_error: Option<String>,
+    /// Set while a step is captured: no timing events are recorded (they would not be
+    /// recorded at replay).
+    untimed: bool,
     /// Enqueue the devices' work stage by stage (every device's first kernel before any
     /// device's projections) rather than device by device.
     by_stage: bool,
@@ -335,6 +346,8 @@ impl Drop for MultiGpuLayer<'_> {
                 }
             }
         }
+        // The captured steps hold NCCL launches of the communicators, dropped after this.
+        self.step_graphs = None;
     }
 }
 
@@ -483,6 +496,10 @@ impl<'a> MultiGpuLayer<'a> {
             pinned_out: None,
             step_ms: Vec::new(),
             host_phases_us: [0.0; 5],
+            step_graphs_on: true,
+            step_graphs: None,
+            step_graph_error: None,
+            untimed: false,
             by_stage: true,
             comm_high: true,
             enqueue_us: Vec::new(),
@@ -654,13 +671,17 @@ impl<'a> MultiGpuLayer<'a> {
                 lane.timing.push((event(true)?, event(true)?));
             }
             let s = if on_comm { lane.comm } else { g.stream };
-            record(lane.timing[k].0, s)?;
+            if !self.untimed {
+                record(lane.timing[k].0, s)?;
+            }
             streams.push(s.cast::<c_void>());
         }
         enqueue(comms, &streams)?;
         for ((g, lane), &s) in self.gpus.iter().zip(&self.lanes).zip(&streams) {
-            g.set_current()?;
-            record(lane.timing[k].1, s.cast())?;
+            if !self.untimed {
+                g.set_current()?;
+                record(lane.timing[k].1, s.cast())?;
+            }
         }
         self.timed = k + 1;
         Ok(())
@@ -806,6 +827,9 @@ impl<'a> MultiGpuLayer<'a> {
     /// Records the end of each device's work before the output's collective
     /// ([`DeviceTiming::compute_ms`]) on its layer stream.
     fn mark_span_end(&self) -> Result<()> {
+        if self.untimed {
+            return Ok(());
+        }
         for (g, lane) in self.gpus.iter().zip(&self.lanes) {
             g.set_current()?;
             record(lane.span.1, g.stream)?;
@@ -1335,7 +1359,7 @@ impl<'a> MultiGpuLayer<'a> {
         self.timed = 0;
         for (slot, len) in [
             (&mut self.pinned, x.map_or(0, <[f32]>::len)),
-            (&mut self.pinned_out, out_len),
+            (&mut self.pinned_out, out.as_ref().map_or(0, |o| o.len())),
         ] {
             if len > 0 && slot.as_ref().is_none_or(|p| p.len() < len * 4) {
                 self.gpus[0].set_current()?;
@@ -1343,76 +1367,216 @@ impl<'a> MultiGpuLayer<'a> {
                 *slot = Some(Pinned::new(len.next_power_of_two() * 4)?);
             }
         }
-        for (g, lane) in self.gpus.iter().zip(&self.lanes) {
-            g.set_current()?;
-            record(lane.step.0, g.stream)?;
-        }
         let staged: Option<&[f32]> = match (x, self.pinned.as_mut()) {
             (Some(x), Some(p)) => {
                 let staged = p.f32_mut(x.len());
                 staged.copy_from_slice(x);
-                Some(staged)
+                // SAFETY: the staging buffer is neither freed nor rewritten during the call
+                // (only a later call, after this one synchronised, rewrites or regrows it).
+                Some(unsafe { extend(staged) })
             }
             (Some(_), None) => return Err(Error::Unsupported("no staging buffer".into())),
             (None, _) => None,
         };
-        lap(0);
-        // Every front before any cache write: a device that refuses the call (a cache of
-        // another split) leaves every cache and `out` untouched.
-        let mut fronts: Vec<CachedFront> = Vec::with_capacity(self.gpus.len());
-        let mut failed = None;
-        for ((g, c), lane) in self.gpus.iter_mut().zip(&cache.caches).zip(&self.lanes) {
-            let rows = match (staged, &lane.staged) {
+        let rows: Vec<CachedX<'_>> = self
+            .gpus
+            .iter()
+            .zip(&self.lanes)
+            .map(|(g, lane)| match (staged, &lane.staged) {
                 (Some(x), _) => CachedX::Host(x),
                 (None, Some(b)) => CachedX::Device(DeviceX::Storage(ptr(b)), x_len),
                 (None, None) => CachedX::Device(DeviceX::F32(ptr(&g.x)), x_len),
-            };
-            // SAFETY: staged rows are on this device and hold at least the call's (checked).
-            match unsafe { g.cached_front(rows, out_len, seqs, rope_table, c, Some(tokens)) } {
-                Ok(Some(f)) => fronts.push(f),
-                Ok(None) => failed = Some(Error::Unsupported("a device saw no new tokens".into())),
-                Err(e) => failed = Some(e),
+            })
+            .collect();
+        let download = match (out.is_some(), self.pinned_out.as_mut()) {
+            (true, Some(p)) => Some(p.f32_mut(out_len).as_mut_ptr()),
+            (true, None) => return Err(Error::Unsupported("no staging buffer".into())),
+            (false, _) => None,
+        };
+        lap(0);
+        // Every device's plan before anything is enqueued: a device that refuses the call (a
+        // cache of another split) leaves every cache and `out` untouched.
+        let mut fronts: Vec<CachedFront> = Vec::with_capacity(self.gpus.len());
+        for (g, c) in self.gpus.iter_mut().zip(&cache.caches) {
+            match g.cached_plan(x_len, out_len, seqs, rope_table, c, Some(tokens))? {
+                Some(f) => fronts.push(f),
+                None => return Err(Error::Unsupported("a device saw no new tokens".into())),
             }
-            if failed.is_some() {
-                break;
-            }
-        }
-        if let Some(e) = failed {
-            // The devices before the failing one may still read the staging buffer.
-            let _ = self.finish(false, false);
-            return Err(e);
         }
         lap(1);
-        self.reduce_norm(tokens)?;
-        for ((g, c), f) in self.gpus.iter_mut().zip(&cache.caches).zip(&fronts) {
-            g.set_current()?;
-            // SAFETY: `f` is this layer's last front, made for `c`, which `cache` keeps alive
-            // (borrowed for this call, and synchronised before it returns).
-            unsafe { g.cached_back(f, c)? };
+        let graphed = if self.step_graphs_on {
+            let key = self.step_key(&fronts, &rows, download, cache);
+            if self.step_graphs.as_ref().is_none_or(|g| g.key != key) {
+                self.step_graphs = None;
+                match self.capture_step(&mut fronts, &rows, tokens, download, cache) {
+                    Ok(execs) => self.step_graphs = Some(StepGraphs { key, execs }),
+                    Err(e) => {
+                        // Replays are an optimisation: a step that cannot be captured runs
+                        // as launches, and so do the later ones.
+                        self.step_graphs_on = false;
+                        self.step_graph_error = Some(e.to_string());
+                    }
+                }
+            }
+            self.step_graphs.is_some()
+        } else {
+            false
+        };
+        if let Some(graphs) = self.step_graphs.as_ref().filter(|_| graphed) {
+            // The collectives run inside the graphs, untimed.
+            self.nccl_ms = 0.0;
+            for ((g, lane), exec) in self.gpus.iter_mut().zip(&self.lanes).zip(&graphs.execs) {
+                g.set_current()?;
+                record(lane.step.0, g.stream)?;
+                // SAFETY: captured in this context for a step of the same key: the same
+                // launches over the same buffers, whose contents this call has staged.
+                unsafe { exec.launch(g.stream)? };
+                record(lane.step.1, g.stream)?;
+                g.mark_meta_uploaded()?;
+            }
+            lap(3);
+        } else {
+            for (g, lane) in self.gpus.iter().zip(&self.lanes) {
+                g.set_current()?;
+                record(lane.step.0, g.stream)?;
+            }
+            // SAFETY: the fronts were just planned for `cache`, which outlives the call (it
+            // is synchronised below); `download` has room for the output, read after `finish`.
+            let enqueued =
+                unsafe { self.enqueue_step(&mut fronts, &rows, tokens, download, cache) };
+            for g in self.gpus.iter_mut() {
+                g.mark_meta_uploaded()?;
+            }
+            if let Err(e) = enqueued {
+                let _ = self.finish(false, false);
+                return Err(e);
+            }
+            for (g, lane) in self.gpus.iter().zip(&self.lanes) {
+                g.set_current()?;
+                record(lane.step.1, g.stream)?;
+            }
+            lap(3);
         }
-        lap(2);
-        let placement = self.project_and_reduce(tokens)?;
-        for (g, lane) in self.gpus.iter().zip(&self.lanes) {
-            g.set_current()?;
-            record(lane.step.1, g.stream)?;
-        }
-        if out.is_some() {
-            let staged = match self.pinned_out.as_mut() {
-                Some(p) => p.f32_mut(out_len).as_mut_ptr(),
-                None => return Err(Error::Unsupported("no staging buffer".into())),
-            };
-            // SAFETY: the staging buffer holds out_len = tokens * n_embd f32, read only after
-            // `finish` below and rewritten only by a later call.
-            unsafe { self.download(staged, tokens, &placement)? };
-        }
-        lap(3);
-        self.finish(true, true)?;
+        self.finish(!graphed, true)?;
         if let (Some(out), Some(p)) = (out, self.pinned_out.as_mut()) {
             out.copy_from_slice(p.f32_mut(out_len));
         }
         lap(4);
         self.host_phases_us = phases;
         Ok(self.backend())
+    }
+
+    /// Enqueues a planned cached step on every device: fronts, the norm statistics' sum,
+    /// attention, output projection and reduction, and with `download`, the copy of the
+    /// output into it (host, page-locked) after the reduction.
+    ///
+    /// # Safety
+    /// `fronts` are the devices' last plans, made for `cache`'s device caches, which stay
+    /// alive until the enqueued work has run; `rows` as in
+    /// [`GpuLayer::cached_enqueue_front`]; `download` has room for `tokens * n_embd` f32 that
+    /// nothing reads before the streams are synchronised.
+    unsafe fn enqueue_step(
+        &mut self,
+        fronts: &mut [CachedFront],
+        rows: &[CachedX<'_>],
+        tokens: usize,
+        download: Option<*mut f32>,
+        cache: &MultiGpuKvCache,
+    ) -> Result<()> {
+        for ((g, f), &x) in self.gpus.iter_mut().zip(fronts.iter_mut()).zip(rows) {
+            g.set_current()?;
+            // SAFETY: per this function's contract.
+            unsafe { g.cached_enqueue_front(f, x)? };
+        }
+        self.reduce_norm(tokens)?;
+        for ((g, c), f) in self.gpus.iter_mut().zip(&cache.caches).zip(fronts.iter()) {
+            g.set_current()?;
+            // SAFETY: `f` is this layer's last front, made for `c` (this function's contract).
+            unsafe { g.cached_back(f, c)? };
+        }
+        let placement = self.project_and_reduce(tokens)?;
+        if let Some(dst) = download {
+            // SAFETY: per this function's contract.
+            unsafe { self.download(dst, tokens, &placement)? };
+        }
+        Ok(())
+    }
+
+    /// Captures a planned cached step ([`MultiGpuLayer::enqueue_step`]) on every device's
+    /// stream into a graph per device. Nothing runs: the caller launches the graphs. On
+    /// error every capture is ended and discarded.
+    fn capture_step(
+        &mut self,
+        fronts: &mut [CachedFront],
+        rows: &[CachedX<'_>],
+        tokens: usize,
+        download: Option<*mut f32>,
+        cache: &MultiGpuKvCache,
+    ) -> Result<Vec<Exec>> {
+        let mut begun = 0;
+        let mut result = Ok(());
+        for g in &self.gpus {
+            // SAFETY: the layer's stream, in its context (made current), not capturing.
+            result = g
+                .set_current()
+                .and_then(|()| unsafe { graph::begin_capture(g.stream) });
+            if result.is_err() {
+                break;
+            }
+            begun += 1;
+        }
+        if result.is_ok() {
+            self.untimed = true;
+            // SAFETY: as in `cached_step`; the streams are capturing, so nothing runs yet.
+            result = unsafe { self.enqueue_step(fronts, rows, tokens, download, cache) };
+            self.untimed = false;
+        }
+        let mut execs = Vec::with_capacity(begun);
+        for g in &self.gpus[..begun] {
+            let _ = g.set_current();
+            if result.is_ok() {
+                // SAFETY: the stream is capturing in its (current) context.
+                match unsafe { Exec::end_capture(g.stream) } {
+                    Ok(e) => execs.push(e),
+                    Err(e) => result = Err(e),
+                }
+            } else {
+                // SAFETY: the layer's stream, in its (current) context.
+                unsafe { graph::abandon_capture(g.stream) };
+            }
+        }
+        result.map(|()| execs)
+    }
+
+    /// What a captured cached step depends on besides buffer contents: every device's front
+    /// (launch shapes, kernels, addresses), the source of `x`, the download target, the
+    /// caches' pools, and the reduction.
+    fn step_key(
+        &self,
+        fronts: &[CachedFront],
+        rows: &[CachedX<'_>],
+        download: Option<*mut f32>,
+        cache: &MultiGpuKvCache,
+    ) -> Vec<u64> {
+        let r = self.reduce;
+        let mut key = vec![
+            download.map_or(0, |p| p as u64),
+            r.chunks as u64,
+            u64::from(r.storage_dtype),
+            u64::from(r.scatter),
+            u64::from(r.all_to_all),
+        ];
+        for ((f, x), c) in fronts.iter().zip(rows).zip(&cache.caches) {
+            f.key_into(&mut key);
+            let (k, v) = c.pool_ptrs();
+            key.extend([k, v, c.block_size() as u64]);
+            key.extend(match *x {
+                CachedX::Host(h) => [0, h.as_ptr() as u64, h.len() as u64],
+                CachedX::Device(DeviceX::F32(p), len) => [1, p, len as u64],
+                CachedX::Device(DeviceX::Storage(p), len) => [2, p, len as u64],
+            });
+        }
+        key
     }
 
     /// Benchmark diagnostics: host microseconds from the start of the last successful cached
@@ -1425,11 +1589,26 @@ impl<'a> MultiGpuLayer<'a> {
         self.host_phases_us
     }
 
-    /// Benchmark diagnostics: per device, host microseconds into its last cached front at the
-    /// end of validation, metadata, upload, x upload, conversion, GEMM and norm/RoPE pass.
-    #[doc(hidden)]
-    pub fn last_front_laps_us(&self) -> Vec<[f64; 6]> {
-        self.gpus.iter().map(|g| g.dec.laps).collect()
+    /// Captures cached steps ([`MultiGpuLayer::forward_cached`]) as a CUDA graph per device
+    /// and replays them while a step has the same shape (new tokens, work split, buffers) as
+    /// the captured one: on (the default), the host enqueues a decode step with one launch
+    /// per device instead of a dozen; a step of a new shape is captured first (about the
+    /// cost of enqueueing it). Off, every kernel and copy is enqueued by each call; only then
+    /// does [`MultiGpuLayer::last_nccl_ms`] time the collectives of cached calls. A capture
+    /// that fails turns this off (the step runs as launches;
+    /// [`MultiGpuLayer::step_graph_error`] says why).
+    pub fn set_step_graphs(&mut self, on: bool) {
+        self.step_graphs_on = on;
+        if !on {
+            self.step_graphs = None;
+        } else {
+            self.step_graph_error = None;
+        }
+    }
+
+    /// Why the last capture of a cached step failed, if one did since graphs were turned on.
+    pub fn step_graph_error(&self) -> Option<&str> {
+        self.step_graph_error.as_deref()
     }
 
     /// Benchmark diagnostics: milliseconds from the start to the end of each device's work

@@ -68,29 +68,27 @@ impl Drop for Pinned {
 const ALIGN: usize = 16;
 
 /// A page-locked host buffer and its device twin, rewritten by every call: the call's
-/// metadata arrays are packed into the host buffer and go up in one copy.
+/// metadata arrays are packed into the host buffer ([`MetaUpload::stage`]) and go up in one
+/// copy ([`MetaUpload::enqueue`], possibly captured in a CUDA graph and replayed).
 #[derive(Default)]
 pub(super) struct MetaUpload {
     host: Option<Pinned>,
     device: Option<DeviceBuffer<u8>>,
-    /// Recorded after the last upload; the host buffer is rewritten only once it has passed.
+    /// Bytes the last `stage` packed.
+    staged: usize,
+    /// Recorded after the last upload ([`MetaUpload::mark_done`]); the host buffer is
+    /// rewritten only once it has passed.
     done: Option<Event>,
 }
 
 impl MetaUpload {
-    /// Packs `parts` (byte images of plain arrays) into the host buffer, enqueues one copy to
-    /// the device on `stream`, and returns each part's device address. The buffers grow when
-    /// the parts need more room; before the host buffer is rewritten, the previous call's copy
-    /// from it is waited for (it normally finished long ago).
+    /// Packs `parts` (byte images of plain arrays) into the host buffer and returns each
+    /// part's device address once uploaded. The buffers grow when the parts need more room
+    /// (new addresses); before the host buffer is rewritten, the previous upload from it is
+    /// waited for (it normally finished long ago).
     ///
-    /// # Safety
-    /// The layer's context is current and `stream` belongs to it. The returned addresses stay
-    /// valid until the next call of this function.
-    pub(super) unsafe fn upload(
-        &mut self,
-        parts: &[&[u8]],
-        stream: cu::CUstream,
-    ) -> Result<Vec<u64>> {
+    /// The addresses stay valid until the next call (a layer's context must be current).
+    pub(super) fn stage(&mut self, parts: &[&[u8]]) -> Result<Vec<u64>> {
         let mut offsets = Vec::with_capacity(parts.len());
         let mut total = 0usize;
         for p in parts {
@@ -115,22 +113,49 @@ impl MetaUpload {
         for (p, &o) in parts.iter().zip(&offsets) {
             bytes[o..o + p.len()].copy_from_slice(p);
         }
+        self.staged = total;
         let base = ptr(device);
-        if total > 0 {
-            // SAFETY: both buffers hold at least `total` bytes; the host buffer is page-locked
-            // and not rewritten before `done` has passed.
-            drv("cuMemcpyHtoDAsync", unsafe {
-                cu::cuMemcpyHtoDAsync_v2(base, host.ptr.cast(), total, stream)
-            })?;
+        Ok(offsets.into_iter().map(|o| base + o as u64).collect())
+    }
+
+    /// Bytes the last [`MetaUpload::stage`] packed (what [`MetaUpload::enqueue`] copies).
+    pub(super) fn staged_bytes(&self) -> usize {
+        self.staged
+    }
+
+    /// Enqueues the copy of the staged bytes to the device on `stream`.
+    ///
+    /// # Safety
+    /// `stream` belongs to the context the buffers were made in; the host buffer is not
+    /// restaged before the copy has run ([`MetaUpload::mark_done`] after it, on `stream`).
+    pub(super) unsafe fn enqueue(&self, stream: cu::CUstream) -> Result<()> {
+        let (Some(host), Some(device)) = (self.host.as_ref(), self.device.as_ref()) else {
+            return Ok(());
+        };
+        if self.staged == 0 {
+            return Ok(());
         }
+        // SAFETY: both buffers hold at least `staged` bytes; the host buffer is page-locked
+        // and, per this function's contract, not rewritten before the copy has run.
+        drv("cuMemcpyHtoDAsync", unsafe {
+            cu::cuMemcpyHtoDAsync_v2(ptr(device), host.ptr.cast(), self.staged, stream)
+        })
+    }
+
+    /// Records, on `stream`, that the enqueued copy (or the graph replaying it) is behind:
+    /// the next [`MetaUpload::stage`] waits for this point.
+    ///
+    /// # Safety
+    /// `stream` belongs to the layer's context, which is current.
+    pub(super) unsafe fn mark_done(&mut self, stream: cu::CUstream) -> Result<()> {
         if self.done.is_none() {
             self.done = Some(Event::new()?);
         }
-        if let Some(e) = &self.done {
+        match &self.done {
             // SAFETY: per this function's contract.
-            unsafe { e.record(stream)? };
+            Some(e) => unsafe { e.record(stream) },
+            None => Ok(()),
         }
-        Ok(offsets.into_iter().map(|o| base + o as u64).collect())
     }
 }
 
