@@ -948,6 +948,49 @@ typedef struct attnrt_cached_args {
 } attnrt_cached_args;
 
 /**
+ * The arguments of [`attnrt_cuda_multi_forward_cached_device`]: the new tokens' rows on
+ * every device and room for the output on every device (device pointers), and the call's
+ * sequences and rotary table (host memory).
+ */
+typedef struct attnrt_cuda_multi_cached_device_args {
+  /**
+   * Per device (`n_parts` entries, in the layer's device order): a device pointer, on that
+   * device, to its copy of the new tokens' rows `[sum of new_tokens, n_embd]`.
+   */
+  const uint64_t *x_parts;
+  /**
+   * Nonzero: the rows of `x_parts` are in the layer's storage type (bf16 / f16 rows as the
+   * previous layer of such a model leaves them); 0: f32.
+   */
+  int32_t x_storage;
+  /**
+   * Per device: a device pointer, on that device, to room for the whole output
+   * `[sum of new_tokens, n_embd]`, f32 (every device receives the same summed output).
+   */
+  const uint64_t *out_parts;
+  /**
+   * Entries of `x_parts` and `out_parts`: the layer's number of devices.
+   */
+  size_t n_parts;
+  /**
+   * The sequences of the call (host memory), as in `attnrt_cached_args`.
+   */
+  const struct attnrt_sequence *seqs;
+  /**
+   * Entries of `seqs`.
+   */
+  size_t n_seqs;
+  /**
+   * Optional host cos/sin table, as in `attnrt_cached_args`.
+   */
+  const float *freqs_cis;
+  /**
+   * Elements of `freqs_cis`.
+   */
+  size_t freqs_cis_len;
+} attnrt_cuda_multi_cached_device_args;
+
+/**
  * A view of one weight tensor: `len` elements of `dtype` at `data`, flat and row-major.
  * `data == NULL` means the tensor is absent (then `len` and `dtype` are ignored). `data` must
  * be aligned to its element size (4 bytes for f32, 2 for f16/bf16).
@@ -1553,6 +1596,44 @@ attnrt_status attnrt_cuda_multi_forward_cached(const struct attnrt_cuda_multi_la
                                                struct attnrt_cuda_multi_kv_cache *cache,
                                                const struct attnrt_cached_args *args,
                                                attnrt_backend *backend_ran);
+
+/**
+ * Fills `*out` with empty device-resident cached arguments (NULL arrays, counts 0,
+ * `x_storage` 0). Returns `ATTNRT_STATUS_NULL_POINTER` if `out` is NULL. Thread-safe.
+ *
+ * # Safety
+ * `out` NULL or valid for one write.
+ */
+attnrt_status attnrt_cuda_multi_cached_device_args_init(struct attnrt_cuda_multi_cached_device_args *out);
+
+/**
+ * [`attnrt_cuda_multi_forward_cached`] on activations that stay on the GPUs, for a
+ * tensor-parallel server that keeps the hidden state on every device between layers: each
+ * device reads the new tokens' rows from `x_parts[i]` and receives the whole summed output in
+ * `out_parts[i]`; only the call's metadata crosses the host. The step is captured as a CUDA
+ * graph per device and replayed while its shape and buffers stay the same (the same
+ * pointers and token counts from step to step keep it replaying). Returns when every device
+ * has finished. The layer's reduction must be an all-reduce (the default, or
+ * `storage_dtype` without `scatter` / `all_to_all`). On success `*backend_ran` receives
+ * `ATTNRT_BACKEND_CUDA`.
+ *
+ * Errors: those of [`attnrt_cuda_multi_forward_cached`] (every check runs before anything is
+ * written), and `ATTNRT_STATUS_NULL_POINTER` (`x_parts`, `out_parts`, or one of their device
+ * pointers 0, named by index), `ATTNRT_STATUS_INPUT_SHAPE` (`n_parts` not the number of
+ * devices), `ATTNRT_STATUS_UNSUPPORTED` (a reduce-scatter or all-to-all reduction).
+ *
+ * # Safety
+ * `layer`, `cache` NULL or live handles; `args` NULL or valid, its host arrays valid for
+ * their lengths; each `x_parts[i]` / `out_parts[i]` a device allocation valid on the layer's
+ * device `i` (its primary context) with room for the call's rows (`x` in the storage type
+ * with `x_storage`, else f32; `out` f32), `x` fully written by work finished before the call,
+ * `out` overlapping no `x` and unused by other work until the call returns; `backend_ran`
+ * NULL or valid for one write.
+ */
+attnrt_status attnrt_cuda_multi_forward_cached_device(const struct attnrt_cuda_multi_layer *layer,
+                                                      struct attnrt_cuda_multi_kv_cache *cache,
+                                                      const struct attnrt_cuda_multi_cached_device_args *args,
+                                                      attnrt_backend *backend_ran);
 
 /**
  * Copies the message of the calling thread's last failed call into `buf`.

@@ -315,38 +315,184 @@ pub unsafe extern "C" fn attnrt_cuda_multi_forward_cached(
         }
         let end = check_use(&cfg, &cache.geometry, &seqs)?;
         let mut built = Vec::new();
-        let table = match (cfg.rope(), freqs_cis) {
-            (Some(_), Some(f)) => Some(RopeTable::new(f, cfg.head_dim)?),
-            (None, Some(_)) => {
-                return Err(attnrt::Error::Unsupported {
-                    what: "freqs_cis given but the layer has no rotary embedding",
-                }
-                .into())
-            }
-            (Some(rope), None) => {
-                let n = end
-                    .checked_mul(cfg.head_dim)
-                    .ok_or(attnrt::Error::InputValue {
-                        name: "sequence position",
-                        index: 0,
-                        value: end as i64,
-                        rule: "the cos/sin rows overflow a size_t",
-                    })?;
-                built.try_reserve_exact(n).map_err(|_| {
-                    FfiError::new(
-                        attnrt_status::ATTNRT_STATUS_OUT_OF_MEMORY,
-                        "cannot allocate the cos/sin rows",
-                    )
-                })?;
-                built.resize(n, 0.0f32);
-                attnrt::rope::build_table(rope, cfg.head_dim, &mut built)?;
-                Some(RopeTable::new(&built, cfg.head_dim)?)
-            }
-            (None, None) => None,
-        };
+        let table = cached_rope(&cfg, end, freqs_cis, &mut built)?;
         let mut m = layer.lock();
         let mut c = cache.lock();
         m.forward_cached(x, &seqs, table, &mut c, out)?;
+        // SAFETY: checked by `check_out`; valid by the contract.
+        unsafe { write_out(backend_ran, attnrt_backend::ATTNRT_BACKEND_CUDA) };
+        Ok(())
+    })
+}
+
+/// The rotary table of a cached call: the caller's `freqs_cis`, or, for a rotary layer
+/// without one, the rows of positions `0..end` built on the host into `built` (allocated
+/// here).
+fn cached_rope<'a>(
+    cfg: &attnrt::Config,
+    end: usize,
+    freqs_cis: Option<&'a [f32]>,
+    built: &'a mut Vec<f32>,
+) -> FfiResult<Option<RopeTable<'a>>> {
+    Ok(match (cfg.rope(), freqs_cis) {
+        (Some(_), Some(f)) => Some(RopeTable::new(f, cfg.head_dim)?),
+        (None, Some(_)) => {
+            return Err(attnrt::Error::Unsupported {
+                what: "freqs_cis given but the layer has no rotary embedding",
+            }
+            .into())
+        }
+        (Some(rope), None) => {
+            let n = end
+                .checked_mul(cfg.head_dim)
+                .ok_or(attnrt::Error::InputValue {
+                    name: "sequence position",
+                    index: 0,
+                    value: end as i64,
+                    rule: "the cos/sin rows overflow a size_t",
+                })?;
+            built.try_reserve_exact(n).map_err(|_| {
+                FfiError::new(
+                    attnrt_status::ATTNRT_STATUS_OUT_OF_MEMORY,
+                    "cannot allocate the cos/sin rows",
+                )
+            })?;
+            built.resize(n, 0.0f32);
+            attnrt::rope::build_table(rope, cfg.head_dim, built)?;
+            Some(RopeTable::new(built, cfg.head_dim)?)
+        }
+        (None, None) => None,
+    })
+}
+
+/// The arguments of [`attnrt_cuda_multi_forward_cached_device`]: the new tokens' rows on
+/// every device and room for the output on every device (device pointers), and the call's
+/// sequences and rotary table (host memory).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct attnrt_cuda_multi_cached_device_args {
+    /// Per device (`n_parts` entries, in the layer's device order): a device pointer, on that
+    /// device, to its copy of the new tokens' rows `[sum of new_tokens, n_embd]`.
+    pub x_parts: *const u64,
+    /// Nonzero: the rows of `x_parts` are in the layer's storage type (bf16 / f16 rows as the
+    /// previous layer of such a model leaves them); 0: f32.
+    pub x_storage: i32,
+    /// Per device: a device pointer, on that device, to room for the whole output
+    /// `[sum of new_tokens, n_embd]`, f32 (every device receives the same summed output).
+    pub out_parts: *const u64,
+    /// Entries of `x_parts` and `out_parts`: the layer's number of devices.
+    pub n_parts: usize,
+    /// The sequences of the call (host memory), as in `attnrt_cached_args`.
+    pub seqs: *const crate::kv::attnrt_sequence,
+    /// Entries of `seqs`.
+    pub n_seqs: usize,
+    /// Optional host cos/sin table, as in `attnrt_cached_args`.
+    pub freqs_cis: *const f32,
+    /// Elements of `freqs_cis`.
+    pub freqs_cis_len: usize,
+}
+
+/// Fills `*out` with empty device-resident cached arguments (NULL arrays, counts 0,
+/// `x_storage` 0). Returns `ATTNRT_STATUS_NULL_POINTER` if `out` is NULL. Thread-safe.
+///
+/// # Safety
+/// `out` NULL or valid for one write.
+#[no_mangle]
+pub unsafe extern "C" fn attnrt_cuda_multi_cached_device_args_init(
+    out: *mut attnrt_cuda_multi_cached_device_args,
+) -> attnrt_status {
+    guard(|| {
+        check_out("out", out)?;
+        let empty = attnrt_cuda_multi_cached_device_args {
+            x_parts: core::ptr::null(),
+            x_storage: 0,
+            out_parts: core::ptr::null(),
+            n_parts: 0,
+            seqs: core::ptr::null(),
+            n_seqs: 0,
+            freqs_cis: core::ptr::null(),
+            freqs_cis_len: 0,
+        };
+        // SAFETY: checked by `check_out`; valid by the contract.
+        unsafe { write_out(out, empty) };
+        Ok(())
+    })
+}
+
+/// [`attnrt_cuda_multi_forward_cached`] on activations that stay on the GPUs, for a
+/// tensor-parallel server that keeps the hidden state on every device between layers: each
+/// device reads the new tokens' rows from `x_parts[i]` and receives the whole summed output in
+/// `out_parts[i]`; only the call's metadata crosses the host. The step is captured as a CUDA
+/// graph per device and replayed while its shape and buffers stay the same (the same
+/// pointers and token counts from step to step keep it replaying). Returns when every device
+/// has finished. The layer's reduction must be an all-reduce (the default, or
+/// `storage_dtype` without `scatter` / `all_to_all`). On success `*backend_ran` receives
+/// `ATTNRT_BACKEND_CUDA`.
+///
+/// Errors: those of [`attnrt_cuda_multi_forward_cached`] (every check runs before anything is
+/// written), and `ATTNRT_STATUS_NULL_POINTER` (`x_parts`, `out_parts`, or one of their device
+/// pointers 0, named by index), `ATTNRT_STATUS_INPUT_SHAPE` (`n_parts` not the number of
+/// devices), `ATTNRT_STATUS_UNSUPPORTED` (a reduce-scatter or all-to-all reduction).
+///
+/// # Safety
+/// `layer`, `cache` NULL or live handles; `args` NULL or valid, its host arrays valid for
+/// their lengths; each `x_parts[i]` / `out_parts[i]` a device allocation valid on the layer's
+/// device `i` (its primary context) with room for the call's rows (`x` in the storage type
+/// with `x_storage`, else f32; `out` f32), `x` fully written by work finished before the call,
+/// `out` overlapping no `x` and unused by other work until the call returns; `backend_ran`
+/// NULL or valid for one write.
+#[no_mangle]
+pub unsafe extern "C" fn attnrt_cuda_multi_forward_cached_device(
+    layer: *const attnrt_cuda_multi_layer,
+    cache: *mut attnrt_cuda_multi_kv_cache,
+    args: *const attnrt_cuda_multi_cached_device_args,
+    backend_ran: *mut attnrt_backend,
+) -> attnrt_status {
+    guard(|| {
+        // SAFETY: the contract of this function.
+        let layer = unsafe { as_ref("layer", layer) }?;
+        // SAFETY: the contract of this function (the caches are reached through the lock).
+        let cache = unsafe { as_ref("cache", cache.cast_const()) }?;
+        // SAFETY: the contract of this function.
+        let a = unsafe { as_ref("args", args) }?;
+        check_out("backend_ran", backend_ran)?;
+        let cfg = *layer.config();
+        // SAFETY: the contract of this function (host arrays valid for their lengths).
+        let x_parts = unsafe { slice("x_parts", a.x_parts, a.n_parts) }?;
+        // SAFETY: as above.
+        let out_parts = unsafe { slice("out_parts", a.out_parts, a.n_parts) }?;
+        let devices = layer.devices.len();
+        if a.n_parts != devices {
+            return Err(attnrt::Error::InputShape {
+                name: "n_parts",
+                expected: devices,
+                actual: a.n_parts,
+            }
+            .into());
+        }
+        for (name, parts) in [("x_parts", x_parts), ("out_parts", out_parts)] {
+            if let Some(i) = parts.iter().position(|&p| p == 0) {
+                return Err(FfiError::null(&format!("{name}[{i}] (device pointer)")));
+            }
+        }
+        // SAFETY: as above.
+        let freqs_cis = unsafe { opt_slice("freqs_cis", a.freqs_cis, a.freqs_cis_len) }?;
+        // SAFETY: as above.
+        let (_, seqs) = unsafe { sequences(a.seqs, a.n_seqs) }?;
+        let end = check_use(&cfg, &cache.geometry, &seqs)?;
+        let mut built = Vec::new();
+        let table = cached_rope(&cfg, end, freqs_cis, &mut built)?;
+        let call = attnrt_cuda::CachedDeviceCall {
+            x: x_parts,
+            x_storage: a.x_storage != 0,
+            out: out_parts,
+            seqs: &seqs,
+            rope_table: table,
+        };
+        let mut m = layer.lock();
+        let mut c = cache.lock();
+        // SAFETY: device pointers valid by this function's contract.
+        unsafe { m.forward_cached_device(&call, &mut c) }?;
         // SAFETY: checked by `check_out`; valid by the contract.
         unsafe { write_out(backend_ran, attnrt_backend::ATTNRT_BACKEND_CUDA) };
         Ok(())

@@ -61,9 +61,10 @@ pub use cuda_multi::{
     attnrt_device_shard,
 };
 pub use cuda_multi_kv::{
-    attnrt_cuda_multi_forward_cached, attnrt_cuda_multi_kv_cache, attnrt_cuda_multi_kv_cache_free,
-    attnrt_cuda_multi_kv_cache_new, attnrt_cuda_multi_kv_cache_read_f32,
-    attnrt_cuda_multi_kv_cache_size,
+    attnrt_cuda_multi_cached_device_args, attnrt_cuda_multi_cached_device_args_init,
+    attnrt_cuda_multi_forward_cached, attnrt_cuda_multi_forward_cached_device,
+    attnrt_cuda_multi_kv_cache, attnrt_cuda_multi_kv_cache_free, attnrt_cuda_multi_kv_cache_new,
+    attnrt_cuda_multi_kv_cache_read_f32, attnrt_cuda_multi_kv_cache_size,
 };
 pub use error::attnrt_error_message;
 pub use kv::{

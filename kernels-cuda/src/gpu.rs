@@ -31,7 +31,7 @@ mod multi;
 mod staging;
 mod tma;
 pub use decode::GpuKvCache;
-pub use multi::{DeviceTiming, MultiGpuKvCache, MultiGpuLayer, SeqParallelCall};
+pub use multi::{CachedDeviceCall, DeviceTiming, MultiGpuKvCache, MultiGpuLayer, SeqParallelCall};
 
 fn drv(call: &'static str, r: cu::CUresult) -> Result<()> {
     if r == cu::CUresult::CUDA_SUCCESS {

@@ -56,8 +56,8 @@ mod stub;
 pub use error::{Error, Result};
 #[cfg(feature = "cuda")]
 pub use gpu::{
-    DeviceCall, DeviceTiming, GpuKvCache, GpuLayer, MultiGpuKvCache, MultiGpuLayer, RopeSource,
-    SeqParallelCall,
+    CachedDeviceCall, DeviceCall, DeviceTiming, GpuKvCache, GpuLayer, MultiGpuKvCache,
+    MultiGpuLayer, RopeSource, SeqParallelCall,
 };
 pub use plan::{
     capability, capability_on, AttnPath, DecodeTuning, GpuBackend, GpuOptions, Precision,
@@ -65,8 +65,8 @@ pub use plan::{
 };
 #[cfg(not(feature = "cuda"))]
 pub use stub::{
-    DeviceCall, DeviceTiming, GpuKvCache, GpuLayer, MultiGpuKvCache, MultiGpuLayer, RopeSource,
-    SeqParallelCall,
+    CachedDeviceCall, DeviceCall, DeviceTiming, GpuKvCache, GpuLayer, MultiGpuKvCache,
+    MultiGpuLayer, RopeSource, SeqParallelCall,
 };
 
 /// Whether this build has the CUDA executor (the `cuda` feature).

@@ -397,11 +397,12 @@ impl<'a> MultiGpuLayer<'a> {
     ///
     /// # Errors
     /// Never returns.
-    #[doc(hidden)]
-    pub fn forward_cached_staged(
+    ///
+    /// # Safety
+    /// Unreachable.
+    pub unsafe fn forward_cached_device(
         &mut self,
-        _seqs: &[Sequence<'_>],
-        _rope_table: Option<RopeTable<'_>>,
+        _call: &CachedDeviceCall<'_>,
         _cache: &mut MultiGpuKvCache,
     ) -> Result<GpuBackend> {
         match self.never {}
@@ -418,6 +419,21 @@ impl<'a> MultiGpuLayer<'a> {
     pub unsafe fn time_decode_ms(&mut self, _device: usize, _iters: usize) -> Result<f32> {
         match self.never {}
     }
+}
+
+/// A device-resident cached call on several devices (see the CUDA build).
+#[derive(Clone, Copy, Debug)]
+pub struct CachedDeviceCall<'a> {
+    /// Device `i`'s copy of the new tokens' rows.
+    pub x: &'a [u64],
+    /// `x` is in the layer's storage type instead of f32.
+    pub x_storage: bool,
+    /// Device `i`'s f32 buffer for the whole summed output.
+    pub out: &'a [u64],
+    /// The sequences and their block tables (host memory).
+    pub seqs: &'a [Sequence<'a>],
+    /// The rotary table (host memory).
+    pub rope_table: Option<RopeTable<'a>>,
 }
 
 /// A sequence-parallel call on device buffers (see the CUDA build).

@@ -31,6 +31,8 @@ use attnrt::{
     cached_workspace_len, kv_pool_len, rope, BiasFlags, Config, KvCache, KvPool, Layer, QkNorm,
     Rope, RopeTable, Sequence, Sequential,
 };
+#[cfg(feature = "cuda")]
+use attnrt_cuda::CachedDeviceCall;
 use attnrt_cuda::{
     Error, GpuKvCache, GpuLayer, GpuOptions, MultiGpuKvCache, MultiGpuLayer, Precision,
     ReduceOptions,
@@ -613,4 +615,190 @@ fn invalid_cached_calls_through_the_split_write_nothing() {
         .forward_cached(&x, &seqs, None, &mut cache, &mut y)
         .unwrap();
     assert!(y.iter().all(|v| v.is_finite()) && y.iter().any(|&v| v != 7.0));
+}
+
+/// Device buffers of a device-resident cached call on device `i`: `x` (the call's rows, f32
+/// or bf16 bytes) and room for the f32 output, filled with a marker.
+#[cfg(feature = "cuda")]
+struct DeviceIo {
+    x: cust::memory::DeviceBuffer<u8>,
+    out: cust::memory::DeviceBuffer<u8>,
+    _ctx: cust::context::Context,
+}
+
+#[cfg(feature = "cuda")]
+impl DeviceIo {
+    fn new(device: u32, x: &[u8], out_len: usize) -> DeviceIo {
+        let dev = cust::device::Device::get_device(device).unwrap();
+        let ctx = cust::context::Context::new(dev).unwrap();
+        cust::context::CurrentContext::set_current(&ctx).unwrap();
+        let marker: Vec<u8> = (0..out_len).flat_map(|_| 7.0f32.to_le_bytes()).collect();
+        DeviceIo {
+            x: cust::memory::DeviceBuffer::from_slice(x).unwrap(),
+            out: cust::memory::DeviceBuffer::from_slice(&marker).unwrap(),
+            _ctx: ctx,
+        }
+    }
+
+    fn read_out(&self) -> Vec<f32> {
+        cust::context::CurrentContext::set_current(&self._ctx).unwrap();
+        let mut host = vec![0u8; self.out.len()];
+        cust::memory::CopyDestination::copy_to(&*self.out, &mut host[..]).unwrap();
+        host.chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect()
+    }
+}
+
+/// `forward_cached_device` (x on every device, f32 or storage-type rows; the summed output
+/// written on every device) equals `forward_cached` bit for bit on every call of a chunked
+/// prefill and 4 decode steps, replayed as graphs and enqueued as launches; bad calls are
+/// refused with nothing written.
+#[cfg(feature = "cuda")]
+#[test]
+fn device_resident_cached_calls_equal_host_calls() {
+    let Some(counts) = device_counts("the head split") else {
+        return;
+    };
+    let storage_all_reduce = ReduceOptions {
+        storage_dtype: true,
+        ..ReduceOptions::EXACT
+    };
+    for n in counts {
+        for (p, reduce, x_storage, graphs) in [
+            (Precision::Bf16, ReduceOptions::EXACT, true, true),
+            (Precision::Bf16, storage_all_reduce, false, true),
+            (Precision::Bf16, ReduceOptions::EXACT, false, false),
+            (Precision::F32, ReduceOptions::EXACT, true, true),
+        ] {
+            let name = format!("N={n} {p:?} {reduce:?} x_storage={x_storage} graphs={graphs}");
+            let (d, steps, kv) = (32usize, 4usize, 2usize);
+            let prefill = [21usize, 1, 40];
+            let cfg = Config::new(128, 8)
+                .with_kv_heads(kv)
+                .with_head_dim(d)
+                .with_qk_norm(QkNorm::Full)
+                .with_bias(BiasFlags::ALL)
+                .with_rope(Rope::DEFAULT);
+            let mut rng = Rng(0xDE71CE ^ n as u64);
+            let w = OwnedWeights::random(&cfg, &mut rng);
+            let layer = Layer::new(cfg, w.view(&cfg)).unwrap();
+            let mut tb = vec![0.0; rope::table_len(64, d)];
+            rope::build_table(cfg.rope().unwrap(), d, &mut tb).unwrap();
+            let table = RopeTable::new(&tb, d).unwrap();
+            let xs: Vec<Vec<f32>> = prefill
+                .iter()
+                .map(|&t| rng.vec((t + steps) * cfg.n_embd, 1.0))
+                .collect();
+            let CachedPlan {
+                calls,
+                num_blocks,
+                tables,
+            } = cached_plan(&prefill, 16, steps, None, 16, &mut rng);
+            let opts = GpuOptions::new(p, 1, 64);
+            let mut host = MultiGpuLayer::new(layer, &devices(n), opts).unwrap();
+            let mut dev = MultiGpuLayer::new(layer, &devices(n), opts).unwrap();
+            host.set_reduce(reduce).unwrap();
+            dev.set_reduce(reduce).unwrap();
+            dev.set_step_graphs(graphs);
+            let mut host_cache = host.new_kv_cache(16, num_blocks, false).unwrap();
+            let mut dev_cache = dev.new_kv_cache(16, num_blocks, false).unwrap();
+            for (step, call) in calls.iter().enumerate() {
+                let mut seqs = Vec::new();
+                let mut x = Vec::new();
+                for (s, &(cached, new)) in call.iter().enumerate() {
+                    seqs.push(Sequence {
+                        cached,
+                        new_tokens: new,
+                        blocks: &tables[s],
+                    });
+                    x.extend_from_slice(&xs[s][cached * cfg.n_embd..(cached + new) * cfg.n_embd]);
+                }
+                let mut y = vec![f32::NAN; x.len()];
+                host.forward_cached(&x, &seqs, Some(table), &mut host_cache, &mut y)
+                    .unwrap();
+                // Storage-type rows as a bf16 model's previous layer leaves them (f32 on an
+                // f32 layer): rounded to nearest even, as the GPU converts f32 rows.
+                let bytes: Vec<u8> = if x_storage && p == Precision::Bf16 {
+                    x.iter()
+                        .flat_map(|&v| half::bf16::from_f32(v).to_bits().to_le_bytes())
+                        .collect()
+                } else {
+                    bytemuck::cast_slice(&x).to_vec()
+                };
+                let io: Vec<DeviceIo> = (0..n)
+                    .map(|i| DeviceIo::new(i as u32, &bytes, x.len()))
+                    .collect();
+                let xp: Vec<u64> = io.iter().map(|b| b.x.as_device_ptr().as_raw()).collect();
+                let op: Vec<u64> = io.iter().map(|b| b.out.as_device_ptr().as_raw()).collect();
+                let dcall = CachedDeviceCall {
+                    x: &xp,
+                    x_storage,
+                    out: &op,
+                    seqs: &seqs,
+                    rope_table: Some(table),
+                };
+                // SAFETY: each buffer lives on its device with room for the call's rows and
+                // output, and outlives the call.
+                unsafe { dev.forward_cached_device(&dcall, &mut dev_cache) }
+                    .unwrap_or_else(|e| panic!("{name} call {step}: {e}"));
+                for (i, b) in io.iter().enumerate() {
+                    let got = b.read_out();
+                    assert!(
+                        got.iter().zip(&y).all(|(a, b)| a.to_bits() == b.to_bits()),
+                        "{name} call {step}: device {i}'s output differs from the host call's"
+                    );
+                }
+            }
+            assert_eq!(dev.step_graph_error(), None, "{name}");
+            println!(
+                "{name}: {} calls equal the host calls bit for bit",
+                calls.len()
+            );
+
+            // Refused with nothing written: a reduce-scatter, a pointer per device missing, a
+            // null pointer.
+            let seqs = [Sequence {
+                cached: prefill[0] + steps,
+                new_tokens: 1,
+                blocks: &tables[0],
+            }];
+            let io: Vec<DeviceIo> = (0..n)
+                .map(|i| DeviceIo::new(i as u32, &vec![0u8; 4 * cfg.n_embd], cfg.n_embd))
+                .collect();
+            let xp: Vec<u64> = io.iter().map(|b| b.x.as_device_ptr().as_raw()).collect();
+            let op: Vec<u64> = io.iter().map(|b| b.out.as_device_ptr().as_raw()).collect();
+            let mut null = op.clone();
+            null[n - 1] = 0;
+            let scatter = ReduceOptions {
+                scatter: true,
+                ..ReduceOptions::EXACT
+            };
+            for (what, out, r) in [
+                ("reduce-scatter", &op[..], scatter),
+                ("one pointer short", &op[..n - 1], reduce),
+                ("null pointer", &null[..], reduce),
+            ] {
+                if n == 1 && r.scatter {
+                    // One device has nothing to scatter: the call is an all-reduce.
+                    continue;
+                }
+                dev.set_reduce(r).unwrap();
+                let bad = CachedDeviceCall {
+                    x: &xp,
+                    x_storage: false,
+                    out,
+                    seqs: &seqs,
+                    rope_table: Some(table),
+                };
+                // SAFETY: as above (the call is refused before any use).
+                let err =
+                    unsafe { dev.forward_cached_device(&bad, &mut dev_cache) }.expect_err(what);
+                println!("{name}: {what}: {err}");
+                for b in &io {
+                    assert!(b.read_out().iter().all(|&v| v == 7.0), "{what}: written");
+                }
+            }
+        }
+    }
 }

@@ -329,6 +329,27 @@ fn entry_points_refuse_null_in_every_build() {
             ),
             S::ATTNRT_STATUS_NULL_POINTER
         );
+        let mut d = std::mem::MaybeUninit::<attnrt_cuda_multi_cached_device_args>::uninit();
+        assert_eq!(
+            attnrt_cuda_multi_cached_device_args_init(d.as_mut_ptr()),
+            S::ATTNRT_STATUS_OK
+        );
+        let d = d.assume_init();
+        assert!(d.x_parts.is_null() && d.out_parts.is_null() && d.seqs.is_null());
+        assert_eq!((d.n_parts, d.n_seqs, d.x_storage), (0, 0, 0));
+        assert_eq!(
+            attnrt_cuda_multi_forward_cached_device(
+                ptr::null(),
+                ptr::null_mut(),
+                &d,
+                ran.as_mut_ptr().cast::<attnrt_backend>()
+            ),
+            S::ATTNRT_STATUS_NULL_POINTER
+        );
+        assert_eq!(
+            attnrt_cuda_multi_cached_device_args_init(ptr::null_mut()),
+            S::ATTNRT_STATUS_NULL_POINTER
+        );
         attnrt_cuda_multi_kv_cache_free(ptr::null_mut());
     }
     assert_eq!(cache, 0x77_usize as *mut _);
@@ -602,4 +623,139 @@ fn invalid_uses_write_nothing() {
     let (st, ran, out) = gpu_step(&l, &g, &x1, &[next(vec![2, 6])], c, |_| {});
     assert_eq!((st, ran), (S::ATTNRT_STATUS_OK, CUDA), "{}", last_error());
     assert!(out.iter().all(|v| v.is_finite()));
+}
+
+/// `attnrt_cuda_multi_forward_cached_device` (rows and outputs in device memory of both
+/// devices, put there with `cust`) equals `attnrt_cuda_multi_forward_cached` bit for bit on
+/// every call of a chunked, batched prefill and decode steps, on both devices' outputs; a
+/// null device pointer or a wrong part count is refused with the outputs untouched.
+#[cfg(feature = "cuda")]
+#[test]
+fn device_resident_calls_equal_host_calls() {
+    use cust::memory::{CopyDestination, DeviceBuffer};
+    if two_gpus_or_skip().is_none() {
+        return;
+    }
+    for (i, (name, cfg)) in configs().into_iter().enumerate().take(2) {
+        let m = RandomLayer::new(cfg, 190 + i as u64);
+        let c = cfg.n_embd;
+        let (bs, nb) = (4, 16);
+        let tables: [Vec<u32>; 2] = [vec![3, 0, 7, 9], vec![1, 12, 5]];
+        let lens = [14usize, 9];
+        let mut plan: Vec<[usize; 2]> = vec![[7, 6], [4, 0]];
+        plan.extend(std::iter::repeat_n([1, 1], 3));
+        let xs = [
+            Rng(17 + i as u64).vec(lens[0] * c, 1.0),
+            Rng(170 + i as u64).vec(lens[1] * c, 1.0),
+        ];
+        let (host, dev) = (multi(&m, 16), multi(&m, 16));
+        let (gh, gd) = (
+            gpu_cache(&host, bs, nb, false).unwrap(),
+            gpu_cache(&dev, bs, nb, false).unwrap(),
+        );
+        let ctxs: Vec<cust::context::Context> = (0..2)
+            .map(|d| {
+                cust::context::Context::new(cust::device::Device::get_device(d).unwrap()).unwrap()
+            })
+            .collect();
+        let mut done = [0usize; 2];
+        for (k, step) in plan.iter().enumerate() {
+            let seqs: Vec<Seq> = (0..2)
+                .map(|s| Seq {
+                    cached: done[s],
+                    new: step[s],
+                    blocks: tables[s].clone(),
+                })
+                .collect();
+            let mut x = Vec::new();
+            for s in 0..2 {
+                x.extend_from_slice(&xs[s][done[s] * c..(done[s] + step[s]) * c]);
+                done[s] += step[s];
+            }
+            let (st, _, want) = gpu_step(&host, &gh, &x, &seqs, c, |_| {});
+            assert_eq!(st, S::ATTNRT_STATUS_OK, "{name}: {}", last_error());
+            // Each device's rows and output buffer (f32: the layer's storage type too).
+            let mut bufs = Vec::new();
+            for ctx in &ctxs {
+                cust::context::CurrentContext::set_current(ctx).unwrap();
+                bufs.push((
+                    DeviceBuffer::from_slice(&x).unwrap(),
+                    DeviceBuffer::from_slice(&vec![SENTINEL; x.len()]).unwrap(),
+                ));
+            }
+            let xp: Vec<u64> = bufs.iter().map(|b| b.0.as_device_ptr().as_raw()).collect();
+            let mut op: Vec<u64> = bufs.iter().map(|b| b.1.as_device_ptr().as_raw()).collect();
+            let cs = c_seqs(&seqs);
+            let mut a = std::mem::MaybeUninit::uninit();
+            // SAFETY: valid for one write.
+            let st = unsafe { attnrt_cuda_multi_cached_device_args_init(a.as_mut_ptr()) };
+            assert_eq!(st, S::ATTNRT_STATUS_OK);
+            // SAFETY: written by the successful call.
+            let mut a: attnrt_cuda_multi_cached_device_args = unsafe { a.assume_init() };
+            (a.x_parts, a.out_parts, a.n_parts) = (xp.as_ptr(), op.as_ptr(), 2);
+            (a.seqs, a.n_seqs) = (cs.as_ptr(), cs.len());
+            a.x_storage = (k % 2) as i32;
+            let read = |bufs: &[(DeviceBuffer<f32>, DeviceBuffer<f32>)]| -> Vec<Vec<f32>> {
+                bufs.iter()
+                    .zip(&ctxs)
+                    .map(|(b, ctx)| {
+                        cust::context::CurrentContext::set_current(ctx).unwrap();
+                        let mut h = vec![0.0f32; b.1.len()];
+                        b.1.copy_to(&mut h[..]).unwrap();
+                        h
+                    })
+                    .collect()
+            };
+            let call = |a: &attnrt_cuda_multi_cached_device_args| -> attnrt_status {
+                let mut ran = std::mem::MaybeUninit::<u32>::new(u32::MAX);
+                // SAFETY: live handles; the parts are device allocations of the layer's
+                // devices with room for the call's rows; host arrays valid for their lengths.
+                unsafe {
+                    attnrt_cuda_multi_forward_cached_device(
+                        dev.0,
+                        gd.0,
+                        a,
+                        ran.as_mut_ptr().cast::<attnrt_backend>(),
+                    )
+                }
+            };
+            if k == 0 {
+                // Refused, outputs untouched: one part short, a null device pointer.
+                let mut short = a;
+                short.n_parts = 1;
+                assert_eq!(call(&short), S::ATTNRT_STATUS_INPUT_SHAPE, "{name}");
+                op[1] = 0;
+                let mut null = a;
+                null.out_parts = op.as_ptr();
+                assert_eq!(call(&null), S::ATTNRT_STATUS_NULL_POINTER, "{name}");
+                println!("{name}: null device pointer: {}", last_error());
+                op[1] = bufs[1].1.as_device_ptr().as_raw();
+                for o in read(&bufs) {
+                    assert!(
+                        o.iter().all(|v| v.to_bits() == SENTINEL.to_bits()),
+                        "{name}: written"
+                    );
+                }
+            }
+            assert_eq!(call(&a), S::ATTNRT_STATUS_OK, "{name}: {}", last_error());
+            for (d, got) in read(&bufs).iter().enumerate() {
+                assert!(
+                    got.iter()
+                        .zip(&want)
+                        .all(|(p, q)| p.to_bits() == q.to_bits()),
+                    "{name} call {k}: device {d}'s output differs from the host call's"
+                );
+            }
+        }
+        for d in 0..2 {
+            assert!(
+                gpu_pools(&gh, d) == gpu_pools(&gd, d),
+                "{name}: device {d}'s pools differ"
+            );
+        }
+        println!(
+            "{name}: {} device-resident calls equal the host calls bit for bit",
+            plan.len()
+        );
+    }
 }

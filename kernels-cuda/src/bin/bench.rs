@@ -31,8 +31,8 @@ mod cuda_main {
         rope, Config, Inputs, Layer, LayerWeights, MaskInputs, Rope, RopeTable, Sequence, Tensor,
     };
     use attnrt_cuda::{
-        device_count, DecodeTuning, DeviceCall, Error, GpuKvCache, GpuLayer, GpuOptions,
-        MultiGpuLayer, Precision, ReduceOptions, RopeSource,
+        device_count, CachedDeviceCall, DecodeTuning, DeviceCall, Error, GpuKvCache, GpuLayer,
+        GpuOptions, MultiGpuLayer, Precision, ReduceOptions, RopeSource,
     };
     use cust::sys as cu;
     use std::fmt::Write as _;
@@ -686,9 +686,10 @@ mod cuda_main {
             }
 
             // Modes: (graphs, resident). Launches = every kernel and copy enqueued by the
-            // call; graphs = the step captured once and replayed. Host = x from and the
-            // output to host memory; resident = x staged on the devices in bf16 and the
-            // output left there (a server whose activations stay on the GPUs).
+            // call; graphs = the step captured once and replayed. Host = `forward_cached`,
+            // x from and the output to host memory; resident = `forward_cached_device`, x in
+            // bf16 on every device and the summed output written on every device (a
+            // tensor-parallel server whose hidden state stays on the GPUs; all-reduces only).
             let modes = [(false, false), (true, false), (false, true), (true, true)];
             let mode_name = |(graphs, resident): (bool, bool)| {
                 format!(
@@ -697,11 +698,13 @@ mod cuda_main {
                     if resident { "resident" } else { "host x/out" }
                 )
             };
-            println!("| GPUs | reduce | mode | ms per step | ratio vs 1 GPU (same mode) | ms in NCCL | device span per device (ms) | attention + merge alone, per device (ms) | host us at: validated / planned / - / enqueued / done |");
-            println!("| --- | --- | --- | ---: | ---: | ---: | --- | --- | --- |");
-            let mut base = [0.0f64; 4];
+            let xb: Vec<u8> = x
+                .iter()
+                .flat_map(|&v| half::bf16::from_f32(v).to_bits().to_le_bytes())
+                .collect();
+            let mut splits = Vec::new();
             for n in counts() {
-                let mut m = MultiGpuLayer::new(*layer, &devices(n), opts)?;
+                let m = MultiGpuLayer::new(*layer, &devices(n), opts)?;
                 let mut cache = m.new_kv_cache(bs, num_blocks, false)?;
                 for i in 0..n {
                     let c = cache
@@ -710,89 +713,160 @@ mod cuda_main {
                     let f = fill(c.pool_bytes());
                     c.write_raw(&f, &f)?;
                 }
-                m.stage_inputs_storage(&Inputs::new(&x, 1, seqs_n))?;
-                let vs: &[ReduceOptions] = if n == 1 {
-                    &[ReduceOptions::EXACT]
+                let mut bufs = Vec::new();
+                let mut ctxs = Vec::new();
+                for i in 0..n {
+                    let dev =
+                        cust::device::Device::get_device(i as u32).map_err(cuerr("device"))?;
+                    let ctx = cust::context::Context::new(dev).map_err(cuerr("context"))?;
+                    cust::context::CurrentContext::set_current(&ctx).map_err(cuerr("context"))?;
+                    let xd = cust::memory::DeviceBuffer::from_slice(&xb).map_err(cuerr("alloc"))?;
+                    let od = cust::memory::DeviceBuffer::<u8>::zeroed(x.len() * 4)
+                        .map_err(cuerr("alloc"))?;
+                    bufs.push((xd, od));
+                    ctxs.push(ctx);
+                }
+                splits.push((n, m, cache, bufs, ctxs));
+            }
+            let variants = |n: usize| -> Vec<ReduceOptions> {
+                if n == 1 {
+                    vec![ReduceOptions::EXACT]
                 } else {
-                    &[
+                    vec![
                         ReduceOptions::EXACT,
+                        opt(true, false, 1),
                         opt(false, true, 1),
                         opt(true, true, 1),
                         ReduceOptions::ALL_TO_ALL,
                     ]
-                };
-                for r in vs {
-                    m.set_reduce(*r)?;
-                    for (mi, &mode) in modes.iter().enumerate() {
-                        let (graphs, resident) = mode;
-                        m.set_step_graphs(graphs);
-                        let mut step = |m: &mut MultiGpuLayer<'_>| -> Result<(), Error> {
-                            if resident {
-                                m.forward_cached_staged(&seqs, None, &mut cache)?;
-                            } else {
-                                m.forward_cached(&x, &seqs, None, &mut cache, &mut y)?;
-                            }
-                            Ok(())
-                        };
-                        for _ in 0..5 {
-                            step(&mut m)?;
+                }
+            };
+            // (split index, reduction, mode); resident runs only with the all-reduces.
+            let mut cases = Vec::new();
+            for (si, (n, ..)) in splits.iter().enumerate() {
+                for r in variants(*n) {
+                    for &mode in &modes {
+                        if !mode.1 || !(r.scatter || r.all_to_all) {
+                            cases.push((si, r, mode));
                         }
-                        if let Some(e) = m.step_graph_error() {
-                            println!("(graph capture failed, launches instead: {e})");
-                        }
-                        let mut nccl = 0.0f64;
-                        let mut span = vec![0.0f64; n];
-                        let mut phases = [0.0f64; 5];
-                        let start = Instant::now();
-                        for _ in 0..iters {
-                            step(&mut m)?;
-                            for (p, v) in phases.iter_mut().zip(m.last_host_phases_us()) {
-                                *p += v / iters as f64;
-                            }
-                            nccl += m.last_nccl_ms() as f64;
-                            for (s, v) in span.iter_mut().zip(m.last_step_device_ms()) {
-                                *s += *v as f64;
-                            }
-                        }
-                        let ms = start.elapsed().as_secs_f64() * 1e3 / iters as f64;
-                        let span: Vec<String> = span
-                            .iter()
-                            .map(|v| format!("{:.4}", v / iters as f64))
-                            .collect();
-                        let nccl = nccl / iters as f64;
-                        if n == 1 {
-                            base[mi] = ms;
-                        }
-                        let mut attn = Vec::new();
-                        for i in 0..n {
-                            // SAFETY: `cache` is alive for the timed relaunches.
-                            attn.push(format!("{:.4}", unsafe { m.time_decode_ms(i, 20)? }));
-                        }
-                        let phases: Vec<String> =
-                            phases.iter().map(|v| format!("{v:.0}")).collect();
-                        println!(
-                            "| {n} | {} | {} | {ms:.4} | {:.3} | {} | {} | {} | {} |",
-                            name(r),
-                            mode_name(mode),
-                            ms / base[mi],
-                            if graphs {
-                                "-".to_string()
-                            } else {
-                                format!("{nccl:.4}")
-                            },
-                            span.join(" / "),
-                            attn.join(" / "),
-                            phases.join(" / ")
-                        );
-                        writeln!(
-                            json,
-                            "{{\"case\": \"multi decode 32 x 8192\", \"gpus\": {n}, \"reduce\": \"{}\", \"graphs\": {graphs}, \"resident\": {resident}, \"ms\": {ms}, \"ratio\": {}, \"nccl_ms\": {nccl}}}",
-                            name(r),
-                            ms / base[mi]
-                        )
-                        .ok();
                     }
                 }
+            }
+            let rounds = 5;
+            let iters = 30;
+            println!(
+                "{rounds} rounds; in each, every case runs 3 warm-up steps and {iters} timed ones \
+                 (cases interleaved, so that a noisy stretch of the host hits every case alike); \
+                 ms = median over the rounds of the mean step"
+            );
+            let mut times = vec![Vec::new(); cases.len()];
+            let mut last = vec![(0.0f64, Vec::new(), [0.0f64; 5]); cases.len()];
+            for _ in 0..rounds {
+                for (ci, &(si, r, (graphs, resident))) in cases.iter().enumerate() {
+                    let (n, m, cache, bufs, _) = &mut splits[si];
+                    m.set_reduce(r)?;
+                    m.set_step_graphs(graphs);
+                    let xs: Vec<u64> = bufs.iter().map(|b| b.0.as_device_ptr().as_raw()).collect();
+                    let outs: Vec<u64> =
+                        bufs.iter().map(|b| b.1.as_device_ptr().as_raw()).collect();
+                    let mut step = |m: &mut MultiGpuLayer<'_>| -> Result<(), Error> {
+                        if resident {
+                            let call = CachedDeviceCall {
+                                x: &xs,
+                                x_storage: true,
+                                out: &outs,
+                                seqs: &seqs,
+                                rope_table: None,
+                            };
+                            // SAFETY: every buffer lives on its device with room for the
+                            // call's rows (x in bf16, out in f32) and outlives the call.
+                            unsafe { m.forward_cached_device(&call, cache)? };
+                        } else {
+                            m.forward_cached(&x, &seqs, None, cache, &mut y)?;
+                        }
+                        Ok(())
+                    };
+                    for _ in 0..3 {
+                        step(m)?;
+                    }
+                    if let Some(e) = m.step_graph_error() {
+                        println!("(graph capture failed, launches instead: {e})");
+                    }
+                    let (mut nccl, mut span, mut phases) = (0.0f64, vec![0.0f64; *n], [0.0f64; 5]);
+                    let start = Instant::now();
+                    for _ in 0..iters {
+                        step(m)?;
+                        for (p, v) in phases.iter_mut().zip(m.last_host_phases_us()) {
+                            *p += v / iters as f64;
+                        }
+                        nccl += m.last_nccl_ms() as f64 / iters as f64;
+                        for (s, v) in span.iter_mut().zip(m.last_step_device_ms()) {
+                            *s += *v as f64 / iters as f64;
+                        }
+                    }
+                    times[ci].push(start.elapsed().as_secs_f64() * 1e3 / iters as f64);
+                    last[ci] = (nccl, span, phases);
+                }
+            }
+            let median = |v: &[f64]| {
+                let mut v = v.to_vec();
+                v.sort_by(f64::total_cmp);
+                v[v.len() / 2]
+            };
+            let ms: Vec<f64> = times.iter().map(|t| median(t)).collect();
+            let mut attn: Vec<String> = Vec::new();
+            for (n, m, ..) in splits.iter_mut() {
+                let mut a = Vec::new();
+                for i in 0..*n {
+                    // SAFETY: the split's cache is alive for the timed relaunches.
+                    a.push(format!("{:.4}", unsafe { m.time_decode_ms(i, 20)? }));
+                }
+                attn.push(a.join(" / "));
+            }
+            // One GPU's step in each mode, and the fastest one-GPU step of each I/O (host or
+            // resident) whatever the mode: the conservative baseline.
+            let one = |mode: (bool, bool)| -> f64 {
+                cases
+                    .iter()
+                    .zip(&ms)
+                    .find(|((si, _, md), _)| splits[*si].0 == 1 && *md == mode)
+                    .map_or(f64::NAN, |(_, &v)| v)
+            };
+            let best_one = |resident: bool| one((false, resident)).min(one((true, resident)));
+            println!("| GPUs | reduce | mode | ms per step (median) | min / max of rounds | ratio vs 1 GPU, same mode | ratio vs fastest 1-GPU mode, same I/O | ms in NCCL | device span per device (ms) | attention + merge alone, per device (ms) | host us at: validated / planned / - / enqueued / done |");
+            println!("| --- | --- | --- | ---: | --- | ---: | ---: | ---: | --- | --- | --- |");
+            for (ci, &(si, r, mode)) in cases.iter().enumerate() {
+                let n = splits[si].0;
+                let (nccl, span, phases) = &last[ci];
+                let lo = times[ci].iter().copied().fold(f64::INFINITY, f64::min);
+                let hi = times[ci].iter().copied().fold(0.0f64, f64::max);
+                let span: Vec<String> = span.iter().map(|v| format!("{v:.4}")).collect();
+                let phases: Vec<String> = phases.iter().map(|v| format!("{v:.0}")).collect();
+                println!(
+                    "| {n} | {} | {} | {:.4} | {lo:.4} / {hi:.4} | {:.3} | {:.3} | {} | {} | {} | {} |",
+                    name(&r),
+                    mode_name(mode),
+                    ms[ci],
+                    ms[ci] / one(mode),
+                    ms[ci] / best_one(mode.1),
+                    if mode.0 { "-".to_string() } else { format!("{nccl:.4}") },
+                    span.join(" / "),
+                    attn[si],
+                    phases.join(" / ")
+                );
+                writeln!(
+                    json,
+                    "{{\"case\": \"multi decode 32 x 8192\", \"gpus\": {n}, \"reduce\": \"{}\", \"graphs\": {}, \"resident\": {}, \"ms\": {}, \"ratio\": {}, \"ratio_vs_best\": {}, \"nccl_ms\": {nccl}}}",
+                    name(&r),
+                    mode.0,
+                    mode.1,
+                    ms[ci],
+                    ms[ci] / one(mode),
+                    ms[ci] / best_one(mode.1)
+                )
+                .ok();
+            }
+            if let Some((_, m, ..)) = splits.last() {
                 println!("({})", m.backend().device);
             }
             Ok(())

@@ -99,6 +99,43 @@ struct Lane {
     staged: Option<DeviceBuffer<u8>>,
 }
 
+/// Where a cached step's rows `x` are.
+#[derive(Clone, Copy)]
+enum StepX<'a> {
+    /// f32 rows in host memory (staged in page-locked memory, uploaded to every device).
+    Host(&'a [f32]),
+    /// The caller's rows on every device (one pointer per device), in the storage type
+    /// (`true`) or f32.
+    Device(&'a [u64], bool),
+}
+
+/// Where a cached step's output goes.
+enum StepOut<'a> {
+    /// Host memory (through page-locked staging).
+    Host(&'a mut [f32]),
+    /// The caller's f32 buffer on every device, each receiving the whole sum.
+    Device(&'a [u64]),
+}
+
+/// A cached call ([`MultiGpuLayer::forward_cached_device`]) whose activations live on the
+/// devices: a tensor-parallel server's hidden state, the same rows on every GPU.
+#[derive(Clone, Copy, Debug)]
+pub struct CachedDeviceCall<'a> {
+    /// Device `i`'s copy of the new tokens' rows `[sum of new_tokens, n_embd]`, one device
+    /// pointer per device.
+    pub x: &'a [u64],
+    /// `x` is in the layer's storage type (bf16 / f16 rows, as the previous layer of such a
+    /// model leaves them) instead of f32.
+    pub x_storage: bool,
+    /// Device `i`'s f32 buffer `[sum of new_tokens, n_embd]` for the whole summed output.
+    pub out: &'a [u64],
+    /// The sequences and their block tables (host memory), as in
+    /// [`MultiGpuLayer::forward_cached`].
+    pub seqs: &'a [Sequence<'a>],
+    /// The rotary table (host memory), required when the layer is rotary.
+    pub rope_table: Option<RopeTable<'a>>,
+}
+
 /// Makes the layer stream `s` wait for everything enqueued so far on the lane's second
 /// stream (the exchange of the current chunk).
 fn wait_for_exchange(lane: &Lane, s: cu::CUstream) -> Result<()> {
@@ -708,13 +745,22 @@ impl<'a> MultiGpuLayer<'a> {
         unsafe { self.collective(Collective::AllReduce, &bufs, 2 * tokens, Dtype::F32, false) }
     }
 
+    /// Where device `i`'s (partial, then summed) f32 output goes: `outs[i]`, the caller's
+    /// buffer of a device-resident call, or with no `outs`, the layer's `y`.
+    fn y_of(&self, i: usize, outs: &[u64]) -> u64 {
+        outs.get(i).copied().unwrap_or_else(|| ptr(&self.gpus[i].y))
+    }
+
     /// The output projection of every device's `tokens` attention rows and the sum of the
     /// partial outputs per [`ReduceOptions`], in f32: in device 0's `y`, or reduce-scattered.
-    fn project_and_reduce(&mut self, tokens: usize) -> Result<Placement> {
+    /// With `outs` (one buffer per device, an all-reduce), into those instead, the whole sum
+    /// on every device.
+    fn project_and_reduce(&mut self, tokens: usize, outs: &[u64]) -> Result<Placement> {
         if self.comms.is_none() {
+            let y = self.y_of(0, outs);
             let g = &mut self.gpus[0];
             g.set_current()?;
-            let (y, s) = (ptr(&g.y), g.stream);
+            let s = g.stream;
             // SAFETY: y holds max tokens * n_embd f32; o holds this call's attention output.
             unsafe { g.project_out(y, tokens, s)? };
             self.mark_span_end()?;
@@ -745,7 +791,8 @@ impl<'a> MultiGpuLayer<'a> {
         while r0 < tokens {
             let rows = per.min(tokens - r0);
             let mut bufs = Vec::with_capacity(n);
-            for (g, lane) in self.gpus.iter_mut().zip(&self.lanes) {
+            let ys: Vec<u64> = (0..n).map(|i| self.y_of(i, outs)).collect();
+            for ((g, lane), &y_out) in self.gpus.iter_mut().zip(&self.lanes).zip(&ys) {
                 g.set_current()?;
                 let base = match (&lane.yb, storage) {
                     (Some(b), true) => ptr(b),
@@ -754,7 +801,7 @@ impl<'a> MultiGpuLayer<'a> {
                             "storage-type reduction buffer missing".into(),
                         ))
                     }
-                    _ => ptr(&g.y),
+                    _ => y_out,
                 };
                 let y = base + (r0 * c * es) as u64;
                 let s = g.stream;
@@ -788,6 +835,10 @@ impl<'a> MultiGpuLayer<'a> {
             // device's parts.
             let mut parts = Vec::with_capacity(n * done.len());
             match kind {
+                // Every device's own output wants the whole sum.
+                Collective::AllReduce if !outs.is_empty() => {
+                    parts.extend((0..n).map(|i| (i, 0, tokens * c)));
+                }
                 Collective::AllReduce => parts.push((0, 0, tokens * c)),
                 Collective::ReduceScatter => {
                     for i in 0..n {
@@ -799,6 +850,7 @@ impl<'a> MultiGpuLayer<'a> {
                 }
             }
             for (i, at, m) in parts {
+                let y_out = self.y_of(i, outs);
                 let (g, lane) = (&self.gpus[i], &self.lanes[i]);
                 let f = lane
                     .f_widen
@@ -806,7 +858,7 @@ impl<'a> MultiGpuLayer<'a> {
                 g.set_current()?;
                 let mut a = WidenParams {
                     input: lane.yb.as_ref().map_or(0, ptr) + (at * es) as u64,
-                    output: ptr(&g.y) + (at * 4) as u64,
+                    output: y_out + (at * 4) as u64,
                     bias: lane.bo.as_ref().map_or(0, ptr),
                     n: m as i64,
                     cols: c as i32,
@@ -1205,7 +1257,7 @@ impl<'a> MultiGpuLayer<'a> {
         }
         let tokens = inputs.batch * inputs.seq_len;
         self.launch(inputs, out.len(), true)?;
-        let placement = self.project_and_reduce(tokens)?;
+        let placement = self.project_and_reduce(tokens, &[])?;
         // SAFETY: `out` holds tokens * n_embd f32 (validated), borrowed until `finish`.
         unsafe { self.download(out.as_mut_ptr(), tokens, &placement)? };
         self.finish(true, false)?;
@@ -1277,50 +1329,93 @@ impl<'a> MultiGpuLayer<'a> {
         cache: &mut MultiGpuKvCache,
         out: &mut [f32],
     ) -> Result<GpuBackend> {
-        self.cached_step(Some(x), seqs, rope_table, cache, Some(out))
+        self.cached_step(StepX::Host(x), seqs, rope_table, cache, StepOut::Host(out))
     }
 
-    /// Benchmark helper: [`MultiGpuLayer::forward_cached`] on the rows staged on every device
-    /// ([`MultiGpuLayer::stage_inputs`] or [`MultiGpuLayer::stage_inputs_storage`], at least
-    /// as many rows as the call's new tokens), leaving the output on the devices as
-    /// [`MultiGpuLayer::forward_staged`] does: the step of a server whose activations stay
-    /// on the GPUs, without the host copies of `x` and `out`.
+    /// [`MultiGpuLayer::forward_cached`] on activations that live on the devices, for a
+    /// tensor-parallel server that keeps the hidden state on every GPU between layers: every
+    /// device reads the new tokens' rows from `call.x[i]` and receives the whole summed
+    /// output in `call.out[i]`. Nothing crosses the host but the call's metadata, and the
+    /// step is replayed as a CUDA graph while its shape and buffers stay
+    /// ([`MultiGpuLayer::set_step_graphs`]). Returns when every device has finished.
+    ///
+    /// The reduction must be an all-reduce (f32, [`ReduceOptions::EXACT`], or in the storage
+    /// type): the reduce-scatter and the all-to-all leave each device only a part.
     ///
     /// # Errors
-    /// As [`MultiGpuLayer::forward_cached`]; fewer staged rows than new tokens.
-    #[doc(hidden)]
-    pub fn forward_cached_staged(
+    /// As [`MultiGpuLayer::forward_cached`]; a pointer count other than the device count, a
+    /// null pointer, or a reduce-scatter / all-to-all reduction. On error nothing is written.
+    ///
+    /// # Safety
+    /// `call.x[i]` and `call.out[i]` are device allocations valid on device `i` (its primary
+    /// context) with room for `tokens * n_embd` elements (of the storage type for `x` with
+    /// `x_storage`, f32 otherwise); `x` fully written by work that finished before the call;
+    /// `out` not overlapping `x` nor used by other work until the call returns.
+    pub unsafe fn forward_cached_device(
         &mut self,
-        seqs: &[Sequence<'_>],
-        rope_table: Option<RopeTable<'_>>,
+        call: &CachedDeviceCall<'_>,
         cache: &mut MultiGpuKvCache,
     ) -> Result<GpuBackend> {
-        self.cached_step(None, seqs, rope_table, cache, None)
+        let n = self.gpus.len();
+        for (name, ptrs) in [("x", call.x), ("out", call.out)] {
+            if ptrs.len() != n {
+                return Err(attnrt::Error::InputShape {
+                    name,
+                    expected: n,
+                    actual: ptrs.len(),
+                }
+                .into());
+            }
+            if let Some(i) = ptrs.iter().position(|&p| p == 0) {
+                return Err(Error::Unsupported(format!(
+                    "{name}[{i}] is a null device pointer"
+                )));
+            }
+        }
+        if n > 1 && (self.reduce.scatter || self.reduce.all_to_all) {
+            return Err(Error::Unsupported(
+                "a device-resident cached call needs an all-reduce (every device receives the \
+                 whole output); set_reduce(ReduceOptions::EXACT) or a storage-type all-reduce"
+                    .into(),
+            ));
+        }
+        self.cached_step(
+            StepX::Device(call.x, call.x_storage),
+            call.seqs,
+            call.rope_table,
+            cache,
+            StepOut::Device(call.out),
+        )
     }
 
-    /// A cached call: `x` from the host (`None`: the rows staged on the devices), the output
-    /// into `out` (`None`: left on the devices).
+    /// A cached call, from `x` to `out` (host or device memory).
     fn cached_step(
         &mut self,
-        x: Option<&[f32]>,
+        x: StepX<'_>,
         seqs: &[Sequence<'_>],
         rope_table: Option<RopeTable<'_>>,
         cache: &mut MultiGpuKvCache,
-        out: Option<&mut [f32]>,
+        out: StepOut<'_>,
     ) -> Result<GpuBackend> {
         let t0 = Instant::now();
         let mut phases = [0.0f64; 5];
         let mut lap = |i: usize| phases[i] = t0.elapsed().as_secs_f64() * 1e6;
         let geometry = cache.geometry;
         let c = self.layer.config().n_embd;
-        // Staged rows count as an `x` (and an `out`) of exactly the call's size.
+        // Device buffers count as an `x` (and an `out`) of exactly the call's size.
         let call_len = seqs
             .iter()
             .try_fold(0usize, |a, s| a.checked_add(s.new_tokens))
             .and_then(|t| t.checked_mul(c))
             .unwrap_or(usize::MAX);
-        let x_len = x.map_or(call_len, <[f32]>::len);
-        let out_len = out.as_ref().map_or(call_len, |o| o.len());
+        let x_len = match x {
+            StepX::Host(x) => x.len(),
+            StepX::Device(..) => call_len,
+        };
+        let out_len = match &out {
+            StepOut::Host(o) => o.len(),
+            StepOut::Device(_) => call_len,
+        };
         self.marks.clear();
         self.marks.resize(geometry.num_blocks, 0);
         let tokens = self.layer.validate_cached(
@@ -1342,24 +1437,21 @@ impl<'a> MultiGpuLayer<'a> {
         if tokens == 0 {
             return Ok(self.backend());
         }
-        if x.is_none() {
-            let staged_f32 = self.gpus[0].x.len() / 4;
-            for lane in &self.lanes {
-                let room = lane
-                    .staged
-                    .as_ref()
-                    .map_or(staged_f32, |b| b.len() / self.precision.size());
-                if room < x_len {
-                    return Err(Error::Unsupported(
-                        "the call has more new tokens than rows staged".into(),
-                    ));
-                }
-            }
-        }
         self.timed = 0;
+        let host_x = match x {
+            StepX::Host(x) => Some(x),
+            StepX::Device(..) => None,
+        };
+        let (host_out, device_out) = match out {
+            StepOut::Host(o) => (Some(o), None),
+            StepOut::Device(o) => (None, Some(o)),
+        };
         for (slot, len) in [
-            (&mut self.pinned, x.map_or(0, <[f32]>::len)),
-            (&mut self.pinned_out, out.as_ref().map_or(0, |o| o.len())),
+            (&mut self.pinned, host_x.map_or(0, <[f32]>::len)),
+            (
+                &mut self.pinned_out,
+                host_out.as_ref().map_or(0, |o| o.len()),
+            ),
         ] {
             if len > 0 && slot.as_ref().is_none_or(|p| p.len() < len * 4) {
                 self.gpus[0].set_current()?;
@@ -1367,7 +1459,7 @@ impl<'a> MultiGpuLayer<'a> {
                 *slot = Some(Pinned::new(len.next_power_of_two() * 4)?);
             }
         }
-        let staged: Option<&[f32]> = match (x, self.pinned.as_mut()) {
+        let staged: Option<&[f32]> = match (host_x, self.pinned.as_mut()) {
             (Some(x), Some(p)) => {
                 let staged = p.f32_mut(x.len());
                 staged.copy_from_slice(x);
@@ -1378,17 +1470,17 @@ impl<'a> MultiGpuLayer<'a> {
             (Some(_), None) => return Err(Error::Unsupported("no staging buffer".into())),
             (None, _) => None,
         };
-        let rows: Vec<CachedX<'_>> = self
-            .gpus
-            .iter()
-            .zip(&self.lanes)
-            .map(|(g, lane)| match (staged, &lane.staged) {
+        let rows: Vec<CachedX<'_>> = (0..self.gpus.len())
+            .map(|i| match (staged, x) {
                 (Some(x), _) => CachedX::Host(x),
-                (None, Some(b)) => CachedX::Device(DeviceX::Storage(ptr(b)), x_len),
-                (None, None) => CachedX::Device(DeviceX::F32(ptr(&g.x)), x_len),
+                (None, StepX::Device(ptrs, true)) => {
+                    CachedX::Device(DeviceX::Storage(ptrs[i]), x_len)
+                }
+                (None, StepX::Device(ptrs, false)) => CachedX::Device(DeviceX::F32(ptrs[i]), x_len),
+                (None, StepX::Host(_)) => unreachable!("host rows are staged"),
             })
             .collect();
-        let download = match (out.is_some(), self.pinned_out.as_mut()) {
+        let download = match (host_out.is_some(), self.pinned_out.as_mut()) {
             (true, Some(p)) => Some(p.f32_mut(out_len).as_mut_ptr()),
             (true, None) => return Err(Error::Unsupported("no staging buffer".into())),
             (false, _) => None,
@@ -1405,10 +1497,11 @@ impl<'a> MultiGpuLayer<'a> {
         }
         lap(1);
         let graphed = if self.step_graphs_on {
-            let key = self.step_key(&fronts, &rows, download, cache);
+            let output = (download, device_out.unwrap_or(&[]));
+            let key = self.step_key(&fronts, &rows, output, cache);
             if self.step_graphs.as_ref().is_none_or(|g| g.key != key) {
                 self.step_graphs = None;
-                match self.capture_step(&mut fronts, &rows, tokens, download, cache) {
+                match self.capture_step(&mut fronts, &rows, tokens, output, cache) {
                     Ok(execs) => self.step_graphs = Some(StepGraphs { key, execs }),
                     Err(e) => {
                         // Replays are an optimisation: a step that cannot be captured runs
@@ -1425,12 +1518,17 @@ impl<'a> MultiGpuLayer<'a> {
         if let Some(graphs) = self.step_graphs.as_ref().filter(|_| graphed) {
             // The collectives run inside the graphs, untimed.
             self.nccl_ms = 0.0;
-            for ((g, lane), exec) in self.gpus.iter_mut().zip(&self.lanes).zip(&graphs.execs) {
+            // Every graph first: the last device's step starts (and the step ends) as early
+            // as the host allows.
+            for ((g, lane), exec) in self.gpus.iter().zip(&self.lanes).zip(&graphs.execs) {
                 g.set_current()?;
                 record(lane.step.0, g.stream)?;
                 // SAFETY: captured in this context for a step of the same key: the same
                 // launches over the same buffers, whose contents this call has staged.
                 unsafe { exec.launch(g.stream)? };
+            }
+            for (g, lane) in self.gpus.iter_mut().zip(&self.lanes) {
+                g.set_current()?;
                 record(lane.step.1, g.stream)?;
                 g.mark_meta_uploaded()?;
             }
@@ -1440,10 +1538,11 @@ impl<'a> MultiGpuLayer<'a> {
                 g.set_current()?;
                 record(lane.step.0, g.stream)?;
             }
+            let output = (download, device_out.unwrap_or(&[]));
             // SAFETY: the fronts were just planned for `cache`, which outlives the call (it
-            // is synchronised below); `download` has room for the output, read after `finish`.
-            let enqueued =
-                unsafe { self.enqueue_step(&mut fronts, &rows, tokens, download, cache) };
+            // is synchronised below); `download` has room for the output, read after
+            // `finish`; the device outputs per `forward_cached_device`'s contract.
+            let enqueued = unsafe { self.enqueue_step(&mut fronts, &rows, tokens, output, cache) };
             for g in self.gpus.iter_mut() {
                 g.mark_meta_uploaded()?;
             }
@@ -1458,7 +1557,7 @@ impl<'a> MultiGpuLayer<'a> {
             lap(3);
         }
         self.finish(!graphed, true)?;
-        if let (Some(out), Some(p)) = (out, self.pinned_out.as_mut()) {
+        if let (Some(out), Some(p)) = (host_out, self.pinned_out.as_mut()) {
             out.copy_from_slice(p.f32_mut(out_len));
         }
         lap(4);
@@ -1480,7 +1579,7 @@ impl<'a> MultiGpuLayer<'a> {
         fronts: &mut [CachedFront],
         rows: &[CachedX<'_>],
         tokens: usize,
-        download: Option<*mut f32>,
+        (download, outs): (Option<*mut f32>, &[u64]),
         cache: &MultiGpuKvCache,
     ) -> Result<()> {
         for ((g, f), &x) in self.gpus.iter_mut().zip(fronts.iter_mut()).zip(rows) {
@@ -1494,7 +1593,7 @@ impl<'a> MultiGpuLayer<'a> {
             // SAFETY: `f` is this layer's last front, made for `c` (this function's contract).
             unsafe { g.cached_back(f, c)? };
         }
-        let placement = self.project_and_reduce(tokens)?;
+        let placement = self.project_and_reduce(tokens, outs)?;
         if let Some(dst) = download {
             // SAFETY: per this function's contract.
             unsafe { self.download(dst, tokens, &placement)? };
@@ -1510,7 +1609,7 @@ impl<'a> MultiGpuLayer<'a> {
         fronts: &mut [CachedFront],
         rows: &[CachedX<'_>],
         tokens: usize,
-        download: Option<*mut f32>,
+        output: (Option<*mut f32>, &[u64]),
         cache: &MultiGpuKvCache,
     ) -> Result<Vec<Exec>> {
         let mut begun = 0;
@@ -1528,7 +1627,7 @@ impl<'a> MultiGpuLayer<'a> {
         if result.is_ok() {
             self.untimed = true;
             // SAFETY: as in `cached_step`; the streams are capturing, so nothing runs yet.
-            result = unsafe { self.enqueue_step(fronts, rows, tokens, download, cache) };
+            result = unsafe { self.enqueue_step(fronts, rows, tokens, output, cache) };
             self.untimed = false;
         }
         let mut execs = Vec::with_capacity(begun);
@@ -1555,17 +1654,19 @@ impl<'a> MultiGpuLayer<'a> {
         &self,
         fronts: &[CachedFront],
         rows: &[CachedX<'_>],
-        download: Option<*mut f32>,
+        (download, outs): (Option<*mut f32>, &[u64]),
         cache: &MultiGpuKvCache,
     ) -> Vec<u64> {
         let r = self.reduce;
         let mut key = vec![
             download.map_or(0, |p| p as u64),
+            outs.len() as u64,
             r.chunks as u64,
             u64::from(r.storage_dtype),
             u64::from(r.scatter),
             u64::from(r.all_to_all),
         ];
+        key.extend(outs);
         for ((f, x), c) in fronts.iter().zip(rows).zip(&cache.caches) {
             f.key_into(&mut key);
             let (k, v) = c.pool_ptrs();
@@ -1674,7 +1775,7 @@ impl<'a> MultiGpuLayer<'a> {
     pub fn forward_staged(&mut self, inputs: &Inputs<'_>) -> Result<()> {
         let len = inputs.x.len();
         self.launch(inputs, len, false)?;
-        self.project_and_reduce(inputs.batch * inputs.seq_len)?;
+        self.project_and_reduce(inputs.batch * inputs.seq_len, &[])?;
         self.finish(true, false)
     }
 
