@@ -388,6 +388,11 @@ impl<'a> MultiGpuLayer<'a> {
         match self.never {}
     }
 
+    /// Whether small exact sums go through peer memory (unreachable in this build).
+    pub fn set_peer_sum(&mut self, _on: bool) -> bool {
+        match self.never {}
+    }
+
     /// Why the last capture of a cached step failed (unreachable in this build).
     pub fn step_graph_error(&self) -> Option<&str> {
         match self.never {}

@@ -22,7 +22,9 @@
 //!   tolerance (and the reference within it too);
 //! * both: the steps captured and replayed as CUDA graphs (the default) equal, bit for bit,
 //!   the same split enqueueing every launch (`set_step_graphs(false)`), outputs and pools,
-//!   and every step was captured (no capture error).
+//!   and every step was captured (no capture error); on two devices the second split also
+//!   sums through NCCL only (`set_peer_sum(false)`), so the peer-memory sum of small calls
+//!   is checked against NCCL's bits.
 //!
 //! With fewer than 2 devices each test prints "skipped: ..." and returns. The benches (prefill
 //! T = 16384 and decode 32 x 8192 on 1 and 2 GPUs) are `attnrt-cuda-bench --multi`.
@@ -375,10 +377,13 @@ fn cached_case(
     let mut cache: MultiGpuKvCache = multi.new_kv_cache(block, num_blocks, rolling).unwrap();
     assert_eq!(cache.n_devices(), n);
     // The same split with every step enqueued launch by launch: the captured and replayed
-    // steps (the default) must give the same bits.
+    // steps (the default) must give the same bits. On two devices it also sums through NCCL
+    // only: the peer-memory sum of small steps (the default) gives NCCL's bits there (one
+    // addition per element); on more devices both sum through peer memory (in rank order).
     let mut launches = MultiGpuLayer::new(layer, &devices(n), opts).unwrap();
     launches.set_reduce(reduce).unwrap();
     launches.set_step_graphs(false);
+    launches.set_peer_sum(n != 2);
     let mut launches_cache = launches.new_kv_cache(block, num_blocks, rolling).unwrap();
     // One GPU (bf16 comparison) and the CPU (f32 comparison) on the same calls.
     let mut one = (p != Precision::F32).then(|| {

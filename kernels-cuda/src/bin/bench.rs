@@ -728,26 +728,29 @@ mod cuda_main {
                 }
                 splits.push((n, m, cache, bufs, ctxs));
             }
-            let variants = |n: usize| -> Vec<ReduceOptions> {
+            // (reduction, small exact sums through peer memory instead of NCCL)
+            let variants = |n: usize| -> Vec<(ReduceOptions, bool)> {
                 if n == 1 {
-                    vec![ReduceOptions::EXACT]
+                    vec![(ReduceOptions::EXACT, false)]
                 } else {
                     vec![
-                        ReduceOptions::EXACT,
-                        opt(true, false, 1),
-                        opt(false, true, 1),
-                        opt(true, true, 1),
-                        ReduceOptions::ALL_TO_ALL,
+                        (ReduceOptions::EXACT, true),
+                        (ReduceOptions::EXACT, false),
+                        (opt(true, false, 1), false),
+                        (opt(false, true, 1), false),
+                        (opt(true, true, 1), false),
+                        (ReduceOptions::ALL_TO_ALL, false),
                     ]
                 }
             };
-            // (split index, reduction, mode); resident runs only with the all-reduces.
+            // (split index, reduction, peer sums, mode); resident runs only with the
+            // all-reduces.
             let mut cases = Vec::new();
             for (si, (n, ..)) in splits.iter().enumerate() {
-                for r in variants(*n) {
+                for (r, peer) in variants(*n) {
                     for &mode in &modes {
                         if !mode.1 || !(r.scatter || r.all_to_all) {
-                            cases.push((si, r, mode));
+                            cases.push((si, r, peer, mode));
                         }
                     }
                 }
@@ -762,9 +765,10 @@ mod cuda_main {
             let mut times = vec![Vec::new(); cases.len()];
             let mut last = vec![(0.0f64, Vec::new(), [0.0f64; 5]); cases.len()];
             for _ in 0..rounds {
-                for (ci, &(si, r, (graphs, resident))) in cases.iter().enumerate() {
+                for (ci, &(si, r, peer, (graphs, resident))) in cases.iter().enumerate() {
                     let (n, m, cache, bufs, _) = &mut splits[si];
                     m.set_reduce(r)?;
+                    m.set_peer_sum(peer);
                     m.set_step_graphs(graphs);
                     let xs: Vec<u64> = bufs.iter().map(|b| b.0.as_device_ptr().as_raw()).collect();
                     let outs: Vec<u64> =
@@ -829,13 +833,14 @@ mod cuda_main {
                 cases
                     .iter()
                     .zip(&ms)
-                    .find(|((si, _, md), _)| splits[*si].0 == 1 && *md == mode)
+                    .find(|((si, _, _, md), _)| splits[*si].0 == 1 && *md == mode)
                     .map_or(f64::NAN, |(_, &v)| v)
             };
             let best_one = |resident: bool| one((false, resident)).min(one((true, resident)));
             println!("| GPUs | reduce | mode | ms per step (median) | min / max of rounds | ratio vs 1 GPU, same mode | ratio vs fastest 1-GPU mode, same I/O | ms in NCCL | device span per device (ms) | attention + merge alone, per device (ms) | host us at: validated / planned / - / enqueued / done |");
             println!("| --- | --- | --- | ---: | --- | ---: | ---: | ---: | --- | --- | --- |");
-            for (ci, &(si, r, mode)) in cases.iter().enumerate() {
+            for (ci, &(si, r, peer, mode)) in cases.iter().enumerate() {
+                let reduce = format!("{}{}", name(&r), if peer { ", peer sum" } else { "" });
                 let n = splits[si].0;
                 let (nccl, span, phases) = &last[ci];
                 let lo = times[ci].iter().copied().fold(f64::INFINITY, f64::min);
@@ -844,7 +849,7 @@ mod cuda_main {
                 let phases: Vec<String> = phases.iter().map(|v| format!("{v:.0}")).collect();
                 println!(
                     "| {n} | {} | {} | {:.4} | {lo:.4} / {hi:.4} | {:.3} | {:.3} | {} | {} | {} | {} |",
-                    name(&r),
+                    reduce,
                     mode_name(mode),
                     ms[ci],
                     ms[ci] / one(mode),
@@ -857,7 +862,7 @@ mod cuda_main {
                 writeln!(
                     json,
                     "{{\"case\": \"multi decode 32 x 8192\", \"gpus\": {n}, \"reduce\": \"{}\", \"graphs\": {}, \"resident\": {}, \"ms\": {}, \"ratio\": {}, \"ratio_vs_best\": {}, \"nccl_ms\": {nccl}}}",
-                    name(&r),
+                    reduce,
                     mode.0,
                     mode.1,
                     ms[ci],

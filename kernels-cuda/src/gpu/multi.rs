@@ -27,7 +27,9 @@ use crate::nccl::{self, Collective, Comms, Dtype, Transfer};
 use crate::plan::{
     all_to_all_blocks, AllToAllBlock, GpuBackend, GpuOptions, Precision, ReduceOptions,
 };
+use peer::PeerSum;
 
+mod peer;
 mod seq;
 pub use seq::SeqParallelCall;
 
@@ -339,6 +341,10 @@ pub struct MultiGpuLayer<'a> {
     /// Set while a step is captured: no timing events are recorded (they would not be
     /// recorded at replay).
     untimed: bool,
+    /// The peer-memory all-reduce of small exact sums (none without peer access).
+    peer: Option<PeerSum>,
+    /// Whether small exact sums use `peer` ([`MultiGpuLayer::set_peer_sum`]).
+    peer_on: bool,
     /// Enqueue the devices' work stage by stage (every device's first kernel before any
     /// device's projections) rather than device by device.
     by_stage: bool,
@@ -465,6 +471,12 @@ impl<'a> MultiGpuLayer<'a> {
         } else {
             None
         };
+        // Without peer access (or if enabling it fails) every sum goes through NCCL.
+        let peer = if comms.is_some() {
+            PeerSum::new(&gpus, opts.max_batch * opts.max_seq_len * cfg.n_embd).unwrap_or(None)
+        } else {
+            None
+        };
         let mut lanes = Vec::with_capacity(gpus.len());
         for g in &gpus {
             g.set_current()?;
@@ -537,6 +549,8 @@ impl<'a> MultiGpuLayer<'a> {
             step_graphs: None,
             step_graph_error: None,
             untimed: false,
+            peer,
+            peer_on: true,
             by_stage: true,
             comm_high: true,
             enqueue_us: Vec::new(),
@@ -786,13 +800,29 @@ impl<'a> MultiGpuLayer<'a> {
         let chunks = self.reduce.chunks.clamp(1, tokens.max(1));
         let per = tokens.div_ceil(chunks);
         let overlap = chunks > 1;
+        // A small exact sum (a decode step's) goes through peer memory: the projections
+        // write partial buffers, summed into the outputs on every device.
+        let peer_parts: Vec<u64> = match &self.peer {
+            Some(p)
+                if self.peer_on
+                    && !storage
+                    && !overlap
+                    && kind == Collective::AllReduce
+                    && p.fits(tokens * c) =>
+            {
+                (0..n).map(|i| p.part(i)).collect()
+            }
+            _ => Vec::new(),
+        };
         let mut done = Vec::with_capacity(chunks);
         let mut r0 = 0;
+        let ys: Vec<u64> = (0..n).map(|i| self.y_of(i, outs)).collect();
         while r0 < tokens {
             let rows = per.min(tokens - r0);
             let mut bufs = Vec::with_capacity(n);
-            let ys: Vec<u64> = (0..n).map(|i| self.y_of(i, outs)).collect();
-            for ((g, lane), &y_out) in self.gpus.iter_mut().zip(&self.lanes).zip(&ys) {
+            for (i, ((g, lane), &y_out)) in
+                self.gpus.iter_mut().zip(&self.lanes).zip(&ys).enumerate()
+            {
                 g.set_current()?;
                 let base = match (&lane.yb, storage) {
                     (Some(b), true) => ptr(b),
@@ -801,7 +831,7 @@ impl<'a> MultiGpuLayer<'a> {
                             "storage-type reduction buffer missing".into(),
                         ))
                     }
-                    _ => y_out,
+                    _ => peer_parts.get(i).copied().unwrap_or(y_out),
                 };
                 let y = base + (r0 * c * es) as u64;
                 let s = g.stream;
@@ -820,10 +850,16 @@ impl<'a> MultiGpuLayer<'a> {
             if r0 + rows >= tokens {
                 self.mark_span_end()?;
             }
-            // SAFETY: each buffer holds `rows * c` elements of `dtype` on its device (a
-            // multiple of n for a reduce-scatter); the streams are the devices' (ordered after
-            // the chunk's projection).
-            unsafe { self.collective(kind, &bufs, rows * c, dtype, overlap)? };
+            match (&self.peer, peer_parts.is_empty()) {
+                // SAFETY: every partial buffer holds the call's rows * c f32 (one chunk, all
+                // rows), projected on its layer stream; the outputs are the layers' `y` or
+                // the caller's buffers, none of them a partial buffer.
+                (Some(p), false) => unsafe { p.sum(&self.gpus, &ys, rows * c)? },
+                // SAFETY: each buffer holds `rows * c` elements of `dtype` on its device (a
+                // multiple of n for a reduce-scatter); the streams are the devices' (ordered
+                // after the chunk's projection).
+                _ => unsafe { self.collective(kind, &bufs, rows * c, dtype, overlap)? },
+            }
             done.push((r0, rows));
             r0 += rows;
         }
@@ -1661,6 +1697,7 @@ impl<'a> MultiGpuLayer<'a> {
         let mut key = vec![
             download.map_or(0, |p| p as u64),
             outs.len() as u64,
+            u64::from(self.peer_on),
             r.chunks as u64,
             u64::from(r.storage_dtype),
             u64::from(r.scatter),
@@ -1705,6 +1742,17 @@ impl<'a> MultiGpuLayer<'a> {
         } else {
             self.step_graph_error = None;
         }
+    }
+
+    /// Sums small exact (f32 all-reduce) outputs, such as a decode step's, through peer
+    /// memory instead of NCCL (on by default where every pair of devices has peer access):
+    /// every device reads every device's partial output over NVLink and adds them in rank
+    /// order, so that every device holds the same bits (on two devices, the bits of NCCL's
+    /// sum). Sums of more than 2 MiB per device, storage-type and chunked reductions always
+    /// go through NCCL. Returns whether peer sums are available.
+    pub fn set_peer_sum(&mut self, on: bool) -> bool {
+        self.peer_on = on;
+        self.peer.is_some()
     }
 
     /// Why the last capture of a cached step failed, if one did since graphs were turned on.
