@@ -1,5 +1,5 @@
-//! The multi-GPU KV cache (`attnrt_cuda_multi_kv_cache_*`, `attnrt_cuda_multi_forward_cached`)
-//! through the C ABI only.
+//! The multi-GPU KV cache (`attnrt_cuda_multi_kv_cache_*`, `attnrt_cuda_multi_forward_cached`,
+//! `attnrt_cuda_multi_forward_cached_device`) through the C ABI only.
 //!
 //! * Every build: NULL handles and pointers are refused with `ATTNRT_STATUS_NULL_POINTER`,
 //!   nothing written.
@@ -11,6 +11,10 @@
 //!   with a rolling cache that wraps; each device's pools equal the CPU cache's pools of its KV
 //!   heads (`attnrt_forward_cached` on the same calls) within 1e-4. Every invalid use returns
 //!   its status and leaves the output and both devices' caches unchanged.
+//! * With the `cuda` feature and 2 GPUs: `attnrt_cuda_multi_forward_cached_device` (rows and
+//!   outputs in both devices' memory, f32 and storage-type rows) equals the host entry bit for
+//!   bit on every call and on both devices' outputs, and the pools match; a null device
+//!   pointer or a wrong part count is refused with the outputs untouched.
 
 use std::ptr;
 

@@ -212,6 +212,10 @@ pub(super) struct CachedFront {
     rope: u64,
     /// Bytes of the metadata upload.
     meta_bytes: usize,
+    /// The attention kernel the back half launches.
+    f_dec: cu::CUfunction,
+    /// The cache it was planned for: pools, block size, rolling.
+    cache_key: [u64; 4],
     /// The pending norm/RoPE pass ([`GpuLayer::cached_enqueue_front`] with a norm share).
     prep: Option<PendingPrep>,
 }
@@ -243,7 +247,9 @@ impl CachedFront {
             self.counters,
             self.rope,
             self.meta_bytes as u64,
+            self.f_dec as u64,
         ]);
+        key.extend(self.cache_key);
     }
 }
 
@@ -567,7 +573,7 @@ impl GpuLayer<'_> {
         let Some(funcs) = st.funcs.as_ref() else {
             return Err(Error::Unsupported("decode kernels missing".into()));
         };
-        let (f_app, app_threads) = (funcs.append, funcs.append_threads);
+        let (f_app, app_threads, f_dec) = (funcs.append, funcs.append_threads, funcs.dec);
         let hchunks = r.div_ceil(kernel.heads_per_cta());
         let max_items = (2 * n).max(4096);
         let mut split = kernel.split_keys(
@@ -656,6 +662,11 @@ impl GpuLayer<'_> {
             counters,
             rope: if st.h_rope.is_empty() { 0 } else { rope },
             meta_bytes: st.meta.staged_bytes(),
+            f_dec,
+            cache_key: {
+                let (k, v) = cache.pool_ptrs();
+                [k, v, bs as u64, u64::from(cache.rolling)]
+            },
             prep: None,
         }))
     }

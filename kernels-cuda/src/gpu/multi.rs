@@ -1534,7 +1534,7 @@ impl<'a> MultiGpuLayer<'a> {
         lap(1);
         let graphed = if self.step_graphs_on {
             let output = (download, device_out.unwrap_or(&[]));
-            let key = self.step_key(&fronts, &rows, output, cache);
+            let key = self.step_key(&fronts, &rows, output);
             if self.step_graphs.as_ref().is_none_or(|g| g.key != key) {
                 self.step_graphs = None;
                 match self.capture_step(&mut fronts, &rows, tokens, output, cache) {
@@ -1684,14 +1684,13 @@ impl<'a> MultiGpuLayer<'a> {
     }
 
     /// What a captured cached step depends on besides buffer contents: every device's front
-    /// (launch shapes, kernels, addresses), the source of `x`, the download target, the
-    /// caches' pools, and the reduction.
+    /// (launch shapes, kernels, addresses, its cache), the source of `x`, the output targets,
+    /// and the reduction.
     fn step_key(
         &self,
         fronts: &[CachedFront],
         rows: &[CachedX<'_>],
         (download, outs): (Option<*mut f32>, &[u64]),
-        cache: &MultiGpuKvCache,
     ) -> Vec<u64> {
         let r = self.reduce;
         let mut key = vec![
@@ -1704,10 +1703,8 @@ impl<'a> MultiGpuLayer<'a> {
             u64::from(r.all_to_all),
         ];
         key.extend(outs);
-        for ((f, x), c) in fronts.iter().zip(rows).zip(&cache.caches) {
+        for (f, x) in fronts.iter().zip(rows) {
             f.key_into(&mut key);
-            let (k, v) = c.pool_ptrs();
-            key.extend([k, v, c.block_size() as u64]);
             key.extend(match *x {
                 CachedX::Host(h) => [0, h.as_ptr() as u64, h.len() as u64],
                 CachedX::Device(DeviceX::F32(p), len) => [1, p, len as u64],
