@@ -551,6 +551,21 @@ pub unsafe extern "C" fn attnrt_cuda_forward_device(
     })
 }
 
+/// Grows `built` to `n` zeroed f32 for the cos/sin rows a call builds on the host.
+///
+/// # Errors
+/// `ATTNRT_STATUS_OUT_OF_MEMORY` when they cannot be allocated.
+pub(crate) fn alloc_rows(built: &mut Vec<f32>, n: usize) -> FfiResult<()> {
+    built.try_reserve_exact(n).map_err(|_| {
+        FfiError::new(
+            attnrt_status::ATTNRT_STATUS_OUT_OF_MEMORY,
+            "cannot allocate the cos/sin rows",
+        )
+    })?;
+    built.resize(n, 0.0f32);
+    Ok(())
+}
+
 /// The rotary table and positions of a call whose activations live on a device: the
 /// caller's `freqs_cis`, or, for a rotary layer without one, the rows the call needs built on
 /// the host into `built` (allocated here), with the positions remapped to those rows.
@@ -572,13 +587,7 @@ pub(crate) fn host_rope<'a>(
         }
         (Some(r), None) => {
             let n = table_part(cfg, batch, seq_len, true)?;
-            built.try_reserve_exact(n).map_err(|_| {
-                FfiError::new(
-                    attnrt_status::ATTNRT_STATUS_OUT_OF_MEMORY,
-                    "cannot allocate the cos/sin rows",
-                )
-            })?;
-            built.resize(n, 0.0f32);
+            alloc_rows(built, n)?;
             // `x` is not read by the table builder; only the shapes and positions are.
             let mut shape = Inputs::new(&[], batch, seq_len);
             shape.position_ids = position_ids;

@@ -351,13 +351,7 @@ fn cached_rope<'a>(
                     value: end as i64,
                     rule: "the cos/sin rows overflow a size_t",
                 })?;
-            built.try_reserve_exact(n).map_err(|_| {
-                FfiError::new(
-                    attnrt_status::ATTNRT_STATUS_OUT_OF_MEMORY,
-                    "cannot allocate the cos/sin rows",
-                )
-            })?;
-            built.resize(n, 0.0f32);
+            crate::cuda::alloc_rows(built, n)?;
             attnrt::rope::build_table(rope, cfg.head_dim, built)?;
             Some(RopeTable::new(built, cfg.head_dim)?)
         }

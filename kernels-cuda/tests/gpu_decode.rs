@@ -19,7 +19,7 @@ use attnrt_tests::{max_abs_diff, OwnedWeights, Rng, F32_TOL};
 use half::{bf16, f16};
 
 mod common;
-use common::{cached_plan, device_or_skip, rel_l2, sequence_references, CachedPlan};
+use common::{cached_plan, device_or_skip, plan_call, rel_l2, sequence_references, CachedPlan};
 
 /// Checks `got` against `want` at the precision's tolerance; returns (max abs, rel L2).
 fn check(p: Precision, what: &str, got: &[f32], want: &[f32]) -> (f32, f64) {
@@ -151,20 +151,7 @@ fn run_case(c: &Case) {
     let (mut worst_ref, mut worst_cpu) = ((0.0f32, 0.0f64), (0.0f32, 0.0f64));
     for (step, call) in calls.iter().enumerate() {
         let (seqs, x, rows): (Vec<Sequence<'_>>, Vec<f32>, Vec<(usize, usize)>) = {
-            let mut seqs = Vec::new();
-            let mut x = Vec::new();
-            let mut rows = Vec::new();
-            for (s, &(cached, new)) in call.iter().enumerate() {
-                seqs.push(Sequence {
-                    cached,
-                    new_tokens: new,
-                    blocks: &tables[s],
-                });
-                x.extend_from_slice(&xs[s][cached * cfg.n_embd..(cached + new) * cfg.n_embd]);
-                for i in cached..cached + new {
-                    rows.push((s, i));
-                }
-            }
+            let (seqs, x, rows) = plan_call(call, &tables, &xs, cfg.n_embd);
             (seqs, x, rows)
         };
         let mut y_gpu = vec![f32::NAN; x.len()];

@@ -43,7 +43,7 @@ use attnrt_tests::{max_abs_diff, OwnedWeights, Rng, F32_TOL};
 
 mod common;
 use common::{
-    cached_plan, device_counts, devices, make_call, one_gpu, reference, rel_l2,
+    cached_plan, device_counts, devices, make_call, one_gpu, plan_call, reference, rel_l2,
     sequence_references, split_config, CachedPlan, MASK_NAMES,
 };
 
@@ -397,18 +397,7 @@ fn cached_case(
 
     let mut worst = (0.0f64, 0.0f64);
     for (step, call) in calls.iter().enumerate() {
-        let mut seqs = Vec::new();
-        let mut x = Vec::new();
-        let mut rows = Vec::new();
-        for (s, &(cached, new)) in call.iter().enumerate() {
-            seqs.push(Sequence {
-                cached,
-                new_tokens: new,
-                blocks: &tables[s],
-            });
-            x.extend_from_slice(&xs[s][cached * cfg.n_embd..(cached + new) * cfg.n_embd]);
-            rows.extend((cached..cached + new).map(|i| (s, i)));
-        }
+        let (seqs, x, rows) = plan_call(call, &tables, &xs, cfg.n_embd);
         let what = format!("{name} call {step}");
         let mut y = vec![f32::NAN; x.len()];
         multi
@@ -709,16 +698,7 @@ fn device_resident_cached_calls_equal_host_calls() {
             let mut host_cache = host.new_kv_cache(16, num_blocks, false).unwrap();
             let mut dev_cache = dev.new_kv_cache(16, num_blocks, false).unwrap();
             for (step, call) in calls.iter().enumerate() {
-                let mut seqs = Vec::new();
-                let mut x = Vec::new();
-                for (s, &(cached, new)) in call.iter().enumerate() {
-                    seqs.push(Sequence {
-                        cached,
-                        new_tokens: new,
-                        blocks: &tables[s],
-                    });
-                    x.extend_from_slice(&xs[s][cached * cfg.n_embd..(cached + new) * cfg.n_embd]);
-                }
+                let (seqs, x, _) = plan_call(call, &tables, &xs, cfg.n_embd);
                 let mut y = vec![f32::NAN; x.len()];
                 host.forward_cached(&x, &seqs, Some(table), &mut host_cache, &mut y)
                     .unwrap();

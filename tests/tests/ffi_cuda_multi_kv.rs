@@ -126,6 +126,29 @@ struct Seq {
     blocks: Vec<u32>,
 }
 
+/// One call of a two-sequence plan: sequence `s` has `done[s]` tokens cached and `step[s]`
+/// new ones (rows of `xs[s]`, `c` wide), in the blocks of `tables[s]`.
+fn plan_step(
+    tables: &[Vec<u32>; 2],
+    xs: &[Vec<f32>; 2],
+    done: &[usize; 2],
+    step: &[usize; 2],
+    c: usize,
+) -> (Vec<Seq>, Vec<f32>) {
+    let seqs = (0..2)
+        .map(|s| Seq {
+            cached: done[s],
+            new: step[s],
+            blocks: tables[s].clone(),
+        })
+        .collect();
+    let mut x = Vec::new();
+    for s in 0..2 {
+        x.extend_from_slice(&xs[s][done[s] * c..(done[s] + step[s]) * c]);
+    }
+    (seqs, x)
+}
+
 fn c_seqs(seqs: &[Seq]) -> Vec<attnrt_sequence> {
     seqs.iter()
         .map(|s| attnrt_sequence {
@@ -402,17 +425,7 @@ fn prefill_and_decode_on_two_gpus_equal_the_reference() {
         let mut done = [0usize; 2];
         let mut worst_cpu = 0.0f32;
         for step in &plan {
-            let seqs: Vec<Seq> = (0..2)
-                .map(|s| Seq {
-                    cached: done[s],
-                    new: step[s],
-                    blocks: tables[s].clone(),
-                })
-                .collect();
-            let mut x = Vec::new();
-            for s in 0..2 {
-                x.extend_from_slice(&xs[s][done[s] * c..(done[s] + step[s]) * c]);
-            }
+            let (seqs, x) = plan_step(&tables, &xs, &done, step, c);
             let (st, ran, out) = gpu_step(&l, &g, &x, &seqs, c, |_| {});
             assert_eq!(
                 (st, ran),
@@ -664,16 +677,8 @@ fn device_resident_calls_equal_host_calls() {
             .collect();
         let mut done = [0usize; 2];
         for (k, step) in plan.iter().enumerate() {
-            let seqs: Vec<Seq> = (0..2)
-                .map(|s| Seq {
-                    cached: done[s],
-                    new: step[s],
-                    blocks: tables[s].clone(),
-                })
-                .collect();
-            let mut x = Vec::new();
+            let (seqs, x) = plan_step(&tables, &xs, &done, step, c);
             for s in 0..2 {
-                x.extend_from_slice(&xs[s][done[s] * c..(done[s] + step[s]) * c]);
                 done[s] += step[s];
             }
             let (st, _, want) = gpu_step(&host, &gh, &x, &seqs, c, |_| {});

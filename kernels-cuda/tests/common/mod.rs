@@ -4,7 +4,7 @@
 
 use attnrt::{
     reference_workspace_len, rope, BiasFlags, Config, Inputs, Layer, MaskInputs, QkNorm, Rope,
-    RopeConvention, RopeTable,
+    RopeConvention, RopeTable, Sequence,
 };
 use attnrt_cuda::{device_count, no_device_reason, GpuLayer, GpuOptions, Precision};
 use attnrt_tests::Rng;
@@ -166,6 +166,28 @@ pub fn cached_plan(
         num_blocks,
         tables,
     }
+}
+
+/// One call of a [`CachedPlan`]: its sequences (over `tables`), the new tokens' rows of `x`
+/// (taken from each sequence's rows `xs[s]`, `n_embd` wide) and, per new token, its
+/// (sequence, position).
+pub fn plan_call<'t>(
+    call: &[(usize, usize)],
+    tables: &'t [Vec<u32>],
+    xs: &[Vec<f32>],
+    n_embd: usize,
+) -> (Vec<Sequence<'t>>, Vec<f32>, Vec<(usize, usize)>) {
+    let (mut seqs, mut x, mut rows) = (Vec::new(), Vec::new(), Vec::new());
+    for (s, &(cached, new)) in call.iter().enumerate() {
+        seqs.push(Sequence {
+            cached,
+            new_tokens: new,
+            blocks: &tables[s],
+        });
+        x.extend_from_slice(&xs[s][cached * n_embd..(cached + new) * n_embd]);
+        rows.extend((cached..cached + new).map(|i| (s, i)));
+    }
+    (seqs, x, rows)
 }
 
 /// Names of the mask modes of [`make_call`], by mode number.
