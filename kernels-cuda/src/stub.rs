@@ -393,6 +393,12 @@ impl<'a> MultiGpuLayer<'a> {
         match self.never {}
     }
 
+    /// The graphs of the captured cached step (unreachable in this build).
+    #[doc(hidden)]
+    pub fn step_graph_count(&self) -> usize {
+        match self.never {}
+    }
+
     /// Why the last capture of a cached step failed (unreachable in this build).
     pub fn step_graph_error(&self) -> Option<&str> {
         match self.never {}

@@ -22,7 +22,8 @@
 //!   tolerance (and the reference within it too);
 //! * both: the steps captured and replayed as CUDA graphs (the default) equal, bit for bit,
 //!   the same split enqueueing every launch (`set_step_graphs(false)`), outputs and pools,
-//!   and every step was captured (no capture error); on two devices the second split also
+//!   and every step was captured (no capture error; the last one as one graph over every
+//!   device); on two devices the second split also
 //!   sums through NCCL only (`set_peer_sum(false)`), so the peer-memory sum of small calls
 //!   is checked against NCCL's bits.
 //!
@@ -466,6 +467,11 @@ fn cached_case(
         multi.step_graph_error(),
         None,
         "{name}: the cached steps were not captured"
+    );
+    assert_eq!(
+        multi.step_graph_count(),
+        1,
+        "{name}: the last step was not captured as one graph over every device"
     );
     for i in 0..n {
         let (k, v) = cache.device(i).unwrap().read_f32().unwrap();

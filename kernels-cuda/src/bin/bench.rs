@@ -796,6 +796,9 @@ mod cuda_main {
                     if let Some(e) = m.step_graph_error() {
                         println!("(graph capture failed, launches instead: {e})");
                     }
+                    if graphs && *n > 1 && m.step_graph_count() != 1 {
+                        println!("(one graph per device: the joint capture failed)");
+                    }
                     let (mut nccl, mut span, mut phases) = (0.0f64, vec![0.0f64; *n], [0.0f64; 5]);
                     let start = Instant::now();
                     for _ in 0..iters {

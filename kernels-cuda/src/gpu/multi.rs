@@ -1537,7 +1537,14 @@ impl<'a> MultiGpuLayer<'a> {
             let key = self.step_key(&fronts, &rows, output);
             if self.step_graphs.as_ref().is_none_or(|g| g.key != key) {
                 self.step_graphs = None;
-                match self.capture_step(&mut fronts, &rows, tokens, output, cache) {
+                // One graph over every device (one launch per step), else one per device.
+                let joint = self.gpus.len() > 1;
+                let mut captured =
+                    self.capture_step(&mut fronts, &rows, tokens, output, cache, joint);
+                if joint && captured.is_err() {
+                    captured = self.capture_step(&mut fronts, &rows, tokens, output, cache, false);
+                }
+                match captured {
                     Ok(execs) => self.step_graphs = Some(StepGraphs { key, execs }),
                     Err(e) => {
                         // Replays are an optimisation: a step that cannot be captured runs
@@ -1559,9 +1566,27 @@ impl<'a> MultiGpuLayer<'a> {
             for ((g, lane), exec) in self.gpus.iter().zip(&self.lanes).zip(&graphs.execs) {
                 g.set_current()?;
                 record(lane.step.0, g.stream)?;
-                // SAFETY: captured in this context for a step of the same key: the same
-                // launches over the same buffers, whose contents this call has staged.
+                // SAFETY: captured in this context (device 0's, for a graph over every
+                // device) for a step of the same key: the same launches over the same
+                // buffers, whose contents this call has staged. Every stream of the layer is
+                // idle (each call ends synchronised), so a joint graph's nodes on the other
+                // devices follow all earlier work there too.
                 unsafe { exec.launch(g.stream)? };
+            }
+            if graphs.execs.len() == 1 && self.gpus.len() > 1 {
+                // The other devices' streams wait for the joint graph, so that what follows
+                // on them (the step's end, the metadata's release, the wait) comes after it.
+                let g0 = &self.gpus[0];
+                g0.set_current()?;
+                record(self.lanes[0].chunk_ev, g0.stream)?;
+                for (g, lane) in self.gpus.iter().zip(&self.lanes).skip(1) {
+                    g.set_current()?;
+                    record(lane.step.0, g.stream)?;
+                    // SAFETY: live stream; the event was just recorded on device 0's stream.
+                    drv("cuStreamWaitEvent", unsafe {
+                        cu::cuStreamWaitEvent(g.stream, self.lanes[0].chunk_ev, 0)
+                    })?;
+                }
             }
             for (g, lane) in self.gpus.iter_mut().zip(&self.lanes) {
                 g.set_current()?;
@@ -1647,7 +1672,11 @@ impl<'a> MultiGpuLayer<'a> {
         tokens: usize,
         output: (Option<*mut f32>, &[u64]),
         cache: &MultiGpuKvCache,
+        joint: bool,
     ) -> Result<Vec<Exec>> {
+        if joint {
+            return self.capture_joint(fronts, rows, tokens, output, cache);
+        }
         let mut begun = 0;
         let mut result = Ok(());
         for g in &self.gpus {
@@ -1676,6 +1705,65 @@ impl<'a> MultiGpuLayer<'a> {
                     Err(e) => result = Err(e),
                 }
             } else {
+                // SAFETY: the layer's stream, in its (current) context.
+                unsafe { graph::abandon_capture(g.stream) };
+            }
+        }
+        result.map(|()| execs)
+    }
+
+    /// [`MultiGpuLayer::capture_step`] into one graph over every device: the other devices'
+    /// streams join device 0's capture (they wait for an event recorded in it) and rejoin it
+    /// at the end, so that one launch on device 0's stream runs the whole step.
+    fn capture_joint(
+        &mut self,
+        fronts: &mut [CachedFront],
+        rows: &[CachedX<'_>],
+        tokens: usize,
+        output: (Option<*mut f32>, &[u64]),
+        cache: &MultiGpuKvCache,
+    ) -> Result<Vec<Exec>> {
+        let (s0, fork) = (self.gpus[0].stream, self.lanes[0].done_ev);
+        self.gpus[0].set_current()?;
+        // SAFETY: device 0's stream, in its (current) context, not capturing.
+        unsafe { graph::begin_capture(s0)? };
+        let mut result = (|| -> Result<()> {
+            record(fork, s0)?;
+            for g in &self.gpus[1..] {
+                g.set_current()?;
+                // SAFETY: live stream; the event was recorded in the capture just begun.
+                drv("cuStreamWaitEvent", unsafe {
+                    cu::cuStreamWaitEvent(g.stream, fork, 0)
+                })?;
+            }
+            self.untimed = true;
+            // SAFETY: as in `cached_step`; the streams are capturing, so nothing runs yet.
+            let enqueued = unsafe { self.enqueue_step(fronts, rows, tokens, output, cache) };
+            self.untimed = false;
+            enqueued?;
+            for (g, lane) in self.gpus.iter().zip(&self.lanes).skip(1) {
+                g.set_current()?;
+                record(lane.done_ev, g.stream)?;
+                self.gpus[0].set_current()?;
+                // SAFETY: live stream; the event was recorded in the same capture.
+                drv("cuStreamWaitEvent", unsafe {
+                    cu::cuStreamWaitEvent(s0, lane.done_ev, 0)
+                })?;
+            }
+            Ok(())
+        })();
+        let mut execs = Vec::with_capacity(1);
+        let _ = self.gpus[0].set_current();
+        if result.is_ok() {
+            // SAFETY: device 0's stream is capturing in its (current) context.
+            match unsafe { Exec::end_capture(s0) } {
+                Ok(e) => execs.push(e),
+                Err(e) => result = Err(e),
+            }
+        }
+        if result.is_err() {
+            for g in &self.gpus {
+                let _ = g.set_current();
                 // SAFETY: the layer's stream, in its (current) context.
                 unsafe { graph::abandon_capture(g.stream) };
             }
@@ -1750,6 +1838,13 @@ impl<'a> MultiGpuLayer<'a> {
     pub fn set_peer_sum(&mut self, on: bool) -> bool {
         self.peer_on = on;
         self.peer.is_some()
+    }
+
+    /// Benchmark diagnostics: the graphs of the captured cached step (1 over every device, or
+    /// one per device; 0 before a capture or with graphs off).
+    #[doc(hidden)]
+    pub fn step_graph_count(&self) -> usize {
+        self.step_graphs.as_ref().map_or(0, |g| g.execs.len())
     }
 
     /// Why the last capture of a cached step failed, if one did since graphs were turned on.
