@@ -393,6 +393,12 @@ impl<'a> MultiGpuLayer<'a> {
         match self.never {}
     }
 
+    /// Whether replayed cached steps record their device span (unreachable in this build).
+    #[doc(hidden)]
+    pub fn set_step_timing(&mut self, _on: bool) {
+        match self.never {}
+    }
+
     /// The graphs of the captured cached step (unreachable in this build).
     #[doc(hidden)]
     pub fn step_graph_count(&self) -> usize {

@@ -760,16 +760,21 @@ mod cuda_main {
             println!(
                 "{rounds} rounds; in each, every case runs 3 warm-up steps and {iters} timed ones \
                  (cases interleaved, so that a noisy stretch of the host hits every case alike); \
-                 ms = median over the rounds of the mean step"
+                 ms = median over the rounds of the mean step; device spans and host phases \
+                 from one more round with step timing on"
             );
             let mut times = vec![Vec::new(); cases.len()];
             let mut last = vec![(0.0f64, Vec::new(), [0.0f64; 5]); cases.len()];
-            for _ in 0..rounds {
+            // The last round is not timed: it records the device spans (step timing on, which
+            // costs replayed steps a few microseconds of host work) and the host phases.
+            for round in 0..=rounds {
+                let diagnostics = round == rounds;
                 for (ci, &(si, r, peer, (graphs, resident))) in cases.iter().enumerate() {
                     let (n, m, cache, bufs, _) = &mut splits[si];
                     m.set_reduce(r)?;
                     m.set_peer_sum(peer);
                     m.set_step_graphs(graphs);
+                    m.set_step_timing(diagnostics);
                     let xs: Vec<u64> = bufs.iter().map(|b| b.0.as_device_ptr().as_raw()).collect();
                     let outs: Vec<u64> =
                         bufs.iter().map(|b| b.1.as_device_ptr().as_raw()).collect();
@@ -811,8 +816,11 @@ mod cuda_main {
                             *s += *v as f64 / iters as f64;
                         }
                     }
-                    times[ci].push(start.elapsed().as_secs_f64() * 1e3 / iters as f64);
-                    last[ci] = (nccl, span, phases);
+                    if diagnostics {
+                        last[ci] = (nccl, span, phases);
+                    } else {
+                        times[ci].push(start.elapsed().as_secs_f64() * 1e3 / iters as f64);
+                    }
                 }
             }
             let median = |v: &[f64]| {

@@ -343,6 +343,8 @@ pub struct MultiGpuLayer<'a> {
     untimed: bool,
     /// The peer-memory all-reduce of small exact sums (none without peer access).
     peer: Option<PeerSum>,
+    /// Whether replayed cached steps record their device span ([`MultiGpuLayer::set_step_timing`]).
+    step_timing: bool,
     /// Whether small exact sums use `peer` ([`MultiGpuLayer::set_peer_sum`]).
     peer_on: bool,
     /// Enqueue the devices' work stage by stage (every device's first kernel before any
@@ -551,6 +553,7 @@ impl<'a> MultiGpuLayer<'a> {
             untimed: false,
             peer,
             peer_on: true,
+            step_timing: false,
             by_stage: true,
             comm_high: true,
             enqueue_us: Vec::new(),
@@ -1558,42 +1561,22 @@ impl<'a> MultiGpuLayer<'a> {
         } else {
             false
         };
-        if let Some(graphs) = self.step_graphs.as_ref().filter(|_| graphed) {
+        if graphed {
             // The collectives run inside the graphs, untimed.
             self.nccl_ms = 0.0;
-            // Every graph first: the last device's step starts (and the step ends) as early
-            // as the host allows.
-            for ((g, lane), exec) in self.gpus.iter().zip(&self.lanes).zip(&graphs.execs) {
-                g.set_current()?;
-                record(lane.step.0, g.stream)?;
-                // SAFETY: captured in this context (device 0's, for a graph over every
-                // device) for a step of the same key: the same launches over the same
-                // buffers, whose contents this call has staged. Every stream of the layer is
-                // idle (each call ends synchronised), so a joint graph's nodes on the other
-                // devices follow all earlier work there too.
-                unsafe { exec.launch(g.stream)? };
-            }
-            if graphs.execs.len() == 1 && self.gpus.len() > 1 {
-                // The other devices' streams wait for the joint graph, so that what follows
-                // on them (the step's end, the metadata's release, the wait) comes after it.
-                let g0 = &self.gpus[0];
-                g0.set_current()?;
-                record(self.lanes[0].chunk_ev, g0.stream)?;
-                for (g, lane) in self.gpus.iter().zip(&self.lanes).skip(1) {
-                    g.set_current()?;
-                    record(lane.step.0, g.stream)?;
-                    // SAFETY: live stream; the event was just recorded on device 0's stream.
-                    drv("cuStreamWaitEvent", unsafe {
-                        cu::cuStreamWaitEvent(g.stream, self.lanes[0].chunk_ev, 0)
-                    })?;
-                }
-            }
-            for (g, lane) in self.gpus.iter_mut().zip(&self.lanes) {
-                g.set_current()?;
-                record(lane.step.1, g.stream)?;
-                g.mark_meta_uploaded()?;
-            }
+            let launched = self.launch_step_graphs();
             lap(3);
+            if let Err(e) = launched {
+                // A graph already launched may still read the staged metadata and x.
+                let _ = self.finish(false, false);
+                return Err(e);
+            }
+            if self.step_timing {
+                self.finish(false, true)?;
+            } else {
+                self.step_ms.clear();
+                self.finish_graphs()?;
+            }
         } else {
             for (g, lane) in self.gpus.iter().zip(&self.lanes) {
                 g.set_current()?;
@@ -1616,14 +1599,74 @@ impl<'a> MultiGpuLayer<'a> {
                 record(lane.step.1, g.stream)?;
             }
             lap(3);
+            self.finish(true, true)?;
         }
-        self.finish(!graphed, true)?;
         if let (Some(out), Some(p)) = (host_out, self.pinned_out.as_mut()) {
             out.copy_from_slice(p.f32_mut(out_len));
         }
         lap(4);
         self.host_phases_us = phases;
         Ok(self.backend())
+    }
+
+    /// Launches the captured step: one graph over every device, or one per device. Without
+    /// step timing ([`MultiGpuLayer::set_step_timing`]) that is all the host enqueues: the
+    /// staged metadata needs no release event, since the call waits for the graphs before
+    /// it returns (and before a later call restages it).
+    fn launch_step_graphs(&mut self) -> Result<()> {
+        let Some(graphs) = self.step_graphs.as_ref() else {
+            return Err(Error::Unsupported("no captured step".into()));
+        };
+        let timed = self.step_timing;
+        for ((g, lane), exec) in self.gpus.iter().zip(&self.lanes).zip(&graphs.execs) {
+            g.set_current()?;
+            if timed {
+                record(lane.step.0, g.stream)?;
+            }
+            // SAFETY: captured in this context (device 0's, for a graph over every device)
+            // for a step of the same key: the same launches over the same buffers, whose
+            // contents this call has staged. Every stream of the layer is idle (each call
+            // ends synchronised), so a joint graph's nodes on the other devices follow all
+            // earlier work there too.
+            unsafe { exec.launch(g.stream)? };
+        }
+        if !timed {
+            return Ok(());
+        }
+        if graphs.execs.len() == 1 && self.gpus.len() > 1 {
+            // The other devices' streams wait for the joint graph, so that the step's end
+            // recorded on them comes after it.
+            let g0 = &self.gpus[0];
+            g0.set_current()?;
+            record(self.lanes[0].chunk_ev, g0.stream)?;
+            for (g, lane) in self.gpus.iter().zip(&self.lanes).skip(1) {
+                g.set_current()?;
+                record(lane.step.0, g.stream)?;
+                // SAFETY: live stream; the event was just recorded on device 0's stream.
+                drv("cuStreamWaitEvent", unsafe {
+                    cu::cuStreamWaitEvent(g.stream, self.lanes[0].chunk_ev, 0)
+                })?;
+            }
+        }
+        for (g, lane) in self.gpus.iter().zip(&self.lanes) {
+            g.set_current()?;
+            record(lane.step.1, g.stream)?;
+        }
+        Ok(())
+    }
+
+    /// Waits for the launched step graphs: device 0's stream for one graph over every
+    /// device, every device's stream otherwise.
+    fn finish_graphs(&mut self) -> Result<()> {
+        let joint = self
+            .step_graphs
+            .as_ref()
+            .is_some_and(|g| g.execs.len() == 1);
+        let n = if joint { 1 } else { self.gpus.len() };
+        for g in &self.gpus[..n] {
+            g.synchronize()?;
+        }
+        Ok(())
     }
 
     /// Enqueues a planned cached step on every device: fronts, the norm statistics' sum,
@@ -1838,6 +1881,15 @@ impl<'a> MultiGpuLayer<'a> {
     pub fn set_peer_sum(&mut self, on: bool) -> bool {
         self.peer_on = on;
         self.peer.is_some()
+    }
+
+    /// Benchmark diagnostics: whether cached steps replayed as graphs also record each
+    /// device's span ([`MultiGpuLayer::last_step_device_ms`]; off by default: the events and
+    /// the cross-device waits they need cost the host a few microseconds per device).
+    /// Steps enqueued as launches always record it.
+    #[doc(hidden)]
+    pub fn set_step_timing(&mut self, on: bool) {
+        self.step_timing = on;
     }
 
     /// Benchmark diagnostics: the graphs of the captured cached step (1 over every device, or
