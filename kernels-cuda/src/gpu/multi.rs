@@ -1878,6 +1878,12 @@ impl<'a> MultiGpuLayer<'a> {
     /// order, so that every device holds the same bits (on two devices, the bits of NCCL's
     /// sum). Sums of more than 2 MiB per device, storage-type and chunked reductions always
     /// go through NCCL. Returns whether peer sums are available.
+    ///
+    /// [`MultiGpuLayer::new`] enables peer access between the devices' primary contexts for
+    /// it (a caller enabling it again gets CUDA's "already enabled"). As with NCCL, every
+    /// device must run its part: a step whose launch failed on one device after another
+    /// device's launch leaves that device waiting; its sum kernel traps after 10 s (the
+    /// device's context is then unusable) instead of hanging.
     pub fn set_peer_sum(&mut self, on: bool) -> bool {
         self.peer_on = on;
         self.peer.is_some()
