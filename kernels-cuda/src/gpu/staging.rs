@@ -67,6 +67,18 @@ impl Drop for Pinned {
 /// kernels load from metadata is 16 bytes).
 const ALIGN: usize = 16;
 
+/// Where parts of these lengths go in the packed buffer (each on an [`ALIGN`] boundary, in
+/// order, none overlapping the next), and the bytes the packed buffer needs.
+fn pack(lens: impl Iterator<Item = usize>) -> (Vec<usize>, usize) {
+    let mut offsets = Vec::new();
+    let mut total = 0usize;
+    for len in lens {
+        offsets.push(total);
+        total += len.next_multiple_of(ALIGN);
+    }
+    (offsets, total)
+}
+
 /// A page-locked host buffer and its device twin, rewritten by every call: the call's
 /// metadata arrays are packed into the host buffer ([`MetaUpload::stage`]) and go up in one
 /// copy ([`MetaUpload::enqueue`], possibly captured in a CUDA graph and replayed).
@@ -89,12 +101,7 @@ impl MetaUpload {
     ///
     /// The addresses stay valid until the next call (a layer's context must be current).
     pub(super) fn stage(&mut self, parts: &[&[u8]]) -> Result<Vec<u64>> {
-        let mut offsets = Vec::with_capacity(parts.len());
-        let mut total = 0usize;
-        for p in parts {
-            offsets.push(total);
-            total += p.len().next_multiple_of(ALIGN);
-        }
+        let (offsets, total) = pack(parts.iter().map(|p| p.len()));
         if let Some(e) = &self.done {
             e.wait()?;
         }
@@ -193,5 +200,46 @@ impl Drop for Event {
         unsafe {
             cu::cuEventDestroy_v2(self.0);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{pack, ALIGN};
+
+    #[test]
+    fn packed_parts_are_aligned_in_order_and_disjoint() {
+        let cases: [&[usize]; 5] = [
+            &[],
+            &[0],
+            &[16, 4, 0, 33],
+            &[1, 15, 16, 17],
+            &[4096, 8, 12_345],
+        ];
+        for lens in cases {
+            let (offsets, total) = pack(lens.iter().copied());
+            assert_eq!(offsets.len(), lens.len());
+            let mut end = 0;
+            for (&o, &len) in offsets.iter().zip(lens) {
+                assert_eq!(o % ALIGN, 0, "{lens:?}: offset {o}");
+                assert!(o >= end, "{lens:?}: offset {o} overlaps the previous part");
+                end = o + len;
+            }
+            assert!(
+                end <= total,
+                "{lens:?}: the parts end at {end}, past {total}"
+            );
+            // No more than the alignment's padding per part.
+            let bytes: usize = lens.iter().sum();
+            assert!(
+                total < bytes + ALIGN * lens.len().max(1),
+                "{lens:?}: {total}"
+            );
+        }
+        // Exact for these: 16 + 16 + 0 + 48.
+        assert_eq!(
+            pack([16usize, 4, 0, 33].into_iter()),
+            (vec![0, 16, 32, 32], 80)
+        );
     }
 }
