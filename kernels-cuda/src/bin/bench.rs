@@ -764,7 +764,7 @@ mod cuda_main {
                  from one more round with step timing on"
             );
             let mut times = vec![Vec::new(); cases.len()];
-            let mut last = vec![(0.0f64, Vec::new(), [0.0f64; 5]); cases.len()];
+            let mut last = vec![(0.0f64, Vec::new(), [0.0f64; 4]); cases.len()];
             // The last round is not timed: it records the device spans (step timing on, which
             // costs replayed steps a few microseconds of host work) and the host phases.
             for round in 0..=rounds {
@@ -804,7 +804,7 @@ mod cuda_main {
                     if graphs && *n > 1 && m.step_graph_count() != 1 {
                         println!("(one graph per device: the joint capture failed)");
                     }
-                    let (mut nccl, mut span, mut phases) = (0.0f64, vec![0.0f64; *n], [0.0f64; 5]);
+                    let (mut nccl, mut span, mut phases) = (0.0f64, vec![0.0f64; *n], [0.0f64; 4]);
                     let start = Instant::now();
                     for _ in 0..iters {
                         step(m)?;
@@ -848,7 +848,7 @@ mod cuda_main {
                     .map_or(f64::NAN, |(_, &v)| v)
             };
             let best_one = |resident: bool| one((false, resident)).min(one((true, resident)));
-            println!("| GPUs | reduce | mode | ms per step (median) | min / max of rounds | ratio vs 1 GPU, same mode | ratio vs fastest 1-GPU mode, same I/O | ms in NCCL | device span per device (ms) | attention + merge alone, per device (ms) | host us at: validated / planned / - / enqueued / done |");
+            println!("| GPUs | reduce | mode | ms per step (median) | min / max of rounds | ratio vs 1 GPU, same mode | ratio vs fastest 1-GPU mode, same I/O | ms in NCCL | device span per device (ms) | attention + merge alone, per device (ms) | host us at: validated / planned / enqueued / done |");
             println!("| --- | --- | --- | ---: | --- | ---: | ---: | ---: | --- | --- | --- |");
             for (ci, &(si, r, peer, mode)) in cases.iter().enumerate() {
                 let reduce = format!("{}{}", name(&r), if peer { ", peer sum" } else { "" });

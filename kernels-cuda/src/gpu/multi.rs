@@ -330,7 +330,7 @@ pub struct MultiGpuLayer<'a> {
     pinned_out: Option<Pinned>,
     step_ms: Vec<f32>,
     /// Host microseconds of the last cached call's phases ([`MultiGpuLayer::last_host_phases_us`]).
-    host_phases_us: [f64; 5],
+    host_phases_us: [f64; 4],
     /// Whether cached steps are captured and replayed as CUDA graphs (on unless turned off
     /// or a capture failed).
     step_graphs_on: bool,
@@ -546,7 +546,7 @@ impl<'a> MultiGpuLayer<'a> {
             pinned: None,
             pinned_out: None,
             step_ms: Vec::new(),
-            host_phases_us: [0.0; 5],
+            host_phases_us: [0.0; 4],
             step_graphs_on: true,
             step_graphs: None,
             step_graph_error: None,
@@ -1437,7 +1437,7 @@ impl<'a> MultiGpuLayer<'a> {
         out: StepOut<'_>,
     ) -> Result<GpuBackend> {
         let t0 = Instant::now();
-        let mut phases = [0.0f64; 5];
+        let mut phases = [0.0f64; 4];
         let mut lap = |i: usize| phases[i] = t0.elapsed().as_secs_f64() * 1e6;
         let geometry = cache.geometry;
         let c = self.layer.config().n_embd;
@@ -1542,10 +1542,13 @@ impl<'a> MultiGpuLayer<'a> {
                 self.step_graphs = None;
                 // One graph over every device (one launch per step), else one per device.
                 let joint = self.gpus.len() > 1;
-                let mut captured =
-                    self.capture_step(&mut fronts, &rows, tokens, output, cache, joint);
+                let mut captured = if joint {
+                    self.capture_joint(&mut fronts, &rows, tokens, output, cache)
+                } else {
+                    self.capture_per_device(&mut fronts, &rows, tokens, output, cache)
+                };
                 if joint && captured.is_err() {
-                    captured = self.capture_step(&mut fronts, &rows, tokens, output, cache, false);
+                    captured = self.capture_per_device(&mut fronts, &rows, tokens, output, cache);
                 }
                 match captured {
                     Ok(execs) => self.step_graphs = Some(StepGraphs { key, execs }),
@@ -1565,7 +1568,7 @@ impl<'a> MultiGpuLayer<'a> {
             // The collectives run inside the graphs, untimed.
             self.nccl_ms = 0.0;
             let launched = self.launch_step_graphs();
-            lap(3);
+            lap(2);
             if let Err(e) = launched {
                 // A graph already launched may still read the staged metadata and x.
                 let _ = self.finish(false, false);
@@ -1598,13 +1601,13 @@ impl<'a> MultiGpuLayer<'a> {
                 g.set_current()?;
                 record(lane.step.1, g.stream)?;
             }
-            lap(3);
+            lap(2);
             self.finish(true, true)?;
         }
         if let (Some(out), Some(p)) = (host_out, self.pinned_out.as_mut()) {
             out.copy_from_slice(p.f32_mut(out_len));
         }
-        lap(4);
+        lap(3);
         self.host_phases_us = phases;
         Ok(self.backend())
     }
@@ -1705,21 +1708,37 @@ impl<'a> MultiGpuLayer<'a> {
         Ok(())
     }
 
-    /// Captures a planned cached step ([`MultiGpuLayer::enqueue_step`]) on every device's
-    /// stream into a graph per device. Nothing runs: the caller launches the graphs. On
-    /// error every capture is ended and discarded.
-    fn capture_step(
+    /// [`MultiGpuLayer::enqueue_step`] on streams that are capturing, without timing
+    /// events (a replay would not record them).
+    ///
+    /// # Safety
+    /// As [`MultiGpuLayer::enqueue_step`]; every stream it enqueues on is capturing.
+    unsafe fn enqueue_captured(
         &mut self,
         fronts: &mut [CachedFront],
         rows: &[CachedX<'_>],
         tokens: usize,
         output: (Option<*mut f32>, &[u64]),
         cache: &MultiGpuKvCache,
-        joint: bool,
+    ) -> Result<()> {
+        self.untimed = true;
+        // SAFETY: per this function's contract; nothing runs before the graph is launched.
+        let enqueued = unsafe { self.enqueue_step(fronts, rows, tokens, output, cache) };
+        self.untimed = false;
+        enqueued
+    }
+
+    /// Captures a planned cached step ([`MultiGpuLayer::enqueue_step`]) on every device's
+    /// stream into a graph per device. Nothing runs: the caller launches the graphs. On
+    /// error every capture is ended and discarded.
+    fn capture_per_device(
+        &mut self,
+        fronts: &mut [CachedFront],
+        rows: &[CachedX<'_>],
+        tokens: usize,
+        output: (Option<*mut f32>, &[u64]),
+        cache: &MultiGpuKvCache,
     ) -> Result<Vec<Exec>> {
-        if joint {
-            return self.capture_joint(fronts, rows, tokens, output, cache);
-        }
         let mut begun = 0;
         let mut result = Ok(());
         for g in &self.gpus {
@@ -1733,10 +1752,8 @@ impl<'a> MultiGpuLayer<'a> {
             begun += 1;
         }
         if result.is_ok() {
-            self.untimed = true;
-            // SAFETY: as in `cached_step`; the streams are capturing, so nothing runs yet.
-            result = unsafe { self.enqueue_step(fronts, rows, tokens, output, cache) };
-            self.untimed = false;
+            // SAFETY: as in `cached_step`; every device's stream is capturing.
+            result = unsafe { self.enqueue_captured(fronts, rows, tokens, output, cache) };
         }
         let mut execs = Vec::with_capacity(begun);
         for g in &self.gpus[..begun] {
@@ -1755,9 +1772,9 @@ impl<'a> MultiGpuLayer<'a> {
         result.map(|()| execs)
     }
 
-    /// [`MultiGpuLayer::capture_step`] into one graph over every device: the other devices'
-    /// streams join device 0's capture (they wait for an event recorded in it) and rejoin it
-    /// at the end, so that one launch on device 0's stream runs the whole step.
+    /// [`MultiGpuLayer::capture_per_device`], but into one graph over every device: the
+    /// other devices' streams join device 0's capture (they wait for an event recorded in it)
+    /// and rejoin it at the end, so that one launch on device 0's stream runs the whole step.
     fn capture_joint(
         &mut self,
         fronts: &mut [CachedFront],
@@ -1779,11 +1796,8 @@ impl<'a> MultiGpuLayer<'a> {
                     cu::cuStreamWaitEvent(g.stream, fork, 0)
                 })?;
             }
-            self.untimed = true;
-            // SAFETY: as in `cached_step`; the streams are capturing, so nothing runs yet.
-            let enqueued = unsafe { self.enqueue_step(fronts, rows, tokens, output, cache) };
-            self.untimed = false;
-            enqueued?;
+            // SAFETY: as in `cached_step`; every device's stream has joined the capture.
+            unsafe { self.enqueue_captured(fronts, rows, tokens, output, cache)? };
             for (g, lane) in self.gpus.iter().zip(&self.lanes).skip(1) {
                 g.set_current()?;
                 record(lane.done_ev, g.stream)?;
@@ -1846,12 +1860,11 @@ impl<'a> MultiGpuLayer<'a> {
     }
 
     /// Benchmark diagnostics: host microseconds from the start of the last successful cached
-    /// call to the end of (0) validation and staging of `x`, (1) every device's front
-    /// (uploads, projections), (2) every device's attention enqueue, (3) the output
-    /// projections, reduction and download enqueue, (4) the wait for every device and the
-    /// copy out.
+    /// call to the end of (0) validation and staging of `x`, (1) every device's plan, (2) the
+    /// enqueue of the step (its graph launch, or every launch and copy), (3) the wait for
+    /// every device and the copy out.
     #[doc(hidden)]
-    pub fn last_host_phases_us(&self) -> [f64; 5] {
+    pub fn last_host_phases_us(&self) -> [f64; 4] {
         self.host_phases_us
     }
 
