@@ -5,8 +5,10 @@
 // the V pool). A sequence names its blocks in a table; logical key j lives in slot
 // s = j (or j mod capacity for a rolling cache) of block table[s / block_size].
 //
+// The new tokens' k and v (RoPE applied) reach their slots before these kernels run: the
+// norm/RoPE pass (`qkv_prep` in rope_norm.cu) stores them there.
+//
 // Kernels:
-//   kv_append_<t>      writes the new tokens' k and v (RoPE applied) into their slots;
 //   decode_tc_<t>_d<D>_w<W>_s<S>  (bf16 / f16 storage, head_dim D): one CTA per (work item,
 //                      KV head, chunk of up to 8 query heads); a work item is one new token and
 //                      one split (a range of keys it sees). Each of the CTA's W warps streams
@@ -573,33 +575,6 @@ __device__ __forceinline__ void decode_tc(const DecodeParams& p) {
     finish_cta<T>(p, item, token, g, r0, nr, sO, sML, W, TC_HEADS, D);
 }
 
-struct AppendParams {
-    const void* k;            // [n, KV * D] new keys, storage type
-    const void* v;
-    void* kpool;
-    void* vpool;
-    const long long* dst;     // [n] element offset of (block, head 0, slot) / D
-    int n_kv_head;
-    int head_dim;
-    int block_size;
-};
-
-// One CTA per (new token, KV head).
-template <typename T>
-__device__ __forceinline__ void append(const AppendParams& p) {
-    const int t = blockIdx.x, g = blockIdx.y, D = p.head_dim;
-    const size_t src = ((size_t)t * p.n_kv_head + g) * D;
-    const size_t dst = ((size_t)p.dst[t] + (size_t)g * p.block_size) * D;
-    const T* k = reinterpret_cast<const T*>(p.k);
-    const T* v = reinterpret_cast<const T*>(p.v);
-    T* kp = reinterpret_cast<T*>(p.kpool);
-    T* vp = reinterpret_cast<T*>(p.vpool);
-    for (int d = threadIdx.x; d < D; d += blockDim.x) {
-        kp[dst + d] = k[src + d];
-        vp[dst + d] = v[src + d];
-    }
-}
-
 #define ATTNRT_DECODE(TY, NAME, L, RP, KB)                                                   \
     extern "C" __global__ void __launch_bounds__(DEC_THREADS) decode_##NAME##_l##L##_r##RP( \
         DecodeParams p) {                                                                    \
@@ -613,8 +588,7 @@ __device__ __forceinline__ void append(const AppendParams& p) {
 #define ATTNRT_DECODE_ALL(TY, NAME)                                                   \
     ATTNRT_DECODE_L(TY, NAME, 8)                                                     \
     ATTNRT_DECODE_L(TY, NAME, 16)                                                    \
-    ATTNRT_DECODE_L(TY, NAME, 32)                                                    \
-    extern "C" __global__ void kv_append_##NAME(AppendParams p) { append<TY>(p); }
+    ATTNRT_DECODE_L(TY, NAME, 32)
 
 ATTNRT_DECODE_ALL(float, f32)
 ATTNRT_DECODE_ALL(__nv_bfloat16, bf16)

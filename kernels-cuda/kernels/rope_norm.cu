@@ -1,7 +1,7 @@
 // The steps between the projections and attention (SPEC.md steps 1-5 after the GEMM), fused
-// into one pass per token: bias, QK RMSNorm (full or per head), rotary embedding (interleaved
-// or half-split, from a cos/sin table), and the store of q, k, v in the attention's storage
-// type. Plus the small element-wise kernels of the executor (bias on the output, f32 ->
+// into one pass per token and part (q, k, v): bias, QK RMSNorm (full or per head), rotary
+// embedding (interleaved or half-split, from a cos/sin table), and the store of q, k, v in the
+// attention's storage type (k and v of a cached call straight into the KV cache). Plus the small element-wise kernels of the executor (bias on the output, f32 ->
 // storage conversion, storage -> f32 widening of a reduced output).
 //
 // Full QK-norm in a head split across devices takes two passes: `qkv_sumsq` writes each
@@ -33,6 +33,12 @@ struct PrepParams {
     int tokens;             // with `stats`: tokens of the call (offset of the k sums)
     int q_width;            // with `stats`: the unsplit q row's width (divisor of the q mean)
     int k_width;            // with `stats`: the unsplit k row's width
+    // A cached call's append, fused: with `dst`, k and v go straight into the KV cache's
+    // pools (row (dst[token] + head * block_size) of `kpool` / `vpool`) instead of `k` / `v`.
+    void* kpool;
+    void* vpool;
+    const long long* dst;   // [B*T] pool row of (block, head 0, slot) of each new token, or null
+    int block_size;
 };
 
 __device__ __forceinline__ float block_sum(float v, float* red) {
@@ -45,12 +51,13 @@ __device__ __forceinline__ float block_sum(float v, float* red) {
     return warp_sum(t);
 }
 
-// One part (q or k) of one token: n heads of D values at `src`, into `dst`. With `gsum` (full
-// QK-norm across devices), the token's global sum of squares and `gwidth` its divisor.
+// One part (q or k) of one token: n heads of D values at `src`, into `dst` (head h's row at
+// dst + h * hstride). With `gsum` (full QK-norm across devices), the token's global sum of
+// squares and `gwidth` its divisor.
 template <typename T>
 __device__ void prep_part(const PrepParams& p, float* buf, float* red, const float* src,
-                          const float* bias, const float* norm, const float* cs, T* dst, int n,
-                          const float* gsum, int gwidth) {
+                          const float* bias, const float* norm, const float* cs, T* dst,
+                          size_t hstride, int n, const float* gsum, int gwidth) {
     const int D = p.head_dim, len = n * D;
     const int tid = threadIdx.x, nt = blockDim.x;
     const int lane = tid & 31, warp = tid >> 5, nw = nt >> 5;
@@ -90,39 +97,54 @@ __device__ void prep_part(const PrepParams& p, float* buf, float* red, const flo
             const int bb = p.half_split ? i + half : 2 * i + 1;
             const float c = cs[2 * i], s = cs[2 * i + 1];
             const float x = buf[h * D + a], y = buf[h * D + bb];
-            dst[h * D + a] = from_f32<T>(x * c - y * s);
-            dst[h * D + bb] = from_f32<T>(x * s + y * c);
+            dst[h * hstride + a] = from_f32<T>(x * c - y * s);
+            dst[h * hstride + bb] = from_f32<T>(x * s + y * c);
         }
     } else {
-        for (int i = tid; i < len; i += nt) dst[i] = from_f32<T>(buf[i]);
+        for (int i = tid; i < len; i += nt) {
+            const int h = i / D;
+            dst[h * hstride + (i - h * D)] = from_f32<T>(buf[i]);
+        }
     }
-    __syncthreads();
 }
 
-// Grid: one CTA per token (B*T); dynamic shared memory: max(H, KV) * D floats.
+// Grid: (B*T tokens, 3 parts: q, k, v), so that a decode step's few tokens still fill a
+// few dozen SMs and the parts' dependent load-normalise-store chains run side by side;
+// dynamic shared memory: max(H, KV) * D floats.
 template <typename T>
 __device__ void qkv_prep(const PrepParams& p) {
     extern __shared__ float prep_smem[];
     __shared__ float red[32];
-    const int token = blockIdx.x;
+    const int token = blockIdx.x, part = blockIdx.y;
     const int D = p.head_dim;
     const int qd = p.n_head * D, kvd = p.n_kv_head * D, width = qd + 2 * kvd;
     const float* row = p.qkv + (size_t)token * width;
-    const float* cs = nullptr;
-    if (p.cs) {
-        const int r = p.cs_rows ? p.cs_rows[token] : token % p.cs_period;
-        cs = p.cs + (size_t)r * D;
-    }
     const float* bias = p.bias;
-    const float* qs = p.stats ? p.stats + token : nullptr;
-    const float* ks = p.stats ? p.stats + p.tokens + token : nullptr;
-    prep_part<T>(p, prep_smem, red, row, bias, p.q_norm, cs, (T*)p.q + (size_t)token * qd, p.n_head,
-                 qs, p.q_width);
-    prep_part<T>(p, prep_smem, red, row + qd, bias ? bias + qd : nullptr, p.k_norm, cs,
-                 (T*)p.k + (size_t)token * kvd, p.n_kv_head, ks, p.k_width);
-    T* v = (T*)p.v + (size_t)token * kvd;
-    for (int i = threadIdx.x; i < kvd; i += blockDim.x)
-        v[i] = from_f32<T>(row[qd + kvd + i] + (bias ? bias[qd + kvd + i] : 0.0f));
+    const float* cs = nullptr;  // the token's rotary (cos, sin) row
+    if (p.cs) cs = p.cs + (size_t)(p.cs_rows ? p.cs_rows[token] : token % p.cs_period) * D;
+    if (part == 0) {
+        const float* qs = p.stats ? p.stats + token : nullptr;
+        prep_part<T>(p, prep_smem, red, row, bias, p.q_norm, cs, (T*)p.q + (size_t)token * qd,
+                     D, p.n_head, qs, p.q_width);
+        return;
+    }
+    // k and v: this token's rows in the pools (a cached call), else in the k / v buffers.
+    const bool pooled = p.dst != nullptr;
+    const size_t hstride = pooled ? (size_t)p.block_size * D : (size_t)D;
+    const size_t base = pooled ? (size_t)p.dst[token] * D : (size_t)token * kvd;
+    if (part == 1) {
+        const float* ks = p.stats ? p.stats + p.tokens + token : nullptr;
+        T* k = (T*)(pooled ? p.kpool : p.k) + base;
+        prep_part<T>(p, prep_smem, red, row + qd, bias ? bias + qd : nullptr, p.k_norm, cs, k,
+                     hstride, p.n_kv_head, ks, p.k_width);
+        return;
+    }
+    T* v = (T*)(pooled ? p.vpool : p.v) + base;
+    for (int i = threadIdx.x; i < kvd; i += blockDim.x) {
+        const int h = i / D;
+        v[h * hstride + (i - h * D)] =
+            from_f32<T>(row[qd + kvd + i] + (bias ? bias[qd + kvd + i] : 0.0f));
+    }
 }
 
 extern "C" __global__ void __launch_bounds__(256) qkv_prep_f32(PrepParams p) { qkv_prep<float>(p); }
@@ -201,6 +223,21 @@ __device__ void convert(const ConvertParams& p) {
 }
 extern "C" __global__ void convert_f32_bf16(ConvertParams p) { convert<__nv_bfloat16>(p); }
 extern "C" __global__ void convert_f32_f16(ConvertParams p) { convert<__half>(p); }
+
+// dst[i] = src[i] for n 16-byte words, src in page-locked host memory mapped into the device's
+// address space: a cached step's metadata upload as a kernel. In a replayed graph a copy-engine
+// upload followed by a kernel cost about 10 us more than the copy itself (H200, CUPTI timeline);
+// kernel-to-kernel edges cost well under one.
+struct UploadParams {
+    const uint4* src;
+    uint4* dst;
+    long long n;
+};
+extern "C" __global__ void upload_u4(UploadParams p) {
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < p.n; i += stride)
+        p.dst[i] = p.src[i];
+}
 
 // out[i] = in[i] (storage type, widened) + bias[(col0 + i) mod cols] (or 0 without a bias) for
 // n elements of [*, cols] rows starting at column col0: the output of a head split reduced in

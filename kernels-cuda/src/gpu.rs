@@ -351,6 +351,21 @@ struct PrepParams {
     tokens: i32,
     q_width: i32,
     k_width: i32,
+    kpool: u64,
+    vpool: u64,
+    dst: u64,
+    block_size: i32,
+}
+
+/// Where a cached call's new keys and values go: `qkv_prep` writes them into the KV cache's
+/// pools itself (the append fused into the norm/RoPE pass), at the pool rows `dst` holds.
+#[derive(Clone, Copy)]
+pub(super) struct PoolAppend {
+    pub(super) kpool: u64,
+    pub(super) vpool: u64,
+    /// `[tokens]` i64 on the device: pool row of (block, head 0, slot) of each new token.
+    pub(super) dst: u64,
+    pub(super) block_size: usize,
 }
 
 #[repr(C)]
@@ -525,6 +540,8 @@ pub struct GpuLayer<'a> {
     f_convert: Option<cu::CUfunction>,
     f_bias: cu::CUfunction,
     f_sumsq: cu::CUfunction,
+    /// `upload_u4`: a cached step's metadata upload as a kernel (see `MetaUpload::enqueue`).
+    f_upload: cu::CUfunction,
     stream: cu::CUstream,
     cublas: Cublas,
     // Device buffers.
@@ -650,6 +667,7 @@ impl<'a> GpuLayer<'a> {
             )?),
         };
         let f_bias = function(&kernels.rope_norm, "add_bias_f32")?;
+        let f_upload = function(&kernels.rope_norm, "upload_u4")?;
         let f_sumsq = function(&kernels.rope_norm, "qkv_sumsq")?;
         // The limit is a property of the function, shared by every layer of the process: set it
         // to the device's maximum (the same value from every thread), never to one layer's need,
@@ -716,6 +734,7 @@ impl<'a> GpuLayer<'a> {
             f_prep,
             f_convert,
             f_bias,
+            f_upload,
             f_sumsq,
             stream,
             cublas,
@@ -1084,7 +1103,7 @@ impl<'a> GpuLayer<'a> {
         stream: cu::CUstream,
     ) -> Result<Front> {
         // SAFETY: per this function's contract.
-        let prep = unsafe { self.qkv_finish(start.qkv, stream)? };
+        let prep = unsafe { self.qkv_finish(start.qkv, None, stream)? };
         Ok(Front {
             mask: start.mask,
             batch: start.batch,
@@ -1239,16 +1258,19 @@ impl<'a> GpuLayer<'a> {
     }
 
     /// The rest of the projections begun by [`GpuLayer::qkv_start`]: the fused q/k/v GEMM
-    /// and the bias / QK-norm / RoPE pass. With a norm share the pass is not launched: the
+    /// and the bias / QK-norm / RoPE pass, which with `append` stores k and v into a KV
+    /// cache's pools instead of the k/v buffers. With a norm share the pass is not launched: the
     /// sums of squares of this device's heads go to the statistics buffer and the pass is
     /// returned, for [`GpuLayer::finish_prep`] once the caller has summed the statistics
     /// across the devices.
     ///
     /// # Safety
-    /// `start` is this layer's last [`GpuLayer::qkv_start`], on the same stream.
+    /// `start` is this layer's last [`GpuLayer::qkv_start`], on the same stream; `append`'s
+    /// pools and rows hold the call's tokens until the pass has run.
     unsafe fn qkv_finish(
         &mut self,
         start: QkvStart,
+        append: Option<PoolAppend>,
         stream: cu::CUstream,
     ) -> Result<Option<PendingPrep>> {
         let cfg = self.cfg;
@@ -1300,6 +1322,10 @@ impl<'a> GpuLayer<'a> {
             tokens: n as i32,
             q_width: 0,
             k_width: 0,
+            kpool: append.map_or(0, |a| a.kpool),
+            vpool: append.map_or(0, |a| a.vpool),
+            dst: append.map_or(0, |a| a.dst),
+            block_size: append.map_or(0, |a| a.block_size as i32),
         };
         let pending = PendingPrep { pp, n };
         let (Some(part), Some(stats)) = (self.norm_share, &self.stats) else {
@@ -1339,7 +1365,7 @@ impl<'a> GpuLayer<'a> {
         unsafe {
             launch(
                 self.f_prep,
-                (p.n as u32, 1, 1),
+                (p.n as u32, 3, 1),
                 PREP_THREADS,
                 prep_smem,
                 stream,

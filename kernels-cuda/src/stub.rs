@@ -388,6 +388,19 @@ impl<'a> MultiGpuLayer<'a> {
         match self.never {}
     }
 
+    /// Whether a step over several devices is captured as one graph (unreachable in this
+    /// build).
+    #[doc(hidden)]
+    pub fn set_joint_graph(&mut self, _joint: bool) {
+        match self.never {}
+    }
+
+    /// Whether the metadata goes up by the copy engine (unreachable in this build).
+    #[doc(hidden)]
+    pub fn set_meta_upload_copy(&mut self, _copy: bool) {
+        match self.never {}
+    }
+
     /// Whether small exact sums go through peer memory (unreachable in this build).
     pub fn set_peer_sum(&mut self, _on: bool) -> bool {
         match self.never {}

@@ -229,8 +229,11 @@ mod cuda_main {
             .and_then(|i| args.get(i + 1).cloned());
         let sweep = args.iter().any(|a| a == "--decode-sweep");
         let decode_only = sweep || args.iter().any(|a| a == "--decode");
-        // `--multi` runs the head split's prefill and decode, `--multi-decode` only its decode.
-        let multi_decode = args.iter().any(|a| a == "--multi-decode");
+        // `--multi` runs the head split's prefill and decode, `--multi-decode` only its decode,
+        // `--multi-decode-lean` only its device-resident decode with the default reduction
+        // (short enough to run under a profiler).
+        let lean = args.iter().any(|a| a == "--multi-decode-lean");
+        let multi_decode = lean || args.iter().any(|a| a == "--multi-decode");
         let multi_only = multi_decode || args.iter().any(|a| a == "--multi");
         let out = args
             .iter()
@@ -242,7 +245,7 @@ mod cuda_main {
         let mut lines = Vec::new();
         let iters = 20;
         if multi_only {
-            multi::run(&mut json, !multi_decode)?;
+            multi::run(&mut json, !multi_decode, lean)?;
             if let Some(path) = out {
                 std::fs::write(&path, json)
                     .map_err(|e| Error::Unsupported(format!("{path}: {e}")))?;
@@ -480,7 +483,7 @@ mod cuda_main {
             }
         }
 
-        pub fn run(json: &mut String, with_prefill: bool) -> Result<(), Error> {
+        pub fn run(json: &mut String, with_prefill: bool, lean: bool) -> Result<(), Error> {
             let mut rng = Rng(42);
             let wq = rng.vec(H * D * C, 0.02);
             let wk = rng.vec(KV * D * C, 0.02);
@@ -497,7 +500,7 @@ mod cuda_main {
             if with_prefill {
                 prefill(&layer, &mut rng, json)?;
             }
-            decode(&layer, &mut rng, json)
+            decode(&layer, &mut rng, json, lean)
         }
 
         /// Prefill T = 16384, causal, batch 1: x staged on every device once; per call every
@@ -626,7 +629,12 @@ mod cuda_main {
         /// order filled with random values. ms per step = host wall clock of
         /// `forward_cached` (x up, every shard, reduction, output down), mean of 50 after 5
         /// warm-ups.
-        fn decode(layer: &Layer<'_>, rng: &mut Rng, json: &mut String) -> Result<(), Error> {
+        fn decode(
+            layer: &Layer<'_>,
+            rng: &mut Rng,
+            json: &mut String,
+            lean: bool,
+        ) -> Result<(), Error> {
             let (seqs_n, cached, bs) = (32usize, 8191usize, 64usize);
             let iters = 50;
             let per_seq = (cached + 1).div_ceil(bs);
@@ -732,6 +740,8 @@ mod cuda_main {
             let variants = |n: usize| -> Vec<(ReduceOptions, bool)> {
                 if n == 1 {
                     vec![(ReduceOptions::EXACT, false)]
+                } else if lean {
+                    vec![(ReduceOptions::EXACT, true)]
                 } else {
                     vec![
                         (ReduceOptions::EXACT, true),
@@ -743,14 +753,27 @@ mod cuda_main {
                     ]
                 }
             };
-            // (split index, reduction, peer sums, mode); resident runs only with the
-            // all-reduces.
+            // How the step is put on the devices: (one graph over every device, metadata
+            // uploaded by the copy engine); the lean run compares them, the full one runs the
+            // defaults.
+            let layouts = |n: usize| -> Vec<(bool, bool)> {
+                match (lean, n) {
+                    (false, _) => vec![(true, false)],
+                    (true, 1) => vec![(true, false), (true, true)],
+                    (true, _) => vec![(true, false), (false, false), (true, true), (false, true)],
+                }
+            };
+            // (split index, reduction, peer sums, mode, layout); resident runs only with the
+            // all-reduces, the lean run only resident graphs.
             let mut cases = Vec::new();
             for (si, (n, ..)) in splits.iter().enumerate() {
                 for (r, peer) in variants(*n) {
                     for &mode in &modes {
-                        if !mode.1 || !(r.scatter || r.all_to_all) {
-                            cases.push((si, r, peer, mode));
+                        let fits = !mode.1 || !(r.scatter || r.all_to_all);
+                        if fits && (!lean || mode == (true, true)) {
+                            for layout in layouts(*n) {
+                                cases.push((si, r, peer, mode, layout));
+                            }
                         }
                     }
                 }
@@ -769,8 +792,12 @@ mod cuda_main {
             // costs replayed steps a few microseconds of host work) and the host phases.
             for round in 0..=rounds {
                 let diagnostics = round == rounds;
-                for (ci, &(si, r, peer, (graphs, resident))) in cases.iter().enumerate() {
+                for (ci, &(si, r, peer, (graphs, resident), (joint, copy))) in
+                    cases.iter().enumerate()
+                {
                     let (n, m, cache, bufs, _) = &mut splits[si];
+                    m.set_joint_graph(joint);
+                    m.set_meta_upload_copy(copy);
                     m.set_reduce(r)?;
                     m.set_peer_sum(peer);
                     m.set_step_graphs(graphs);
@@ -844,14 +871,26 @@ mod cuda_main {
                 cases
                     .iter()
                     .zip(&ms)
-                    .find(|((si, _, _, md), _)| splits[*si].0 == 1 && *md == mode)
+                    .find(|((si, _, _, md, l), _)| {
+                        splits[*si].0 == 1 && *md == mode && *l == (true, false)
+                    })
                     .map_or(f64::NAN, |(_, &v)| v)
             };
             let best_one = |resident: bool| one((false, resident)).min(one((true, resident)));
             println!("| GPUs | reduce | mode | ms per step (median) | min / max of rounds | ratio vs 1 GPU, same mode | ratio vs fastest 1-GPU mode, same I/O | ms in NCCL | device span per device (ms) | attention + merge alone, per device (ms) | host us at: validated / planned / enqueued / done |");
             println!("| --- | --- | --- | ---: | --- | ---: | ---: | ---: | --- | --- | --- |");
-            for (ci, &(si, r, peer, mode)) in cases.iter().enumerate() {
-                let reduce = format!("{}{}", name(&r), if peer { ", peer sum" } else { "" });
+            for (ci, &(si, r, peer, mode, (joint, copy))) in cases.iter().enumerate() {
+                let reduce = format!(
+                    "{}{}{}{}",
+                    name(&r),
+                    if peer { ", peer sum" } else { "" },
+                    if joint { "" } else { ", graph per device" },
+                    if copy {
+                        ", metadata by copy engine"
+                    } else {
+                        ""
+                    }
+                );
                 let n = splits[si].0;
                 let (nccl, span, phases) = &last[ci];
                 let lo = times[ci].iter().copied().fold(f64::INFINITY, f64::min);

@@ -12,6 +12,7 @@ use half::{bf16, f16};
 use super::staging::MetaUpload;
 use super::{
     alloc, drv, function, h2d, kernels, launch, ptr, DeviceX, GpuLayer, Kernels, PendingPrep,
+    PoolAppend,
 };
 use crate::error::{Error, Result};
 use crate::plan::{DecodeKernel, DecodeTuning, GpuBackend, Precision};
@@ -198,8 +199,6 @@ pub(super) struct CachedFront {
     items: usize,
     split: usize,
     hchunks: usize,
-    f_app: cu::CUfunction,
-    app_threads: u32,
     dst: u64,
     work: u64,
     tables: u64,
@@ -221,6 +220,18 @@ pub(super) struct CachedFront {
 }
 
 impl CachedFront {
+    /// The new keys' and values' destination: the planned cache's pools, at the rows the
+    /// metadata upload puts in `dst`.
+    fn pool_append(&self) -> PoolAppend {
+        let [kpool, vpool, block_size, _] = self.cache_key;
+        PoolAppend {
+            kpool,
+            vpool,
+            dst: self.dst,
+            block_size: block_size as usize,
+        }
+    }
+
     /// New tokens of the call.
     pub(super) fn tokens(&self) -> usize {
         self.n
@@ -235,8 +246,6 @@ impl CachedFront {
             self.items as u64,
             self.split as u64,
             self.hchunks as u64,
-            self.f_app as u64,
-            u64::from(self.app_threads),
             self.dst,
             self.work,
             self.tables,
@@ -302,19 +311,6 @@ struct DecodeParams {
     scale_log2: f32,
 }
 
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct AppendParams {
-    k: u64,
-    v: u64,
-    kpool: u64,
-    vpool: u64,
-    dst: u64,
-    n_kv_head: i32,
-    head_dim: i32,
-    block_size: i32,
-}
-
 /// Device and host scratch of cached calls, grown (never shrunk) when a call needs more than
 /// any before; a steady decode loop allocates nothing.
 #[derive(Default)]
@@ -326,6 +322,9 @@ pub(super) struct DecodeState {
     /// The call's work items, token item ranges, sequences, block tables and new-token slots,
     /// uploaded together.
     meta: MetaUpload,
+    /// The metadata goes up by the copy engine instead of `upload_u4` (a benchmark switch,
+    /// [`GpuLayer::set_meta_upload_copy`]).
+    meta_by_copy: bool,
     counters: Option<DeviceBuffer<u8>>,
     h_work: Vec<[i32; 4]>,
     h_tok: Vec<i32>,
@@ -350,23 +349,15 @@ fn ensure(slot: &mut Option<DeviceBuffer<u8>>, bytes: usize) -> Result<u64> {
 struct DecodeFuncs {
     kernel: DecodeKernel,
     dec: cu::CUfunction,
-    append: cu::CUfunction,
-    append_threads: u32,
     /// Resident CTAs of `dec` per SM.
     ctas_per_sm: usize,
 }
 
-/// Loads the attention kernel `kernel` and the append kernel of `prec`; lifts the dynamic
+/// Loads the attention kernel `kernel`; lifts the dynamic
 /// shared-memory limit of `kernel` to what it needs and asks the driver how many of its CTAs
 /// an SM holds.
-fn load_funcs(
-    kernels: &Kernels,
-    kernel: DecodeKernel,
-    prec: Precision,
-    head_dim: usize,
-) -> Result<DecodeFuncs> {
+fn load_funcs(kernels: &Kernels, kernel: DecodeKernel) -> Result<DecodeFuncs> {
     let dec = function(&kernels.decode, &kernel.name())?;
-    let append = function(&kernels.decode, &format!("kv_append_{}", prec.name()))?;
     let smem = kernel.smem_bytes();
     if smem > kernels.smem_optin {
         return Err(Error::Unsupported(format!(
@@ -398,8 +389,6 @@ fn load_funcs(
     Ok(DecodeFuncs {
         kernel,
         dec,
-        append,
-        append_threads: (head_dim.div_ceil(32) * 32).min(256) as u32,
         ctas_per_sm: ctas.max(1) as usize,
     })
 }
@@ -568,12 +557,12 @@ impl GpuLayer<'_> {
         if st.funcs.as_ref().is_none_or(|f| f.kernel != kernel) {
             st.funcs = None;
             st.last = None;
-            st.funcs = Some(load_funcs(&self.kernels, kernel, prec, d)?);
+            st.funcs = Some(load_funcs(&self.kernels, kernel)?);
         }
         let Some(funcs) = st.funcs.as_ref() else {
             return Err(Error::Unsupported("decode kernels missing".into()));
         };
-        let (f_app, app_threads, f_dec) = (funcs.append, funcs.append_threads, funcs.dec);
+        let f_dec = funcs.dec;
         let hchunks = r.div_ceil(kernel.heads_per_cta());
         let max_items = (2 * n).max(4096);
         let mut split = kernel.split_keys(
@@ -650,8 +639,6 @@ impl GpuLayer<'_> {
             items,
             split,
             hchunks,
-            f_app,
-            app_threads,
             dst,
             work,
             tables,
@@ -673,8 +660,8 @@ impl GpuLayer<'_> {
 
     /// The device part of a cached call's first half, for the front `f` this layer planned
     /// last: the metadata upload, the upload of `x` (host rows), projections and the
-    /// norm/RoPE pass (pending in `f` with a norm share). Writes neither the cache nor any
-    /// output. The caller marks the metadata upload done (`mark_meta_uploaded`) after it, or
+    /// norm/RoPE pass, which appends the new keys and values to the planned cache (pending in
+    /// `f` with a norm share). Writes no output. The caller marks the metadata upload done (`mark_meta_uploaded`) after it, or
     /// after the graph that replays it.
     ///
     /// # Safety
@@ -693,7 +680,8 @@ impl GpuLayer<'_> {
         // n_embd f32 >= n * n_embd (checked); rows on the device hold n * n_embd values (the
         // caller's contract); the rotary rows were staged for the call's n tokens.
         unsafe {
-            self.dec.meta.enqueue(stream)?;
+            let by_kernel = (!self.dec.meta_by_copy).then_some(self.f_upload);
+            self.dec.meta.enqueue(stream, by_kernel)?;
             let rows = match x {
                 CachedX::Host(x) => {
                     h2d(xd, x, stream)?;
@@ -702,7 +690,7 @@ impl GpuLayer<'_> {
                 CachedX::Device(rows, _) => rows,
             };
             let start = self.qkv_convert(rows, f.n, (f.rope, 0, f.n as i32), stream)?;
-            f.prep = self.qkv_finish(start, stream)?;
+            f.prep = self.qkv_finish(start, Some(f.pool_append()), stream)?;
         }
         Ok(())
     }
@@ -716,8 +704,8 @@ impl GpuLayer<'_> {
     }
 
     /// Second half of a cached call up to the attention output `o`: the pending norm/RoPE
-    /// pass (its statistics now summed across the devices), the append of the new keys and
-    /// values, split-K attention and the merge.
+    /// pass with its append (its statistics now summed across the devices), split-K attention
+    /// and the merge.
     ///
     /// # Safety
     /// `f` is this layer's last [`GpuLayer::cached_plan`], made for `cache`, enqueued by
@@ -727,10 +715,8 @@ impl GpuLayer<'_> {
         let (h, kvh, d, r) = (cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.group_size());
         let stream = self.stream;
         let bs = cache.block_size;
-        let (n, items, split, hchunks, f_app, app_threads) =
-            (f.n, f.items, f.split, f.hchunks, f.f_app, f.app_threads);
-        let (dst, work, tables, dseqs, part, ml, tok_items, counters) = (
-            f.dst,
+        let (n, items, split, hchunks) = (f.n, f.items, f.split, f.hchunks);
+        let (work, tables, dseqs, part, ml, tok_items, counters) = (
             f.work,
             f.tables,
             f.dseqs,
@@ -740,34 +726,11 @@ impl GpuLayer<'_> {
             f.counters,
         );
         if let Some(p) = f.prep {
-            // SAFETY: per this function's contract.
+            // SAFETY: per this function's contract (the pass also appends the new keys and
+            // values to `cache`, whose pools the front was planned for).
             unsafe { self.finish_prep(p, stream)? };
         }
-
-        // Append the new keys and values.
         let (kpool, vpool) = cache.pool_ptrs();
-        let mut ap = AppendParams {
-            k: ptr(&self.k),
-            v: ptr(&self.v),
-            kpool,
-            vpool,
-            dst,
-            n_kv_head: kvh as i32,
-            head_dim: d as i32,
-            block_size: bs as i32,
-        };
-        // SAFETY: AppendParams matches the kernel; k/v hold n tokens; every destination slot
-        // is inside the pool (block ids validated, slots < block_size).
-        unsafe {
-            launch(
-                f_app,
-                (n as u32, kvh as u32, 1),
-                app_threads,
-                0,
-                stream,
-                &mut ap,
-            )?
-        };
 
         // Split-K attention (with the merge of each token's splits).
         let p_dec = DecodeParams {
@@ -838,6 +801,13 @@ impl GpuLayer<'_> {
                 &mut params,
             )
         }
+    }
+
+    /// Benchmark switch: upload a cached step's metadata with the copy engine (`true`) or
+    /// with a kernel reading the page-locked staging buffer (`false`, the default).
+    #[doc(hidden)]
+    pub fn set_meta_upload_copy(&mut self, copy: bool) {
+        self.dec.meta_by_copy = copy;
     }
 
     /// The last cached call's work items, new tokens and split size (keys).
