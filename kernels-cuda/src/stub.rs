@@ -388,13 +388,6 @@ impl<'a> MultiGpuLayer<'a> {
         match self.never {}
     }
 
-    /// Whether a step over several devices is captured as one graph (unreachable in this
-    /// build).
-    #[doc(hidden)]
-    pub fn set_joint_graph(&mut self, _joint: bool) {
-        match self.never {}
-    }
-
     /// Whether the metadata goes up by the copy engine (unreachable in this build).
     #[doc(hidden)]
     pub fn set_meta_upload_copy(&mut self, _copy: bool) {

@@ -375,10 +375,6 @@ fn cached_case(
     let mut multi = MultiGpuLayer::new(layer, &devices(n), opts)
         .unwrap_or_else(|e| panic!("MultiGpuLayer::new {name}: {e}"));
     multi.set_reduce(reduce).unwrap();
-    // Both layouts of a captured step: one graph over every device for the full-norm cases,
-    // one graph per device (the default) for the others.
-    let joint = norm == QkNorm::Full;
-    multi.set_joint_graph(joint);
     let mut cache: MultiGpuKvCache = multi.new_kv_cache(block, num_blocks, rolling).unwrap();
     assert_eq!(cache.n_devices(), n);
     // The same split with every step enqueued launch by launch: the captured and replayed
@@ -472,15 +468,10 @@ fn cached_case(
         None,
         "{name}: the cached steps were not captured"
     );
-    let (graphs, layout) = if joint {
-        (1, "one graph over every device")
-    } else {
-        (n, "one graph per device")
-    };
     assert_eq!(
         multi.step_graph_count(),
-        graphs,
-        "{name}: the last step was not captured as {layout}"
+        1,
+        "{name}: the last step was not captured as one graph over every device"
     );
     for i in 0..n {
         let (k, v) = cache.device(i).unwrap().read_f32().unwrap();

@@ -753,14 +753,15 @@ mod cuda_main {
                     ]
                 }
             };
-            // How the step is put on the devices: (one graph over every device, metadata
-            // uploaded by the copy engine); the lean run compares them, the full one runs the
-            // defaults.
-            let layouts = |n: usize| -> Vec<(bool, bool)> {
+            // Variants of the step: (metadata uploaded by the copy engine instead of a kernel,
+            // keys per split instead of the planned split (0)); the lean run compares them with
+            // the default, the full one runs the default.
+            const DEFAULT: (bool, usize) = (false, 0);
+            let layouts = |n: usize| -> Vec<(bool, usize)> {
                 match (lean, n) {
-                    (false, _) => vec![(true, false)],
-                    (true, 1) => vec![(true, false), (true, true)],
-                    (true, _) => vec![(true, false), (false, false), (true, true), (false, true)],
+                    (false, _) => vec![DEFAULT],
+                    (true, 1) => vec![DEFAULT, (true, 0)],
+                    (true, _) => vec![DEFAULT, (true, 0), (false, 4096)],
                 }
             };
             // (split index, reduction, peer sums, mode, layout); resident runs only with the
@@ -792,11 +793,14 @@ mod cuda_main {
             // costs replayed steps a few microseconds of host work) and the host phases.
             for round in 0..=rounds {
                 let diagnostics = round == rounds;
-                for (ci, &(si, r, peer, (graphs, resident), (joint, copy))) in
+                for (ci, &(si, r, peer, (graphs, resident), (copy, split))) in
                     cases.iter().enumerate()
                 {
                     let (n, m, cache, bufs, _) = &mut splits[si];
-                    m.set_joint_graph(joint);
+                    m.set_decode_tuning(DecodeTuning {
+                        split,
+                        ..DecodeTuning::default()
+                    });
                     m.set_meta_upload_copy(copy);
                     m.set_reduce(r)?;
                     m.set_peer_sum(peer);
@@ -827,9 +831,6 @@ mod cuda_main {
                     }
                     if let Some(e) = m.step_graph_error() {
                         println!("(graph capture failed, launches instead: {e})");
-                    }
-                    if graphs && *n > 1 && m.step_graph_count() != 1 {
-                        println!("(one graph per device: the joint capture failed)");
                     }
                     let (mut nccl, mut span, mut phases) = (0.0f64, vec![0.0f64; *n], [0.0f64; 4]);
                     let start = Instant::now();
@@ -872,23 +873,27 @@ mod cuda_main {
                     .iter()
                     .zip(&ms)
                     .find(|((si, _, _, md, l), _)| {
-                        splits[*si].0 == 1 && *md == mode && *l == (true, false)
+                        splits[*si].0 == 1 && *md == mode && *l == DEFAULT
                     })
                     .map_or(f64::NAN, |(_, &v)| v)
             };
             let best_one = |resident: bool| one((false, resident)).min(one((true, resident)));
             println!("| GPUs | reduce | mode | ms per step (median) | min / max of rounds | ratio vs 1 GPU, same mode | ratio vs fastest 1-GPU mode, same I/O | ms in NCCL | device span per device (ms) | attention + merge alone, per device (ms) | host us at: validated / planned / enqueued / done |");
             println!("| --- | --- | --- | ---: | --- | ---: | ---: | ---: | --- | --- | --- |");
-            for (ci, &(si, r, peer, mode, (joint, copy))) in cases.iter().enumerate() {
+            for (ci, &(si, r, peer, mode, (copy, split))) in cases.iter().enumerate() {
                 let reduce = format!(
                     "{}{}{}{}",
                     name(&r),
                     if peer { ", peer sum" } else { "" },
-                    if joint { "" } else { ", graph per device" },
                     if copy {
                         ", metadata by copy engine"
                     } else {
                         ""
+                    },
+                    if split > 0 {
+                        format!(", {split} keys per split")
+                    } else {
+                        String::new()
                     }
                 );
                 let n = splits[si].0;

@@ -25,7 +25,8 @@ use crate::cublas;
 use crate::error::{Error, Result};
 use crate::nccl::{self, Collective, Comms, Dtype, Transfer};
 use crate::plan::{
-    all_to_all_blocks, AllToAllBlock, GpuBackend, GpuOptions, Precision, ReduceOptions,
+    all_to_all_blocks, AllToAllBlock, DecodeTuning, GpuBackend, GpuOptions, Precision,
+    ReduceOptions,
 };
 use peer::PeerSum;
 
@@ -334,8 +335,6 @@ pub struct MultiGpuLayer<'a> {
     /// Whether cached steps are captured and replayed as CUDA graphs (on unless turned off
     /// or a capture failed).
     step_graphs_on: bool,
-    /// Several devices' step captured as one graph (else one per device).
-    joint_graph: bool,
     /// The captured cached step, replayed while its key matches.
     step_graphs: Option<StepGraphs>,
     /// Why the last capture failed (cached steps then run as launches).
@@ -550,7 +549,6 @@ impl<'a> MultiGpuLayer<'a> {
             step_ms: Vec::new(),
             host_phases_us: [0.0; 4],
             step_graphs_on: true,
-            joint_graph: false,
             step_graphs: None,
             step_graph_error: None,
             untimed: false,
@@ -1543,17 +1541,15 @@ impl<'a> MultiGpuLayer<'a> {
             let key = self.step_key(&fronts, &rows, output);
             if self.step_graphs.as_ref().is_none_or(|g| g.key != key) {
                 self.step_graphs = None;
-                // One graph per device, or on request one over every device (one launch per
-                // step); a failed joint capture falls back to one per device.
-                let joint = self.gpus.len() > 1 && self.joint_graph;
-                let mut captured = if joint {
+                // Several devices: one graph over all of them (one launch per step). A graph
+                // per device, launched one after the other, was up to 3% faster on the decode
+                // bench but left a test of the split's cached calls hanging (2 x H200, cause
+                // not found), so a failed joint capture runs as launches instead.
+                let captured = if self.gpus.len() > 1 {
                     self.capture_joint(&mut fronts, &rows, tokens, output, cache)
                 } else {
                     self.capture_per_device(&mut fronts, &rows, tokens, output, cache)
                 };
-                if joint && captured.is_err() {
-                    captured = self.capture_per_device(&mut fronts, &rows, tokens, output, cache);
-                }
                 match captured {
                     Ok(execs) => self.step_graphs = Some(StepGraphs { key, execs }),
                     Err(e) => {
@@ -1872,13 +1868,12 @@ impl<'a> MultiGpuLayer<'a> {
         self.host_phases_us
     }
 
-    /// Benchmark switch: capture a step over several devices as one graph (`true`) or as one
-    /// graph per device, launched one after the other (`false`, the default). On 2 x H200
-    /// the devices' work started about 10 us apart either way, and the decode step was 3%
-    /// faster with a graph per device.
+    /// Test and benchmark hook: every device's [`GpuLayer::set_decode_tuning`].
     #[doc(hidden)]
-    pub fn set_joint_graph(&mut self, joint: bool) {
-        self.joint_graph = joint;
+    pub fn set_decode_tuning(&mut self, tuning: DecodeTuning) {
+        for g in &mut self.gpus {
+            g.set_decode_tuning(tuning);
+        }
         self.step_graphs = None;
     }
 

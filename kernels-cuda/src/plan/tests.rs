@@ -325,6 +325,11 @@ fn decode_splits_cover_the_waves_in_whole_tile_rounds() {
     let s = k.split_keys(32 * 8192, 8, 132, 3, &t);
     assert_eq!(s, 15936);
     assert_eq!(k.item_keys(8192, s, &t), 8192);
+    // A head split's shard: 4 KV heads -> 7944 -> 8000 keys: a token of 8192 keys stays one
+    // item (rounded, not two of 4096).
+    let s = k.split_keys(32 * 8192, 4, 132, 3, &t);
+    assert_eq!(s, 8000);
+    assert_eq!(k.item_keys(8192, s, &t), 8192);
     // 1 x 32768: 1986 -> 2048, sixteen splits per KV head.
     let s = k.split_keys(32768, 8, 132, 3, &t);
     assert_eq!(s, 2048);
@@ -344,9 +349,13 @@ fn decode_splits_cover_the_waves_in_whole_tile_rounds() {
 fn decode_items_share_a_token_evenly() {
     let t = DecodeTuning::default();
     let k = DecodeKernel::choose(Precision::Bf16, 128, 4, &t);
-    // 8192 keys at splits of about 4032: three items of 2752, 2752 and 2688 keys.
-    assert_eq!(k.item_keys(8192, 4032, &t), 2752);
+    // 8192 keys at splits of about 3000: 2.7 -> three items of 2752, 2752 and 2688 keys.
+    assert_eq!(k.item_keys(8192, 3000, &t), 2752);
     assert_eq!(8192usize.div_ceil(2752), 3);
+    // At splits of about 4032: 2.03 -> two items of 4096.
+    assert_eq!(k.item_keys(8192, 4032, &t), 4096);
+    // Shorter than half a split: one item.
+    assert_eq!(k.item_keys(1000, 4096, &t), 1024);
     // Never more items than ceil(len / split), each a whole round of 64 keys but the last.
     for len in [1usize, 63, 64, 65, 1000, 8192, 32768] {
         for split in [64usize, 256, 1000, 2048] {
