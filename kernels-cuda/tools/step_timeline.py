@@ -1,0 +1,66 @@
+#!/usr/bin/env python3
+"""Per-step timeline of replayed cached steps from a `cupti_trace.c` trace.
+
+    python3 step_timeline.py trace.txt
+
+A step starts at device 0's first node of a graph: the metadata upload (`upload_u4`, or a
+host-to-device copy of at most 64 KiB). Steps are grouped by device count and upload kind;
+for each group it prints, per device and node, the median start and end (us) relative to
+the step's start, over every step but the first five of the group.
+"""
+import collections
+import statistics
+import sys
+
+
+def main(path):
+    ev = []
+    with open(path) as f:
+        for line in f:
+            t = line.split()
+            ev.append(dict(dev=int(t[1]), graph=int(t[3]), s=int(t[4]), e=int(t[5]), name=t[6]))
+    ev.sort(key=lambda x: x["s"])
+
+    def short(n):
+        return "splitK reduce" if "splitKreduce" in n else n[:36]
+
+    def is_start(x):
+        if x["dev"] != 0 or x["graph"] == 0:
+            return False
+        if x["name"] == "upload_u4":
+            return True
+        kind, _, size = x["name"].partition("_")
+        return kind == "kind1" and size.isdigit() and int(size) <= 65536
+
+    starts = [i for i, x in enumerate(ev) if is_start(x)]
+    groups = collections.defaultdict(list)
+    for a, b in zip(starts, starts[1:]):
+        ops = [x for x in ev[a:b] if x["graph"] > 0]
+        devices = len({x["dev"] for x in ops})
+        upload = "kernel" if ev[a]["name"] == "upload_u4" else "copy"
+        groups[(devices, upload)].append((ev[a]["s"], ops))
+    for (devices, upload), steps in sorted(groups.items()):
+        print(f"== {devices} device(s), metadata by {upload}: {len(steps)} steps")
+        spans, nodes = [], collections.defaultdict(list)
+        for t0, ops in steps[5:]:
+            spans.append((max(x["e"] for x in ops) - t0) / 1e3)
+            seen = collections.Counter()
+            for x in ops:
+                k = (x["dev"], short(x["name"]))
+                nodes[k + (seen[k],)].append(((x["s"] - t0) / 1e3, (x["e"] - t0) / 1e3))
+                seen[k] += 1
+        if not spans:
+            continue
+        print(f"   step span, median: {statistics.median(spans):.1f} us")
+        rows = []
+        for k, v in nodes.items():
+            if len(v) > len(spans) // 3:
+                a = statistics.median([s for s, _ in v])
+                b = statistics.median([e for _, e in v])
+                rows.append((k[0], a, b, k[1]))
+        for dev, a, b, name in sorted(rows):
+            print(f"   device {dev}  {name:36s} {a:7.1f} -> {b:7.1f}  ({b - a:5.1f} us)")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
