@@ -318,3 +318,30 @@ pub fn status_name(s: u32) -> Option<String> {
     // SAFETY: NULL or a static NUL-terminated string.
     (!p.is_null()).then(|| unsafe { CStr::from_ptr(p) }.to_str().unwrap().to_owned())
 }
+
+/// One sequence of a cached call: cached length, new tokens, block table.
+#[derive(Clone)]
+pub struct Seq {
+    /// Tokens already in the cache.
+    pub cached: usize,
+    /// New tokens of the call.
+    pub new: usize,
+    /// Block table.
+    pub blocks: Vec<u32>,
+}
+
+/// The C view of `seqs` (borrowing their block tables).
+pub fn c_seqs(seqs: &[Seq]) -> Vec<attnrt_sequence> {
+    seqs.iter()
+        .map(|s| attnrt_sequence {
+            cached: s.cached,
+            new_tokens: s.new,
+            blocks: if s.blocks.is_empty() {
+                ptr::null()
+            } else {
+                s.blocks.as_ptr()
+            },
+            n_blocks: s.blocks.len(),
+        })
+        .collect()
+}

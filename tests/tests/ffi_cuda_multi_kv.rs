@@ -20,7 +20,7 @@ use std::ptr;
 
 use attnrt::{BiasFlags, Config, QkNorm, Rope, RopeConvention};
 use attnrt_ffi::*;
-use attnrt_tests::ffi_harness::{last_error, RandomLayer, SENTINEL};
+use attnrt_tests::ffi_harness::{c_seqs, last_error, RandomLayer, Seq, SENTINEL};
 use attnrt_tests::{max_abs_diff, Rng, F32_TOL};
 
 use attnrt_status as S;
@@ -118,14 +118,6 @@ impl Drop for CpuCache {
     }
 }
 
-/// One sequence of a call: cached length, new tokens, block table.
-#[derive(Clone)]
-struct Seq {
-    cached: usize,
-    new: usize,
-    blocks: Vec<u32>,
-}
-
 /// One call of a two-sequence plan: sequence `s` has `done[s]` tokens cached and `step[s]`
 /// new ones (rows of `xs[s]`, `c` wide), in the blocks of `tables[s]`.
 fn plan_step(
@@ -147,21 +139,6 @@ fn plan_step(
         x.extend_from_slice(&xs[s][done[s] * c..(done[s] + step[s]) * c]);
     }
     (seqs, x)
-}
-
-fn c_seqs(seqs: &[Seq]) -> Vec<attnrt_sequence> {
-    seqs.iter()
-        .map(|s| attnrt_sequence {
-            cached: s.cached,
-            new_tokens: s.new,
-            blocks: if s.blocks.is_empty() {
-                ptr::null()
-            } else {
-                s.blocks.as_ptr()
-            },
-            n_blocks: s.blocks.len(),
-        })
-        .collect()
 }
 
 fn cached_args(x: &[f32], cs: &[attnrt_sequence], out: &mut [f32]) -> attnrt_cached_args {

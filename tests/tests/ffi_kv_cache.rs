@@ -6,7 +6,7 @@ use std::ptr;
 
 use attnrt::{Config, QkNorm, Rope, RopeConvention};
 use attnrt_ffi::*;
-use attnrt_tests::ffi_harness::{last_error, RandomLayer, SENTINEL};
+use attnrt_tests::ffi_harness::{c_seqs, last_error, RandomLayer, Seq, SENTINEL};
 use attnrt_tests::{max_abs_diff, Rng, F32_TOL};
 
 use attnrt_status as S;
@@ -142,29 +142,6 @@ type Case<'a> = (
     Edit,
     attnrt_status,
 );
-
-/// One sequence of a call: cached length, new tokens, block table.
-#[derive(Clone)]
-struct Seq {
-    cached: usize,
-    new: usize,
-    blocks: Vec<u32>,
-}
-
-fn c_seqs(seqs: &[Seq]) -> Vec<attnrt_sequence> {
-    seqs.iter()
-        .map(|s| attnrt_sequence {
-            cached: s.cached,
-            new_tokens: s.new,
-            blocks: if s.blocks.is_empty() {
-                ptr::null()
-            } else {
-                s.blocks.as_ptr()
-            },
-            n_blocks: s.blocks.len(),
-        })
-        .collect()
-}
 
 /// The result of one cached call: status, backend written (`u32::MAX` if not), output.
 struct Ran {
