@@ -345,3 +345,27 @@ pub fn c_seqs(seqs: &[Seq]) -> Vec<attnrt_sequence> {
         })
         .collect()
 }
+
+/// One call of a two-sequence plan: sequence `s` has `done[s]` tokens cached and `step[s]`
+/// new ones (rows of `xs[s]`, `c` wide), in the blocks of `tables[s]`. Returns the call's
+/// sequences and its rows of x.
+pub fn plan_step(
+    tables: &[Vec<u32>; 2],
+    xs: &[Vec<f32>; 2],
+    done: &[usize; 2],
+    step: &[usize; 2],
+    c: usize,
+) -> (Vec<Seq>, Vec<f32>) {
+    let seqs = (0..2)
+        .map(|s| Seq {
+            cached: done[s],
+            new: step[s],
+            blocks: tables[s].clone(),
+        })
+        .collect();
+    let mut x = Vec::new();
+    for s in 0..2 {
+        x.extend_from_slice(&xs[s][done[s] * c..(done[s] + step[s]) * c]);
+    }
+    (seqs, x)
+}

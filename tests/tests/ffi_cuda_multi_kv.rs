@@ -20,7 +20,7 @@ use std::ptr;
 
 use attnrt::{BiasFlags, Config, QkNorm, Rope, RopeConvention};
 use attnrt_ffi::*;
-use attnrt_tests::ffi_harness::{c_seqs, last_error, RandomLayer, Seq, SENTINEL};
+use attnrt_tests::ffi_harness::{c_seqs, last_error, plan_step, RandomLayer, Seq, SENTINEL};
 use attnrt_tests::{max_abs_diff, Rng, F32_TOL};
 
 use attnrt_status as S;
@@ -116,29 +116,6 @@ impl Drop for CpuCache {
         // SAFETY: a live handle, freed once.
         unsafe { attnrt_kv_cache_free(self.0) };
     }
-}
-
-/// One call of a two-sequence plan: sequence `s` has `done[s]` tokens cached and `step[s]`
-/// new ones (rows of `xs[s]`, `c` wide), in the blocks of `tables[s]`.
-fn plan_step(
-    tables: &[Vec<u32>; 2],
-    xs: &[Vec<f32>; 2],
-    done: &[usize; 2],
-    step: &[usize; 2],
-    c: usize,
-) -> (Vec<Seq>, Vec<f32>) {
-    let seqs = (0..2)
-        .map(|s| Seq {
-            cached: done[s],
-            new: step[s],
-            blocks: tables[s].clone(),
-        })
-        .collect();
-    let mut x = Vec::new();
-    for s in 0..2 {
-        x.extend_from_slice(&xs[s][done[s] * c..(done[s] + step[s]) * c]);
-    }
-    (seqs, x)
 }
 
 fn cached_args(x: &[f32], cs: &[attnrt_sequence], out: &mut [f32]) -> attnrt_cached_args {

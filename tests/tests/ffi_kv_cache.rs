@@ -6,7 +6,7 @@ use std::ptr;
 
 use attnrt::{Config, QkNorm, Rope, RopeConvention};
 use attnrt_ffi::*;
-use attnrt_tests::ffi_harness::{c_seqs, last_error, RandomLayer, Seq, SENTINEL};
+use attnrt_tests::ffi_harness::{c_seqs, last_error, plan_step, RandomLayer, Seq, SENTINEL};
 use attnrt_tests::{max_abs_diff, Rng, F32_TOL};
 
 use attnrt_status as S;
@@ -206,11 +206,6 @@ fn cached(
     Ran { st, ran, out }
 }
 
-/// Token rows `[a, b)` of a `[T, C]` buffer.
-fn rows(v: &[f32], c: usize, a: usize, b: usize) -> &[f32] {
-    &v[a * c..b * c]
-}
-
 /// Two sequences (11 and 7 tokens): a batched prefill of 6 and 3 tokens, then decode steps of
 /// one token per unfinished sequence. Returns each sequence's outputs, `[T, C]`.
 fn generate(
@@ -230,17 +225,7 @@ fn generate(
     let mut done = [0usize; 2];
     let mut step = prefill;
     while done != lens {
-        let seqs: Vec<Seq> = (0..2)
-            .map(|s| Seq {
-                cached: done[s],
-                new: step[s],
-                blocks: tables[s].clone(),
-            })
-            .collect();
-        let mut x = Vec::new();
-        for s in 0..2 {
-            x.extend_from_slice(rows(&xs[s], c, done[s], done[s] + step[s]));
-        }
+        let (seqs, x) = plan_step(&tables, &xs, &done, &step, c);
         let r = cached(m, &cache, &x, &seqs, freqs, threads, |_| {});
         assert_eq!(r.st, S::ATTNRT_STATUS_OK, "{}", last_error());
         assert_eq!(r.ran, SIMD);
