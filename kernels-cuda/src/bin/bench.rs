@@ -756,12 +756,14 @@ mod cuda_main {
             // Variants of the step: (metadata uploaded by the copy engine instead of a kernel,
             // keys per split instead of the planned split (0)); the lean run compares them with
             // the default, the full one runs the default.
-            const DEFAULT: (bool, usize) = (false, 0);
-            let layouts = |n: usize| -> Vec<(bool, usize)> {
+            // (The third element: a step's fronts enqueued device by device instead of stage
+            // by stage.)
+            const DEFAULT: (bool, usize, bool) = (false, 0, false);
+            let layouts = |n: usize| -> Vec<(bool, usize, bool)> {
                 match (lean, n) {
                     (false, _) => vec![DEFAULT],
-                    (true, 1) => vec![DEFAULT, (true, 0)],
-                    (true, _) => vec![DEFAULT, (true, 0), (false, 4096)],
+                    (true, 1) => vec![DEFAULT, (true, 0, false)],
+                    (true, _) => vec![DEFAULT, (true, 0, false), (false, 0, true)],
                 }
             };
             // (split index, reduction, peer sums, mode, layout); resident runs only with the
@@ -793,7 +795,7 @@ mod cuda_main {
             // costs replayed steps a few microseconds of host work) and the host phases.
             for round in 0..=rounds {
                 let diagnostics = round == rounds;
-                for (ci, &(si, r, peer, (graphs, resident), (copy, split))) in
+                for (ci, &(si, r, peer, (graphs, resident), (copy, split, by_device))) in
                     cases.iter().enumerate()
                 {
                     let (n, m, cache, bufs, _) = &mut splits[si];
@@ -802,6 +804,7 @@ mod cuda_main {
                         ..DecodeTuning::default()
                     });
                     m.set_meta_upload_copy(copy);
+                    m.set_enqueue_by_stage(!by_device);
                     m.set_reduce(r)?;
                     m.set_peer_sum(peer);
                     m.set_step_graphs(graphs);
@@ -880,9 +883,9 @@ mod cuda_main {
             let best_one = |resident: bool| one((false, resident)).min(one((true, resident)));
             println!("| GPUs | reduce | mode | ms per step (median) | min / max of rounds | ratio vs 1 GPU, same mode | ratio vs fastest 1-GPU mode, same I/O | ms in NCCL | device span per device (ms) | attention + merge alone, per device (ms) | host us at: validated / planned / enqueued / done |");
             println!("| --- | --- | --- | ---: | --- | ---: | ---: | ---: | --- | --- | --- |");
-            for (ci, &(si, r, peer, mode, (copy, split))) in cases.iter().enumerate() {
+            for (ci, &(si, r, peer, mode, (copy, split, by_device))) in cases.iter().enumerate() {
                 let reduce = format!(
-                    "{}{}{}{}",
+                    "{}{}{}{}{}",
                     name(&r),
                     if peer { ", peer sum" } else { "" },
                     if copy {
@@ -894,6 +897,11 @@ mod cuda_main {
                         format!(", {split} keys per split")
                     } else {
                         String::new()
+                    },
+                    if by_device {
+                        ", fronts enqueued device by device"
+                    } else {
+                        ""
                     }
                 );
                 let n = splits[si].0;

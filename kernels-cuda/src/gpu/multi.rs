@@ -1689,10 +1689,26 @@ impl<'a> MultiGpuLayer<'a> {
         (download, outs): (Option<*mut f32>, &[u64]),
         cache: &MultiGpuKvCache,
     ) -> Result<()> {
-        for ((g, f), &x) in self.gpus.iter_mut().zip(fronts.iter_mut()).zip(rows) {
-            g.set_current()?;
-            // SAFETY: per this function's contract.
-            unsafe { g.cached_enqueue_front(f, x)? };
+        if self.by_stage {
+            // Every device's uploads before any device's projections (whose cuBLAS enqueue
+            // costs the host microseconds per device).
+            let mut starts = Vec::with_capacity(self.gpus.len());
+            for ((g, f), &x) in self.gpus.iter_mut().zip(fronts.iter()).zip(rows) {
+                g.set_current()?;
+                // SAFETY: per this function's contract.
+                starts.push(unsafe { g.cached_enqueue_upload(f, x)? });
+            }
+            for ((g, f), start) in self.gpus.iter_mut().zip(fronts.iter_mut()).zip(starts) {
+                g.set_current()?;
+                // SAFETY: `start` is this device's upload just enqueued, for `f`.
+                unsafe { g.cached_enqueue_projections(f, start)? };
+            }
+        } else {
+            for ((g, f), &x) in self.gpus.iter_mut().zip(fronts.iter_mut()).zip(rows) {
+                g.set_current()?;
+                // SAFETY: per this function's contract.
+                unsafe { g.cached_enqueue_front(f, x)? };
+            }
         }
         self.reduce_norm(tokens)?;
         for ((g, c), f) in self.gpus.iter_mut().zip(&cache.caches).zip(fronts.iter()) {
