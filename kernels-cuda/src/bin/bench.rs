@@ -92,8 +92,8 @@ mod cuda_main {
         Ok(2.0 * bytes as f64 / (ms as f64 * 1e-3) / 1e9)
     }
 
-    /// Decode of one new token per sequence over `cached` keys each (bf16 cache, 64-token
-    /// blocks in shuffled order, or in pool order where the run says so): the attention launch
+    /// Decode of one new token per sequence over `cached` keys each (bf16 cache, blocks of
+    /// `bs` tokens in shuffled order, or in pool order where the run says so): the attention launch
     /// (merge included) timed alone, once per run (the first is the reported one; the others
     /// print their output's largest difference from the first's).
     fn decode_case(
@@ -103,8 +103,9 @@ mod cuda_main {
         cached: usize,
         copy_gbs: f64,
         runs: &[(DecodeTuning, bool)],
+        bs: usize,
     ) -> Result<(), Error> {
-        let (c, h, kv, d, bs) = (4096usize, 32usize, 8usize, 128usize, 64usize);
+        let (c, h, kv, d) = (4096usize, 32usize, 8usize, 128usize);
         let mut rng = Rng(7);
         let cfg = Config::new(c, h).with_kv_heads(kv).with_head_dim(d);
         let w = rng.vec(h * d * 64, 0.02);
@@ -167,7 +168,11 @@ mod cuda_main {
             let ms = gpu.time_ms(20, |g| unsafe { g.relaunch_decode() })?;
             let bytes = (seqs_n * (cached + 1) * kv * d * 2 * 2) as f64;
             let gbs = bytes / (ms as f64 * 1e-3) / 1e9;
-            let name = format!("decode {seqs_n} x {cached}");
+            let name = if bs == 64 {
+                format!("decode {seqs_n} x {cached}")
+            } else {
+                format!("decode {seqs_n} x {cached} b{bs}")
+            };
             let order = if contiguous { "in order" } else { "shuffled" };
             let diff = match &first {
                 None => String::new(),
@@ -197,6 +202,34 @@ mod cuda_main {
         Ok(())
     }
 
+    /// A variant of the head split's decode step in `--multi-decode-lean`.
+    #[derive(Clone, Copy, PartialEq, Eq)]
+    struct StepVariant {
+        /// Metadata uploaded by the copy engine instead of a kernel.
+        copy: bool,
+        /// Warps per CTA of the attention kernel (0: planned).
+        warps: usize,
+        /// A step's fronts enqueued device by device instead of stage by stage.
+        by_device: bool,
+    }
+
+    impl StepVariant {
+        /// How the variant differs from the default, for the table.
+        fn describe(&self) -> String {
+            let mut s = String::new();
+            if self.copy {
+                s += ", metadata by copy engine";
+            }
+            if self.warps > 0 {
+                s += &format!(", {} warps per attention CTA", self.warps);
+            }
+            if self.by_device {
+                s += ", fronts enqueued device by device";
+            }
+            s
+        }
+    }
+
     /// The runs of `--decode-sweep`: the planned default first, the same with the blocks in
     /// pool order (the cost of the shuffled block table), the CUDA-core kernel, then the
     /// default kernel at several split sizes.
@@ -215,6 +248,9 @@ mod cuda_main {
         ];
         for split in [512, 1024, 2048, 2752, 4096, 8192] {
             v.push((DecodeTuning { split, ..d }, false));
+        }
+        for warps in [4, 8] {
+            v.push((DecodeTuning { warps, ..d }, false));
         }
         v
     }
@@ -342,8 +378,17 @@ mod cuda_main {
             } else {
                 vec![(DecodeTuning::default(), false)]
             };
-            decode_case(&mut json, &mut lines, 32, 8191, copy, &runs)?;
-            decode_case(&mut json, &mut lines, 1, 32767, copy, &runs)?;
+            decode_case(&mut json, &mut lines, 32, 8191, copy, &runs, 64)?;
+            decode_case(&mut json, &mut lines, 1, 32767, copy, &runs, 64)?;
+            if sweep {
+                // Other block sizes: how much the runs of one head's keys between jumps in
+                // the pool matter (64 tokens: 16 KB runs).
+                let default = [(DecodeTuning::default(), false)];
+                for bs in [16, 256, 2048] {
+                    decode_case(&mut json, &mut lines, 32, 8191, copy, &default, bs)?;
+                    decode_case(&mut json, &mut lines, 1, 32767, copy, &default, bs)?;
+                }
+            }
         }
 
         println!("attnrt-cuda (bf16, Hq 32, Hkv 8, D 128; mean of {iters} after warm-up):");
@@ -753,17 +798,30 @@ mod cuda_main {
                     ]
                 }
             };
-            // Variants of the step: (metadata uploaded by the copy engine instead of a kernel,
-            // keys per split instead of the planned split (0)); the lean run compares them with
-            // the default, the full one runs the default.
-            // (The third element: a step's fronts enqueued device by device instead of stage
-            // by stage.)
-            const DEFAULT: (bool, usize, bool) = (false, 0, false);
-            let layouts = |n: usize| -> Vec<(bool, usize, bool)> {
+            // Variants of the step: the lean run compares them with the default, the full one
+            // runs the default.
+            const DEFAULT: StepVariant = StepVariant {
+                copy: false,
+                warps: 0,
+                by_device: false,
+            };
+            let layouts = |n: usize| -> Vec<StepVariant> {
+                let copy = StepVariant {
+                    copy: true,
+                    ..DEFAULT
+                };
+                let four = StepVariant {
+                    warps: 4,
+                    ..DEFAULT
+                };
+                let by_device = StepVariant {
+                    by_device: true,
+                    ..DEFAULT
+                };
                 match (lean, n) {
                     (false, _) => vec![DEFAULT],
-                    (true, 1) => vec![DEFAULT, (true, 0, false)],
-                    (true, _) => vec![DEFAULT, (true, 0, false), (false, 0, true)],
+                    (true, 1) => vec![DEFAULT, copy],
+                    (true, _) => vec![DEFAULT, copy, four, by_device],
                 }
             };
             // (split index, reduction, peer sums, mode, layout); resident runs only with the
@@ -795,16 +853,14 @@ mod cuda_main {
             // costs replayed steps a few microseconds of host work) and the host phases.
             for round in 0..=rounds {
                 let diagnostics = round == rounds;
-                for (ci, &(si, r, peer, (graphs, resident), (copy, split, by_device))) in
-                    cases.iter().enumerate()
-                {
+                for (ci, &(si, r, peer, (graphs, resident), v)) in cases.iter().enumerate() {
                     let (n, m, cache, bufs, _) = &mut splits[si];
                     m.set_decode_tuning(DecodeTuning {
-                        split,
+                        warps: v.warps,
                         ..DecodeTuning::default()
                     });
-                    m.set_meta_upload_copy(copy);
-                    m.set_enqueue_by_stage(!by_device);
+                    m.set_meta_upload_copy(v.copy);
+                    m.set_enqueue_by_stage(!v.by_device);
                     m.set_reduce(r)?;
                     m.set_peer_sum(peer);
                     m.set_step_graphs(graphs);
@@ -883,26 +939,12 @@ mod cuda_main {
             let best_one = |resident: bool| one((false, resident)).min(one((true, resident)));
             println!("| GPUs | reduce | mode | ms per step (median) | min / max of rounds | ratio vs 1 GPU, same mode | ratio vs fastest 1-GPU mode, same I/O | ms in NCCL | device span per device (ms) | attention + merge alone, per device (ms) | host us at: validated / planned / enqueued / done |");
             println!("| --- | --- | --- | ---: | --- | ---: | ---: | ---: | --- | --- | --- |");
-            for (ci, &(si, r, peer, mode, (copy, split, by_device))) in cases.iter().enumerate() {
+            for (ci, &(si, r, peer, mode, v)) in cases.iter().enumerate() {
                 let reduce = format!(
-                    "{}{}{}{}{}",
+                    "{}{}{}",
                     name(&r),
                     if peer { ", peer sum" } else { "" },
-                    if copy {
-                        ", metadata by copy engine"
-                    } else {
-                        ""
-                    },
-                    if split > 0 {
-                        format!(", {split} keys per split")
-                    } else {
-                        String::new()
-                    },
-                    if by_device {
-                        ", fronts enqueued device by device"
-                    } else {
-                        ""
-                    }
+                    v.describe()
                 );
                 let n = splits[si].0;
                 let (nccl, span, phases) = &last[ci];
