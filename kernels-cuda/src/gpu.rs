@@ -401,7 +401,7 @@ pub(super) struct PendingPrep {
 
 /// The projections of a call enqueued up to the conversion of `x` ([`GpuLayer::qkv_start`]).
 #[derive(Clone, Copy)]
-pub(super) struct QkvStart {
+struct QkvStart {
     /// `x` in the storage type (or the f32 `x` itself).
     x_in: u64,
     cs: u64,

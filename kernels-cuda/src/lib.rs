@@ -61,7 +61,7 @@ pub use gpu::{
 };
 pub use plan::{
     capability, capability_on, AttnPath, DecodeTuning, GpuBackend, GpuOptions, Precision,
-    ReduceOptions,
+    ReduceOptions, StepGraphLayout,
 };
 #[cfg(not(feature = "cuda"))]
 pub use stub::{

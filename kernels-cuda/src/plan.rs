@@ -397,6 +397,17 @@ impl Default for ReduceOptions {
     }
 }
 
+/// How a cached step over several devices is captured for replay.
+#[doc(hidden)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StepGraphLayout {
+    /// One graph over every device, launched on device 0's stream.
+    Joint,
+    /// A graph per device, launched device 0 first (the default, for steps whose only
+    /// exchange between the devices is the peer-memory sum; others are captured jointly).
+    PerDevice,
+}
+
 /// Test and benchmark overrides of the cached forward's attention kernel
 /// ([`crate::GpuLayer::set_decode_tuning`]); the default plans everything.
 #[doc(hidden)]
@@ -506,8 +517,8 @@ impl DecodeKernel {
                 ..
             } if tuning.warps == 0 && ctas <= sm_count && head_dim <= 128 => {
                 DecodeKernel::TensorCore {
-                dtype,
-                head_dim,
+                    dtype,
+                    head_dim,
                     warps: DECODE_TC_WIDE_WARPS,
                     stages,
                 }

@@ -411,6 +411,18 @@ impl<'a> MultiGpuLayer<'a> {
         match self.never {}
     }
 
+    /// How a step over several devices is captured (unreachable in this build).
+    #[doc(hidden)]
+    pub fn set_step_graph_layout(&mut self, _layout: crate::StepGraphLayout) {
+        match self.never {}
+    }
+
+    /// How the replayed step was captured (unreachable in this build).
+    #[doc(hidden)]
+    pub fn step_graph_layout(&self) -> crate::StepGraphLayout {
+        match self.never {}
+    }
+
     /// Why the last capture of a cached step failed (unreachable in this build).
     pub fn step_graph_error(&self) -> Option<&str> {
         match self.never {}

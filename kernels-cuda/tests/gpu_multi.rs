@@ -38,7 +38,7 @@ use attnrt::{
 use attnrt_cuda::CachedDeviceCall;
 use attnrt_cuda::{
     Error, GpuKvCache, GpuLayer, GpuOptions, MultiGpuKvCache, MultiGpuLayer, Precision,
-    ReduceOptions,
+    ReduceOptions, StepGraphLayout,
 };
 use attnrt_tests::{max_abs_diff, OwnedWeights, Rng, F32_TOL};
 
@@ -330,6 +330,7 @@ fn cached_case(
     chunk: usize,
     block: usize,
     p: Precision,
+    layout: StepGraphLayout,
 ) -> (f64, f64) {
     let (d, steps) = (64usize, 4usize);
     let prefill = [37usize, 1, 70];
@@ -375,6 +376,7 @@ fn cached_case(
     let mut multi = MultiGpuLayer::new(layer, &devices(n), opts)
         .unwrap_or_else(|e| panic!("MultiGpuLayer::new {name}: {e}"));
     multi.set_reduce(reduce).unwrap();
+    multi.set_step_graph_layout(layout);
     let mut cache: MultiGpuKvCache = multi.new_kv_cache(block, num_blocks, rolling).unwrap();
     assert_eq!(cache.n_devices(), n);
     // The same split with every step enqueued launch by launch: the captured and replayed
@@ -397,9 +399,13 @@ fn cached_case(
     let (mut cpu_k, mut cpu_v) = (vec![0.0f32; pool_len], vec![0.0f32; pool_len]);
 
     let mut worst = (0.0f64, 0.0f64);
+    let mut last_tokens = 0;
     for (step, call) in calls.iter().enumerate() {
         let (seqs, x, rows) = plan_call(call, &tables, &xs, cfg.n_embd);
+        last_tokens = seqs.iter().map(|s| s.new_tokens).sum::<usize>();
         let what = format!("{name} call {step}");
+        // Progress on stderr, so that a hang is located under `timeout` (with --nocapture).
+        eprintln!("{what}: {} sequences", seqs.len());
         let mut y = vec![f32::NAN; x.len()];
         multi
             .forward_cached(&x, &seqs, Some(table), &mut cache, &mut y)
@@ -468,10 +474,22 @@ fn cached_case(
         None,
         "{name}: the cached steps were not captured"
     );
+    // A graph per device only for steps whose devices exchange nothing but the peer-memory
+    // sum: an exact, unchunked f32 all-reduce without full QK-norm statistics.
+    let nccl = norm == QkNorm::Full
+        || reduce.all_to_all
+        || reduce.scatter
+        || (reduce.storage_dtype && p != Precision::F32)
+        || reduce.chunks.clamp(1, last_tokens) > 1;
+    let (want, graphs) = match layout {
+        StepGraphLayout::PerDevice if !nccl => (StepGraphLayout::PerDevice, n),
+        _ => (StepGraphLayout::Joint, 1),
+    };
+    assert_eq!(multi.step_graph_layout(), want, "{name}: captured layout");
     assert_eq!(
         multi.step_graph_count(),
-        1,
-        "{name}: the last step was not captured as one graph over every device"
+        graphs,
+        "{name}: the last step was not captured as {want:?}"
     );
     for i in 0..n {
         let (k, v) = cache.device(i).unwrap().read_f32().unwrap();
@@ -524,6 +542,7 @@ fn split_prefill_and_decode_equal_one_gpu_and_reference() {
     };
     use Precision::{Bf16, F32};
     use QkNorm::{Full, None as NoNorm, PerHead};
+    let (joint, per_device) = (StepGraphLayout::Joint, StepGraphLayout::PerDevice);
     for n in counts {
         // KV heads fewer than, equal to and more than the devices.
         let (few, eq, many) = if n == 2 { (1, 2, 4) } else { (2, 4, 8) };
@@ -541,12 +560,46 @@ fn split_prefill_and_decode_equal_one_gpu_and_reference() {
         ];
         for (i, (kv, norm, window, rolling, chunk, block, p)) in cases.into_iter().enumerate() {
             let reduce = REDUCTIONS[i % REDUCTIONS.len()];
-            cached_case(n, reduce, kv, norm, window, rolling, chunk, block, p);
+            cached_case(
+                n, reduce, kv, norm, window, rolling, chunk, block, p, per_device,
+            );
         }
+        // Steps whose only exchange is the peer-memory sum: a graph per device (the default),
+        // and one joint graph.
+        let exact = ReduceOptions::EXACT;
+        cached_case(
+            n,
+            exact,
+            few,
+            PerHead,
+            Some(37),
+            true,
+            16,
+            16,
+            F32,
+            per_device,
+        );
+        cached_case(
+            n, exact, many, NoNorm, None, false, whole, 16, Bf16, per_device,
+        );
+        cached_case(n, exact, eq, NoNorm, None, false, 16, 16, F32, joint);
         // The all-to-all on bf16 too (chunked prefill, decode steps with fewer sequences than
         // devices on 4: ranks without tokens).
-        cached_case(n, A2A[1], few, PerHead, None, false, 16, 16, Bf16);
-        cached_case(n, A2A[1], many, NoNorm, Some(37), true, 16, 16, F32);
+        cached_case(
+            n, A2A[1], few, PerHead, None, false, 16, 16, Bf16, per_device,
+        );
+        cached_case(
+            n,
+            A2A[1],
+            many,
+            NoNorm,
+            Some(37),
+            true,
+            16,
+            16,
+            F32,
+            per_device,
+        );
     }
 }
 

@@ -32,7 +32,7 @@ mod cuda_main {
     };
     use attnrt_cuda::{
         device_count, CachedDeviceCall, DecodeTuning, DeviceCall, Error, GpuKvCache, GpuLayer,
-        GpuOptions, MultiGpuLayer, Precision, ReduceOptions, RopeSource,
+        GpuOptions, MultiGpuLayer, Precision, ReduceOptions, RopeSource, StepGraphLayout,
     };
     use cust::sys as cu;
     use std::fmt::Write as _;
@@ -209,8 +209,8 @@ mod cuda_main {
         copy: bool,
         /// Warps per CTA of the attention kernel (0: planned).
         warps: usize,
-        /// A step's fronts enqueued device by device instead of stage by stage.
-        by_device: bool,
+        /// How a step over several devices is captured.
+        layout: StepGraphLayout,
     }
 
     impl StepVariant {
@@ -223,8 +223,8 @@ mod cuda_main {
             if self.warps > 0 {
                 s += &format!(", {} warps per attention CTA", self.warps);
             }
-            if self.by_device {
-                s += ", fronts enqueued device by device";
+            if self.layout == StepGraphLayout::Joint {
+                s += ", one graph over both devices";
             }
             s
         }
@@ -803,8 +803,10 @@ mod cuda_main {
             const DEFAULT: StepVariant = StepVariant {
                 copy: false,
                 warps: 0,
-                by_device: false,
+                layout: StepGraphLayout::PerDevice,
             };
+            // `--lean-default`: the lean run without its variants (for a timeline trace).
+            let lean_default = std::env::args().any(|a| a == "--lean-default");
             let layouts = |n: usize| -> Vec<StepVariant> {
                 let copy = StepVariant {
                     copy: true,
@@ -814,14 +816,15 @@ mod cuda_main {
                     warps: 4,
                     ..DEFAULT
                 };
-                let by_device = StepVariant {
-                    by_device: true,
+                let joint = StepVariant {
+                    layout: StepGraphLayout::Joint,
                     ..DEFAULT
                 };
                 match (lean, n) {
                     (false, _) => vec![DEFAULT],
+                    (true, _) if lean_default => vec![DEFAULT],
                     (true, 1) => vec![DEFAULT, copy],
-                    (true, _) => vec![DEFAULT, copy, four, by_device],
+                    (true, _) => vec![DEFAULT, copy, four, joint],
                 }
             };
             // (split index, reduction, peer sums, mode, layout); resident runs only with the
@@ -860,7 +863,7 @@ mod cuda_main {
                         ..DecodeTuning::default()
                     });
                     m.set_meta_upload_copy(v.copy);
-                    m.set_enqueue_by_stage(!v.by_device);
+                    m.set_step_graph_layout(v.layout);
                     m.set_reduce(r)?;
                     m.set_peer_sum(peer);
                     m.set_step_graphs(graphs);

@@ -12,7 +12,7 @@ use half::{bf16, f16};
 use super::staging::MetaUpload;
 use super::{
     alloc, drv, function, h2d, kernels, launch, ptr, DeviceX, GpuLayer, Kernels, PendingPrep,
-    PoolAppend, QkvStart,
+    PoolAppend,
 };
 use crate::error::{Error, Result};
 use crate::plan::{DecodeKernel, DecodeTuning, GpuBackend, Precision};
@@ -674,8 +674,8 @@ impl GpuLayer<'_> {
     /// The device part of a cached call's first half, for the front `f` this layer planned
     /// last: the metadata upload, the upload of `x` (host rows), projections and the
     /// norm/RoPE pass, which appends the new keys and values to the planned cache (pending in
-    /// `f` with a norm share). Writes no output. [`GpuLayer::cached_enqueue_upload`] then
-    /// [`GpuLayer::cached_enqueue_projections`].
+    /// `f` with a norm share). Writes no output. The caller marks the metadata upload done (`mark_meta_uploaded`) after it, or
+    /// after the graph that replays it.
     ///
     /// # Safety
     /// `f` is this layer's last [`GpuLayer::cached_plan`]; rows of `x` already on the device
@@ -686,24 +686,6 @@ impl GpuLayer<'_> {
         f: &mut CachedFront,
         x: CachedX<'_>,
     ) -> Result<()> {
-        // SAFETY: per this function's contract.
-        unsafe {
-            let start = self.cached_enqueue_upload(f, x)?;
-            self.cached_enqueue_projections(f, start)
-        }
-    }
-
-    /// The first stage of [`GpuLayer::cached_enqueue_front`]: the metadata upload, the upload
-    /// of `x` (host rows) and its conversion. A head split enqueues this stage on every device
-    /// before any device's projections, so that every device starts at once.
-    ///
-    /// # Safety
-    /// As [`GpuLayer::cached_enqueue_front`].
-    pub(super) unsafe fn cached_enqueue_upload(
-        &mut self,
-        f: &CachedFront,
-        x: CachedX<'_>,
-    ) -> Result<QkvStart> {
         let stream = self.stream;
         let xd = ptr(&self.x);
         // SAFETY: the metadata was staged by this front's plan, in this layer's context, and
@@ -720,24 +702,9 @@ impl GpuLayer<'_> {
                 }
                 CachedX::Device(rows, _) => rows,
             };
-            self.qkv_convert(rows, f.n, (f.rope, 0, f.n as i32), stream)
+            let start = self.qkv_convert(rows, f.n, (f.rope, 0, f.n as i32), stream)?;
+            f.prep = self.qkv_finish(start, Some(f.pool_append()), stream)?;
         }
-    }
-
-    /// The second stage of [`GpuLayer::cached_enqueue_front`]: the projections and the
-    /// norm/RoPE pass with the append (pending in `f` with a norm share).
-    ///
-    /// # Safety
-    /// `start` is this layer's last [`GpuLayer::cached_enqueue_upload`], for `f`.
-    pub(super) unsafe fn cached_enqueue_projections(
-        &mut self,
-        f: &mut CachedFront,
-        start: QkvStart,
-    ) -> Result<()> {
-        let stream = self.stream;
-        // SAFETY: per this function's contract; the pools of the planned cache hold the
-        // call's slots (validated by the plan).
-        f.prep = unsafe { self.qkv_finish(start, Some(f.pool_append()), stream)? };
         Ok(())
     }
 

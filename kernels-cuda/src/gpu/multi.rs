@@ -26,7 +26,7 @@ use crate::error::{Error, Result};
 use crate::nccl::{self, Collective, Comms, Dtype, Transfer};
 use crate::plan::{
     all_to_all_blocks, AllToAllBlock, DecodeTuning, GpuBackend, GpuOptions, Precision,
-    ReduceOptions,
+    ReduceOptions, StepGraphLayout,
 };
 use peer::PeerSum;
 
@@ -339,6 +339,10 @@ pub struct MultiGpuLayer<'a> {
     step_graphs: Option<StepGraphs>,
     /// Why the last capture failed (cached steps then run as launches).
     step_graph_error: Option<String>,
+    /// How several devices' steps are captured ([`MultiGpuLayer::set_step_graph_layout`]).
+    graph_layout: StepGraphLayout,
+    /// How the replayed step was captured.
+    captured_layout: StepGraphLayout,
     /// Set while a step is captured: no timing events are recorded (they would not be
     /// recorded at replay).
     untimed: bool,
@@ -551,6 +555,8 @@ impl<'a> MultiGpuLayer<'a> {
             step_graphs_on: true,
             step_graphs: None,
             step_graph_error: None,
+            graph_layout: StepGraphLayout::PerDevice,
+            captured_layout: StepGraphLayout::Joint,
             untimed: false,
             peer,
             peer_on: true,
@@ -763,6 +769,29 @@ impl<'a> MultiGpuLayer<'a> {
         unsafe { self.collective(Collective::AllReduce, &bufs, 2 * tokens, Dtype::F32, false) }
     }
 
+    /// Whether the output sum of a `tokens`-token call (not all-to-all) goes through peer
+    /// memory: an exact (f32, unchunked) all-reduce small enough for the peer buffers.
+    fn peer_sums(&self, tokens: usize) -> bool {
+        let c = self.layer.config().n_embd;
+        let storage = self.reduce.storage_dtype && self.precision != Precision::F32;
+        let scatter = self.reduce.scatter && c.is_multiple_of(self.gpus.len());
+        let overlap = self.reduce.chunks.clamp(1, tokens.max(1)) > 1;
+        self.peer_on
+            && !storage
+            && !overlap
+            && !scatter
+            && self.peer.as_ref().is_some_and(|p| p.fits(tokens * c))
+    }
+
+    /// Whether the devices of a `tokens`-token call exchange nothing but the peer-memory sum
+    /// of the output (no NCCL collective: no full QK-norm statistics, no all-to-all).
+    fn peer_only(&self, tokens: usize) -> bool {
+        self.comms.is_some()
+            && !self.reduce.all_to_all
+            && !self.plan.needs_norm_reduction()
+            && self.peer_sums(tokens)
+    }
+
     /// Where device `i`'s (partial, then summed) f32 output goes: `outs[i]`, the caller's
     /// buffer of a device-resident call, or with no `outs`, the layer's `y`.
     fn y_of(&self, i: usize, outs: &[u64]) -> u64 {
@@ -807,15 +836,7 @@ impl<'a> MultiGpuLayer<'a> {
         // A small exact sum (a decode step's) goes through peer memory: the projections
         // write partial buffers, summed into the outputs on every device.
         let peer_parts: Vec<u64> = match &self.peer {
-            Some(p)
-                if self.peer_on
-                    && !storage
-                    && !overlap
-                    && kind == Collective::AllReduce
-                    && p.fits(tokens * c) =>
-            {
-                (0..n).map(|i| p.part(i)).collect()
-            }
+            Some(p) if self.peer_sums(tokens) => (0..n).map(|i| p.part(i)).collect(),
             _ => Vec::new(),
         };
         let mut done = Vec::with_capacity(chunks);
@@ -1541,17 +1562,33 @@ impl<'a> MultiGpuLayer<'a> {
             let key = self.step_key(&fronts, &rows, output);
             if self.step_graphs.as_ref().is_none_or(|g| g.key != key) {
                 self.step_graphs = None;
-                // Several devices: one graph over all of them (one launch per step). A graph
-                // per device, launched one after the other, was up to 3% faster on the decode
-                // bench but left a test of the split's cached calls hanging (2 x H200, cause
-                // not found), so a failed joint capture runs as launches instead.
-                let captured = if self.gpus.len() > 1 {
-                    self.capture_joint(&mut fronts, &rows, tokens, output, cache)
+                // Several devices: a graph per device, launched one after the other, when the
+                // devices exchange nothing but the peer-memory sum (on 2 x H100 the decode
+                // step took 0.581-0.591 of one GPU's against 0.604-0.614 with one joint graph:
+                // the second device starts about 7 us after the first instead of 14). Steps
+                // with NCCL collectives are captured into one graph over every device: with
+                // graphs per device, the sixth session saw a test of such steps hang twice
+                // (cause not found; with a peer that never arrives, the peer sum traps).
+                let layout = if self.gpus.len() > 1
+                    && (self.graph_layout == StepGraphLayout::Joint || !self.peer_only(tokens))
+                {
+                    StepGraphLayout::Joint
                 } else {
-                    self.capture_per_device(&mut fronts, &rows, tokens, output, cache)
+                    StepGraphLayout::PerDevice
+                };
+                let captured = match layout {
+                    StepGraphLayout::Joint => {
+                        self.capture_joint(&mut fronts, &rows, tokens, output, cache)
+                    }
+                    StepGraphLayout::PerDevice => {
+                        self.capture_per_device(&mut fronts, &rows, tokens, output, cache)
+                    }
                 };
                 match captured {
-                    Ok(execs) => self.step_graphs = Some(StepGraphs { key, execs }),
+                    Ok(execs) => {
+                        self.step_graphs = Some(StepGraphs { key, execs });
+                        self.captured_layout = layout;
+                    }
                     Err(e) => {
                         // Replays are an optimisation: a step that cannot be captured runs
                         // as launches, and so do the later ones.
@@ -1689,26 +1726,10 @@ impl<'a> MultiGpuLayer<'a> {
         (download, outs): (Option<*mut f32>, &[u64]),
         cache: &MultiGpuKvCache,
     ) -> Result<()> {
-        if self.by_stage {
-            // Every device's uploads before any device's projections (whose cuBLAS enqueue
-            // costs the host microseconds per device).
-            let mut starts = Vec::with_capacity(self.gpus.len());
-            for ((g, f), &x) in self.gpus.iter_mut().zip(fronts.iter()).zip(rows) {
-                g.set_current()?;
-                // SAFETY: per this function's contract.
-                starts.push(unsafe { g.cached_enqueue_upload(f, x)? });
-            }
-            for ((g, f), start) in self.gpus.iter_mut().zip(fronts.iter_mut()).zip(starts) {
-                g.set_current()?;
-                // SAFETY: `start` is this device's upload just enqueued, for `f`.
-                unsafe { g.cached_enqueue_projections(f, start)? };
-            }
-        } else {
-            for ((g, f), &x) in self.gpus.iter_mut().zip(fronts.iter_mut()).zip(rows) {
-                g.set_current()?;
-                // SAFETY: per this function's contract.
-                unsafe { g.cached_enqueue_front(f, x)? };
-            }
+        for ((g, f), &x) in self.gpus.iter_mut().zip(fronts.iter_mut()).zip(rows) {
+            g.set_current()?;
+            // SAFETY: per this function's contract.
+            unsafe { g.cached_enqueue_front(f, x)? };
         }
         self.reduce_norm(tokens)?;
         for ((g, c), f) in self.gpus.iter_mut().zip(&cache.caches).zip(fronts.iter()) {
@@ -1873,6 +1894,23 @@ impl<'a> MultiGpuLayer<'a> {
             });
         }
         key
+    }
+
+    /// Test and benchmark switch: how a step over several devices is captured (the next
+    /// capture; the current one is dropped).
+    #[doc(hidden)]
+    pub fn set_step_graph_layout(&mut self, layout: StepGraphLayout) {
+        if self.graph_layout != layout {
+            self.graph_layout = layout;
+            self.step_graphs = None;
+        }
+    }
+
+    /// How the replayed step was captured (a step with NCCL collectives is captured jointly
+    /// whatever [`MultiGpuLayer::set_step_graph_layout`] says).
+    #[doc(hidden)]
+    pub fn step_graph_layout(&self) -> StepGraphLayout {
+        self.captured_layout
     }
 
     /// Benchmark diagnostics: host microseconds from the start of the last successful cached
