@@ -98,4 +98,15 @@ pub(super) unsafe fn abandon_capture(stream: cu::CUstream) {
 pub(super) struct StepGraphs {
     pub(super) key: Vec<u64>,
     pub(super) execs: Vec<Exec>,
+    /// What is launched after the graphs (graphs per device only).
+    pub(super) tail: Option<StepTail>,
+}
+
+/// The end of a step captured into a graph per device, launched after every device's graph:
+/// the peer-memory sum of the partial outputs into `ys` (`elems` f32 per device), then with a
+/// host output, its download from device 0 (address, tokens).
+pub(super) struct StepTail {
+    pub(super) ys: Vec<u64>,
+    pub(super) elems: usize,
+    pub(super) download: Option<(usize, usize)>,
 }

@@ -89,11 +89,30 @@ impl PeerSum {
                     drv("cuCtxEnablePeerAccess", r)?;
                 }
             }
-            lanes.push(PeerLane {
+            let lane = PeerLane {
                 part: alloc(bytes)?,
                 flags: alloc((PEER_MAX + 2) * 4)?,
                 func: function(&g.kernels.rope_norm, "peer_sum_f32")?,
-            });
+            };
+            // One launch without peers and elements, so that the kernel is loaded on this
+            // device before a step depends on it (with lazy module loading the first launch
+            // loads it, and a peer's sum already spinning would wait for that). It moves
+            // every device's step counter to the same epoch, 1.
+            let mut p = PeerSumParams {
+                src: [ptr(&lane.part); PEER_MAX],
+                flags: [ptr(&lane.flags); PEER_MAX],
+                dst: ptr(&lane.part),
+                counter: ptr(&lane.flags) + (PEER_MAX * 4) as u64,
+                n: 0,
+                ranks: 1,
+                rank: 0,
+                vec4: 0,
+            };
+            // SAFETY: PeerSumParams matches the kernel's struct; with one rank and no
+            // elements it touches only the lane's own counter; the stream is the device's.
+            unsafe { launch(lane.func, (1, 1, 1), 256, 0, g.stream, &mut p)? };
+            g.synchronize()?;
+            lanes.push(lane);
         }
         Ok(Some(PeerSum { lanes }))
     }
