@@ -416,8 +416,8 @@ pub unsafe extern "C" fn attnrt_cuda_multi_cached_device_args_init(
 /// [`attnrt_cuda_multi_forward_cached`] on activations that stay on the GPUs, for a
 /// tensor-parallel server that keeps the hidden state on every device between layers: each
 /// device reads the new tokens' rows from `x_parts[i]` and receives the whole summed output in
-/// `out_parts[i]`; only the call's metadata crosses the host. The step is captured as a CUDA
-/// graph per device and replayed while its shape and buffers stay the same (the same
+/// `out_parts[i]`; only the call's metadata crosses the host. The step is captured as CUDA
+/// graphs and replayed while its shape and buffers stay the same (the same
 /// pointers and token counts from step to step keep it replaying). Returns when every device
 /// has finished. The layer's reduction must be an all-reduce (the default, or
 /// `storage_dtype` without `scatter` / `all_to_all`). On success `*backend_ran` receives

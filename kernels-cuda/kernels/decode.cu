@@ -601,16 +601,11 @@ ATTNRT_DECODE_ALL(__half, f16)
     }
 // 4 warps x 2 stages (DECODE_TC_WARPS / DECODE_TC_STAGES in src/plan.rs): on an H200, 32 x
 // 8192 and 1 x 32768 keys (head_dim 128) ran within 1% of the best of 1 to 8 warps and 2 to 4
-// stages, with the least shared memory of the fastest. 8 warps (DECODE_TC_WIDE_WARPS) for
-// launches of at most one CTA per SM, where 4 warps leave an SM with few tiles in flight;
-// not for head_dim 256, whose 8 x 2 stages exceed the shared memory of an SM.
+// stages, with the least shared memory of the fastest.
 #define ATTNRT_DECODE_TC_ALL(TY, NAME)     \
     ATTNRT_DECODE_TC(TY, NAME, 64, 4, 2)  \
     ATTNRT_DECODE_TC(TY, NAME, 96, 4, 2)  \
     ATTNRT_DECODE_TC(TY, NAME, 128, 4, 2) \
-    ATTNRT_DECODE_TC(TY, NAME, 256, 4, 2) \
-    ATTNRT_DECODE_TC(TY, NAME, 64, 8, 2)  \
-    ATTNRT_DECODE_TC(TY, NAME, 96, 8, 2)  \
-    ATTNRT_DECODE_TC(TY, NAME, 128, 8, 2)
+    ATTNRT_DECODE_TC(TY, NAME, 256, 4, 2)
 ATTNRT_DECODE_TC_ALL(__nv_bfloat16, bf16)
 ATTNRT_DECODE_TC_ALL(__half, f16)

@@ -417,9 +417,6 @@ pub struct DecodeTuning {
     pub split: usize,
     /// The CUDA-core kernel even where the tensor-core kernel applies.
     pub cuda_cores: bool,
-    /// Warps per CTA of the tensor-core kernel ([`DECODE_TC_WARPS`] or
-    /// [`DECODE_TC_WIDE_WARPS`]); 0 plans it ([`DecodeKernel::widened`]).
-    pub warps: usize,
 }
 
 /// Keys per warp tile of the tensor-core decode kernel (`TC_KEYS` in decode.cu).
@@ -428,9 +425,6 @@ pub const DECODE_TC_KEYS: usize = 16;
 pub const DECODE_TC_HEADS: usize = 8;
 /// Warps per CTA of the tensor-core decode kernel (each streams its own tiles).
 pub const DECODE_TC_WARPS: usize = 4;
-/// Warps per CTA of the tensor-core decode kernel when the call has at most one CTA per SM
-/// ([`DecodeKernel::widened`]).
-pub const DECODE_TC_WIDE_WARPS: usize = 8;
 /// cp.async stages per warp of the tensor-core decode kernel.
 pub const DECODE_TC_STAGES: usize = 2;
 /// Threads of a CTA of the CUDA-core decode kernel (`DEC_THREADS`).
@@ -475,11 +469,7 @@ impl DecodeKernel {
             return DecodeKernel::TensorCore {
                 dtype: precision,
                 head_dim,
-                warps: if tuning.warps > 0 {
-                    tuning.warps
-                } else {
-                    DECODE_TC_WARPS
-                },
+                warps: DECODE_TC_WARPS,
                 stages: DECODE_TC_STAGES,
             };
         }
@@ -500,30 +490,6 @@ impl DecodeKernel {
             dtype: precision,
             lanes,
             heads,
-        }
-    }
-
-    /// The kernel for a launch of `ctas` CTAs on `sm_count` SMs: with at most one CTA per SM,
-    /// the tensor-core kernel with [`DECODE_TC_WIDE_WARPS`] warps, so that each SM keeps twice
-    /// the tiles in flight (a head split's shard of 32 x 8192 keys over 4 KV heads is 128 CTAs
-    /// on 132 SMs); else `self`. Not for head_dim 256 (8 warps' stages exceed an SM's shared
-    /// memory). A `tuning.warps` override is kept.
-    pub fn widened(self, ctas: usize, sm_count: usize, tuning: &DecodeTuning) -> DecodeKernel {
-        match self {
-            DecodeKernel::TensorCore {
-                dtype,
-                head_dim,
-                stages,
-                ..
-            } if tuning.warps == 0 && ctas <= sm_count && head_dim <= 128 => {
-                DecodeKernel::TensorCore {
-                    dtype,
-                    head_dim,
-                    warps: DECODE_TC_WIDE_WARPS,
-                    stages,
-                }
-            }
-            k => k,
         }
     }
 

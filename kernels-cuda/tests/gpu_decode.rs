@@ -87,9 +87,6 @@ struct Case {
     /// Keys per split (0: planned); small splits make every token several splits, merged by
     /// the last CTA to finish.
     split: usize,
-    /// Warps per CTA of the tensor-core kernel (0: planned, which is 8 for the decode steps'
-    /// few CTAs and 4 for the prefills' many).
-    warps: usize,
 }
 
 fn run_case(c: &Case) {
@@ -144,13 +141,12 @@ fn run_case(c: &Case) {
     let mut gpu = GpuLayer::new(layer, GpuOptions::new(c.p, 1, 256)).unwrap();
     gpu.set_decode_tuning(DecodeTuning {
         split: c.split,
-        warps: c.warps,
         ..DecodeTuning::default()
     });
 
     let name = format!(
-        "R={} D={} window={:?} rolling={} block={} {:?} split={} warps={}",
-        c.r, c.d, c.window, c.rolling, c.block, c.p, c.split, c.warps
+        "R={} D={} window={:?} rolling={} block={} {:?} split={}",
+        c.r, c.d, c.window, c.rolling, c.block, c.p, c.split
     );
     let (mut worst_ref, mut worst_cpu) = ((0.0f32, 0.0f64), (0.0f32, 0.0f64));
     for (step, call) in calls.iter().enumerate() {
@@ -240,8 +236,8 @@ fn prefill_then_decode_matches_reference_and_cpu() {
     if !device_or_skip() {
         return;
     }
-    // (R, head_dim, window, rolling, block size, precision, query heads, split, warps)
-    let planned = [
+    // (R, head_dim, window, rolling, block size, precision, query heads, split)
+    let cases = [
         (4, 128, None, false, 16, Precision::F32, 8, 0),
         (2, 64, None, false, 24, Precision::F32, 8, 0),
         (1, 256, None, false, 16, Precision::F32, 8, 0),
@@ -262,24 +258,11 @@ fn prefill_then_decode_matches_reference_and_cpu() {
         // The CUDA-core kernel in bf16 (head_dim 80 has no tensor-core variant).
         (4, 80, None, false, 16, Precision::Bf16, 8, 0),
     ];
-    let mut cases: Vec<_> = planned
-        .into_iter()
-        .map(|(r, d, w, ro, b, p, h, s)| (r, d, w, ro, b, p, h, s, 0))
-        .collect();
-    // The tensor-core kernel with its warps forced: 4 for the decode steps (planned: 8), 8
-    // for the prefills (planned: 4), with and without splits.
-    cases.extend([
-        (4, 128, None, false, 16, Precision::Bf16, 8, 0, 4),
-        (2, 64, Some(37), true, 16, Precision::F16, 8, 32, 4),
-        (4, 128, None, false, 24, Precision::Bf16, 8, 16, 8),
-        (8, 96, Some(37), false, 16, Precision::F16, 8, 0, 8),
-    ]);
     // ATTNRT_DECODE_CASES=0,3 runs only those cases (debugging, compute-sanitizer).
     let only: Option<Vec<usize>> = std::env::var("ATTNRT_DECODE_CASES")
         .ok()
         .map(|v| v.split(',').filter_map(|i| i.trim().parse().ok()).collect());
-    for (i, (r, d, window, rolling, block, p, heads, split, warps)) in cases.into_iter().enumerate()
-    {
+    for (i, (r, d, window, rolling, block, p, heads, split)) in cases.into_iter().enumerate() {
         if only.as_ref().is_some_and(|o| !o.contains(&i)) {
             continue;
         }
@@ -292,7 +275,6 @@ fn prefill_then_decode_matches_reference_and_cpu() {
             p,
             heads,
             split,
-            warps,
         });
     }
 }

@@ -207,8 +207,6 @@ mod cuda_main {
     struct StepVariant {
         /// Metadata uploaded by the copy engine instead of a kernel.
         copy: bool,
-        /// Warps per CTA of the attention kernel (0: planned).
-        warps: usize,
         /// How a step over several devices is captured.
         layout: StepGraphLayout,
     }
@@ -219,9 +217,6 @@ mod cuda_main {
             let mut s = String::new();
             if self.copy {
                 s += ", metadata by copy engine";
-            }
-            if self.warps > 0 {
-                s += &format!(", {} warps per attention CTA", self.warps);
             }
             if self.layout == StepGraphLayout::Joint {
                 s += ", one graph over both devices";
@@ -248,9 +243,6 @@ mod cuda_main {
         ];
         for split in [512, 1024, 2048, 2752, 4096, 8192] {
             v.push((DecodeTuning { split, ..d }, false));
-        }
-        for warps in [4, 8] {
-            v.push((DecodeTuning { warps, ..d }, false));
         }
         v
     }
@@ -802,7 +794,6 @@ mod cuda_main {
             // runs the default.
             const DEFAULT: StepVariant = StepVariant {
                 copy: false,
-                warps: 0,
                 layout: StepGraphLayout::PerDevice,
             };
             // `--lean-default`: the lean run without its variants (for a timeline trace).
@@ -810,10 +801,6 @@ mod cuda_main {
             let layouts = |n: usize| -> Vec<StepVariant> {
                 let copy = StepVariant {
                     copy: true,
-                    ..DEFAULT
-                };
-                let four = StepVariant {
-                    warps: 4,
                     ..DEFAULT
                 };
                 let joint = StepVariant {
@@ -824,7 +811,7 @@ mod cuda_main {
                     (false, _) => vec![DEFAULT],
                     (true, _) if lean_default => vec![DEFAULT],
                     (true, 1) => vec![DEFAULT, copy],
-                    (true, _) => vec![DEFAULT, copy, four, joint],
+                    (true, _) => vec![DEFAULT, copy, joint],
                 }
             };
             // (split index, reduction, peer sums, mode, layout); resident runs only with the
@@ -858,10 +845,6 @@ mod cuda_main {
                 let diagnostics = round == rounds;
                 for (ci, &(si, r, peer, (graphs, resident), v)) in cases.iter().enumerate() {
                     let (n, m, cache, bufs, _) = &mut splits[si];
-                    m.set_decode_tuning(DecodeTuning {
-                        warps: v.warps,
-                        ..DecodeTuning::default()
-                    });
                     m.set_meta_upload_copy(v.copy);
                     m.set_step_graph_layout(v.layout);
                     m.set_reduce(r)?;

@@ -211,8 +211,7 @@ pub(super) struct CachedFront {
     rope: u64,
     /// Bytes of the metadata upload.
     meta_bytes: usize,
-    /// The attention kernel the back half launches, and its entry point.
-    kernel: DecodeKernel,
+    /// The attention kernel the back half launches.
     f_dec: cu::CUfunction,
     /// The cache it was planned for: pools, block size, rolling.
     cache_key: [u64; 4],
@@ -277,8 +276,6 @@ struct CachedCall {
     items: usize,
     tokens: usize,
     split: usize,
-    kernel: DecodeKernel,
-    func: cu::CUfunction,
     grid: (u32, u32, u32),
     params: DecodeParams,
 }
@@ -318,9 +315,8 @@ struct DecodeParams {
 /// any before; a steady decode loop allocates nothing.
 #[derive(Default)]
 pub(super) struct DecodeState {
+    funcs: Option<DecodeFuncs>,
     tuning: DecodeTuning,
-    /// Every attention kernel a cached call has used (a call picks one of a few by its grid).
-    funcs: Vec<DecodeFuncs>,
     part: Option<DeviceBuffer<u8>>,
     ml: Option<DeviceBuffer<u8>>,
     /// The call's work items, token item ranges, sequences, block tables and new-token slots,
@@ -395,20 +391,6 @@ fn load_funcs(kernels: &Kernels, kernel: DecodeKernel) -> Result<DecodeFuncs> {
         dec,
         ctas_per_sm: ctas.max(1) as usize,
     })
-}
-
-impl DecodeState {
-    /// The loaded `kernel`, loaded now if no call used it yet.
-    fn funcs(&mut self, kernels: &Kernels, kernel: DecodeKernel) -> Result<&DecodeFuncs> {
-        let i = match self.funcs.iter().position(|f| f.kernel == kernel) {
-            Some(i) => i,
-            None => {
-                self.funcs.push(load_funcs(kernels, kernel)?);
-                self.funcs.len() - 1
-            }
-        };
-        Ok(&self.funcs[i])
-    }
 }
 
 impl GpuLayer<'_> {
@@ -572,14 +554,22 @@ impl GpuLayer<'_> {
             }
         }
         let kernel = DecodeKernel::choose(prec, d, r, &st.tuning);
-        let ctas_per_sm = st.funcs(&self.kernels, kernel)?.ctas_per_sm;
+        if st.funcs.as_ref().is_none_or(|f| f.kernel != kernel) {
+            st.funcs = None;
+            st.last = None;
+            st.funcs = Some(load_funcs(&self.kernels, kernel)?);
+        }
+        let Some(funcs) = st.funcs.as_ref() else {
+            return Err(Error::Unsupported("decode kernels missing".into()));
+        };
+        let f_dec = funcs.dec;
         let hchunks = r.div_ceil(kernel.heads_per_cta());
         let max_items = (2 * n).max(4096);
         let mut split = kernel.split_keys(
             total_keys,
             kvh * hchunks,
             self.kernels.sm_count,
-            ctas_per_sm,
+            funcs.ctas_per_sm,
             &st.tuning,
         );
         let tuning = st.tuning;
@@ -621,8 +611,6 @@ impl GpuLayer<'_> {
         }
         st.h_tok.push(st.h_work.len() as i32);
         let items = st.h_work.len();
-        let kernel = kernel.widened(items * kvh * hchunks, self.kernels.sm_count, &tuning);
-        let f_dec = st.funcs(&self.kernels, kernel)?.dec;
 
         // Device scratch (grown on demand) and uploads.
         let part = ensure(&mut st.part, items * h * d * 4)?;
@@ -661,7 +649,6 @@ impl GpuLayer<'_> {
             counters,
             rope: if st.h_rope.is_empty() { 0 } else { rope },
             meta_bytes: st.meta.staged_bytes(),
-            kernel,
             f_dec,
             cache_key: {
                 let (k, v) = cache.pool_ptrs();
@@ -775,8 +762,6 @@ impl GpuLayer<'_> {
             items,
             tokens: n,
             split,
-            kernel: f.kernel,
-            func: f.f_dec,
             grid: (items as u32, kvh as u32, hchunks as u32),
             params: p_dec,
         };
@@ -798,14 +783,17 @@ impl GpuLayer<'_> {
         let Some(call) = self.dec.last.as_ref() else {
             return Err(Error::Unsupported("no earlier cached call".into()));
         };
+        let Some(funcs) = self.dec.funcs.as_ref() else {
+            return Err(Error::Unsupported("no earlier cached call".into()));
+        };
         let mut params = call.params;
-        let k = call.kernel;
+        let k = funcs.kernel;
         // SAFETY: the parameters name this layer's buffers, sized for the last call, and that
         // call's cache, alive per this function's contract; the dynamic shared memory was
         // allowed when the function was loaded.
         unsafe {
             launch(
-                call.func,
+                funcs.dec,
                 call.grid,
                 k.threads(),
                 k.smem_bytes() as u32,
@@ -837,6 +825,7 @@ impl GpuLayer<'_> {
     /// The attention kernel of the last cached call (its PTX entry point).
     #[doc(hidden)]
     pub fn last_decode_kernel(&self) -> Option<String> {
-        self.dec.last.as_ref().map(|c| c.kernel.name())
+        self.dec.last.as_ref()?;
+        self.dec.funcs.as_ref().map(|f| f.kernel.name())
     }
 }

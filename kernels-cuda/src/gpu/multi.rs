@@ -25,8 +25,8 @@ use crate::cublas;
 use crate::error::{Error, Result};
 use crate::nccl::{self, Collective, Comms, Dtype, Transfer};
 use crate::plan::{
-    all_to_all_blocks, AllToAllBlock, DecodeTuning, GpuBackend, GpuOptions, Precision,
-    ReduceOptions, StepGraphLayout,
+    all_to_all_blocks, AllToAllBlock, GpuBackend, GpuOptions, Precision, ReduceOptions,
+    StepGraphLayout,
 };
 use peer::PeerSum;
 
@@ -1965,15 +1965,6 @@ impl<'a> MultiGpuLayer<'a> {
         self.host_phases_us
     }
 
-    /// Test and benchmark hook: every device's [`GpuLayer::set_decode_tuning`].
-    #[doc(hidden)]
-    pub fn set_decode_tuning(&mut self, tuning: DecodeTuning) {
-        for g in &mut self.gpus {
-            g.set_decode_tuning(tuning);
-        }
-        self.step_graphs = None;
-    }
-
     /// Benchmark switch: every device uploads a cached step's metadata with the copy engine
     /// (`true`) or with a kernel (`false`, the default); see
     /// [`GpuLayer::set_meta_upload_copy`].
@@ -1985,10 +1976,11 @@ impl<'a> MultiGpuLayer<'a> {
         self.step_graphs = None;
     }
 
-    /// Captures cached steps ([`MultiGpuLayer::forward_cached`]) as a CUDA graph per device
-    /// and replays them while a step has the same shape (new tokens, work split, buffers) as
-    /// the captured one: on (the default), the host enqueues a decode step with one launch
-    /// per device instead of a dozen; a step of a new shape is captured first (about the
+    /// Captures cached steps ([`MultiGpuLayer::forward_cached`]) as CUDA graphs (one per
+    /// device, or one over every device for steps with NCCL collectives) and replays them
+    /// while a step has the same shape (new tokens, work split, buffers) as the captured one:
+    /// on (the default), the host enqueues a decode step with a launch or two per device
+    /// instead of a dozen; a step of a new shape is captured first (about the
     /// cost of enqueueing it). Off, every kernel and copy is enqueued by each call; only then
     /// does [`MultiGpuLayer::last_nccl_ms`] time the collectives of cached calls. A capture
     /// that fails turns this off (the step runs as launches;

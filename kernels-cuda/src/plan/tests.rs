@@ -301,25 +301,6 @@ fn decode_kernel_choice_names_and_shared_memory() {
         DecodeKernel::choose(Precision::Bf16, 128, 4, &cc).name(),
         "decode_bf16_l16_r4"
     );
-    // At most one CTA per SM: 8 warps, except at head_dim 256 and under an override; more
-    // CTAs than SMs, or the CUDA-core kernel: unchanged.
-    let wide = k.widened(132, 132, &t);
-    assert_eq!(wide.name(), "decode_tc_bf16_d128_w8_s2");
-    assert_eq!(wide.threads(), 256);
-    assert_eq!(wide.smem_bytes(), 8 * 2 * 2 * 16 * 17 * 16);
-    assert_eq!(k.widened(133, 132, &t), k);
-    let k256 = DecodeKernel::choose(Precision::F16, 256, 2, &t);
-    assert_eq!(k256.widened(8, 132, &t), k256);
-    let four = DecodeTuning { warps: 4, ..t };
-    let k4 = DecodeKernel::choose(Precision::Bf16, 128, 4, &four);
-    assert_eq!(k4.widened(8, 132, &four), k4);
-    let eight = DecodeTuning { warps: 8, ..t };
-    assert_eq!(
-        DecodeKernel::choose(Precision::Bf16, 64, 4, &eight).name(),
-        "decode_tc_bf16_d64_w8_s2"
-    );
-    let cc_k = DecodeKernel::choose(Precision::F32, 128, 4, &t);
-    assert_eq!(cc_k.widened(8, 132, &t), cc_k);
     // Two stages always hold the epilogue's warp states (8 heads x head_dim f32 + max/sum).
     for head_dim in [64, 96, 128, 256] {
         for warps in [2, 4, 8] {
