@@ -30,7 +30,9 @@ pub(crate) struct PanelJob<'a> {
 
 /// Reduction steps packed per pass over the rows of a panel.
 const PACK_CH: usize = 64;
-/// How many chunks ahead of the one being packed each row of W is prefetched.
+/// How many chunks ahead of the one being packed each row of W is prefetched (x86-64 only,
+/// the one target with a prefetch hint here).
+#[cfg(target_arch = "x86_64")]
 const PACK_AHEAD: usize = 4;
 
 /// Hints the cache lines of `row`'s elements `PACK_AHEAD * PACK_CH` further on (within the same
