@@ -565,41 +565,22 @@ fn split_prefill_and_decode_equal_one_gpu_and_reference() {
             );
         }
         // Steps whose only exchange is the peer-memory sum: a graph per device (the default),
-        // and one joint graph.
+        // and one joint graph; the all-to-all on bf16 too (chunked prefill, decode steps with
+        // fewer sequences than devices on 4: ranks without tokens).
         let exact = ReduceOptions::EXACT;
-        cached_case(
-            n,
-            exact,
-            few,
-            PerHead,
-            Some(37),
-            true,
-            16,
-            16,
-            F32,
-            per_device,
-        );
-        cached_case(
-            n, exact, many, NoNorm, None, false, whole, 16, Bf16, per_device,
-        );
-        cached_case(n, exact, eq, NoNorm, None, false, 16, 16, F32, joint);
-        // The all-to-all on bf16 too (chunked prefill, decode steps with fewer sequences than
-        // devices on 4: ranks without tokens).
-        cached_case(
-            n, A2A[1], few, PerHead, None, false, 16, 16, Bf16, per_device,
-        );
-        cached_case(
-            n,
-            A2A[1],
-            many,
-            NoNorm,
-            Some(37),
-            true,
-            16,
-            16,
-            F32,
-            per_device,
-        );
+        #[rustfmt::skip]
+        let more = [
+            (exact, few, PerHead, Some(37), true, 16, 16, F32, per_device),
+            (exact, many, NoNorm, None, false, whole, 16, Bf16, per_device),
+            (exact, eq, NoNorm, None, false, 16, 16, F32, joint),
+            (A2A[1], few, PerHead, None, false, 16, 16, Bf16, per_device),
+            (A2A[1], many, NoNorm, Some(37), true, 16, 16, F32, per_device),
+        ];
+        for (reduce, kv, norm, window, rolling, chunk, block, p, layout) in more {
+            cached_case(
+                n, reduce, kv, norm, window, rolling, chunk, block, p, layout,
+            );
+        }
     }
 }
 
