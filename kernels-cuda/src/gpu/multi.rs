@@ -1578,8 +1578,8 @@ impl<'a> MultiGpuLayer<'a> {
                 // Several devices: a graph per device, launched one after the other, when the
                 // devices exchange nothing but the peer-memory sum, which is launched after
                 // every graph (`capture_per_device`). On 2 x H100 the decode step took
-                // 0.581-0.595 of one GPU's against 0.604-0.614 with one joint graph: the second
-                // device starts ~7 us after the first instead of ~14. Steps with NCCL
+                // 0.581-0.600 of one GPU's against 0.604-0.619 with one joint graph in the same
+                // calls: the second device starts ~7 us after the first instead of ~14. Steps with NCCL
                 // collectives are one graph over every device: NCCL's kernels, like the sum,
                 // wait for their peers inside the graph, and the sixth session saw such steps
                 // hang with graphs per device.
@@ -1950,7 +1950,7 @@ impl<'a> MultiGpuLayer<'a> {
     }
 
     /// How the replayed step was captured (a step with NCCL collectives is captured jointly
-    /// whatever [`MultiGpuLayer::set_step_graph_layout`] says).
+    /// whatever [`MultiGpuLayer::set_step_graph_layout`] says; `Joint` before any capture).
     #[doc(hidden)]
     pub fn step_graph_layout(&self) -> StepGraphLayout {
         self.captured_layout
