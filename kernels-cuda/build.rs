@@ -26,6 +26,8 @@ fn main() {
         ("attention_sm90", "compute_90a"),
         ("rope_norm", "compute_90"),
         ("decode", "compute_90"),
+        // Read-bandwidth probes of `bench --read-roofline` (the runtime does not load them).
+        ("probe", "compute_90"),
     ] {
         let src = dir.join(format!("{name}.cu"));
         println!("cargo:rerun-if-changed={}", src.display());

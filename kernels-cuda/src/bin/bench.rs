@@ -92,6 +92,120 @@ mod cuda_main {
         Ok(2.0 * bytes as f64 / (ms as f64 * 1e-3) / 1e9)
     }
 
+    /// The read probes (`kernels/probe.cu`), loaded by this bench only.
+    const PTX_PROBE: &str = include_str!(concat!(env!("OUT_DIR"), "/probe.ptx"));
+
+    /// `--read-roofline`: how fast this GPU reads 2 GiB with each load method of
+    /// `kernels/probe.cu` (no arithmetic), against the copy rate `copy_gbs` measured in the same
+    /// run; one line per (kernel, CTAs per SM).
+    fn read_roofline(
+        gpu: &mut GpuLayer<'_>,
+        copy_gbs: f64,
+        lines: &mut Vec<String>,
+    ) -> Result<(), Error> {
+        const TILE: usize = 4096;
+        let bytes = 2usize << 30;
+        let module =
+            cust::module::Module::from_ptx(PTX_PROBE, &[]).map_err(cuerr("load probe.ptx"))?;
+        let src = cust::memory::DeviceBuffer::<u8>::zeroed(bytes).map_err(cuerr("alloc"))?;
+        let sink = cust::memory::DeviceBuffer::<u32>::zeroed(1).map_err(cuerr("alloc"))?;
+        let mut sms = 0i32;
+        // SAFETY: valid out-pointers; the layer's context is current (it was just created).
+        unsafe {
+            let mut dev = 0;
+            let r = cu::cuCtxGetDevice(&mut dev);
+            if r != cu::CUresult::CUDA_SUCCESS {
+                return Err(Error::Cuda {
+                    call: "cuCtxGetDevice",
+                    message: format!("{r:?}"),
+                });
+            }
+            cu::cuDeviceGetAttribute(
+                &mut sms,
+                cu::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+                dev,
+            );
+        }
+        let sms = sms.max(1) as u32;
+        // (kernel, threads, dynamic shared memory, CTAs per SM)
+        let mut cases = vec![("probe_ldg".to_string(), 256u32, 0usize, 8u32)];
+        for (stages, bulk) in [(2usize, false), (4, false), (2, true), (4, true)] {
+            let name = if bulk {
+                "probe_bulk_s"
+            } else {
+                "probe_cp_async_s"
+            };
+            let smem = 4 * stages * TILE + if bulk { 4 * stages * 8 } else { 0 };
+            for per_sm in [1u32, 2, 3] {
+                cases.push((format!("{name}{stages}"), 128, smem, per_sm));
+            }
+        }
+        let stream = gpu.stream() as cu::CUstream;
+        for (name, threads, smem, per_sm) in cases {
+            let f = module
+                .get_function(&name)
+                .map_err(cuerr("probe function"))?;
+            let raw = f.to_raw();
+            // SAFETY: a live function of the current context; the size is what it needs.
+            let r = unsafe {
+                cu::cuFuncSetAttribute(
+                    raw,
+                    cu::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    smem as i32,
+                )
+            };
+            if r != cu::CUresult::CUDA_SUCCESS {
+                lines.push(format!(
+                    "read probe {name}: {smem} bytes of shared memory refused ({r:?})"
+                ));
+                continue;
+            }
+            let (mut a, mut t, mut k) = (
+                src.as_device_ptr().as_raw(),
+                (bytes / TILE) as i64,
+                sink.as_device_ptr().as_raw(),
+            );
+            let mut params = [
+                (&mut a as *mut u64).cast::<std::ffi::c_void>(),
+                (&mut t as *mut i64).cast(),
+                (&mut k as *mut u64).cast(),
+            ];
+            let ms = gpu.time_ms(10, |_| {
+                // SAFETY: the parameters are the kernel's (a buffer of `t` tiles, a sink word),
+                // both alive for the timed launches; the shared memory was allowed above.
+                let r = unsafe {
+                    cu::cuLaunchKernel(
+                        raw,
+                        sms * per_sm,
+                        1,
+                        1,
+                        threads,
+                        1,
+                        1,
+                        smem as u32,
+                        stream,
+                        params.as_mut_ptr(),
+                        std::ptr::null_mut(),
+                    )
+                };
+                if r == cu::CUresult::CUDA_SUCCESS {
+                    Ok(())
+                } else {
+                    Err(Error::Cuda {
+                        call: "cuLaunchKernel",
+                        message: format!("{r:?}"),
+                    })
+                }
+            })?;
+            let gbs = bytes as f64 / (ms as f64 * 1e-3) / 1e9;
+            lines.push(format!(
+                "read probe {name:18} {per_sm} CTA/SM x {threads} threads: {ms:7.3} ms {gbs:6.0} GB/s = {:3.0}% of copy {copy_gbs:.0} GB/s",
+                100.0 * gbs / copy_gbs
+            ));
+        }
+        Ok(())
+    }
+
     /// Decode of one new token per sequence over `cached` keys each (bf16 cache, blocks of
     /// `bs` tokens in shuffled order, or in pool order where the run says so): the attention launch
     /// (merge included) timed alone, once per run (the first is the reported one; the others
@@ -256,7 +370,9 @@ mod cuda_main {
             .position(|a| a == "--only")
             .and_then(|i| args.get(i + 1).cloned());
         let sweep = args.iter().any(|a| a == "--decode-sweep");
-        let decode_only = sweep || args.iter().any(|a| a == "--decode");
+        // `--read-roofline`: the copy rate and the read probes only.
+        let roofline = args.iter().any(|a| a == "--read-roofline");
+        let decode_only = sweep || roofline || args.iter().any(|a| a == "--decode");
         // `--multi` runs the head split's prefill and decode, `--multi-decode` only its decode,
         // `--multi-decode-lean` only its device-resident decode with the default reduction
         // (short enough to run under a profiler).
@@ -365,6 +481,13 @@ mod cuda_main {
                 "device-to-device copy 1 GiB: {copy:.0} GB/s (read + write)"
             ));
             writeln!(json, "{{\"case\": \"copy\", \"gbs\": {copy}}}").ok();
+            if roofline {
+                read_roofline(&mut g, copy, &mut lines)?;
+                for l in &lines {
+                    println!("  {l}");
+                }
+                return Ok(());
+            }
             let runs = if sweep {
                 sweep_runs()
             } else {

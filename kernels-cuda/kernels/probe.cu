@@ -1,0 +1,164 @@
+// Read-bandwidth probes for `bench --read-roofline` (issue 7): how fast the GPU streams a large
+// buffer with each way the decode kernel could load its K/V tiles, with no arithmetic. The
+// runtime never loads this module.
+//
+// Decode reads its cache once, so its ceiling is the device's read rate, which can exceed the
+// device-to-device copy rate the bench measures (a copy also writes). These kernels measure
+// that ceiling for:
+//   probe_ldg         plain 16-byte loads, U in flight per thread, grid-stride (each warp
+//                     instruction reads 512 contiguous bytes);
+//   probe_cp_async_s<S>  the decode kernel's pattern without its arithmetic: each warp streams
+//                     its own 4 KiB tiles into shared memory with 16-byte cp.async (L2 hints
+//                     as in decode.cu: 128-byte prefetch, evict-first), S stages;
+//   probe_bulk_s<S>   each warp's tiles as one 4 KiB cp.async.bulk each (one lane issues it,
+//                     completion on an mbarrier per stage), S stages.
+// Every kernel takes the buffer as `tiles` tiles of 4 KiB.
+#include "common.cuh"
+
+#define PROBE_TILE 4096
+
+// The xor of what was read reaches memory only if it equals a constant no input produces in
+// practice: the loads stay (the compiler cannot drop them), the store practically never runs.
+__device__ __forceinline__ void probe_sink(unsigned* sink, unsigned v) {
+    if (v == 0x9e3779b9u) atomicAdd(sink, 1u);
+}
+
+extern "C" __global__ void __launch_bounds__(256) probe_ldg(const uint4* src, long long tiles,
+                                                           unsigned* sink) {
+    constexpr int U = 4;
+    const long long n = tiles * (PROBE_TILE / 16);
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    unsigned acc = 0;
+    for (; i + (U - 1) * stride < n; i += U * stride) {
+        uint4 v[U];
+#pragma unroll
+        for (int u = 0; u < U; ++u) v[u] = __ldcs(src + i + u * stride);
+#pragma unroll
+        for (int u = 0; u < U; ++u) acc ^= v[u].x ^ v[u].y ^ v[u].z ^ v[u].w;
+    }
+    for (; i < n; i += stride) {
+        const uint4 v = __ldcs(src + i);
+        acc ^= v.x ^ v.y ^ v.z ^ v.w;
+    }
+    probe_sink(sink, acc);
+}
+
+// 16 bytes into shared memory with decode.cu's hints (128-byte L2 prefetch, evict-first).
+__device__ __forceinline__ void probe_cp16(void* dst, const void* src, uint64_t pol) {
+    asm volatile(
+        "cp.async.cg.shared.global.L2::cache_hint.L2::128B [%0], [%1], 16, %2;\n" ::"r"(
+            smem_addr(dst)),
+        "l"(src), "l"(pol));
+}
+
+template <int S>
+__device__ __forceinline__ void probe_cp_async(const char* src, long long tiles, unsigned* sink) {
+    extern __shared__ uint4 smem[];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const long long gw = blockIdx.x * (long long)(blockDim.x >> 5) + warp;
+    const long long nw = (long long)gridDim.x * (blockDim.x >> 5);
+    uint4* const mine = smem + warp * S * (PROBE_TILE / 16);
+    uint64_t pol;
+    asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(pol));
+    // Tile t of this warp is tile gw + t * nw of the buffer.
+    const long long count = gw < tiles ? (tiles - gw + nw - 1) / nw : 0;
+    auto issue = [&](long long t) {
+        const char* p = src + (gw + t * nw) * PROBE_TILE;
+        uint4* d = mine + (t % S) * (PROBE_TILE / 16);
+#pragma unroll
+        for (int c = 0; c < PROBE_TILE / 16 / 32; ++c) probe_cp16(d + lane + 32 * c, p + 16 * (lane + 32 * c), pol);
+    };
+    for (int s = 0; s < S - 1; ++s) {
+        if (s < count) issue(s);
+        cp_async_commit();
+    }
+    unsigned acc = 0;
+    for (long long t = 0; t < count; ++t) {
+        if (t + S - 1 < count) issue(t + S - 1);
+        cp_async_commit();
+        cp_async_wait<S - 1>();
+        __syncwarp();
+        // One word per lane of the landed tile, so the copies are consumed.
+        acc ^= reinterpret_cast<const unsigned*>(mine + (t % S) * (PROBE_TILE / 16))[lane];
+        __syncwarp();
+    }
+    cp_async_wait<0>();
+    probe_sink(sink, acc);
+}
+
+__device__ __forceinline__ void probe_bar_init(uint64_t* bar) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" ::"r"(smem_addr(bar)) : "memory");
+}
+__device__ __forceinline__ void probe_bar_wait(uint64_t* bar, unsigned parity) {
+    asm volatile(
+        "{\n"
+        ".reg .pred P1;\n"
+        "WAIT_%=:\n"
+        "mbarrier.try_wait.parity.shared::cta.b64 P1, [%0], %1;\n"
+        "@!P1 bra WAIT_%=;\n"
+        "}\n" ::"r"(smem_addr(bar)),
+        "r"(parity)
+        : "memory");
+}
+// One 4 KiB tile into `dst` by the bulk-copy engine, completing on `bar` (one arrival that
+// also expects the tile's bytes).
+__device__ __forceinline__ void probe_bulk(void* dst, const void* src, uint64_t* bar,
+                                           uint64_t pol) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_addr(bar)),
+                 "r"(PROBE_TILE)
+                 : "memory");
+    asm volatile(
+        "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint "
+        "[%0], [%1], %2, [%3], %4;\n" ::"r"(smem_addr(dst)),
+        "l"(src), "r"(PROBE_TILE), "r"(smem_addr(bar)), "l"(pol)
+        : "memory");
+}
+
+template <int S>
+__device__ __forceinline__ void probe_bulk_copy(const char* src, long long tiles, unsigned* sink) {
+    extern __shared__ uint4 smem[];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    const long long gw = blockIdx.x * (long long)warps + warp;
+    const long long nw = (long long)gridDim.x * warps;
+    uint4* const mine = smem + warp * S * (PROBE_TILE / 16);
+    // The warps' mbarriers after every warp's stages.
+    uint64_t* const bars =
+        reinterpret_cast<uint64_t*>(smem + warps * S * (PROBE_TILE / 16)) + warp * S;
+    uint64_t pol;
+    asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(pol));
+    if (lane == 0)
+        for (int s = 0; s < S; ++s) probe_bar_init(bars + s);
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    __syncwarp();
+    const long long count = gw < tiles ? (tiles - gw + nw - 1) / nw : 0;
+    auto tile = [&](long long t) { return src + (gw + t * nw) * PROBE_TILE; };
+    if (lane == 0)
+        for (int s = 0; s < S && s < count; ++s)
+            probe_bulk(mine + s * (PROBE_TILE / 16), tile(s), bars + s, pol);
+    unsigned acc = 0;
+    for (long long t = 0; t < count; ++t) {
+        const int s = (int)(t % S);
+        probe_bar_wait(bars + s, (unsigned)((t / S) & 1));
+        acc ^= reinterpret_cast<const unsigned*>(mine + s * (PROBE_TILE / 16))[lane];
+        __syncwarp();
+        if (lane == 0 && t + S < count) {
+            // The warp's reads of the stage (generic proxy) before the copy engine's writes.
+            asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+            probe_bulk(mine + s * (PROBE_TILE / 16), tile(t + S), bars + s, pol);
+        }
+    }
+    probe_sink(sink, acc);
+}
+
+#define PROBE_STAGES(S)                                                                        \
+    extern "C" __global__ void __launch_bounds__(128)                                          \
+        probe_cp_async_s##S(const char* src, long long tiles, unsigned* sink) {                \
+        probe_cp_async<S>(src, tiles, sink);                                                   \
+    }                                                                                          \
+    extern "C" __global__ void __launch_bounds__(128)                                          \
+        probe_bulk_s##S(const char* src, long long tiles, unsigned* sink) {                    \
+        probe_bulk_copy<S>(src, tiles, sink);                                                  \
+    }
+PROBE_STAGES(2)
+PROBE_STAGES(4)
