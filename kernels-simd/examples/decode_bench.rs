@@ -14,41 +14,9 @@ use attnrt_simd::{
 };
 use std::time::Instant;
 
-/// Nanoseconds of CPU time of this thread (Linux `CLOCK_THREAD_CPUTIME_ID`); wall time
-/// elsewhere.
-fn cpu_ns(wall: Instant) -> u64 {
-    #[cfg(target_os = "linux")]
-    {
-        #[repr(C)]
-        struct Timespec {
-            sec: i64,
-            nsec: i64,
-        }
-        extern "C" {
-            fn clock_gettime(clock: i32, ts: *mut Timespec) -> i32;
-        }
-        const CLOCK_THREAD_CPUTIME_ID: i32 = 3;
-        let mut ts = Timespec { sec: 0, nsec: 0 };
-        // SAFETY: `ts` is a valid, writable timespec (two 64-bit fields on 64-bit Linux) and the
-        // clock id is a constant the C library accepts.
-        if unsafe { clock_gettime(CLOCK_THREAD_CPUTIME_ID, &mut ts) } == 0 {
-            return ts.sec as u64 * 1_000_000_000 + ts.nsec as u64;
-        }
-    }
-    wall.elapsed().as_nanos() as u64
-}
-
-fn fill(seed: u64, n: usize) -> Vec<f32> {
-    let mut s = seed | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s >> 12;
-            s ^= s << 25;
-            s ^= s >> 27;
-            ((s.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
-}
+#[path = "bench_util/mod.rs"]
+mod bench_util;
+use bench_util::{cpu_ns, fill};
 
 fn run<E: Elem>(n: usize, reps: usize, ahead: bool, at_once: bool) {
     if at_once {

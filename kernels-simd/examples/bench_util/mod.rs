@@ -1,0 +1,41 @@
+//! What the single-thread micro-benchmarks of this folder share: a CPU-time clock and
+//! reproducible inputs. Included by each with `#[path]` (not an example of its own).
+
+use std::time::Instant;
+
+/// Nanoseconds of CPU time of this thread (Linux `CLOCK_THREAD_CPUTIME_ID`), so other load on
+/// the machine inflates the figure less than wall time; wall time elsewhere.
+pub fn cpu_ns(wall: Instant) -> u64 {
+    #[cfg(target_os = "linux")]
+    {
+        #[repr(C)]
+        struct Timespec {
+            sec: i64,
+            nsec: i64,
+        }
+        extern "C" {
+            fn clock_gettime(clock: i32, ts: *mut Timespec) -> i32;
+        }
+        const CLOCK_THREAD_CPUTIME_ID: i32 = 3;
+        let mut ts = Timespec { sec: 0, nsec: 0 };
+        // SAFETY: `ts` is a valid, writable timespec (two 64-bit fields on 64-bit Linux) and the
+        // clock id is a constant the C library accepts.
+        if unsafe { clock_gettime(CLOCK_THREAD_CPUTIME_ID, &mut ts) } == 0 {
+            return ts.sec as u64 * 1_000_000_000 + ts.nsec as u64;
+        }
+    }
+    wall.elapsed().as_nanos() as u64
+}
+
+/// `n` values in [-1, 1) from an xorshift generator seeded with `seed` (the same on every run).
+pub fn fill(seed: u64, n: usize) -> Vec<f32> {
+    let mut s = seed | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s >> 12;
+            s ^= s << 25;
+            s ^= s >> 27;
+            ((s.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
