@@ -17,24 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from cuda_timing import bench
+
 H, KV, D = 32, 8, 128
 dev = "cuda"
-
-
-def bench(fn, iters=20):
-    fn()
-    torch.cuda.synchronize()
-    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    ts = []
-    for _ in range(3):
-        s.record()
-        for _ in range(iters):
-            fn()
-        e.record()
-        torch.cuda.synchronize()
-        ts.append(s.elapsed_time(e) / iters)
-    ts.sort()
-    return ts[1]
 
 
 name = torch.cuda.get_device_name()

@@ -17,25 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from cuda_timing import bench
+
 H, KV, D, C = 32, 8, 128, 4096
 dev = "cuda"
 torch.manual_seed(0)
-
-
-def bench(fn, iters=20):
-    fn()
-    torch.cuda.synchronize()
-    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(3):
-        start.record()
-        for _ in range(iters):
-            fn()
-        stop.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(stop) / iters)
-    times.sort()
-    return times[1]
 
 
 def pairs(t, window=None, docs=1):
