@@ -71,6 +71,18 @@ mod cuda_main {
         }
     }
 
+    /// A driver call's result as the crate's error.
+    fn drv(call: &'static str, r: cu::CUresult) -> Result<(), Error> {
+        if r == cu::CUresult::CUDA_SUCCESS {
+            Ok(())
+        } else {
+            Err(Error::Cuda {
+                call,
+                message: format!("{r:?}"),
+            })
+        }
+    }
+
     /// Device-to-device copy of `bytes` bytes: read + write GB/s (the measured HBM bandwidth).
     fn copy_bandwidth(gpu: &mut GpuLayer<'_>, bytes: usize) -> Result<f64, Error> {
         let a = cust::memory::DeviceBuffer::<u8>::zeroed(bytes).map_err(cuerr("alloc"))?;
@@ -79,15 +91,9 @@ mod cuda_main {
         let stream = gpu.stream() as cu::CUstream;
         let ms = gpu.time_ms(10, |_| {
             // SAFETY: a and b hold `bytes` bytes each and outlive the timed copies.
-            let r = unsafe { cu::cuMemcpyDtoDAsync_v2(pb, pa, bytes, stream) };
-            if r == cu::CUresult::CUDA_SUCCESS {
-                Ok(())
-            } else {
-                Err(Error::Cuda {
-                    call: "cuMemcpyDtoDAsync",
-                    message: format!("{r:?}"),
-                })
-            }
+            drv("cuMemcpyDtoDAsync", unsafe {
+                cu::cuMemcpyDtoDAsync_v2(pb, pa, bytes, stream)
+            })
         })?;
         Ok(2.0 * bytes as f64 / (ms as f64 * 1e-3) / 1e9)
     }
@@ -109,23 +115,17 @@ mod cuda_main {
             cust::module::Module::from_ptx(PTX_PROBE, &[]).map_err(cuerr("load probe.ptx"))?;
         let src = cust::memory::DeviceBuffer::<u8>::zeroed(bytes).map_err(cuerr("alloc"))?;
         let sink = cust::memory::DeviceBuffer::<u32>::zeroed(1).map_err(cuerr("alloc"))?;
-        let mut sms = 0i32;
+        let (mut sms, mut dev) = (0i32, 0);
         // SAFETY: valid out-pointers; the layer's context is current (it was just created).
-        unsafe {
-            let mut dev = 0;
-            let r = cu::cuCtxGetDevice(&mut dev);
-            if r != cu::CUresult::CUDA_SUCCESS {
-                return Err(Error::Cuda {
-                    call: "cuCtxGetDevice",
-                    message: format!("{r:?}"),
-                });
-            }
+        drv("cuCtxGetDevice", unsafe { cu::cuCtxGetDevice(&mut dev) })?;
+        // SAFETY: as above; `dev` is the current context's device.
+        drv("cuDeviceGetAttribute", unsafe {
             cu::cuDeviceGetAttribute(
                 &mut sms,
                 cu::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
                 dev,
-            );
-        }
+            )
+        })?;
         let sms = sms.max(1) as u32;
         // (kernel, threads, dynamic shared memory, CTAs per SM)
         let mut cases = vec![("probe_ldg".to_string(), 256u32, 0usize, 8u32)];
@@ -173,7 +173,7 @@ mod cuda_main {
             let ms = gpu.time_ms(10, |_| {
                 // SAFETY: the parameters are the kernel's (a buffer of `t` tiles, a sink word),
                 // both alive for the timed launches; the shared memory was allowed above.
-                let r = unsafe {
+                drv("cuLaunchKernel", unsafe {
                     cu::cuLaunchKernel(
                         raw,
                         sms * per_sm,
@@ -187,15 +187,7 @@ mod cuda_main {
                         params.as_mut_ptr(),
                         std::ptr::null_mut(),
                     )
-                };
-                if r == cu::CUresult::CUDA_SUCCESS {
-                    Ok(())
-                } else {
-                    Err(Error::Cuda {
-                        call: "cuLaunchKernel",
-                        message: format!("{r:?}"),
-                    })
-                }
+                })
             })?;
             let gbs = bytes as f64 / (ms as f64 * 1e-3) / 1e9;
             lines.push(format!(
