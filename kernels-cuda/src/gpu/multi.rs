@@ -34,6 +34,15 @@ mod peer;
 mod seq;
 pub use seq::SeqParallelCall;
 
+/// How a call's output is summed across the devices ([`MultiGpuLayer::reduce_shape`]).
+struct ReduceShape {
+    /// In the storage type (bf16 / f16) instead of f32.
+    storage: bool,
+    kind: Collective,
+    /// Chunks of tokens, each reduced while the next is projected.
+    chunks: usize,
+}
+
 /// A device's `wo` column block, owned on the host (the shard layers borrow it).
 enum WoBlock {
     F32(Box<[f32]>),
@@ -341,8 +350,6 @@ pub struct MultiGpuLayer<'a> {
     step_graph_error: Option<String>,
     /// How several devices' steps are captured ([`MultiGpuLayer::set_step_graph_layout`]).
     graph_layout: StepGraphLayout,
-    /// How the replayed step was captured.
-    captured_layout: StepGraphLayout,
     /// Set while a step is captured into a graph per device: its peer-memory sum and the
     /// download after it are kept in `deferred` instead of captured (see `capture_per_device`).
     deferring: bool,
@@ -560,7 +567,6 @@ impl<'a> MultiGpuLayer<'a> {
             step_graphs: None,
             step_graph_error: None,
             graph_layout: StepGraphLayout::PerDevice,
-            captured_layout: StepGraphLayout::Joint,
             deferring: false,
             deferred: None,
             untimed: false,
@@ -775,18 +781,31 @@ impl<'a> MultiGpuLayer<'a> {
         unsafe { self.collective(Collective::AllReduce, &bufs, 2 * tokens, Dtype::F32, false) }
     }
 
+    /// How the output of a `tokens`-token call (not all-to-all) is summed, per
+    /// [`ReduceOptions`]: in the storage type or in f32, all-reduced or reduce-scattered, in
+    /// how many chunks of tokens.
+    fn reduce_shape(&self, tokens: usize) -> ReduceShape {
+        let c = self.layer.config().n_embd;
+        ReduceShape {
+            storage: self.reduce.storage_dtype && self.precision != Precision::F32,
+            kind: if self.reduce.scatter && c.is_multiple_of(self.gpus.len()) {
+                Collective::ReduceScatter
+            } else {
+                Collective::AllReduce
+            },
+            chunks: self.reduce.chunks.clamp(1, tokens.max(1)),
+        }
+    }
+
     /// Whether the output sum of a `tokens`-token call (not all-to-all) goes through peer
     /// memory: an exact (f32, unchunked) all-reduce small enough for the peer buffers.
     fn peer_sums(&self, tokens: usize) -> bool {
-        let c = self.layer.config().n_embd;
-        let storage = self.reduce.storage_dtype && self.precision != Precision::F32;
-        let scatter = self.reduce.scatter && c.is_multiple_of(self.gpus.len());
-        let overlap = self.reduce.chunks.clamp(1, tokens.max(1)) > 1;
+        let shape = self.reduce_shape(tokens);
         self.peer_on
-            && !storage
-            && !overlap
-            && !scatter
-            && self.peer.as_ref().is_some_and(|p| p.fits(tokens * c))
+            && !shape.storage
+            && shape.chunks == 1
+            && shape.kind == Collective::AllReduce
+            && (self.peer.as_ref()).is_some_and(|p| p.fits(tokens * self.layer.config().n_embd))
     }
 
     /// Whether the devices of a `tokens`-token call exchange nothing but the peer-memory sum
@@ -824,19 +843,17 @@ impl<'a> MultiGpuLayer<'a> {
         }
         let n = self.gpus.len();
         let c = self.layer.config().n_embd;
-        let storage = self.reduce.storage_dtype && self.precision != Precision::F32;
+        let ReduceShape {
+            storage,
+            kind,
+            chunks,
+        } = self.reduce_shape(tokens);
         let dtype = match (storage, self.precision) {
             (true, Precision::Bf16) => Dtype::Bf16,
             (true, Precision::F16) => Dtype::F16,
             _ => Dtype::F32,
         };
         let es = dtype.size();
-        let kind = if self.reduce.scatter && c.is_multiple_of(n) {
-            Collective::ReduceScatter
-        } else {
-            Collective::AllReduce
-        };
-        let chunks = self.reduce.chunks.clamp(1, tokens.max(1));
         let per = tokens.div_ceil(chunks);
         let overlap = chunks > 1;
         // A small exact sum (a decode step's) goes through peer memory: the projections
@@ -1579,10 +1596,10 @@ impl<'a> MultiGpuLayer<'a> {
                 // devices exchange nothing but the peer-memory sum, which is launched after
                 // every graph (`capture_per_device`). On 2 x H100 the decode step took
                 // 0.581-0.600 of one GPU's against 0.604-0.619 with one joint graph in the same
-                // calls: the second device starts ~7 us after the first instead of ~14. Steps with NCCL
-                // collectives are one graph over every device: NCCL's kernels, like the sum,
-                // wait for their peers inside the graph, and the sixth session saw such steps
-                // hang with graphs per device.
+                // calls: the second device starts ~7 us after the first instead of ~14. Steps
+                // with NCCL collectives are one graph over every device: NCCL's kernels, like
+                // the sum, wait for their peers inside the graph, and the sixth session saw
+                // such steps hang with graphs per device.
                 let layout = if self.gpus.len() > 1
                     && (self.graph_layout == StepGraphLayout::Joint || !self.peer_only(tokens))
                 {
@@ -1602,7 +1619,6 @@ impl<'a> MultiGpuLayer<'a> {
                     Ok(execs) => {
                         let tail = self.deferred.take();
                         self.step_graphs = Some(StepGraphs { key, execs, tail });
-                        self.captured_layout = layout;
                     }
                     Err(e) => {
                         // Replays are an optimisation: a step that cannot be captured runs
@@ -1950,10 +1966,13 @@ impl<'a> MultiGpuLayer<'a> {
     }
 
     /// How the replayed step was captured (a step with NCCL collectives is captured jointly
-    /// whatever [`MultiGpuLayer::set_step_graph_layout`] says; `Joint` before any capture).
+    /// whatever [`MultiGpuLayer::set_step_graph_layout`] says; `Joint` while none is held).
     #[doc(hidden)]
     pub fn step_graph_layout(&self) -> StepGraphLayout {
-        self.captured_layout
+        match &self.step_graphs {
+            Some(g) if g.execs.len() > 1 || self.gpus.len() == 1 => StepGraphLayout::PerDevice,
+            _ => StepGraphLayout::Joint,
+        }
     }
 
     /// Benchmark diagnostics: host microseconds from the start of the last successful cached
