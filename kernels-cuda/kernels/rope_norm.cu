@@ -1,8 +1,9 @@
 // The steps between the projections and attention (SPEC.md steps 1-5 after the GEMM), fused
 // into one pass per token and part (q, k, v): bias, QK RMSNorm (full or per head), rotary
 // embedding (interleaved or half-split, from a cos/sin table), and the store of q, k, v in the
-// attention's storage type (k and v of a cached call straight into the KV cache). Plus the small element-wise kernels of the executor (bias on the output, f32 ->
-// storage conversion, storage -> f32 widening of a reduced output).
+// attention's storage type (k and v of a cached call straight into the KV cache). Plus the
+// small element-wise kernels of the executor (bias on the output, f32 -> storage conversion,
+// storage -> f32 widening of a reduced output).
 //
 // Full QK-norm in a head split across devices takes two passes: `qkv_sumsq` writes each
 // token's sums of squares over this device's q (and k) heads, the caller sums them across the

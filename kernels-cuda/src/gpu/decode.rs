@@ -661,8 +661,8 @@ impl GpuLayer<'_> {
     /// The device part of a cached call's first half, for the front `f` this layer planned
     /// last: the metadata upload, the upload of `x` (host rows), projections and the
     /// norm/RoPE pass, which appends the new keys and values to the planned cache (pending in
-    /// `f` with a norm share). Writes no output. The caller marks the metadata upload done (`mark_meta_uploaded`) after it, or
-    /// after the graph that replays it.
+    /// `f` with a norm share). Writes no output. The caller marks the metadata upload done
+    /// (`mark_meta_uploaded`) after it, or after the graph that replays it.
     ///
     /// # Safety
     /// `f` is this layer's last [`GpuLayer::cached_plan`]; rows of `x` already on the device
