@@ -367,9 +367,17 @@ mod cuda_main {
         let decode_only = sweep || roofline || args.iter().any(|a| a == "--decode");
         // `--multi` runs the head split's prefill and decode, `--multi-decode` only its decode,
         // `--multi-decode-lean` only its device-resident decode with the default reduction
-        // (short enough to run under a profiler).
-        let lean = args.iter().any(|a| a == "--multi-decode-lean");
-        let multi_decode = lean || args.iter().any(|a| a == "--multi-decode");
+        // (short enough to run under a profiler), `--lean-default` that without its variants
+        // (for a timeline trace).
+        let lean = match (
+            args.iter().any(|a| a == "--multi-decode-lean"),
+            args.iter().any(|a| a == "--lean-default"),
+        ) {
+            (false, _) => multi::Lean::Off,
+            (true, false) => multi::Lean::Variants,
+            (true, true) => multi::Lean::DefaultOnly,
+        };
+        let multi_decode = lean != multi::Lean::Off || args.iter().any(|a| a == "--multi-decode");
         let multi_only = multi_decode || args.iter().any(|a| a == "--multi");
         let out = args
             .iter()
@@ -635,7 +643,19 @@ mod cuda_main {
             }
         }
 
-        pub fn run(json: &mut String, with_prefill: bool, lean: bool) -> Result<(), Error> {
+        /// How much of the head split's decode runs: all of it, or only the device-resident
+        /// steps with graphs, with or without the step variants.
+        #[derive(Clone, Copy, PartialEq, Eq)]
+        pub enum Lean {
+            /// `--multi` / `--multi-decode`: every mode and reduction.
+            Off,
+            /// `--multi-decode-lean`: the default step and its variants.
+            Variants,
+            /// `--multi-decode-lean --lean-default`: the default step only.
+            DefaultOnly,
+        }
+
+        pub fn run(json: &mut String, with_prefill: bool, lean: Lean) -> Result<(), Error> {
             let mut rng = Rng(42);
             let wq = rng.vec(H * D * C, 0.02);
             let wk = rng.vec(KV * D * C, 0.02);
@@ -785,8 +805,9 @@ mod cuda_main {
             layer: &Layer<'_>,
             rng: &mut Rng,
             json: &mut String,
-            lean: bool,
+            lean: Lean,
         ) -> Result<(), Error> {
+            let lean_on = lean != Lean::Off;
             let (seqs_n, cached, bs) = (32usize, 8191usize, 64usize);
             let iters = 50;
             let per_seq = (cached + 1).div_ceil(bs);
@@ -892,7 +913,7 @@ mod cuda_main {
             let variants = |n: usize| -> Vec<(ReduceOptions, bool)> {
                 if n == 1 {
                     vec![(ReduceOptions::EXACT, false)]
-                } else if lean {
+                } else if lean_on {
                     vec![(ReduceOptions::EXACT, true)]
                 } else {
                     vec![
@@ -911,8 +932,6 @@ mod cuda_main {
                 copy: false,
                 layout: StepGraphLayout::PerDevice,
             };
-            // `--lean-default`: the lean run without its variants (for a timeline trace).
-            let lean_default = std::env::args().any(|a| a == "--lean-default");
             let layouts = |n: usize| -> Vec<StepVariant> {
                 let copy = StepVariant {
                     copy: true,
@@ -923,10 +942,9 @@ mod cuda_main {
                     ..DEFAULT
                 };
                 match (lean, n) {
-                    (false, _) => vec![DEFAULT],
-                    (true, _) if lean_default => vec![DEFAULT],
-                    (true, 1) => vec![DEFAULT, copy],
-                    (true, _) => vec![DEFAULT, copy, joint],
+                    (Lean::Off | Lean::DefaultOnly, _) => vec![DEFAULT],
+                    (Lean::Variants, 1) => vec![DEFAULT, copy],
+                    (Lean::Variants, _) => vec![DEFAULT, copy, joint],
                 }
             };
             // (split index, reduction, peer sums, mode, layout); resident runs only with the
@@ -936,7 +954,7 @@ mod cuda_main {
                 for (r, peer) in variants(*n) {
                     for &mode in &modes {
                         let fits = !mode.1 || !(r.scatter || r.all_to_all);
-                        if fits && (!lean || mode == (true, true)) {
+                        if fits && (!lean_on || mode == (true, true)) {
                             for layout in layouts(*n) {
                                 cases.push((si, r, peer, mode, layout));
                             }
