@@ -7,7 +7,8 @@
 //
 // (KREC / MREC / SREC: the newest record structs the toolkit's cupti_activity.h declares.)
 // Writes one line per kernel (K), copy (C) and memset (S): device, stream, graph id, GPU start
-// and end in ns, name. The GPU machine has Nsight Compute but not Nsight Systems; this gives
+// and end in ns, name; with TRACE_API=1 also one per driver API call (A): the host thread id
+// in the stream column, graph id 0, host start and end on the same clock, the call's name. The GPU machine has Nsight Compute but not Nsight Systems; this gives
 // the timeline of a replayed decode step, gaps between graph nodes included.
 // `tools/step_timeline.py` turns it into per-step medians.
 #include <cupti.h>
@@ -41,6 +42,12 @@ static void CUPTIAPI complete(CUcontext c, uint32_t s, uint8_t* buf, size_t size
             fprintf(out, "C %u %u %u %llu %llu kind%u_%llu\n", m->deviceId, m->streamId,
                     m->graphId, (unsigned long long)m->start, (unsigned long long)m->end,
                     (unsigned)m->copyKind, (unsigned long long)m->bytes);
+        } else if (r->kind == CUPTI_ACTIVITY_KIND_DRIVER) {
+            CUpti_ActivityAPI* a = (CUpti_ActivityAPI*)r;
+            const char* name = "?";
+            cuptiGetCallbackName(CUPTI_CB_DOMAIN_DRIVER_API, a->cbid, &name);
+            fprintf(out, "A 0 %u 0 %llu %llu %s\n", a->threadId, (unsigned long long)a->start,
+                    (unsigned long long)a->end, name);
         }
     }
     free(buf);
@@ -59,6 +66,8 @@ int InitializeInjection(void) {
     cuptiActivityEnable(CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL);
     cuptiActivityEnable(CUPTI_ACTIVITY_KIND_MEMCPY);
     cuptiActivityEnable(CUPTI_ACTIVITY_KIND_MEMSET);
+    const char* api = getenv("TRACE_API");
+    if (api && api[0] == '1') cuptiActivityEnable(CUPTI_ACTIVITY_KIND_DRIVER);
     atexit(finish);
     return 1;
 }
