@@ -8,12 +8,13 @@
 //   probe_ldg         plain 16-byte loads, U in flight per thread, grid-stride (each warp
 //                     instruction reads 512 contiguous bytes);
 //   probe_cp_async_s<S>  the decode kernel's pattern without its arithmetic: each warp streams
-//                     its own 4 KiB tiles into shared memory with 16-byte cp.async (L2 hints
-//                     as in decode.cu: 128-byte prefetch, evict-first), S stages;
+//                     its own 4 KiB tiles into shared memory with decode's 16-byte cp.async
+//                     and L2 hints (decode_loads.cuh), S stages;
 //   probe_bulk_s<S>   each warp's tiles as one 4 KiB cp.async.bulk each (one lane issues it,
 //                     completion on an mbarrier per stage), S stages.
 // Every kernel takes the buffer as `tiles` tiles of 4 KiB.
 #include "common.cuh"
+#include "decode_loads.cuh"
 
 #define PROBE_TILE 4096
 
@@ -44,14 +45,6 @@ extern "C" __global__ void __launch_bounds__(256) probe_ldg(const uint4* src, lo
     probe_sink(sink, acc);
 }
 
-// 16 bytes into shared memory with decode.cu's hints (128-byte L2 prefetch, evict-first).
-__device__ __forceinline__ void probe_cp16(void* dst, const void* src, uint64_t pol) {
-    asm volatile(
-        "cp.async.cg.shared.global.L2::cache_hint.L2::128B [%0], [%1], 16, %2;\n" ::"r"(
-            smem_addr(dst)),
-        "l"(src), "l"(pol));
-}
-
 template <int S>
 __device__ __forceinline__ void probe_cp_async(const char* src, long long tiles, unsigned* sink) {
     extern __shared__ uint4 smem[];
@@ -59,15 +52,15 @@ __device__ __forceinline__ void probe_cp_async(const char* src, long long tiles,
     const long long gw = blockIdx.x * (long long)(blockDim.x >> 5) + warp;
     const long long nw = (long long)gridDim.x * (blockDim.x >> 5);
     uint4* const mine = smem + warp * S * (PROBE_TILE / 16);
-    uint64_t pol;
-    asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(pol));
+    const uint64_t pol = decode_policy();
     // Tile t of this warp is tile gw + t * nw of the buffer.
     const long long count = gw < tiles ? (tiles - gw + nw - 1) / nw : 0;
     auto issue = [&](long long t) {
         const char* p = src + (gw + t * nw) * PROBE_TILE;
         uint4* d = mine + (t % S) * (PROBE_TILE / 16);
 #pragma unroll
-        for (int c = 0; c < PROBE_TILE / 16 / 32; ++c) probe_cp16(d + lane + 32 * c, p + 16 * (lane + 32 * c), pol);
+        for (int c = 0; c < PROBE_TILE / 16 / 32; ++c)
+            cp_async16_stream(d + lane + 32 * c, p + 16 * (lane + 32 * c), true, pol);
     };
     for (int s = 0; s < S - 1; ++s) {
         if (s < count) issue(s);
