@@ -8,8 +8,9 @@
 // (KREC / MREC / SREC: the newest record structs the toolkit's cupti_activity.h declares.)
 // Writes one line per kernel (K), copy (C) and memset (S): device, stream, graph id, GPU start
 // and end in ns, name; with TRACE_API=1 also one per driver API call (A): the host thread id
-// in the stream column, graph id 0, host start and end on the same clock, the call's name. The GPU machine has Nsight Compute but not Nsight Systems; this gives
-// the timeline of a replayed decode step, gaps between graph nodes included.
+// in the stream column, graph id 0, host start and end on the same clock, the call's name.
+// The GPU machine has Nsight Compute but not Nsight Systems; this gives the timeline of a
+// replayed decode step, gaps between graph nodes included.
 // `tools/step_timeline.py` turns it into per-step medians.
 #include <cupti.h>
 #include <stdio.h>
