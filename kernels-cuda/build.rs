@@ -14,7 +14,12 @@ fn main() {
     check_version(&nvcc);
     let out = PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
     let dir = Path::new("kernels");
-    for header in ["common.cuh", "attn_common.cuh", "wgmma.cuh", "decode_loads.cuh"] {
+    for header in [
+        "common.cuh",
+        "attn_common.cuh",
+        "wgmma.cuh",
+        "decode_loads.cuh",
+    ] {
         println!("cargo:rerun-if-changed=kernels/{header}");
     }
     println!("cargo:rerun-if-env-changed=ATTNRT_NVCC");
