@@ -40,6 +40,15 @@ impl Exec {
         made.map(|()| Exec(exec))
     }
 
+    /// Uploads the graph's device resources on `stream` ahead of its first launch.
+    ///
+    /// # Safety
+    /// As [`Exec::launch`].
+    pub(super) unsafe fn upload(&self, stream: cu::CUstream) -> Result<()> {
+        // SAFETY: per this function's contract.
+        drv("cuGraphUpload", unsafe { cu::cuGraphUpload(self.0, stream) })
+    }
+
     /// Replays the graph on `stream`.
     ///
     /// # Safety
@@ -98,15 +107,4 @@ pub(super) unsafe fn abandon_capture(stream: cu::CUstream) {
 pub(super) struct StepGraphs {
     pub(super) key: Vec<u64>,
     pub(super) execs: Vec<Exec>,
-    /// What is launched after the graphs (graphs per device only).
-    pub(super) tail: Option<StepTail>,
-}
-
-/// The end of a step captured into a graph per device, launched after every device's graph:
-/// the peer-memory sum of the partial outputs into `ys` (`elems` f32 per device), then with a
-/// host output, its download from device 0 (address, tokens).
-pub(super) struct StepTail {
-    pub(super) ys: Vec<u64>,
-    pub(super) elems: usize,
-    pub(super) download: Option<(usize, usize)>,
 }

@@ -14,7 +14,7 @@ use cust::sys as cu;
 use half::{bf16, f16};
 
 use super::decode::{CachedFront, CachedX};
-use super::graph::{self, Exec, StepGraphs, StepTail};
+use super::graph::{self, Exec, StepGraphs};
 use super::staging::Pinned;
 use super::WidenParams;
 use super::{
@@ -350,10 +350,6 @@ pub struct MultiGpuLayer<'a> {
     step_graph_error: Option<String>,
     /// How several devices' steps are captured ([`MultiGpuLayer::set_step_graph_layout`]).
     graph_layout: StepGraphLayout,
-    /// Set while a step is captured into a graph per device: its peer-memory sum and the
-    /// download after it are kept in `deferred` instead of captured (see `capture_per_device`).
-    deferring: bool,
-    deferred: Option<StepTail>,
     /// Set while a step is captured: no timing events are recorded (they would not be
     /// recorded at replay).
     untimed: bool,
@@ -567,8 +563,6 @@ impl<'a> MultiGpuLayer<'a> {
             step_graphs: None,
             step_graph_error: None,
             graph_layout: StepGraphLayout::PerDevice,
-            deferring: false,
-            deferred: None,
             untimed: false,
             peer,
             peer_on: true,
@@ -899,13 +893,6 @@ impl<'a> MultiGpuLayer<'a> {
                 self.mark_span_end()?;
             }
             match (&self.peer, peer_parts.is_empty()) {
-                (Some(_), false) if self.deferring => {
-                    self.deferred = Some(StepTail {
-                        ys: ys.clone(),
-                        elems: rows * c,
-                        download: None,
-                    });
-                }
                 // SAFETY: every partial buffer holds the call's rows * c f32 (one chunk, all
                 // rows), projected on its layer stream; the outputs are the layers' `y` or
                 // the caller's buffers, none of them a partial buffer.
@@ -1593,13 +1580,13 @@ impl<'a> MultiGpuLayer<'a> {
             if self.step_graphs.as_ref().is_none_or(|g| g.key != key) {
                 self.step_graphs = None;
                 // Several devices: a graph per device, launched one after the other, when the
-                // devices exchange nothing but the peer-memory sum, which is launched after
-                // every graph (`capture_per_device`). On 2 x H100 the decode step took
-                // 0.581-0.600 of one GPU's against 0.604-0.619 with one joint graph in the same
-                // calls: the second device starts ~7 us after the first instead of ~14. Steps
-                // with NCCL collectives are one graph over every device: NCCL's kernels, like
-                // the sum, wait for their peers inside the graph, and the sixth session saw
-                // such steps hang with graphs per device.
+                // devices exchange nothing but the peer-memory sum, which ends each graph
+                // (uploaded before its first launch, `capture_per_device`). On 2 x H100 the
+                // decode step took 0.581-0.600 of one GPU's against 0.604-0.619 with one joint
+                // graph in the same calls: the second device starts ~7 us after the first
+                // instead of ~14. Steps with NCCL collectives are one graph over every device:
+                // NCCL's kernels wait for their peers inside the graph, and the sixth session
+                // saw such steps hang with graphs per device (not uploaded first then).
                 let layout = if self.gpus.len() > 1
                     && (self.graph_layout == StepGraphLayout::Joint || !self.peer_only(tokens))
                 {
@@ -1617,8 +1604,7 @@ impl<'a> MultiGpuLayer<'a> {
                 };
                 match captured {
                     Ok(execs) => {
-                        let tail = self.deferred.take();
-                        self.step_graphs = Some(StepGraphs { key, execs, tail });
+                        self.step_graphs = Some(StepGraphs { key, execs });
                     }
                     Err(e) => {
                         // Replays are an optimisation: a step that cannot be captured runs
@@ -1701,22 +1687,6 @@ impl<'a> MultiGpuLayer<'a> {
             // earlier work there too.
             unsafe { exec.launch(g.stream)? };
         }
-        if let Some(tail) = &graphs.tail {
-            let Some(peer) = &self.peer else {
-                return Err(Error::Unsupported("peer sum missing".into()));
-            };
-            // SAFETY: the tail was kept by the capture of these graphs, which write every
-            // partial buffer (`tail.elems` f32) on their device's stream before this sum,
-            // enqueued on the same streams; the outputs are the ones captured, none a
-            // partial buffer.
-            unsafe { peer.sum(&self.gpus, &tail.ys, tail.elems)? };
-            if let Some((dst, tokens)) = tail.download {
-                // SAFETY: `dst` is the page-locked output staging of this call, with room
-                // for `tokens` rows, read only after the call synchronised; the peer sum
-                // leaves the whole output in device 0's `y`.
-                unsafe { self.download(dst as *mut f32, tokens, &Placement::Device0)? };
-            }
-        }
         if !timed {
             return Ok(());
         }
@@ -1786,12 +1756,8 @@ impl<'a> MultiGpuLayer<'a> {
         }
         let placement = self.project_and_reduce(tokens, outs)?;
         if let Some(dst) = download {
-            match self.deferred.as_mut() {
-                // After the deferred peer sum (whose placement is device 0's `y`).
-                Some(tail) => tail.download = Some((dst as usize, tokens)),
-                // SAFETY: per this function's contract.
-                None => unsafe { self.download(dst, tokens, &placement)? },
-            }
+            // SAFETY: per this function's contract.
+            unsafe { self.download(dst, tokens, &placement)? };
         }
         Ok(())
     }
@@ -1840,16 +1806,8 @@ impl<'a> MultiGpuLayer<'a> {
             begun += 1;
         }
         if result.is_ok() {
-            // Several devices: the peer sum and the download are launched after every
-            // device's graph, not captured. A graph that ends in the sum would spin there
-            // while the host still launches the other devices' graphs, and a peer launched
-            // late (the first launch of a new graph, a failed launch) would stall it: in one
-            // run of the tests on 2 x H100 such a sum waited 10 s and trapped.
-            self.deferring = self.gpus.len() > 1;
-            self.deferred = None;
             // SAFETY: as in `cached_step`; every device's stream is capturing.
             result = unsafe { self.enqueue_captured(fronts, rows, tokens, output, cache) };
-            self.deferring = false;
         }
         let mut execs = Vec::with_capacity(begun);
         for g in &self.gpus[..begun] {
@@ -1865,7 +1823,29 @@ impl<'a> MultiGpuLayer<'a> {
                 unsafe { graph::abandon_capture(g.stream) };
             }
         }
+        if result.is_ok() {
+            result = self.upload_graphs(&execs);
+        }
         result.map(|()| execs)
+    }
+
+    /// Uploads every device's new graph, then waits for it, before the graphs' first launch.
+    ///
+    /// Each graph ends in the peer sum, whose kernel waits for the other devices. The first
+    /// launch of a graph that was not uploaded uploads it; in one run of the tests on 2 x
+    /// H100 (seventh session) such a launch of device 1's first graph of a case did not return
+    /// until device 0's sum, already spinning, had trapped after 10 s. Uploaded here, while
+    /// every device is idle, the launches of a step only enqueue.
+    fn upload_graphs(&self, execs: &[Exec]) -> Result<()> {
+        for (g, e) in self.gpus.iter().zip(execs) {
+            g.set_current()?;
+            // SAFETY: the graph was captured on this device's layer stream, in its context.
+            unsafe { e.upload(g.stream)? };
+        }
+        for g in &self.gpus {
+            g.synchronize()?;
+        }
+        Ok(())
     }
 
     /// [`MultiGpuLayer::capture_per_device`], but into one graph over every device: the
