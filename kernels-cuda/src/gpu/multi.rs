@@ -1832,10 +1832,11 @@ impl<'a> MultiGpuLayer<'a> {
     /// Uploads every device's new graph, then waits for it, before the graphs' first launch.
     ///
     /// Each graph ends in the peer sum, whose kernel waits for the other devices. The first
-    /// launch of a graph that was not uploaded uploads it; in one run of the tests on 2 x
-    /// H100 (seventh session) such a launch of device 1's first graph of a case did not return
-    /// until device 0's sum, already spinning, had trapped after 10 s. Uploaded here, while
-    /// every device is idle, the launches of a step only enqueue.
+    /// launch of a graph that was not uploaded uploads it. In one run of the tests on 2 x H100
+    /// (seventh session, graphs not uploaded first), the launch of a case's first graphs
+    /// returned the error of a sum that had waited 10 s for its peer and trapped; the likely
+    /// cause is that upload waiting for the device already spinning in its sum. Uploaded
+    /// here, while every device is idle, the launches of a step only enqueue.
     fn upload_graphs(&self, execs: &[Exec]) -> Result<()> {
         for (g, e) in self.gpus.iter().zip(execs) {
             g.set_current()?;
