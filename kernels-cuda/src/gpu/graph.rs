@@ -46,7 +46,9 @@ impl Exec {
     /// As [`Exec::launch`].
     pub(super) unsafe fn upload(&self, stream: cu::CUstream) -> Result<()> {
         // SAFETY: per this function's contract.
-        drv("cuGraphUpload", unsafe { cu::cuGraphUpload(self.0, stream) })
+        drv("cuGraphUpload", unsafe {
+            cu::cuGraphUpload(self.0, stream)
+        })
     }
 
     /// Replays the graph on `stream`.
