@@ -25,7 +25,8 @@
 //!   and every step was captured (no capture error; the last one as one graph over every
 //!   device); on two devices the second split also
 //!   sums through NCCL only (`set_peer_sum(false)`), so the peer-memory sum of small calls
-//!   is checked against NCCL's bits.
+//!   is checked against NCCL's bits, and each of its devices stages its own step metadata
+//!   (`set_shared_metadata(false)`), so device 0's metadata shared by the others is too.
 //!
 //! With fewer than 2 devices each test prints "skipped: ..." and returns. The benches (prefill
 //! T = 16384 and decode 32 x 8192 on 1 and 2 GPUs) are `attnrt-cuda-bench --multi`.
@@ -383,10 +384,13 @@ fn cached_case(
     // steps (the default) must give the same bits. On two devices it also sums through NCCL
     // only: the peer-memory sum of small steps (the default) gives NCCL's bits there (one
     // addition per element); on more devices both sum through peer memory (in rank order).
+    // Its devices each plan and stage their own metadata, where the default shares device
+    // 0's when the devices would plan the same.
     let mut launches = MultiGpuLayer::new(layer, &devices(n), opts).unwrap();
     launches.set_reduce(reduce).unwrap();
     launches.set_step_graphs(false);
     launches.set_peer_sum(n != 2);
+    launches.set_shared_metadata(false);
     let mut launches_cache = launches.new_kv_cache(block, num_blocks, rolling).unwrap();
     // One GPU (bf16 comparison) and the CPU (f32 comparison) on the same calls.
     let mut one = (p != Precision::F32).then(|| {

@@ -315,6 +315,8 @@ mod cuda_main {
         copy: bool,
         /// How a step over several devices is captured.
         layout: StepGraphLayout,
+        /// Every device plans and stages its own metadata (the default shares device 0's).
+        own_meta: bool,
     }
 
     impl StepVariant {
@@ -326,6 +328,9 @@ mod cuda_main {
             }
             if self.layout == StepGraphLayout::Joint {
                 s += ", one graph over both devices";
+            }
+            if self.own_meta {
+                s += ", metadata staged per device";
             }
             s
         }
@@ -931,6 +936,7 @@ mod cuda_main {
             const DEFAULT: StepVariant = StepVariant {
                 copy: false,
                 layout: StepGraphLayout::PerDevice,
+                own_meta: false,
             };
             let layouts = |n: usize| -> Vec<StepVariant> {
                 let copy = StepVariant {
@@ -941,10 +947,14 @@ mod cuda_main {
                     layout: StepGraphLayout::Joint,
                     ..DEFAULT
                 };
+                let own_meta = StepVariant {
+                    own_meta: true,
+                    ..DEFAULT
+                };
                 match (lean, n) {
                     (Lean::Off | Lean::DefaultOnly, _) => vec![DEFAULT],
                     (Lean::Variants, 1) => vec![DEFAULT, copy],
-                    (Lean::Variants, _) => vec![DEFAULT, copy, joint],
+                    (Lean::Variants, _) => vec![DEFAULT, copy, joint, own_meta],
                 }
             };
             // (split index, reduction, peer sums, mode, layout); resident runs only with the
@@ -980,6 +990,7 @@ mod cuda_main {
                     let (n, m, cache, bufs, _) = &mut splits[si];
                     m.set_meta_upload_copy(v.copy);
                     m.set_step_graph_layout(v.layout);
+                    m.set_shared_metadata(!v.own_meta);
                     m.set_reduce(r)?;
                     m.set_peer_sum(peer);
                     m.set_step_graphs(graphs);

@@ -211,6 +211,9 @@ pub(super) struct CachedFront {
     rope: u64,
     /// Bytes of the metadata upload.
     meta_bytes: usize,
+    /// The page-locked buffer the upload reads (this device's, or the lead device's when the
+    /// plan is shared, [`GpuLayer::cached_plan_shared`]), as this device's kernels see it.
+    meta_src: u64,
     /// The attention kernel the back half launches.
     f_dec: cu::CUfunction,
     /// The cache it was planned for: pools, block size, rolling.
@@ -256,6 +259,7 @@ impl CachedFront {
             self.counters,
             self.rope,
             self.meta_bytes as u64,
+            self.meta_src,
             self.f_dec as u64,
         ]);
         key.extend(self.cache_key);
@@ -649,10 +653,98 @@ impl GpuLayer<'_> {
             counters,
             rope: if st.h_rope.is_empty() { 0 } else { rope },
             meta_bytes: st.meta.staged_bytes(),
+            meta_src: st.meta.source(),
             f_dec,
             cache_key: {
                 let (k, v) = cache.pool_ptrs();
                 [k, v, bs as u64, u64::from(cache.rolling)]
+            },
+            prep: None,
+        }))
+    }
+
+    /// [`GpuLayer::cached_plan`] for a device of a head split after the lead device planned
+    /// `lead_front` for the same call: when both devices plan the same metadata (same shard
+    /// configuration, precision, tuning and SM count, caches of the same block size and
+    /// layout), this device takes the lead's work items and uploads the lead's staged
+    /// metadata ([`MetaUpload::adopt`]) instead of building and staging its own copy; its
+    /// own scratch, kernel and cache pools stay its own. Otherwise it plans on its own.
+    /// `validated` is the call's token count (the call was validated against the unsplit
+    /// layer).
+    ///
+    /// The lead's staged metadata must not be restaged before this device's upload has run.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn cached_plan_shared(
+        &mut self,
+        lead: &GpuLayer<'_>,
+        lead_front: &CachedFront,
+        x_len: usize,
+        out_len: usize,
+        seqs: &[Sequence<'_>],
+        rope_table: Option<RopeTable<'_>>,
+        cache: &GpuKvCache,
+        validated: usize,
+    ) -> Result<Option<CachedFront>> {
+        let same = self.cfg == lead.cfg
+            && self.opts.precision == lead.opts.precision
+            && self.dec.tuning == lead.dec.tuning
+            && self.kernels.sm_count == lead.kernels.sm_count
+            && lead_front.cache_key[2..] == [cache.block_size as u64, u64::from(cache.rolling)]
+            && lead.dec.funcs.as_ref().map(|f| (f.kernel, f.ctas_per_sm))
+                == self.dec.funcs.as_ref().map(|f| (f.kernel, f.ctas_per_sm));
+        if !same {
+            return self.cached_plan(x_len, out_len, seqs, rope_table, cache, Some(validated));
+        }
+        let n = self.check_cached(x_len, out_len, seqs, &rope_table, cache, Some(validated))?;
+        if n == 0 {
+            return Ok(None);
+        }
+        if n != lead_front.n {
+            return Err(Error::Unsupported(
+                "devices planned different token counts".into(),
+            ));
+        }
+        self.set_current()?;
+        let cfg = self.cfg;
+        let (h, kvh, d) = (cfg.n_head, cfg.n_kv_head, cfg.head_dim);
+        let st = &mut self.dec;
+        // The lead's kernel, loaded in this context by an earlier plan of this device
+        // (compared above; until then this device plans on its own).
+        let Some(funcs) = st.funcs.as_ref() else {
+            return Err(Error::Unsupported("decode kernels missing".into()));
+        };
+        let f_dec = funcs.dec;
+        let (items, hchunks) = (lead_front.items, lead_front.hchunks);
+        let part = ensure(&mut st.part, items * h * d * 4)?;
+        let ml = ensure(&mut st.ml, items * h * 8)?;
+        // Zeroed when allocated; every launch leaves them at zero (the merging CTA resets).
+        let counters = ensure(&mut st.counters, n * kvh * hchunks * 4)?;
+        let meta = st.meta.adopt(&lead.dec.meta)?;
+        let &[work, tok_items, dseqs, tables, dst, rope] = meta.as_slice() else {
+            return Err(Error::Unsupported(
+                "the lead's metadata has other parts".into(),
+            ));
+        };
+        Ok(Some(CachedFront {
+            n,
+            items,
+            split: lead_front.split,
+            hchunks,
+            dst,
+            work,
+            tables,
+            dseqs,
+            part,
+            ml,
+            tok_items,
+            counters,
+            rope: if lead_front.rope == 0 { 0 } else { rope },
+            meta_bytes: st.meta.staged_bytes(),
+            meta_src: st.meta.source(),
+            f_dec,
+            cache_key: {
+                let (k, v) = cache.pool_ptrs();
+                [k, v, cache.block_size as u64, u64::from(cache.rolling)]
             },
             prep: None,
         }))

@@ -350,6 +350,9 @@ pub struct MultiGpuLayer<'a> {
     step_graph_error: Option<String>,
     /// How several devices' steps are captured ([`MultiGpuLayer::set_step_graph_layout`]).
     graph_layout: StepGraphLayout,
+    /// Devices after the first take device 0's staged step metadata when they would plan
+    /// the same ([`MultiGpuLayer::set_shared_metadata`]).
+    share_meta: bool,
     /// Set while a step is captured: no timing events are recorded (they would not be
     /// recorded at replay).
     untimed: bool,
@@ -563,6 +566,7 @@ impl<'a> MultiGpuLayer<'a> {
             step_graphs: None,
             step_graph_error: None,
             graph_layout: StepGraphLayout::PerDevice,
+            share_meta: true,
             untimed: false,
             peer,
             peer_on: true,
@@ -1567,11 +1571,29 @@ impl<'a> MultiGpuLayer<'a> {
         // Every device's plan before anything is enqueued: a device that refuses the call (a
         // cache of another split) leaves every cache and `out` untouched.
         let mut fronts: Vec<CachedFront> = Vec::with_capacity(self.gpus.len());
-        for (g, c) in self.gpus.iter_mut().zip(&cache.caches) {
-            match g.cached_plan(x_len, out_len, seqs, rope_table, c, Some(tokens))? {
-                Some(f) => fronts.push(f),
-                None => return Err(Error::Unsupported("a device saw no new tokens".into())),
-            }
+        let (lead, others) = self.gpus.split_at_mut(1);
+        let lead = &mut lead[0];
+        let planned = lead.cached_plan(
+            x_len,
+            out_len,
+            seqs,
+            rope_table,
+            &cache.caches[0],
+            Some(tokens),
+        );
+        fronts.extend(planned?);
+        for (g, c) in others.iter_mut().zip(&cache.caches[1..]) {
+            let planned = match (fronts.first(), self.share_meta) {
+                // The devices of an even split plan the same metadata: it is packed once.
+                (Some(f0), true) => {
+                    g.cached_plan_shared(lead, f0, x_len, out_len, seqs, rope_table, c, tokens)
+                }
+                _ => g.cached_plan(x_len, out_len, seqs, rope_table, c, Some(tokens)),
+            };
+            fronts.extend(planned?);
+        }
+        if fronts.len() != self.gpus.len() {
+            return Err(Error::Unsupported("a device saw no new tokens".into()));
         }
         lap(1);
         let graphed = if self.step_graphs_on {
@@ -1934,6 +1956,14 @@ impl<'a> MultiGpuLayer<'a> {
             });
         }
         key
+    }
+
+    /// Test and benchmark switch: whether the devices after the first upload device 0's
+    /// staged metadata of a cached step when they would plan the same (the default), or
+    /// plan and stage their own copy.
+    #[doc(hidden)]
+    pub fn set_shared_metadata(&mut self, on: bool) {
+        self.share_meta = on;
     }
 
     /// Test and benchmark switch: how a step over several devices is captured (the next

@@ -12,7 +12,7 @@ use cust::memory::DeviceBuffer;
 use cust::sys as cu;
 
 use super::{alloc, drv, launch, ptr};
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 /// Page-locked host memory (portable to every context, mapped into the device address
 /// space), `len` bytes.
@@ -100,7 +100,16 @@ pub(super) struct MetaUpload {
     device: Option<DeviceBuffer<u8>>,
     /// The host buffer's address for the device's kernels.
     host_on_device: u64,
-    /// Bytes the last `stage` packed.
+    /// Where the next upload reads the staged bytes: the host address and the address for
+    /// this device's kernels of this upload's own host buffer, or of another device's
+    /// ([`MetaUpload::adopt`]).
+    src: (usize, u64),
+    /// The last adopted host buffer and its address for this device's kernels (the driver
+    /// call that maps it is made once per buffer).
+    adopted: (usize, u64),
+    /// Where each part of the last `stage` starts in the packed buffer.
+    offsets: Vec<usize>,
+    /// Bytes the last `stage` (or `adopt`) packed.
     staged: usize,
     /// Recorded after the last upload ([`MetaUpload::mark_done`]); the host buffer is
     /// rewritten only once it has passed.
@@ -136,9 +145,49 @@ impl MetaUpload {
         for (p, &o) in parts.iter().zip(&offsets) {
             bytes[o..o + p.len()].copy_from_slice(p);
         }
+        self.src = (host.ptr as usize, self.host_on_device);
         self.staged = total;
         let base = ptr(device);
-        Ok(offsets.into_iter().map(|o| base + o as u64).collect())
+        let addrs = offsets.iter().map(|&o| base + o as u64).collect();
+        self.offsets = offsets;
+        Ok(addrs)
+    }
+
+    /// Takes `lead`'s last [`MetaUpload::stage`] (another device's) as this upload's
+    /// contents, without packing anything: the next [`MetaUpload::enqueue`] reads `lead`'s
+    /// page-locked buffer (portable, so mapped into every context) into this device's
+    /// buffer. Returns each part's device address once uploaded, as `stage` does. A head
+    /// split whose devices plan the same metadata packs it once (the host's planning is on
+    /// the step's critical path, once per device).
+    ///
+    /// The caller keeps `lead`'s buffer unstaged until the enqueued upload has run (a
+    /// [`crate::MultiGpuLayer`] call ends with every device synchronised). This device's
+    /// context must be current.
+    pub(super) fn adopt(&mut self, lead: &MetaUpload) -> Result<Vec<u64>> {
+        let Some(host) = lead.host.as_ref() else {
+            return Err(Error::Unsupported("no staged metadata to share".into()));
+        };
+        if self.device.as_ref().is_none_or(|d| d.len() < lead.staged) {
+            self.device = None;
+            self.device = Some(alloc(lead.staged.next_power_of_two())?);
+        }
+        let Some(device) = self.device.as_ref() else {
+            unreachable!("the buffer was just made")
+        };
+        let at = host.ptr as usize;
+        if self.adopted.0 != at {
+            self.adopted = (at, host.device_ptr()?);
+        }
+        self.src = self.adopted;
+        self.staged = lead.staged;
+        let base = ptr(device);
+        Ok(lead.offsets.iter().map(|&o| base + o as u64).collect())
+    }
+
+    /// The address the next upload reads from, for this device's kernels (part of a
+    /// captured step's key: a replay reads the buffer captured).
+    pub(super) fn source(&self) -> u64 {
+        self.src.1
     }
 
     /// Bytes the last [`MetaUpload::stage`] packed (what [`MetaUpload::enqueue`] copies).
@@ -160,7 +209,7 @@ impl MetaUpload {
         stream: cu::CUstream,
         kernel: Option<cu::CUfunction>,
     ) -> Result<()> {
-        let (Some(host), Some(device)) = (self.host.as_ref(), self.device.as_ref()) else {
+        let Some(device) = self.device.as_ref() else {
             return Ok(());
         };
         if self.staged == 0 {
@@ -171,20 +220,27 @@ impl MetaUpload {
             // 16-byte words.
             let words = self.staged / ALIGN;
             let mut p = UploadParams {
-                src: self.host_on_device,
+                src: self.src.1,
                 dst: ptr(device),
                 n: words as i64,
             };
             let blocks = words.div_ceil(256).clamp(1, 1024) as u32;
             // SAFETY: UploadParams matches the kernel's struct; `src` maps `staged` bytes of
-            // the host buffer into this context, `dst` holds as many; neither is rewritten or
-            // freed before the kernel has run (this function's contract).
+            // the staged host buffer (own or adopted) into this context, `dst` holds as many;
+            // neither is rewritten or freed before the kernel has run (this function's
+            // contract, and `adopt`'s).
             return unsafe { launch(f, (blocks, 1, 1), 256, 0, stream, &mut p) };
         }
-        // SAFETY: both buffers hold at least `staged` bytes; the host buffer is page-locked
-        // and, per this function's contract, not rewritten before the copy has run.
+        // SAFETY: both buffers hold at least `staged` bytes; the host buffer (own or
+        // adopted) is page-locked and, per this function's contract and `adopt`'s, not
+        // rewritten before the copy has run.
         drv("cuMemcpyHtoDAsync", unsafe {
-            cu::cuMemcpyHtoDAsync_v2(ptr(device), host.ptr.cast(), self.staged, stream)
+            cu::cuMemcpyHtoDAsync_v2(
+                ptr(device),
+                self.src.0 as *const c_void,
+                self.staged,
+                stream,
+            )
         })
     }
 
