@@ -394,6 +394,13 @@ impl<'a> MultiGpuLayer<'a> {
         match self.never {}
     }
 
+    /// Whether the devices after the first share device 0's staged step metadata
+    /// (unreachable in this build).
+    #[doc(hidden)]
+    pub fn set_shared_metadata(&mut self, _on: bool) {
+        match self.never {}
+    }
+
     /// Whether small exact sums go through peer memory (unreachable in this build).
     pub fn set_peer_sum(&mut self, _on: bool) -> bool {
         match self.never {}
