@@ -225,6 +225,9 @@ pub fn run(args: &[String]) -> Result<(), CliError> {
         };
         return crate::bench_decode::run(quick);
     }
+    if args.first().map(String::as_str) == Some("validate") {
+        return crate::bench_validate::run();
+    }
     let mut quick = false;
     let mut json_path = None;
     let mut it = args.iter();

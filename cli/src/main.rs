@@ -5,6 +5,7 @@
 
 mod bench;
 mod bench_decode;
+mod bench_validate;
 mod default_job;
 mod forward;
 mod run_cmd;

@@ -513,3 +513,94 @@ fn invalid_use_writes_nothing() {
         Err(Error::Unsupported { .. })
     ));
 }
+
+/// The block check with marks kept across calls (`validate_cached_marked`, what the GPU
+/// executors call step after step) rejects exactly the calls a fresh check
+/// (`validate_cached`) rejects, with the same errors: blocks named again by a later call are
+/// fine, a block named twice in one call or outside the pool is not, also when the pool
+/// shrinks and grows between calls and when the stamp wraps around.
+#[test]
+fn marks_kept_across_calls_check_blocks_like_fresh_ones() {
+    let cfg = configs()[1];
+    let s = Setup::new(cfg, 7);
+    let layer = s.layer();
+    let table = s.table();
+    let c = cfg.n_embd;
+    let geometry = |num_blocks| attnrt::KvGeometry {
+        n_kv_head: cfg.n_kv_head,
+        head_dim: cfg.head_dim,
+        block_size: 4,
+        num_blocks,
+        rolling: false,
+    };
+    let seq = |cached, blocks| Sequence {
+        cached,
+        new_tokens: 1,
+        blocks,
+    };
+    let (a, b, dup, far): (&[u32], &[u32], &[u32], &[u32]) =
+        (&[0, 1, 2], &[3, 4, 5], &[6, 7, 6], &[8, 9, 30]);
+    // (sequences, pool blocks): the same blocks call after call, a duplicate within one
+    // sequence and across two, an id past a shrunk pool, then the pool grown back.
+    let calls: Vec<(Vec<Sequence<'_>>, usize)> = vec![
+        (vec![seq(8, a), seq(4, b)], 32),
+        (vec![seq(8, a), seq(4, b)], 32),
+        (vec![seq(8, dup)], 32),
+        (vec![seq(8, a), seq(9, a)], 32),
+        (vec![seq(8, b), seq(8, a)], 32),
+        (vec![seq(8, far)], 16),
+        (vec![seq(8, far), seq(4, a)], 32),
+        (vec![seq(8, a), seq(4, b)], 16),
+    ];
+    let starts = [
+        (0u32, 0u32),
+        (u32::MAX - 2, u32::MAX - 2),
+        (u32::MAX, u32::MAX),
+    ];
+    for (fill, start) in starts {
+        let mut marks = vec![fill; 32];
+        let mut stamp = start;
+        for (i, (seqs, num_blocks)) in calls.iter().enumerate() {
+            let g = geometry(*num_blocks);
+            let (x, out) = (seqs.len() * c, seqs.len() * c);
+            let mut fresh = vec![0u32; *num_blocks];
+            let want = layer.validate_cached(x, out, seqs, table.as_ref(), &g, &mut fresh);
+            let got = layer.validate_cached_marked(
+                x,
+                out,
+                seqs,
+                table.as_ref(),
+                &g,
+                &mut marks,
+                &mut stamp,
+            );
+            assert_eq!(got, want, "start {start}, call {i}");
+            assert!(
+                marks.iter().all(|&m| m <= stamp),
+                "start {start}, call {i}: a mark past the stamp {stamp}"
+            );
+        }
+        // Every call took a stamp; from the top of the range they wrapped past zero.
+        assert_eq!(
+            stamp,
+            start.wrapping_add(calls.len() as u32) + u32::from(start > 0)
+        );
+    }
+    // Marks shorter than the pool are refused like fresh ones.
+    let seqs = [seq(8, a)];
+    let g = geometry(32);
+    let mut short = vec![0u32; 31];
+    let want = layer.validate_cached(c, c, &seqs, table.as_ref(), &g, &mut short.clone());
+    let got = layer.validate_cached_marked(c, c, &seqs, table.as_ref(), &g, &mut short, &mut 0);
+    assert!(
+        matches!(
+            got,
+            Err(Error::InputShape {
+                name: "block marks",
+                ..
+            })
+        ),
+        "{got:?}"
+    );
+    assert_eq!(got, want);
+}

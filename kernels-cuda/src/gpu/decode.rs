@@ -337,7 +337,9 @@ pub(super) struct DecodeState {
     h_dst: Vec<i64>,
     h_pos: Vec<i32>,
     h_rope: Vec<f32>,
+    /// Block marks and their stamp, kept from call to call (`Layer::validate_cached_marked`).
     h_marks: Vec<u32>,
+    h_stamp: u32,
     last: Option<CachedCall>,
 }
 
@@ -420,15 +422,17 @@ impl GpuLayer<'_> {
             }
             None => {
                 let marks = &mut self.dec.h_marks;
-                marks.clear();
-                marks.resize(cache.num_blocks, 0);
-                self.layer.validate_cached(
+                if marks.len() < cache.num_blocks {
+                    marks.resize(cache.num_blocks, 0);
+                }
+                self.layer.validate_cached_marked(
                     x_len,
                     out_len,
                     seqs,
                     rope_table.as_ref(),
                     &geometry,
                     marks,
+                    &mut self.dec.h_stamp,
                 )?
             }
         };

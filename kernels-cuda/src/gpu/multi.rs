@@ -335,7 +335,9 @@ pub struct MultiGpuLayer<'a> {
     /// All-reduces timed in the current call (pairs of `Lane::timing` in use).
     timed: usize,
     nccl_ms: f32,
+    /// Block marks and their stamp, kept from call to call (`Layer::validate_cached_marked`).
     marks: Vec<u32>,
+    mark_stamp: u32,
     pinned: Option<Pinned>,
     pinned_out: Option<Pinned>,
     step_ms: Vec<f32>,
@@ -558,6 +560,7 @@ impl<'a> MultiGpuLayer<'a> {
             timed: 0,
             nccl_ms: 0.0,
             marks: Vec::new(),
+            mark_stamp: 0,
             pinned: None,
             pinned_out: None,
             step_ms: Vec::new(),
@@ -1498,15 +1501,17 @@ impl<'a> MultiGpuLayer<'a> {
             StepOut::Host(o) => o.len(),
             StepOut::Device(_) => call_len,
         };
-        self.marks.clear();
-        self.marks.resize(geometry.num_blocks, 0);
-        let tokens = self.layer.validate_cached(
+        if self.marks.len() < geometry.num_blocks {
+            self.marks.resize(geometry.num_blocks, 0);
+        }
+        let tokens = self.layer.validate_cached_marked(
             x_len,
             out_len,
             seqs,
             rope_table.as_ref(),
             &geometry,
             &mut self.marks,
+            &mut self.mark_stamp,
         )?;
         if cache.caches.len() != self.gpus.len() {
             return Err(attnrt::Error::InputShape {

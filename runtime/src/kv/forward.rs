@@ -303,6 +303,31 @@ impl Layer<'_> {
         Ok(())
     }
 
+    /// [`Layer::validate_cached`] for an executor that calls it step after step: `marks` (at
+    /// least `cache.num_blocks` words) and `stamp` are kept from one call to the next (start
+    /// both at zero; words added when `marks` grows must be zero), so that the block check
+    /// costs the blocks the call names instead of a pass over the whole pool, which a server's
+    /// pool of hundreds of thousands of blocks would make the larger part of a decode step's
+    /// host work. Rejects exactly the calls `validate_cached` rejects, with the same errors.
+    ///
+    /// # Errors
+    /// As [`Layer::validate_cached`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn validate_cached_marked(
+        &self,
+        x_len: usize,
+        out_len: usize,
+        seqs: &[Sequence<'_>],
+        rope_table: Option<&RopeTable<'_>>,
+        cache: &KvGeometry,
+        marks: &mut [u32],
+        stamp: &mut u32,
+    ) -> Result<usize> {
+        let tokens = self.validate_cached_shape(x_len, out_len, seqs, rope_table, cache)?;
+        check_blocks_marked(seqs, cache.num_blocks, marks, stamp)?;
+        Ok(tokens)
+    }
+
     /// Everything [`Layer::validate_cached`] checks but the block ids.
     fn validate_cached_shape(
         &self,
@@ -611,14 +636,38 @@ fn find_item(seqs: &[Sequence<'_>], window: usize, index: usize) -> Option<(Item
 /// Checks block ids: inside the pool, and each used by at most one sequence of the call (the
 /// parallel writers of new keys rely on it). `marks` is scratch of one word per pool block.
 fn check_blocks(seqs: &[Sequence<'_>], num_blocks: usize, marks: &mut [u32]) -> Result<()> {
+    if let Some(m) = marks.get_mut(..num_blocks) {
+        m.fill(0);
+    }
+    check_blocks_marked(seqs, num_blocks, marks, &mut 0)
+}
+
+/// [`check_blocks`] with marks kept from call to call: every word of `marks` is at most
+/// `*stamp`; the call takes the next stamp and marks each block it names with it, so a block
+/// already marked with it is named twice. No pass over the pool but when the stamp wraps
+/// (then every mark is zeroed first).
+fn check_blocks_marked(
+    seqs: &[Sequence<'_>],
+    num_blocks: usize,
+    marks: &mut [u32],
+    stamp: &mut u32,
+) -> Result<()> {
     let have = marks.len();
-    let marks = marks.get_mut(..num_blocks).ok_or(Error::InputShape {
-        name: "block marks",
-        expected: num_blocks,
-        actual: have,
-    })?;
-    marks.fill(u32::MAX);
-    for (s, seq) in seqs.iter().enumerate() {
+    if have < num_blocks {
+        return Err(Error::InputShape {
+            name: "block marks",
+            expected: num_blocks,
+            actual: have,
+        });
+    }
+    *stamp = stamp.wrapping_add(1);
+    if *stamp == 0 {
+        marks.fill(0);
+        *stamp = 1;
+    }
+    let now = *stamp;
+    let marks = &mut marks[..num_blocks];
+    for seq in seqs {
         for (i, &b) in seq.blocks.iter().enumerate() {
             let Some(mark) = marks.get_mut(b as usize) else {
                 return Err(Error::InputValue {
@@ -628,7 +677,7 @@ fn check_blocks(seqs: &[Sequence<'_>], num_blocks: usize, marks: &mut [u32]) -> 
                     rule: "block id outside the pool",
                 });
             };
-            if *mark != u32::MAX {
+            if *mark == now {
                 return Err(Error::InputValue {
                     name: "block table entry",
                     index: i,
@@ -636,7 +685,7 @@ fn check_blocks(seqs: &[Sequence<'_>], num_blocks: usize, marks: &mut [u32]) -> 
                     rule: "block used twice in one call",
                 });
             }
-            *mark = s as u32;
+            *mark = now;
         }
     }
     Ok(())
