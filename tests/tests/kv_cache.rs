@@ -542,15 +542,17 @@ fn marks_kept_across_calls_check_blocks_like_fresh_ones() {
         (&[0, 1, 2], &[3, 4, 5], &[6, 7, 6], &[8, 9, 30]);
     // (sequences, pool blocks): the same blocks call after call, a duplicate within one
     // sequence and across two, an id past a shrunk pool, then the pool grown back.
-    let calls: Vec<(Vec<Sequence<'_>>, usize)> = vec![
-        (vec![seq(8, a), seq(4, b)], 32),
-        (vec![seq(8, a), seq(4, b)], 32),
-        (vec![seq(8, dup)], 32),
-        (vec![seq(8, a), seq(9, a)], 32),
-        (vec![seq(8, b), seq(8, a)], 32),
-        (vec![seq(8, far)], 16),
-        (vec![seq(8, far), seq(4, a)], 32),
-        (vec![seq(8, a), seq(4, b)], 16),
+    // Each with the rule it breaks, if any.
+    let (twice, outside) = ("block used twice in one call", "block id outside the pool");
+    let calls: Vec<(Vec<Sequence<'_>>, usize, Option<&str>)> = vec![
+        (vec![seq(8, a), seq(4, b)], 32, None),
+        (vec![seq(8, a), seq(4, b)], 32, None),
+        (vec![seq(8, dup)], 32, Some(twice)),
+        (vec![seq(8, a), seq(9, a)], 32, Some(twice)),
+        (vec![seq(8, b), seq(8, a)], 32, None),
+        (vec![seq(8, far)], 16, Some(outside)),
+        (vec![seq(8, far), seq(4, a)], 32, None),
+        (vec![seq(8, a), seq(4, b)], 16, None),
     ];
     let starts = [
         (0u32, 0u32),
@@ -560,7 +562,7 @@ fn marks_kept_across_calls_check_blocks_like_fresh_ones() {
     for (fill, start) in starts {
         let mut marks = vec![fill; 32];
         let mut stamp = start;
-        for (i, (seqs, num_blocks)) in calls.iter().enumerate() {
+        for (i, (seqs, num_blocks, broken)) in calls.iter().enumerate() {
             let g = geometry(*num_blocks);
             let (x, out) = (seqs.len() * c, seqs.len() * c);
             let mut fresh = vec![0u32; *num_blocks];
@@ -575,6 +577,11 @@ fn marks_kept_across_calls_check_blocks_like_fresh_ones() {
                 &mut stamp,
             );
             assert_eq!(got, want, "start {start}, call {i}");
+            match (got, broken) {
+                (Ok(tokens), None) => assert_eq!(tokens, seqs.len()),
+                (Err(Error::InputValue { rule, .. }), Some(b)) => assert_eq!(rule, *b),
+                (other, b) => panic!("start {start}, call {i}: {other:?}, expected {b:?}"),
+            }
             assert!(
                 marks.iter().all(|&m| m <= stamp),
                 "start {start}, call {i}: a mark past the stamp {stamp}"

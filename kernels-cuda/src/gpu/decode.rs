@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use attnrt::{Error as RtError, KvGeometry, RopeTable, Sequence};
+use attnrt::{Config, Error as RtError, KvGeometry, RopeTable, Sequence};
 use cust::memory::DeviceBuffer;
 use cust::sys as cu;
 use half::{bf16, f16};
@@ -344,6 +344,66 @@ pub(super) struct DecodeState {
 }
 
 /// A buffer of at least `bytes` bytes in `slot`, reallocated only when too small.
+/// What a planned cached call's front needs besides its metadata: new tokens, work items,
+/// split size, head chunks, and whether rotary rows were staged.
+struct FrontShape {
+    n: usize,
+    items: usize,
+    split: usize,
+    hchunks: usize,
+    rope: bool,
+}
+
+/// The front of a planned call: this device's scratch for its work items (grown on demand),
+/// the device addresses of the metadata parts once uploaded (`meta`: work items, token item
+/// ranges, sequences, block tables, new-token slots, rotary rows), the attention kernel and
+/// the cache the call appends to.
+fn front(
+    st: &mut DecodeState,
+    cfg: &Config,
+    shape: FrontShape,
+    meta: &[u64],
+    f_dec: cu::CUfunction,
+    cache: &GpuKvCache,
+) -> Result<CachedFront> {
+    let &[work, tok_items, dseqs, tables, dst, rope] = meta else {
+        return Err(Error::Unsupported("metadata of other parts".into()));
+    };
+    let FrontShape {
+        n,
+        items,
+        split,
+        hchunks,
+        rope: has_rope,
+    } = shape;
+    let (h, d) = (cfg.n_head, cfg.head_dim);
+    let part = ensure(&mut st.part, items * h * d * 4)?;
+    let ml = ensure(&mut st.ml, items * h * 8)?;
+    // Zeroed when allocated; every launch leaves them at zero (the merging CTA resets).
+    let counters = ensure(&mut st.counters, n * cfg.n_kv_head * hchunks * 4)?;
+    let (k, v) = cache.pool_ptrs();
+    Ok(CachedFront {
+        n,
+        items,
+        split,
+        hchunks,
+        dst,
+        work,
+        tables,
+        dseqs,
+        part,
+        ml,
+        tok_items,
+        counters,
+        rope: if has_rope { rope } else { 0 },
+        meta_bytes: st.meta.staged_bytes(),
+        meta_src: st.meta.source(),
+        f_dec,
+        cache_key: [k, v, cache.block_size as u64, u64::from(cache.rolling)],
+        prep: None,
+    })
+}
+
 fn ensure(slot: &mut Option<DeviceBuffer<u8>>, bytes: usize) -> Result<u64> {
     if slot.as_ref().is_none_or(|b| b.len() < bytes) {
         *slot = Some(alloc(bytes.next_power_of_two())?);
@@ -532,7 +592,7 @@ impl GpuLayer<'_> {
         }
         self.set_current()?;
         let cfg = self.cfg;
-        let (h, kvh, d, r) = (cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.group_size());
+        let (kvh, d, r) = (cfg.n_kv_head, cfg.head_dim, cfg.group_size());
         let window = cfg.sliding_window.unwrap_or(usize::MAX);
 
         let prec = self.opts.precision;
@@ -620,11 +680,6 @@ impl GpuLayer<'_> {
         st.h_tok.push(st.h_work.len() as i32);
         let items = st.h_work.len();
 
-        // Device scratch (grown on demand) and uploads.
-        let part = ensure(&mut st.part, items * h * d * 4)?;
-        let ml = ensure(&mut st.ml, items * h * 8)?;
-        // Zeroed when allocated; every launch leaves them at zero (the merging CTA resets).
-        let counters = ensure(&mut st.counters, n * kvh * hchunks * 4)?;
         // Rotary rows of the new tokens, staged with the metadata.
         st.h_rope.clear();
         if let (Some(_), Some(table)) = (cfg.rope(), rope_table) {
@@ -639,32 +694,14 @@ impl GpuLayer<'_> {
             bytemuck::cast_slice(&st.h_dst),
             bytemuck::cast_slice(&st.h_rope),
         ])?;
-        let &[work, tok_items, dseqs, tables, dst, rope] = meta.as_slice() else {
-            unreachable!("one address per part")
-        };
-        Ok(Some(CachedFront {
+        let shape = FrontShape {
             n,
             items,
             split,
             hchunks,
-            dst,
-            work,
-            tables,
-            dseqs,
-            part,
-            ml,
-            tok_items,
-            counters,
-            rope: if st.h_rope.is_empty() { 0 } else { rope },
-            meta_bytes: st.meta.staged_bytes(),
-            meta_src: st.meta.source(),
-            f_dec,
-            cache_key: {
-                let (k, v) = cache.pool_ptrs();
-                [k, v, bs as u64, u64::from(cache.rolling)]
-            },
-            prep: None,
-        }))
+            rope: !st.h_rope.is_empty(),
+        };
+        front(st, &cfg, shape, &meta, f_dec, cache).map(Some)
     }
 
     /// [`GpuLayer::cached_plan`] for a device of a head split after the lead device planned
@@ -710,7 +747,6 @@ impl GpuLayer<'_> {
         }
         self.set_current()?;
         let cfg = self.cfg;
-        let (h, kvh, d) = (cfg.n_head, cfg.n_kv_head, cfg.head_dim);
         let st = &mut self.dec;
         // The lead's kernel, loaded in this context by an earlier plan of this device
         // (compared above; until then this device plans on its own).
@@ -718,40 +754,15 @@ impl GpuLayer<'_> {
             return Err(Error::Unsupported("decode kernels missing".into()));
         };
         let f_dec = funcs.dec;
-        let (items, hchunks) = (lead_front.items, lead_front.hchunks);
-        let part = ensure(&mut st.part, items * h * d * 4)?;
-        let ml = ensure(&mut st.ml, items * h * 8)?;
-        // Zeroed when allocated; every launch leaves them at zero (the merging CTA resets).
-        let counters = ensure(&mut st.counters, n * kvh * hchunks * 4)?;
         let meta = st.meta.adopt(&lead.dec.meta)?;
-        let &[work, tok_items, dseqs, tables, dst, rope] = meta.as_slice() else {
-            return Err(Error::Unsupported(
-                "the lead's metadata has other parts".into(),
-            ));
-        };
-        Ok(Some(CachedFront {
+        let shape = FrontShape {
             n,
-            items,
+            items: lead_front.items,
             split: lead_front.split,
-            hchunks,
-            dst,
-            work,
-            tables,
-            dseqs,
-            part,
-            ml,
-            tok_items,
-            counters,
-            rope: if lead_front.rope == 0 { 0 } else { rope },
-            meta_bytes: st.meta.staged_bytes(),
-            meta_src: st.meta.source(),
-            f_dec,
-            cache_key: {
-                let (k, v) = cache.pool_ptrs();
-                [k, v, cache.block_size as u64, u64::from(cache.rolling)]
-            },
-            prep: None,
-        }))
+            hchunks: lead_front.hchunks,
+            rope: lead_front.rope != 0,
+        };
+        front(st, &cfg, shape, &meta, f_dec, cache).map(Some)
     }
 
     /// The device part of a cached call's first half, for the front `f` this layer planned
