@@ -343,7 +343,6 @@ pub(super) struct DecodeState {
     last: Option<CachedCall>,
 }
 
-/// A buffer of at least `bytes` bytes in `slot`, reallocated only when too small.
 /// What a planned cached call's front needs besides its metadata: new tokens, work items,
 /// split size, head chunks, and whether rotary rows were staged.
 struct FrontShape {
@@ -404,6 +403,7 @@ fn front(
     })
 }
 
+/// A buffer of at least `bytes` bytes in `slot`, reallocated only when too small.
 fn ensure(slot: &mut Option<DeviceBuffer<u8>>, bytes: usize) -> Result<u64> {
     if slot.as_ref().is_none_or(|b| b.len() < bytes) {
         *slot = Some(alloc(bytes.next_power_of_two())?);

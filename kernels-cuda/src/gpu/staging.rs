@@ -105,7 +105,9 @@ pub(super) struct MetaUpload {
     /// ([`MetaUpload::adopt`]).
     src: (usize, u64),
     /// The last adopted host buffer and its address for this device's kernels (the driver
-    /// call that maps it is made once per buffer).
+    /// call that maps it is made once per buffer address; under unified addressing a
+    /// page-locked buffer has the same address on every device, so a later buffer at the
+    /// same host address maps the same).
     adopted: (usize, u64),
     /// Where each part of the last `stage` starts in the packed buffer.
     offsets: Vec<usize>,
