@@ -192,8 +192,9 @@ impl GpuKvCache {
     }
 }
 
-/// A cached call enqueued up to the norm statistics ([`GpuLayer::cached_front`]): what the
-/// rest of it ([`GpuLayer::cached_back`]) needs.
+/// A cached call planned ([`GpuLayer::cached_plan`]) and enqueued up to the norm statistics
+/// ([`GpuLayer::cached_enqueue_front`]): what the rest of it ([`GpuLayer::cached_back`])
+/// needs.
 pub(super) struct CachedFront {
     n: usize,
     items: usize,

@@ -1,6 +1,6 @@
 //! Sequence-parallel inputs and outputs of the head split: the call's tokens (`batch *
 //! seq_len`, flattened in row-major order) are cut among the devices by
-//! [`ShardPlan::token_range`] (contiguous ranges in rank order, the first `tokens mod N` ranks
+//! [`ShardPlan::token_range`](attnrt::ShardPlan::token_range) (contiguous ranges in rank order, the first `tokens mod N` ranks
 //! taking one more), the rule of the runtime's CPU executor
 //! (`ShardedLayer::forward_cpu_seq_parallel`). Device `i` holds only its rows of `x` and ends
 //! with only its rows of `y`:
