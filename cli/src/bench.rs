@@ -226,7 +226,16 @@ pub fn run(args: &[String]) -> Result<(), CliError> {
         return crate::bench_decode::run(quick);
     }
     if args.first().map(String::as_str) == Some("validate") {
-        return crate::bench_validate::run();
+        let quick = match args.get(1).map(String::as_str) {
+            None => false,
+            Some("--quick") => true,
+            Some(other) => {
+                return Err(CliError::Input(format!(
+                    "bench validate: unknown flag {other:?}"
+                )))
+            }
+        };
+        return crate::bench_validate::run(quick);
     }
     let mut quick = false;
     let mut json_path = None;

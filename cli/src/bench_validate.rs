@@ -14,23 +14,19 @@ use crate::CliError;
 const SEQS: usize = 32;
 const BLOCKS_PER_SEQ: usize = 129;
 
-/// Median of `reps` rounds of `iters` calls, in microseconds per call.
-fn median_us(reps: usize, iters: usize, mut call: impl FnMut()) -> f64 {
-    let mut t: Vec<f64> = (0..reps)
-        .map(|_| {
-            let start = Instant::now();
-            for _ in 0..iters {
-                call();
-            }
-            start.elapsed().as_secs_f64() * 1e6 / iters as f64
-        })
-        .collect();
-    t.sort_by(f64::total_cmp);
-    t[t.len() / 2]
+/// Microseconds per call of `calls` calls in a row.
+fn us_per_call(calls: usize, mut call: impl FnMut()) -> f64 {
+    let start = Instant::now();
+    for _ in 0..calls {
+        call();
+    }
+    start.elapsed().as_secs_f64() * 1e6 / calls as f64
 }
 
-/// Runs the bench and prints one table row per pool size.
-pub fn run() -> Result<(), CliError> {
+/// Runs the bench and prints one table row per pool size; `quick` times a few calls only (a
+/// smoke test).
+pub fn run(quick: bool) -> Result<(), CliError> {
+    let (rounds, calls) = if quick { (3, 20) } else { (15, 2000) };
     let cfg = Config::new(4096, 32).with_kv_heads(8).with_head_dim(128);
     let (c, q, kv) = (cfg.n_embd, cfg.q_dim(), cfg.kv_dim());
     // Weights are never read by the validation; zeros of the right shapes.
@@ -44,8 +40,8 @@ pub fn run() -> Result<(), CliError> {
     let layer = Layer::new(cfg, weights).map_err(|e| CliError::Other(e.to_string()))?;
     println!(
         "attnrt bench validate: a decode call of {SEQS} sequences x {BLOCKS_PER_SEQ} blocks \
-         (blocks of 64 tokens); us per call, median of 15 rounds of 2000 calls, fresh and kept \
-         marks interleaved"
+         (blocks of 64 tokens); us per call, median of {rounds} rounds of {calls} calls, fresh \
+         and kept marks interleaved"
     );
     println!("| pool blocks | fresh marks us | kept marks us | fresh / kept |");
     println!("| ---: | ---: | ---: | ---: |");
@@ -91,9 +87,9 @@ pub fn run() -> Result<(), CliError> {
             assert_eq!(r, Ok(SEQS));
         };
         let (mut a, mut b) = (Vec::new(), Vec::new());
-        for _ in 0..15 {
-            a.push(median_us(1, 2000, &mut fresh_call));
-            b.push(median_us(1, 2000, &mut kept_call));
+        for _ in 0..rounds {
+            a.push(us_per_call(calls, &mut fresh_call));
+            b.push(us_per_call(calls, &mut kept_call));
         }
         a.sort_by(f64::total_cmp);
         b.sort_by(f64::total_cmp);

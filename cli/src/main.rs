@@ -20,6 +20,8 @@ const USAGE: &str = "usage:
                                CPU benchmark (ratios to a scalar baseline and the FMA peak, same run)
   attnrt bench decode [--quick]
                                KV-cache decode benchmark (cache read GB/s vs measured stream read)
+  attnrt bench validate [--quick]
+                               host cost of a decode call's block-table check (fresh vs kept marks)
   attnrt help";
 
 /// A failure of the command: user errors exit with 2, others with 1.

@@ -211,3 +211,25 @@ fn bench_decode_quick_prints_a_table() {
         "{table}"
     );
 }
+
+#[test]
+fn bench_validate_quick_prints_a_table() {
+    let o = Command::new(env!("CARGO_BIN_EXE_attnrt"))
+        .args(["bench", "validate", "--quick"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let table = String::from_utf8_lossy(&o.stdout);
+    // One row per pool size, each with both timings and their ratio.
+    let rows: Vec<&str> = table.lines().filter(|l| l.ends_with("x |")).collect();
+    assert_eq!(rows.len(), 4, "{table}");
+    let bad = Command::new(env!("CARGO_BIN_EXE_attnrt"))
+        .args(["bench", "validate", "--slow"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        bad.status.code(),
+        Some(2),
+        "an unknown flag is an input error"
+    );
+}
