@@ -280,11 +280,9 @@ impl Layer<'_> {
         cache: &KvGeometry,
         marks: &mut [u32],
     ) -> Result<usize> {
-        // Fresh marks: all zero, and the first stamp.
-        if let Some(m) = marks.get_mut(..cache.num_blocks) {
-            m.fill(0);
-        }
-        self.validate_cached_marked(x_len, out_len, seqs, rope_table, cache, marks, &mut 0)
+        let tokens = self.validate_cached_shape(x_len, out_len, seqs, rope_table, cache)?;
+        check_blocks(seqs, cache.num_blocks, marks)?;
+        Ok(tokens)
     }
 
     /// The one rule of [`Layer::validate_cached`] about the cache's own shape: its KV heads
