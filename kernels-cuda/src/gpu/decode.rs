@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use attnrt::{Config, Error as RtError, KvGeometry, RopeTable, Sequence};
+use attnrt::{Config, Error as RtError, KvGeometry, Layer, RopeTable, Sequence};
 use cust::memory::DeviceBuffer;
 use cust::sys as cu;
 use half::{bf16, f16};
@@ -338,10 +338,42 @@ pub(super) struct DecodeState {
     h_dst: Vec<i64>,
     h_pos: Vec<i32>,
     h_rope: Vec<f32>,
-    /// Block marks and their stamp, kept from call to call (`Layer::validate_cached_marked`).
-    h_marks: Vec<u32>,
-    h_stamp: u32,
+    marks: BlockMarks,
     last: Option<CachedCall>,
+}
+
+/// The block marks and stamp an executor keeps from call to call for
+/// [`Layer::validate_cached_marked`], grown (with zeros) to the pool of each call.
+#[derive(Default)]
+pub(super) struct BlockMarks {
+    marks: Vec<u32>,
+    stamp: u32,
+}
+
+impl BlockMarks {
+    /// [`Layer::validate_cached_marked`] with these marks.
+    pub(super) fn validate(
+        &mut self,
+        layer: &Layer<'_>,
+        x_len: usize,
+        out_len: usize,
+        seqs: &[Sequence<'_>],
+        rope_table: Option<&RopeTable<'_>>,
+        cache: &KvGeometry,
+    ) -> attnrt::Result<usize> {
+        if self.marks.len() < cache.num_blocks {
+            self.marks.resize(cache.num_blocks, 0);
+        }
+        layer.validate_cached_marked(
+            x_len,
+            out_len,
+            seqs,
+            rope_table,
+            cache,
+            &mut self.marks,
+            &mut self.stamp,
+        )
+    }
 }
 
 /// What a planned cached call's front needs besides its metadata: new tokens, work items,
@@ -481,21 +513,14 @@ impl GpuLayer<'_> {
                 self.layer.check_cache_heads(&geometry)?;
                 tokens
             }
-            None => {
-                let marks = &mut self.dec.h_marks;
-                if marks.len() < cache.num_blocks {
-                    marks.resize(cache.num_blocks, 0);
-                }
-                self.layer.validate_cached_marked(
-                    x_len,
-                    out_len,
-                    seqs,
-                    rope_table.as_ref(),
-                    &geometry,
-                    marks,
-                    &mut self.dec.h_stamp,
-                )?
-            }
+            None => self.dec.marks.validate(
+                &self.layer,
+                x_len,
+                out_len,
+                seqs,
+                rope_table.as_ref(),
+                &geometry,
+            )?,
         };
         if !Arc::ptr_eq(&cache.kernels, &self.kernels) {
             return Err(Error::Unsupported(

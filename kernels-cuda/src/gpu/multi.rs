@@ -13,6 +13,7 @@ use cust::memory::DeviceBuffer;
 use cust::sys as cu;
 use half::{bf16, f16};
 
+use super::decode::BlockMarks;
 use super::graph::StepGraphs;
 use super::staging::Pinned;
 use super::WidenParams;
@@ -335,9 +336,7 @@ pub struct MultiGpuLayer<'a> {
     /// All-reduces timed in the current call (pairs of `Lane::timing` in use).
     timed: usize,
     nccl_ms: f32,
-    /// Block marks and their stamp, kept from call to call (`Layer::validate_cached_marked`).
-    marks: Vec<u32>,
-    mark_stamp: u32,
+    marks: BlockMarks,
     pinned: Option<Pinned>,
     pinned_out: Option<Pinned>,
     step_ms: Vec<f32>,
@@ -559,8 +558,7 @@ impl<'a> MultiGpuLayer<'a> {
             reduce: ReduceOptions::EXACT,
             timed: 0,
             nccl_ms: 0.0,
-            marks: Vec::new(),
-            mark_stamp: 0,
+            marks: BlockMarks::default(),
             pinned: None,
             pinned_out: None,
             step_ms: Vec::new(),

@@ -126,17 +126,13 @@ impl<'a> MultiGpuLayer<'a> {
             StepOut::Host(o) => o.len(),
             StepOut::Device(_) => call_len,
         };
-        if self.marks.len() < geometry.num_blocks {
-            self.marks.resize(geometry.num_blocks, 0);
-        }
-        let tokens = self.layer.validate_cached_marked(
+        let tokens = self.marks.validate(
+            &self.layer,
             x_len,
             out_len,
             seqs,
             rope_table.as_ref(),
             &geometry,
-            &mut self.marks,
-            &mut self.mark_stamp,
         )?;
         if cache.caches.len() != self.gpus.len() {
             return Err(attnrt::Error::InputShape {
