@@ -211,31 +211,23 @@ struct Row {
     attn_ms: f64,
 }
 
+/// The one flag a sub-bench takes after its name (`args[0]`): `--quick` or nothing.
+fn quick_flag(sub: &str, args: &[String]) -> Result<bool, CliError> {
+    match args.get(1).map(String::as_str) {
+        None => Ok(false),
+        Some("--quick") => Ok(true),
+        Some(other) => Err(CliError::Input(format!(
+            "bench {sub}: unknown flag {other:?}"
+        ))),
+    }
+}
+
 /// Runs the bench; `quick` shrinks every case to 256 tokens (a smoke test).
 pub fn run(args: &[String]) -> Result<(), CliError> {
-    if args.first().map(String::as_str) == Some("decode") {
-        let quick = match args.get(1).map(String::as_str) {
-            None => false,
-            Some("--quick") => true,
-            Some(other) => {
-                return Err(CliError::Input(format!(
-                    "bench decode: unknown flag {other:?}"
-                )))
-            }
-        };
-        return crate::bench_decode::run(quick);
-    }
-    if args.first().map(String::as_str) == Some("validate") {
-        let quick = match args.get(1).map(String::as_str) {
-            None => false,
-            Some("--quick") => true,
-            Some(other) => {
-                return Err(CliError::Input(format!(
-                    "bench validate: unknown flag {other:?}"
-                )))
-            }
-        };
-        return crate::bench_validate::run(quick);
+    match args.first().map(String::as_str) {
+        Some("decode") => return crate::bench_decode::run(quick_flag("decode", args)?),
+        Some("validate") => return crate::bench_validate::run(quick_flag("validate", args)?),
+        _ => {}
     }
     let mut quick = false;
     let mut json_path = None;
