@@ -6,8 +6,9 @@
 A step starts at device 0's first node of a graph: the metadata upload (`upload_u4`, or a
 host-to-device copy of at most 64 KiB). Steps are grouped by device count and upload kind;
 for each group it prints, per device and node, the median start and end (us) relative to
-the step's start, over every step but the first five of the group. The peer-memory sum,
-launched after the graphs, counts as part of the step. With driver API records
+the step's start, over every step but the first five of the group. The peer-memory sum
+counts as part of the step also where it is launched after the graphs (the seventh and
+eighth sessions' code; it now ends each device's graph). With driver API records
 (`TRACE_API=1`), the host calls that launch graphs or kernels, or wait for streams, from 60 us
 before the step's start to its end are listed the same way (times on the host's clock, which
 CUPTI puts on the same timeline).
@@ -45,7 +46,7 @@ def main(path):
     starts = [i for i, x in enumerate(ev) if is_start(x)]
     groups = collections.defaultdict(list)
     for a, b in zip(starts, starts[1:]):
-        # Graph nodes, and the peer sum launched after the graphs.
+        # Graph nodes, and the peer sum where it is launched after the graphs.
         ops = [x for x in ev[a:b] if x["graph"] > 0 or x["name"].startswith("peer_")]
         devices = len({x["dev"] for x in ops})
         upload = "kernel" if ev[a]["name"] == "upload_u4" else "copy"
