@@ -359,6 +359,24 @@ template <int D> struct TcTile {
     static constexpr int CHUNKS = TC_KEYS * LDS;   // chunks of one K (or V) tile
 };
 
+// Diagnostic builds only (`-DATTNRT_DECODE_DIAG=N` through an `ATTNRT_NVCC` wrapper; never the
+// runtime's, outputs meaningless): 1 keeps the tile loads and replaces the per-tile arithmetic by
+// reading one word of each landed tile, 2 keeps the arithmetic and drops the loads. They split a
+// step's time into what the loads alone and the arithmetic alone cost (BENCHMARKS.md, tenth
+// session: loads alone ran 1.5% faster than the kernel, arithmetic alone took 23% of its time).
+#ifndef ATTNRT_DECODE_DIAG
+#define ATTNRT_DECODE_DIAG 0
+#endif
+
+// Whether a tile lies wholly inside its key range, as a type: the copies of a whole tile get a
+// constant size, so they compile without the zero-fill operand the last tile needs.
+struct WholeTile {
+    static constexpr bool value = true;
+};
+struct PartialTile {
+    static constexpr bool value = false;
+};
+
 template <typename T, int D, int W, int S>
 __device__ __forceinline__ void decode_tc(const DecodeParams& p) {
     using Tile = TcTile<D>;
@@ -408,19 +426,26 @@ __device__ __forceinline__ void decode_tc(const DecodeParams& p) {
     };
     // Coalesced copies: lane L moves chunk (L + 32 c) mod CPR of row (L + 32 c) / CPR.
     const uint64_t pol = decode_policy();
-    auto issue = [&](int t, unsigned rows, int stage) {
-        const int key0 = lo + (warp + t * W) * TC_KEYS;
+    auto issue_tile = [&](int key0, unsigned rows, int stage, auto whole) {
         uint4* dk = sw + stage * 2 * CH;
         uint4* dv = dk + CH;
 #pragma unroll
         for (int c = 0; c < PER; ++c) {
             const int f = lane + 32 * c, row = f / CPR, ch = f - row * CPR;
             const unsigned ro = __shfl_sync(0xffffffffu, rows, row);
-            const bool ok = key0 + row < hi;
+            const bool ok = decltype(whole)::value || key0 + row < hi;
             const size_t e = ok ? (size_t)ro * D + ch * 8 : 0;
             cp_async16_stream(dk + row * LDS + ch, K + e, ok, pol);
             cp_async16_stream(dv + row * LDS + ch, V + e, ok, pol);
         }
+    };
+    auto issue = [&](int t, unsigned rows, int stage) {
+        if (ATTNRT_DECODE_DIAG == 2) return;
+        const int key0 = lo + (warp + t * W) * TC_KEYS;
+        if (key0 + TC_KEYS <= hi)
+            issue_tile(key0, rows, stage, WholeTile{});
+        else
+            issue_tile(key0, rows, stage, PartialTile{});
     };
 
     unsigned off_next = mine > 0 ? row_of(0) : 0u;
@@ -455,6 +480,16 @@ __device__ __forceinline__ void decode_tc(const DecodeParams& p) {
         const uint4* ks_ = sw + stage * 2 * CH;
         const uint4* vs_ = ks_ + CH;
         const int key0 = lo + (warp + t * W) * TC_KEYS;
+        if (ATTNRT_DECODE_DIAG == 1) {
+            o[0][0] += __uint_as_float((reinterpret_cast<const unsigned*>(ks_)[lane] ^
+                                        reinterpret_cast<const unsigned*>(vs_)[lane]) &
+                                       0x3f800000u);
+            l = 1.0f;
+            m = 0.0f;
+            __syncwarp();
+            stage = stage + 1 == S ? 0 : stage + 1;
+            continue;
+        }
 
         // S = Q K^T: two 8-key n-tiles, even and odd k-steps in separate accumulators.
         float acc[2][2][4];

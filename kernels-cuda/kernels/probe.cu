@@ -155,3 +155,57 @@ __device__ __forceinline__ void probe_bulk_copy(const char* src, long long tiles
     }
 PROBE_STAGES(2)
 PROBE_STAGES(4)
+
+// Decode's access pattern without its arithmetic: the buffer is `regions` equal regions (or,
+// with KV, two halves of `regions` regions each, read in pairs like K and V tiles), each swept
+// by `group` consecutive warps together (warp i of the group takes tiles i, i + group, ...):
+// group 4 is one CTA per region, as decode's one CTA per (sequence, KV head); a group of every
+// warp is the plain probe's whole-buffer sweep. Two stages of 16-byte cp.async, decode's hints.
+template <bool KV>
+__device__ __forceinline__ void probe_region(const char* src, long long tiles, unsigned* sink,
+                                             int group) {
+    extern __shared__ uint4 smem[];
+    constexpr int S = 2, T16 = PROBE_TILE / 16, PER = KV ? 2 : 1;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const long long gw = blockIdx.x * (long long)(blockDim.x >> 5) + warp;
+    const long long nw = (long long)gridDim.x * (blockDim.x >> 5);
+    const long long regions = nw / group;
+    const long long half = KV ? tiles / 2 : tiles;
+    const long long rt = half / regions;  // tiles per region
+    const long long r = gw / group, i = gw % group;
+    uint4* const mine = smem + warp * S * PER * T16;
+    const uint64_t pol = decode_policy();
+    const long long count = r < regions && i < rt ? (rt - i + group - 1) / group : 0;
+    auto issue = [&](long long t) {
+        const long long tile = r * rt + i + t * group;
+#pragma unroll
+        for (int k = 0; k < PER; ++k) {
+            const char* p = src + (tile + k * half) * PROBE_TILE;
+            uint4* d = mine + ((t % S) * PER + k) * T16;
+#pragma unroll
+            for (int c = 0; c < T16 / 32; ++c)
+                cp_async16_stream(d + lane + 32 * c, p + 16 * (lane + 32 * c), true, pol);
+        }
+    };
+    if (count > 0) issue(0);
+    cp_async_commit();
+    unsigned acc = 0;
+    for (long long t = 0; t < count; ++t) {
+        if (t + 1 < count) issue(t + 1);
+        cp_async_commit();
+        cp_async_wait<S - 1>();
+        __syncwarp();
+        acc ^= reinterpret_cast<const unsigned*>(mine + (t % S) * PER * T16)[lane];
+        __syncwarp();
+    }
+    cp_async_wait<0>();
+    probe_sink(sink, acc);
+}
+extern "C" __global__ void __launch_bounds__(128)
+    probe_region_s2(const char* src, long long tiles, unsigned* sink, int group) {
+    probe_region<false>(src, tiles, sink, group);
+}
+extern "C" __global__ void __launch_bounds__(128)
+    probe_region_kv_s2(const char* src, long long tiles, unsigned* sink, int group) {
+    probe_region<true>(src, tiles, sink, group);
+}

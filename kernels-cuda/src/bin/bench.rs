@@ -110,7 +110,8 @@ mod cuda_main {
         lines: &mut Vec<String>,
     ) -> Result<(), Error> {
         const TILE: usize = 4096;
-        let bytes = 2usize << 30;
+        let bytes = std::env::var("ATTNRT_DIAG_PROBE_MIB")
+            .map_or(2usize << 30, |m| m.parse::<usize>().expect("MiB") << 20);
         let module =
             cust::module::Module::from_ptx(PTX_PROBE, &[]).map_err(cuerr("load probe.ptx"))?;
         let src = cust::memory::DeviceBuffer::<u8>::zeroed(bytes).map_err(cuerr("alloc"))?;
@@ -127,8 +128,8 @@ mod cuda_main {
             )
         })?;
         let sms = sms.max(1) as u32;
-        // (kernel, threads, dynamic shared memory, CTAs per SM)
-        let mut cases = vec![("probe_ldg".to_string(), 256u32, 0usize, 8u32)];
+        // (kernel, threads, dynamic shared memory, CTAs, warps per region (region probes))
+        let mut cases = vec![("probe_ldg".to_string(), 256u32, 0usize, 8 * sms, None)];
         for (stages, bulk) in [(2usize, false), (4, false), (2, true), (4, true)] {
             let name = if bulk {
                 "probe_bulk_s"
@@ -137,11 +138,49 @@ mod cuda_main {
             };
             let smem = 4 * stages * TILE + if bulk { 4 * stages * 8 } else { 0 };
             for per_sm in [1u32, 2, 3] {
-                cases.push((format!("{name}{stages}"), 128, smem, per_sm));
+                cases.push((format!("{name}{stages}"), 128, smem, per_sm * sms, None));
             }
         }
+        // Decode's pattern: 256 CTAs (32 x 8 (sequence, KV head) pairs) and 2 per SM, one
+        // region per CTA (4 warps) up to the whole buffer, with and without K/V pairs.
+        for kv in [false, true] {
+            let (name, smem) = if kv {
+                ("probe_region_kv_s2", 4 * 2 * 2 * TILE)
+            } else {
+                ("probe_region_s2", 4 * 2 * TILE)
+            };
+            for ctas in [256, 2 * sms] {
+                for group in [4u32, 8, 16, 32, 4 * ctas] {
+                    if (4 * ctas) % group == 0 {
+                        cases.push((name.to_string(), 128, smem, ctas, Some(group as i32)));
+                    }
+                }
+            }
+        }
+        // The same region probes again over random bytes (the ones above read zeros).
+        cases.push(("random".to_string(), 0, 0, 0, None));
+        for ctas in [256u32, 2 * sms] {
+            cases.push(("probe_region_kv_s2".to_string(), 128, 4 * 2 * 2 * TILE, ctas, Some(4)));
+            cases.push(("probe_cp_async_s2".to_string(), 128, 4 * 2 * TILE, ctas, None));
+        }
         let stream = gpu.stream() as cu::CUstream;
-        for (name, threads, smem, per_sm) in cases {
+        let mut src = src;
+        for (name, threads, smem, ctas, group) in cases {
+            if name == "random" {
+                let mut x = 0x9e37_79b9_7f4a_7c15u64;
+                let host: Vec<u8> = (0..bytes / 8)
+                    .flat_map(|_| {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        x.to_le_bytes()
+                    })
+                    .collect();
+                cust::memory::CopyDestination::copy_from(&mut *src, &host[..])
+                    .map_err(cuerr("fill"))?;
+                lines.push("read probes over random bytes:".into());
+                continue;
+            }
             let f = module
                 .get_function(&name)
                 .map_err(cuerr("probe function"))?;
@@ -165,18 +204,29 @@ mod cuda_main {
                 (bytes / TILE) as i64,
                 sink.as_device_ptr().as_raw(),
             );
+            let mut grp = group.unwrap_or(0);
             let mut params = [
                 (&mut a as *mut u64).cast::<std::ffi::c_void>(),
                 (&mut t as *mut i64).cast(),
                 (&mut k as *mut u64).cast(),
+                (&mut grp as *mut i32).cast(),
             ];
+            // The region probes read whole regions only.
+            let read = match group {
+                None => bytes,
+                Some(g) => {
+                    let regions = (4 * ctas as usize) / g as usize;
+                    let halves = if name.contains("_kv") { 2 } else { 1 };
+                    (bytes / TILE / halves / regions) * regions * halves * TILE
+                }
+            };
             let ms = gpu.time_ms(10, |_| {
                 // SAFETY: the parameters are the kernel's (a buffer of `t` tiles, a sink word),
                 // both alive for the timed launches; the shared memory was allowed above.
                 drv("cuLaunchKernel", unsafe {
                     cu::cuLaunchKernel(
                         raw,
-                        sms * per_sm,
+                        ctas,
                         1,
                         1,
                         threads,
@@ -189,9 +239,10 @@ mod cuda_main {
                     )
                 })
             })?;
-            let gbs = bytes as f64 / (ms as f64 * 1e-3) / 1e9;
+            let gbs = read as f64 / (ms as f64 * 1e-3) / 1e9;
+            let grp = group.map_or(String::new(), |g| format!(", {g} warps per region"));
             lines.push(format!(
-                "read probe {name:18} {per_sm} CTA/SM x {threads} threads: {ms:7.3} ms {gbs:6.0} GB/s = {:3.0}% of copy {copy_gbs:.0} GB/s",
+                "read probe {name:18} {ctas} CTAs x {threads} threads{grp}: {ms:7.3} ms {gbs:6.0} GB/s = {:3.0}% of copy {copy_gbs:.0} GB/s",
                 100.0 * gbs / copy_gbs
             ));
         }
@@ -498,6 +549,12 @@ mod cuda_main {
             } else {
                 vec![(DecodeTuning::default(), false)]
             };
+            if let Ok(lens) = std::env::var("ATTNRT_DIAG_LENS") {
+                for l in lens.split(',') {
+                    let l: usize = l.parse().expect("ATTNRT_DIAG_LENS: lengths");
+                    decode_case(&mut json, &mut lines, 32, l, copy, &runs, 64)?;
+                }
+            }
             decode_case(&mut json, &mut lines, 32, 8191, copy, &runs, 64)?;
             decode_case(&mut json, &mut lines, 1, 32767, copy, &runs, 64)?;
             if sweep {
