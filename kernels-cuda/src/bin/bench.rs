@@ -101,17 +101,17 @@ mod cuda_main {
     /// The read probes (`kernels/probe.cu`), loaded by this bench only.
     const PTX_PROBE: &str = include_str!(concat!(env!("OUT_DIR"), "/probe.ptx"));
 
-    /// `--read-roofline`: how fast this GPU reads 2 GiB with each load method of
-    /// `kernels/probe.cu` (no arithmetic), against the copy rate `copy_gbs` measured in the same
-    /// run; one line per (kernel, CTAs per SM).
+    /// `--read-roofline [--probe-mib N]`: how fast this GPU reads `mib` MiB (2 GiB unless
+    /// given) with each load method of `kernels/probe.cu` (no arithmetic), against the copy
+    /// rate `copy_gbs` measured in the same run; one line per (kernel, CTAs, warps per region).
     fn read_roofline(
         gpu: &mut GpuLayer<'_>,
         copy_gbs: f64,
+        mib: usize,
         lines: &mut Vec<String>,
     ) -> Result<(), Error> {
         const TILE: usize = 4096;
-        let bytes = std::env::var("ATTNRT_DIAG_PROBE_MIB")
-            .map_or(2usize << 30, |m| m.parse::<usize>().expect("MiB") << 20);
+        let bytes = mib << 20;
         let module =
             cust::module::Module::from_ptx(PTX_PROBE, &[]).map_err(cuerr("load probe.ptx"))?;
         let src = cust::memory::DeviceBuffer::<u8>::zeroed(bytes).map_err(cuerr("alloc"))?;
@@ -157,30 +157,8 @@ mod cuda_main {
                 }
             }
         }
-        // The same region probes again over random bytes (the ones above read zeros).
-        cases.push(("random".to_string(), 0, 0, 0, None));
-        for ctas in [256u32, 2 * sms] {
-            cases.push(("probe_region_kv_s2".to_string(), 128, 4 * 2 * 2 * TILE, ctas, Some(4)));
-            cases.push(("probe_cp_async_s2".to_string(), 128, 4 * 2 * TILE, ctas, None));
-        }
         let stream = gpu.stream() as cu::CUstream;
-        let mut src = src;
         for (name, threads, smem, ctas, group) in cases {
-            if name == "random" {
-                let mut x = 0x9e37_79b9_7f4a_7c15u64;
-                let host: Vec<u8> = (0..bytes / 8)
-                    .flat_map(|_| {
-                        x ^= x << 13;
-                        x ^= x >> 7;
-                        x ^= x << 17;
-                        x.to_le_bytes()
-                    })
-                    .collect();
-                cust::memory::CopyDestination::copy_from(&mut *src, &host[..])
-                    .map_err(cuerr("fill"))?;
-                lines.push("read probes over random bytes:".into());
-                continue;
-            }
             let f = module
                 .get_function(&name)
                 .map_err(cuerr("probe function"))?;
@@ -251,8 +229,8 @@ mod cuda_main {
 
     /// Decode of one new token per sequence over `cached` keys each (bf16 cache, blocks of
     /// `bs` tokens in shuffled order, or in pool order where the run says so): the attention launch
-    /// (merge included) timed alone, once per run (the first is the reported one; the others
-    /// print their output's largest difference from the first's).
+    /// (merge included) timed alone, once per run (the first is the reported one, returned as
+    /// (bytes read, ms); the others print their output's largest difference from the first's).
     fn decode_case(
         json: &mut String,
         lines: &mut Vec<String>,
@@ -261,7 +239,7 @@ mod cuda_main {
         copy_gbs: f64,
         runs: &[(DecodeTuning, bool)],
         bs: usize,
-    ) -> Result<(), Error> {
+    ) -> Result<Option<(f64, f64)>, Error> {
         let (c, h, kv, d) = (4096usize, 32usize, 8usize, 128usize);
         let mut rng = Rng(7);
         let cfg = Config::new(c, h).with_kv_heads(kv).with_head_dim(d);
@@ -311,6 +289,7 @@ mod cuda_main {
         let seqs_in_order = seqs_of(&in_order, seqs_n, per_seq, cached);
         let x = rng.vec(seqs_n * c, 1.0);
         let mut first: Option<Vec<f32>> = None;
+        let mut reported = None;
         for (i, &(tuning, contiguous)) in runs.iter().enumerate() {
             let mut y = vec![0.0f32; x.len()];
             gpu.set_decode_tuning(tuning);
@@ -354,8 +333,51 @@ mod cuda_main {
                 )
                 .ok();
                 first = Some(y);
+                reported = Some((bytes, ms as f64));
             }
         }
+        Ok(reported)
+    }
+
+    /// `--decode-scaling`: the default decode of 32 sequences over 2047 to 32767 keys, and the
+    /// least-squares line time = fixed + bytes / rate through them: the rate is what the kernel
+    /// streams once running, the fixed part what a launch costs beyond that (start, tail,
+    /// epilogue), to hold against the read probes' (`--read-roofline --probe-mib N`).
+    fn decode_scaling(
+        json: &mut String,
+        lines: &mut Vec<String>,
+        copy_gbs: f64,
+    ) -> Result<(), Error> {
+        let runs = [(DecodeTuning::default(), false)];
+        let mut points = Vec::new();
+        for cached in [2047, 4095, 8191, 16383, 32767] {
+            if let Some(p) = decode_case(json, lines, 32, cached, copy_gbs, &runs, 64)? {
+                points.push(p);
+            }
+        }
+        let n = points.len() as f64;
+        let (sx, sy) = points
+            .iter()
+            .fold((0.0, 0.0), |(a, b), &(x, y)| (a + x, b + y));
+        let (mx, my) = (sx / n, sy / n);
+        let sxy: f64 = points.iter().map(|&(x, y)| (x - mx) * (y - my)).sum();
+        let sxx: f64 = points.iter().map(|&(x, _)| (x - mx) * (x - mx)).sum();
+        if points.len() < 2 || sxx == 0.0 {
+            lines.push("decode scaling: too few lengths ran for a fit".into());
+            return Ok(());
+        }
+        let slope = sxy / sxx; // ms per byte
+        let fixed_us = (my - slope * mx) * 1e3;
+        let rate = 1.0 / (slope * 1e-3) / 1e9;
+        lines.push(format!(
+            "decode scaling (32 sequences, {} lengths): {rate:.0} GB/s once running, {fixed_us:.1} us fixed per launch",
+            points.len()
+        ));
+        writeln!(
+            json,
+            "{{\"case\": \"decode scaling\", \"rate_gbs\": {rate}, \"fixed_us\": {fixed_us}}}"
+        )
+        .ok();
         Ok(())
     }
 
@@ -412,15 +434,26 @@ mod cuda_main {
     pub fn run() -> Result<(), Error> {
         let args: Vec<String> = std::env::args().skip(1).collect();
         // `--only NAME` runs one attention case (for Nsight Compute), `--decode` only decode,
-        // `--decode-sweep` only decode, over split sizes and against the CUDA-core kernel.
+        // `--decode-sweep` only decode, over split sizes and against the CUDA-core kernel,
+        // `--decode-scaling` only decode, over lengths (`decode_scaling`).
         let only = args
             .iter()
             .position(|a| a == "--only")
             .and_then(|i| args.get(i + 1).cloned());
         let sweep = args.iter().any(|a| a == "--decode-sweep");
-        // `--read-roofline`: the copy rate and the read probes only.
+        // `--read-roofline`: the copy rate and the read probes only (`--probe-mib N`: of N MiB).
         let roofline = args.iter().any(|a| a == "--read-roofline");
-        let decode_only = sweep || roofline || args.iter().any(|a| a == "--decode");
+        let probe_mib = args
+            .iter()
+            .position(|a| a == "--probe-mib")
+            .and_then(|i| args.get(i + 1))
+            .map(|m| {
+                m.parse::<usize>()
+                    .map_err(|_| Error::Unsupported(format!("--probe-mib {m}: not a size")))
+            })
+            .transpose()?;
+        let scaling = args.iter().any(|a| a == "--decode-scaling");
+        let decode_only = sweep || roofline || scaling || args.iter().any(|a| a == "--decode");
         // `--multi` runs the head split's prefill and decode, `--multi-decode` only its decode,
         // `--multi-decode-lean` only its device-resident decode with the default reduction
         // (short enough to run under a profiler), `--lean-default` that without its variants
@@ -437,7 +470,13 @@ mod cuda_main {
         let multi_only = multi_decode || args.iter().any(|a| a == "--multi");
         let out = args
             .iter()
-            .find(|a| !a.starts_with("--") && Some(*a) != only.as_ref())
+            .enumerate()
+            .find(|&(i, a)| {
+                !a.starts_with("--")
+                    && Some(a) != only.as_ref()
+                    && (i == 0 || args[i - 1] != "--probe-mib")
+            })
+            .map(|(_, a)| a)
             .cloned();
         let (c, h, kv, d) = (4096usize, 32usize, 8usize, 128usize);
         let mut rng = Rng(42);
@@ -538,7 +577,7 @@ mod cuda_main {
             ));
             writeln!(json, "{{\"case\": \"copy\", \"gbs\": {copy}}}").ok();
             if roofline {
-                read_roofline(&mut g, copy, &mut lines)?;
+                read_roofline(&mut g, copy, probe_mib.unwrap_or(2048), &mut lines)?;
                 for l in &lines {
                     println!("  {l}");
                 }
@@ -549,14 +588,12 @@ mod cuda_main {
             } else {
                 vec![(DecodeTuning::default(), false)]
             };
-            if let Ok(lens) = std::env::var("ATTNRT_DIAG_LENS") {
-                for l in lens.split(',') {
-                    let l: usize = l.parse().expect("ATTNRT_DIAG_LENS: lengths");
-                    decode_case(&mut json, &mut lines, 32, l, copy, &runs, 64)?;
-                }
+            if scaling {
+                decode_scaling(&mut json, &mut lines, copy)?;
+            } else {
+                decode_case(&mut json, &mut lines, 32, 8191, copy, &runs, 64)?;
+                decode_case(&mut json, &mut lines, 1, 32767, copy, &runs, 64)?;
             }
-            decode_case(&mut json, &mut lines, 32, 8191, copy, &runs, 64)?;
-            decode_case(&mut json, &mut lines, 1, 32767, copy, &runs, 64)?;
             if sweep {
                 // Other block sizes: how much the runs of one head's keys between jumps in
                 // the pool matter (64 tokens: 16 KB runs).
