@@ -11,7 +11,10 @@
 //                     its own 4 KiB tiles into shared memory with decode's 16-byte cp.async
 //                     and L2 hints (decode_loads.cuh), S stages;
 //   probe_bulk_s<S>   each warp's tiles as one 4 KiB cp.async.bulk each (one lane issues it,
-//                     completion on an mbarrier per stage), S stages.
+//                     completion on an mbarrier per stage), S stages;
+//   probe_region_s2, probe_region_kv_s2  decode's access pattern: regions swept by groups of
+//                     warps (one CTA per region as decode's one CTA per (sequence, KV head)),
+//                     the _kv one reading tiles in K/V pairs from the buffer's two halves.
 // Every kernel takes the buffer as `tiles` tiles of 4 KiB.
 #include "common.cuh"
 #include "decode_loads.cuh"
