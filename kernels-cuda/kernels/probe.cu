@@ -48,41 +48,6 @@ extern "C" __global__ void __launch_bounds__(256) probe_ldg(const uint4* src, lo
     probe_sink(sink, acc);
 }
 
-template <int S>
-__device__ __forceinline__ void probe_cp_async(const char* src, long long tiles, unsigned* sink) {
-    extern __shared__ uint4 smem[];
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const long long gw = blockIdx.x * (long long)(blockDim.x >> 5) + warp;
-    const long long nw = (long long)gridDim.x * (blockDim.x >> 5);
-    uint4* const mine = smem + warp * S * (PROBE_TILE / 16);
-    const uint64_t pol = decode_policy();
-    // Tile t of this warp is tile gw + t * nw of the buffer.
-    const long long count = gw < tiles ? (tiles - gw + nw - 1) / nw : 0;
-    auto issue = [&](long long t) {
-        const char* p = src + (gw + t * nw) * PROBE_TILE;
-        uint4* d = mine + (t % S) * (PROBE_TILE / 16);
-#pragma unroll
-        for (int c = 0; c < PROBE_TILE / 16 / 32; ++c)
-            cp_async16_stream(d + lane + 32 * c, p + 16 * (lane + 32 * c), true, pol);
-    };
-    for (int s = 0; s < S - 1; ++s) {
-        if (s < count) issue(s);
-        cp_async_commit();
-    }
-    unsigned acc = 0;
-    for (long long t = 0; t < count; ++t) {
-        if (t + S - 1 < count) issue(t + S - 1);
-        cp_async_commit();
-        cp_async_wait<S - 1>();
-        __syncwarp();
-        // One word per lane of the landed tile, so the copies are consumed.
-        acc ^= reinterpret_cast<const unsigned*>(mine + (t % S) * (PROBE_TILE / 16))[lane];
-        __syncwarp();
-    }
-    cp_async_wait<0>();
-    probe_sink(sink, acc);
-}
-
 __device__ __forceinline__ void probe_bar_init(uint64_t* bar) {
     asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" ::"r"(smem_addr(bar)) : "memory");
 }
@@ -147,28 +112,17 @@ __device__ __forceinline__ void probe_bulk_copy(const char* src, long long tiles
     probe_sink(sink, acc);
 }
 
-#define PROBE_STAGES(S)                                                                        \
-    extern "C" __global__ void __launch_bounds__(128)                                          \
-        probe_cp_async_s##S(const char* src, long long tiles, unsigned* sink) {                \
-        probe_cp_async<S>(src, tiles, sink);                                                   \
-    }                                                                                          \
-    extern "C" __global__ void __launch_bounds__(128)                                          \
-        probe_bulk_s##S(const char* src, long long tiles, unsigned* sink) {                    \
-        probe_bulk_copy<S>(src, tiles, sink);                                                  \
-    }
-PROBE_STAGES(2)
-PROBE_STAGES(4)
-
 // Decode's access pattern without its arithmetic: the buffer is `regions` equal regions (or,
 // with KV, two halves of `regions` regions each, read in pairs like K and V tiles), each swept
 // by `group` consecutive warps together (warp i of the group takes tiles i, i + group, ...):
 // group 4 is one CTA per region, as decode's one CTA per (sequence, KV head); a group of every
-// warp is the plain probe's whole-buffer sweep. Two stages of 16-byte cp.async, decode's hints.
-template <bool KV>
+// warp is the whole-buffer sweep of probe_cp_async_s<S>. S stages of 16-byte cp.async, decode's
+// hints.
+template <bool KV, int S>
 __device__ __forceinline__ void probe_region(const char* src, long long tiles, unsigned* sink,
-                                             int group) {
+                                             long long group) {
     extern __shared__ uint4 smem[];
-    constexpr int S = 2, T16 = PROBE_TILE / 16, PER = KV ? 2 : 1;
+    constexpr int T16 = PROBE_TILE / 16, PER = KV ? 2 : 1;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const long long gw = blockIdx.x * (long long)(blockDim.x >> 5) + warp;
     const long long nw = (long long)gridDim.x * (blockDim.x >> 5);
@@ -190,25 +144,41 @@ __device__ __forceinline__ void probe_region(const char* src, long long tiles, u
                 cp_async16_stream(d + lane + 32 * c, p + 16 * (lane + 32 * c), true, pol);
         }
     };
-    if (count > 0) issue(0);
-    cp_async_commit();
+    for (int s = 0; s < S - 1; ++s) {
+        if (s < count) issue(s);
+        cp_async_commit();
+    }
     unsigned acc = 0;
     for (long long t = 0; t < count; ++t) {
-        if (t + 1 < count) issue(t + 1);
+        if (t + S - 1 < count) issue(t + S - 1);
         cp_async_commit();
         cp_async_wait<S - 1>();
         __syncwarp();
+        // One word per lane of the landed tiles, so the copies are consumed.
         acc ^= reinterpret_cast<const unsigned*>(mine + (t % S) * PER * T16)[lane];
         __syncwarp();
     }
     cp_async_wait<0>();
     probe_sink(sink, acc);
 }
+
+#define PROBE_STAGES(S)                                                                        \
+    extern "C" __global__ void __launch_bounds__(128)                                          \
+        probe_cp_async_s##S(const char* src, long long tiles, unsigned* sink) {                \
+        probe_region<false, S>(src, tiles, sink, (long long)gridDim.x * (blockDim.x >> 5));    \
+    }                                                                                          \
+    extern "C" __global__ void __launch_bounds__(128)                                          \
+        probe_bulk_s##S(const char* src, long long tiles, unsigned* sink) {                    \
+        probe_bulk_copy<S>(src, tiles, sink);                                                  \
+    }
+PROBE_STAGES(2)
+PROBE_STAGES(4)
+
 extern "C" __global__ void __launch_bounds__(128)
     probe_region_s2(const char* src, long long tiles, unsigned* sink, int group) {
-    probe_region<false>(src, tiles, sink, group);
+    probe_region<false, 2>(src, tiles, sink, group);
 }
 extern "C" __global__ void __launch_bounds__(128)
     probe_region_kv_s2(const char* src, long long tiles, unsigned* sink, int group) {
-    probe_region<true>(src, tiles, sink, group);
+    probe_region<true, 2>(src, tiles, sink, group);
 }
