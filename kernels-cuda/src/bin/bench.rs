@@ -128,7 +128,8 @@ mod cuda_main {
             )
         })?;
         let sms = sms.max(1) as u32;
-        // (kernel, threads, dynamic shared memory, CTAs, warps per region (region probes))
+        // (kernel, threads, dynamic shared memory, CTAs, region probes: (warps per region,
+        // buffer halves read in pairs))
         let mut cases = vec![("probe_ldg".to_string(), 256u32, 0usize, 8 * sms, None)];
         for (stages, bulk) in [(2usize, false), (4, false), (2, true), (4, true)] {
             let name = if bulk {
@@ -143,22 +144,18 @@ mod cuda_main {
         }
         // Decode's pattern: 256 CTAs (32 x 8 (sequence, KV head) pairs) and 2 per SM, one
         // region per CTA (4 warps) up to the whole buffer, with and without K/V pairs.
-        for kv in [false, true] {
-            let (name, smem) = if kv {
-                ("probe_region_kv_s2", 4 * 2 * 2 * TILE)
-            } else {
-                ("probe_region_s2", 4 * 2 * TILE)
-            };
+        for (name, halves) in [("probe_region_s2", 1usize), ("probe_region_kv_s2", 2)] {
+            let smem = 4 * 2 * halves * TILE;
             for ctas in [256, 2 * sms] {
                 for group in [4u32, 8, 16, 32, 4 * ctas] {
                     if (4 * ctas) % group == 0 {
-                        cases.push((name.to_string(), 128, smem, ctas, Some(group as i32)));
+                        cases.push((name.to_string(), 128, smem, ctas, Some((group, halves))));
                     }
                 }
             }
         }
         let stream = gpu.stream() as cu::CUstream;
-        for (name, threads, smem, ctas, group) in cases {
+        for (name, threads, smem, ctas, region) in cases {
             let f = module
                 .get_function(&name)
                 .map_err(cuerr("probe function"))?;
@@ -182,7 +179,7 @@ mod cuda_main {
                 (bytes / TILE) as i64,
                 sink.as_device_ptr().as_raw(),
             );
-            let mut grp = group.unwrap_or(0);
+            let mut grp = region.map_or(0, |(g, _)| g as i32);
             let mut params = [
                 (&mut a as *mut u64).cast::<std::ffi::c_void>(),
                 (&mut t as *mut i64).cast(),
@@ -190,17 +187,18 @@ mod cuda_main {
                 (&mut grp as *mut i32).cast(),
             ];
             // The region probes read whole regions only.
-            let read = match group {
+            let read = match region {
                 None => bytes,
-                Some(g) => {
+                Some((g, halves)) => {
                     let regions = (4 * ctas as usize) / g as usize;
-                    let halves = if name.contains("_kv") { 2 } else { 1 };
                     (bytes / TILE / halves / regions) * regions * halves * TILE
                 }
             };
             let ms = gpu.time_ms(10, |_| {
-                // SAFETY: the parameters are the kernel's (a buffer of `t` tiles, a sink word),
-                // both alive for the timed launches; the shared memory was allowed above.
+                // SAFETY: the parameters are the kernel's (a buffer of `t` tiles, a sink word,
+                // and for the region probes the warps per region; a kernel of three parameters
+                // reads only the first three entries), alive for the timed launches; the shared
+                // memory was allowed above.
                 drv("cuLaunchKernel", unsafe {
                     cu::cuLaunchKernel(
                         raw,
@@ -218,7 +216,7 @@ mod cuda_main {
                 })
             })?;
             let gbs = read as f64 / (ms as f64 * 1e-3) / 1e9;
-            let grp = group.map_or(String::new(), |g| format!(", {g} warps per region"));
+            let grp = region.map_or(String::new(), |(g, _)| format!(", {g} warps per region"));
             lines.push(format!(
                 "read probe {name:18} {ctas} CTAs x {threads} threads{grp}: {ms:7.3} ms {gbs:6.0} GB/s = {:3.0}% of copy {copy_gbs:.0} GB/s",
                 100.0 * gbs / copy_gbs
@@ -355,17 +353,18 @@ mod cuda_main {
                 points.push(p);
             }
         }
+        if points.len() < 2 {
+            lines.push("decode scaling: too few lengths ran for a fit".into());
+            return Ok(());
+        }
         let n = points.len() as f64;
         let (sx, sy) = points
             .iter()
             .fold((0.0, 0.0), |(a, b), &(x, y)| (a + x, b + y));
         let (mx, my) = (sx / n, sy / n);
         let sxy: f64 = points.iter().map(|&(x, y)| (x - mx) * (y - my)).sum();
+        // Positive: the lengths, so the bytes, differ.
         let sxx: f64 = points.iter().map(|&(x, _)| (x - mx) * (x - mx)).sum();
-        if points.len() < 2 || sxx == 0.0 {
-            lines.push("decode scaling: too few lengths ran for a fit".into());
-            return Ok(());
-        }
         let slope = sxy / sxx; // ms per byte
         let fixed_us = (my - slope * mx) * 1e3;
         let rate = 1.0 / (slope * 1e-3) / 1e9;
