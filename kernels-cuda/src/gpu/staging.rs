@@ -136,12 +136,9 @@ impl MetaUpload {
             self.host_on_device = host.device_ptr()?;
             self.host = Some(host);
         }
-        if self.device.as_ref().is_none_or(|d| d.len() < total) {
-            self.device = None;
-            self.device = Some(alloc(total.next_power_of_two())?);
-        }
-        let (Some(host), Some(device)) = (self.host.as_mut(), self.device.as_ref()) else {
-            unreachable!("both buffers were just made")
+        let base = self.device_of(total)?;
+        let Some(host) = self.host.as_mut() else {
+            unreachable!("the buffer was just made")
         };
         let bytes = host.bytes_mut();
         for (p, &o) in parts.iter().zip(&offsets) {
@@ -149,10 +146,26 @@ impl MetaUpload {
         }
         self.src = (host.ptr as usize, self.host_on_device);
         self.staged = total;
-        let base = ptr(device);
-        let addrs = offsets.iter().map(|&o| base + o as u64).collect();
         self.offsets = offsets;
-        Ok(addrs)
+        Ok(self.part_addresses(base))
+    }
+
+    /// The device buffer's address, the buffer grown first (new address) when it holds fewer
+    /// than `bytes`.
+    fn device_of(&mut self, bytes: usize) -> Result<u64> {
+        if self.device.as_ref().is_none_or(|d| d.len() < bytes) {
+            self.device = None;
+            self.device = Some(alloc(bytes.next_power_of_two())?);
+        }
+        let Some(device) = self.device.as_ref() else {
+            unreachable!("the buffer was just made")
+        };
+        Ok(ptr(device))
+    }
+
+    /// Each staged part's device address once uploaded to the buffer at `base`.
+    fn part_addresses(&self, base: u64) -> Vec<u64> {
+        self.offsets.iter().map(|&o| base + o as u64).collect()
     }
 
     /// Takes `lead`'s last [`MetaUpload::stage`] (another device's) as this upload's
@@ -169,21 +182,15 @@ impl MetaUpload {
         let Some(host) = lead.host.as_ref() else {
             return Err(Error::Unsupported("no staged metadata to share".into()));
         };
-        if self.device.as_ref().is_none_or(|d| d.len() < lead.staged) {
-            self.device = None;
-            self.device = Some(alloc(lead.staged.next_power_of_two())?);
-        }
-        let Some(device) = self.device.as_ref() else {
-            unreachable!("the buffer was just made")
-        };
+        let base = self.device_of(lead.staged)?;
         let at = host.ptr as usize;
         if self.adopted.0 != at {
             self.adopted = (at, host.device_ptr()?);
         }
         self.src = self.adopted;
         self.staged = lead.staged;
-        let base = ptr(device);
-        Ok(lead.offsets.iter().map(|&o| base + o as u64).collect())
+        self.offsets.clone_from(&lead.offsets);
+        Ok(self.part_addresses(base))
     }
 
     /// The address the next upload reads from, for this device's kernels (part of a
