@@ -891,11 +891,21 @@ impl GpuLayer<'_> {
             rolling: cache.rolling as i32,
             scale_log2: std::f32::consts::LOG2_E / (d as f32).sqrt(),
         };
+        // One dimension, a work item's KV heads and head chunks next to each other (decode.cu,
+        // `cta_work`).
+        let ctas = u32::try_from(items * kvh * hchunks)
+            .ok()
+            .filter(|&c| c <= i32::MAX as u32)
+            .ok_or_else(|| {
+                Error::Unsupported(format!(
+                    "{items} work items x {kvh} KV heads x {hchunks} head chunks exceed the grid"
+                ))
+            })?;
         let call = CachedCall {
             items,
             tokens: n,
             split,
-            grid: (items as u32, kvh as u32, hchunks as u32),
+            grid: (ctas, 1, 1),
             params: p_dec,
         };
         self.dec.last = Some(call);
