@@ -404,6 +404,62 @@ struct PartialTile {
     static constexpr bool value = false;
 };
 
+// Diagnostic builds only (`-DATTNRT_DECODE_TIMELINE=1`, never the runtime's): thread 0 of every
+// CTA of a process's 12th tensor-core decode launch of one grid size (warm, steady) records the
+// global timer at its start, once its first tile is issued, once it has landed, at the end of
+// its key loop, before its epilogue and at its end; the first CTA of the next launch prints the
+// marks (`TL cta item kv_head sm t0 .. t5`, ns), which `tools/decode_timeline.py` summarises.
+// It showed (BENCHMARKS.md, eleventh session) that CTAs on some SMs finish 25% before others,
+// and that giving those SMs more work does not shorten the launch.
+#ifndef ATTNRT_DECODE_TIMELINE
+#define ATTNRT_DECODE_TIMELINE 0
+#endif
+#if ATTNRT_DECODE_TIMELINE
+#define TL_CTAS 4096
+__device__ unsigned long long attnrt_tl[TL_CTAS][6];
+__device__ int3 attnrt_tl_who[TL_CTAS];
+__device__ unsigned attnrt_tl_tickets;
+__device__ __forceinline__ unsigned long long tl_now() {
+    unsigned long long t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    return t;
+}
+// Every CTA takes a ticket: the CTAs of launch k all take theirs before launch k + 1 starts,
+// so ticket / grid size is the launch.
+__device__ __forceinline__ bool tl_start(unsigned cta, int item, int g) {
+    const unsigned ctas = gridDim.x;
+    const unsigned ticket = atomicAdd(&attnrt_tl_tickets, 1u);
+    const bool on = ticket / ctas == 11 && cta < TL_CTAS;
+    if (on) {
+        attnrt_tl[cta][0] = tl_now();
+        unsigned sm;
+        asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
+        attnrt_tl_who[cta] = make_int3(item, g, (int)sm);
+    }
+    if (ticket == 12 * ctas) {
+        for (unsigned i = 0; i < min(ctas, (unsigned)TL_CTAS); ++i) {
+            const int3 w = attnrt_tl_who[i];
+            const unsigned long long* t = attnrt_tl[i];
+            printf("TL %u %d %d %d %llu %llu %llu %llu %llu %llu\n", i, w.x, w.y, w.z, t[0], t[1],
+                   t[2], t[3], t[4], t[5]);
+        }
+    }
+    return on;
+}
+#define TL_START(item, g)                                                                     \
+    const unsigned tl_cta = blockIdx.x;                                                    \
+    const bool tl_on = threadIdx.x == 0 && tl_start(tl_cta, item, g)
+#define TL_MARK(i)                                        \
+    do {                                                  \
+        if (tl_on) attnrt_tl[tl_cta][i] = tl_now();       \
+    } while (0)
+#else
+#define TL_START(item, g) static_assert(true, "")
+#define TL_MARK(i) \
+    do {           \
+    } while (0)
+#endif
+
 template <typename T, int D, int W, int S>
 __device__ __forceinline__ void decode_tc(const DecodeParams& p) {
     using Tile = TcTile<D>;
@@ -418,6 +474,7 @@ __device__ __forceinline__ void decode_tc(const DecodeParams& p) {
     const int gq = lane >> 2, qq = lane & 3;  // fragment row group and lane in the quad
     const CtaWork cw = cta_work(p, TC_HEADS);
     const int item = cw.item, g = cw.g, r0 = cw.r0;
+    TL_START(item, g);
     const int H = p.n_head;
     const int nr = min(TC_HEADS, p.group - r0);
     const int4 w = __ldg(&p.work[item]);
@@ -486,6 +543,7 @@ __device__ __forceinline__ void decode_tc(const DecodeParams& p) {
         }
         cp_async_commit();
     }
+    TL_MARK(1);
 
     // ldmatrix addresses: lanes 8i..8i+7 name the rows of matrix i = (keys 8 (i / 2) + [0, 8),
     // chunk i mod 2 of the 16 columns): matrices 0..3 are b0b1 / b2b3 of keys 0-7 and of keys
@@ -506,6 +564,7 @@ __device__ __forceinline__ void decode_tc(const DecodeParams& p) {
         cp_async_commit();
         cp_async_wait<S - 1>();
         __syncwarp();
+        if (t == 0) TL_MARK(2);
         const uint4* ks_ = sw + stage * 2 * CH;
         const uint4* vs_ = ks_ + CH;
         const int key0 = lo + (warp + t * W) * TC_KEYS;
@@ -578,6 +637,7 @@ __device__ __forceinline__ void decode_tc(const DecodeParams& p) {
         __syncwarp();  // every lane is done with this stage before it is refilled
         stage = stage + 1 == S ? 0 : stage + 1;
     }
+    TL_MARK(3);
     l += __shfl_xor_sync(0xffffffffu, l, 1);
     l += __shfl_xor_sync(0xffffffffu, l, 2);
 
@@ -597,7 +657,12 @@ __device__ __forceinline__ void decode_tc(const DecodeParams& p) {
     }
     if (qq == 0) sML[warp * TC_HEADS + gq] = make_float2(m, l);
     __syncthreads();
+    TL_MARK(4);
     finish_cta<T>(p, item, token, splits, g, r0, nr, sO, sML, W, TC_HEADS, D);
+#if ATTNRT_DECODE_TIMELINE
+    __syncthreads();
+    TL_MARK(5);
+#endif
 }
 
 #define ATTNRT_DECODE(TY, NAME, L, RP, KB)                                                   \
