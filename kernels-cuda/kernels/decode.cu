@@ -131,8 +131,12 @@ __device__ __forceinline__ size_t key_offset(const DecodeParams& p, const unsign
 struct CtaWork {
     int item, g, r0;
 };
+// Head chunks of a KV head's query heads, `heads_per_cta` per CTA (the launch's `hchunks`).
+__device__ __forceinline__ int head_chunks(const DecodeParams& p, int heads_per_cta) {
+    return (p.group + heads_per_cta - 1) / heads_per_cta;
+}
 __device__ __forceinline__ CtaWork cta_work(const DecodeParams& p, int heads_per_cta) {
-    const int chunks = (p.group + heads_per_cta - 1) / heads_per_cta;
+    const int chunks = head_chunks(p, heads_per_cta);
     const int x = blockIdx.x, g = x % p.n_kv_head, rest = x / p.n_kv_head;
     return CtaWork{rest / chunks, g, (rest % chunks) * heads_per_cta};
 }
@@ -183,8 +187,8 @@ __device__ __forceinline__ void merge_if_last(const DecodeParams& p, int token, 
     __threadfence();
     __syncthreads();
     if (threadIdx.x == 0) {
-        const int chunks = (p.group + rps - 1) / rps;
-        unsigned* c = p.counters + ((size_t)token * p.n_kv_head + g) * chunks + r0 / rps;
+        unsigned* c =
+            p.counters + ((size_t)token * p.n_kv_head + g) * head_chunks(p, rps) + r0 / rps;
         const unsigned done = atomicAdd(c, 1u) + 1u;
         const unsigned last = done == (unsigned)(i1 - i0);
         // Every other split has counted already: reset for the next launch.

@@ -893,14 +893,11 @@ impl GpuLayer<'_> {
         };
         // One dimension, a work item's KV heads and head chunks next to each other (decode.cu,
         // `cta_work`).
-        let ctas = u32::try_from(items * kvh * hchunks)
-            .ok()
-            .filter(|&c| c <= i32::MAX as u32)
-            .ok_or_else(|| {
-                Error::Unsupported(format!(
-                    "{items} work items x {kvh} KV heads x {hchunks} head chunks exceed the grid"
-                ))
-            })?;
+        let ctas = i32::try_from(items * kvh * hchunks).map_err(|_| {
+            Error::Unsupported(format!(
+                "{items} work items x {kvh} KV heads x {hchunks} head chunks exceed the grid"
+            ))
+        })? as u32;
         let call = CachedCall {
             items,
             tokens: n,
