@@ -182,3 +182,94 @@ extern "C" __global__ void __launch_bounds__(128)
     probe_region_kv_s2(const char* src, long long tiles, unsigned* sink, int group) {
     probe_region<true, 2>(src, tiles, sink, group);
 }
+
+// Decode's loads without its arithmetic over a paged cache as the decode bench lays it out
+// (`bench --decode-ladder`), in steps from decode's exact pattern towards the region probe's, to
+// find which difference costs the decode kernel its read rate: one CTA of 4 warps per
+// (sequence, KV head) in decode's one-dimensional order, 16-key warp tiles of head_dim 128 in 2
+// stages of decode's `cp.async`. Flags: TABLE rows through the block table (else each CTA's
+// keys are one run of `keys` rows from row cta * keys), SHFL the rows found by one lane each and
+// handed out by shuffles (decode's way; else each copying lane computes its own), PAD shared
+// rows padded to 17 chunks (decode's; else unpadded 4 KiB tiles as the region probe's); the
+// tiles' start in shared memory is a parameter (decode's static shared variables come first).
+struct PagedProbe {
+    const char* k;           // K rows of 256 bytes
+    const char* v;           // V rows
+    const unsigned* tables;  // [sequences * per_seq] block ids
+    unsigned* sink;
+    int per_seq;             // blocks per sequence in `tables`
+    int keys;                // keys read per (sequence, KV head), a multiple of 16
+    int n_kv_head;
+    int block_size;          // a power of two
+    int base_chunks;         // the tiles start this many 16-byte chunks into shared memory
+};
+
+template <bool TABLE, bool SHFL, bool PAD, bool SWZ = false>
+__device__ __forceinline__ void probe_paged(const PagedProbe& a) {
+    extern __shared__ uint4 smem[];
+    constexpr int W = 4, S = 2, CPR = 16, LDS = PAD ? CPR + 1 : CPR, CH = 16 * LDS;
+    constexpr int PER = 16 * CPR / 32;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int cta = blockIdx.x, seq = cta / a.n_kv_head, g = cta % a.n_kv_head;
+    const unsigned* table = a.tables + (size_t)seq * a.per_seq;
+    const int shift = __ffs(a.block_size) - 1;
+    const int ntiles = a.keys / 16;
+    const int mine = ntiles > warp ? (ntiles - warp + W - 1) / W : 0;
+    uint4* const sw = smem + a.base_chunks + warp * (S * 2 * CH);
+    const uint64_t pol = decode_policy();
+    auto row = [&](int t, int r) -> unsigned {
+        const int j = (warp + t * W) * 16 + r;
+        if (!TABLE) return (unsigned)cta * (unsigned)a.keys + j;
+        const unsigned b = table[j >> shift];
+        return (b * a.n_kv_head + g) * a.block_size + (j & (a.block_size - 1));
+    };
+    auto issue = [&](int t, unsigned rows, int stage) {
+        uint4* dk = sw + stage * 2 * CH;
+        uint4* dv = dk + CH;
+#pragma unroll
+        for (int c = 0; c < PER; ++c) {
+            const int f = lane + 32 * c, r = f / CPR, ch = f - r * CPR;
+            const unsigned ro = SHFL ? __shfl_sync(0xffffffffu, rows, r) : row(t, r);
+            const size_t e = (size_t)ro * 256 + ch * 16;
+            const int at = r * LDS + (SWZ ? ch ^ (r & 7) : ch);
+            cp_async16_stream(dk + at, a.k + e, true, pol);
+            cp_async16_stream(dv + at, a.v + e, true, pol);
+        }
+    };
+    unsigned next = mine > 0 && SHFL ? row(0, lane & 15) : 0u;
+    if (0 < mine) {
+        issue(0, next, 0);
+        if (SHFL && 1 < mine) next = row(1, lane & 15);
+    }
+    cp_async_commit();
+    unsigned acc = 0;
+    for (int t = 0; t < mine; ++t) {
+        const int tn = t + 1;
+        if (tn < mine) {
+            issue(tn, next, tn & 1);
+            if (SHFL && tn + 1 < mine) next = row(tn + 1, lane & 15);
+        }
+        cp_async_commit();
+        cp_async_wait<1>();
+        __syncwarp();
+        const uint4* ks = sw + (t & 1) * 2 * CH;
+        acc ^= reinterpret_cast<const unsigned*>(ks)[lane] ^
+               reinterpret_cast<const unsigned*>(ks + CH)[lane];
+        __syncwarp();
+    }
+    cp_async_wait<0>();
+    probe_sink(a.sink, acc);
+}
+
+#define PROBE_PAGED(NAME, ...)                                                          \
+    extern "C" __global__ void __launch_bounds__(128) probe_paged_##NAME(PagedProbe a) { \
+        probe_paged<__VA_ARGS__>(a);                                                    \
+    }
+PROBE_PAGED(tsp, true, true, true)     // decode's loads: table, shuffles, padded rows
+PROBE_PAGED(tlp, true, false, true)    // rows per lane
+PROBE_PAGED(tsu, true, true, false)    // unpadded rows
+PROBE_PAGED(tlu, true, false, false)
+PROBE_PAGED(fsp, false, true, true)    // one run of rows per CTA
+PROBE_PAGED(flp, false, false, true)
+PROBE_PAGED(flu, false, false, false)  // the region probe's pattern over the pools
+PROBE_PAGED(tsx, true, true, false, true)  // decode's loads into swizzled unpadded rows

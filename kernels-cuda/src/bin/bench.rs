@@ -26,6 +26,10 @@ fn main() {
 }
 
 #[cfg(feature = "cuda")]
+#[path = "bench/ladder.rs"]
+mod ladder;
+
+#[cfg(feature = "cuda")]
 mod cuda_main {
     use attnrt::{
         rope, Config, Inputs, Layer, LayerWeights, MaskInputs, Rope, RopeTable, Sequence, Tensor,
@@ -228,7 +232,9 @@ mod cuda_main {
     /// Decode of one new token per sequence over `cached` keys each (bf16 cache, blocks of
     /// `bs` tokens in shuffled order, or in pool order where the run says so): the attention launch
     /// (merge included) timed alone, once per run (the first is the reported one, returned as
-    /// (bytes read, ms); the others print their output's largest difference from the first's).
+    /// (bytes read, ms); the others print their output's largest difference from the first's);
+    /// `ladder`: then the loads ladder of `ladder.rs` over the same cache.
+    #[allow(clippy::too_many_arguments)]
     fn decode_case(
         json: &mut String,
         lines: &mut Vec<String>,
@@ -237,6 +243,7 @@ mod cuda_main {
         copy_gbs: f64,
         runs: &[(DecodeTuning, bool)],
         bs: usize,
+        ladder: bool,
     ) -> Result<Option<(f64, f64)>, Error> {
         let (c, h, kv, d) = (4096usize, 32usize, 8usize, 128usize);
         let mut rng = Rng(7);
@@ -334,6 +341,25 @@ mod cuda_main {
                 reported = Some((bytes, ms as f64));
             }
         }
+        if ladder && reported.is_some() {
+            // The first run's call is the one `relaunch_decode` repeats.
+            gpu.set_decode_tuning(runs[0].0);
+            let s = if runs[0].1 { &seqs_in_order } else { &seqs };
+            let mut y = vec![0.0f32; x.len()];
+            gpu.forward_cached(&x, s, None, &mut cache, &mut y)?;
+            let module =
+                cust::module::Module::from_ptx(PTX_PROBE, &[]).map_err(cuerr("load probe.ptx"))?;
+            let ids = if runs[0].1 { &in_order } else { &ids };
+            let lc = crate::ladder::LadderCache {
+                cache: &cache,
+                ids,
+                per_seq,
+                seqs: seqs_n,
+                cached,
+                n_kv_head: kv,
+            };
+            crate::ladder::run(&mut gpu, &module, &lc, 3, lines)?;
+        }
         Ok(reported)
     }
 
@@ -349,7 +375,7 @@ mod cuda_main {
         let runs = [(DecodeTuning::default(), false)];
         let mut points = Vec::new();
         for cached in [2047, 4095, 8191, 16383, 32767] {
-            if let Some(p) = decode_case(json, lines, 32, cached, copy_gbs, &runs, 64)? {
+            if let Some(p) = decode_case(json, lines, 32, cached, copy_gbs, &runs, 64, false)? {
                 points.push(p);
             }
         }
@@ -452,7 +478,10 @@ mod cuda_main {
             })
             .transpose()?;
         let scaling = args.iter().any(|a| a == "--decode-scaling");
-        let decode_only = sweep || roofline || scaling || args.iter().any(|a| a == "--decode");
+        // `--decode-ladder`: 32 x 8191 only, then the ladder of its loads (`ladder.rs`).
+        let ladder = args.iter().any(|a| a == "--decode-ladder");
+        let decode_only =
+            sweep || roofline || scaling || ladder || args.iter().any(|a| a == "--decode");
         // `--multi` runs the head split's prefill and decode, `--multi-decode` only its decode,
         // `--multi-decode-lean` only its device-resident decode with the default reduction
         // (short enough to run under a profiler), `--lean-default` that without its variants
@@ -589,17 +618,19 @@ mod cuda_main {
             };
             if scaling {
                 decode_scaling(&mut json, &mut lines, copy)?;
+            } else if ladder {
+                decode_case(&mut json, &mut lines, 32, 8191, copy, &runs, 64, true)?;
             } else {
-                decode_case(&mut json, &mut lines, 32, 8191, copy, &runs, 64)?;
-                decode_case(&mut json, &mut lines, 1, 32767, copy, &runs, 64)?;
+                decode_case(&mut json, &mut lines, 32, 8191, copy, &runs, 64, false)?;
+                decode_case(&mut json, &mut lines, 1, 32767, copy, &runs, 64, false)?;
             }
             if sweep {
                 // Other block sizes: how much the runs of one head's keys between jumps in
                 // the pool matter (64 tokens: 16 KB runs).
                 let default = [(DecodeTuning::default(), false)];
                 for bs in [16, 256, 2048] {
-                    decode_case(&mut json, &mut lines, 32, 8191, copy, &default, bs)?;
-                    decode_case(&mut json, &mut lines, 1, 32767, copy, &default, bs)?;
+                    decode_case(&mut json, &mut lines, 32, 8191, copy, &default, bs, false)?;
+                    decode_case(&mut json, &mut lines, 1, 32767, copy, &default, bs, false)?;
                 }
             }
         }
