@@ -381,14 +381,30 @@ __device__ __forceinline__ void decode(const DecodeParams& p) {
 #define TC_KEYS 16  // keys per warp tile
 #define TC_HEADS 8  // query heads per CTA (the n dimension of O^T += V^T P^T)
 
-// Shared memory of one CTA: W warps x S stages x (K and V tiles of TC_KEYS padded rows of
-// D + 8 elements; the odd stride in 16-byte chunks puts the 8 rows an ldmatrix reads in 8
-// distinct bank groups). The epilogue reuses it for the warps' states.
+// Shared memory of one CTA: W warps x S stages x (K and V tiles of TC_KEYS rows), from a
+// 128-byte boundary. The 8 rows an ldmatrix reads must lie in 8 distinct bank groups: rows of a
+// multiple of 8 chunks (head_dim 64, 128, 256) are stored unpadded with 16-byte chunk c of row r
+// at c xor (r mod 8), so a tile is one aligned run and a warp's 512-byte copy fills whole
+// 128-byte lines; other rows are padded by one chunk (the odd stride does it). On an H200 the
+// same loads read 5% slower into padded rows than into aligned unpadded ones, and 5-7% slower
+// into unpadded rows that start off a 128-byte boundary (BENCHMARKS.md, twelfth session).
+// The epilogue reuses the tiles' memory for the warps' states.
 template <int D> struct TcTile {
-    static constexpr int CPR = D / 8;              // 16-byte chunks per row
-    static constexpr int LDS = CPR + 1;            // padded row stride in chunks
-    static constexpr int CHUNKS = TC_KEYS * LDS;   // chunks of one K (or V) tile
+    static constexpr int CPR = D / 8;                          // 16-byte chunks per row
+    static constexpr bool SWIZZLED = CPR % 8 == 0;
+    static constexpr int LDS = SWIZZLED ? CPR : CPR + 1;       // row stride in chunks
+    static constexpr int CHUNKS = TC_KEYS * LDS;               // chunks of one K (or V) tile
+    // Where chunk `ch` of row `row` of a tile lies.
+    static __device__ __forceinline__ int at(int row, int ch) {
+        return row * LDS + (SWIZZLED ? ch ^ (row & 7) : ch);
+    }
 };
+
+// The first 128-byte boundary at or after `p` (the launch adds 128 bytes of slack: static
+// shared variables come before the dynamic ones, which then start only 16-byte aligned).
+__device__ __forceinline__ uint4* smem_align128(uint4* p) {
+    return p + (((128u - (smem_addr(p) & 127u)) & 127u) >> 4);
+}
 
 // Diagnostic builds only (`-DATTNRT_DECODE_DIAG=N` through an `ATTNRT_NVCC` wrapper; never the
 // runtime's, outputs meaningless): 1 keeps the tile loads and replaces the per-tile arithmetic by
@@ -467,12 +483,13 @@ __device__ __forceinline__ bool tl_start(unsigned cta, int item, int g) {
 template <typename T, int D, int W, int S>
 __device__ __forceinline__ void decode_tc(const DecodeParams& p) {
     using Tile = TcTile<D>;
-    constexpr int CPR = Tile::CPR, LDS = Tile::LDS, CH = Tile::CHUNKS;
+    constexpr int CPR = Tile::CPR, CH = Tile::CHUNKS;
     constexpr int KS = D / 16;               // k-steps of Q K^T = m-tiles of O^T
     constexpr int PER = TC_KEYS * CPR / 32;  // 16-byte copies per lane per K (or V) tile
     static_assert(D % 16 == 0 && (TC_KEYS * CPR) % 32 == 0, "head_dim must be a multiple of 16");
     static_assert(S >= 2, "at least two pipeline stages");
-    extern __shared__ uint4 smem[];
+    extern __shared__ uint4 smem_raw[];
+    uint4* const smem = smem_align128(smem_raw);
 
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int gq = lane >> 2, qq = lane & 3;  // fragment row group and lane in the quad
@@ -525,8 +542,8 @@ __device__ __forceinline__ void decode_tc(const DecodeParams& p) {
             const unsigned ro = __shfl_sync(0xffffffffu, rows, row);
             const bool ok = decltype(whole)::value || key0 + row < hi;
             const size_t e = ok ? (size_t)ro * D + ch * 8 : 0;
-            cp_async16_stream(dk + row * LDS + ch, K + e, ok, pol);
-            cp_async16_stream(dv + row * LDS + ch, V + e, ok, pol);
+            cp_async16_stream(dk + Tile::at(row, ch), K + e, ok, pol);
+            cp_async16_stream(dv + Tile::at(row, ch), V + e, ok, pol);
         }
     };
     auto issue = [&](int t, unsigned rows, int stage) {
@@ -592,7 +609,7 @@ __device__ __forceinline__ void decode_tc(const DecodeParams& p) {
 #pragma unroll
         for (int ks = 0; ks < KS; ++ks) {
             uint32_t kb[4];
-            ldmatrix_x4(kb, ks_ + lrow * LDS + ks * 2 + lch);
+            ldmatrix_x4(kb, ks_ + Tile::at(lrow, ks * 2 + lch));
             const uint32_t a[4] = {qa[ks][0], 0u, qa[ks][1], 0u};
             Mma<T>::run(acc[ks & 1][0], a, kb[0], kb[1]);
             Mma<T>::run(acc[ks & 1][1], a, kb[2], kb[3]);
@@ -631,7 +648,7 @@ __device__ __forceinline__ void decode_tc(const DecodeParams& p) {
 #pragma unroll
         for (int mt = 0; mt < KS; ++mt) {
             uint32_t vb[4];
-            ldmatrix_x4_trans(vb, vs_ + lrow * LDS + mt * 2 + lch);
+            ldmatrix_x4_trans(vb, vs_ + Tile::at(lrow, mt * 2 + lch));
             o[mt][0] *= a0;
             o[mt][1] *= a1;
             o[mt][2] *= a0;

@@ -518,8 +518,10 @@ impl DecodeKernel {
         }
     }
 
-    /// Dynamic shared memory per CTA: the stages (K and V tiles of 16 rows padded by one
-    /// 16-byte chunk, per warp), or the warps' states of the epilogue if larger.
+    /// Dynamic shared memory per CTA: 128 bytes of alignment slack, then the stages (K and V
+    /// tiles of 16 rows per warp; rows of a multiple of 8 16-byte chunks unpadded, others
+    /// padded by one chunk: `TcTile` in decode.cu), or the warps' states of the epilogue if
+    /// larger.
     pub fn smem_bytes(&self) -> usize {
         match *self {
             DecodeKernel::TensorCore {
@@ -528,9 +530,11 @@ impl DecodeKernel {
                 stages,
                 ..
             } => {
-                let stage = 2 * DECODE_TC_KEYS * (head_dim / 8 + 1) * 16;
+                let chunks = head_dim / 8;
+                let stride = if chunks % 8 == 0 { chunks } else { chunks + 1 };
+                let stage = 2 * DECODE_TC_KEYS * stride * 16;
                 let states = warps * DECODE_TC_HEADS * (head_dim * 4 + 8);
-                (warps * stages * stage).max(states)
+                128 + (warps * stages * stage).max(states)
             }
             DecodeKernel::CudaCores { .. } => 0,
         }

@@ -277,8 +277,12 @@ fn decode_kernel_choice_names_and_shared_memory() {
     assert_eq!(k.name(), "decode_tc_bf16_d128_w4_s2");
     assert_eq!(k.threads(), 128);
     assert_eq!(k.heads_per_cta(), 8);
-    // 4 warps x 2 stages x (K and V: 16 rows of 17 chunks of 16 bytes).
-    assert_eq!(k.smem_bytes(), 4 * 2 * 2 * 16 * 17 * 16);
+    // 128 bytes of alignment slack, 4 warps x 2 stages x (K and V: 16 unpadded rows of 16
+    // chunks of 16 bytes).
+    assert_eq!(k.smem_bytes(), 128 + 4 * 2 * 2 * 16 * 16 * 16);
+    // head_dim 96: rows of 12 chunks, padded to 13.
+    let k96 = DecodeKernel::choose(Precision::Bf16, 96, 4, &t);
+    assert_eq!(k96.smem_bytes(), 128 + 4 * 2 * 2 * 16 * 13 * 16);
     assert_eq!(
         DecodeKernel::choose(Precision::F16, 256, 2, &t).name(),
         "decode_tc_f16_d256_w4_s2"
@@ -301,8 +305,9 @@ fn decode_kernel_choice_names_and_shared_memory() {
         DecodeKernel::choose(Precision::Bf16, 128, 4, &cc).name(),
         "decode_bf16_l16_r4"
     );
-    // Two stages always hold the epilogue's warp states (8 heads x head_dim f32 + max/sum).
-    for head_dim in [64, 96, 128, 256] {
+    // Two stages always hold the epilogue's warp states (8 heads x head_dim f32 + max/sum);
+    // rows are unpadded where their chunks are a multiple of 8, else one chunk longer.
+    for (head_dim, stride) in [(64, 8), (96, 13), (128, 16), (256, 32)] {
         for warps in [2, 4, 8] {
             let k = DecodeKernel::TensorCore {
                 dtype: Precision::Bf16,
@@ -311,7 +316,7 @@ fn decode_kernel_choice_names_and_shared_memory() {
                 stages: 2,
             };
             assert!(k.smem_bytes() >= warps * 8 * (head_dim * 4 + 8));
-            assert_eq!(k.smem_bytes(), warps * 2 * 2 * 16 * (head_dim / 8 + 1) * 16);
+            assert_eq!(k.smem_bytes(), 128 + warps * 2 * 2 * 16 * stride * 16);
         }
     }
 }
