@@ -45,8 +45,8 @@ use attnrt_tests::{max_abs_diff, OwnedWeights, Rng, F32_TOL};
 
 mod common;
 use common::{
-    cached_plan, device_counts, devices, make_call, one_gpu, plan_call, reference, rel_l2,
-    sequence_references, split_config, CachedPlan, MASK_NAMES,
+    cached_plan, device_counts, devices, make_call, one_gpu, one_split_at_a_time, plan_call,
+    reference, rel_l2, sequence_references, split_config, CachedPlan, MASK_NAMES,
 };
 
 /// The reductions the tests run: the exact all-reduce, the storage-type / chunked /
@@ -177,6 +177,7 @@ fn check_case(
 
 #[test]
 fn split_equals_one_gpu_every_mask_mode() {
+    let _serial = one_split_at_a_time();
     let Some(counts) = device_counts("the head split") else {
         return;
     };
@@ -221,6 +222,7 @@ const A2A: [ReduceOptions; 2] = [
 #[test]
 #[allow(clippy::drop_non_drop)]
 fn all_to_all_uneven_heads_and_tokens() {
+    let _serial = one_split_at_a_time();
     let Some(counts) = device_counts("the head split") else {
         return;
     };
@@ -291,6 +293,7 @@ fn all_to_all_uneven_heads_and_tokens() {
 
 #[test]
 fn full_qk_norm_runs_and_bad_set_ups_are_refused() {
+    let _serial = one_split_at_a_time();
     let Some(_) = device_counts("the head split") else {
         return;
     };
@@ -541,6 +544,7 @@ fn cached_case(
 
 #[test]
 fn split_prefill_and_decode_equal_one_gpu_and_reference() {
+    let _serial = one_split_at_a_time();
     let Some(counts) = device_counts("the head split") else {
         return;
     };
@@ -590,6 +594,7 @@ fn split_prefill_and_decode_equal_one_gpu_and_reference() {
 
 #[test]
 fn invalid_cached_calls_through_the_split_write_nothing() {
+    let _serial = one_split_at_a_time();
     let Some(_) = device_counts("the head split") else {
         return;
     };
@@ -695,6 +700,7 @@ impl DeviceIo {
 #[cfg(feature = "cuda")]
 #[test]
 fn device_resident_cached_calls_equal_host_calls() {
+    let _serial = one_split_at_a_time();
     let Some(counts) = device_counts("the head split") else {
         return;
     };

@@ -27,8 +27,8 @@ use cust::{
 
 mod common;
 use common::{
-    device_counts, device_or_skip, devices, make_call, one_gpu, reference, rel_l2, split_config,
-    MASK_NAMES,
+    device_counts, device_or_skip, devices, make_call, one_gpu, one_split_at_a_time, reference,
+    rel_l2, split_config, MASK_NAMES,
 };
 
 /// Each rank's rows of `x` in device memory of its device, and room for its output rows.
@@ -183,6 +183,7 @@ fn check_case(
 
 #[test]
 fn seq_parallel_equals_one_gpu_every_mask_mode() {
+    let _serial = one_split_at_a_time();
     let Some(counts) = device_counts("sequence parallelism") else {
         return;
     };
@@ -248,6 +249,7 @@ fn seq_parallel_on_one_device_equals_forward_host() {
 
 #[test]
 fn invalid_seq_parallel_calls_write_nothing() {
+    let _serial = one_split_at_a_time();
     let Some(_) = device_counts("sequence parallelism") else {
         return;
     };

@@ -323,6 +323,12 @@ impl MultiGpuKvCache {
 /// A call's work is enqueued stage by stage across the devices (every device's conversion of
 /// `x`, then every device's projections, ...), so that the last device starts within
 /// microseconds of the first.
+///
+/// Several layers over the same devices each hold their own NCCL communicators; NCCL does not
+/// allow collectives of several communicators on one device to run or be captured at the same
+/// time, so calls of such layers from different threads must not overlap (a model's layers run
+/// one after another anyway). Overlapping calls fail with an NCCL error (seen in step capture:
+/// "ncclGroupEnd failed: unhandled cuda error").
 pub struct MultiGpuLayer<'a> {
     layer: Layer<'a>,
     plan: ShardPlan,
