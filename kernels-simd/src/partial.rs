@@ -525,18 +525,25 @@ impl<E: Elem> RowBlock<'_, E> {
             mrow = mnew;
 
             let a: Option<&[f32]> = if b0 == 0 { None } else { Some(&alpha[..M]) };
-            // Each probability filling a register (`pb[j][i]`), once per sub-block: the PV
-            // blocks then take it as a memory operand of the FMA instead of a broadcast per
-            // register block, which also leaves one more register to the accumulators.
-            let pb = &mut pb[..len * M * lanes];
-            if dv > 0 {
-                for (j, pj) in pb.chunks_exact_mut(M * lanes).enumerate() {
-                    for (i, p) in pj.chunks_exact_mut(lanes).enumerate() {
-                        isa.store_s(p, isa.splat(s[i * SROW + j]));
+            // Where an FMA cannot take a broadcast scalar as its operand for free, each
+            // probability fills a register (`pb[j][i]`), once per sub-block: the PV blocks then
+            // take it as a memory operand of the FMA instead of a broadcast per register block,
+            // which also leaves one more register to the accumulators. Else they broadcast
+            // from the scores (AVX-512 on a Zen 5 core: 1 x 32768 keys 20.5-21.3 GB/s
+            // against 19.3-19.6 through the scratch, BENCHMARKS.md, twelfth session).
+            let pb: &[f32] = if I::BROADCAST_OPERAND {
+                s
+            } else {
+                let pb = &mut pb[..len * M * lanes];
+                if dv > 0 {
+                    for (j, pj) in pb.chunks_exact_mut(M * lanes).enumerate() {
+                        for (i, p) in pj.chunks_exact_mut(lanes).enumerate() {
+                            isa.store_s(p, isa.splat(s[i * SROW + j]));
+                        }
                     }
                 }
-            }
-            let pb = &*pb;
+                pb
+            };
             let mut c0 = 0;
             while c0 + 3 * lanes <= dv {
                 self.pv_cols::<I, M, 3>(isa, pb, b0, len, c0, o, a);
@@ -657,7 +664,8 @@ impl<E: Elem> RowBlock<'_, E> {
     }
 
     /// `o[i][c] = alpha[i] o[i][c] + sum_{jj < len} p[i][jj] v[lo + b0 + jj][c]` for the `M`
-    /// rows and the `NC` registers of `c` from `c0`, `p[i][jj]` filling the register at
+    /// rows and the `NC` registers of `c` from `c0`, `p[i][jj]` at `pb[i * SROW + jj]` (the
+    /// scores, where `I::BROADCAST_OPERAND`) or filling the register at
     /// `pb[(jj * M + i) * LANES ..]`; `alpha = None` writes `o` without reading it (the first
     /// sub-block).
     #[inline(always)]
@@ -674,7 +682,12 @@ impl<E: Elem> RowBlock<'_, E> {
     ) {
         let (d, lanes) = (self.d, I::LANES);
         let vp = &self.vp[self.lo + b0..][..len];
-        let pp = pb[..len * M * lanes].as_ptr();
+        let used = if I::BROADCAST_OPERAND {
+            (M - 1) * SROW + len
+        } else {
+            len * M * lanes
+        };
+        let pp = pb[..used].as_ptr();
         let mut acc = [[isa.zero(); NC]; M];
         if let Some(alpha) = alpha {
             for (i, acc) in acc.iter_mut().enumerate() {
@@ -692,9 +705,15 @@ impl<E: Elem> RowBlock<'_, E> {
                 *vv = unsafe { load_e(isa, p.add(self.off + c0 + v * lanes)) };
             }
             for (i, acc) in acc.iter_mut().enumerate() {
-                // SAFETY: i < M and j < len: the register at (j * M + i) * LANES lies inside
-                // the slice `pp` was taken from.
-                let pj = unsafe { isa.load(pp.add((j * M + i) * lanes)) };
+                // SAFETY: i < M and j < len: the float at i * SROW + j (the register at
+                // (j * M + i) * LANES) lies inside the `used` floats `pp` was taken from.
+                let pj = unsafe {
+                    if I::BROADCAST_OPERAND {
+                        isa.splat(*pp.add(i * SROW + j))
+                    } else {
+                        isa.load(pp.add((j * M + i) * lanes))
+                    }
+                };
                 for (acc, &vv) in acc.iter_mut().zip(&vv) {
                     *acc = isa.mul_add(pj, vv, *acc);
                 }

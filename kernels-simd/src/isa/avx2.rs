@@ -36,6 +36,8 @@ impl Isa for Avx2 {
     type V = __m256;
     const LANES: usize = 8;
     const GEMM_NR: usize = 16;
+    // a broadcast takes a register: with the PV block's 12 accumulators and 3 values an accumulator spilled.
+    const BROADCAST_OPERAND: bool = false;
 
     #[inline(always)]
     fn splat(self, x: f32) -> __m256 {

@@ -35,6 +35,8 @@ impl Isa for Avx512 {
     type V = __m512;
     const LANES: usize = 16;
     const GEMM_NR: usize = 32;
+    // `vfmadd231ps zmm, zmm, m32{1to16}`.
+    const BROADCAST_OPERAND: bool = true;
 
     #[inline(always)]
     fn splat(self, x: f32) -> __m512 {

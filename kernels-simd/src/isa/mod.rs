@@ -30,6 +30,11 @@ pub(crate) trait Isa: Copy {
     /// Output columns of the GEMM micro-kernel tile (a multiple of `LANES`, at most
     /// [`crate::GEMM_NR_MAX`]).
     const GEMM_NR: usize;
+    /// Whether an FMA takes a scalar broadcast from memory as an operand without a register
+    /// of its own (AVX-512's embedded broadcast; trivially the scalar tier): the decode's PV
+    /// loop then broadcasts each probability straight from the scores instead of from a
+    /// scratch of filled registers (`partial.rs`).
+    const BROADCAST_OPERAND: bool;
 
     /// Every lane set to `x`.
     fn splat(self, x: f32) -> Self::V;

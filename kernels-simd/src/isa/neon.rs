@@ -34,6 +34,8 @@ impl Isa for Neon {
     type V = float32x4_t;
     const LANES: usize = 4;
     const GEMM_NR: usize = 8;
+    // kept as the tier was measured.
+    const BROADCAST_OPERAND: bool = false;
 
     #[inline(always)]
     fn splat(self, x: f32) -> float32x4_t {

@@ -10,6 +10,8 @@ impl Isa for Scalar {
     type V = f32;
     const LANES: usize = 1;
     const GEMM_NR: usize = 4;
+    // a register is one float.
+    const BROADCAST_OPERAND: bool = true;
 
     #[inline(always)]
     fn splat(self, x: f32) -> f32 {
