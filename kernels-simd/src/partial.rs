@@ -500,9 +500,7 @@ impl<E: Elem> RowBlock<'_, E> {
                 for c in row.chunks_exact(lanes) {
                     mv = isa.max(mv, isa.load_s(c));
                 }
-                let mut t = [f32::NEG_INFINITY; 16];
-                isa.store_s(&mut t, mv);
-                *mn = t[..lanes].iter().fold(*mn, |a, &b| a.max(b));
+                *mn = mn.max(isa.reduce_max(mv));
             }
             // alpha = exp(m_old - m_new): 0 on the first sub-block (m_old = -inf).
             let mut i = 0;

@@ -95,6 +95,16 @@ impl Isa for Avx2 {
         }
     }
     #[inline(always)]
+    fn reduce_max(self, v: __m256) -> f32 {
+        // SAFETY: see the impl comment.
+        unsafe {
+            let s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+            let s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+            let s = _mm_max_ss(s, _mm_shuffle_ps::<0b01>(s, s));
+            _mm_cvtss_f32(s)
+        }
+    }
+    #[inline(always)]
     unsafe fn load_f16(self, p: *const u16) -> __m256 {
         // SAFETY: see the impl comment (F16C); `p` is valid for 8 u16 reads by the caller's
         // contract. The conversion is exact.

@@ -85,8 +85,53 @@ impl Isa for Avx512 {
     }
     #[inline(always)]
     fn reduce_sum(self, v: __m512) -> f32 {
+        // The order of `reduce_sum4` (one register's share of it): the 256-bit halves, then the
+        // 128-bit halves, then lanes (0 + 2) + (1 + 3).
         // SAFETY: see the impl comment.
-        unsafe { _mm512_reduce_add_ps(v) }
+        unsafe {
+            let lo = _mm512_castps512_ps256(v);
+            let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)));
+            let s = _mm256_add_ps(lo, hi);
+            let s = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps::<1>(s));
+            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+            let s = _mm_add_ss(s, _mm_shuffle_ps::<0b01>(s, s));
+            _mm_cvtss_f32(s)
+        }
+    }
+    #[inline(always)]
+    fn reduce_sum4(self, v: [__m512; 4]) -> [f32; 4] {
+        // Four registers' sums in one shuffle tree, each with the additions of `reduce_sum`:
+        // a register's 128-bit quarters q0..q3 become (q0 + q2) + (q1 + q3), then its lanes
+        // (0 + 2) + (1 + 3). Per register that was 8 shuffles and adds of its own; here 12
+        // instructions serve all four (the decode's scores reduce 4 rows per key).
+        // SAFETY: see the impl comment.
+        unsafe {
+            // (a.q0 + a.q2, a.q1 + a.q3, b.q0 + b.q2, b.q1 + b.q3), and the same of c, d.
+            let ab = _mm512_add_ps(
+                _mm512_shuffle_f32x4::<0b01_00_01_00>(v[0], v[1]),
+                _mm512_shuffle_f32x4::<0b11_10_11_10>(v[0], v[1]),
+            );
+            let cd = _mm512_add_ps(
+                _mm512_shuffle_f32x4::<0b01_00_01_00>(v[2], v[3]),
+                _mm512_shuffle_f32x4::<0b11_10_11_10>(v[2], v[3]),
+            );
+            // One 128-bit quarter per register: (q0 + q2) + (q1 + q3) of a, b, c, d.
+            let w = _mm512_add_ps(
+                _mm512_shuffle_f32x4::<0b10_00_10_00>(ab, cd),
+                _mm512_shuffle_f32x4::<0b11_01_11_01>(ab, cd),
+            );
+            // Lanes (0 + 2, 1 + 3), then their sum, in lane 0 of each quarter.
+            let w = _mm512_add_ps(w, _mm512_permute_ps::<0b01_00_11_10>(w));
+            let w = _mm512_add_ps(w, _mm512_permute_ps::<0b10_11_00_01>(w));
+            let mut t = [0.0f32; 16];
+            _mm512_storeu_ps(t.as_mut_ptr(), w);
+            [t[0], t[4], t[8], t[12]]
+        }
+    }
+    #[inline(always)]
+    fn reduce_max(self, v: __m512) -> f32 {
+        // SAFETY: see the impl comment.
+        unsafe { _mm512_reduce_max_ps(v) }
     }
     #[inline(always)]
     unsafe fn load_f16(self, p: *const u16) -> __m512 {

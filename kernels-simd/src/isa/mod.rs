@@ -62,6 +62,16 @@ pub(crate) trait Isa: Copy {
     fn max(self, a: Self::V, b: Self::V) -> Self::V;
     /// Sum of the lanes, in a fixed order.
     fn reduce_sum(self, v: Self::V) -> f32;
+    /// Largest lane (no lane is NaN in our kernels, so the order does not matter). ISAs with
+    /// a shuffle tree or a horizontal max override the default, a chain of scalar maxima.
+    #[inline(always)]
+    fn reduce_max(self, v: Self::V) -> f32 {
+        let mut t = [f32::NEG_INFINITY; 16];
+        self.store_s(&mut t, v);
+        t[..Self::LANES]
+            .iter()
+            .fold(f32::NEG_INFINITY, |a, &b| a.max(b))
+    }
     /// `2^n` per lane, for integer-valued lanes `n` in `[-126, 127]`.
     fn pow2i(self, n: Self::V) -> Self::V;
 

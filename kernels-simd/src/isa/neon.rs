@@ -88,6 +88,11 @@ impl Isa for Neon {
         unsafe { vaddvq_f32(v) }
     }
     #[inline(always)]
+    fn reduce_max(self, v: float32x4_t) -> f32 {
+        // SAFETY: see the impl comment.
+        unsafe { vmaxvq_f32(v) }
+    }
+    #[inline(always)]
     fn pow2i(self, n: float32x4_t) -> float32x4_t {
         // SAFETY: see the impl comment.
         unsafe {
