@@ -63,7 +63,7 @@ const LANES_MAX: usize = 16;
 /// dimension `d` (K and V are read in place).
 pub const fn partial_scratch_len(d: usize) -> usize {
     let _ = d;
-    MR * SROW + SUB * MR * LANES_MAX + LANES_MAX
+    2 * MR * SROW + SUB * MR * LANES_MAX + LANES_MAX
 }
 
 /// Kernel `partial_f32`: for each query token `t < ranges.len()` and head `h < r` (row
@@ -341,39 +341,62 @@ impl<E: Elem> WithIsa for Job<'_, E> {
             s,
         } = self;
         let rows = ranges.len() * r;
+        let (sa, rest) = s.split_at_mut(MR * SROW);
+        let (sb, pb) = rest.split_at_mut(MR * SROW);
+        let bufs = [sa, sb];
         for (t, &(lo, hi)) in ranges.iter().enumerate() {
             let (lo, hi) = (lo as usize, hi as usize);
-            // Sub-block by sub-block, and inside one all heads: the K (then V) lines of a
-            // sub-block of every head are read back to back, which a paged cache stores
-            // contiguously. Each row's own sequence of operations is that of one head alone.
+            let block = |g: usize, row: usize| RowBlock {
+                d,
+                off: g * head_stride,
+                pf_off: (g + 1) % heads * head_stride,
+                pf_ahead: (g + 1) / heads * SUB,
+                q: &q[row * d..],
+                kp,
+                vp,
+                nk,
+                nv,
+                lo,
+                hi,
+                scale,
+            };
+            // Units: sub-block by sub-block, and inside one all heads, each head's rows four at
+            // a time: the K (then V) lines of a sub-block of every head are read back to back,
+            // which a paged cache stores contiguously. A unit's scores and softmax run before
+            // the previous unit's PV pass (software pipelining): the softmax's dependent chain
+            // (maxima, exps, sums) then overlaps independent FMAs instead of stalling the PV
+            // that needs its probabilities. Each row's own sequence of operations is that of
+            // one head alone, so the bits do not change. With one unit per sub-block the next
+            // unit is the same rows' next sub-block, which needs this one's state: no overlap.
+            let units = heads * r.div_ceil(MR);
+            let overlap = units > 1;
+            let mut pending: Option<(usize, usize, usize, Soft)> = None;
+            let mut cur = 0;
             let mut b0 = 0;
             loop {
                 for g in 0..heads {
                     let mut h = 0;
                     while h < r {
                         let row = g * rows + t * r + h;
-                        let b = RowBlock {
-                            d,
-                            off: g * head_stride,
-                            pf_off: (g + 1) % heads * head_stride,
-                            pf_ahead: (g + 1) / heads * SUB,
-                            q: &q[row * d..],
-                            kp,
-                            vp,
-                            nk,
-                            nv,
-                            lo,
-                            hi,
-                            scale,
-                        };
                         let m = (r - h).min(MR);
                         let (om, ol) = (&mut out.m[row..row + m], &mut out.l[row..row + m]);
                         let oo = &mut out.o[row * d..(row + m) * d];
-                        match m {
-                            1 => b.step::<I, 1>(isa, s, b0, om, ol, oo),
-                            2 => b.step::<I, 2>(isa, s, b0, om, ol, oo),
-                            3 => b.step::<I, 3>(isa, s, b0, om, ol, oo),
-                            _ => b.step::<I, MR>(isa, s, b0, om, ol, oo),
+                        let soft =
+                            block(g, row).soft_dyn(isa, m, &mut bufs[cur][..], b0, om, ol, oo);
+                        if let Some((pg, prow, pm, ps)) = pending.take() {
+                            let pv_buf = &bufs[1 - cur][..];
+                            let (om, ol) =
+                                (&mut out.m[prow..prow + pm], &mut out.l[prow..prow + pm]);
+                            let oo = &mut out.o[prow * d..(prow + pm) * d];
+                            block(pg, prow).values_dyn(isa, pm, pv_buf, pb, &ps, om, ol, oo);
+                        }
+                        if overlap {
+                            pending = Some((g, row, m, soft));
+                            cur = 1 - cur;
+                        } else {
+                            let (om, ol) = (&mut out.m[row..row + m], &mut out.l[row..row + m]);
+                            let oo = &mut out.o[row * d..(row + m) * d];
+                            block(g, row).values_dyn(isa, m, &bufs[cur][..], pb, &soft, om, ol, oo);
                         }
                         h += m;
                     }
@@ -383,8 +406,26 @@ impl<E: Elem> WithIsa for Job<'_, E> {
                     break;
                 }
             }
+            if let Some((pg, prow, pm, ps)) = pending.take() {
+                let (om, ol) = (&mut out.m[prow..prow + pm], &mut out.l[prow..prow + pm]);
+                let oo = &mut out.o[prow * d..(prow + pm) * d];
+                block(pg, prow).values_dyn(isa, pm, &bufs[1 - cur][..], pb, &ps, om, ol, oo);
+            }
         }
     }
+}
+
+/// A unit's softmax state after its scores, waiting for its PV pass: the sub-block's first key
+/// `b0` and length, the new running maxima and sums, the rescale factors of the old output.
+/// `empty`: the rows see no key (their state is already written).
+#[derive(Clone, Copy)]
+struct Soft {
+    b0: usize,
+    len: usize,
+    mrow: [f32; 16],
+    lrow: [f32; MR],
+    alpha: [f32; 16],
+    empty: bool,
 }
 
 /// Loads `LANES` elements at `p` widened to f32 (exact).
@@ -438,10 +479,55 @@ struct RowBlock<'a, E> {
 }
 
 impl<E: Elem> RowBlock<'_, E> {
-    /// Folds the sub-block of keys `lo + b0 ..` (at most [`SUB`]) into the state of `M` rows
-    /// in `m`, `l` and `o` (`[M][d]`), which `b0 == 0` starts; scores in `s` (`[M][SROW]`).
+    /// [`RowBlock::soft`] for `m` rows.
     #[inline(always)]
-    fn step<I: Isa, const M: usize>(
+    #[allow(clippy::too_many_arguments)]
+    fn soft_dyn<I: Isa>(
+        &self,
+        isa: I,
+        m: usize,
+        s: &mut [f32],
+        b0: usize,
+        om: &mut [f32],
+        ol: &mut [f32],
+        oo: &mut [f32],
+    ) -> Soft {
+        match m {
+            1 => self.soft::<I, 1>(isa, s, b0, om, ol, oo),
+            2 => self.soft::<I, 2>(isa, s, b0, om, ol, oo),
+            3 => self.soft::<I, 3>(isa, s, b0, om, ol, oo),
+            _ => self.soft::<I, MR>(isa, s, b0, om, ol, oo),
+        }
+    }
+
+    /// [`RowBlock::values`] for `m` rows.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    fn values_dyn<I: Isa>(
+        &self,
+        isa: I,
+        m: usize,
+        s: &[f32],
+        pb: &mut [f32],
+        soft: &Soft,
+        om: &mut [f32],
+        ol: &mut [f32],
+        oo: &mut [f32],
+    ) {
+        match m {
+            1 => self.values::<I, 1>(isa, s, pb, soft, om, ol, oo),
+            2 => self.values::<I, 2>(isa, s, pb, soft, om, ol, oo),
+            3 => self.values::<I, 3>(isa, s, pb, soft, om, ol, oo),
+            _ => self.values::<I, MR>(isa, s, pb, soft, om, ol, oo),
+        }
+    }
+
+    /// The first half of folding the sub-block of keys `lo + b0 ..` (at most [`SUB`]) into
+    /// the state of `M` rows in `m`, `l` and `o` (`[M][d]`), which `b0 == 0` starts: the
+    /// scores into `s` (`[M][SROW]`), turned into probabilities, and the new maxima and sums.
+    /// [`RowBlock::values`] finishes it. Rows that see no key get their empty state here.
+    #[inline(always)]
+    fn soft<I: Isa, const M: usize>(
         &self,
         isa: I,
         s: &mut [f32],
@@ -449,24 +535,26 @@ impl<E: Elem> RowBlock<'_, E> {
         m: &mut [f32],
         l: &mut [f32],
         o: &mut [f32],
-    ) {
+    ) -> Soft {
         let (d, lo, hi) = (self.d, self.lo, self.hi);
         let n = hi - lo;
+        let mut soft = Soft {
+            b0,
+            len: 0,
+            mrow: [f32::NEG_INFINITY; 16],
+            lrow: [0.0; MR],
+            alpha: [0.0; 16],
+            empty: n == 0,
+        };
         if n == 0 {
             m.fill(f32::NEG_INFINITY);
             l.fill(0.0);
             o.fill(0.0);
-            return;
+            return soft;
         }
         let lanes = I::LANES;
         let q = &self.q[..M * d];
-        let (s, pb) = s.split_at_mut(MR * SROW);
         let s = &mut s[..M * SROW];
-        // The probability registers start on a 64-byte boundary (the scratch has a register's
-        // worth of slack for it): a register split over two cache lines costs two reads.
-        let skip = pb.as_ptr().align_offset(64).min(LANES_MAX);
-        let pb = &mut pb[skip..];
-        let dv = d / lanes * lanes;
         // Running max and sum per row (lanes past M unused), and the rescale factors.
         let mut mrow = [f32::NEG_INFINITY; 16];
         let mut lrow = [0.0f32; M];
@@ -476,103 +564,135 @@ impl<E: Elem> RowBlock<'_, E> {
             lrow.copy_from_slice(l);
         }
 
-        {
-            let b1 = (b0 + SUB).min(n);
-            let len = b1 - b0;
-            let mut j = 0;
-            while j + 3 <= len {
-                self.score_keys::<I, M, 3>(isa, q, lo + b0 + j, s, j);
-                j += 3;
-            }
-            match len - j {
-                2 => self.score_keys::<I, M, 2>(isa, q, lo + b0 + j, s, j),
-                1 => self.score_keys::<I, M, 1>(isa, q, lo + b0 + j, s, j),
-                _ => {}
-            }
+        let b1 = (b0 + SUB).min(n);
+        let len = b1 - b0;
+        let mut j = 0;
+        while j + 3 <= len {
+            self.score_keys::<I, M, 3>(isa, q, lo + b0 + j, s, j);
+            j += 3;
+        }
+        match len - j {
+            2 => self.score_keys::<I, M, 2>(isa, q, lo + b0 + j, s, j),
+            1 => self.score_keys::<I, M, 1>(isa, q, lo + b0 + j, s, j),
+            _ => {}
+        }
 
-            // New maxima first (all rows at once below), then exps and sums per row.
-            let padded = len.div_ceil(lanes) * lanes;
-            let mut mnew = mrow;
-            for (i, mn) in mnew[..M].iter_mut().enumerate() {
-                let row = &mut s[i * SROW..][..padded];
-                row[len..].fill(f32::NEG_INFINITY);
-                let mut mv = isa.splat(f32::NEG_INFINITY);
-                for c in row.chunks_exact(lanes) {
-                    mv = isa.max(mv, isa.load_s(c));
+        // New maxima first (all rows at once below), then exps and sums per row.
+        let padded = len.div_ceil(lanes) * lanes;
+        let mut mnew = mrow;
+        for (i, mn) in mnew[..M].iter_mut().enumerate() {
+            let row = &mut s[i * SROW..][..padded];
+            row[len..].fill(f32::NEG_INFINITY);
+            let mut mv = isa.splat(f32::NEG_INFINITY);
+            for c in row.chunks_exact(lanes) {
+                mv = isa.max(mv, isa.load_s(c));
+            }
+            *mn = mn.max(isa.reduce_max(mv));
+        }
+        // alpha = exp(m_old - m_new): 0 on the first sub-block (m_old = -inf).
+        let mut i = 0;
+        while i < M {
+            let e = exp_nonpos_v(isa, isa.sub(isa.load_s(&mrow[i..]), isa.load_s(&mnew[i..])));
+            isa.store_s(&mut alpha[i..], e);
+            i += lanes;
+        }
+        for i in 0..M {
+            let row = &mut s[i * SROW..][..padded];
+            let ms = isa.splat(mnew[i]);
+            let mut sum = isa.zero();
+            for c in row.chunks_exact_mut(lanes) {
+                let e = exp_nonpos_v(isa, isa.sub(isa.load_s(c), ms));
+                isa.store_s(c, e);
+                sum = isa.add(sum, e);
+            }
+            lrow[i] = lrow[i] * alpha[i] + isa.reduce_sum(sum);
+        }
+        soft.len = len;
+        soft.mrow = mnew;
+        soft.lrow[..M].copy_from_slice(&lrow);
+        soft.alpha = alpha;
+        soft
+    }
+
+    /// The second half ([`RowBlock::soft`] ran first): `o = alpha o + P V` over the
+    /// sub-block's probabilities in `s`, then the rows' new state into `m`, `l` and `o`.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    fn values<I: Isa, const M: usize>(
+        &self,
+        isa: I,
+        s: &[f32],
+        pb: &mut [f32],
+        soft: &Soft,
+        m: &mut [f32],
+        l: &mut [f32],
+        o: &mut [f32],
+    ) {
+        if soft.empty {
+            return;
+        }
+        let (d, lanes, b0, len) = (self.d, I::LANES, soft.b0, soft.len);
+        let s = &s[..M * SROW];
+        // The probability registers start on a 64-byte boundary (the scratch has a register's
+        // worth of slack for it): a register split over two cache lines costs two reads.
+        let skip = pb.as_ptr().align_offset(64).min(LANES_MAX);
+        let pb = &mut pb[skip..];
+        let dv = d / lanes * lanes;
+        let a: Option<&[f32]> = if b0 == 0 {
+            None
+        } else {
+            Some(&soft.alpha[..M])
+        };
+        // Where an FMA cannot take a broadcast scalar as its operand for free, each
+        // probability fills a register (`pb[j][i]`), once per sub-block: the PV blocks then
+        // take it as a memory operand of the FMA instead of a broadcast per register block,
+        // which also leaves one more register to the accumulators. Else they broadcast
+        // from the scores (AVX-512 on a Zen 5 core: 1 x 32768 keys 20.5-21.3 GB/s
+        // against 19.3-19.6 through the scratch, BENCHMARKS.md, twelfth session).
+        let pb: &[f32] = if I::BROADCAST_OPERAND {
+            s
+        } else {
+            let pb = &mut pb[..len * M * lanes];
+            if dv > 0 {
+                for (j, pj) in pb.chunks_exact_mut(M * lanes).enumerate() {
+                    for (i, p) in pj.chunks_exact_mut(lanes).enumerate() {
+                        isa.store_s(p, isa.splat(s[i * SROW + j]));
+                    }
                 }
-                *mn = mn.max(isa.reduce_max(mv));
             }
-            // alpha = exp(m_old - m_new): 0 on the first sub-block (m_old = -inf).
-            let mut i = 0;
-            while i < M {
-                let e = exp_nonpos_v(isa, isa.sub(isa.load_s(&mrow[i..]), isa.load_s(&mnew[i..])));
-                isa.store_s(&mut alpha[i..], e);
-                i += lanes;
-            }
+            pb
+        };
+        let mut c0 = 0;
+        while c0 + 3 * lanes <= dv {
+            self.pv_cols::<I, M, 3>(isa, pb, b0, len, c0, o, a);
+            c0 += 3 * lanes;
+        }
+        if c0 + 2 * lanes <= dv {
+            self.pv_cols::<I, M, 2>(isa, pb, b0, len, c0, o, a);
+            c0 += 2 * lanes;
+        }
+        while c0 < dv {
+            self.pv_cols::<I, M, 1>(isa, pb, b0, len, c0, o, a);
+            c0 += lanes;
+        }
+        let lo = self.lo;
+        for c in dv..d {
             for i in 0..M {
-                let row = &mut s[i * SROW..][..padded];
-                let ms = isa.splat(mnew[i]);
-                let mut sum = isa.zero();
-                for c in row.chunks_exact_mut(lanes) {
-                    let e = exp_nonpos_v(isa, isa.sub(isa.load_s(c), ms));
-                    isa.store_s(c, e);
-                    sum = isa.add(sum, e);
+                let mut acc = match a {
+                    Some(a) => o[i * d + c] * a[i],
+                    None => 0.0,
+                };
+                for jj in 0..len {
+                    // SAFETY: c < d and every key pointer plus `off` is valid for d
+                    // elements.
+                    let v = unsafe { self.vp[lo + b0 + jj].add(self.off + c).read_unaligned() };
+                    acc += s[i * SROW + jj] * v.to_f32();
                 }
-                lrow[i] = lrow[i] * alpha[i] + isa.reduce_sum(sum);
-            }
-            mrow = mnew;
-
-            let a: Option<&[f32]> = if b0 == 0 { None } else { Some(&alpha[..M]) };
-            // Where an FMA cannot take a broadcast scalar as its operand for free, each
-            // probability fills a register (`pb[j][i]`), once per sub-block: the PV blocks then
-            // take it as a memory operand of the FMA instead of a broadcast per register block,
-            // which also leaves one more register to the accumulators. Else they broadcast
-            // from the scores (AVX-512 on a Zen 5 core: 1 x 32768 keys 20.5-21.3 GB/s
-            // against 19.3-19.6 through the scratch, BENCHMARKS.md, twelfth session).
-            let pb: &[f32] = if I::BROADCAST_OPERAND {
-                s
-            } else {
-                let pb = &mut pb[..len * M * lanes];
-                if dv > 0 {
-                    for (j, pj) in pb.chunks_exact_mut(M * lanes).enumerate() {
-                        for (i, p) in pj.chunks_exact_mut(lanes).enumerate() {
-                            isa.store_s(p, isa.splat(s[i * SROW + j]));
-                        }
-                    }
-                }
-                pb
-            };
-            let mut c0 = 0;
-            while c0 + 3 * lanes <= dv {
-                self.pv_cols::<I, M, 3>(isa, pb, b0, len, c0, o, a);
-                c0 += 3 * lanes;
-            }
-            if c0 + 2 * lanes <= dv {
-                self.pv_cols::<I, M, 2>(isa, pb, b0, len, c0, o, a);
-                c0 += 2 * lanes;
-            }
-            while c0 < dv {
-                self.pv_cols::<I, M, 1>(isa, pb, b0, len, c0, o, a);
-                c0 += lanes;
-            }
-            for c in dv..d {
-                for i in 0..M {
-                    let mut acc = match a {
-                        Some(a) => o[i * d + c] * a[i],
-                        None => 0.0,
-                    };
-                    for jj in 0..len {
-                        // SAFETY: c < d and every key pointer plus `off` is valid for d
-                        // elements.
-                        let v = unsafe { self.vp[lo + b0 + jj].add(self.off + c).read_unaligned() };
-                        acc += s[i * SROW + jj] * v.to_f32();
-                    }
-                    o[i * d + c] = acc;
-                }
+                o[i * d + c] = acc;
             }
         }
-        m.copy_from_slice(&mrow[..M]);
-        l.copy_from_slice(&lrow);
+        m.copy_from_slice(&soft.mrow[..M]);
+        l.copy_from_slice(&soft.lrow[..M]);
     }
 
     /// Prefetches the K and V lines of chunk key `t`, or of key `t - chunk` of the next chunk.
