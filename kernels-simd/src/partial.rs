@@ -48,11 +48,16 @@ pub struct PartialRows<'a> {
 const MR: usize = 4;
 /// Floats per row of the score scratch: a sub-block padded to whole registers (<= 16 lanes).
 const SROW: usize = SUB + 16;
+const _: () = assert!(PREFETCH_KEYS >= SUB);
 /// Keys per online-softmax step: K and V of a sub-block are read together, so the cache is
-/// streamed in small pieces (a few paged blocks) rather than as a chunk of K, then of V.
-const SUB: usize = 32;
-/// Keys ahead of the one being scored whose K and V lines are prefetched on the last (or only)
-/// KV head (a sub-block); also how many keys of the next chunk [`attend_partial_ahead`] uses.
+/// streamed in small pieces (a paged block of 16 keys per head: one 4 KiB page of K and one
+/// of V for head_dim 128 in f16) rather than as a chunk of K, then of V. On a Zen 5 core
+/// (BENCHMARKS.md, twelfth session) 16 keys read a cache from memory 4-8% faster than 32 in
+/// `attnrt bench decode` (20-23% in the one-thread microbench) and 10% slower from the caches,
+/// where decode is short anyway; 64 keys sat between.
+const SUB: usize = 16;
+/// Keys of the next chunk [`attend_partial_ahead`] uses for prefetching (at least a
+/// sub-block: the last KV head prefetches head 0's keys a sub-block ahead).
 pub const PREFETCH_KEYS: usize = 32;
 
 /// Floats of one register on the widest ISA.
@@ -74,7 +79,7 @@ pub const fn partial_scratch_len(d: usize) -> usize {
 ///
 /// K and V are read in place from the runs (f16 and bf16 widened in registers, exactly), through
 /// a table of one pointer per chunk key, so nothing below depends on where runs start. Keys are
-/// taken in sub-blocks of 32 (`lo + 32 b ..`) with an online softmax, so the K and V of a
+/// taken in sub-blocks of 16 (`lo + 16 b ..`) with an online softmax, so the K and V of a
 /// sub-block are read together and the next sub-block (or the next chunk's first, given by
 /// [`attend_partial_ahead`]) is prefetched meanwhile: per sub-block, `m' = max(m, max s_j)`,
 /// `a = exp(m - m')`, `p_j = exp(s_j - m')`, `l = a l + sum p_j`, `o = a o + sum p_j v_j`.
