@@ -35,11 +35,17 @@ enum Rung {
 
 /// The cache the decode bench filled and the block ids its sequences use (`per_seq` each).
 pub struct LadderCache<'a> {
+    /// The filled cache.
     pub cache: &'a GpuKvCache,
+    /// Every sequence's block ids, `per_seq` each, concatenated.
     pub ids: &'a [u32],
+    /// Blocks per sequence.
     pub per_seq: usize,
+    /// Sequences.
     pub seqs: usize,
+    /// Cached keys per sequence (the probes read the multiple of 16 below it).
     pub cached: usize,
+    /// KV heads of the cache.
     pub n_kv_head: usize,
 }
 
