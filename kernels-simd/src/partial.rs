@@ -92,11 +92,14 @@ pub const fn partial_scratch_len(d: usize) -> usize {
 /// (`exp(-inf) = 0` for padding), the sub-block sum as one lane-wise register sum then one
 /// reduction. PV: 4 rows x 3 registers of the head dimension in 12 accumulators, started from
 /// `a o` (from nothing on the first sub-block), one FMA chain per accumulator in increasing
-/// `j`, V loaded once per key and register, each probability broadcast into a register of
-/// scratch once per sub-block and taken from there as the FMA's memory operand. The K and V
-/// lines prefetched while a head's keys are scored are the next head's keys of the sub-block
-/// (after the last head, head 0's next sub-block). The bits of a row depend only on its
-/// inputs, `lo..hi`, and the tier. Tails: a short last sub-block
+/// `j`, V loaded once per key and register, each probability taken as the FMA's memory operand:
+/// broadcast from the scores where the ISA's FMA does that for free (AVX-512), else from a
+/// scratch register it fills once per sub-block. A (sub-block, KV head, row block) unit's scores
+/// and softmax run before the previous unit's PV (software pipelining), so that the softmax's
+/// dependent chain overlaps independent FMAs. The K and V lines prefetched while a head's keys
+/// are scored are the next head's keys of the sub-block (after the last head, head 0's next
+/// sub-block). The bits of a row depend only on its inputs, `lo..hi`, and the tier (not on the
+/// order units run in). Tails: a short last sub-block
 /// runs over exactly its keys; 1 or 2 last keys are scored with the same chains; 1-3
 /// leftover rows use a smaller block (the same per-row arithmetic); head-dimension elements
 /// past the last whole register are added per key in scalar code after the register part
