@@ -44,6 +44,18 @@ pub struct PartialRows<'a> {
     pub o: &'a mut [f32],
 }
 
+impl PartialRows<'_> {
+    /// Rows `row..row + n` (head dimension `d`).
+    #[inline(always)]
+    fn rows(&mut self, row: usize, n: usize, d: usize) -> PartialRows<'_> {
+        PartialRows {
+            m: &mut self.m[row..row + n],
+            l: &mut self.l[row..row + n],
+            o: &mut self.o[row * d..(row + n) * d],
+        }
+    }
+}
+
 /// Rows of one register block of [`attend_partial`] (one token's heads, four at a time).
 const MR: usize = 4;
 /// Floats per row of the score scratch: a sub-block padded to whole registers (<= 16 lanes).
@@ -345,7 +357,7 @@ impl<E: Elem> WithIsa for Job<'_, E> {
             nv,
             ranges,
             scale,
-            out,
+            mut out,
             s,
         } = self;
         let rows = ranges.len() * r;
@@ -387,24 +399,18 @@ impl<E: Elem> WithIsa for Job<'_, E> {
                     while h < r {
                         let row = g * rows + t * r + h;
                         let m = (r - h).min(MR);
-                        let (om, ol) = (&mut out.m[row..row + m], &mut out.l[row..row + m]);
-                        let oo = &mut out.o[row * d..(row + m) * d];
-                        let soft =
-                            block(g, row).soft_dyn(isa, m, &mut bufs[cur][..], b0, om, ol, oo);
+                        let rows_now = out.rows(row, m, d);
+                        let soft = block(g, row).soft_dyn(isa, m, &mut bufs[cur][..], b0, rows_now);
                         if let Some((pg, prow, pm, ps)) = pending.take() {
-                            let pv_buf = &bufs[1 - cur][..];
-                            let (om, ol) =
-                                (&mut out.m[prow..prow + pm], &mut out.l[prow..prow + pm]);
-                            let oo = &mut out.o[prow * d..(prow + pm) * d];
-                            block(pg, prow).values_dyn(isa, pm, pv_buf, pb, &ps, om, ol, oo);
+                            let rows_then = out.rows(prow, pm, d);
+                            block(pg, prow).values_dyn(isa, pm, bufs[1 - cur], pb, &ps, rows_then);
                         }
                         if overlap {
                             pending = Some((g, row, m, soft));
                             cur = 1 - cur;
                         } else {
-                            let (om, ol) = (&mut out.m[row..row + m], &mut out.l[row..row + m]);
-                            let oo = &mut out.o[row * d..(row + m) * d];
-                            block(g, row).values_dyn(isa, m, &bufs[cur][..], pb, &soft, om, ol, oo);
+                            let rows_now = out.rows(row, m, d);
+                            block(g, row).values_dyn(isa, m, bufs[cur], pb, &soft, rows_now);
                         }
                         h += m;
                     }
@@ -415,9 +421,8 @@ impl<E: Elem> WithIsa for Job<'_, E> {
                 }
             }
             if let Some((pg, prow, pm, ps)) = pending.take() {
-                let (om, ol) = (&mut out.m[prow..prow + pm], &mut out.l[prow..prow + pm]);
-                let oo = &mut out.o[prow * d..(prow + pm) * d];
-                block(pg, prow).values_dyn(isa, pm, &bufs[1 - cur][..], pb, &ps, om, ol, oo);
+                let rows_then = out.rows(prow, pm, d);
+                block(pg, prow).values_dyn(isa, pm, bufs[1 - cur], pb, &ps, rows_then);
             }
         }
     }
@@ -489,28 +494,24 @@ struct RowBlock<'a, E> {
 impl<E: Elem> RowBlock<'_, E> {
     /// [`RowBlock::soft`] for `m` rows.
     #[inline(always)]
-    #[allow(clippy::too_many_arguments)]
     fn soft_dyn<I: Isa>(
         &self,
         isa: I,
         m: usize,
         s: &mut [f32],
         b0: usize,
-        om: &mut [f32],
-        ol: &mut [f32],
-        oo: &mut [f32],
+        rows: PartialRows<'_>,
     ) -> Soft {
         match m {
-            1 => self.soft::<I, 1>(isa, s, b0, om, ol, oo),
-            2 => self.soft::<I, 2>(isa, s, b0, om, ol, oo),
-            3 => self.soft::<I, 3>(isa, s, b0, om, ol, oo),
-            _ => self.soft::<I, MR>(isa, s, b0, om, ol, oo),
+            1 => self.soft::<I, 1>(isa, s, b0, rows),
+            2 => self.soft::<I, 2>(isa, s, b0, rows),
+            3 => self.soft::<I, 3>(isa, s, b0, rows),
+            _ => self.soft::<I, MR>(isa, s, b0, rows),
         }
     }
 
     /// [`RowBlock::values`] for `m` rows.
     #[inline(always)]
-    #[allow(clippy::too_many_arguments)]
     fn values_dyn<I: Isa>(
         &self,
         isa: I,
@@ -518,15 +519,13 @@ impl<E: Elem> RowBlock<'_, E> {
         s: &[f32],
         pb: &mut [f32],
         soft: &Soft,
-        om: &mut [f32],
-        ol: &mut [f32],
-        oo: &mut [f32],
+        rows: PartialRows<'_>,
     ) {
         match m {
-            1 => self.values::<I, 1>(isa, s, pb, soft, om, ol, oo),
-            2 => self.values::<I, 2>(isa, s, pb, soft, om, ol, oo),
-            3 => self.values::<I, 3>(isa, s, pb, soft, om, ol, oo),
-            _ => self.values::<I, MR>(isa, s, pb, soft, om, ol, oo),
+            1 => self.values::<I, 1>(isa, s, pb, soft, rows),
+            2 => self.values::<I, 2>(isa, s, pb, soft, rows),
+            3 => self.values::<I, 3>(isa, s, pb, soft, rows),
+            _ => self.values::<I, MR>(isa, s, pb, soft, rows),
         }
     }
 
@@ -540,10 +539,9 @@ impl<E: Elem> RowBlock<'_, E> {
         isa: I,
         s: &mut [f32],
         b0: usize,
-        m: &mut [f32],
-        l: &mut [f32],
-        o: &mut [f32],
+        rows: PartialRows<'_>,
     ) -> Soft {
+        let PartialRows { m, l, o } = rows;
         let (d, lo, hi) = (self.d, self.lo, self.hi);
         let n = hi - lo;
         let mut soft = Soft {
@@ -625,20 +623,18 @@ impl<E: Elem> RowBlock<'_, E> {
     /// The second half ([`RowBlock::soft`] ran first): `o = alpha o + P V` over the
     /// sub-block's probabilities in `s`, then the rows' new state into `m`, `l` and `o`.
     #[inline(always)]
-    #[allow(clippy::too_many_arguments)]
     fn values<I: Isa, const M: usize>(
         &self,
         isa: I,
         s: &[f32],
         pb: &mut [f32],
         soft: &Soft,
-        m: &mut [f32],
-        l: &mut [f32],
-        o: &mut [f32],
+        rows: PartialRows<'_>,
     ) {
         if soft.empty {
             return;
         }
+        let PartialRows { m, l, o } = rows;
         let (d, lanes, b0, len) = (self.d, I::LANES, soft.b0, soft.len);
         let s = &s[..M * SROW];
         // The probability registers start on a 64-byte boundary (the scratch has a register's

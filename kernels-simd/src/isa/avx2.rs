@@ -36,7 +36,8 @@ impl Isa for Avx2 {
     type V = __m256;
     const LANES: usize = 8;
     const GEMM_NR: usize = 16;
-    // a broadcast takes a register: with the PV block's 12 accumulators and 3 values an accumulator spilled.
+    // A broadcast takes a register of its own: with the PV block's 12 accumulators and 3
+    // values it spilled an accumulator (BENCHMARKS.md, third session).
     const BROADCAST_OPERAND: bool = false;
 
     #[inline(always)]

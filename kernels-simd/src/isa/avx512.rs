@@ -35,7 +35,7 @@ impl Isa for Avx512 {
     type V = __m512;
     const LANES: usize = 16;
     const GEMM_NR: usize = 32;
-    // `vfmadd231ps zmm, zmm, m32{1to16}`.
+    // The embedded broadcast: `vfmadd231ps zmm, zmm, m32{1to16}`.
     const BROADCAST_OPERAND: bool = true;
 
     #[inline(always)]

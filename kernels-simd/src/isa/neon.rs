@@ -34,7 +34,7 @@ impl Isa for Neon {
     type V = float32x4_t;
     const LANES: usize = 4;
     const GEMM_NR: usize = 8;
-    // kept as the tier was measured.
+    // The scratch, as the tier was measured (a broadcast operand is untried on NEON).
     const BROADCAST_OPERAND: bool = false;
 
     #[inline(always)]

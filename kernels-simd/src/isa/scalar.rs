@@ -10,7 +10,7 @@ impl Isa for Scalar {
     type V = f32;
     const LANES: usize = 1;
     const GEMM_NR: usize = 4;
-    // a register is one float.
+    // A register is one float.
     const BROADCAST_OPERAND: bool = true;
 
     #[inline(always)]
