@@ -386,8 +386,9 @@ __device__ __forceinline__ void decode(const DecodeParams& p) {
 // multiple of 8 chunks (head_dim 64, 128, 256) are stored unpadded with 16-byte chunk c of row r
 // at c xor (r mod 8), so a tile is one aligned run and a warp's 512-byte copy fills whole
 // 128-byte lines; other rows are padded by one chunk (the odd stride does it). On an H200 the
-// same loads read 5% slower into padded rows than into aligned unpadded ones, and 5-7% slower
-// into unpadded rows that start off a 128-byte boundary (BENCHMARKS.md, twelfth session).
+// same loads read 5% slower into padded rows than into aligned unpadded ones, and 14% slower
+// into unpadded rows that start 16 bytes after a 128-byte boundary (BENCHMARKS.md, twelfth
+// session, `bench --decode-ladder`).
 // The epilogue reuses the tiles' memory for the warps' states.
 template <int D> struct TcTile {
     static constexpr int CPR = D / 8;                          // 16-byte chunks per row

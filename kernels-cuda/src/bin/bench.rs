@@ -68,7 +68,7 @@ mod cuda_main {
         n
     }
 
-    fn cuerr(call: &'static str) -> impl Fn(cust::error::CudaError) -> Error {
+    pub(crate) fn cuerr(call: &'static str) -> impl Fn(cust::error::CudaError) -> Error {
         move |e| Error::Cuda {
             call,
             message: format!("{e:?}"),
@@ -85,6 +85,51 @@ mod cuda_main {
                 message: format!("{r:?}"),
             })
         }
+    }
+
+    /// Allows the probe kernel `f` (a live function of the current context) `smem` bytes of
+    /// dynamic shared memory.
+    pub(crate) fn allow_smem(f: cu::CUfunction, smem: usize) -> Result<(), Error> {
+        // SAFETY: `f` is a live function of the current context (the caller's contract).
+        drv("cuFuncSetAttribute", unsafe {
+            cu::cuFuncSetAttribute(
+                f,
+                cu::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                smem as i32,
+            )
+        })
+    }
+
+    /// Launches the probe kernel `f` on `stream`: `ctas` CTAs of `threads` threads with `smem`
+    /// bytes of dynamic shared memory.
+    ///
+    /// # Safety
+    /// `f` is a live function of the current context that takes the parameters `params` point
+    /// to, each alive until the launch completes; `smem` bytes were allowed ([`allow_smem`]).
+    pub(crate) unsafe fn launch_probe(
+        f: cu::CUfunction,
+        ctas: u32,
+        threads: u32,
+        smem: usize,
+        stream: cu::CUstream,
+        params: &mut [*mut std::ffi::c_void],
+    ) -> Result<(), Error> {
+        // SAFETY: the caller's contract above.
+        drv("cuLaunchKernel", unsafe {
+            cu::cuLaunchKernel(
+                f,
+                ctas,
+                1,
+                1,
+                threads,
+                1,
+                1,
+                smem as u32,
+                stream,
+                params.as_mut_ptr(),
+                std::ptr::null_mut(),
+            )
+        })
     }
 
     /// Device-to-device copy of `bytes` bytes: read + write GB/s (the measured HBM bandwidth).
@@ -164,17 +209,9 @@ mod cuda_main {
                 .get_function(&name)
                 .map_err(cuerr("probe function"))?;
             let raw = f.to_raw();
-            // SAFETY: a live function of the current context; the size is what it needs.
-            let r = unsafe {
-                cu::cuFuncSetAttribute(
-                    raw,
-                    cu::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                    smem as i32,
-                )
-            };
-            if r != cu::CUresult::CUDA_SUCCESS {
+            if let Err(e) = allow_smem(raw, smem) {
                 lines.push(format!(
-                    "read probe {name}: {smem} bytes of shared memory refused ({r:?})"
+                    "read probe {name}: {smem} bytes of shared memory refused ({e})"
                 ));
                 continue;
             }
@@ -203,21 +240,7 @@ mod cuda_main {
                 // and for the region probes the warps per region; a kernel of three parameters
                 // reads only the first three entries), alive for the timed launches; the shared
                 // memory was allowed above.
-                drv("cuLaunchKernel", unsafe {
-                    cu::cuLaunchKernel(
-                        raw,
-                        ctas,
-                        1,
-                        1,
-                        threads,
-                        1,
-                        1,
-                        smem as u32,
-                        stream,
-                        params.as_mut_ptr(),
-                        std::ptr::null_mut(),
-                    )
-                })
+                unsafe { launch_probe(raw, ctas, threads, smem, stream, &mut params) }
             })?;
             let gbs = read as f64 / (ms as f64 * 1e-3) / 1e9;
             let grp = region.map_or(String::new(), |(g, _)| format!(", {g} warps per region"));

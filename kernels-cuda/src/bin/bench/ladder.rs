@@ -3,6 +3,7 @@
 //! region probe's, all over the decode bench's cache and in one process, alternated over rounds
 //! (the machine's rate drifts between calls). It tells which step costs the decode its read rate.
 
+use crate::cuda_main::{allow_smem, cuerr, launch_probe};
 use attnrt_cuda::{Error, GpuKvCache, GpuLayer};
 use cust::memory::DeviceBuffer;
 use cust::sys as cu;
@@ -47,41 +48,6 @@ pub struct LadderCache<'a> {
     pub cached: usize,
     /// KV heads of the cache.
     pub n_kv_head: usize,
-}
-
-fn cuerr(call: &'static str) -> impl Fn(cust::error::CudaError) -> Error {
-    move |e| Error::Unsupported(format!("{call}: {e}"))
-}
-
-fn launch(
-    f: cu::CUfunction,
-    ctas: u32,
-    smem: usize,
-    stream: cu::CUstream,
-    params: &mut [*mut std::ffi::c_void],
-) -> Result<(), Error> {
-    // SAFETY: the caller passes a live function of the current context with the parameters
-    // it takes, each alive for the launch, and allowed `smem` bytes of shared memory.
-    let r = unsafe {
-        cu::cuLaunchKernel(
-            f,
-            ctas,
-            1,
-            1,
-            128,
-            1,
-            1,
-            smem as u32,
-            stream,
-            params.as_mut_ptr(),
-            std::ptr::null_mut(),
-        )
-    };
-    if r == cu::CUresult::CUDA_SUCCESS {
-        Ok(())
-    } else {
-        Err(Error::Unsupported(format!("cuLaunchKernel: {r:?}")))
-    }
 }
 
 /// Runs the ladder (`rounds` alternated rounds) after the decode bench's first run of `lc`.
@@ -214,8 +180,12 @@ pub fn run(
                         base_chunks,
                     };
                     let mut params = [(&mut a as *mut PagedProbe).cast::<std::ffi::c_void>()];
-                    let ms =
-                        gpu.time_ms(10, |_| launch(f, ctas as u32, smem, stream, &mut params))?;
+                    let ms = gpu.time_ms(10, |_| {
+                        // SAFETY: `params` points to the kernel's one argument (`a`, a
+                        // `PagedProbe`), alive for the timed launches; the pools, tables and
+                        // sink it names outlive them; the shared memory was allowed above.
+                        unsafe { launch_probe(f, ctas as u32, 128, smem, stream, &mut params) }
+                    })?;
                     (ms, (ctas * keys * 256 * 2) as f64)
                 }
                 Rung::Region(src, bytes) => {
@@ -223,7 +193,7 @@ pub fn run(
                         .get_function("probe_region_kv_s2")
                         .map_err(cuerr("probe function"))?
                         .to_raw();
-                    let smem = 4 * 2 * 2 * 4096;
+                    let smem = UNPAD;
                     allow_smem(f, smem)?;
                     let (mut a, mut t, mut k, mut grp) = (
                         src,
@@ -237,8 +207,12 @@ pub fn run(
                         (&mut k as *mut u64).cast(),
                         (&mut grp as *mut i32).cast(),
                     ];
-                    let ms =
-                        gpu.time_ms(10, |_| launch(f, ctas as u32, smem, stream, &mut params))?;
+                    let ms = gpu.time_ms(10, |_| {
+                        // SAFETY: `params` points to the kernel's four arguments (a buffer of
+                        // `t` tiles, the sink, the warps per region), alive for the timed
+                        // launches; the shared memory was allowed above.
+                        unsafe { launch_probe(f, ctas as u32, 128, smem, stream, &mut params) }
+                    })?;
                     let regions = ctas;
                     let read = (bytes / 4096 / 2 / regions) * regions * 2 * 4096;
                     (ms, read as f64)
@@ -266,22 +240,4 @@ pub fn run(
         ));
     }
     Ok(())
-}
-
-fn allow_smem(f: cu::CUfunction, smem: usize) -> Result<(), Error> {
-    // SAFETY: a live function of the current context.
-    let r = unsafe {
-        cu::cuFuncSetAttribute(
-            f,
-            cu::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            smem as i32,
-        )
-    };
-    if r == cu::CUresult::CUDA_SUCCESS {
-        Ok(())
-    } else {
-        Err(Error::Unsupported(format!(
-            "{smem} bytes of shared memory refused ({r:?})"
-        )))
-    }
 }
