@@ -100,7 +100,9 @@ pub const fn partial_scratch_len(d: usize) -> usize {
 /// register loaded once serves 3 keys), one FMA chain per (key, row) over the head dimension in
 /// registers of increasing `c`, then the 4 rows of a key reduced together in one fixed lane
 /// order (`reduce_sum4`; two keys at once share its last step, `reduce_sum4x2`, with the same
-/// bits). Softmax per row: max and exps over the sub-block's scores in registers
+/// bits). On AVX-512 a whole sub-block with `d` a multiple of 16 is scored 4 keys x 4 rows at
+/// a time and its 16 keys reduced as one transposed tree (`Isa::fold_keys4` ..
+/// `finish_keys16`), again with `reduce_sum4`'s bits. Softmax per row: max and exps over the sub-block's scores in registers
 /// (`exp(-inf) = 0` for padding), the sub-block sum as one lane-wise register sum then one
 /// reduction. PV: 4 rows x 3 registers of the head dimension in 12 accumulators, started from
 /// `a o` (from nothing on the first sub-block), one FMA chain per accumulator in increasing
@@ -572,15 +574,19 @@ impl<E: Elem> RowBlock<'_, E> {
 
         let b1 = (b0 + SUB).min(n);
         let len = b1 - b0;
-        let mut j = 0;
-        while j + 3 <= len {
-            self.score_keys::<I, M, 3>(isa, q, lo + b0 + j, s, j);
-            j += 3;
-        }
-        match len - j {
-            2 => self.score_keys::<I, M, 2>(isa, q, lo + b0 + j, s, j),
-            1 => self.score_keys::<I, M, 1>(isa, q, lo + b0 + j, s, j),
-            _ => {}
+        if I::KEY_FOLD && len == SUB && d % lanes == 0 {
+            self.score_sub16::<I, M>(isa, q, lo + b0, s);
+        } else {
+            let mut j = 0;
+            while j + 3 <= len {
+                self.score_keys::<I, M, 3>(isa, q, lo + b0 + j, s, j);
+                j += 3;
+            }
+            match len - j {
+                2 => self.score_keys::<I, M, 2>(isa, q, lo + b0 + j, s, j),
+                1 => self.score_keys::<I, M, 1>(isa, q, lo + b0 + j, s, j),
+                _ => {}
+            }
         }
 
         // New maxima first (all rows at once below), then exps and sums per row.
@@ -785,6 +791,66 @@ impl<E: Elem> RowBlock<'_, E> {
         }
     }
 
+    /// [`Self::score_keys`] for a whole sub-block of 16 keys on an ISA with [`Isa::KEY_FOLD`]
+    /// (16 lanes) and `d` a multiple of 16, with the same bits: keys four at a time (16
+    /// accumulators, each q load serving four keys), each group folded to one register per
+    /// row, and the four groups finished together into one register of 16 scores per row,
+    /// stored whole: fewer cross-lane shuffles per key than one `reduce_sum4` per key, and no
+    /// scalar extraction of the scores.
+    #[inline(always)]
+    fn score_sub16<I: Isa, const M: usize>(&self, isa: I, q: &[f32], key: usize, s: &mut [f32]) {
+        const { assert!(SUB == 16) };
+        let (d, lanes) = (self.d, I::LANES);
+        let qp = q[..M * d].as_ptr();
+        // Folded groups wait in the row's scratch (two registers' room: the first two groups
+        // folded together, then the third), not in registers next to the 16 accumulators and
+        // 4 keys.
+        let s = &mut s[..M * SROW];
+        for g in 0..4 {
+            let kp: [*const E; 4] =
+                core::array::from_fn(|k| self.kp[key + 4 * g + k].wrapping_add(self.off));
+            for k in 0..4 {
+                self.prefetch_key(isa, key + 4 * g + k + self.pf_ahead);
+            }
+            let mut acc = [[isa.zero(); M]; 4];
+            let mut c = 0;
+            while c < d {
+                let mut kv = [isa.zero(); 4];
+                for (kv, &p) in kv.iter_mut().zip(&kp) {
+                    // SAFETY: `kp[k] + c .. + lanes` lies inside key k's d elements
+                    // (`c + lanes <= d`), valid by the Job's contract.
+                    *kv = unsafe { load_e(isa, p.add(c)) };
+                }
+                for i in 0..M {
+                    // SAFETY: row i of `q` holds d floats and `c + lanes <= d`.
+                    let qv = unsafe { isa.load(qp.add(i * d + c)) };
+                    for (acc, &kv) in acc.iter_mut().zip(&kv) {
+                        acc[i] = isa.mul_add(qv, kv, acc[i]);
+                    }
+                }
+                c += lanes;
+            }
+            for i in 0..M {
+                let row = &mut s[i * SROW..][..2 * LANES_MAX];
+                let (held, third) = row.split_at_mut(LANES_MAX);
+                let w = isa.fold_keys4([acc[0][i], acc[1][i], acc[2][i], acc[3][i]]);
+                match g {
+                    0 | 2 => isa.store_s(third, w),
+                    1 => isa.store_s(held, isa.fold_keys8(isa.load_s(third), w)),
+                    _ => {
+                        let second = isa.fold_keys8(isa.load_s(third), w);
+                        isa.store_s(held, isa.finish_keys16(isa.load_s(held), second));
+                    }
+                }
+            }
+        }
+        let scale = isa.splat(self.scale);
+        for i in 0..M {
+            let row = &mut s[i * SROW..];
+            isa.store_s(row, isa.mul(isa.load_s(row), scale));
+        }
+    }
+
     /// `o[i][c] = alpha[i] o[i][c] + sum_{jj < len} p[i][jj] v[lo + b0 + jj][c]` for the `M`
     /// rows and the `NC` registers of `c` from `c0`, `p[i][jj]` at `pb[i * SROW + jj]` (the
     /// scores, where `I::BROADCAST_OPERAND`) or filling the register at
@@ -930,6 +996,10 @@ mod tests {
                 (32, 2, 1),
                 (40, 3, 300),
                 (8, 5, 33),
+                // Whole sub-blocks of 16 keys on AVX-512 (d a multiple of 16) with 3 rows,
+                // and with a block of 4 rows then 2.
+                (48, 3, 290),
+                (16, 6, 50),
             ] {
                 let q = rand_vec(3 * r * d, 1);
                 let kh: Vec<E> = rand_elem(n * d, 2);

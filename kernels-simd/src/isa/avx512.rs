@@ -128,6 +128,54 @@ impl Isa for Avx512 {
             [t[0], t[4], t[8], t[12]]
         }
     }
+    const KEY_FOLD: bool = true;
+
+    #[inline(always)]
+    fn fold_keys4(self, v: [__m512; 4]) -> __m512 {
+        // `reduce_sum4`'s first two levels: quarter k becomes (q0 + q2) + (q1 + q3) of v[k].
+        // SAFETY: see the impl comment.
+        unsafe {
+            let ab = _mm512_add_ps(
+                _mm512_shuffle_f32x4::<0b01_00_01_00>(v[0], v[1]),
+                _mm512_shuffle_f32x4::<0b11_10_11_10>(v[0], v[1]),
+            );
+            let cd = _mm512_add_ps(
+                _mm512_shuffle_f32x4::<0b01_00_01_00>(v[2], v[3]),
+                _mm512_shuffle_f32x4::<0b11_10_11_10>(v[2], v[3]),
+            );
+            _mm512_add_ps(
+                _mm512_shuffle_f32x4::<0b10_00_10_00>(ab, cd),
+                _mm512_shuffle_f32x4::<0b11_01_11_01>(ab, cd),
+            )
+        }
+    }
+    #[inline(always)]
+    fn fold_keys8(self, a: __m512, b: __m512) -> __m512 {
+        // `reduce_sum4`'s next step for two registers side by side: per quarter, lanes
+        // (0 + 2, 1 + 3) of `a`, then of `b`.
+        // SAFETY: see the impl comment.
+        unsafe {
+            let (a, b) = (_mm512_castps_pd(a), _mm512_castps_pd(b));
+            _mm512_add_ps(
+                _mm512_castpd_ps(_mm512_unpacklo_pd(a, b)),
+                _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)),
+            )
+        }
+    }
+    #[inline(always)]
+    fn finish_keys16(self, a: __m512, b: __m512) -> __m512 {
+        // `reduce_sum4`'s last step, (0 + 2) + (1 + 3) per key: quarter q of the sum then holds
+        // keys q, 4 + q, 8 + q, 12 + q; one permutation puts key k in lane k.
+        // SAFETY: see the impl comment.
+        unsafe {
+            let y = _mm512_add_ps(
+                _mm512_shuffle_ps::<0b10_00_10_00>(a, b),
+                _mm512_shuffle_ps::<0b11_01_11_01>(a, b),
+            );
+            let key_order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+            _mm512_permutexvar_ps(key_order, y)
+        }
+    }
     #[inline(always)]
     fn reduce_max(self, v: __m512) -> f32 {
         // SAFETY: see the impl comment.

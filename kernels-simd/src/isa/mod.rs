@@ -160,6 +160,39 @@ pub(crate) trait Isa: Copy {
         [x[0], x[1], x[2], x[3], y[0], y[1], y[2], y[3]]
     }
 
+    /// Whether [`Isa::fold_keys4`] and [`Isa::finish_keys16`] are implemented (AVX-512 only):
+    /// the decode then reduces the scores of a sub-block of 16 keys as one transposed tree,
+    /// with each key's sum in `reduce_sum4`'s order, instead of one `reduce_sum4` per key.
+    const KEY_FOLD: bool = false;
+
+    /// The first two levels of [`Isa::reduce_sum4`]'s tree for four registers (one key's lane
+    /// products each), all in one register: its quarter `k` holds the four partial sums
+    /// `reduce_sum4` keeps of `v[k]` before its in-lane steps. Only called when
+    /// [`Isa::KEY_FOLD`] is true; the default is never used.
+    #[inline(always)]
+    fn fold_keys4(self, v: [Self::V; 4]) -> Self::V {
+        let _ = v;
+        unreachable!("fold_keys4 without KEY_FOLD")
+    }
+
+    /// The next level for two [`Isa::fold_keys4`] results (keys `0..4` in `a`, `4..8` in `b`):
+    /// one register of the two partial sums per key that `reduce_sum4` keeps before its last
+    /// addition. Only called when [`Isa::KEY_FOLD`] is true; the default is never used.
+    #[inline(always)]
+    fn fold_keys8(self, a: Self::V, b: Self::V) -> Self::V {
+        let _ = (a, b);
+        unreachable!("fold_keys8 without KEY_FOLD")
+    }
+
+    /// Finishes two [`Isa::fold_keys8`] results (keys `0..8` in `a`, `8..16` in `b`): lane `k`
+    /// of the result is the sum of key `k`, with the bits `reduce_sum4` gives it. Only called
+    /// when [`Isa::KEY_FOLD`] is true; the default is never used.
+    #[inline(always)]
+    fn finish_keys16(self, a: Self::V, b: Self::V) -> Self::V {
+        let _ = (a, b);
+        unreachable!("finish_keys16 without KEY_FOLD")
+    }
+
     /// Zero in every lane.
     #[inline(always)]
     fn zero(self) -> Self::V {
@@ -361,5 +394,52 @@ mod tests {
             assert_eq!(bits(&both[..4]), bits(&a), "{tier:?} first group");
             assert_eq!(bits(&both[4..]), bits(&b), "{tier:?} second group");
         }
+    }
+
+    /// For ISAs with [`Isa::KEY_FOLD`]: the fold tree (`fold_keys4`, `fold_keys8`,
+    /// `finish_keys16`) over 16 registers loaded from `x` (one key each), and `reduce_sum4` of
+    /// each group of four.
+    struct Fold16<'a>(&'a [f32]);
+
+    impl WithIsa for Fold16<'_> {
+        type Output = Option<([f32; 16], [f32; 16])>;
+        #[inline(always)]
+        fn run<I: Isa>(self, isa: I) -> Self::Output {
+            if !I::KEY_FOLD {
+                return None;
+            }
+            let l = I::LANES;
+            let key = |k: usize| isa.load_s(&self.0[k * l..]);
+            let w = [0, 1, 2, 3].map(|p| isa.fold_keys4([0, 1, 2, 3].map(|k| key(4 * p + k))));
+            let (lo, hi) = (isa.fold_keys8(w[0], w[1]), isa.fold_keys8(w[2], w[3]));
+            let mut folded = [0.0f32; 16];
+            isa.store_s(&mut folded, isa.finish_keys16(lo, hi));
+            let mut each = [0.0f32; 16];
+            for p in 0..4 {
+                let sums = isa.reduce_sum4([0, 1, 2, 3].map(|k| key(4 * p + k)));
+                each[4 * p..4 * p + 4].copy_from_slice(&sums);
+            }
+            Some((folded, each))
+        }
+    }
+
+    #[test]
+    fn finish_keys16_has_the_bits_of_reduce_sum4() {
+        // Mixed magnitudes per lane, so any other addition order would show in the bits.
+        let x: Vec<f32> = rand_vec(256, 11)
+            .iter()
+            .enumerate()
+            .map(|(i, &v)| v * [1.0, 1e4, 1e-3, 3e2, 7.0, 1e-5][i % 6])
+            .collect();
+        let mut checked = 0;
+        for tier in available() {
+            if let Some((folded, each)) = dispatch(tier, Fold16(&x)) {
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&folded), bits(&each), "{tier:?}");
+                checked += 1;
+            }
+        }
+        // AVX-512 is the one ISA with KEY_FOLD; a machine without it has nothing to check.
+        assert_eq!(checked > 0, crate::tier::supported(Tier::Avx512));
     }
 }
