@@ -60,7 +60,7 @@ impl PartialRows<'_> {
 const MR: usize = 4;
 /// Floats per row of the score scratch: a sub-block padded to whole registers (<= 16 lanes).
 const SROW: usize = SUB + 16;
-const _: () = assert!(PREFETCH_KEYS >= SUB);
+const _: () = assert!(PREFETCH_KEYS >= 2 * SUB);
 /// Keys per online-softmax step: K and V of a sub-block are read together, so the cache is
 /// streamed in small pieces (a paged block of 16 keys per head: one 4 KiB page of K and one
 /// of V for head_dim 128 in f16) rather than as a chunk of K, then of V. On a Zen 5 core
@@ -68,8 +68,8 @@ const _: () = assert!(PREFETCH_KEYS >= SUB);
 /// `attnrt bench decode` (20-23% in the one-thread microbench) and 10% slower from the caches,
 /// where decode is short anyway; 64 keys sat between.
 const SUB: usize = 16;
-/// Keys of the next chunk [`attend_partial_ahead`] uses for prefetching (at least a
-/// sub-block: the last KV head prefetches head 0's keys a sub-block ahead).
+/// Keys of the next chunk [`attend_partial_ahead`] uses for prefetching (at least two
+/// sub-blocks: with one KV head, V lines are prefetched two sub-blocks ahead).
 pub const PREFETCH_KEYS: usize = 32;
 
 /// Floats of one register on the widest ISA.
@@ -110,9 +110,11 @@ pub const fn partial_scratch_len(d: usize) -> usize {
 /// broadcast from the scores where the ISA's FMA does that for free (AVX-512), else from a
 /// scratch register it fills once per sub-block. A (sub-block, KV head, row block) unit's scores
 /// and softmax run before the previous unit's PV (software pipelining), so that the softmax's
-/// dependent chain overlaps independent FMAs. The K and V lines prefetched while a head's keys
-/// are scored are the next head's keys of the sub-block (after the last head, head 0's next
-/// sub-block). The bits of a row depend only on its inputs, `lo..hi`, and the tier (not on the
+/// dependent chain overlaps independent FMAs. The K lines prefetched while a head's keys are
+/// scored are the next head's keys of the sub-block (after the last head, head 0's next
+/// sub-block); the V lines prefetched during a unit's first PV pass are those of the head after
+/// next, so both phases issue prefetches (from memory 8-10% faster than all of them during the
+/// scores, BENCHMARKS.md, thirteenth session). The bits of a row depend only on its inputs, `lo..hi`, and the tier (not on the
 /// order units run in). Tails: a short last sub-block
 /// runs over exactly its keys; 1 or 2 last keys are scored with the same chains; 1-3
 /// leftover rows use a smaller block (the same per-row arithmetic); head-dimension elements
@@ -373,6 +375,8 @@ impl<E: Elem> WithIsa for Job<'_, E> {
                 off: g * head_stride,
                 pf_off: (g + 1) % heads * head_stride,
                 pf_ahead: (g + 1) / heads * SUB,
+                pv_pf_off: (g + 2) % heads * head_stride,
+                pv_pf_ahead: (g + 2) / heads * SUB,
                 q: &q[row * d..],
                 kp,
                 vp,
@@ -476,13 +480,18 @@ struct RowBlock<'a, E> {
     d: usize,
     /// Elements from head 0's keys (`kp`, `vp`, `nk`, `nv`) to this block's head.
     off: usize,
-    /// Elements from head 0's keys to the head whose keys are prefetched: the next head's
+    /// Elements from head 0's keys to the head whose K lines are prefetched: the next head's
     /// keys of this sub-block (about 16 KiB ahead in a paged cache, so still in L1 when
     /// read), or after the last head, head 0's keys of the next sub-block.
     pf_off: usize,
     /// Keys from the one scored to the one prefetched: 0 for the next head, [`SUB`] after
     /// the last.
     pf_ahead: usize,
+    /// The same for the V lines, which the PV pass prefetches two heads ahead (a head's PV
+    /// runs one unit late, next to the next head's scores).
+    pv_pf_off: usize,
+    /// Keys from the one read to the one whose V lines are prefetched.
+    pv_pf_ahead: usize,
     q: &'a [f32],
     kp: &'a [*const E],
     vp: &'a [*const E],
@@ -705,28 +714,33 @@ impl<E: Elem> RowBlock<'_, E> {
         l.copy_from_slice(&soft.lrow[..M]);
     }
 
-    /// Prefetches the K and V lines of chunk key `t`, or of key `t - chunk` of the next chunk.
+    /// Prefetches the K (`values == false`) or V lines of chunk key `t`, or of key
+    /// `t - chunk` of the next chunk, `off` elements on.
     #[inline(always)]
-    fn prefetch_key<I: Isa>(&self, isa: I, t: usize) {
+    fn prefetch_key<I: Isa>(&self, isa: I, t: usize, values: bool, off: usize) {
         let n = self.kp.len();
-        let (pk, pv) = if t < n {
-            (self.kp[t], self.vp[t])
-        } else if let (Some(&k), Some(&v)) = (self.nk.get(t - n), self.nv.get(t - n)) {
-            (k, v)
+        let (table, next) = if values {
+            (self.vp, self.nv)
+        } else {
+            (self.kp, self.nk)
+        };
+        let p = if t < n {
+            table[t]
+        } else if let Some(&p) = next.get(t - n) {
+            p
         } else {
             return;
         };
-        let (pk, pv) = (pk.wrapping_add(self.pf_off), pv.wrapping_add(self.pf_off));
+        let p = p.wrapping_add(off).cast::<u8>();
         let bytes = self.d * core::mem::size_of::<E>();
-        for off in (0..bytes).step_by(64) {
-            isa.prefetch(pk.cast::<u8>().wrapping_add(off));
-            isa.prefetch(pv.cast::<u8>().wrapping_add(off));
+        for at in (0..bytes).step_by(64) {
+            isa.prefetch(p.wrapping_add(at));
         }
     }
 
     /// Scores of the `KB` keys `key..key + KB` (chunk indices) for the `M` rows, times `scale`,
-    /// into `s[i * SROW + at + k]`; prefetches the K and V lines of the same keys of the next
-    /// head, or after the last head, of head 0 a sub-block ahead.
+    /// into `s[i * SROW + at + k]`; prefetches the K lines of the same keys of the next head,
+    /// or after the last head, of head 0 a sub-block ahead.
     #[inline(always)]
     fn score_keys<I: Isa, const M: usize, const KB: usize>(
         &self,
@@ -740,7 +754,7 @@ impl<E: Elem> RowBlock<'_, E> {
         let dv = d / lanes * lanes;
         let kp: [*const E; KB] = core::array::from_fn(|k| self.kp[key + k].wrapping_add(self.off));
         for k in 0..KB {
-            self.prefetch_key(isa, key + k + self.pf_ahead);
+            self.prefetch_key(isa, key + k + self.pf_ahead, false, self.pf_off);
         }
         let mut acc = [[isa.zero(); M]; KB];
         let qp = q.as_ptr();
@@ -810,7 +824,7 @@ impl<E: Elem> RowBlock<'_, E> {
             let kp: [*const E; 4] =
                 core::array::from_fn(|k| self.kp[key + 4 * g + k].wrapping_add(self.off));
             for k in 0..4 {
-                self.prefetch_key(isa, key + 4 * g + k + self.pf_ahead);
+                self.prefetch_key(isa, key + 4 * g + k + self.pf_ahead, false, self.pf_off);
             }
             let mut acc = [[isa.zero(); M]; 4];
             let mut c = 0;
@@ -886,6 +900,10 @@ impl<E: Elem> RowBlock<'_, E> {
             }
         }
         for (j, &p) in vp.iter().enumerate() {
+            if c0 == 0 {
+                let t = self.lo + b0 + j + self.pv_pf_ahead;
+                self.prefetch_key(isa, t, true, self.pv_pf_off);
+            }
             let mut vv = [isa.zero(); NC];
             for (v, vv) in vv.iter_mut().enumerate() {
                 // SAFETY: c0 + NC * LANES <= d, and every key pointer plus `off` is valid for
