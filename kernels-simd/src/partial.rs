@@ -681,18 +681,36 @@ impl<E: Elem> RowBlock<'_, E> {
             }
             pb
         };
+        // The V rows the first pass prefetches, one per key (`Self::pv_pf_off`).
+        let mut pf = [core::ptr::null::<u8>(); SUB];
+        let mut npf = 0;
+        for (j, p) in pf[..len].iter_mut().enumerate() {
+            match self.row_at(self.lo + b0 + j + self.pv_pf_ahead, true, self.pv_pf_off) {
+                Some(row) => *p = row,
+                None => break,
+            }
+            npf = j + 1;
+        }
+        let mut pf = &pf[..npf];
         let mut c0 = 0;
+        // Four registers of columns where the ISA has 32 registers (16 accumulators).
+        if I::LANES == 16 {
+            while c0 + 4 * lanes <= dv {
+                self.pv_cols::<I, M, 4>(isa, pb, b0, len, c0, o, a, pf);
+                (c0, pf) = (c0 + 4 * lanes, &[]);
+            }
+        }
         while c0 + 3 * lanes <= dv {
-            self.pv_cols::<I, M, 3>(isa, pb, b0, len, c0, o, a);
-            c0 += 3 * lanes;
+            self.pv_cols::<I, M, 3>(isa, pb, b0, len, c0, o, a, pf);
+            (c0, pf) = (c0 + 3 * lanes, &[]);
         }
         if c0 + 2 * lanes <= dv {
-            self.pv_cols::<I, M, 2>(isa, pb, b0, len, c0, o, a);
-            c0 += 2 * lanes;
+            self.pv_cols::<I, M, 2>(isa, pb, b0, len, c0, o, a, pf);
+            (c0, pf) = (c0 + 2 * lanes, &[]);
         }
         while c0 < dv {
-            self.pv_cols::<I, M, 1>(isa, pb, b0, len, c0, o, a);
-            c0 += lanes;
+            self.pv_cols::<I, M, 1>(isa, pb, b0, len, c0, o, a, pf);
+            (c0, pf) = (c0 + lanes, &[]);
         }
         let lo = self.lo;
         for c in dv..d {
@@ -714,27 +732,34 @@ impl<E: Elem> RowBlock<'_, E> {
         l.copy_from_slice(&soft.lrow[..M]);
     }
 
-    /// Prefetches the K (`values == false`) or V lines of chunk key `t`, or of key
-    /// `t - chunk` of the next chunk, `off` elements on.
+    /// The first byte of the K (`values == false`) or V row of chunk key `t`, or of key
+    /// `t - chunk` of the next chunk, `off` elements on; `None` past the next chunk's keys.
     #[inline(always)]
-    fn prefetch_key<I: Isa>(&self, isa: I, t: usize, values: bool, off: usize) {
+    fn row_at(&self, t: usize, values: bool, off: usize) -> Option<*const u8> {
         let n = self.kp.len();
         let (table, next) = if values {
             (self.vp, self.nv)
         } else {
             (self.kp, self.nk)
         };
-        let p = if t < n {
-            table[t]
-        } else if let Some(&p) = next.get(t - n) {
-            p
-        } else {
-            return;
-        };
-        let p = p.wrapping_add(off).cast::<u8>();
+        let p = if t < n { table[t] } else { *next.get(t - n)? };
+        Some(p.wrapping_add(off).cast::<u8>())
+    }
+
+    /// Prefetches the lines of one K or V row starting at `p` (any address: a hint).
+    #[inline(always)]
+    fn prefetch_row<I: Isa>(&self, isa: I, p: *const u8) {
         let bytes = self.d * core::mem::size_of::<E>();
         for at in (0..bytes).step_by(64) {
             isa.prefetch(p.wrapping_add(at));
+        }
+    }
+
+    /// Prefetches the K lines of chunk key `t` (see [`Self::row_at`]).
+    #[inline(always)]
+    fn prefetch_key<I: Isa>(&self, isa: I, t: usize) {
+        if let Some(p) = self.row_at(t, false, self.pf_off) {
+            self.prefetch_row(isa, p);
         }
     }
 
@@ -754,7 +779,7 @@ impl<E: Elem> RowBlock<'_, E> {
         let dv = d / lanes * lanes;
         let kp: [*const E; KB] = core::array::from_fn(|k| self.kp[key + k].wrapping_add(self.off));
         for k in 0..KB {
-            self.prefetch_key(isa, key + k + self.pf_ahead, false, self.pf_off);
+            self.prefetch_key(isa, key + k + self.pf_ahead);
         }
         let mut acc = [[isa.zero(); M]; KB];
         let qp = q.as_ptr();
@@ -824,7 +849,7 @@ impl<E: Elem> RowBlock<'_, E> {
             let kp: [*const E; 4] =
                 core::array::from_fn(|k| self.kp[key + 4 * g + k].wrapping_add(self.off));
             for k in 0..4 {
-                self.prefetch_key(isa, key + 4 * g + k + self.pf_ahead, false, self.pf_off);
+                self.prefetch_key(isa, key + 4 * g + k + self.pf_ahead);
             }
             let mut acc = [[isa.zero(); M]; 4];
             let mut c = 0;
@@ -881,6 +906,7 @@ impl<E: Elem> RowBlock<'_, E> {
         c0: usize,
         o: &mut [f32],
         alpha: Option<&[f32]>,
+        pf: &[*const u8],
     ) {
         let (d, lanes) = (self.d, I::LANES);
         let vp = &self.vp[self.lo + b0..][..len];
@@ -900,9 +926,8 @@ impl<E: Elem> RowBlock<'_, E> {
             }
         }
         for (j, &p) in vp.iter().enumerate() {
-            if c0 == 0 {
-                let t = self.lo + b0 + j + self.pv_pf_ahead;
-                self.prefetch_key(isa, t, true, self.pv_pf_off);
+            if let Some(&p) = pf.get(j) {
+                self.prefetch_row(isa, p);
             }
             let mut vv = [isa.zero(); NC];
             for (v, vv) in vv.iter_mut().enumerate() {
