@@ -763,6 +763,40 @@ impl<E: Elem> RowBlock<'_, E> {
         }
     }
 
+    /// Lane-wise partial dot products of the `M` rows of `q` (`d` floats each) with the `KB`
+    /// keys at `kp`, over the first `dv` elements (a multiple of `LANES`): one FMA chain per
+    /// (key, row) in registers of increasing column, each q register loaded once for all keys.
+    #[inline(always)]
+    fn key_dots<I: Isa, const M: usize, const KB: usize>(
+        isa: I,
+        q: &[f32],
+        d: usize,
+        kp: &[*const E; KB],
+        dv: usize,
+    ) -> [[I::V; M]; KB] {
+        debug_assert!(dv <= d && dv.is_multiple_of(I::LANES));
+        let qp = q[..M * d].as_ptr();
+        let mut acc = [[isa.zero(); M]; KB];
+        let mut c = 0;
+        while c < dv {
+            let mut kv = [isa.zero(); KB];
+            for (kv, &p) in kv.iter_mut().zip(kp) {
+                // SAFETY: c + LANES <= dv <= d, and every key pointer is valid for d elements
+                // (the Job's contract, `off` included by the caller).
+                *kv = unsafe { load_e(isa, p.add(c)) };
+            }
+            for i in 0..M {
+                // SAFETY: i < M and c + LANES <= d, inside `q` (`M * d` floats).
+                let qv = unsafe { isa.load(qp.add(i * d + c)) };
+                for (acc, &kv) in acc.iter_mut().zip(&kv) {
+                    acc[i] = isa.mul_add(qv, kv, acc[i]);
+                }
+            }
+            c += I::LANES;
+        }
+        acc
+    }
+
     /// Scores of the `KB` keys `key..key + KB` (chunk indices) for the `M` rows, times `scale`,
     /// into `s[i * SROW + at + k]`; prefetches the K lines of the same keys of the next head,
     /// or after the last head, of head 0 a sub-block ahead.
@@ -781,25 +815,7 @@ impl<E: Elem> RowBlock<'_, E> {
         for k in 0..KB {
             self.prefetch_key(isa, key + k + self.pf_ahead);
         }
-        let mut acc = [[isa.zero(); M]; KB];
-        let qp = q.as_ptr();
-        let mut c = 0;
-        while c < dv {
-            let mut kv = [isa.zero(); KB];
-            for (kv, &p) in kv.iter_mut().zip(&kp) {
-                // SAFETY: c + LANES <= dv <= d, and every key pointer (plus `off`, as taken
-                // above) is valid for d elements.
-                *kv = unsafe { load_e(isa, p.add(c)) };
-            }
-            for i in 0..M {
-                // SAFETY: i < M and c + LANES <= d, inside `q` (`M * d` floats).
-                let qv = unsafe { isa.load(qp.add(i * d + c)) };
-                for (acc, &kv) in acc.iter_mut().zip(&kv) {
-                    acc[i] = isa.mul_add(qv, kv, acc[i]);
-                }
-            }
-            c += lanes;
-        }
+        let acc = Self::key_dots::<I, M, KB>(isa, q, d, &kp, dv);
         // Lane sums of key k's rows in `sums[k]`, two keys per reduction where there are
         // two: the bits of reduce_sum4 on each key's rows either way.
         let pad = |acc: &[I::V; M]| {
@@ -839,8 +855,7 @@ impl<E: Elem> RowBlock<'_, E> {
     #[inline(always)]
     fn score_sub16<I: Isa, const M: usize>(&self, isa: I, q: &[f32], key: usize, s: &mut [f32]) {
         const { assert!(SUB == 16) };
-        let (d, lanes) = (self.d, I::LANES);
-        let qp = q[..M * d].as_ptr();
+        let d = self.d;
         // Folded groups wait in the row's scratch (two registers' room: the first two groups
         // folded together, then the third), not in registers next to the 16 accumulators and
         // 4 keys.
@@ -851,24 +866,7 @@ impl<E: Elem> RowBlock<'_, E> {
             for k in 0..4 {
                 self.prefetch_key(isa, key + 4 * g + k + self.pf_ahead);
             }
-            let mut acc = [[isa.zero(); M]; 4];
-            let mut c = 0;
-            while c < d {
-                let mut kv = [isa.zero(); 4];
-                for (kv, &p) in kv.iter_mut().zip(&kp) {
-                    // SAFETY: `kp[k] + c .. + lanes` lies inside key k's d elements
-                    // (`c + lanes <= d`), valid by the Job's contract.
-                    *kv = unsafe { load_e(isa, p.add(c)) };
-                }
-                for i in 0..M {
-                    // SAFETY: row i of `q` holds d floats and `c + lanes <= d`.
-                    let qv = unsafe { isa.load(qp.add(i * d + c)) };
-                    for (acc, &kv) in acc.iter_mut().zip(&kv) {
-                        acc[i] = isa.mul_add(qv, kv, acc[i]);
-                    }
-                }
-                c += lanes;
-            }
+            let acc = Self::key_dots::<I, M, 4>(isa, q, d, &kp, d);
             for i in 0..M {
                 let row = &mut s[i * SROW..][..2 * LANES_MAX];
                 let (held, third) = row.split_at_mut(LANES_MAX);

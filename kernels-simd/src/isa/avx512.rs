@@ -104,22 +104,10 @@ impl Isa for Avx512 {
         // a register's 128-bit quarters q0..q3 become (q0 + q2) + (q1 + q3), then its lanes
         // (0 + 2) + (1 + 3). Per register that was 8 shuffles and adds of its own; here 12
         // instructions serve all four (the decode's scores reduce 4 rows per key).
+        // One 128-bit quarter per register: (q0 + q2) + (q1 + q3) of v[0] .. v[3].
+        let w = self.fold_keys4(v);
         // SAFETY: see the impl comment.
         unsafe {
-            // (a.q0 + a.q2, a.q1 + a.q3, b.q0 + b.q2, b.q1 + b.q3), and the same of c, d.
-            let ab = _mm512_add_ps(
-                _mm512_shuffle_f32x4::<0b01_00_01_00>(v[0], v[1]),
-                _mm512_shuffle_f32x4::<0b11_10_11_10>(v[0], v[1]),
-            );
-            let cd = _mm512_add_ps(
-                _mm512_shuffle_f32x4::<0b01_00_01_00>(v[2], v[3]),
-                _mm512_shuffle_f32x4::<0b11_10_11_10>(v[2], v[3]),
-            );
-            // One 128-bit quarter per register: (q0 + q2) + (q1 + q3) of a, b, c, d.
-            let w = _mm512_add_ps(
-                _mm512_shuffle_f32x4::<0b10_00_10_00>(ab, cd),
-                _mm512_shuffle_f32x4::<0b11_01_11_01>(ab, cd),
-            );
             // Lanes (0 + 2, 1 + 3), then their sum, in lane 0 of each quarter.
             let w = _mm512_add_ps(w, _mm512_permute_ps::<0b01_00_11_10>(w));
             let w = _mm512_add_ps(w, _mm512_permute_ps::<0b10_11_00_01>(w));
@@ -135,6 +123,7 @@ impl Isa for Avx512 {
         // `reduce_sum4`'s first two levels: quarter k becomes (q0 + q2) + (q1 + q3) of v[k].
         // SAFETY: see the impl comment.
         unsafe {
+            // (a.q0 + a.q2, a.q1 + a.q3, b.q0 + b.q2, b.q1 + b.q3), and the same of c, d.
             let ab = _mm512_add_ps(
                 _mm512_shuffle_f32x4::<0b01_00_01_00>(v[0], v[1]),
                 _mm512_shuffle_f32x4::<0b11_10_11_10>(v[0], v[1]),
