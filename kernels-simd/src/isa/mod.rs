@@ -442,4 +442,65 @@ mod tests {
         // AVX-512 is the one ISA with KEY_FOLD; a machine without it has nothing to check.
         assert_eq!(checked > 0, crate::tier::supported(Tier::Avx512));
     }
+
+    /// `transpose` of `src` (`rows x cols`, row stride `cols + 3`) into a buffer prefilled
+    /// with NaN (row stride `rows + 5`), so any element written wrongly or not at all shows.
+    struct Transpose<'a> {
+        src: &'a [f32],
+        rows: usize,
+        cols: usize,
+    }
+
+    impl WithIsa for Transpose<'_> {
+        type Output = Vec<f32>;
+        #[inline(always)]
+        fn run<I: Isa>(self, isa: I) -> Vec<f32> {
+            let (rows, cols) = (self.rows, self.cols);
+            let mut dst = vec![f32::NAN; cols * (rows + 5)];
+            isa.transpose(self.src, cols + 3, rows, cols, &mut dst, rows + 5);
+            dst
+        }
+    }
+
+    #[test]
+    fn transpose_moves_every_element_on_every_tier() {
+        for &(rows, cols) in &[
+            (1, 1),
+            (16, 16),
+            (32, 16),
+            (17, 33),
+            (15, 16),
+            (16, 15),
+            (40, 7),
+        ] {
+            let src = rand_vec(rows * (cols + 3), 13);
+            for tier in available() {
+                let dst = dispatch(
+                    tier,
+                    Transpose {
+                        src: &src,
+                        rows,
+                        cols,
+                    },
+                );
+                for c in 0..cols {
+                    for i in 0..rows {
+                        let (got, want) = (dst[c * (rows + 5) + i], src[i * (cols + 3) + c]);
+                        assert_eq!(
+                            got.to_bits(),
+                            want.to_bits(),
+                            "{tier:?} {rows}x{cols} ({i}, {c})"
+                        );
+                    }
+                    for pad in rows..rows + 5 {
+                        let untouched = dst[c * (rows + 5) + pad];
+                        assert!(
+                            untouched.is_nan(),
+                            "{tier:?} {rows}x{cols}: wrote past a row"
+                        );
+                    }
+                }
+            }
+        }
+    }
 }
