@@ -1,5 +1,7 @@
 //! Storage element types for weights and K/V: f32, f16, bf16. Arithmetic is always f32.
 
+use crate::isa::Isa;
+use core::any::TypeId;
 use half::{bf16, f16};
 
 mod sealed {
@@ -110,6 +112,33 @@ impl Elem for bf16 {
     #[inline(always)]
     fn from_f32(x: f32) -> Self {
         bf16::from_f32(x)
+    }
+}
+
+/// Loads `LANES` elements at `p` widened to f32 (exact).
+///
+/// # Safety
+/// `p` must be valid for reading `LANES` elements.
+#[inline(always)]
+pub(crate) unsafe fn load_widened<I: Isa, E: Elem>(isa: I, p: *const E) -> I::V {
+    let id = TypeId::of::<E>();
+    // SAFETY (all branches): the type test makes the pointer cast an identity (f32) or a
+    // reinterpretation of 16-bit floats as their bits (f16 and bf16 are `repr(transparent)`
+    // over u16); `p` is valid for LANES elements by the caller's contract.
+    unsafe {
+        if id == TypeId::of::<f16>() {
+            isa.load_f16(p.cast())
+        } else if id == TypeId::of::<bf16>() {
+            isa.load_bf16(p.cast())
+        } else if id == TypeId::of::<f32>() {
+            isa.load(p.cast())
+        } else {
+            let mut t = [0.0f32; 16];
+            for (i, t) in t[..I::LANES].iter_mut().enumerate() {
+                *t = p.add(i).read_unaligned().to_f32();
+            }
+            isa.load_s(&t)
+        }
     }
 }
 

@@ -6,13 +6,11 @@
 //! keys in logical order. So the bits depend on neither the physical layout (how the chunk's
 //! keys are split into runs) nor on the thread that ran the chunk.
 
-use crate::elem::Elem;
+use crate::elem::{load_widened, Elem};
 use crate::error::{add, mul, need, ShapeError};
 use crate::exp::exp_nonpos_v;
 use crate::isa::{dispatch, Isa, WithIsa};
 use crate::tier::{active, Tier};
-use core::any::TypeId;
-use half::{bf16, f16};
 
 /// Most keys in one chunk.
 pub const CHUNK_MAX: usize = 256;
@@ -447,33 +445,6 @@ struct Soft {
     empty: bool,
 }
 
-/// Loads `LANES` elements at `p` widened to f32 (exact).
-///
-/// # Safety
-/// `p` must be valid for reading `LANES` elements.
-#[inline(always)]
-unsafe fn load_e<I: Isa, E: Elem>(isa: I, p: *const E) -> I::V {
-    let id = TypeId::of::<E>();
-    // SAFETY (all branches): the type test makes the pointer cast an identity (f32) or a
-    // reinterpretation of 16-bit floats as their bits (f16 and bf16 are `repr(transparent)`
-    // over u16); `p` is valid for LANES elements by the caller's contract.
-    unsafe {
-        if id == TypeId::of::<f16>() {
-            isa.load_f16(p.cast())
-        } else if id == TypeId::of::<bf16>() {
-            isa.load_bf16(p.cast())
-        } else if id == TypeId::of::<f32>() {
-            isa.load(p.cast())
-        } else {
-            let mut t = [0.0f32; 16];
-            for (i, t) in t[..I::LANES].iter_mut().enumerate() {
-                *t = p.add(i).read_unaligned().to_f32();
-            }
-            isa.load_s(&t)
-        }
-    }
-}
-
 /// Up to [`MR`] consecutive rows of one token (queries at `q`, `d` apart) over the keys
 /// `lo..hi` of the chunk.
 struct RowBlock<'a, E> {
@@ -783,7 +754,7 @@ impl<E: Elem> RowBlock<'_, E> {
             for (kv, &p) in kv.iter_mut().zip(kp) {
                 // SAFETY: c + LANES <= dv <= d, and every key pointer is valid for d elements
                 // (the Job's contract, `off` included by the caller).
-                *kv = unsafe { load_e(isa, p.add(c)) };
+                *kv = unsafe { load_widened(isa, p.add(c)) };
             }
             for i in 0..M {
                 // SAFETY: i < M and c + LANES <= d, inside `q` (`M * d` floats).
@@ -931,7 +902,7 @@ impl<E: Elem> RowBlock<'_, E> {
             for (v, vv) in vv.iter_mut().enumerate() {
                 // SAFETY: c0 + NC * LANES <= d, and every key pointer plus `off` is valid for
                 // d elements.
-                *vv = unsafe { load_e(isa, p.add(self.off + c0 + v * lanes)) };
+                *vv = unsafe { load_widened(isa, p.add(self.off + c0 + v * lanes)) };
             }
             for (i, acc) in acc.iter_mut().enumerate() {
                 // SAFETY: i < M and j < len: the float at i * SROW + j (the register at

@@ -1,7 +1,7 @@
 //! GEMM packing and the register-blocked micro-kernel shared by every tier.
 
 use super::GEMM_NR_MAX;
-use crate::elem::Elem;
+use crate::elem::{load_widened, Elem};
 use crate::isa::Isa;
 
 /// One packed panel of W and where its results go.
@@ -59,36 +59,18 @@ fn prefetch_ahead<E>(row: &[E]) {
     let _ = row;
 }
 
-/// Packs W rows `j0 .. j0 + nc` (and their biases) into `panel` as `k` groups of `nr` floats, so
-/// the micro-kernel reads one contiguous group per reduction step; columns `nc..nr` are zeros.
-/// Widening happens here, once per panel, not once per output row.
-pub(crate) fn pack_panel<E: Elem>(
-    panel: &mut [f32],
-    nr: usize,
-    k: usize,
-    w: &[E],
-    bias: Option<&[E]>,
-    j0: usize,
-    nc: usize,
-) {
-    match nr {
-        4 => pack_panel_nr::<E, 4>(panel, k, w, bias, j0, nc),
-        8 => pack_panel_nr::<E, 8>(panel, k, w, bias, j0, nc),
-        16 => pack_panel_nr::<E, 16>(panel, k, w, bias, j0, nc),
-        32 => pack_panel_nr::<E, 32>(panel, k, w, bias, j0, nc),
-        _ => unreachable!("GEMM_NR is 4, 8, 16 or 32"),
-    }
-}
-
-/// Reduction steps widened per row into a small transposing buffer before they are stored.
-const PACK_T: usize = 8;
-
-/// [`pack_panel`] for a panel width known at compile time: blocks of `PACK_T` reduction steps
-/// are widened row by row (contiguous loads) into a zero-initialised `[NR][PACK_T]` buffer, then
-/// stored transposed as `PACK_T` full groups, so padding columns come out zero and every store
-/// is contiguous; the last `k % PACK_T` steps go element by element.
+/// Packs W rows `j0 .. j0 + nc` (and their biases) into `panel` as `k` groups of
+/// `I::GEMM_NR` floats, so the micro-kernel reads one contiguous group per reduction step;
+/// columns `nc..` are zeros. Widening happens here, once per panel, not once per output row.
+///
+/// Blocks of `LANES` reduction steps are loaded row by row (contiguous, widened in registers)
+/// into a `[GEMM_NR][LANES]` tile whose padding rows stay zero, and the ISA's transpose stores
+/// the tile as `LANES` whole groups; the last `k % LANES` steps go element by element. At one
+/// token this pack is most of a projection's time (the micro-kernel then does 2 FMAs per group),
+/// so it is the ISA's shuffles rather than a scalar scatter of every weight.
 #[inline(always)]
-fn pack_panel_nr<E: Elem, const NR: usize>(
+pub(crate) fn pack_panel<I: Isa, E: Elem>(
+    isa: I,
     panel: &mut [f32],
     k: usize,
     w: &[E],
@@ -96,46 +78,45 @@ fn pack_panel_nr<E: Elem, const NR: usize>(
     j0: usize,
     nc: usize,
 ) {
-    let panel = &mut panel[..NR * (k + 1)];
-    let rows: [&[E]; NR] =
+    let (nr, l) = (I::GEMM_NR, I::LANES);
+    let panel = &mut panel[..nr * (k + 1)];
+    let rows: [&[E]; GEMM_NR_MAX] =
         core::array::from_fn(|c| if c < nc { &w[(j0 + c) * k..][..k] } else { &[] });
-    let full = k - k % PACK_T;
-    for (blk, dst) in panel[..NR * full].chunks_exact_mut(NR * PACK_T).enumerate() {
-        let kb = blk * PACK_T;
+    let rows = &rows[..nc];
+    let mut tile = [0.0f32; GEMM_NR_MAX * TILE_LANES_MAX];
+    let tile = &mut tile[..nr * l];
+    let full = k - k % l;
+    let mut kb = 0;
+    while kb < full {
         if kb.is_multiple_of(PACK_CH) {
-            for row in &rows[..nc] {
+            for row in rows {
                 prefetch_ahead(&row[kb..]);
             }
         }
-        let mut t = [[0.0f32; PACK_T]; NR];
-        for (t, row) in t.iter_mut().zip(&rows[..nc]) {
-            let src: &[E] = &row[kb..kb + PACK_T];
-            for (t, v) in t.iter_mut().zip(src) {
-                *t = v.to_f32();
-            }
+        for (c, row) in rows.iter().enumerate() {
+            let src = &row[kb..kb + l];
+            // SAFETY: `src` holds the LANES elements the load reads.
+            let v = unsafe { load_widened(isa, src.as_ptr()) };
+            isa.store_s(&mut tile[c * l..], v);
         }
-        for (i, group) in dst.chunks_exact_mut(NR).enumerate() {
-            for (g, t) in group.iter_mut().zip(&t) {
-                *g = t[i];
-            }
-        }
+        isa.transpose(tile, l, nr, l, &mut panel[kb * nr..], nr);
+        kb += l;
     }
-    for (kk, group) in panel[NR * full..NR * k].chunks_exact_mut(NR).enumerate() {
+    for (kk, group) in panel[nr * full..nr * k].chunks_exact_mut(nr).enumerate() {
         for (c, g) in group.iter_mut().enumerate() {
-            *g = if c < nc {
-                rows[c][full + kk].to_f32()
-            } else {
-                0.0
-            };
+            *g = rows.get(c).map_or(0.0, |row| row[full + kk].to_f32());
         }
     }
-    let b = &mut panel[NR * k..];
+    let b = &mut panel[nr * k..];
     if let Some(bias) = bias {
         for (dst, v) in b.iter_mut().zip(&bias[j0..j0 + nc]) {
             *dst = v.to_f32();
         }
     }
 }
+
+/// The most lanes of any tier (AVX-512's 16): the width of the pack's tile.
+const TILE_LANES_MAX: usize = 16;
 
 /// Runs the `MR x (NRV * LANES)` micro-kernel over all rows of the panel: full `MR`-row blocks,
 /// then the remaining `< MR` rows with a shorter instance of the same kernel (so a row's bits

@@ -177,7 +177,7 @@ impl<E: Elem> WithIsa for Job<'_, E> {
         while j0 < cols.end {
             let nc = nr.min(cols.end - j0);
             let panel = &mut scratch[..nr * (k + 1)];
-            pack_panel(panel, nr, k, w, bias, j0, nc);
+            pack_panel(isa, panel, k, w, bias, j0, nc);
             let mut job = PanelJob {
                 m: shape.m,
                 k,
