@@ -63,11 +63,13 @@ fn prefetch_ahead<E>(row: &[E]) {
 /// `I::GEMM_NR` floats, so the micro-kernel reads one contiguous group per reduction step;
 /// columns `nc..` are zeros. Widening happens here, once per panel, not once per output row.
 ///
-/// Blocks of `LANES` reduction steps are loaded row by row (contiguous, widened in registers)
-/// into a `[GEMM_NR][LANES]` tile whose padding rows stay zero, and the ISA's transpose stores
-/// the tile as `LANES` whole groups; the last `k % LANES` steps go element by element. At one
-/// token this pack is most of a projection's time (the micro-kernel then does 2 FMAs per group),
-/// so it is the ISA's shuffles rather than a scalar scatter of every weight.
+/// Rows go `LANES` at a time, each group swept over the whole reduction: blocks of `LANES`
+/// steps are loaded row by row (contiguous, widened in registers) into a `[LANES][LANES]` tile
+/// whose padding rows stay zero, and the ISA's transpose stores the tile into `LANES` groups;
+/// the last `k % LANES` steps go element by element. At one token this pack is most of a
+/// projection's time (the micro-kernel then does 2 FMAs per group), so it is the ISA's
+/// shuffles rather than a scalar scatter of every weight, and it reads `LANES` rows of W side
+/// by side rather than the panel's `GEMM_NR` (on a Zen 5 core, m = 1: bf16 8.6 -> 12 GFLOP/s).
 #[inline(always)]
 pub(crate) fn pack_panel<I: Isa, E: Elem>(
     isa: I,
@@ -83,24 +85,28 @@ pub(crate) fn pack_panel<I: Isa, E: Elem>(
     let rows: [&[E]; GEMM_NR_MAX] =
         core::array::from_fn(|c| if c < nc { &w[(j0 + c) * k..][..k] } else { &[] });
     let rows = &rows[..nc];
-    let mut tile = [0.0f32; GEMM_NR_MAX * TILE_LANES_MAX];
-    let tile = &mut tile[..nr * l];
+    let mut tile = [0.0f32; TILE_LANES_MAX * TILE_LANES_MAX];
+    let tile = &mut tile[..l * l];
     let full = k - k % l;
-    let mut kb = 0;
-    while kb < full {
-        if kb.is_multiple_of(PACK_CH) {
-            for row in rows {
-                prefetch_ahead(&row[kb..]);
+    for g0 in (0..nr).step_by(l) {
+        let group = &rows[g0.min(rows.len())..(g0 + l).min(rows.len())];
+        tile.fill(0.0);
+        let mut kb = 0;
+        while kb < full {
+            if kb.is_multiple_of(PACK_CH) {
+                for row in group {
+                    prefetch_ahead(&row[kb..]);
+                }
             }
+            for (c, row) in group.iter().enumerate() {
+                let src = &row[kb..kb + l];
+                // SAFETY: `src` holds the LANES elements the load reads.
+                let v = unsafe { load_widened(isa, src.as_ptr()) };
+                isa.store_s(&mut tile[c * l..], v);
+            }
+            isa.transpose(tile, l, l, l, &mut panel[kb * nr + g0..], nr);
+            kb += l;
         }
-        for (c, row) in rows.iter().enumerate() {
-            let src = &row[kb..kb + l];
-            // SAFETY: `src` holds the LANES elements the load reads.
-            let v = unsafe { load_widened(isa, src.as_ptr()) };
-            isa.store_s(&mut tile[c * l..], v);
-        }
-        isa.transpose(tile, l, nr, l, &mut panel[kb * nr..], nr);
-        kb += l;
     }
     for (kk, group) in panel[nr * full..nr * k].chunks_exact_mut(nr).enumerate() {
         for (c, g) in group.iter_mut().enumerate() {
