@@ -164,77 +164,51 @@ impl Isa for Avx2 {
         }
     }
 
+    const TRANSPOSE_BLOCK: usize = 8;
+
     #[inline(always)]
-    fn transpose(
+    unsafe fn transpose_block(
         self,
-        src: &[f32],
+        src: *const f32,
         src_stride: usize,
-        rows: usize,
-        cols: usize,
-        dst: &mut [f32],
+        dst: *mut f32,
         dst_stride: usize,
     ) {
-        if rows == 0 || cols == 0 {
-            return;
-        }
-        assert!((rows - 1) * src_stride + cols <= src.len());
-        assert!((cols - 1) * dst_stride + rows <= dst.len());
-        let (sp, dp) = (src.as_ptr(), dst.as_mut_ptr());
-        let mut i0 = 0;
-        while i0 + 8 <= rows {
-            let mut c0 = 0;
-            while c0 + 8 <= cols {
-                // SAFETY: see the impl comment; rows i0..i0+8 < rows and columns c0..c0+8 <=
-                // cols, so every read is inside src and every write inside dst (asserted above).
-                unsafe {
-                    // A loop, not a closure: closures lose the target features (no inlining).
-                    let mut r = [_mm256_setzero_ps(); 8];
-                    for (k, r) in r.iter_mut().enumerate() {
-                        *r = _mm256_loadu_ps(sp.add((i0 + k) * src_stride + c0));
-                    }
-                    let t0 = _mm256_unpacklo_ps(r[0], r[1]);
-                    let t1 = _mm256_unpackhi_ps(r[0], r[1]);
-                    let t2 = _mm256_unpacklo_ps(r[2], r[3]);
-                    let t3 = _mm256_unpackhi_ps(r[2], r[3]);
-                    let t4 = _mm256_unpacklo_ps(r[4], r[5]);
-                    let t5 = _mm256_unpackhi_ps(r[4], r[5]);
-                    let t6 = _mm256_unpacklo_ps(r[6], r[7]);
-                    let t7 = _mm256_unpackhi_ps(r[6], r[7]);
-                    let s0 = _mm256_shuffle_ps::<0x44>(t0, t2);
-                    let s1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
-                    let s2 = _mm256_shuffle_ps::<0x44>(t1, t3);
-                    let s3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
-                    let s4 = _mm256_shuffle_ps::<0x44>(t4, t6);
-                    let s5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
-                    let s6 = _mm256_shuffle_ps::<0x44>(t5, t7);
-                    let s7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
-                    let cols8 = [
-                        _mm256_permute2f128_ps::<0x20>(s0, s4),
-                        _mm256_permute2f128_ps::<0x20>(s1, s5),
-                        _mm256_permute2f128_ps::<0x20>(s2, s6),
-                        _mm256_permute2f128_ps::<0x20>(s3, s7),
-                        _mm256_permute2f128_ps::<0x31>(s0, s4),
-                        _mm256_permute2f128_ps::<0x31>(s1, s5),
-                        _mm256_permute2f128_ps::<0x31>(s2, s6),
-                        _mm256_permute2f128_ps::<0x31>(s3, s7),
-                    ];
-                    for (k, &v) in cols8.iter().enumerate() {
-                        _mm256_storeu_ps(dp.add((c0 + k) * dst_stride + i0), v);
-                    }
-                }
-                c0 += 8;
+        // SAFETY: see the impl comment; the 8 x 8 block is readable at `src` and writable at
+        // `dst` by the caller's contract.
+        unsafe {
+            let mut r = [_mm256_setzero_ps(); 8];
+            for (k, r) in r.iter_mut().enumerate() {
+                *r = _mm256_loadu_ps(src.add(k * src_stride));
             }
-            for c in c0..cols {
-                for i in i0..i0 + 8 {
-                    dst[c * dst_stride + i] = src[i * src_stride + c];
-                }
-            }
-            i0 += 8;
-        }
-        for i in i0..rows {
-            let row = &src[i * src_stride..][..cols];
-            for (d, &x) in dst[i..].iter_mut().step_by(dst_stride).zip(row) {
-                *d = x;
+            let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+            let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+            let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+            let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+            let t4 = _mm256_unpacklo_ps(r[4], r[5]);
+            let t5 = _mm256_unpackhi_ps(r[4], r[5]);
+            let t6 = _mm256_unpacklo_ps(r[6], r[7]);
+            let t7 = _mm256_unpackhi_ps(r[6], r[7]);
+            let s0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+            let s1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+            let s2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+            let s3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+            let s4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+            let s5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+            let s6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+            let s7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+            let cols8 = [
+                _mm256_permute2f128_ps::<0x20>(s0, s4),
+                _mm256_permute2f128_ps::<0x20>(s1, s5),
+                _mm256_permute2f128_ps::<0x20>(s2, s6),
+                _mm256_permute2f128_ps::<0x20>(s3, s7),
+                _mm256_permute2f128_ps::<0x31>(s0, s4),
+                _mm256_permute2f128_ps::<0x31>(s1, s5),
+                _mm256_permute2f128_ps::<0x31>(s2, s6),
+                _mm256_permute2f128_ps::<0x31>(s3, s7),
+            ];
+            for (k, &v) in cols8.iter().enumerate() {
+                _mm256_storeu_ps(dst.add(k * dst_stride), v);
             }
         }
     }

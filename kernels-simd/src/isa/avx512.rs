@@ -202,80 +202,54 @@ impl Isa for Avx512 {
         }
     }
 
+    const TRANSPOSE_BLOCK: usize = 16;
+
     #[inline(always)]
-    fn transpose(
+    unsafe fn transpose_block(
         self,
-        src: &[f32],
+        src: *const f32,
         src_stride: usize,
-        rows: usize,
-        cols: usize,
-        dst: &mut [f32],
+        dst: *mut f32,
         dst_stride: usize,
     ) {
-        if rows == 0 || cols == 0 {
-            return;
-        }
-        assert!((rows - 1) * src_stride + cols <= src.len());
-        assert!((cols - 1) * dst_stride + rows <= dst.len());
-        let (sp, dp) = (src.as_ptr(), dst.as_mut_ptr());
-        let mut i0 = 0;
-        while i0 + 16 <= rows {
-            let mut c0 = 0;
-            while c0 + 16 <= cols {
-                // SAFETY: see the impl comment; rows i0..i0+16 <= rows and columns
-                // c0..c0+16 <= cols, so every read is inside src and every write inside dst
-                // (asserted above).
-                unsafe {
-                    let mut r = [_mm512_setzero_ps(); 16];
-                    for (k, r) in r.iter_mut().enumerate() {
-                        *r = _mm512_loadu_ps(sp.add((i0 + k) * src_stride + c0));
-                    }
-                    // Within each 128-bit lane: 4 x 4 blocks transposed (rows 4g..4g+4 of
-                    // column 4L + m in lane L of u[4g + m]).
-                    let mut t = [_mm512_setzero_ps(); 16];
-                    for p in 0..8 {
-                        t[2 * p] = _mm512_unpacklo_ps(r[2 * p], r[2 * p + 1]);
-                        t[2 * p + 1] = _mm512_unpackhi_ps(r[2 * p], r[2 * p + 1]);
-                    }
-                    let mut u = [_mm512_setzero_ps(); 16];
-                    for g in 0..4 {
-                        let (a, b, c, d) = (t[4 * g], t[4 * g + 1], t[4 * g + 2], t[4 * g + 3]);
-                        u[4 * g] = _mm512_shuffle_ps::<0x44>(a, c);
-                        u[4 * g + 1] = _mm512_shuffle_ps::<0xEE>(a, c);
-                        u[4 * g + 2] = _mm512_shuffle_ps::<0x44>(b, d);
-                        u[4 * g + 3] = _mm512_shuffle_ps::<0xEE>(b, d);
-                    }
-                    // Across lanes: column 4L + m gathers lane L of u[m], u[4 + m], u[8 + m],
-                    // u[12 + m].
-                    for m in 0..4 {
-                        let v0 = _mm512_shuffle_f32x4::<0x88>(u[m], u[4 + m]);
-                        let v1 = _mm512_shuffle_f32x4::<0xDD>(u[m], u[4 + m]);
-                        let w0 = _mm512_shuffle_f32x4::<0x88>(u[8 + m], u[12 + m]);
-                        let w1 = _mm512_shuffle_f32x4::<0xDD>(u[8 + m], u[12 + m]);
-                        let col = [
-                            (m, _mm512_shuffle_f32x4::<0x88>(v0, w0)),
-                            (4 + m, _mm512_shuffle_f32x4::<0x88>(v1, w1)),
-                            (8 + m, _mm512_shuffle_f32x4::<0xDD>(v0, w0)),
-                            (12 + m, _mm512_shuffle_f32x4::<0xDD>(v1, w1)),
-                        ];
-                        for (c, v) in col {
-                            _mm512_storeu_ps(dp.add((c0 + c) * dst_stride + i0), v);
-                        }
-                    }
-                }
-                c0 += 16;
+        // SAFETY: see the impl comment; the 16 x 16 block is readable at `src` and writable at
+        // `dst` by the caller's contract.
+        unsafe {
+            let mut r = [_mm512_setzero_ps(); 16];
+            for (k, r) in r.iter_mut().enumerate() {
+                *r = _mm512_loadu_ps(src.add(k * src_stride));
             }
-            for c in c0..cols {
-                for i in i0..i0 + 16 {
-                    dst[c * dst_stride + i] = src[i * src_stride + c];
-                }
+            // Within each 128-bit lane: 4 x 4 blocks transposed (rows 4g..4g+4 of
+            // column 4L + m in lane L of u[4g + m]).
+            let mut t = [_mm512_setzero_ps(); 16];
+            for p in 0..8 {
+                t[2 * p] = _mm512_unpacklo_ps(r[2 * p], r[2 * p + 1]);
+                t[2 * p + 1] = _mm512_unpackhi_ps(r[2 * p], r[2 * p + 1]);
             }
-            i0 += 16;
-        }
-        for i in i0..rows {
-            let row = &src[i * src_stride..][..cols];
-            for (d, &x) in dst[i..].iter_mut().step_by(dst_stride).zip(row) {
-                *d = x;
+            let mut u = [_mm512_setzero_ps(); 16];
+            for g in 0..4 {
+                let (a, b, c, d) = (t[4 * g], t[4 * g + 1], t[4 * g + 2], t[4 * g + 3]);
+                u[4 * g] = _mm512_shuffle_ps::<0x44>(a, c);
+                u[4 * g + 1] = _mm512_shuffle_ps::<0xEE>(a, c);
+                u[4 * g + 2] = _mm512_shuffle_ps::<0x44>(b, d);
+                u[4 * g + 3] = _mm512_shuffle_ps::<0xEE>(b, d);
+            }
+            // Across lanes: column 4L + m gathers lane L of u[m], u[4 + m], u[8 + m],
+            // u[12 + m].
+            for m in 0..4 {
+                let v0 = _mm512_shuffle_f32x4::<0x88>(u[m], u[4 + m]);
+                let v1 = _mm512_shuffle_f32x4::<0xDD>(u[m], u[4 + m]);
+                let w0 = _mm512_shuffle_f32x4::<0x88>(u[8 + m], u[12 + m]);
+                let w1 = _mm512_shuffle_f32x4::<0xDD>(u[8 + m], u[12 + m]);
+                let col = [
+                    (m, _mm512_shuffle_f32x4::<0x88>(v0, w0)),
+                    (4 + m, _mm512_shuffle_f32x4::<0x88>(v1, w1)),
+                    (8 + m, _mm512_shuffle_f32x4::<0xDD>(v0, w0)),
+                    (12 + m, _mm512_shuffle_f32x4::<0xDD>(v1, w1)),
+                ];
+                for (c, v) in col {
+                    _mm512_storeu_ps(dst.add(c * dst_stride), v);
+                }
             }
         }
     }

@@ -84,8 +84,31 @@ pub(crate) trait Isa: Copy {
         args: crate::attend::kernel::Args<'_, E, M>,
     );
 
+    /// Side of the square blocks [`Isa::transpose_block`] moves in registers; 0 where the ISA
+    /// has none (then [`Isa::transpose`] copies element by element).
+    const TRANSPOSE_BLOCK: usize = 0;
+
+    /// Transposes one `TRANSPOSE_BLOCK`-square block: `dst[c * dst_stride + i] =
+    /// src[i * src_stride + c]` for `i, c < TRANSPOSE_BLOCK`. Only called when
+    /// [`Isa::TRANSPOSE_BLOCK`] is not 0; the default is never used.
+    ///
+    /// # Safety
+    /// Every element of the block must be readable at `src` and writable at `dst`.
+    #[inline(always)]
+    unsafe fn transpose_block(
+        self,
+        src: *const f32,
+        src_stride: usize,
+        dst: *mut f32,
+        dst_stride: usize,
+    ) {
+        let _ = (src, src_stride, dst, dst_stride);
+        unreachable!("transpose_block without TRANSPOSE_BLOCK")
+    }
+
     /// `dst[c * dst_stride + i] = src[i * src_stride + c]` for `i < rows`, `c < cols` (a plain
-    /// copy, so exact). ISAs with shuffles override the scalar loop.
+    /// copy, so exact): whole blocks through [`Isa::transpose_block`] where the ISA has one, the
+    /// ragged edges (and everything on other ISAs) element by element.
     ///
     /// # Panics
     /// If `src` or `dst` is too short for the shape (an internal bug).
@@ -99,7 +122,39 @@ pub(crate) trait Isa: Copy {
         dst: &mut [f32],
         dst_stride: usize,
     ) {
-        for i in 0..rows {
+        if rows == 0 || cols == 0 {
+            return;
+        }
+        assert!((rows - 1) * src_stride + cols <= src.len());
+        assert!((cols - 1) * dst_stride + rows <= dst.len());
+        let b = Self::TRANSPOSE_BLOCK;
+        let mut i0 = 0;
+        if b > 0 {
+            let (sp, dp) = (src.as_ptr(), dst.as_mut_ptr());
+            while i0 + b <= rows {
+                let mut c0 = 0;
+                while c0 + b <= cols {
+                    // SAFETY: rows i0..i0 + b <= rows and columns c0..c0 + b <= cols, so every
+                    // read is inside src and every write inside dst (asserted above).
+                    unsafe {
+                        self.transpose_block(
+                            sp.add(i0 * src_stride + c0),
+                            src_stride,
+                            dp.add(c0 * dst_stride + i0),
+                            dst_stride,
+                        )
+                    };
+                    c0 += b;
+                }
+                for c in c0..cols {
+                    for i in i0..i0 + b {
+                        dst[c * dst_stride + i] = src[i * src_stride + c];
+                    }
+                }
+                i0 += b;
+            }
+        }
+        for i in i0..rows {
             let row = &src[i * src_stride..][..cols];
             for (d, &x) in dst[i..].iter_mut().step_by(dst_stride).zip(row) {
                 *d = x;
