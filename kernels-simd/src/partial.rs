@@ -93,32 +93,31 @@ pub const fn partial_scratch_len(d: usize) -> usize {
 /// sub-block are read together and the next sub-block (or the next chunk's first, given by
 /// [`attend_partial_ahead`]) is prefetched meanwhile: per sub-block, `m' = max(m, max s_j)`,
 /// `a = exp(m - m')`, `p_j = exp(s_j - m')`, `l = a l + sum p_j`, `o = a o + sum p_j v_j`.
-/// Tile: up to 4 rows of one token at a time (the r heads sharing a KV head), so every K and V
-/// load serves all of them. Scores: 3 keys x 4 rows in 12 register accumulators (the q
-/// register loaded once serves 3 keys), one FMA chain per (key, row) over the head dimension in
-/// registers of increasing `c`, then the 4 rows of a key reduced together in one fixed lane
-/// order (`reduce_sum4`; two keys at once share its last step, `reduce_sum4x2`, with the same
-/// bits). On AVX-512 a whole sub-block with `d` a multiple of 16 is scored 4 keys x 4 rows at
-/// a time and its 16 keys reduced as one transposed tree (`Isa::fold_keys4` ..
-/// `finish_keys16`), again with `reduce_sum4`'s bits. Softmax per row: max and exps over the sub-block's scores in registers
+/// Tile: up to 4 rows of one token at a time (the r heads sharing a KV head), so every K and V load
+/// serves all of them. Scores: 3 keys x 4 rows in 12 register accumulators (the q register loaded
+/// once serves 3 keys), one FMA chain per (key, row) over the head dimension in registers of
+/// increasing `c`, then the 4 rows of a key reduced together in one fixed lane order
+/// (`reduce_sum4`; two keys at once share its last step, `reduce_sum4x2`, with the same bits). On
+/// AVX-512 a whole sub-block with `d` a multiple of 16 is scored 4 keys x 4 rows at a time and its
+/// 16 keys reduced as one transposed tree (`Isa::fold_keys4` .. `finish_keys16`), again with
+/// `reduce_sum4`'s bits. Softmax per row: max and exps over the sub-block's scores in registers
 /// (`exp(-inf) = 0` for padding), the sub-block sum as one lane-wise register sum then one
-/// reduction. PV: 4 rows x 3 registers of the head dimension in 12 accumulators, started from
-/// `a o` (from nothing on the first sub-block), one FMA chain per accumulator in increasing
-/// `j`, V loaded once per key and register, each probability taken as the FMA's memory operand:
-/// broadcast from the scores where the ISA's FMA does that for free (AVX-512), else from a
-/// scratch register it fills once per sub-block. A (sub-block, KV head, row block) unit's scores
-/// and softmax run before the previous unit's PV (software pipelining), so that the softmax's
-/// dependent chain overlaps independent FMAs. The K lines prefetched while a head's keys are
-/// scored are the next head's keys of the sub-block (after the last head, head 0's next
-/// sub-block); the V lines prefetched during a unit's first PV pass are those of the head after
-/// next, so both phases issue prefetches (from memory 8-10% faster than all of them during the
-/// scores, BENCHMARKS.md, thirteenth session). The bits of a row depend only on its inputs, `lo..hi`, and the tier (not on the
-/// order units run in). Tails: a short last sub-block
-/// runs over exactly its keys; 1 or 2 last keys are scored with the same chains; 1-3
-/// leftover rows use a smaller block (the same per-row arithmetic); head-dimension elements
-/// past the last whole register are added per key in scalar code after the register part
-/// (scores) or as their own scalar chains (PV); `lo == hi` gives `m = -inf`, `l = 0`, `o = 0`
-/// without reading anything.
+/// reduction. PV: 4 rows x 3 registers of the head dimension in 12 accumulators (4 registers in 16
+/// on AVX-512), started from `a o` (from nothing on the first sub-block), one FMA chain per
+/// accumulator in increasing `j`, V loaded once per key and register, each probability taken as the
+/// FMA's memory operand: broadcast from the scores where the ISA's FMA does that for free
+/// (AVX-512), else from a scratch register it fills once per sub-block. A (sub-block, KV head, row
+/// block) unit's scores and softmax run before the previous unit's PV (software pipelining), so
+/// that the softmax's dependent chain overlaps independent FMAs. The K lines prefetched while a
+/// head's keys are scored are the next head's keys of the sub-block (after the last head, head 0's
+/// next sub-block); the V lines prefetched during a unit's first PV pass are those of the head
+/// after next, so both phases issue prefetches (from memory 8-10% faster than all of them during
+/// the scores, BENCHMARKS.md, thirteenth session). The bits of a row depend only on its inputs,
+/// `lo..hi`, and the tier (not on the order units run in). Tails: a short last sub-block runs over
+/// exactly its keys; 1 or 2 last keys are scored with the same chains; 1-3 leftover rows use a
+/// smaller block (the same per-row arithmetic); head-dimension elements past the last whole
+/// register are added per key in scalar code after the register part (scores) or as their own
+/// scalar chains (PV); `lo == hi` gives `m = -inf`, `l = 0`, `o = 0` without reading anything.
 ///
 /// # Errors
 /// A chunk longer than [`CHUNK_MAX`], a range outside the chunk, short slices or scratch;
