@@ -1,6 +1,6 @@
 //! `attnrt bench decode`: one new token per sequence against a long f16 KV cache, as a server
 //! decodes. The figure of merit is the cache read bandwidth of the attention phases, as a
-//! fraction of this machine's read bandwidth measured by a streaming sum in the same run.
+//! fraction of this machine's read bandwidth measured by a streaming read in the same run.
 
 use std::sync::Mutex;
 use std::time::Instant;
@@ -17,27 +17,52 @@ use crate::CliError;
 
 /// Block size of the paged cache.
 const BLOCK: usize = 16;
+/// Bytes of the stream read's buffer, far larger than the caches.
+const STREAM_BYTES: usize = 512 << 20;
 
-/// GB/s of `threads` threads each summing its part of a buffer far larger than the caches.
-fn stream_read_gbs(threads: usize, bytes: usize) -> f64 {
-    let words = vec![1u64; bytes / 8];
+/// Rounds of each case: the stream read and the decode step alternate, and each keeps its best
+/// time, so both see the same moments of a shared machine (whose read bandwidth moved between 31
+/// and 72 GB/s on two threads within minutes, fifteenth session).
+const ROUNDS: usize = 10;
+
+/// `len` elements of `fill` starting on a 64-byte boundary, inside a vector that owns them (the
+/// vector, the offset of the first element).
+fn aligned<T: Copy>(len: usize, fill: T) -> (Vec<T>, usize) {
+    let slack = 64 / core::mem::size_of::<T>();
+    let v = vec![fill; len + slack];
+    let at = v.as_ptr().align_offset(64);
+    (v, at)
+}
+
+/// Seconds `threads` threads take to read `words` (split evenly): the better of two ways to
+/// read, a sum of the u64 words (the code the compiler makes for the baseline target) and the
+/// active SIMD tier's dot product of the same bytes as floats with themselves (the widest
+/// loads the kernels use). The buffer starts on a cache line: misaligned by 16 bytes (where the
+/// allocator puts a large vector) one thread read 33 instead of 39 GB/s, and the u64 sum alone
+/// read 33-35 where the SIMD read reached 39-41 (Zen 5 pair, fifteenth session), so a
+/// fraction of either flattered the kernels.
+fn stream_read_secs(words: &[u64], threads: usize) -> f64 {
     let part = words.len().div_ceil(threads);
-    let mut best = f64::MAX;
-    for _ in 0..3 {
+    let time = |read: &(dyn Fn(&[u64]) -> f64 + Sync)| {
         let start = Instant::now();
-        let total: u64 = std::thread::scope(|s| {
+        let total: f64 = std::thread::scope(|s| {
             let hs: Vec<_> = words
                 .chunks(part)
-                .map(|c| s.spawn(move || c.iter().fold(0u64, |a, &w| a.wrapping_add(w))))
+                .map(|c| s.spawn(move || read(c)))
                 .collect();
             hs.into_iter()
                 .map(|h| h.join().expect("stream thread"))
                 .sum()
         });
         std::hint::black_box(total);
-        best = best.min(start.elapsed().as_secs_f64());
-    }
-    bytes as f64 / best / 1e9
+        start.elapsed().as_secs_f64()
+    };
+    let fold = time(&|c| c.iter().fold(0u64, |a, &w| a.wrapping_add(w)) as f64);
+    let wide = time(&|c| {
+        let f: &[f32] = bytemuck::cast_slice(c);
+        f64::from(attnrt_simd::dot(f, f).expect("equal lengths"))
+    });
+    fold.min(wide)
 }
 
 /// Runs the decode bench.
@@ -71,24 +96,33 @@ pub fn run(quick: bool) -> Result<(), CliError> {
         ("1 x 32768 cached", 1, 32768 / scale),
         ("16 x 4096 cached", 16, 4096 / scale),
     ];
-    let stream = [stream_read_gbs(1, 512 << 20), stream_read_gbs(2, 512 << 20)];
+    // 1.0f32 in both halves of every word: the SIMD read sums normal floats.
+    let (words, at) = aligned(STREAM_BYTES / 8, 0x3f80_0000_3f80_0000u64);
+    let words = &words[at..at + STREAM_BYTES / 8];
     println!(
-        "attnrt bench decode: f16 paged cache (blocks of {BLOCK}), 8 KV heads, head_dim 128, 32 query heads; stream read {:.1} / {:.1} GB/s (1 / 2 threads){}",
-        stream[0],
-        stream[1],
+        "attnrt bench decode: f16 paged cache (blocks of {BLOCK}, 64-byte aligned), 8 KV heads, head_dim 128, 32 query heads; best of {ROUNDS} rounds, each a stream read then a decode step{}",
         if quick { ", QUICK (cache / 8)" } else { "" }
     );
     println!(
-        "| case | threads | attention ms | cache read GB/s | of stream read | whole step ms |"
+        "| case | threads | attention ms | cache read GB/s | stream read GB/s | of stream read | whole step ms |"
     );
-    println!("| --- | --- | --- | --- | --- | --- |");
+    println!("| --- | --- | --- | --- | --- | --- | --- |");
     for (name, seqs, cached) in cases {
         let blocks_per_seq = (cached + 1).div_ceil(BLOCK);
         let num_blocks = seqs * blocks_per_seq;
         let n = kv_pool_len(cfg.n_kv_head, d, BLOCK, num_blocks);
         // The cache is caller memory: fill it directly instead of running a long prefill.
-        let mut k: Vec<f16> = uniform(7, n, 1.0).into_iter().map(f16::from_f32).collect();
-        let mut v: Vec<f16> = uniform(8, n, 1.0).into_iter().map(f16::from_f32).collect();
+        // A server allocates its pool page-aligned; the cache lines of a block then start
+        // where its keys do.
+        let (mut k_pool, k_at) = aligned(n, f16::ZERO);
+        let (mut v_pool, v_at) = aligned(n, f16::ZERO);
+        let (k, v) = (&mut k_pool[k_at..k_at + n], &mut v_pool[v_at..v_at + n]);
+        for (d, s) in k.iter_mut().zip(uniform(7, n, 1.0)) {
+            *d = f16::from_f32(s);
+        }
+        for (d, s) in v.iter_mut().zip(uniform(8, n, 1.0)) {
+            *d = f16::from_f32(s);
+        }
         let tables: Vec<Vec<u32>> = (0..seqs)
             .map(|s| ((s * blocks_per_seq) as u32..((s + 1) * blocks_per_seq) as u32).collect())
             .collect();
@@ -111,13 +145,14 @@ pub fn run(quick: bool) -> Result<(), CliError> {
             };
             let mut ws = vec![0.0; cached_workspace_len(&cfg, &sequences, threads, num_blocks)];
             let mut y = vec![0.0; seqs * c];
-            let mut best = (f64::MAX, f64::MAX);
-            for _ in 0..3 {
+            let mut best = (f64::MAX, f64::MAX, f64::MAX);
+            for _ in 0..ROUNDS {
+                best.2 = best.2.min(stream_read_secs(words, threads));
                 // The step writes the new token's keys; the next repetition overwrites them.
                 let mut cache = KvCache::new(
                     KvPool::F16 {
-                        k: &mut k,
-                        v: &mut v,
+                        k: &mut *k,
+                        v: &mut *v,
                     },
                     8,
                     d,
@@ -137,14 +172,15 @@ pub fn run(quick: bool) -> Result<(), CliError> {
                 // Phases: q/k/v projections, partial states, merge, output projection.
                 let attn =
                     p.get(1).copied().unwrap_or(f64::NAN) + p.get(2).copied().unwrap_or(f64::NAN);
-                best = (best.0.min(attn), best.1.min(step));
+                best = (best.0.min(attn), best.1.min(step), best.2);
             }
             let gbs = read_bytes / best.0 / 1e9;
+            let stream = STREAM_BYTES as f64 / best.2 / 1e9;
             println!(
-                "| {name} | {threads} | {:.2} | {:.1} | {:.0}% | {:.1} |",
+                "| {name} | {threads} | {:.2} | {:.1} | {stream:.1} | {:.0}% | {:.1} |",
                 best.0 * 1e3,
                 gbs,
-                gbs / stream[threads - 1] * 100.0,
+                gbs / stream * 100.0,
                 best.1 * 1e3
             );
         }

@@ -109,8 +109,11 @@ fn run_heads<E: Elem>(n: usize, reps: usize, ahead: bool) {
     let (d, r, heads, block) = (128usize, 4usize, 8usize, 16usize);
     let blocks = n.div_ceil(block);
     let len = blocks * heads * block * d;
-    let k: Vec<E> = fill(2, len).into_iter().map(E::from_f32).collect();
-    let v: Vec<E> = fill(3, len).into_iter().map(E::from_f32).collect();
+    // The pool on a cache-line boundary, as `attnrt bench decode` (and a server) has it.
+    let kk: Vec<E> = fill(2, len + 64).into_iter().map(E::from_f32).collect();
+    let vv: Vec<E> = fill(3, len + 64).into_iter().map(E::from_f32).collect();
+    let (ko, vo) = (kk.as_ptr().align_offset(64), vv.as_ptr().align_offset(64));
+    let (k, v) = (&kk[ko..ko + len], &vv[vo..vo + len]);
     let q = fill(1, heads * r * d);
     let scale = 1.0 / (d as f32).sqrt();
     let mut scratch = vec![0.0f32; partial_scratch_len(d)];
