@@ -6,8 +6,8 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 use attnrt::{
-    cached_workspace_len, kv_pool_len, rope, Config, KvCache, KvPool, Layer, LayerWeights, Rope,
-    RopeTable, ScopedThreads, Sequence, Tensor,
+    cached_workspace_len, kv_pool_len, rope, Config, KvCache, KvPool, Layer, LayerWeights,
+    ParallelFor, Rope, RopeTable, Sequence, Tensor, ThreadPool,
 };
 use attnrt_cli::synth::uniform;
 use half::{bf16, f16};
@@ -41,20 +41,15 @@ fn aligned<T: Copy>(len: usize, fill: T) -> (Vec<T>, usize) {
 /// allocator puts a large vector) one thread read 33 instead of 39 GB/s, and the u64 sum alone
 /// read 33-35 where the SIMD read reached 39-41 (Zen 5 pair, fifteenth session), so a
 /// fraction of either flattered the kernels.
-fn stream_read_secs(words: &[u64], threads: usize) -> f64 {
+fn stream_read_secs(words: &[u64], pool: &ThreadPool) -> f64 {
+    let threads = pool.threads();
     let part = words.len().div_ceil(threads);
     let time = |read: &(dyn Fn(&[u64]) -> f64 + Sync)| {
         let start = Instant::now();
-        let total: f64 = std::thread::scope(|s| {
-            let hs: Vec<_> = words
-                .chunks(part)
-                .map(|c| s.spawn(move || read(c)))
-                .collect();
-            hs.into_iter()
-                .map(|h| h.join().expect("stream thread"))
-                .sum()
+        pool.run(threads, &|t| {
+            let c = &words[(t * part).min(words.len())..((t + 1) * part).min(words.len())];
+            std::hint::black_box(read(c));
         });
-        std::hint::black_box(total);
         start.elapsed().as_secs_f64()
     };
     let fold = time(&|c| c.iter().fold(0u64, |a, &w| a.wrapping_add(w)) as f64);
@@ -140,14 +135,14 @@ pub fn run(quick: bool) -> Result<(), CliError> {
         let read_bytes = (seqs * cached * kv * 2 * 2) as f64;
         for threads in [1, 2] {
             let par = Timed {
-                inner: ScopedThreads { threads },
+                inner: ThreadPool::new(threads),
                 phases: Mutex::new(vec![]),
             };
             let mut ws = vec![0.0; cached_workspace_len(&cfg, &sequences, threads, num_blocks)];
             let mut y = vec![0.0; seqs * c];
             let mut best = (f64::MAX, f64::MAX, f64::MAX);
             for _ in 0..ROUNDS {
-                best.2 = best.2.min(stream_read_secs(words, threads));
+                best.2 = best.2.min(stream_read_secs(words, &par.inner));
                 // The step writes the new token's keys; the next repetition overwrites them.
                 let mut cache = KvCache::new(
                     KvPool::F16 {

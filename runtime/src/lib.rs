@@ -45,6 +45,8 @@ mod linear;
 pub mod mask;
 mod norm;
 mod parallel;
+#[cfg(feature = "std")]
+mod pool;
 mod reference;
 pub mod rope;
 pub mod shard;
@@ -60,6 +62,8 @@ pub use mask::MaskInputs;
 #[cfg(feature = "std")]
 pub use parallel::ScopedThreads;
 pub use parallel::{ParallelFor, Sequential};
+#[cfg(feature = "std")]
+pub use pool::{ThreadPool, DEFAULT_SPIN};
 pub use reference::reference_workspace_len;
 pub use rope::RopeTable;
 pub use shard::{DeviceShard, ShardLayer, ShardPlan, ShardedLayer};
