@@ -16,7 +16,7 @@ use std::time::Instant;
 
 #[path = "bench_util/mod.rs"]
 mod bench_util;
-use bench_util::{cpu_ns, fill};
+use bench_util::{cpu_ns, fill, pool_memory};
 
 fn run<E: Elem>(n: usize, reps: usize, ahead: bool, at_once: bool) {
     if at_once {
@@ -109,10 +109,9 @@ fn run_heads<E: Elem>(n: usize, reps: usize, ahead: bool) {
     let (d, r, heads, block) = (128usize, 4usize, 8usize, 16usize);
     let blocks = n.div_ceil(block);
     let len = blocks * heads * block * d;
-    // The pool on a cache-line boundary, as `attnrt bench decode` (and a server) has it.
-    let kk: Vec<E> = fill(2, len + 64).into_iter().map(E::from_f32).collect();
-    let vv: Vec<E> = fill(3, len + 64).into_iter().map(E::from_f32).collect();
-    let (ko, vo) = (kk.as_ptr().align_offset(64), vv.as_ptr().align_offset(64));
+    // The pool in 2 MiB pages, as `attnrt bench decode` (and a server) has it.
+    let (kk, ko) = pool_memory(fill(2, len).into_iter().map(E::from_f32), E::from_f32(0.0));
+    let (vv, vo) = pool_memory(fill(3, len).into_iter().map(E::from_f32), E::from_f32(0.0));
     let (k, v) = (&kk[ko..ko + len], &vv[vo..vo + len]);
     let q = fill(1, heads * r * d);
     let scale = 1.0 / (d as f32).sqrt();

@@ -39,3 +39,33 @@ pub fn fill(seed: u64, n: usize) -> Vec<f32> {
         })
         .collect()
 }
+
+/// `values` (then `pad` to the end of the vector) in memory laid out as `attnrt bench decode` lays out its KV pool: from a 2 MiB
+/// boundary, on Linux advised into 2 MiB pages before the first write. Returns the vector and
+/// the offset of the first value.
+#[allow(dead_code)] // used by the decode bench only
+pub fn pool_memory<T: Copy>(values: impl ExactSizeIterator<Item = T>, pad: T) -> (Vec<T>, usize) {
+    const PAGE: usize = 2 << 20;
+    let len = values.len();
+    let slack = PAGE / core::mem::size_of::<T>();
+    let mut v: Vec<T> = Vec::with_capacity(len + slack);
+    let at = v.as_ptr().align_offset(PAGE);
+    #[cfg(target_os = "linux")]
+    {
+        extern "C" {
+            fn madvise(addr: *mut core::ffi::c_void, len: usize, advice: i32) -> i32;
+        }
+        const MADV_HUGEPAGE: i32 = 14;
+        let bytes = len * core::mem::size_of::<T>() / PAGE * PAGE;
+        // SAFETY: the advised range starts `at < slack` elements into the allocation and spans
+        // at most `len` elements of it; madvise only changes how the kernel backs that memory
+        // and may fail, leaving ordinary pages.
+        unsafe {
+            madvise(v.as_mut_ptr().add(at).cast(), bytes, MADV_HUGEPAGE);
+        }
+    }
+    v.resize(at, pad);
+    v.extend(values);
+    v.resize(len + slack, pad);
+    (v, at)
+}
