@@ -3,6 +3,7 @@
 use super::GEMM_NR_MAX;
 use crate::elem::{load_widened, Elem};
 use crate::isa::Isa;
+use half::bf16;
 
 /// One packed panel of W and where its results go.
 pub(crate) struct PanelJob<'a> {
@@ -205,5 +206,124 @@ fn tile<I: Isa, const R: usize, const NRV: usize>(isa: I, job: &mut PanelJob<'_>
             }
             out.copy_from_slice(&buf[..nc]);
         }
+    }
+}
+
+/// Rows of x up to which bf16 weights go through [`gemv_bf16`] where the ISA has
+/// [`Isa::bf16_pairs`]: on a Zen 5 core (`gemm_bench`, one thread, bf16 GFLOP/s, panels against
+/// this path) m = 1 12 -> 23, 4 54 -> 87, 8 84-96 -> 131, 12 118 -> 140, but 16 132-140 -> 113
+/// (16 accumulators next to the 16 transposed registers spill).
+pub(crate) const GEMV_M_MAX: usize = 12;
+/// Elements of each row of W that [`gemv_bf16`] prefetches ahead of the ones it reads (512
+/// bytes): on a Zen 5 core 128-256 read 26.5 GB/s in a throwaway bench, 512 24.5, 1024 22.5,
+/// none 22.6 (fifteenth session).
+const GEMV_AHEAD: usize = 256;
+
+/// A few rows of x against whole groups of 16 rows of a bf16 W, read in place.
+pub(crate) struct GemvJob<'a, E> {
+    /// Rows of x and y, `1..=GEMV_M_MAX`.
+    pub m: usize,
+    /// Reduction length.
+    pub k: usize,
+    /// `[m, k]` row-major, validated.
+    pub x: &'a [f32],
+    /// W, `[n, k]`, validated.
+    pub w: &'a [E],
+    /// All `n` biases, validated.
+    pub bias: Option<&'a [E]>,
+    /// Rows of W (columns of y) to compute, a multiple of 16 long.
+    pub cols: core::ops::Range<usize>,
+    /// As [`PanelJob::y`], column `cols.start` at offset `col0`.
+    pub y: &'a mut [f32],
+    /// As [`PanelJob::y_stride`].
+    pub y_stride: usize,
+    /// Offset in a row of `y` of column `cols.start`.
+    pub col0: usize,
+}
+
+/// The GEMM for a few rows of x and bf16 weights, with the same bits as the panel path (one
+/// FMA chain per element in increasing `k`, then the bias) and no panel: 16 rows of W are read
+/// 32 steps at a time, their bf16 pairs transposed in registers ([`Isa::bf16_pairs`]) and
+/// widened by a shift or a mask, each register feeding its step's FMAs at once. At one token
+/// the panel path spends most of its time packing (bf16 m = 1: 13 GFLOP/s on a Zen 5 core).
+/// Returns false, computing nothing, unless `E` is bf16 and the ISA has the tile.
+#[inline(always)]
+pub(crate) fn gemv_bf16<I: Isa, E: Elem>(isa: I, job: &mut GemvJob<'_, E>) -> bool {
+    if I::BF16_PAIRS != 16 || core::any::TypeId::of::<E>() != core::any::TypeId::of::<bf16>() {
+        return false;
+    }
+    match job.m {
+        1 => gemv_rows::<I, E, 1>(isa, job),
+        2 => gemv_rows::<I, E, 2>(isa, job),
+        3 => gemv_rows::<I, E, 3>(isa, job),
+        4 => gemv_rows::<I, E, 4>(isa, job),
+        5 => gemv_rows::<I, E, 5>(isa, job),
+        6 => gemv_rows::<I, E, 6>(isa, job),
+        7 => gemv_rows::<I, E, 7>(isa, job),
+        8 => gemv_rows::<I, E, 8>(isa, job),
+        9 => gemv_rows::<I, E, 9>(isa, job),
+        10 => gemv_rows::<I, E, 10>(isa, job),
+        11 => gemv_rows::<I, E, 11>(isa, job),
+        _ => gemv_rows::<I, E, GEMV_M_MAX>(isa, job),
+    }
+    true
+}
+
+#[inline(always)]
+fn gemv_rows<I: Isa, E: Elem, const R: usize>(isa: I, job: &mut GemvJob<'_, E>) {
+    debug_assert_eq!(job.m, R);
+    debug_assert!(job.cols.len().is_multiple_of(16));
+    let k = job.k;
+    let full = k - k % 32;
+    let xr: [&[f32]; R] = core::array::from_fn(|r| &job.x[r * k..][..k]);
+    let mut j = job.cols.start;
+    while j < job.cols.end {
+        let rows = &job.w[j * k..(j + 16) * k];
+        // bf16 is a u16 underneath (`repr(transparent)`; the caller checked E is bf16).
+        let bits = rows.as_ptr().cast::<u16>();
+        let mut acc = [isa.zero(); R];
+        let mut kb = 0;
+        while kb < full {
+            for i in 0..16 {
+                isa.prefetch(bits.wrapping_add(i * k + kb + GEMV_AHEAD).cast());
+            }
+            // SAFETY: rows i < 16 of `rows` hold k >= kb + 32 elements each, `k` apart.
+            let t = unsafe { isa.bf16_pairs(bits.add(kb), k) };
+            for (c, &t) in t.iter().enumerate() {
+                let (even, odd) = (isa.bf16_even(t), isa.bf16_odd(t));
+                for r in 0..R {
+                    acc[r] = isa.mul_add(isa.splat(xr[r][kb + 2 * c]), even, acc[r]);
+                }
+                for r in 0..R {
+                    acc[r] = isa.mul_add(isa.splat(xr[r][kb + 2 * c + 1]), odd, acc[r]);
+                }
+            }
+            kb += 32;
+        }
+        for kk in full..k {
+            let mut col = [0.0f32; 16];
+            for (i, c) in col.iter_mut().enumerate() {
+                *c = rows[i * k + kk].to_f32();
+            }
+            let wv = isa.load_s(&col);
+            for r in 0..R {
+                acc[r] = isa.mul_add(isa.splat(xr[r][kk]), wv, acc[r]);
+            }
+        }
+        if let Some(b) = job.bias {
+            let mut bias = [0.0f32; 16];
+            for (dst, v) in bias.iter_mut().zip(&b[j..j + 16]) {
+                *dst = v.to_f32();
+            }
+            let bias = isa.load_s(&bias);
+            for a in acc.iter_mut() {
+                *a = isa.add(*a, bias);
+            }
+        }
+        let col = job.col0 + (j - job.cols.start);
+        for (r, &a) in acc.iter().enumerate() {
+            isa.store_s(&mut job.y[r * job.y_stride + col..][..16], a);
+        }
+        j += 16;
     }
 }

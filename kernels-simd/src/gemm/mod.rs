@@ -7,7 +7,7 @@ use crate::error::{add, mul, need, ShapeError};
 use crate::isa::{dispatch, Isa, WithIsa};
 use crate::tier::{active, Tier};
 use core::ops::Range;
-use kernel::{pack_panel, PanelJob};
+use kernel::{gemv_bf16, pack_panel, GemvJob, PanelJob, GEMV_M_MAX};
 
 /// The widest GEMM panel of any tier (AVX-512's 32 columns); sizes the scratch.
 pub const GEMM_NR_MAX: usize = 32;
@@ -158,7 +158,9 @@ impl<E: Elem> WithIsa for Job<'_, E> {
 
     /// Panel loop: for each block of `GEMM_NR` columns of the range, pack (widen) those rows of
     /// W once, then sweep all `m` rows with the ISA's micro-kernel. The last, narrower block is
-    /// zero-padded to a full panel so it runs the same instruction sequence per element.
+    /// zero-padded to a full panel so it runs the same instruction sequence per element. For a
+    /// few rows of x and bf16 weights, whole groups of 16 columns skip the panel
+    /// (`kernel::gemv_bf16`, same bits) where the ISA has its register tile.
     #[inline(always)]
     fn run<I: Isa>(self, isa: I) {
         let Job {
@@ -174,6 +176,25 @@ impl<E: Elem> WithIsa for Job<'_, E> {
         let nr = I::GEMM_NR;
         let k = shape.k;
         let mut j0 = cols.start;
+        if shape.m <= GEMV_M_MAX {
+            // Whole groups of 16 columns without a panel where the weights and the ISA allow
+            // it; the rest below.
+            let whole = cols.start..cols.start + (cols.end - cols.start) / 16 * 16;
+            let mut job = GemvJob {
+                m: shape.m,
+                k,
+                x,
+                w,
+                bias,
+                cols: whole.clone(),
+                y: &mut *y,
+                y_stride,
+                col0: 0,
+            };
+            if gemv_bf16(isa, &mut job) {
+                j0 = whole.end;
+            }
+        }
         while j0 < cols.end {
             let nc = nr.min(cols.end - j0);
             let panel = &mut scratch[..nr * (k + 1)];

@@ -14,6 +14,44 @@ impl Avx512 {
     pub(crate) fn new() -> Option<Self> {
         supported(Tier::Avx512).then_some(Avx512(()))
     }
+
+    /// The 16 x 16 transpose of 32-bit lanes: lane `c` of register `i` goes to lane `i` of
+    /// register `c` (bits moved unchanged).
+    #[inline(always)]
+    fn transpose16(self, r: [__m512; 16]) -> [__m512; 16] {
+        // SAFETY: `self` proves AVX-512F, all these intrinsics need.
+        unsafe {
+            // Within each 128-bit lane: 4 x 4 blocks transposed (rows 4g..4g+4 of
+            // column 4L + m in lane L of u[4g + m]).
+            let mut t = [_mm512_setzero_ps(); 16];
+            for p in 0..8 {
+                t[2 * p] = _mm512_unpacklo_ps(r[2 * p], r[2 * p + 1]);
+                t[2 * p + 1] = _mm512_unpackhi_ps(r[2 * p], r[2 * p + 1]);
+            }
+            let mut u = [_mm512_setzero_ps(); 16];
+            for g in 0..4 {
+                let (a, b, c, d) = (t[4 * g], t[4 * g + 1], t[4 * g + 2], t[4 * g + 3]);
+                u[4 * g] = _mm512_shuffle_ps::<0x44>(a, c);
+                u[4 * g + 1] = _mm512_shuffle_ps::<0xEE>(a, c);
+                u[4 * g + 2] = _mm512_shuffle_ps::<0x44>(b, d);
+                u[4 * g + 3] = _mm512_shuffle_ps::<0xEE>(b, d);
+            }
+            // Across lanes: column 4L + m gathers lane L of u[m], u[4 + m], u[8 + m],
+            // u[12 + m].
+            let mut out = [_mm512_setzero_ps(); 16];
+            for m in 0..4 {
+                let v0 = _mm512_shuffle_f32x4::<0x88>(u[m], u[4 + m]);
+                let v1 = _mm512_shuffle_f32x4::<0xDD>(u[m], u[4 + m]);
+                let w0 = _mm512_shuffle_f32x4::<0x88>(u[8 + m], u[12 + m]);
+                let w1 = _mm512_shuffle_f32x4::<0xDD>(u[8 + m], u[12 + m]);
+                out[m] = _mm512_shuffle_f32x4::<0x88>(v0, w0);
+                out[4 + m] = _mm512_shuffle_f32x4::<0x88>(v1, w1);
+                out[8 + m] = _mm512_shuffle_f32x4::<0xDD>(v0, w0);
+                out[12 + m] = _mm512_shuffle_f32x4::<0xDD>(v1, w1);
+            }
+            out
+        }
+    }
 }
 
 /// Runs `op` compiled with AVX-512F (and F16C, which detection also requires) enabled.
@@ -219,38 +257,40 @@ impl Isa for Avx512 {
             for (k, r) in r.iter_mut().enumerate() {
                 *r = _mm512_loadu_ps(src.add(k * src_stride));
             }
-            // Within each 128-bit lane: 4 x 4 blocks transposed (rows 4g..4g+4 of
-            // column 4L + m in lane L of u[4g + m]).
-            let mut t = [_mm512_setzero_ps(); 16];
-            for p in 0..8 {
-                t[2 * p] = _mm512_unpacklo_ps(r[2 * p], r[2 * p + 1]);
-                t[2 * p + 1] = _mm512_unpackhi_ps(r[2 * p], r[2 * p + 1]);
+            for (c, v) in self.transpose16(r).into_iter().enumerate() {
+                _mm512_storeu_ps(dst.add(c * dst_stride), v);
             }
-            let mut u = [_mm512_setzero_ps(); 16];
-            for g in 0..4 {
-                let (a, b, c, d) = (t[4 * g], t[4 * g + 1], t[4 * g + 2], t[4 * g + 3]);
-                u[4 * g] = _mm512_shuffle_ps::<0x44>(a, c);
-                u[4 * g + 1] = _mm512_shuffle_ps::<0xEE>(a, c);
-                u[4 * g + 2] = _mm512_shuffle_ps::<0x44>(b, d);
-                u[4 * g + 3] = _mm512_shuffle_ps::<0xEE>(b, d);
+        }
+    }
+
+    const BF16_PAIRS: usize = 16;
+
+    #[inline(always)]
+    unsafe fn bf16_pairs(self, p: *const u16, stride: usize) -> [__m512; 16] {
+        // SAFETY: see the impl comment; each row's 32 u16 (64 bytes) are readable by the
+        // caller's contract.
+        unsafe {
+            let mut r = [_mm512_setzero_ps(); 16];
+            for (i, r) in r.iter_mut().enumerate() {
+                *r = _mm512_loadu_ps(p.add(i * stride).cast());
             }
-            // Across lanes: column 4L + m gathers lane L of u[m], u[4 + m], u[8 + m],
-            // u[12 + m].
-            for m in 0..4 {
-                let v0 = _mm512_shuffle_f32x4::<0x88>(u[m], u[4 + m]);
-                let v1 = _mm512_shuffle_f32x4::<0xDD>(u[m], u[4 + m]);
-                let w0 = _mm512_shuffle_f32x4::<0x88>(u[8 + m], u[12 + m]);
-                let w1 = _mm512_shuffle_f32x4::<0xDD>(u[8 + m], u[12 + m]);
-                let col = [
-                    (m, _mm512_shuffle_f32x4::<0x88>(v0, w0)),
-                    (4 + m, _mm512_shuffle_f32x4::<0x88>(v1, w1)),
-                    (8 + m, _mm512_shuffle_f32x4::<0xDD>(v0, w0)),
-                    (12 + m, _mm512_shuffle_f32x4::<0xDD>(v1, w1)),
-                ];
-                for (c, v) in col {
-                    _mm512_storeu_ps(dst.add(c * dst_stride), v);
-                }
-            }
+            // Shuffles move bits unchanged, so pairs of bf16 travel as one f32 lane.
+            self.transpose16(r)
+        }
+    }
+
+    #[inline(always)]
+    fn bf16_even(self, v: __m512) -> __m512 {
+        // SAFETY: see the impl comment.
+        unsafe { _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_castps_si512(v))) }
+    }
+
+    #[inline(always)]
+    fn bf16_odd(self, v: __m512) -> __m512 {
+        // SAFETY: see the impl comment.
+        unsafe {
+            let high = _mm512_set1_epi32(0xffff_0000_u32 as i32);
+            _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(v), high))
         }
     }
 

@@ -106,6 +106,37 @@ pub(crate) trait Isa: Copy {
         unreachable!("transpose_block without TRANSPOSE_BLOCK")
     }
 
+    /// Rows (and pairs of reduction steps) of the bf16 tile [`Isa::bf16_pairs`] loads; 0 where
+    /// the ISA has none (the one-token GEMM then packs panels as for more tokens).
+    const BF16_PAIRS: usize = 0;
+
+    /// Loads 32 bf16 of each of 16 rows (row `i` at `p + i * stride`) and transposes their
+    /// 32-bit pairs: lane `i` of register `c` holds elements `2c` (low half) and `2c + 1` (high
+    /// half) of row `i`, as bits, which [`Isa::bf16_even`] and [`Isa::bf16_odd`] widen. Only
+    /// called when [`Isa::BF16_PAIRS`] is 16; the default is never used.
+    ///
+    /// # Safety
+    /// Each row's 32 elements must be readable.
+    #[inline(always)]
+    unsafe fn bf16_pairs(self, p: *const u16, stride: usize) -> [Self::V; 16] {
+        let _ = (p, stride);
+        unreachable!("bf16_pairs without BF16_PAIRS")
+    }
+
+    /// The first element of each lane's pair of [`Isa::bf16_pairs`], widened (exact).
+    #[inline(always)]
+    fn bf16_even(self, v: Self::V) -> Self::V {
+        let _ = v;
+        unreachable!("bf16_even without BF16_PAIRS")
+    }
+
+    /// The second element of each lane's pair of [`Isa::bf16_pairs`], widened (exact).
+    #[inline(always)]
+    fn bf16_odd(self, v: Self::V) -> Self::V {
+        let _ = v;
+        unreachable!("bf16_odd without BF16_PAIRS")
+    }
+
     /// `dst[c * dst_stride + i] = src[i * src_stride + c]` for `i < rows`, `c < cols` (a plain
     /// copy, so exact): whole blocks through [`Isa::transpose_block`] where the ISA has one, the
     /// ragged edges (and everything on other ISAs) element by element.
