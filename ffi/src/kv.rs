@@ -17,6 +17,7 @@ use half::{bf16, f16};
 
 use crate::backend::{attnrt_backend, lanes};
 use crate::error::{FfiError, FfiResult};
+use crate::kv_memory::PoolMemory;
 use crate::layer::{aliased, attnrt_layer, attnrt_parallel_for_fn};
 use crate::panic::guard;
 use crate::pool::Pool;
@@ -28,21 +29,13 @@ use crate::status::attnrt_status;
 /// The K and V pools of a cache, owned.
 #[derive(Debug)]
 enum Pools {
-    F32(Vec<f32>, Vec<f32>),
-    F16(Vec<f16>, Vec<f16>),
-    Bf16(Vec<bf16>, Vec<bf16>),
+    F32(PoolMemory<f32>, PoolMemory<f32>),
+    F16(PoolMemory<f16>, PoolMemory<f16>),
+    Bf16(PoolMemory<bf16>, PoolMemory<bf16>),
 }
 
-fn zeroed<T: Copy>(n: usize, zero: T) -> FfiResult<Vec<T>> {
-    let mut v = Vec::new();
-    v.try_reserve_exact(n).map_err(|_| {
-        FfiError::new(
-            attnrt_status::ATTNRT_STATUS_OUT_OF_MEMORY,
-            format!("cannot allocate a KV pool of {n} elements"),
-        )
-    })?;
-    v.resize(n, zero);
-    Ok(v)
+fn zeroed<T: Copy>(n: usize, zero: T) -> FfiResult<PoolMemory<T>> {
+    PoolMemory::zeroed(n, zero)
 }
 
 impl Pools {

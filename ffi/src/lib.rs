@@ -31,6 +31,7 @@ mod cuda_multi;
 mod cuda_multi_kv;
 mod error;
 mod kv;
+mod kv_memory;
 mod layer;
 mod panic;
 mod pool;

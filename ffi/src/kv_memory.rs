@@ -1,0 +1,118 @@
+//! The memory of a KV cache handle's pools. Decode reads a pool at memory speed, so the handle
+//! allocates it the way that reads fastest: a pool of 2 MiB or more starts on a 2 MiB boundary
+//! and is advised into 2 MiB pages before the first write (Linux transparent huge pages),
+//! smaller ones start on a cache line. In 4 KiB pages every 4 KiB block of one head's keys is
+//! a TLB miss; in 2 MiB pages one thread of a Zen 5 core read the cache 9-10% faster
+//! (`attnrt bench decode`, BENCHMARKS.md).
+
+use core::ops::{Deref, DerefMut};
+
+use crate::error::{FfiError, FfiResult};
+use crate::status::attnrt_status;
+
+/// Bytes of a huge page, and the least pool size given one.
+const HUGE_PAGE: usize = 2 << 20;
+/// A cache line.
+const LINE: usize = 64;
+
+/// `len` elements inside a vector that owns them, starting `at` elements in.
+pub(crate) struct PoolMemory<T> {
+    buf: Vec<T>,
+    at: usize,
+    len: usize,
+}
+
+impl<T: Copy> PoolMemory<T> {
+    /// `len` copies of `zero`, placed as the module says.
+    pub(crate) fn zeroed(len: usize, zero: T) -> FfiResult<Self> {
+        let size = core::mem::size_of::<T>().max(1);
+        let bytes = len.saturating_mul(size);
+        let align = if bytes >= HUGE_PAGE { HUGE_PAGE } else { LINE };
+        let slack = align / size;
+        let mut buf: Vec<T> = Vec::new();
+        buf.try_reserve_exact(len.saturating_add(slack))
+            .map_err(|_| {
+                FfiError::new(
+                    attnrt_status::ATTNRT_STATUS_OUT_OF_MEMORY,
+                    format!("cannot allocate a KV pool of {len} elements"),
+                )
+            })?;
+        // Below `slack` elements: the allocation is at least `size`-aligned and `align` is a
+        // multiple of `size`.
+        let at = buf.as_ptr().align_offset(align).min(slack);
+        if align == HUGE_PAGE {
+            advise_huge_pages(
+                buf.as_mut_ptr().wrapping_add(at).cast(),
+                bytes / HUGE_PAGE * HUGE_PAGE,
+            );
+        }
+        // The first write of the pool's pages comes after the advice.
+        buf.resize(at + len, zero);
+        Ok(PoolMemory { buf, at, len })
+    }
+}
+
+/// Asks the OS to back `[p, p + bytes)` with huge pages; a hint, ignored where unsupported.
+fn advise_huge_pages(p: *mut core::ffi::c_void, bytes: usize) {
+    #[cfg(target_os = "linux")]
+    {
+        extern "C" {
+            fn madvise(addr: *mut core::ffi::c_void, len: usize, advice: i32) -> i32;
+        }
+        const MADV_HUGEPAGE: i32 = 14;
+        // SAFETY: the range lies inside an allocation the caller owns (reserved, not yet
+        // written); madvise changes only how the kernel backs it and may fail, which leaves
+        // ordinary pages.
+        unsafe {
+            madvise(p, bytes, MADV_HUGEPAGE);
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (p, bytes);
+}
+
+impl<T> core::fmt::Debug for PoolMemory<T> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("PoolMemory")
+            .field("len", &self.len)
+            .field("at", &self.at)
+            .finish()
+    }
+}
+
+impl<T> Deref for PoolMemory<T> {
+    type Target = [T];
+    fn deref(&self) -> &[T] {
+        &self.buf[self.at..self.at + self.len]
+    }
+}
+
+impl<T> DerefMut for PoolMemory<T> {
+    fn deref_mut(&mut self) -> &mut [T] {
+        &mut self.buf[self.at..self.at + self.len]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pools_are_zeroed_and_placed() {
+        for (len, align) in [
+            (0usize, LINE),
+            (3, LINE),
+            (1000, LINE),
+            (3 << 20, HUGE_PAGE),
+        ] {
+            let mut p = PoolMemory::zeroed(len, 0.0f32).unwrap();
+            assert_eq!(p.len(), len);
+            assert!(p.iter().all(|&x| x == 0.0));
+            assert_eq!(p.as_ptr() as usize % align, 0, "len {len}");
+            if len > 0 {
+                p[len - 1] = 1.0;
+                assert_eq!(p[len - 1], 1.0);
+            }
+        }
+    }
+}
