@@ -446,6 +446,15 @@ typedef struct attnrt_layer attnrt_layer;
 typedef struct attnrt_sharded_layer attnrt_sharded_layer;
 
 /**
+ * A pool of worker threads (opaque). Made by [`attnrt_thread_pool_new`], freed by
+ * [`attnrt_thread_pool_free`]; pass [`attnrt_thread_pool_parallel_for`] as a call's
+ * `parallel_for` with the handle as its `parallel_ctx` and the pool's thread count as
+ * `num_threads`. One call runs on a pool at a time: concurrent calls given the same pool wait
+ * for each other (give each calling thread its own pool to run them side by side).
+ */
+typedef struct attnrt_thread_pool attnrt_thread_pool;
+
+/**
  * The configuration of one attention layer (SPEC.md, "Configuration"). A plain struct: fill it
  * with [`attnrt_config_default`], then change the fields you need. Enumerations are stored as
  * `uint32_t`; booleans as `uint8_t` (0 = false, anything else = true).
@@ -668,7 +677,9 @@ typedef struct attnrt_forward_args {
    * value to `attnrt_workspace_size`. With `parallel_for` it is that pool's width (the
    * library calls `parallel_for` with at most this many tasks); without it, 0 or 1 runs on
    * the calling thread and more starts that many scoped threads for the call (the calling
-   * thread is one of them).
+   * thread is one of them). Threads started per call cost a wake-up per phase, which shows
+   * in a decode loop: there, pass [`crate::attnrt_thread_pool_parallel_for`] with a pool
+   * of `num_threads` threads as `parallel_ctx`.
    */
   size_t num_threads;
 } attnrt_forward_args;
@@ -2023,6 +2034,41 @@ attnrt_status attnrt_sharded_forward(const struct attnrt_sharded_layer *layer,
  * The string is static and NUL-terminated: never free it. Thread-safe; never fails.
  */
 const char *attnrt_status_name(uint32_t status);
+
+/**
+ * Creates a pool of `threads` threads, the calling thread of each forward call counting as
+ * one (`threads - 1` workers are started; 0 counts as 1). Idle workers spin for 5 ms after a
+ * call, then sleep until the next one.
+ *
+ * On success `*out` receives the handle; on error it is untouched. Errors:
+ * `ATTNRT_STATUS_NULL_POINTER`, `ATTNRT_STATUS_CONFIG` (more than 1024 threads),
+ * `ATTNRT_STATUS_OUT_OF_MEMORY` (the OS would not start a thread).
+ *
+ * # Safety
+ * `out` must be NULL or valid for one write.
+ */
+attnrt_status attnrt_thread_pool_new(size_t threads, struct attnrt_thread_pool **out);
+
+/**
+ * Stops and joins the workers of a pool made by [`attnrt_thread_pool_new`]. NULL is a no-op.
+ *
+ * Every call using `pool` must have returned, and none may start after; never twice.
+ *
+ * # Safety
+ * `pool` must be NULL or a handle from [`attnrt_thread_pool_new`] not yet freed.
+ */
+void attnrt_thread_pool_free(struct attnrt_thread_pool *pool);
+
+/**
+ * An `attnrt_parallel_for_fn` that runs the tasks on the pool `ctx` (an `attnrt_thread_pool`
+ * handle) and the calling thread. Set it as a call's `parallel_for` with the handle as
+ * `parallel_ctx`. A NULL `ctx` runs every task on the calling thread.
+ *
+ * # Safety
+ * `ctx` must be NULL or a live pool handle, not freed before this returns; `task` and
+ * `task_ctx` are the library's (the contract of `attnrt_parallel_for_fn`).
+ */
+void attnrt_thread_pool_parallel_for(void *ctx, size_t n, attnrt_task_fn task, void *task_ctx);
 
 #ifdef __cplusplus
 }  // extern "C"

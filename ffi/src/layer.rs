@@ -414,7 +414,9 @@ pub struct attnrt_forward_args {
     /// value to `attnrt_workspace_size`. With `parallel_for` it is that pool's width (the
     /// library calls `parallel_for` with at most this many tasks); without it, 0 or 1 runs on
     /// the calling thread and more starts that many scoped threads for the call (the calling
-    /// thread is one of them).
+    /// thread is one of them). Threads started per call cost a wake-up per phase, which shows
+    /// in a decode loop: there, pass [`crate::attnrt_thread_pool_parallel_for`] with a pool
+    /// of `num_threads` threads as `parallel_ctx`.
     pub num_threads: usize,
 }
 

@@ -39,6 +39,7 @@ mod ptr;
 mod shard;
 mod status;
 mod table;
+mod thread_pool;
 
 pub use backend::{
     attnrt_backend, attnrt_capability, attnrt_cpu_tier, attnrt_simd_tier, attnrt_simd_tier_name,
@@ -84,6 +85,10 @@ pub use shard::{
     attnrt_sharded_layer_new, attnrt_sharded_workspace_size,
 };
 pub use status::{attnrt_status, attnrt_status_name};
+pub use thread_pool::{
+    attnrt_thread_pool, attnrt_thread_pool_free, attnrt_thread_pool_new,
+    attnrt_thread_pool_parallel_for,
+};
 
 /// Major version of the library; equal to the crate's (checked at compile time).
 pub const ATTNRT_VERSION_MAJOR: u32 = 0;

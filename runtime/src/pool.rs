@@ -95,6 +95,18 @@ impl ThreadPool {
     /// # Panics
     /// If the OS cannot start a thread.
     pub fn with_spin(threads: usize, spin: Duration) -> Self {
+        Self::try_with_spin(threads, spin).expect("the OS starts a pool thread")
+    }
+
+    /// [`ThreadPool::new`], or the OS's error if it cannot start a thread (the workers already
+    /// started are stopped and joined).
+    pub fn try_new(threads: usize) -> std::io::Result<Self> {
+        Self::try_with_spin(threads, DEFAULT_SPIN)
+    }
+
+    /// [`ThreadPool::with_spin`], or the OS's error if it cannot start a thread (the workers
+    /// already started are stopped and joined).
+    pub fn try_with_spin(threads: usize, spin: Duration) -> std::io::Result<Self> {
         let shared = Arc::new(Shared {
             generation: AtomicU64::new(0),
             job: UnsafeCell::new(core::ptr::null()),
@@ -105,20 +117,20 @@ impl ThreadPool {
             wake: Condvar::new(),
             spin,
         });
-        let workers = (1..threads.max(1))
-            .map(|i| {
-                let shared = Arc::clone(&shared);
-                std::thread::Builder::new()
-                    .name(std::format!("attnrt-pool-{i}"))
-                    .spawn(move || worker(&shared))
-                    .expect("the OS starts a pool thread")
-            })
-            .collect();
-        ThreadPool {
+        // Dropped on an error below: its Drop stops and joins the workers pushed so far.
+        let mut pool = ThreadPool {
             shared,
-            workers,
+            workers: Vec::new(),
             running: Mutex::new(()),
+        };
+        for i in 1..threads.max(1) {
+            let shared = Arc::clone(&pool.shared);
+            let worker = std::thread::Builder::new()
+                .name(std::format!("attnrt-pool-{i}"))
+                .spawn(move || worker(&shared))?;
+            pool.workers.push(worker);
         }
+        Ok(pool)
     }
 
     /// Threads that run tasks, the caller's included.

@@ -316,3 +316,100 @@ fn workspace_size_follows_num_threads() {
     );
     assert!(max_abs_diff(&many.out, &f.expected) <= F32_TOL);
 }
+
+/// A pool handle made through the ABI, freed on drop.
+struct PoolHandle(*mut attnrt_thread_pool);
+
+impl PoolHandle {
+    fn new(threads: usize) -> PoolHandle {
+        let mut p = std::ptr::null_mut();
+        // SAFETY: `p` is valid for one write.
+        let st = unsafe { attnrt_thread_pool_new(threads, &mut p) };
+        assert_eq!(st, attnrt_status::ATTNRT_STATUS_OK, "{}", last_error());
+        assert!(!p.is_null());
+        PoolHandle(p)
+    }
+
+    /// Makes `args` run on this pool, `threads` wide.
+    fn attach(&self, args: &mut attnrt_forward_args) {
+        args.parallel_for = Some(attnrt_thread_pool_parallel_for);
+        args.parallel_ctx = self.0.cast();
+    }
+}
+
+impl Drop for PoolHandle {
+    fn drop(&mut self) {
+        // SAFETY: a live handle from attnrt_thread_pool_new, freed once, no call running.
+        unsafe { attnrt_thread_pool_free(self.0) };
+    }
+}
+
+#[test]
+fn the_librarys_thread_pool_gives_the_same_bits_over_many_calls() {
+    for f in load_all() {
+        let layer = LayerHandle::new(&c_config(&f.cfg), &c_weights(&f));
+        let mut base = CallBuffers::with_threads(&f, &layer, 1);
+        let (st, _) = forward(&layer, &base.args());
+        assert_eq!(st, attnrt_status::ATTNRT_STATUS_OK, "{}", f.name);
+        for threads in [0usize, 1, 2, 3] {
+            let pool = PoolHandle::new(threads);
+            // The same pool for several calls: its workers outlive each one.
+            for call in 0..3 {
+                let mut c = CallBuffers::with_threads(&f, &layer, threads);
+                let mut args = c.args();
+                pool.attach(&mut args);
+                let (st, ran) = forward(&layer, &args);
+                assert_eq!(
+                    (st, ran),
+                    (attnrt_status::ATTNRT_STATUS_OK, SIMD),
+                    "{}: {threads} threads, call {call}: {}",
+                    f.name,
+                    last_error()
+                );
+                assert_eq!(
+                    bits(&c.out),
+                    bits(&base.out),
+                    "{}: pool of {threads}, call {call}",
+                    f.name
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn the_thread_pool_runs_every_task_once_and_refuses_bad_arguments() {
+    unsafe extern "C" fn count(task_ctx: *mut c_void, i: usize) {
+        // SAFETY: task_ctx is the test's counter array, which outlives the parallel-for.
+        let hits = unsafe { &*(task_ctx as *const Vec<AtomicUsize>) };
+        hits[i].fetch_add(1, Ordering::Relaxed);
+    }
+    let pool = PoolHandle::new(4);
+    for ctx in [pool.0.cast::<c_void>(), std::ptr::null_mut()] {
+        for n in [0usize, 1, 5, 100] {
+            let hits: Vec<AtomicUsize> = (0..n).map(|_| AtomicUsize::new(0)).collect();
+            // SAFETY: a live pool (or NULL), the counter task with its context.
+            unsafe {
+                attnrt_thread_pool_parallel_for(ctx, n, count, &hits as *const _ as *mut c_void)
+            };
+            assert!(
+                hits.iter().all(|h| h.load(Ordering::Relaxed) == 1),
+                "n = {n}"
+            );
+        }
+    }
+    let mut p = std::ptr::null_mut();
+    // SAFETY: `p` is valid for one write; NULL `out` is refused before any write.
+    unsafe {
+        assert_eq!(
+            attnrt_thread_pool_new(2, std::ptr::null_mut()),
+            attnrt_status::ATTNRT_STATUS_NULL_POINTER
+        );
+        assert_eq!(
+            attnrt_thread_pool_new(1025, &mut p),
+            attnrt_status::ATTNRT_STATUS_CONFIG
+        );
+        assert!(p.is_null());
+        attnrt_thread_pool_free(std::ptr::null_mut());
+    }
+}
