@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use attnrt::{
     cached_workspace_len, kv_pool_len, rope, Config, KvCache, KvPool, Layer, LayerWeights,
-    ParallelFor, Rope, RopeTable, Sequence, Tensor, ThreadPool,
+    ParallelFor, PoolMemory, Rope, RopeTable, Sequence, Tensor, ThreadPool,
 };
 use attnrt_cli::synth::uniform;
 use half::{bf16, f16};
@@ -25,39 +25,10 @@ const STREAM_BYTES: usize = 512 << 20;
 /// and 72 GB/s on two threads within minutes, fifteenth session).
 const ROUNDS: usize = 10;
 
-/// `len` elements of `fill` in memory laid out as a server lays out a KV pool: starting on a
-/// 2 MiB boundary and, on Linux, advised into 2 MiB pages (transparent huge pages) before the
-/// first write. With 4 KiB pages every 4 KiB block of one head's keys is a TLB miss and a page
-/// walk; in 2 MiB pages one thread read the cache 9-10% faster (Zen 5 pair, fifteenth session).
-/// Returns the vector and the offset of the first element.
-fn pool_memory<T: Copy>(len: usize, fill: T) -> (Vec<T>, usize) {
-    const PAGE: usize = 2 << 20;
-    let slack = PAGE / core::mem::size_of::<T>();
-    let mut v: Vec<T> = Vec::with_capacity(len + slack);
-    let at = v.as_ptr().align_offset(PAGE);
-    #[cfg(target_os = "linux")]
-    {
-        extern "C" {
-            fn madvise(addr: *mut core::ffi::c_void, len: usize, advice: i32) -> i32;
-        }
-        const MADV_HUGEPAGE: i32 = 14;
-        let bytes = len * core::mem::size_of::<T>() / PAGE * PAGE;
-        // SAFETY: `at + len <= len + slack` elements lie inside the allocation (align_offset
-        // of a power of two at most PAGE bytes is below `slack` elements), so the advised
-        // range is memory this vector owns; madvise only changes how the kernel backs it and
-        // may fail (no huge pages), which leaves ordinary pages.
-        unsafe {
-            madvise(v.as_mut_ptr().add(at).cast(), bytes, MADV_HUGEPAGE);
-        }
-    }
-    v.resize(len + slack, fill);
-    (v, at)
-}
-
 /// Seconds `threads` threads take to read `words` (split evenly): the better of two ways to
 /// read, a sum of the u64 words (the code the compiler makes for the baseline target) and the
 /// active SIMD tier's dot product of the same bytes as floats with themselves (the widest
-/// loads the kernels use), over memory laid out as the pool is ([`pool_memory`]). Misaligned by
+/// loads the kernels use), over memory laid out as the pool is ([`PoolMemory`]). Misaligned by
 /// 16 bytes (where the allocator puts a large vector) one thread read 33 instead of 39 GB/s,
 /// the u64 sum alone read 33-35 where the SIMD read reached 39-41, and 2 MiB pages added a few
 /// more (Zen 5 pair, fifteenth session): a fraction of a weaker read flattered the kernels.
@@ -112,8 +83,9 @@ pub fn run(quick: bool) -> Result<(), CliError> {
         ("16 x 4096 cached", 16, 4096 / scale),
     ];
     // 1.0f32 in both halves of every word: the SIMD read sums normal floats.
-    let (words, at) = pool_memory(STREAM_BYTES / 8, 0x3f80_0000_3f80_0000u64);
-    let words = &words[at..at + STREAM_BYTES / 8];
+    let words = PoolMemory::filled(STREAM_BYTES / 8, 0x3f80_0000_3f80_0000u64)
+        .map_err(|e| CliError::Other(format!("stream buffer: {e}")))?;
+    let words = &words[..];
     println!(
         "attnrt bench decode: f16 paged cache (blocks of {BLOCK}) and stream buffer in 2 MiB pages where the OS gives them, 8 KV heads, head_dim 128, 32 query heads; best of {ROUNDS} rounds, each a stream read then a decode step{}",
         if quick { ", QUICK (cache / 8)" } else { "" }
@@ -127,9 +99,12 @@ pub fn run(quick: bool) -> Result<(), CliError> {
         let num_blocks = seqs * blocks_per_seq;
         let n = kv_pool_len(cfg.n_kv_head, d, BLOCK, num_blocks);
         // The cache is caller memory: fill it directly instead of running a long prefill.
-        let (mut k_pool, k_at) = pool_memory(n, f16::ZERO);
-        let (mut v_pool, v_at) = pool_memory(n, f16::ZERO);
-        let (k, v) = (&mut k_pool[k_at..k_at + n], &mut v_pool[v_at..v_at + n]);
+        // As a server allocates a pool: 2 MiB pages where the OS gives them (PoolMemory).
+        let pool = |len| {
+            PoolMemory::filled(len, f16::ZERO).map_err(|e| CliError::Other(format!("pool: {e}")))
+        };
+        let (mut k_pool, mut v_pool) = (pool(n)?, pool(n)?);
+        let (k, v) = (&mut k_pool[..], &mut v_pool[..]);
         for (d, s) in k.iter_mut().zip(uniform(7, n, 1.0)) {
             *d = f16::from_f32(s);
         }

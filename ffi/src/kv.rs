@@ -11,13 +11,13 @@ use core::ffi::c_void;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use attnrt::{
-    cached_workspace_len, kv_pool_len, Config, KvCache, KvGeometry, KvPool, RopeTable, Sequence,
+    cached_workspace_len, kv_pool_len, Config, KvCache, KvGeometry, KvPool, PoolMemory, RopeTable,
+    Sequence,
 };
 use half::{bf16, f16};
 
 use crate::backend::{attnrt_backend, lanes};
 use crate::error::{FfiError, FfiResult};
-use crate::kv_memory::PoolMemory;
 use crate::layer::{aliased, attnrt_layer, attnrt_parallel_for_fn};
 use crate::panic::guard;
 use crate::pool::Pool;
@@ -34,8 +34,15 @@ enum Pools {
     Bf16(PoolMemory<bf16>, PoolMemory<bf16>),
 }
 
+/// `n` copies of `zero` as a pool that decode reads fast ([`PoolMemory`]: 2 MiB pages where
+/// the OS gives them).
 fn zeroed<T: Copy>(n: usize, zero: T) -> FfiResult<PoolMemory<T>> {
-    PoolMemory::zeroed(n, zero)
+    PoolMemory::filled(n, zero).map_err(|_| {
+        FfiError::new(
+            attnrt_status::ATTNRT_STATUS_OUT_OF_MEMORY,
+            format!("cannot allocate a KV pool of {n} elements"),
+        )
+    })
 }
 
 impl Pools {

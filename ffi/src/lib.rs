@@ -31,7 +31,6 @@ mod cuda_multi;
 mod cuda_multi_kv;
 mod error;
 mod kv;
-mod kv_memory;
 mod layer;
 mod panic;
 mod pool;

@@ -56,6 +56,8 @@ pub use backend::Backend;
 pub use config::{BiasFlags, Config, Positional, QkNorm, Rope, RopeConvention, RopeScaling};
 pub use cpu::{cpu_tier, cpu_workspace_len};
 pub use error::{Error, Result};
+#[cfg(feature = "std")]
+pub use kv::PoolMemory;
 pub use kv::{cached_workspace_len, kv_pool_len, KvCache, KvGeometry, KvPool, Sequence};
 pub use layer::{Inputs, Layer, NormPart};
 pub use mask::MaskInputs;

@@ -40,9 +40,10 @@ pub fn fill(seed: u64, n: usize) -> Vec<f32> {
         .collect()
 }
 
-/// `values` (then `pad` to the end of the vector) in memory laid out as `attnrt bench decode` lays out its KV pool: from a 2 MiB
-/// boundary, on Linux advised into 2 MiB pages before the first write. Returns the vector and
-/// the offset of the first value.
+/// `values` (then `pad` to the end of the vector) in memory laid out as `attnrt::PoolMemory`
+/// (which this crate cannot depend on) lays out a KV pool: from a 2 MiB boundary, on Linux
+/// advised into 2 MiB pages before the first write. Returns the vector and the offset of the
+/// first value.
 #[allow(dead_code)] // used by the decode bench only
 pub fn pool_memory<T: Copy>(values: impl ExactSizeIterator<Item = T>, pad: T) -> (Vec<T>, usize) {
     const PAGE: usize = 2 << 20;

@@ -13,17 +13,22 @@
 //!
 //! Decode reads the pool at memory speed, so how it is allocated shows: start both pools on a
 //! cache line (a row split over two lines costs two reads) and, where the OS has them, back them
-//! with 2 MiB pages (on Linux, `madvise(MADV_HUGEPAGE)` before the first write). In 4 KiB
+//! with 2 MiB pages (on Linux, `madvise(MADV_HUGEPAGE)` before the first write; with the `std`
+//! feature [`PoolMemory`] allocates so). In 4 KiB
 //! pages every 4 KiB of one head's keys is a TLB miss; `attnrt bench decode` read the cache
 //! 9-10% faster on one thread of a Zen 5 core in 2 MiB pages (BENCHMARKS.md).
 
 mod forward;
+#[cfg(feature = "std")]
+mod memory;
 
 use half::{bf16, f16};
 
 use crate::error::{Error, Result};
 
 pub use forward::cached_workspace_len;
+#[cfg(feature = "std")]
+pub use memory::PoolMemory;
 
 /// f32/f16/bf16 elements of one pool (K or V) of `num_blocks` blocks.
 pub const fn kv_pool_len(

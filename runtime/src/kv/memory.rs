@@ -1,4 +1,5 @@
-//! The memory of a KV cache handle's pools. Decode reads a pool at memory speed, so the handle
+//! Memory for a KV pool (feature `std`), for hosts that allocate on the heap: the core itself
+//! takes caller memory and never allocates. Decode reads a pool at memory speed, so this
 //! allocates it the way that reads fastest: a pool of 2 MiB or more starts on a 2 MiB boundary
 //! and is advised into 2 MiB pages before the first write (Linux transparent huge pages),
 //! smaller ones start on a cache line. In 4 KiB pages every 4 KiB block of one head's keys is
@@ -6,37 +7,34 @@
 //! (`attnrt bench decode`, BENCHMARKS.md).
 
 use core::ops::{Deref, DerefMut};
-
-use crate::error::{FfiError, FfiResult};
-use crate::status::attnrt_status;
+use std::collections::TryReserveError;
+use std::vec::Vec;
 
 /// Bytes of a huge page, and the least pool size given one.
 const HUGE_PAGE: usize = 2 << 20;
 /// A cache line.
 const LINE: usize = 64;
 
-/// `len` elements inside a vector that owns them, starting `at` elements in.
-pub(crate) struct PoolMemory<T> {
+/// `len` elements inside a vector that owns them, placed as the module says; derefs to the
+/// elements (pass `&mut pool[..]` as a [`crate::KvPool`] slice).
+pub struct PoolMemory<T> {
     buf: Vec<T>,
     at: usize,
     len: usize,
 }
 
 impl<T: Copy> PoolMemory<T> {
-    /// `len` copies of `zero`, placed as the module says.
-    pub(crate) fn zeroed(len: usize, zero: T) -> FfiResult<Self> {
+    /// `len` copies of `value`, placed as the module says.
+    ///
+    /// # Errors
+    /// The allocator's, if it cannot reserve `len` elements (plus the alignment's slack).
+    pub fn filled(len: usize, value: T) -> Result<Self, TryReserveError> {
         let size = core::mem::size_of::<T>().max(1);
         let bytes = len.saturating_mul(size);
         let align = if bytes >= HUGE_PAGE { HUGE_PAGE } else { LINE };
         let slack = align / size;
         let mut buf: Vec<T> = Vec::new();
-        buf.try_reserve_exact(len.saturating_add(slack))
-            .map_err(|_| {
-                FfiError::new(
-                    attnrt_status::ATTNRT_STATUS_OUT_OF_MEMORY,
-                    format!("cannot allocate a KV pool of {len} elements"),
-                )
-            })?;
+        buf.try_reserve_exact(len.saturating_add(slack))?;
         // Below `slack` elements: the allocation is at least `size`-aligned and `align` is a
         // multiple of `size`.
         let at = buf.as_ptr().align_offset(align).min(slack);
@@ -47,7 +45,7 @@ impl<T: Copy> PoolMemory<T> {
             );
         }
         // The first write of the pool's pages comes after the advice.
-        buf.resize(at + len, zero);
+        buf.resize(at + len, value);
         Ok(PoolMemory { buf, at, len })
     }
 }
@@ -105,7 +103,7 @@ mod tests {
             (1000, LINE),
             (3 << 20, HUGE_PAGE),
         ] {
-            let mut p = PoolMemory::zeroed(len, 0.0f32).unwrap();
+            let mut p = PoolMemory::filled(len, 0.0f32).unwrap();
             assert_eq!(p.len(), len);
             assert!(p.iter().all(|&x| x == 0.0));
             assert_eq!(p.as_ptr() as usize % align, 0, "len {len}");
