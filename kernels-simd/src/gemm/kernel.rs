@@ -90,7 +90,7 @@ pub(crate) fn pack_panel<I: Isa, E: Elem>(
     let mut tile = [0.0f32; TILE_LANES_MAX * TILE_LANES_MAX];
     let tile = &mut tile[..l * l];
     let full = k - k % l;
-    let pairs = I::BF16_PAIRS == 16 && TypeId::of::<E>() == TypeId::of::<bf16>();
+    let pairs = has_pair_tile::<I, E>();
     for g0 in (0..nr).step_by(l) {
         let group = &rows[g0.min(rows.len())..(g0 + l).min(rows.len())];
         tile.fill(0.0);
@@ -234,6 +234,13 @@ fn tile<I: Isa, const R: usize, const NRV: usize>(isa: I, job: &mut PanelJob<'_>
     }
 }
 
+/// Whether weights of type `E` can go through the ISA's bf16 pair tile ([`Isa::bf16_pairs`]):
+/// bf16 on an ISA that has it. The pack and [`gemv_bf16`] read W as u16 bits only then.
+#[inline(always)]
+fn has_pair_tile<I: Isa, E: Elem>() -> bool {
+    I::BF16_PAIRS == 16 && TypeId::of::<E>() == TypeId::of::<bf16>()
+}
+
 /// Rows of x up to which bf16 weights go through [`gemv_bf16`] where the ISA has
 /// [`Isa::bf16_pairs`]: on a Zen 5 core (`gemm_bench`, one thread, bf16 GFLOP/s, panels against
 /// this path) m = 1 12 -> 23, 4 54 -> 87, 8 84-96 -> 131, 12 118 -> 140, but 16 132-140 -> 113
@@ -274,7 +281,7 @@ pub(crate) struct GemvJob<'a, E> {
 /// Returns false, computing nothing, unless `E` is bf16 and the ISA has the tile.
 #[inline(always)]
 pub(crate) fn gemv_bf16<I: Isa, E: Elem>(isa: I, job: &mut GemvJob<'_, E>) -> bool {
-    if I::BF16_PAIRS != 16 || TypeId::of::<E>() != TypeId::of::<bf16>() {
+    if !has_pair_tile::<I, E>() {
         return false;
     }
     match job.m {
