@@ -2,7 +2,7 @@
 
 use core::ffi::c_void;
 
-use attnrt::{Config, Inputs, Layer, LayerWeights, MaskInputs, RopeTable, Tensor};
+use attnrt::{Config, Inputs, Layer, LayerWeights, MaskInputs, PoolMemory, RopeTable, Tensor};
 use half::{bf16, f16};
 
 use crate::backend::{
@@ -71,24 +71,22 @@ pub struct attnrt_weights {
     pub k_norm: attnrt_tensor,
 }
 
-/// One tensor owned by a layer handle.
+/// One tensor owned by a layer handle, placed as a KV pool is ([`PoolMemory`]: 2 MiB pages
+/// where the OS gives them), since one-token decode reads every weight once per token.
 #[derive(Debug)]
 pub(crate) enum Owned {
-    F32(Vec<f32>),
-    F16(Vec<f16>),
-    Bf16(Vec<bf16>),
+    F32(PoolMemory<f32>),
+    F16(PoolMemory<f16>),
+    Bf16(PoolMemory<bf16>),
 }
 
-fn copy<T: Copy>(s: &[T]) -> FfiResult<Vec<T>> {
-    let mut v = Vec::new();
-    v.try_reserve_exact(s.len()).map_err(|_| {
+fn copy<T: Copy>(s: &[T]) -> FfiResult<PoolMemory<T>> {
+    PoolMemory::copied(s).map_err(|_| {
         FfiError::new(
             attnrt_status::ATTNRT_STATUS_OUT_OF_MEMORY,
             format!("cannot allocate {} elements for a weight copy", s.len()),
         )
-    })?;
-    v.extend_from_slice(s);
-    Ok(v)
+    })
 }
 
 impl Owned {

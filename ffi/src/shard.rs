@@ -3,7 +3,7 @@
 //! host's threads, and the partial outputs are summed in device order (or returned, for a
 //! caller that reduces them itself).
 
-use attnrt::{ShardLayer, ShardPlan, ShardedLayer, Tensor};
+use attnrt::{PoolMemory, ShardLayer, ShardPlan, ShardedLayer, Tensor};
 
 use crate::backend::{attnrt_backend, lanes, report, table_part};
 use crate::config::attnrt_config;
@@ -62,16 +62,14 @@ impl attnrt_sharded_layer {
     }
 }
 
-fn block<E: Copy + Default>(plan: &ShardPlan, device: usize, wo: &[E]) -> FfiResult<Vec<E>> {
+fn block<E: Copy + Default>(plan: &ShardPlan, device: usize, wo: &[E]) -> FfiResult<PoolMemory<E>> {
     let n = plan.wo_block_len(device)?;
-    let mut v = Vec::new();
-    v.try_reserve_exact(n).map_err(|_| {
+    let mut v = PoolMemory::filled(n, E::default()).map_err(|_| {
         FfiError::new(
             attnrt_status::ATTNRT_STATUS_OUT_OF_MEMORY,
             format!("cannot allocate device {device}'s wo block of {n} elements"),
         )
     })?;
-    v.resize(n, E::default());
     plan.copy_wo(device, wo, &mut v)?;
     Ok(v)
 }
