@@ -430,8 +430,9 @@ typedef struct attnrt_kv_cache attnrt_kv_cache;
 /**
  * An attention layer: a validated configuration and a private copy of its weights.
  *
- * Opaque. Created by [`attnrt_layer_new`], freed by [`attnrt_layer_free`]. Immutable after
- * creation, so any number of threads may run forward calls on one handle at once.
+ * Opaque. Created by [`attnrt_layer_new`], freed by [`attnrt_layer_free`]. Its configuration
+ * and weights are immutable after creation and its kept threads are handed out under a lock,
+ * so any number of threads may run forward calls on one handle at once.
  */
 typedef struct attnrt_layer attnrt_layer;
 
@@ -440,8 +441,9 @@ typedef struct attnrt_layer attnrt_layer;
  * and weights, the plan (which query heads, KV heads and weight rows/columns each device
  * owns; GQA-aware, uneven head counts allowed), and each device's `wo` column block.
  *
- * Opaque. Immutable after creation: any number of threads may run forward calls on one
- * handle at once.
+ * Opaque. Immutable after creation but for the threads it keeps for `num_threads` calls
+ * (handed out under a lock, as by `attnrt_layer`): any number of threads may run forward
+ * calls on one handle at once.
  */
 typedef struct attnrt_sharded_layer attnrt_sharded_layer;
 
@@ -676,10 +678,11 @@ typedef struct attnrt_forward_args {
    * (0 counts as 1; lanes are capped at 64), which sizes its workspace, so pass the same
    * value to `attnrt_workspace_size`. With `parallel_for` it is that pool's width (the
    * library calls `parallel_for` with at most this many tasks); without it, 0 or 1 runs on
-   * the calling thread and more starts that many scoped threads for the call (the calling
-   * thread is one of them). Threads started per call cost a wake-up per phase, which shows
-   * in a decode loop: there, pass [`crate::attnrt_thread_pool_parallel_for`] with a pool
-   * of `num_threads` threads as `parallel_ctx`.
+   * the calling thread and more runs on that many threads (the calling thread is one of
+   * them; at most 64 are started) that the layer handle keeps between calls: started by the
+   * first call that needs them, spinning 5 ms after each call and then asleep, one set per
+   * call running at once, joined by `attnrt_layer_free`. A host that owns its threads
+   * passes `parallel_for` instead (e.g. [`crate::attnrt_thread_pool_parallel_for`]).
    */
   size_t num_threads;
 } attnrt_forward_args;
@@ -1885,7 +1888,8 @@ attnrt_status attnrt_layer_new(const struct attnrt_config *config,
                                struct attnrt_layer **out);
 
 /**
- * Frees a layer made by [`attnrt_layer_new`]. NULL is a no-op.
+ * Frees a layer made by [`attnrt_layer_new`], stopping and joining the threads it kept for
+ * `num_threads` calls. NULL is a no-op.
  *
  * Not thread-safe with respect to the handle: every call using `layer` must have returned,
  * and none may start after; the handle must not be freed twice.

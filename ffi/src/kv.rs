@@ -865,7 +865,7 @@ pub unsafe extern "C" fn attnrt_forward_cached(
         };
 
         let runtime = layer.runtime()?;
-        let pool = Pool::new(a.parallel_for, a.parallel_ctx, a.num_threads);
+        let pool = Pool::new(a.parallel_for, a.parallel_ctx, a.num_threads, &layer.idle);
         let mut pools = cache.lock();
         let mut kv = KvCache::new(
             pools.view(),

@@ -11,7 +11,7 @@ use crate::backend::{
 use crate::config::attnrt_config;
 use crate::error::{FfiError, FfiResult};
 use crate::panic::guard;
-use crate::pool::Pool;
+use crate::pool::{IdlePools, Pool};
 use crate::ptr::{
     as_ref, check, check_out, free_boxed, opt_slice, overlaps, slice, slice_mut, span, write_out,
 };
@@ -109,13 +109,17 @@ impl Owned {
 
 /// An attention layer: a validated configuration and a private copy of its weights.
 ///
-/// Opaque. Created by [`attnrt_layer_new`], freed by [`attnrt_layer_free`]. Immutable after
-/// creation, so any number of threads may run forward calls on one handle at once.
+/// Opaque. Created by [`attnrt_layer_new`], freed by [`attnrt_layer_free`]. Its configuration
+/// and weights are immutable after creation and its kept threads are handed out under a lock,
+/// so any number of threads may run forward calls on one handle at once.
 #[derive(Debug)]
 pub struct attnrt_layer {
     pub(crate) cfg: Config,
     /// wq, wk, wv, wo, bq, bk, bv, bo, q_norm, k_norm.
     tensors: [Option<Owned>; 10],
+    /// Threads of `num_threads` calls between calls (the only state that changes: a forward
+    /// call takes a pool and gives it back, under a lock).
+    pub(crate) idle: IdlePools,
 }
 
 impl attnrt_layer {
@@ -172,7 +176,11 @@ impl attnrt_layer {
         for (slot, v) in tensors.iter_mut().zip(&views) {
             *slot = v.as_ref().map(Owned::of).transpose()?;
         }
-        Ok(attnrt_layer { cfg, tensors })
+        Ok(attnrt_layer {
+            cfg,
+            tensors,
+            idle: IdlePools::default(),
+        })
     }
 
     /// A deep copy (configuration and every weight tensor).
@@ -184,6 +192,7 @@ impl attnrt_layer {
         Ok(attnrt_layer {
             cfg: self.cfg,
             tensors,
+            idle: IdlePools::default(),
         })
     }
 
@@ -279,7 +288,8 @@ pub unsafe extern "C" fn attnrt_layer_new(
     })
 }
 
-/// Frees a layer made by [`attnrt_layer_new`]. NULL is a no-op.
+/// Frees a layer made by [`attnrt_layer_new`], stopping and joining the threads it kept for
+/// `num_threads` calls. NULL is a no-op.
 ///
 /// Not thread-safe with respect to the handle: every call using `layer` must have returned,
 /// and none may start after; the handle must not be freed twice.
@@ -411,10 +421,11 @@ pub struct attnrt_forward_args {
     /// (0 counts as 1; lanes are capped at 64), which sizes its workspace, so pass the same
     /// value to `attnrt_workspace_size`. With `parallel_for` it is that pool's width (the
     /// library calls `parallel_for` with at most this many tasks); without it, 0 or 1 runs on
-    /// the calling thread and more starts that many scoped threads for the call (the calling
-    /// thread is one of them). Threads started per call cost a wake-up per phase, which shows
-    /// in a decode loop: there, pass [`crate::attnrt_thread_pool_parallel_for`] with a pool
-    /// of `num_threads` threads as `parallel_ctx`.
+    /// the calling thread and more runs on that many threads (the calling thread is one of
+    /// them; at most 64 are started) that the layer handle keeps between calls: started by the
+    /// first call that needs them, spinning 5 ms after each call and then asleep, one set per
+    /// call running at once, joined by `attnrt_layer_free`. A host that owns its threads
+    /// passes `parallel_for` instead (e.g. [`crate::attnrt_thread_pool_parallel_for`]).
     pub num_threads: usize,
 }
 
@@ -511,7 +522,7 @@ pub unsafe extern "C" fn attnrt_forward(
                 workspace_elems(plan, cfg, a.batch, a.seq_len, lanes, with_table)
             })
         }?;
-        let pool = Pool::new(a.parallel_for, a.parallel_ctx, a.num_threads);
+        let pool = Pool::new(a.parallel_for, a.parallel_ctx, a.num_threads, &layer.idle);
         let ran = dispatch(
             plan,
             &layer.runtime()?,

@@ -42,8 +42,9 @@ impl attnrt_shard_mode {
 /// and weights, the plan (which query heads, KV heads and weight rows/columns each device
 /// owns; GQA-aware, uneven head counts allowed), and each device's `wo` column block.
 ///
-/// Opaque. Immutable after creation: any number of threads may run forward calls on one
-/// handle at once.
+/// Opaque. Immutable after creation but for the threads it keeps for `num_threads` calls
+/// (handed out under a lock, as by `attnrt_layer`): any number of threads may run forward
+/// calls on one handle at once.
 #[derive(Debug)]
 pub struct attnrt_sharded_layer {
     host: attnrt_layer,
@@ -249,7 +250,12 @@ pub unsafe extern "C" fn attnrt_sharded_forward(
             })
         }?;
         let exec_ws = call.exec_ws;
-        let pool = Pool::new(a.parallel_for, a.parallel_ctx, a.num_threads);
+        let pool = Pool::new(
+            a.parallel_for,
+            a.parallel_ctx,
+            a.num_threads,
+            &layer.host.idle,
+        );
         let ran = if partials {
             sharded.forward_cpu_partials(&call.inputs, exec_ws, call.out, pool.as_dyn())
         } else {

@@ -413,3 +413,57 @@ fn the_thread_pool_runs_every_task_once_and_refuses_bad_arguments() {
         attnrt_thread_pool_free(std::ptr::null_mut());
     }
 }
+
+/// Benchmark, not a check (`cargo test --release -p attnrt-tests --test ffi_threads --
+/// --ignored --nocapture`): median time of a one-token forward (a decode step's projections
+/// and attention over one token) through the C ABI on one thread, with `num_threads = 2`
+/// (threads the layer handle keeps between calls), and with a host callback that starts two
+/// threads per parallel phase (what `num_threads` did before). Ratios are against one thread
+/// in the same run.
+#[test]
+#[ignore]
+fn one_token_calls_timing() {
+    let cfg = attnrt::Config::new(1024, 16)
+        .with_kv_heads(4)
+        .with_head_dim(64);
+    let m = attnrt_tests::ffi_harness::RandomLayer::new(cfg, 1);
+    let x = vec![0.1f32; cfg.n_embd];
+    let host = HostPool::new(2, Sloppy::No);
+    let mut medians = Vec::new();
+    for (name, threads, callback) in [
+        ("1 thread", 1, false),
+        ("num_threads = 2 (kept threads)", 2, false),
+        ("host callback, 2 threads started per phase", 2, true),
+    ] {
+        let mut ws = vec![0.0; m.layer.workspace_size(1, 1, threads)];
+        let mut out = vec![0.0; x.len()];
+        let mut a = std::mem::MaybeUninit::uninit();
+        // SAFETY: valid for one write.
+        let st = unsafe { attnrt_forward_args_init(a.as_mut_ptr()) };
+        assert_eq!(st, attnrt_status::ATTNRT_STATUS_OK);
+        // SAFETY: written by the successful call.
+        let mut a: attnrt_forward_args = unsafe { a.assume_init() };
+        (a.x, a.x_len, a.batch, a.seq_len) = (x.as_ptr(), x.len(), 1, 1);
+        (a.workspace, a.workspace_len) = (ws.as_mut_ptr(), ws.len());
+        (a.out, a.out_len) = (out.as_mut_ptr(), out.len());
+        (a.num_threads, a.backend) = (threads, SIMD);
+        if callback {
+            host.attach(&mut a);
+        }
+        let mut us: Vec<f64> = (0..201)
+            .map(|_| {
+                let start = std::time::Instant::now();
+                let (st, _) = forward(&m.layer, &a);
+                assert_eq!(st, attnrt_status::ATTNRT_STATUS_OK, "{}", last_error());
+                start.elapsed().as_secs_f64() * 1e6
+            })
+            .collect();
+        us.sort_by(f64::total_cmp);
+        medians.push(us[100]);
+        println!(
+            "{name}: median {:.0} us per call ({:.2}x one thread)",
+            us[100],
+            medians[0] / us[100]
+        );
+    }
+}
