@@ -12,8 +12,8 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 use attnrt::{
-    cpu_workspace_len, rope, Config, Inputs, Layer, LayerWeights, MaskInputs, ParallelFor, Rope,
-    RopeTable, ScopedThreads, Tensor,
+    cpu_workspace_len, rope, Config, Inputs, Layer, LayerWeights, MaskInputs, ParallelFor,
+    PoolMemory, Rope, RopeTable, ScopedThreads, Tensor,
 };
 use attnrt_simd::{Tier, Visibility};
 use half::bf16;
@@ -138,14 +138,22 @@ fn fma_peak_once(threads: usize) -> f64 {
     flops as f64 / start.elapsed().as_secs_f64() / 1e9
 }
 
-/// Owned weights in f32 or bf16.
+/// The four projection weights in 2 MiB pages ([`PoolMemory`]).
+fn placed<T: Copy>(w: [Vec<T>; 4]) -> Result<[PoolMemory<T>; 4], CliError> {
+    let [a, b, c, d] = w;
+    let p =
+        |v: Vec<T>| PoolMemory::copied(&v).map_err(|e| CliError::Other(format!("weights: {e}")));
+    Ok([p(a)?, p(b)?, p(c)?, p(d)?])
+}
+
+/// Owned weights in f32 or bf16, in 2 MiB pages as a server holds them ([`PoolMemory`]).
 enum Weights {
-    F32([Vec<f32>; 4]),
-    Bf16([Vec<bf16>; 4]),
+    F32([PoolMemory<f32>; 4]),
+    Bf16([PoolMemory<bf16>; 4]),
 }
 
 impl Weights {
-    fn new(cfg: &Config, bf: bool) -> Weights {
+    fn new(cfg: &Config, bf: bool) -> Result<Weights, CliError> {
         let (c, q, kv) = (cfg.n_embd, cfg.q_dim(), cfg.kv_dim());
         let a = |n: usize| (3.0 / n as f32).sqrt();
         let w = [
@@ -154,11 +162,13 @@ impl Weights {
             uniform(3, kv * c, a(c)),
             uniform(4, c * q, a(q)),
         ];
-        if bf {
-            Weights::Bf16(w.map(|v| v.into_iter().map(bf16::from_f32).collect()))
+        Ok(if bf {
+            Weights::Bf16(placed(
+                w.map(|v| v.into_iter().map(bf16::from_f32).collect()),
+            )?)
         } else {
-            Weights::F32(w)
-        }
+            Weights::F32(placed(w)?)
+        })
     }
 
     fn view(&self) -> LayerWeights<'_> {
@@ -263,7 +273,7 @@ pub fn run(args: &[String]) -> Result<(), CliError> {
     let mut rows = vec![];
     for bf in [false, true] {
         let dtype = if bf { "bf16" } else { "f32" };
-        let weights = Weights::new(&cfg_base, bf);
+        let weights = Weights::new(&cfg_base, bf)?;
         for case in &CASES {
             let t = if quick { 256.min(case.t) } else { case.t };
             let cfg = Config {
