@@ -4,9 +4,12 @@
 //! best of `reps` runs of thread CPU time and the cache read rate.
 //!
 //! `cargo run --release -p attnrt-simd --example decode_bench [N] [reps] [f16|bf16|f32]
-//! [ahead|noahead] [heads|one]` (whether the next chunk is passed to `attend_partial_ahead` for
-//! prefetching; whether all KV heads go through one `attend_partial_heads` call per chunk, the
-//! way the runtime reads a paged cache block by block, or one head after another)
+//! [ahead|noahead] [heads|one] [spread|resident]` (whether the next chunk is passed to
+//! `attend_partial_ahead` for prefetching; whether all KV heads go through one
+//! `attend_partial_heads` call per chunk, the way the runtime reads a paged cache block by
+//! block, or one head after another; `resident`, with `heads`: every block of the table is block
+//! 0, so the same instructions read 64 KiB that stay in L1 and L2: the kernel's rate with memory
+//! out of the way)
 
 use attnrt_simd::{
     attend_partial_ahead, attend_partial_heads, merge_partial, partial_scratch_len, Elem, KvRun,
@@ -18,9 +21,9 @@ use std::time::Instant;
 mod bench_util;
 use bench_util::{cpu_ns, fill, pool_memory};
 
-fn run<E: Elem>(n: usize, reps: usize, ahead: bool, at_once: bool) {
+fn run<E: Elem>(n: usize, reps: usize, ahead: bool, at_once: bool, resident: bool) {
     if at_once {
-        return run_heads::<E>(n, reps, ahead);
+        return run_heads::<E>(n, reps, ahead, resident);
     }
     let (d, r, heads, block) = (128usize, 4usize, 8usize, 16usize);
     let blocks = n.div_ceil(block);
@@ -104,8 +107,8 @@ fn run<E: Elem>(n: usize, reps: usize, ahead: bool, at_once: bool) {
     );
 }
 
-/// All KV heads per chunk through [`attend_partial_heads`].
-fn run_heads<E: Elem>(n: usize, reps: usize, ahead: bool) {
+/// All KV heads per chunk through [`attend_partial_heads`]; `resident`: every block is block 0.
+fn run_heads<E: Elem>(n: usize, reps: usize, ahead: bool, resident: bool) {
     let (d, r, heads, block) = (128usize, 4usize, 8usize, 16usize);
     let blocks = n.div_ceil(block);
     let len = blocks * heads * block * d;
@@ -126,7 +129,11 @@ fn run_heads<E: Elem>(n: usize, reps: usize, ahead: bool) {
         (c0..c1)
             .step_by(block)
             .map(|j| {
-                let at = (j / block * heads * block) * d;
+                let at = if resident {
+                    0
+                } else {
+                    (j / block * heads * block) * d
+                };
                 let len = block.min(c1 - j);
                 let end = at + ((heads - 1) * block + len) * d;
                 KvRun {
@@ -186,9 +193,10 @@ fn run_heads<E: Elem>(n: usize, reps: usize, ahead: bool) {
     }
     let bytes = (2 * heads * n * d * core::mem::size_of::<E>()) as f64;
     println!(
-        "{} heads{} N={n}: {:.2} ms, {:.2} GB/s (check {check:.6})",
+        "{} heads{}{} N={n}: {:.2} ms, {:.2} GB/s (check {check:.6})",
         E::NAME,
         if ahead { " ahead" } else { "" },
+        if resident { " resident" } else { "" },
         best * 1e3,
         bytes / best / 1e9
     );
@@ -200,9 +208,10 @@ fn main() {
     let reps: usize = args.get(2).map_or(5, |s| s.parse().expect("reps"));
     let ahead = args.get(4).is_none_or(|s| s != "noahead");
     let at_once = args.get(5).is_none_or(|s| s != "one");
+    let resident = args.get(6).is_some_and(|s| s == "resident");
     match args.get(3).map_or("f16", |s| s.as_str()) {
-        "f32" => run::<f32>(n, reps, ahead, at_once),
-        "bf16" => run::<half::bf16>(n, reps, ahead, at_once),
-        _ => run::<half::f16>(n, reps, ahead, at_once),
+        "f32" => run::<f32>(n, reps, ahead, at_once, resident),
+        "bf16" => run::<half::bf16>(n, reps, ahead, at_once, resident),
+        _ => run::<half::f16>(n, reps, ahead, at_once, resident),
     }
 }
