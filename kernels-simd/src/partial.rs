@@ -444,6 +444,35 @@ struct Soft {
     empty: bool,
 }
 
+/// Rows to prefetch, one per key of a sub-block ([`RowBlock::prefetch_rows`]).
+#[derive(Clone, Copy)]
+enum Prefetch {
+    /// Nothing.
+    None,
+    /// `count` rows `row` bytes apart from `first`.
+    Span {
+        first: *const u8,
+        row: usize,
+        count: usize,
+    },
+    /// The first `n` of `rows`.
+    Rows { rows: [*const u8; SUB], n: usize },
+}
+
+impl Prefetch {
+    /// The first byte of row `j`, if there is one.
+    #[inline(always)]
+    fn row(&self, j: usize) -> Option<*const u8> {
+        match *self {
+            Prefetch::None => None,
+            Prefetch::Span { first, row, count } => {
+                (j < count).then(|| first.wrapping_add(j * row))
+            }
+            Prefetch::Rows { ref rows, n } => rows[..n].get(j).copied(),
+        }
+    }
+}
+
 /// Up to [`MR`] consecutive rows of one token (queries at `q`, `d` apart) over the keys
 /// `lo..hi` of the chunk.
 struct RowBlock<'a, E> {
@@ -652,35 +681,26 @@ impl<E: Elem> RowBlock<'_, E> {
             pb
         };
         // The V rows the first pass prefetches, one per key (`Self::pv_pf_off`).
-        let mut pf = [core::ptr::null::<u8>(); SUB];
-        let mut npf = 0;
-        for (j, p) in pf[..len].iter_mut().enumerate() {
-            match self.row_at(self.lo + b0 + j + self.pv_pf_ahead, true, self.pv_pf_off) {
-                Some(row) => *p = row,
-                None => break,
-            }
-            npf = j + 1;
-        }
-        let mut pf = &pf[..npf];
+        let mut pf = self.prefetch_rows(self.lo + b0 + self.pv_pf_ahead, len, true, self.pv_pf_off);
         let mut c0 = 0;
         // Four registers of columns where the ISA has 32 registers (16 accumulators).
         if I::LANES == 16 {
             while c0 + 4 * lanes <= dv {
                 self.pv_cols::<I, M, 4>(isa, pb, b0, len, c0, o, a, pf);
-                (c0, pf) = (c0 + 4 * lanes, &[]);
+                (c0, pf) = (c0 + 4 * lanes, Prefetch::None);
             }
         }
         while c0 + 3 * lanes <= dv {
             self.pv_cols::<I, M, 3>(isa, pb, b0, len, c0, o, a, pf);
-            (c0, pf) = (c0 + 3 * lanes, &[]);
+            (c0, pf) = (c0 + 3 * lanes, Prefetch::None);
         }
         if c0 + 2 * lanes <= dv {
             self.pv_cols::<I, M, 2>(isa, pb, b0, len, c0, o, a, pf);
-            (c0, pf) = (c0 + 2 * lanes, &[]);
+            (c0, pf) = (c0 + 2 * lanes, Prefetch::None);
         }
         while c0 < dv {
             self.pv_cols::<I, M, 1>(isa, pb, b0, len, c0, o, a, pf);
-            (c0, pf) = (c0 + lanes, &[]);
+            (c0, pf) = (c0 + lanes, Prefetch::None);
         }
         let lo = self.lo;
         for c in dv..d {
@@ -716,21 +736,52 @@ impl<E: Elem> RowBlock<'_, E> {
         Some(p.wrapping_add(off).cast::<u8>())
     }
 
-    /// Prefetches the lines of one K or V row starting at `p` (any address: a hint).
+    /// Prefetches the lines of one K or V row starting at `p` (any address: a hint), four
+    /// lines per step (one step for head_dim 128 in f16).
     #[inline(always)]
     fn prefetch_row<I: Isa>(&self, isa: I, p: *const u8) {
         let bytes = self.d * core::mem::size_of::<E>();
-        for at in (0..bytes).step_by(64) {
+        let mut at = 0;
+        while at + 256 <= bytes {
+            for line in 0..4 {
+                isa.prefetch(p.wrapping_add(at + 64 * line));
+            }
+            at += 256;
+        }
+        while at < bytes {
             isa.prefetch(p.wrapping_add(at));
+            at += 64;
         }
     }
 
-    /// Prefetches the K lines of chunk key `t` (see [`Self::row_at`]).
+    /// The K (`values == false`) or V rows of chunk keys `t .. t + count`, `off` elements on
+    /// (see [`Self::row_at`]), to prefetch one by one: where the first and last lie `count - 1`
+    /// rows apart (a paged block, or a contiguous cache) as the addresses of a span, else as a
+    /// table. A span whose middle rows lie elsewhere only prefetches the wrong lines.
     #[inline(always)]
-    fn prefetch_key<I: Isa>(&self, isa: I, t: usize) {
-        if let Some(p) = self.row_at(t, false, self.pf_off) {
-            self.prefetch_row(isa, p);
+    fn prefetch_rows(&self, t: usize, count: usize, values: bool, off: usize) -> Prefetch {
+        let row = self.d * core::mem::size_of::<E>();
+        let ends = match count {
+            0 => None,
+            _ => self
+                .row_at(t, values, off)
+                .zip(self.row_at(t + count - 1, values, off)),
+        };
+        if let Some((first, last)) = ends {
+            if last as usize == (first as usize).wrapping_add((count - 1) * row) {
+                return Prefetch::Span { first, row, count };
+            }
         }
+        let mut rows = [core::ptr::null::<u8>(); SUB];
+        let mut n = 0;
+        for (j, p) in rows[..count.min(SUB)].iter_mut().enumerate() {
+            match self.row_at(t + j, values, off) {
+                Some(row) => *p = row,
+                None => break,
+            }
+            n = j + 1;
+        }
+        Prefetch::Rows { rows, n }
     }
 
     /// Lane-wise partial dot products of the `M` rows of `q` (`d` floats each) with the `KB`
@@ -782,8 +833,11 @@ impl<E: Elem> RowBlock<'_, E> {
         let (d, lanes) = (self.d, I::LANES);
         let dv = d / lanes * lanes;
         let kp: [*const E; KB] = core::array::from_fn(|k| self.kp[key + k].wrapping_add(self.off));
+        let pf = self.prefetch_rows(key + self.pf_ahead, KB, false, self.pf_off);
         for k in 0..KB {
-            self.prefetch_key(isa, key + k + self.pf_ahead);
+            if let Some(p) = pf.row(k) {
+                self.prefetch_row(isa, p);
+            }
         }
         let acc = Self::key_dots::<I, M, KB>(isa, q, d, &kp, dv);
         // Lane sums of key k's rows in `sums[k]`, two keys per reduction where there are
@@ -830,11 +884,14 @@ impl<E: Elem> RowBlock<'_, E> {
         // folded together, then the third), not in registers next to the 16 accumulators and
         // 4 keys.
         let s = &mut s[..M * SROW];
+        let pf = self.prefetch_rows(key + self.pf_ahead, SUB, false, self.pf_off);
         for g in 0..4 {
             let kp: [*const E; 4] =
                 core::array::from_fn(|k| self.kp[key + 4 * g + k].wrapping_add(self.off));
-            for k in 0..4 {
-                self.prefetch_key(isa, key + 4 * g + k + self.pf_ahead);
+            for k in 4 * g..4 * g + 4 {
+                if let Some(p) = pf.row(k) {
+                    self.prefetch_row(isa, p);
+                }
             }
             let acc = Self::key_dots::<I, M, 4>(isa, q, d, &kp, d);
             for i in 0..M {
@@ -874,7 +931,7 @@ impl<E: Elem> RowBlock<'_, E> {
         c0: usize,
         o: &mut [f32],
         alpha: Option<&[f32]>,
-        pf: &[*const u8],
+        pf: Prefetch,
     ) {
         let (d, lanes) = (self.d, I::LANES);
         let vp = &self.vp[self.lo + b0..][..len];
@@ -894,7 +951,7 @@ impl<E: Elem> RowBlock<'_, E> {
             }
         }
         for (j, &p) in vp.iter().enumerate() {
-            if let Some(&p) = pf.get(j) {
+            if let Some(p) = pf.row(j) {
                 self.prefetch_row(isa, p);
             }
             let mut vv = [isa.zero(); NC];
