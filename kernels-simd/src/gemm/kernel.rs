@@ -243,9 +243,14 @@ fn has_pair_tile<I: Isa, E: Elem>() -> bool {
 
 /// Rows of x up to which bf16 weights go through [`gemv_bf16`] where the ISA has
 /// [`Isa::bf16_pairs`]: on a Zen 5 core (`gemm_bench`, one thread, bf16 GFLOP/s, panels against
-/// this path) m = 1 12 -> 23, 4 54 -> 87, 8 84-96 -> 131, 12 118 -> 140, but 16 132-140 -> 113
-/// (16 accumulators next to the 16 transposed registers spill).
-pub(crate) const GEMV_M_MAX: usize = 12;
+/// this path) m = 1 12 -> 23, 4 54 -> 87, 8 84-96 -> 131, 12 118 -> 140 (fifteenth session); with
+/// accumulators in registers 16 rows spilled (132-140 -> 113), in two parts (`GEMV_REG_ROWS`)
+/// 13 rows 123 -> 146 and 16 133-140 -> 146-158 (sixteenth session).
+pub(crate) const GEMV_M_MAX: usize = 16;
+/// Rows of x whose accumulators stay in registers for a whole group of columns; more rows take
+/// the block in two parts, the first this many rows: 16 accumulators beside the 16 transposed
+/// registers spill, and two parts were slower than one up to 12 rows (m = 10 137-150 -> 113-137).
+const GEMV_REG_ROWS: usize = 12;
 /// Elements of each row of W that [`gemv_bf16`] prefetches ahead of the ones it reads (512
 /// bytes): on a Zen 5 core 128-256 read 26.5 GB/s in a throwaway bench, 512 24.5, 1024 22.5,
 /// none 22.6 (fifteenth session).
@@ -296,11 +301,16 @@ pub(crate) fn gemv_bf16<I: Isa, E: Elem>(isa: I, job: &mut GemvJob<'_, E>) -> bo
         9 => gemv_rows::<I, E, 9>(isa, job),
         10 => gemv_rows::<I, E, 10>(isa, job),
         11 => gemv_rows::<I, E, 11>(isa, job),
-        _ => gemv_rows::<I, E, GEMV_M_MAX>(isa, job),
+        12 => gemv_rows::<I, E, GEMV_REG_ROWS>(isa, job),
+        13 => gemv_rows_in_parts::<I, E, 13, 5>(isa, job),
+        14 => gemv_rows_in_parts::<I, E, 14, 6>(isa, job),
+        15 => gemv_rows_in_parts::<I, E, 15, 7>(isa, job),
+        _ => gemv_rows_in_parts::<I, E, GEMV_M_MAX, 8>(isa, job),
     }
     true
 }
 
+/// [`gemv_bf16`] for `R <= GEMV_REG_ROWS` rows of x, their accumulators in registers.
 #[inline(always)]
 fn gemv_rows<I: Isa, E: Elem, const R: usize>(isa: I, job: &mut GemvJob<'_, E>) {
     debug_assert_eq!(job.m, R);
@@ -310,52 +320,143 @@ fn gemv_rows<I: Isa, E: Elem, const R: usize>(isa: I, job: &mut GemvJob<'_, E>) 
     let xr: [&[f32]; R] = core::array::from_fn(|r| &job.x[r * k..][..k]);
     let mut j = job.cols.start;
     while j < job.cols.end {
-        let rows = &job.w[j * k..(j + 16) * k];
-        // bf16 is a u16 underneath (`repr(transparent)`; the caller checked E is bf16).
-        let bits = rows.as_ptr().cast::<u16>();
         let mut acc = [isa.zero(); R];
         let mut kb = 0;
         while kb < full {
-            for i in 0..16 {
-                isa.prefetch(bits.wrapping_add(i * k + kb + GEMV_AHEAD).cast());
-            }
-            // SAFETY: rows i < 16 of `rows` hold k >= kb + 32 elements each, `k` apart.
-            let t = unsafe { isa.bf16_pairs(bits.add(kb), k) };
-            for (c, &t) in t.iter().enumerate() {
-                let (even, odd) = (isa.bf16_even(t), isa.bf16_odd(t));
-                for r in 0..R {
-                    acc[r] = isa.mul_add(isa.splat(xr[r][kb + 2 * c]), even, acc[r]);
-                }
-                for r in 0..R {
-                    acc[r] = isa.mul_add(isa.splat(xr[r][kb + 2 * c + 1]), odd, acc[r]);
-                }
-            }
+            let t = gemv_tile(isa, job, j, kb);
+            gemv_steps(isa, &t, &xr, kb, &mut acc);
             kb += 32;
         }
-        for kk in full..k {
-            let mut col = [0.0f32; 16];
-            for (i, c) in col.iter_mut().enumerate() {
-                *c = rows[i * k + kk].to_f32();
-            }
-            let wv = isa.load_s(&col);
-            for r in 0..R {
-                acc[r] = isa.mul_add(isa.splat(xr[r][kk]), wv, acc[r]);
-            }
-        }
-        if let Some(b) = job.bias {
-            let mut bias = [0.0f32; 16];
-            for (dst, v) in bias.iter_mut().zip(&b[j..j + 16]) {
-                *dst = v.to_f32();
-            }
-            let bias = isa.load_s(&bias);
-            for a in acc.iter_mut() {
-                *a = isa.add(*a, bias);
-            }
-        }
-        let col = job.col0 + (j - job.cols.start);
-        for (r, &a) in acc.iter().enumerate() {
-            isa.store_s(&mut job.y[r * job.y_stride + col..][..16], a);
-        }
+        gemv_finish(isa, job, j, &xr, acc);
         j += 16;
+    }
+}
+
+/// [`gemv_bf16`] for `R = 8 + S` rows of x (`GEMV_REG_ROWS < R <= GEMV_M_MAX`): each block's
+/// transposed registers serve rows 0..8, then the other `S`, each part's accumulators loaded
+/// from memory before it and stored after (loads and stores take no FMA slot). Every element
+/// keeps its one FMA chain in increasing `k`.
+#[inline(always)]
+fn gemv_rows_in_parts<I: Isa, E: Elem, const R: usize, const S: usize>(
+    isa: I,
+    job: &mut GemvJob<'_, E>,
+) {
+    const { assert!(R == 8 + S && R > GEMV_REG_ROWS && R <= GEMV_M_MAX) };
+    debug_assert_eq!(job.m, R);
+    debug_assert!(job.cols.len().is_multiple_of(16));
+    let k = job.k;
+    let full = k - k % 32;
+    let xr: [&[f32]; R] = core::array::from_fn(|r| &job.x[r * k..][..k]);
+    let mut j = job.cols.start;
+    while j < job.cols.end {
+        let mut held = [[0.0f32; 16]; R];
+        let mut kb = 0;
+        while kb < full {
+            let t = gemv_tile(isa, job, j, kb);
+            let (first, second) = held.split_at_mut(8);
+            gemv_part::<I, 8>(isa, &t, &xr[..8], kb, first);
+            gemv_part::<I, S>(isa, &t, &xr[8..], kb, second);
+            kb += 32;
+        }
+        let mut acc = [isa.zero(); R];
+        for (a, h) in acc.iter_mut().zip(&held) {
+            *a = isa.load_s(h);
+        }
+        gemv_finish(isa, job, j, &xr, acc);
+        j += 16;
+    }
+}
+
+/// The 16 rows of W from column `j` at steps `kb..kb + 32` as bf16 pairs transposed
+/// ([`Isa::bf16_pairs`]), after prefetching the same rows [`GEMV_AHEAD`] steps on.
+#[inline(always)]
+fn gemv_tile<I: Isa, E: Elem>(isa: I, job: &GemvJob<'_, E>, j: usize, kb: usize) -> [I::V; 16] {
+    let k = job.k;
+    let rows = &job.w[j * k..(j + 16) * k];
+    // bf16 is a u16 underneath (`repr(transparent)`; the caller checked E is bf16).
+    let bits = rows.as_ptr().cast::<u16>();
+    for i in 0..16 {
+        isa.prefetch(bits.wrapping_add(i * k + kb + GEMV_AHEAD).cast());
+    }
+    assert!(kb + 32 <= k, "a whole block of 32 steps");
+    // SAFETY: rows i < 16 of `rows` hold k >= kb + 32 elements each, `k` apart.
+    unsafe { isa.bf16_pairs(bits.add(kb), k) }
+}
+
+/// The 32 steps of one transposed block `t` for rows `x` of x into `acc`: per step pair, the
+/// even then the odd step, one FMA per row each.
+#[inline(always)]
+fn gemv_steps<I: Isa, const N: usize>(
+    isa: I,
+    t: &[I::V; 16],
+    x: &[&[f32]],
+    kb: usize,
+    acc: &mut [I::V; N],
+) {
+    for (c, &t) in t.iter().enumerate() {
+        let (even, odd) = (isa.bf16_even(t), isa.bf16_odd(t));
+        for r in 0..N {
+            acc[r] = isa.mul_add(isa.splat(x[r][kb + 2 * c]), even, acc[r]);
+        }
+        for r in 0..N {
+            acc[r] = isa.mul_add(isa.splat(x[r][kb + 2 * c + 1]), odd, acc[r]);
+        }
+    }
+}
+
+/// [`gemv_steps`] for `N` rows whose accumulators wait in `held` between blocks.
+#[inline(always)]
+fn gemv_part<I: Isa, const N: usize>(
+    isa: I,
+    t: &[I::V; 16],
+    x: &[&[f32]],
+    kb: usize,
+    held: &mut [[f32; 16]],
+) {
+    let mut acc = [isa.zero(); N];
+    for (a, h) in acc.iter_mut().zip(&*held) {
+        *a = isa.load_s(h);
+    }
+    gemv_steps(isa, t, x, kb, &mut acc);
+    for (a, h) in acc.iter().zip(held) {
+        isa.store_s(h, *a);
+    }
+}
+
+/// The steps past the last whole block, the bias, and the store of the `R` rows' 16 columns
+/// from `j`.
+#[inline(always)]
+fn gemv_finish<I: Isa, E: Elem, const R: usize>(
+    isa: I,
+    job: &mut GemvJob<'_, E>,
+    j: usize,
+    xr: &[&[f32]; R],
+    mut acc: [I::V; R],
+) {
+    let k = job.k;
+    let rows = &job.w[j * k..(j + 16) * k];
+    for kk in k - k % 32..k {
+        let mut col = [0.0f32; 16];
+        for (i, c) in col.iter_mut().enumerate() {
+            *c = rows[i * k + kk].to_f32();
+        }
+        let wv = isa.load_s(&col);
+        for r in 0..R {
+            acc[r] = isa.mul_add(isa.splat(xr[r][kk]), wv, acc[r]);
+        }
+    }
+    if let Some(b) = job.bias {
+        let mut bias = [0.0f32; 16];
+        for (dst, v) in bias.iter_mut().zip(&b[j..j + 16]) {
+            *dst = v.to_f32();
+        }
+        let bias = isa.load_s(&bias);
+        for a in acc.iter_mut() {
+            *a = isa.add(*a, bias);
+        }
+    }
+    let col = job.col0 + (j - job.cols.start);
+    for (r, &a) in acc.iter().enumerate() {
+        isa.store_s(&mut job.y[r * job.y_stride + col..][..16], a);
     }
 }

@@ -133,15 +133,15 @@ fn gemm_edge_shapes_all_tiers_and_types() {
 }
 
 /// On tiers with FMA every element is exactly one fused multiply-add chain in increasing k from
-/// zero, then the bias: the bits of `f32::mul_add` done in that order. Up to 12 rows take
+/// zero, then the bias: the bits of `f32::mul_add` done in that order. Up to 16 rows take
 /// the panel-free bf16 path on AVX-512 (n = 37: two groups of 16 columns and 5 through a panel;
-/// k = 300: 9 tiles of 32 steps and 12 more), 13 rows the panels.
+/// k = 300: 9 tiles of 32 steps and 12 more), 13-16 rows of it in two parts, 17 rows the panels.
 #[test]
 fn gemm_is_one_fma_chain_per_element() {
     for (tier, m) in available()
         .into_iter()
         .filter(|&t| t != Tier::Scalar)
-        .flat_map(|t| [1, 2, 3, 4, 12, 13].map(|m| (t, m)))
+        .flat_map(|t| [1, 2, 3, 4, 12, 13, 16, 17].map(|m| (t, m)))
     {
         let s = GemmShape { m, n: 37, k: 300 };
         let x = rand_vec(s.m * s.k, 5);
