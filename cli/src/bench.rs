@@ -138,8 +138,8 @@ fn fma_peak_once(threads: usize) -> f64 {
     flops as f64 / start.elapsed().as_secs_f64() / 1e9
 }
 
-/// The four projection weights in 2 MiB pages ([`PoolMemory`]).
-fn placed<T: Copy>(w: [Vec<T>; 4]) -> Result<[PoolMemory<T>; 4], CliError> {
+/// The four projection weights in 2 MiB pages ([`PoolMemory`]), as a server holds them.
+pub(crate) fn placed<T: Copy>(w: [Vec<T>; 4]) -> Result<[PoolMemory<T>; 4], CliError> {
     let [a, b, c, d] = w;
     let p =
         |v: Vec<T>| PoolMemory::copied(&v).map_err(|e| CliError::Other(format!("weights: {e}")));

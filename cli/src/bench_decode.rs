@@ -12,7 +12,7 @@ use attnrt::{
 use attnrt_cli::synth::uniform;
 use half::{bf16, f16};
 
-use crate::bench::Timed;
+use crate::bench::{placed, Timed};
 use crate::CliError;
 
 /// Block size of the paged cache.
@@ -63,17 +63,15 @@ pub fn run(quick: bool) -> Result<(), CliError> {
         });
     let (c, q, kv, d) = (cfg.n_embd, cfg.q_dim(), cfg.kv_dim(), cfg.head_dim);
     let a = |n: usize| (3.0 / n as f32).sqrt();
-    // As a server holds weights it reads every token: 2 MiB pages where the OS gives them.
-    let to_bf16 = |v: Vec<f32>| {
-        let v: Vec<bf16> = v.into_iter().map(bf16::from_f32).collect();
-        PoolMemory::copied(&v).map_err(|e| CliError::Other(format!("weights: {e}")))
-    };
-    let w = [
-        to_bf16(uniform(1, q * c, a(c)))?,
-        to_bf16(uniform(2, kv * c, a(c)))?,
-        to_bf16(uniform(3, kv * c, a(c)))?,
-        to_bf16(uniform(4, c * q, a(q)))?,
-    ];
+    let w = placed(
+        [
+            uniform(1, q * c, a(c)),
+            uniform(2, kv * c, a(c)),
+            uniform(3, kv * c, a(c)),
+            uniform(4, c * q, a(q)),
+        ]
+        .map(|v| v.into_iter().map(bf16::from_f32).collect::<Vec<_>>()),
+    )?;
     let weights = LayerWeights::projections(
         Tensor::Bf16(&w[0]),
         Tensor::Bf16(&w[1]),

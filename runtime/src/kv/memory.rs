@@ -32,9 +32,9 @@ impl<T: Copy> PoolMemory<T> {
         Self::place(len, value, |buf| buf.resize(buf.len() + len, value))
     }
 
-    /// A copy of `values`, placed as the module says (an empty one allocates nothing): for weights that decode reads once per
-    /// token (one-token projections read their weights in 2 MiB pages 6-10% faster on a Zen 5
-    /// core, BENCHMARKS.md).
+    /// A copy of `values`, placed as the module says (an empty one allocates nothing): for
+    /// weights that decode reads once per token (one-token projections read their weights in
+    /// 2 MiB pages 6-10% faster on a Zen 5 core, BENCHMARKS.md).
     ///
     /// # Errors
     /// The allocator's, if it cannot reserve `values.len()` elements (plus the alignment's
