@@ -58,7 +58,7 @@ impl PartialRows<'_> {
 const MR: usize = 4;
 /// Floats per row of the score scratch: a sub-block padded to whole registers (<= 16 lanes).
 const SROW: usize = SUB + 16;
-const _: () = assert!(PREFETCH_KEYS >= 2 * SUB);
+const _: () = assert!(PREFETCH_KEYS >= K_AHEAD * SUB && PREFETCH_KEYS >= V_AHEAD * SUB);
 /// Keys per online-softmax step: K and V of a sub-block are read together, so the cache is
 /// streamed in small pieces (a paged block of 16 keys per head: one 4 KiB page of K and one
 /// of V for head_dim 128 in f16) rather than as a chunk of K, then of V. On a Zen 5 core
@@ -66,9 +66,16 @@ const _: () = assert!(PREFETCH_KEYS >= 2 * SUB);
 /// `attnrt bench decode` (20-23% in the one-thread microbench) and 10% slower from the caches,
 /// where decode is short anyway; 64 keys sat between.
 const SUB: usize = 16;
-/// Keys of the next chunk [`attend_partial_ahead`] uses for prefetching (at least two
-/// sub-blocks: with one KV head, V lines are prefetched two sub-blocks ahead).
-pub const PREFETCH_KEYS: usize = 32;
+/// Keys of the next chunk [`attend_partial_ahead`] uses for prefetching: with one KV head,
+/// K lines are prefetched [`K_AHEAD`] sub-blocks ahead.
+pub const PREFETCH_KEYS: usize = 64;
+/// Heads (in the order units run: head by head, then the next sub-block) from the one whose
+/// keys are scored to the one whose K lines are prefetched meanwhile. From memory on a Zen 5
+/// core (BENCHMARKS.md, seventeenth session) 4 read the cache 5-7% faster than 1 once the
+/// scores stayed in registers; 2-3 sat between, 6 was slower.
+const K_AHEAD: usize = 4;
+/// The same for the V lines, from the head whose PV pass runs (one unit after its scores).
+const V_AHEAD: usize = 2;
 
 /// Floats of one register on the widest ISA.
 const LANES_MAX: usize = 16;
@@ -100,17 +107,17 @@ pub const fn partial_scratch_len(d: usize) -> usize {
 /// (`reduce_sum4`; two keys at once share its last step, `reduce_sum4x2`, with the same bits). On
 /// AVX-512 a whole sub-block with `d` a multiple of 16 is scored 4 keys x 4 rows at a time and its
 /// 16 keys reduced as one transposed tree (`Isa::fold_keys4` .. `finish_keys16`), again with
-/// `reduce_sum4`'s bits. Softmax per row: max and exps over the sub-block's scores in registers
-/// (`exp(-inf) = 0` for padding), the sub-block sum as one lane-wise register sum then one
-/// reduction. PV: 4 rows x 3 registers of the head dimension in 12 accumulators (4 registers in 16
+/// `reduce_sum4`'s bits; its 16 scores per row then stay in one register through the softmax.
+/// Softmax per row: max and exps over the sub-block's scores in registers (`exp(-inf) = 0` for
+/// padding), the sub-block sum as one lane-wise register sum then one reduction. PV: 4 rows x 3 registers of the head dimension in 12 accumulators (4 registers in 16
 /// on AVX-512), started from `a o` (from nothing on the first sub-block), one FMA chain per
 /// accumulator in increasing `j`, V loaded once per key and register, each probability taken as the
 /// FMA's memory operand: broadcast from the scores where the ISA's FMA does that for free
 /// (AVX-512), else from a scratch register it fills once per sub-block. A (sub-block, KV head, row
 /// block) unit's scores and softmax run before the previous unit's PV (software pipelining), so
 /// that the softmax's dependent chain overlaps independent FMAs. The K lines prefetched while a
-/// head's keys are scored are the next head's keys of the sub-block (after the last head, head 0's
-/// next sub-block); the V lines prefetched during a unit's first PV pass are those of the head
+/// head's keys are scored are those of the head 4 on in unit order (head by head, then the next
+/// sub-block); the V lines prefetched during a unit's first PV pass are those of the head
 /// after next, so both phases issue prefetches (from memory 8-10% faster than all of them during
 /// the scores, BENCHMARKS.md, thirteenth session). The bits of a row depend only on its inputs,
 /// `lo..hi`, and the tier (not on the order units run in). Tails: a short last sub-block runs over
@@ -370,10 +377,10 @@ impl<E: Elem> WithIsa for Job<'_, E> {
             let block = |g: usize, row: usize| RowBlock {
                 d,
                 off: g * head_stride,
-                pf_off: (g + 1) % heads * head_stride,
-                pf_ahead: (g + 1) / heads * SUB,
-                pv_pf_off: (g + 2) % heads * head_stride,
-                pv_pf_ahead: (g + 2) / heads * SUB,
+                pf_off: (g + K_AHEAD) % heads * head_stride,
+                pf_ahead: (g + K_AHEAD) / heads * SUB,
+                pv_pf_off: (g + V_AHEAD) % heads * head_stride,
+                pv_pf_ahead: (g + V_AHEAD) / heads * SUB,
                 q: &q[row * d..],
                 kp,
                 vp,
@@ -479,15 +486,14 @@ struct RowBlock<'a, E> {
     d: usize,
     /// Elements from head 0's keys (`kp`, `vp`, `nk`, `nv`) to this block's head.
     off: usize,
-    /// Elements from head 0's keys to the head whose K lines are prefetched: the next head's
-    /// keys of this sub-block (about 16 KiB ahead in a paged cache, so still in L1 when
-    /// read), or after the last head, head 0's keys of the next sub-block.
+    /// Elements from head 0's keys to the head whose K lines are prefetched, [`K_AHEAD`]
+    /// heads on in unit order (past the last head, wrapping into the next sub-block).
     pf_off: usize,
-    /// Keys from the one scored to the one prefetched: 0 for the next head, [`SUB`] after
-    /// the last.
+    /// Keys from the one scored to the one prefetched: [`SUB`] for each wrap past the last
+    /// head.
     pf_ahead: usize,
-    /// The same for the V lines, which the PV pass prefetches two heads ahead (a head's PV
-    /// runs one unit late, next to the next head's scores).
+    /// The same for the V lines, which the PV pass prefetches [`V_AHEAD`] heads ahead (a
+    /// head's PV runs one unit late, next to the next head's scores).
     pv_pf_off: usize,
     /// Keys from the one read to the one whose V lines are prefetched.
     pv_pf_ahead: usize,
@@ -583,7 +589,29 @@ impl<E: Elem> RowBlock<'_, E> {
         let b1 = (b0 + SUB).min(n);
         let len = b1 - b0;
         if I::KEY_FOLD && len == SUB && d % lanes == 0 {
-            self.score_sub16::<I, M>(isa, q, lo + b0, s);
+            // The same steps as below on one register per row, which the scores never leave
+            // (no store and reload on the softmax's dependent chain).
+            let scores = self.score_sub16::<I, M>(isa, q, lo + b0);
+            let mut mnew = mrow;
+            for (mn, &row) in mnew[..M].iter_mut().zip(&scores) {
+                *mn = mn.max(isa.reduce_max(isa.max(isa.splat(f32::NEG_INFINITY), row)));
+            }
+            let mut i = 0;
+            while i < M {
+                let e = exp_nonpos_v(isa, isa.sub(isa.load_s(&mrow[i..]), isa.load_s(&mnew[i..])));
+                isa.store_s(&mut alpha[i..], e);
+                i += lanes;
+            }
+            for (i, &row) in scores.iter().enumerate() {
+                let e = exp_nonpos_v(isa, isa.sub(row, isa.splat(mnew[i])));
+                isa.store_s(&mut s[i * SROW..], e);
+                lrow[i] = lrow[i] * alpha[i] + isa.reduce_sum(isa.add(isa.zero(), e));
+            }
+            soft.len = len;
+            soft.mrow = mnew;
+            soft.lrow[..M].copy_from_slice(&lrow);
+            soft.alpha = alpha;
+            return soft;
         } else {
             let mut j = 0;
             while j + 3 <= len {
@@ -871,20 +899,19 @@ impl<E: Elem> RowBlock<'_, E> {
     }
 
     /// [`Self::score_keys`] for a whole sub-block of 16 keys on an ISA with [`Isa::KEY_FOLD`]
-    /// (16 lanes) and `d` a multiple of 16, with the same bits: keys four at a time (16
-    /// accumulators, each q load serving four keys), each group folded to one register per
-    /// row, and the four groups finished together into one register of 16 scores per row,
-    /// stored whole: fewer cross-lane shuffles per key than one `reduce_sum4` per key, and no
-    /// scalar extraction of the scores.
+    /// (16 lanes) and `d` a multiple of 16, with the same bits, returned as one register of 16
+    /// scores per row: keys four at a time (16 accumulators, each q load serving four keys),
+    /// each group folded to one register per row, and the four groups finished together:
+    /// fewer cross-lane shuffles per key than one `reduce_sum4` per key, and no scalar
+    /// extraction of the scores.
     #[inline(always)]
-    fn score_sub16<I: Isa, const M: usize>(&self, isa: I, q: &[f32], key: usize, s: &mut [f32]) {
+    fn score_sub16<I: Isa, const M: usize>(&self, isa: I, q: &[f32], key: usize) -> [I::V; M] {
         const { assert!(SUB == 16) };
         let d = self.d;
-        // Folded groups wait in the row's scratch (two registers' room: the first two groups
-        // folded together, then the third), not in registers next to the 16 accumulators and
-        // 4 keys.
-        let s = &mut s[..M * SROW];
         let pf = self.prefetch_rows(key + self.pf_ahead, SUB, false, self.pf_off);
+        // Groups 0 and 2 wait in `third` for the next group; `held` keeps the first half.
+        let mut held = [isa.zero(); M];
+        let mut third = [isa.zero(); M];
         for g in 0..4 {
             let kp: [*const E; 4] =
                 core::array::from_fn(|k| self.kp[key + 4 * g + k].wrapping_add(self.off));
@@ -895,24 +922,19 @@ impl<E: Elem> RowBlock<'_, E> {
             }
             let acc = Self::key_dots::<I, M, 4>(isa, q, d, &kp, d);
             for i in 0..M {
-                let row = &mut s[i * SROW..][..2 * LANES_MAX];
-                let (held, third) = row.split_at_mut(LANES_MAX);
                 let w = isa.fold_keys4([acc[0][i], acc[1][i], acc[2][i], acc[3][i]]);
                 match g {
-                    0 | 2 => isa.store_s(third, w),
-                    1 => isa.store_s(held, isa.fold_keys8(isa.load_s(third), w)),
-                    _ => {
-                        let second = isa.fold_keys8(isa.load_s(third), w);
-                        isa.store_s(held, isa.finish_keys16(isa.load_s(held), second));
-                    }
+                    0 | 2 => third[i] = w,
+                    1 => held[i] = isa.fold_keys8(third[i], w),
+                    _ => held[i] = isa.finish_keys16(held[i], isa.fold_keys8(third[i], w)),
                 }
             }
         }
         let scale = isa.splat(self.scale);
-        for i in 0..M {
-            let row = &mut s[i * SROW..];
-            isa.store_s(row, isa.mul(isa.load_s(row), scale));
+        for h in held.iter_mut() {
+            *h = isa.mul(*h, scale);
         }
+        held
     }
 
     /// `o[i][c] = alpha[i] o[i][c] + sum_{jj < len} p[i][jj] v[lo + b0 + jj][c]` for the `M`
