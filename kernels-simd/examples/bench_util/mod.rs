@@ -5,6 +5,7 @@ use std::time::Instant;
 
 /// Nanoseconds of CPU time of this thread (Linux `CLOCK_THREAD_CPUTIME_ID`), so other load on
 /// the machine inflates the figure less than wall time; wall time elsewhere.
+#[allow(dead_code)] // not used by the roofline bench, which times threads by the wall clock
 pub fn cpu_ns(wall: Instant) -> u64 {
     #[cfg(target_os = "linux")]
     {
