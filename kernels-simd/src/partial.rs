@@ -67,7 +67,7 @@ const _: () = assert!(PREFETCH_KEYS >= K_AHEAD * SUB && PREFETCH_KEYS >= V_AHEAD
 /// where decode is short anyway; 64 keys sat between.
 const SUB: usize = 16;
 /// Keys of the next chunk [`attend_partial_ahead`] uses for prefetching: with one KV head,
-/// K lines are prefetched [`K_AHEAD`] sub-blocks ahead.
+/// K lines are prefetched 4 sub-blocks ahead.
 pub const PREFETCH_KEYS: usize = 64;
 /// Heads (in the order units run: head by head, then the next sub-block) from the one whose
 /// keys are scored to the one whose K lines are prefetched meanwhile. From memory on a Zen 5
