@@ -255,6 +255,17 @@ const GEMV_REG_ROWS: usize = 12;
 /// bytes): on a Zen 5 core 128-256 read 26.5 GB/s in a throwaway bench, 512 24.5, 1024 22.5,
 /// none 22.6 (fifteenth session).
 const GEMV_AHEAD: usize = 256;
+/// Rows of x up to which [`gemv_rows`] takes two groups of 16 columns at once
+/// ([`gemv_pair`]): with one row each group is one FMA chain, whose latency (32 dependent FMAs
+/// per block of W) bounds the loop. On a Zen 5 core (`gemm_bench`, one thread, bf16, seventeenth
+/// session) m = 1 went 23-25 -> 29-34 GFLOP/s; m = 2 42-50 against 52-54 without, m = 3 and 4
+/// within the noise.
+const GEMV_PAIR_ROWS: usize = 1;
+/// Blocks of 32 steps by which the second group of a pair trails the first: the 32 rows of W
+/// lie 2k bytes apart, so lines at the same step share an L1 set, and 32 of them overflow it.
+const GEMV_PAIR_LAG: usize = 2;
+/// [`GEMV_AHEAD`] for the pairs: twice the rows in flight, half the distance.
+const GEMV_PAIR_AHEAD: usize = 128;
 
 /// A few rows of x against whole groups of 16 rows of a bf16 W, read in place.
 pub(crate) struct GemvJob<'a, E> {
@@ -319,16 +330,79 @@ fn gemv_rows<I: Isa, E: Elem, const R: usize>(isa: I, job: &mut GemvJob<'_, E>) 
     let full = k - k % 32;
     let xr: [&[f32]; R] = core::array::from_fn(|r| &job.x[r * k..][..k]);
     let mut j = job.cols.start;
+    if R <= GEMV_PAIR_ROWS {
+        while j + 32 <= job.cols.end {
+            gemv_pair(isa, job, j, &xr);
+            j += 32;
+        }
+    }
     while j < job.cols.end {
         let mut acc = [isa.zero(); R];
         let mut kb = 0;
         while kb < full {
-            let t = gemv_tile(isa, job, j, kb);
+            let t = gemv_tile::<I, E, GEMV_AHEAD>(isa, job, j, kb);
             gemv_steps(isa, &t, &xr, kb, &mut acc);
             kb += 32;
         }
         gemv_finish(isa, job, j, &xr, acc);
         j += 16;
+    }
+}
+
+/// The two groups of 16 columns from `j` for `R` rows of x, their FMAs interleaved step by
+/// step so that the two groups' chains overlap, the second group [`GEMV_PAIR_LAG`] blocks
+/// behind the first. Each element keeps its one chain in increasing `k`. Each block's
+/// transposed registers go through memory (volatile, so that the compiler cannot keep both
+/// groups' 32 registers live and spill in the FMA loop): the stores and loads take no FMA slot.
+#[inline(always)]
+fn gemv_pair<I: Isa, E: Elem, const R: usize>(
+    isa: I,
+    job: &mut GemvJob<'_, E>,
+    j: usize,
+    xr: &[&[f32]; R],
+) {
+    let blocks = job.k / 32;
+    let mut acc = [[isa.zero(); R]; 2];
+    let mut tiles = [[isa.zero(); 16]; 2];
+    for t in 0..blocks + GEMV_PAIR_LAG {
+        // The block each group is at, if it is inside W.
+        let at = [
+            Some(t).filter(|&b| b < blocks),
+            t.checked_sub(GEMV_PAIR_LAG).filter(|&b| b < blocks),
+        ];
+        for (g, tile) in tiles.iter_mut().enumerate() {
+            if let Some(b) = at[g] {
+                let loaded = gemv_tile::<I, E, GEMV_PAIR_AHEAD>(isa, job, j + 16 * g, 32 * b);
+                for (dst, v) in tile.iter_mut().zip(loaded) {
+                    // SAFETY: `dst` is a place of a local array: valid and aligned.
+                    unsafe { core::ptr::write_volatile(dst, v) };
+                }
+            }
+        }
+        // The cases apart, so that the step loop tests nothing.
+        let [first, second] = &mut acc;
+        match at {
+            [Some(b0), Some(b1)] => {
+                for (c, (t0, t1)) in tiles[0].iter().zip(&tiles[1]).enumerate() {
+                    gemv_held_step(isa, t0, xr, 32 * b0, c, first);
+                    gemv_held_step(isa, t1, xr, 32 * b1, c, second);
+                }
+            }
+            [Some(b), None] => {
+                for (c, t) in tiles[0].iter().enumerate() {
+                    gemv_held_step(isa, t, xr, 32 * b, c, first);
+                }
+            }
+            [None, Some(b)] => {
+                for (c, t) in tiles[1].iter().enumerate() {
+                    gemv_held_step(isa, t, xr, 32 * b, c, second);
+                }
+            }
+            [None, None] => {}
+        }
+    }
+    for (g, acc) in acc.into_iter().enumerate() {
+        gemv_finish(isa, job, j + 16 * g, xr, acc);
     }
 }
 
@@ -352,7 +426,7 @@ fn gemv_rows_in_parts<I: Isa, E: Elem, const R: usize, const S: usize>(
         let mut held = [[0.0f32; 16]; R];
         let mut kb = 0;
         while kb < full {
-            let t = gemv_tile(isa, job, j, kb);
+            let t = gemv_tile::<I, E, GEMV_AHEAD>(isa, job, j, kb);
             let (first, second) = held.split_at_mut(8);
             gemv_part::<I, 8>(isa, &t, &xr[..8], kb, first);
             gemv_part::<I, S>(isa, &t, &xr[8..], kb, second);
@@ -368,23 +442,43 @@ fn gemv_rows_in_parts<I: Isa, E: Elem, const R: usize, const S: usize>(
 }
 
 /// The 16 rows of W from column `j` at steps `kb..kb + 32` as bf16 pairs transposed
-/// ([`Isa::bf16_pairs`]), after prefetching the same rows [`GEMV_AHEAD`] steps on.
+/// ([`Isa::bf16_pairs`]), after prefetching the same rows `AHEAD` steps on.
 #[inline(always)]
-fn gemv_tile<I: Isa, E: Elem>(isa: I, job: &GemvJob<'_, E>, j: usize, kb: usize) -> [I::V; 16] {
+fn gemv_tile<I: Isa, E: Elem, const AHEAD: usize>(
+    isa: I,
+    job: &GemvJob<'_, E>,
+    j: usize,
+    kb: usize,
+) -> [I::V; 16] {
     let k = job.k;
     let rows = &job.w[j * k..(j + 16) * k];
     // bf16 is a u16 underneath (`repr(transparent)`; the caller checked E is bf16).
     let bits = rows.as_ptr().cast::<u16>();
     for i in 0..16 {
-        isa.prefetch(bits.wrapping_add(i * k + kb + GEMV_AHEAD).cast());
+        isa.prefetch(bits.wrapping_add(i * k + kb + AHEAD).cast());
     }
     assert!(kb + 32 <= k, "a whole block of 32 steps");
     // SAFETY: rows i < 16 of `rows` hold k >= kb + 32 elements each, `k` apart.
     unsafe { isa.bf16_pairs(bits.add(kb), k) }
 }
 
-/// The 32 steps of one transposed block `t` for rows `x` of x into `acc`: per step pair, the
-/// even then the odd step, one FMA per row each.
+/// [`gemv_step`] on a transposed register [`gemv_pair`] keeps in memory.
+#[inline(always)]
+fn gemv_held_step<I: Isa, const N: usize>(
+    isa: I,
+    held: &I::V,
+    x: &[&[f32]],
+    kb: usize,
+    c: usize,
+    acc: &mut [I::V; N],
+) {
+    // SAFETY: `held` is a reference: valid and aligned; volatile only keeps the load.
+    let t = unsafe { core::ptr::read_volatile(held) };
+    gemv_step(isa, t, x, kb, c, acc);
+}
+
+/// The 32 steps of one transposed block `t` for rows `x` of x into `acc`, step pair by step
+/// pair ([`gemv_step`]).
 #[inline(always)]
 fn gemv_steps<I: Isa, const N: usize>(
     isa: I,
@@ -394,13 +488,27 @@ fn gemv_steps<I: Isa, const N: usize>(
     acc: &mut [I::V; N],
 ) {
     for (c, &t) in t.iter().enumerate() {
-        let (even, odd) = (isa.bf16_even(t), isa.bf16_odd(t));
-        for r in 0..N {
-            acc[r] = isa.mul_add(isa.splat(x[r][kb + 2 * c]), even, acc[r]);
-        }
-        for r in 0..N {
-            acc[r] = isa.mul_add(isa.splat(x[r][kb + 2 * c + 1]), odd, acc[r]);
-        }
+        gemv_step(isa, t, x, kb, c, acc);
+    }
+}
+
+/// Step pair `c` of a block (transposed register `t`) for rows `x` of x into `acc`: the even,
+/// then the odd step, one FMA per row each.
+#[inline(always)]
+fn gemv_step<I: Isa, const N: usize>(
+    isa: I,
+    t: I::V,
+    x: &[&[f32]],
+    kb: usize,
+    c: usize,
+    acc: &mut [I::V; N],
+) {
+    let (even, odd) = (isa.bf16_even(t), isa.bf16_odd(t));
+    for r in 0..N {
+        acc[r] = isa.mul_add(isa.splat(x[r][kb + 2 * c]), even, acc[r]);
+    }
+    for r in 0..N {
+        acc[r] = isa.mul_add(isa.splat(x[r][kb + 2 * c + 1]), odd, acc[r]);
     }
 }
 

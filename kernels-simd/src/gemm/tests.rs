@@ -135,15 +135,18 @@ fn gemm_edge_shapes_all_tiers_and_types() {
 /// On tiers with FMA every element is exactly one fused multiply-add chain in increasing k from
 /// zero, then the bias: the bits of `f32::mul_add` done in that order. Up to 16 rows take
 /// the panel-free bf16 path on AVX-512 (n = 37: two groups of 16 columns and 5 through a panel;
-/// k = 300: 9 tiles of 32 steps and 12 more), 13-16 rows of it in two parts, 17 rows the panels.
+/// k = 300: 9 tiles of 32 steps and 12 more), 13-16 rows of it in two parts, 17 rows the panels;
+/// one row takes groups in pairs (n = 53: a pair, a group alone and 5 through a panel; k = 40:
+/// one tile, fewer than the blocks a pair's second group trails by).
 #[test]
 fn gemm_is_one_fma_chain_per_element() {
-    for (tier, m) in available()
+    for (tier, m, (n, k)) in available()
         .into_iter()
         .filter(|&t| t != Tier::Scalar)
         .flat_map(|t| [1, 2, 3, 4, 12, 13, 16, 17].map(|m| (t, m)))
+        .flat_map(|(t, m)| [(37, 300), (53, 40), (53, 300)].map(|nk| (t, m, nk)))
     {
-        let s = GemmShape { m, n: 37, k: 300 };
+        let s = GemmShape { m, n, k };
         let x = rand_vec(s.m * s.k, 5);
         let w = rand_elem::<bf16>(s.n * s.k, 6);
         let b = rand_elem::<bf16>(s.n, 7);
@@ -157,7 +160,11 @@ fn gemm_is_one_fma_chain_per_element() {
                     acc = x[i * s.k + kk].mul_add(w[j * s.k + kk].to_f32(), acc);
                 }
                 acc += b[j].to_f32();
-                assert_eq!(y[i * s.n + j].to_bits(), acc.to_bits(), "{tier} ({i},{j})");
+                assert_eq!(
+                    y[i * s.n + j].to_bits(),
+                    acc.to_bits(),
+                    "{tier} {s:?} ({i},{j})"
+                );
             }
         }
     }
