@@ -258,8 +258,8 @@ const GEMV_AHEAD: usize = 256;
 /// Rows of x up to which [`gemv_rows`] takes two groups of 16 columns at once
 /// ([`gemv_pair`]): with one row each group is one FMA chain, whose latency (32 dependent FMAs
 /// per block of W) bounds the loop. On a Zen 5 core (`gemm_bench`, one thread, bf16, seventeenth
-/// session) m = 1 went 23-25 -> 29-34 GFLOP/s; m = 2 42-50 against 52-54 without, m = 3 and 4
-/// within the noise.
+/// session) m = 1 went 23-25 -> 28-34 GFLOP/s (a 96 MiB weight, from memory: 24.5 -> 29-31);
+/// m = 2 42-50 against 52-54 without, m = 3 and 4 within the noise.
 const GEMV_PAIR_ROWS: usize = 1;
 /// Blocks of 32 steps by which the second group of a pair trails the first: the 32 rows of W
 /// lie 2k bytes apart, so lines at the same step share an L1 set, and 32 of them overflow it.
