@@ -4,7 +4,7 @@ use super::GEMM_NR_MAX;
 use crate::elem::{load_widened, Elem};
 use crate::isa::Isa;
 use core::any::TypeId;
-use half::bf16;
+use half::{bf16, f16};
 
 /// One packed panel of W and where its results go.
 pub(crate) struct PanelJob<'a> {
@@ -235,13 +235,14 @@ fn tile<I: Isa, const R: usize, const NRV: usize>(isa: I, job: &mut PanelJob<'_>
 }
 
 /// Whether weights of type `E` can go through the ISA's bf16 pair tile ([`Isa::bf16_pairs`]):
-/// bf16 on an ISA that has it. The pack and [`gemv_bf16`] read W as u16 bits only then.
+/// bf16 on an ISA that has it. The pack reads W as u16 bits only then ([`gemv_pairs`] also for
+/// f16).
 #[inline(always)]
 fn has_pair_tile<I: Isa, E: Elem>() -> bool {
     I::BF16_PAIRS == 16 && TypeId::of::<E>() == TypeId::of::<bf16>()
 }
 
-/// Rows of x up to which bf16 weights go through [`gemv_bf16`] where the ISA has
+/// Rows of x up to which bf16 (and f16) weights go through [`gemv_pairs`] where the ISA has
 /// [`Isa::bf16_pairs`]: on a Zen 5 core (`gemm_bench`, one thread, bf16 GFLOP/s, panels against
 /// this path) m = 1 12 -> 23, 4 54 -> 87, 8 84-96 -> 131, 12 118 -> 140 (fifteenth session); with
 /// accumulators in registers 16 rows spilled (132-140 -> 113), in two parts (`GEMV_REG_ROWS`)
@@ -251,7 +252,7 @@ pub(crate) const GEMV_M_MAX: usize = 16;
 /// the block in two parts, the first this many rows: 16 accumulators beside the 16 transposed
 /// registers spill, and two parts were slower than one up to 12 rows (m = 10 137-150 -> 113-137).
 const GEMV_REG_ROWS: usize = 12;
-/// Elements of each row of W that [`gemv_bf16`] prefetches ahead of the ones it reads (512
+/// Elements of each row of W that [`gemv_pairs`] prefetches ahead of the ones it reads (512
 /// bytes): on a Zen 5 core 128-256 read 26.5 GB/s in a throwaway bench, 512 24.5, 1024 22.5,
 /// none 22.6 (fifteenth session).
 const GEMV_AHEAD: usize = 256;
@@ -289,15 +290,28 @@ pub(crate) struct GemvJob<'a, E> {
     pub col0: usize,
 }
 
-/// The GEMM for a few rows of x and bf16 weights, with the same bits as the panel path (one
-/// FMA chain per element in increasing `k`, then the bias) and no panel: 16 rows of W are read
-/// 32 steps at a time, their bf16 pairs transposed in registers ([`Isa::bf16_pairs`]) and
-/// widened by a shift or a mask, each register feeding its step's FMAs at once. At one token
-/// the panel path spends most of its time packing (bf16 m = 1: 13 GFLOP/s on a Zen 5 core).
-/// Returns false, computing nothing, unless `E` is bf16 and the ISA has the tile.
+/// Whether [`gemv_pairs`] takes weights of type `E`: bf16 or f16 (16-bit pairs the tile
+/// moves as bits, widened by type) on an ISA with the tile.
 #[inline(always)]
-pub(crate) fn gemv_bf16<I: Isa, E: Elem>(isa: I, job: &mut GemvJob<'_, E>) -> bool {
-    if !has_pair_tile::<I, E>() {
+fn gemv_takes<I: Isa, E: Elem>() -> bool {
+    I::BF16_PAIRS == 16 && (TypeId::of::<E>() == TypeId::of::<bf16>() || is_f16::<E>())
+}
+
+#[inline(always)]
+fn is_f16<E: Elem>() -> bool {
+    TypeId::of::<E>() == TypeId::of::<f16>()
+}
+
+/// The GEMM for a few rows of x and bf16 or f16 weights, with the same bits as the panel path
+/// (one FMA chain per element in increasing `k`, then the bias) and no panel: 16 rows of W are
+/// read 32 steps at a time, their 16-bit pairs transposed in registers ([`Isa::bf16_pairs`])
+/// and widened (bf16 by a shift or a mask, f16 by a narrowing and a conversion), each register
+/// feeding its step's FMAs at once. At one token the panel path spends most of its time
+/// packing (bf16 m = 1: 13 GFLOP/s on a Zen 5 core). Returns false, computing nothing, unless
+/// `E` is bf16 or f16 and the ISA has the tile.
+#[inline(always)]
+pub(crate) fn gemv_pairs<I: Isa, E: Elem>(isa: I, job: &mut GemvJob<'_, E>) -> bool {
+    if !gemv_takes::<I, E>() {
         return false;
     }
     match job.m {
@@ -321,7 +335,7 @@ pub(crate) fn gemv_bf16<I: Isa, E: Elem>(isa: I, job: &mut GemvJob<'_, E>) -> bo
     true
 }
 
-/// [`gemv_bf16`] for `R <= GEMV_REG_ROWS` rows of x, their accumulators in registers.
+/// [`gemv_pairs`] for `R <= GEMV_REG_ROWS` rows of x, their accumulators in registers.
 #[inline(always)]
 fn gemv_rows<I: Isa, E: Elem, const R: usize>(isa: I, job: &mut GemvJob<'_, E>) {
     debug_assert_eq!(job.m, R);
@@ -341,7 +355,7 @@ fn gemv_rows<I: Isa, E: Elem, const R: usize>(isa: I, job: &mut GemvJob<'_, E>) 
         let mut kb = 0;
         while kb < full {
             let t = gemv_tile::<I, E, GEMV_AHEAD>(isa, job, j, kb);
-            gemv_steps(isa, &t, &xr, kb, &mut acc);
+            gemv_steps::<I, E, R>(isa, &t, &xr, kb, &mut acc);
             kb += 32;
         }
         gemv_finish(isa, job, j, &xr, acc);
@@ -384,18 +398,18 @@ fn gemv_pair<I: Isa, E: Elem, const R: usize>(
         match at {
             [Some(b0), Some(b1)] => {
                 for (c, (t0, t1)) in tiles[0].iter().zip(&tiles[1]).enumerate() {
-                    gemv_held_step(isa, t0, xr, 32 * b0, c, first);
-                    gemv_held_step(isa, t1, xr, 32 * b1, c, second);
+                    gemv_held_step::<I, E, R>(isa, t0, xr, 32 * b0, c, first);
+                    gemv_held_step::<I, E, R>(isa, t1, xr, 32 * b1, c, second);
                 }
             }
             [Some(b), None] => {
                 for (c, t) in tiles[0].iter().enumerate() {
-                    gemv_held_step(isa, t, xr, 32 * b, c, first);
+                    gemv_held_step::<I, E, R>(isa, t, xr, 32 * b, c, first);
                 }
             }
             [None, Some(b)] => {
                 for (c, t) in tiles[1].iter().enumerate() {
-                    gemv_held_step(isa, t, xr, 32 * b, c, second);
+                    gemv_held_step::<I, E, R>(isa, t, xr, 32 * b, c, second);
                 }
             }
             [None, None] => {}
@@ -406,7 +420,7 @@ fn gemv_pair<I: Isa, E: Elem, const R: usize>(
     }
 }
 
-/// [`gemv_bf16`] for `R = 8 + S` rows of x (`GEMV_REG_ROWS < R <= GEMV_M_MAX`): each block's
+/// [`gemv_pairs`] for `R = 8 + S` rows of x (`GEMV_REG_ROWS < R <= GEMV_M_MAX`): each block's
 /// transposed registers serve rows 0..8, then the other `S`, each part's accumulators loaded
 /// from memory before it and stored after (loads and stores take no FMA slot). Every element
 /// keeps its one FMA chain in increasing `k`.
@@ -428,8 +442,8 @@ fn gemv_rows_in_parts<I: Isa, E: Elem, const R: usize, const S: usize>(
         while kb < full {
             let t = gemv_tile::<I, E, GEMV_AHEAD>(isa, job, j, kb);
             let (first, second) = held.split_at_mut(8);
-            gemv_part::<I, 8>(isa, &t, &xr[..8], kb, first);
-            gemv_part::<I, S>(isa, &t, &xr[8..], kb, second);
+            gemv_part::<I, E, 8>(isa, &t, &xr[..8], kb, first);
+            gemv_part::<I, E, S>(isa, &t, &xr[8..], kb, second);
             kb += 32;
         }
         let mut acc = [isa.zero(); R];
@@ -464,7 +478,7 @@ fn gemv_tile<I: Isa, E: Elem, const AHEAD: usize>(
 
 /// [`gemv_step`] on a transposed register [`gemv_pair`] keeps in memory.
 #[inline(always)]
-fn gemv_held_step<I: Isa, const N: usize>(
+fn gemv_held_step<I: Isa, E: Elem, const N: usize>(
     isa: I,
     held: &I::V,
     x: &[&[f32]],
@@ -474,13 +488,13 @@ fn gemv_held_step<I: Isa, const N: usize>(
 ) {
     // SAFETY: `held` is a reference: valid and aligned; volatile only keeps the load.
     let t = unsafe { core::ptr::read_volatile(held) };
-    gemv_step(isa, t, x, kb, c, acc);
+    gemv_step::<I, E, N>(isa, t, x, kb, c, acc);
 }
 
 /// The 32 steps of one transposed block `t` for rows `x` of x into `acc`, step pair by step
 /// pair ([`gemv_step`]).
 #[inline(always)]
-fn gemv_steps<I: Isa, const N: usize>(
+fn gemv_steps<I: Isa, E: Elem, const N: usize>(
     isa: I,
     t: &[I::V; 16],
     x: &[&[f32]],
@@ -488,14 +502,14 @@ fn gemv_steps<I: Isa, const N: usize>(
     acc: &mut [I::V; N],
 ) {
     for (c, &t) in t.iter().enumerate() {
-        gemv_step(isa, t, x, kb, c, acc);
+        gemv_step::<I, E, N>(isa, t, x, kb, c, acc);
     }
 }
 
 /// Step pair `c` of a block (transposed register `t`) for rows `x` of x into `acc`: the even,
 /// then the odd step, one FMA per row each.
 #[inline(always)]
-fn gemv_step<I: Isa, const N: usize>(
+fn gemv_step<I: Isa, E: Elem, const N: usize>(
     isa: I,
     t: I::V,
     x: &[&[f32]],
@@ -503,7 +517,11 @@ fn gemv_step<I: Isa, const N: usize>(
     c: usize,
     acc: &mut [I::V; N],
 ) {
-    let (even, odd) = (isa.bf16_even(t), isa.bf16_odd(t));
+    let (even, odd) = if is_f16::<E>() {
+        (isa.f16_even(t), isa.f16_odd(t))
+    } else {
+        (isa.bf16_even(t), isa.bf16_odd(t))
+    };
     for r in 0..N {
         acc[r] = isa.mul_add(isa.splat(x[r][kb + 2 * c]), even, acc[r]);
     }
@@ -514,7 +532,7 @@ fn gemv_step<I: Isa, const N: usize>(
 
 /// [`gemv_steps`] for `N` rows whose accumulators wait in `held` between blocks.
 #[inline(always)]
-fn gemv_part<I: Isa, const N: usize>(
+fn gemv_part<I: Isa, E: Elem, const N: usize>(
     isa: I,
     t: &[I::V; 16],
     x: &[&[f32]],
@@ -525,7 +543,7 @@ fn gemv_part<I: Isa, const N: usize>(
     for (a, h) in acc.iter_mut().zip(&*held) {
         *a = isa.load_s(h);
     }
-    gemv_steps(isa, t, x, kb, &mut acc);
+    gemv_steps::<I, E, N>(isa, t, x, kb, &mut acc);
     for (a, h) in acc.iter().zip(held) {
         isa.store_s(h, *a);
     }

@@ -7,7 +7,7 @@ use crate::error::{add, mul, need, ShapeError};
 use crate::isa::{dispatch, Isa, WithIsa};
 use crate::tier::{active, Tier};
 use core::ops::Range;
-use kernel::{gemv_bf16, pack_panel, GemvJob, PanelJob, GEMV_M_MAX};
+use kernel::{gemv_pairs, pack_panel, GemvJob, PanelJob, GEMV_M_MAX};
 
 /// The widest GEMM panel of any tier (AVX-512's 32 columns); sizes the scratch.
 pub const GEMM_NR_MAX: usize = 32;
@@ -159,8 +159,8 @@ impl<E: Elem> WithIsa for Job<'_, E> {
     /// Panel loop: for each block of `GEMM_NR` columns of the range, pack (widen) those rows of
     /// W once, then sweep all `m` rows with the ISA's micro-kernel. The last, narrower block is
     /// zero-padded to a full panel so it runs the same instruction sequence per element. For a
-    /// few rows of x and bf16 weights, whole groups of 16 columns skip the panel
-    /// (`kernel::gemv_bf16`, same bits) where the ISA has its register tile.
+    /// few rows of x and bf16 or f16 weights, whole groups of 16 columns skip the panel
+    /// (`kernel::gemv_pairs`, same bits) where the ISA has its register tile.
     #[inline(always)]
     fn run<I: Isa>(self, isa: I) {
         let Job {
@@ -191,7 +191,7 @@ impl<E: Elem> WithIsa for Job<'_, E> {
                 y_stride,
                 col0: 0,
             };
-            if gemv_bf16(isa, &mut job) {
+            if gemv_pairs(isa, &mut job) {
                 j0 = whole.end;
             }
         }

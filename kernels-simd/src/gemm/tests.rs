@@ -134,12 +134,18 @@ fn gemm_edge_shapes_all_tiers_and_types() {
 
 /// On tiers with FMA every element is exactly one fused multiply-add chain in increasing k from
 /// zero, then the bias: the bits of `f32::mul_add` done in that order. Up to 16 rows take
-/// the panel-free bf16 path on AVX-512 (n = 37: two groups of 16 columns and 5 through a panel;
-/// k = 300: 9 tiles of 32 steps and 12 more), 13-16 rows of it in two parts, 17 rows the panels;
-/// one row takes groups in pairs (n = 53: a pair, a group alone and 5 through a panel; k = 40:
-/// one tile, fewer than the blocks a pair's second group trails by).
+/// the panel-free path for bf16 and f16 weights on AVX-512 (n = 37: two groups of 16 columns and
+/// 5 through a panel; k = 300: 9 tiles of 32 steps and 12 more), 13-16 rows of it in two parts,
+/// 17 rows the panels; one row takes groups in pairs (n = 53: a pair, a group alone and 5
+/// through a panel; k = 40: one tile, fewer than the blocks a pair's second group trails by).
 #[test]
 fn gemm_is_one_fma_chain_per_element() {
+    one_fma_chain_per_element::<bf16>();
+    one_fma_chain_per_element::<f16>();
+    one_fma_chain_per_element::<f32>();
+}
+
+fn one_fma_chain_per_element<E: Elem>() {
     for (tier, m, (n, k)) in available()
         .into_iter()
         .filter(|&t| t != Tier::Scalar)
@@ -148,8 +154,8 @@ fn gemm_is_one_fma_chain_per_element() {
     {
         let s = GemmShape { m, n, k };
         let x = rand_vec(s.m * s.k, 5);
-        let w = rand_elem::<bf16>(s.n * s.k, 6);
-        let b = rand_elem::<bf16>(s.n, 7);
+        let w = rand_elem::<E>(s.n * s.k, 6);
+        let b = rand_elem::<E>(s.n, 7);
         let mut y = vec![0.0f32; s.m * s.n];
         let mut scratch = vec![0.0f32; gemm_scratch_len(s.k)];
         gemm_on(tier, s, 0..s.n, &x, &w, Some(&b), &mut y, s.n, &mut scratch).unwrap();
@@ -160,11 +166,8 @@ fn gemm_is_one_fma_chain_per_element() {
                     acc = x[i * s.k + kk].mul_add(w[j * s.k + kk].to_f32(), acc);
                 }
                 acc += b[j].to_f32();
-                assert_eq!(
-                    y[i * s.n + j].to_bits(),
-                    acc.to_bits(),
-                    "{tier} {s:?} ({i},{j})"
-                );
+                let at = format!("{} {tier} {s:?} ({i},{j})", E::NAME);
+                assert_eq!(y[i * s.n + j].to_bits(), acc.to_bits(), "{at}");
             }
         }
     }

@@ -295,6 +295,26 @@ impl Isa for Avx512 {
     }
 
     #[inline(always)]
+    fn f16_even(self, v: __m512) -> __m512 {
+        // The low halves narrowed to 16 f16 (VPMOVDW), then widened exactly; the rounding
+        // form of the conversion for the reason `load_f16` gives.
+        // SAFETY: see the impl comment (VPMOVDW and VCVTPH2PS on ZMM are AVX-512F).
+        unsafe {
+            let low = _mm512_cvtepi32_epi16(_mm512_castps_si512(v));
+            _mm512_cvt_roundph_ps::<_MM_FROUND_CUR_DIRECTION>(low)
+        }
+    }
+
+    #[inline(always)]
+    fn f16_odd(self, v: __m512) -> __m512 {
+        // SAFETY: as in `f16_even`; the shift moves the high halves down first.
+        unsafe {
+            let high = _mm512_srli_epi32::<16>(_mm512_castps_si512(v));
+            _mm512_cvt_roundph_ps::<_MM_FROUND_CUR_DIRECTION>(_mm512_cvtepi32_epi16(high))
+        }
+    }
+
+    #[inline(always)]
     fn gemm_panel(self, job: &mut crate::gemm::kernel::PanelJob<'_>) {
         // 8x32: 16 accumulators + 2 B vectors + 1 broadcast, half of the 32 ZMM registers; a
         // taller tile would waste more work on the short M of decode steps.

@@ -137,6 +137,20 @@ pub(crate) trait Isa: Copy {
         unreachable!("bf16_odd without BF16_PAIRS")
     }
 
+    /// [`Isa::bf16_even`] for pairs of f16 bits (the tile moves bits, whatever their type).
+    #[inline(always)]
+    fn f16_even(self, v: Self::V) -> Self::V {
+        let _ = v;
+        unreachable!("f16_even without BF16_PAIRS")
+    }
+
+    /// [`Isa::bf16_odd`] for pairs of f16 bits.
+    #[inline(always)]
+    fn f16_odd(self, v: Self::V) -> Self::V {
+        let _ = v;
+        unreachable!("f16_odd without BF16_PAIRS")
+    }
+
     /// `dst[c * dst_stride + i] = src[i * src_stride + c]` for `i < rows`, `c < cols` (a plain
     /// copy, so exact): whole blocks through [`Isa::transpose_block`] where the ISA has one, the
     /// ragged edges (and everything on other ISAs) element by element.
