@@ -109,8 +109,9 @@ pub const fn partial_scratch_len(d: usize) -> usize {
 /// 16 keys reduced as one transposed tree (`Isa::fold_keys4` .. `finish_keys16`), again with
 /// `reduce_sum4`'s bits; its 16 scores per row then stay in one register through the softmax.
 /// Softmax per row: max and exps over the sub-block's scores in registers (`exp(-inf) = 0` for
-/// padding), the sub-block sum as one lane-wise register sum then one reduction. PV: 4 rows x 3 registers of the head dimension in 12 accumulators (4 registers in 16
-/// on AVX-512), started from `a o` (from nothing on the first sub-block), one FMA chain per
+/// padding), the sub-block sum as one lane-wise register sum then one reduction. PV: 4 rows x 3
+/// registers of the head dimension in 12 accumulators (4 registers in 16 on AVX-512), started
+/// from `a o` (from nothing on the first sub-block), one FMA chain per
 /// accumulator in increasing `j`, V loaded once per key and register, each probability taken as the
 /// FMA's memory operand: broadcast from the scores where the ISA's FMA does that for free
 /// (AVX-512), else from a scratch register it fills once per sub-block. A (sub-block, KV head, row
@@ -451,6 +452,32 @@ struct Soft {
     empty: bool,
 }
 
+impl Soft {
+    /// This state with the sub-block's length, new maxima and sums, and rescale factors.
+    #[inline(always)]
+    fn finished(mut self, len: usize, mrow: [f32; 16], lrow: &[f32], alpha: [f32; 16]) -> Soft {
+        self.len = len;
+        self.mrow = mrow;
+        self.lrow[..lrow.len()].copy_from_slice(lrow);
+        self.alpha = alpha;
+        self
+    }
+}
+
+/// `alpha = exp(m_old - m_new)` for the first `M` rows (lanes past them unused): 0 on the first
+/// sub-block (`m_old = -inf`).
+#[inline(always)]
+fn rescale<I: Isa, const M: usize>(isa: I, mold: &[f32; 16], mnew: &[f32; 16]) -> [f32; 16] {
+    let mut alpha = [0.0f32; 16];
+    let mut i = 0;
+    while i < M {
+        let e = exp_nonpos_v(isa, isa.sub(isa.load_s(&mold[i..]), isa.load_s(&mnew[i..])));
+        isa.store_s(&mut alpha[i..], e);
+        i += I::LANES;
+    }
+    alpha
+}
+
 /// Rows to prefetch, one per key of a sub-block ([`RowBlock::prefetch_rows`]).
 #[derive(Clone, Copy)]
 enum Prefetch {
@@ -560,7 +587,7 @@ impl<E: Elem> RowBlock<'_, E> {
         let PartialRows { m, l, o } = rows;
         let (d, lo, hi) = (self.d, self.lo, self.hi);
         let n = hi - lo;
-        let mut soft = Soft {
+        let soft = Soft {
             b0,
             len: 0,
             mrow: [f32::NEG_INFINITY; 16],
@@ -577,10 +604,9 @@ impl<E: Elem> RowBlock<'_, E> {
         let lanes = I::LANES;
         let q = &self.q[..M * d];
         let s = &mut s[..M * SROW];
-        // Running max and sum per row (lanes past M unused), and the rescale factors.
+        // Running max and sum per row (lanes past M unused).
         let mut mrow = [f32::NEG_INFINITY; 16];
         let mut lrow = [0.0f32; M];
-        let mut alpha = [0.0f32; 16];
         if b0 > 0 {
             mrow[..M].copy_from_slice(m);
             lrow.copy_from_slice(l);
@@ -596,22 +622,13 @@ impl<E: Elem> RowBlock<'_, E> {
             for (mn, &row) in mnew[..M].iter_mut().zip(&scores) {
                 *mn = mn.max(isa.reduce_max(isa.max(isa.splat(f32::NEG_INFINITY), row)));
             }
-            let mut i = 0;
-            while i < M {
-                let e = exp_nonpos_v(isa, isa.sub(isa.load_s(&mrow[i..]), isa.load_s(&mnew[i..])));
-                isa.store_s(&mut alpha[i..], e);
-                i += lanes;
-            }
+            let alpha = rescale::<I, M>(isa, &mrow, &mnew);
             for (i, &row) in scores.iter().enumerate() {
                 let e = exp_nonpos_v(isa, isa.sub(row, isa.splat(mnew[i])));
                 isa.store_s(&mut s[i * SROW..], e);
                 lrow[i] = lrow[i] * alpha[i] + isa.reduce_sum(isa.add(isa.zero(), e));
             }
-            soft.len = len;
-            soft.mrow = mnew;
-            soft.lrow[..M].copy_from_slice(&lrow);
-            soft.alpha = alpha;
-            return soft;
+            return soft.finished(len, mnew, &lrow, alpha);
         } else {
             let mut j = 0;
             while j + 3 <= len {
@@ -637,13 +654,7 @@ impl<E: Elem> RowBlock<'_, E> {
             }
             *mn = mn.max(isa.reduce_max(mv));
         }
-        // alpha = exp(m_old - m_new): 0 on the first sub-block (m_old = -inf).
-        let mut i = 0;
-        while i < M {
-            let e = exp_nonpos_v(isa, isa.sub(isa.load_s(&mrow[i..]), isa.load_s(&mnew[i..])));
-            isa.store_s(&mut alpha[i..], e);
-            i += lanes;
-        }
+        let alpha = rescale::<I, M>(isa, &mrow, &mnew);
         for i in 0..M {
             let row = &mut s[i * SROW..][..padded];
             let ms = isa.splat(mnew[i]);
@@ -655,11 +666,7 @@ impl<E: Elem> RowBlock<'_, E> {
             }
             lrow[i] = lrow[i] * alpha[i] + isa.reduce_sum(sum);
         }
-        soft.len = len;
-        soft.mrow = mnew;
-        soft.lrow[..M].copy_from_slice(&lrow);
-        soft.alpha = alpha;
-        soft
+        soft.finished(len, mnew, &lrow, alpha)
     }
 
     /// The second half ([`RowBlock::soft`] ran first): `o = alpha o + P V` over the
