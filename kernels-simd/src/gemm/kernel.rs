@@ -268,7 +268,7 @@ const GEMV_PAIR_LAG: usize = 2;
 /// [`GEMV_AHEAD`] for the pairs: twice the rows in flight, half the distance.
 const GEMV_PAIR_AHEAD: usize = 128;
 
-/// A few rows of x against whole groups of 16 rows of a bf16 W, read in place.
+/// A few rows of x against whole groups of 16 rows of a bf16 or f16 W, read in place.
 pub(crate) struct GemvJob<'a, E> {
     /// Rows of x and y, `1..=GEMV_M_MAX`.
     pub m: usize,
@@ -294,7 +294,7 @@ pub(crate) struct GemvJob<'a, E> {
 /// moves as bits, widened by type) on an ISA with the tile.
 #[inline(always)]
 fn gemv_takes<I: Isa, E: Elem>() -> bool {
-    I::BF16_PAIRS == 16 && (TypeId::of::<E>() == TypeId::of::<bf16>() || is_f16::<E>())
+    has_pair_tile::<I, E>() || (I::BF16_PAIRS == 16 && is_f16::<E>())
 }
 
 #[inline(always)]
@@ -455,7 +455,7 @@ fn gemv_rows_in_parts<I: Isa, E: Elem, const R: usize, const S: usize>(
     }
 }
 
-/// The 16 rows of W from column `j` at steps `kb..kb + 32` as bf16 pairs transposed
+/// The 16 rows of W from column `j` at steps `kb..kb + 32` as 16-bit pairs transposed
 /// ([`Isa::bf16_pairs`]), after prefetching the same rows `AHEAD` steps on.
 #[inline(always)]
 fn gemv_tile<I: Isa, E: Elem, const AHEAD: usize>(
@@ -466,7 +466,7 @@ fn gemv_tile<I: Isa, E: Elem, const AHEAD: usize>(
 ) -> [I::V; 16] {
     let k = job.k;
     let rows = &job.w[j * k..(j + 16) * k];
-    // bf16 is a u16 underneath (`repr(transparent)`; the caller checked E is bf16).
+    // bf16 and f16 are u16 underneath (`repr(transparent)`; the caller checked E is one).
     let bits = rows.as_ptr().cast::<u16>();
     for i in 0..16 {
         isa.prefetch(bits.wrapping_add(i * k + kb + AHEAD).cast());
